@@ -1,0 +1,382 @@
+//! A Hugging Face model folder on disk: `config.json` plus `model.safetensors`
+//! or shards listed in `model.safetensors.index.json`, memory-mapped.
+//!
+//! Tensors are found by their *canonical* name (DeepSeek's own naming without
+//! the `model.` prefix, e.g. `layers.0.attn.wq_a.weight`); [`canonical_name`]
+//! maps the `transformers` naming onto it, so both kinds of checkpoint load.
+//! All dtype handling lives in [`Checkpoint::f32_tensor`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{ModelError, Result};
+use crate::tensor::Tensor;
+
+/// Where one tensor lives: which mapped shard, which bytes.
+#[derive(Debug, Clone)]
+struct Entry {
+    shard: usize,
+    /// Name as written in the file (needed to look it up again).
+    file_name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range inside the shard's mapping.
+    start: usize,
+    end: usize,
+}
+
+/// One memory-mapped shard file.
+struct Shard {
+    path: PathBuf,
+    map: Arc<Mmap>,
+}
+
+pub struct Checkpoint {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    /// Canonical name -> entry.
+    entries: HashMap<String, Entry>,
+}
+
+impl Checkpoint {
+    /// Maps every shard of the folder and indexes its tensors. Headers are
+    /// validated here (sizes, offsets, dtypes), so later reads cannot go
+    /// out of bounds.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let files = shard_files(dir)?;
+        let mut shards = Vec::with_capacity(files.len());
+        let mut entries = HashMap::new();
+        for (shard, path) in files.into_iter().enumerate() {
+            let file = std::fs::File::open(&path)
+                .map_err(|e| ModelError::io(format!("open {}", path.display()), e))?;
+            // SAFETY: the mapping is read-only; a checkpoint rewritten under a
+            // running process is outside what any loader can defend against.
+            let map = unsafe { Mmap::map(&file) }
+                .map_err(|e| ModelError::io(format!("map {}", path.display()), e))?;
+            let bad = |message: String| ModelError::Checkpoint {
+                path: path.clone(),
+                message,
+            };
+            let parsed = SafeTensors::deserialize(&map)
+                .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+            let base = map.as_ptr() as usize;
+            for (name, view) in parsed.tensors() {
+                let data = view.data();
+                let start = data.as_ptr() as usize - base;
+                let entry = Entry {
+                    shard,
+                    file_name: name.clone(),
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    start,
+                    end: start + data.len(),
+                };
+                let canonical = canonical_name(&name);
+                if entries.insert(canonical.clone(), entry).is_some() {
+                    return Err(bad(format!("tensor `{canonical}` appears twice")));
+                }
+            }
+            shards.push(Shard {
+                path,
+                map: Arc::new(map),
+            });
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            shards,
+            entries,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries.get(name).ok_or_else(|| {
+            ModelError::tensor(
+                name,
+                format!("missing from the checkpoint in {}", self.dir.display()),
+            )
+        })
+    }
+
+    /// The tensor `name` as f32 with exactly `shape`. F32 data is used where it
+    /// lies in the mapping when aligned; BF16/F16 are converted once here.
+    pub fn f32_tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let entry = self.entry(name)?;
+        check_shape(name, entry, shape)?;
+        let shard = &self.shards[entry.shard];
+        let bytes = &shard.map[entry.start..entry.end];
+        match entry.dtype {
+            Dtype::F32 => Ok(
+                Tensor::from_mapped(shard.map.clone(), entry.start, shape.to_vec())
+                    .unwrap_or_else(|| Tensor::owned(bytes_to_f32(bytes), shape.to_vec())),
+            ),
+            Dtype::BF16 => Ok(Tensor::owned(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                shape.to_vec(),
+            )),
+            Dtype::F16 => Ok(Tensor::owned(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                shape.to_vec(),
+            )),
+            other => Err(ModelError::tensor(
+                name,
+                format!(
+                    "dtype {other:?} is not supported for weights (F32, BF16, F16) in {}",
+                    shard.path.display()
+                ),
+            )),
+        }
+    }
+
+    /// An integer table (`tid2eid`) as `i64`, from I64 or I32 storage.
+    pub fn int_tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<i64>> {
+        let entry = self.entry(name)?;
+        check_shape(name, entry, shape)?;
+        let bytes = &self.shards[entry.shard].map[entry.start..entry.end];
+        match entry.dtype {
+            Dtype::I64 => Ok(bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+                .collect()),
+            Dtype::I32 => Ok(bytes
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64)
+                .collect()),
+            other => Err(ModelError::tensor(
+                name,
+                format!("dtype {other:?} is not an integer table (I64 or I32)"),
+            )),
+        }
+    }
+
+    /// Shape of `name` as stored, for tensors whose layout varies by naming.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// Name as written in the file, for error messages.
+    pub fn file_name(&self, name: &str) -> Option<&str> {
+        self.entries.get(name).map(|e| e.file_name.as_str())
+    }
+}
+
+fn check_shape(name: &str, entry: &Entry, shape: &[usize]) -> Result<()> {
+    if entry.shape != shape {
+        return Err(ModelError::tensor(
+            name,
+            format!(
+                "has shape {:?}, the config implies {:?}",
+                entry.shape, shape
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// The shard files of a model folder, from its index or the single file.
+fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)
+            .map_err(|e| ModelError::io(format!("read {}", index.display()), e))?;
+        let bad = |message: String| ModelError::Checkpoint {
+            path: index.clone(),
+            message,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let map = value
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad("no `weight_map` object".into()))?;
+        let mut files: Vec<String> = Vec::new();
+        for file in map.values() {
+            let file = file
+                .as_str()
+                .ok_or_else(|| bad("`weight_map` values must be file names".into()))?;
+            if file.contains('/') || file.contains('\\') || file == ".." {
+                return Err(bad(format!("shard `{file}` is not a plain file name")));
+            }
+            if !files.iter().any(|f| f == file) {
+                files.push(file.to_string());
+            }
+        }
+        files.sort();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(ModelError::Checkpoint {
+        path: dir.to_path_buf(),
+        message: "no model.safetensors or model.safetensors.index.json".into(),
+    })
+}
+
+/// Maps a tensor name of either convention to DeepSeek's naming without the
+/// `model.` prefix. Packed `transformers` experts (`mlp.experts.gate_up_proj`)
+/// keep their packed name under `ffn.experts.`; the weight builder splits them.
+pub fn canonical_name(name: &str) -> String {
+    let name = name.strip_prefix("model.").unwrap_or(name);
+    match name {
+        "embed_tokens.weight" => return "embed.weight".into(),
+        "lm_head.weight" => return "head.weight".into(),
+        "hc_head.hc_fn" | "hc_head_fn" => return "hc_head.fn".into(),
+        "hc_head.hc_base" | "hc_head_base" => return "hc_head.base".into(),
+        "hc_head.hc_scale" | "hc_head_scale" => return "hc_head.scale".into(),
+        _ => {}
+    }
+    // Order matters: longer, more specific patterns first.
+    const RENAMES: &[(&str, &str)] = &[
+        (
+            ".self_attn.compressor.indexer.scorer.weights_proj.",
+            ".attn.indexer.weights_proj.",
+        ),
+        (
+            ".self_attn.compressor.indexer.q_b_proj.",
+            ".attn.indexer.wq_b.",
+        ),
+        (
+            ".self_attn.compressor.indexer.",
+            ".attn.indexer.compressor.",
+        ),
+        (".self_attn.", ".attn."),
+        (".mlp.shared_experts.gate_proj.", ".ffn.shared_experts.w1."),
+        (".mlp.shared_experts.down_proj.", ".ffn.shared_experts.w2."),
+        (".mlp.shared_experts.up_proj.", ".ffn.shared_experts.w3."),
+        (".mlp.gate.e_score_correction_bias", ".ffn.gate.bias"),
+        (".mlp.", ".ffn."),
+        (".input_layernorm.", ".attn_norm."),
+        (".post_attention_layernorm.", ".ffn_norm."),
+        (".attn_hc.fn", ".hc_attn_fn"),
+        (".attn_hc.base", ".hc_attn_base"),
+        (".attn_hc.scale", ".hc_attn_scale"),
+        (".ffn_hc.fn", ".hc_ffn_fn"),
+        (".ffn_hc.base", ".hc_ffn_base"),
+        (".ffn_hc.scale", ".hc_ffn_scale"),
+        (".attn.sinks", ".attn.attn_sink"),
+        (".kv_norm.", ".norm."),
+        (".position_bias", ".ape"),
+        (".q_a_proj.", ".wq_a."),
+        (".q_b_proj.", ".wq_b."),
+        (".kv_proj.", ".wkv."),
+        (".gate_proj.", ".wgate."),
+        (".o_a_proj.", ".wo_a."),
+        (".o_b_proj.", ".wo_b."),
+        (".q_a_norm.", ".q_norm."),
+    ];
+    let mut out = format!(".{name}");
+    for (from, to) in RENAMES {
+        if out.contains(from) {
+            out = out.replace(from, to);
+        }
+    }
+    out.split_off(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_name;
+
+    #[test]
+    fn both_namings_meet() {
+        let pairs = [
+            (
+                "model.layers.3.self_attn.q_a_proj.weight",
+                "layers.3.attn.wq_a.weight",
+            ),
+            (
+                "model.layers.3.attn.wq_a.weight",
+                "layers.3.attn.wq_a.weight",
+            ),
+            ("layers.3.attn.wq_a.weight", "layers.3.attn.wq_a.weight"),
+            (
+                "model.layers.1.self_attn.compressor.indexer.q_b_proj.weight",
+                "layers.1.attn.indexer.wq_b.weight",
+            ),
+            (
+                "model.layers.1.self_attn.compressor.indexer.kv_proj.weight",
+                "layers.1.attn.indexer.compressor.wkv.weight",
+            ),
+            (
+                "model.layers.1.self_attn.compressor.indexer.position_bias",
+                "layers.1.attn.indexer.compressor.ape",
+            ),
+            (
+                "model.layers.1.self_attn.compressor.indexer.kv_norm.weight",
+                "layers.1.attn.indexer.compressor.norm.weight",
+            ),
+            (
+                "model.layers.1.self_attn.compressor.indexer.scorer.weights_proj.weight",
+                "layers.1.attn.indexer.weights_proj.weight",
+            ),
+            (
+                "model.layers.1.self_attn.compressor.gate_proj.weight",
+                "layers.1.attn.compressor.wgate.weight",
+            ),
+            (
+                "model.layers.1.self_attn.kv_norm.weight",
+                "layers.1.attn.norm.weight",
+            ),
+            (
+                "model.layers.1.self_attn.q_a_norm.weight",
+                "layers.1.attn.q_norm.weight",
+            ),
+            ("model.layers.1.self_attn.sinks", "layers.1.attn.attn_sink"),
+            (
+                "model.layers.1.mlp.gate.e_score_correction_bias",
+                "layers.1.ffn.gate.bias",
+            ),
+            (
+                "model.layers.1.mlp.gate.tid2eid",
+                "layers.1.ffn.gate.tid2eid",
+            ),
+            (
+                "model.layers.1.mlp.experts.gate_up_proj",
+                "layers.1.ffn.experts.gate_up_proj",
+            ),
+            (
+                "model.layers.1.mlp.shared_experts.up_proj.weight",
+                "layers.1.ffn.shared_experts.w3.weight",
+            ),
+            ("model.layers.1.attn_hc.fn", "layers.1.hc_attn_fn"),
+            (
+                "model.layers.1.post_attention_layernorm.weight",
+                "layers.1.ffn_norm.weight",
+            ),
+            ("model.embed_tokens.weight", "embed.weight"),
+            ("lm_head.weight", "head.weight"),
+            ("hc_head_fn", "hc_head.fn"),
+            ("model.hc_head.hc_scale", "hc_head.scale"),
+            ("model.norm.weight", "norm.weight"),
+        ];
+        for (from, to) in pairs {
+            assert_eq!(canonical_name(from), to, "{from}");
+        }
+    }
+}

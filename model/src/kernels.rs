@@ -1,0 +1,269 @@
+//! CPU kernels. The one that matters is [`linear`]: `y = x · Wᵀ`.
+//!
+//! **Batch invariance** (docs/adr/0001-batch-invariant-matmul.md): every output
+//! element is one dot product summed in a fixed order (16 strided lanes, then a
+//! fixed tree), whatever the number of rows in `x`, how rows are tiled or how
+//! work is split across threads. A token's result therefore never depends on
+//! which other tokens share its batch or its worker, which is what lets the
+//! distributed path be bit-identical to the single-process one. The same
+//! source is compiled for AVX-512, AVX2 and baseline x86-64 (and any other
+//! target); multiplication and addition stay separate operations (no FMA
+//! contraction), so all variants give identical bits.
+
+use rayon::prelude::*;
+
+const LANES: usize = 16;
+/// Rows of `x` that share each loaded chunk of a weight row.
+const ROW_TILE: usize = 4;
+/// Weight rows per parallel task: large enough to amortise scheduling.
+const COLS_PER_TASK: usize = 16;
+
+/// `y[m][n] = Σ_k x[m][k] · w[n][k]` for `x: [rows, k]`, `w: [n, k]`, into a
+/// new `[rows, n]` buffer.
+pub fn linear(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let mut y = vec![0.0; rows * n];
+    linear_into(x, rows, w, n, &mut y);
+    y
+}
+
+/// [`linear`] into a caller-provided `[rows, n]` buffer.
+pub fn linear_into(x: &[f32], rows: usize, w: &[f32], n: usize, y: &mut [f32]) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let k = w.len() / n;
+    assert_eq!(w.len(), n * k, "weight length");
+    assert_eq!(x.len(), rows * k, "input length");
+    assert_eq!(y.len(), rows * n, "output length");
+    // Work is split over weight rows (output columns). Each task writes its
+    // own columns of every output row; collecting per-task blocks first keeps
+    // this free of shared mutable state.
+    let tasks = n.div_ceil(COLS_PER_TASK);
+    if tasks * rows * k < 1 << 15 {
+        let mut block = vec![0.0; rows * n];
+        dispatch(x, rows, k, w, &mut block);
+        scatter(&block, rows, 0, n, n, y);
+        return;
+    }
+    let blocks: Vec<(usize, Vec<f32>)> = (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            let start = t * COLS_PER_TASK;
+            let end = (start + COLS_PER_TASK).min(n);
+            let mut block = vec![0.0; rows * (end - start)];
+            dispatch(x, rows, k, &w[start * k..end * k], &mut block);
+            (start, block)
+        })
+        .collect();
+    for (start, block) in blocks {
+        let cols = block.len() / rows;
+        scatter(&block, rows, start, cols, n, y);
+    }
+}
+
+fn scatter(block: &[f32], rows: usize, start: usize, cols: usize, n: usize, y: &mut [f32]) {
+    for r in 0..rows {
+        y[r * n + start..r * n + start + cols].copy_from_slice(&block[r * cols..(r + 1) * cols]);
+    }
+}
+
+/// Computes `block[r][c] = dot(x[r], w[c])` with the best instruction set the
+/// CPU has; all variants produce identical bits.
+fn dispatch(x: &[f32], rows: usize, k: usize, w: &[f32], block: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { tile_avx512(x, rows, k, w, block) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { tile_avx2(x, rows, k, w, block) };
+        }
+    }
+    tile_generic(x, rows, k, w, block)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512(x: &[f32], rows: usize, k: usize, w: &[f32], block: &mut [f32]) {
+    tile_generic(x, rows, k, w, block)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tile_avx2(x: &[f32], rows: usize, k: usize, w: &[f32], block: &mut [f32]) {
+    tile_generic(x, rows, k, w, block)
+}
+
+#[inline(always)]
+fn tile_generic(x: &[f32], rows: usize, k: usize, w: &[f32], block: &mut [f32]) {
+    let cols = w.len() / k;
+    for c in 0..cols {
+        let wr = &w[c * k..(c + 1) * k];
+        let mut r = 0;
+        while r + ROW_TILE <= rows {
+            let xs: [&[f32]; ROW_TILE] = std::array::from_fn(|i| &x[(r + i) * k..(r + i + 1) * k]);
+            let out = dots::<ROW_TILE>(xs, wr);
+            for i in 0..ROW_TILE {
+                block[(r + i) * cols + c] = out[i];
+            }
+            r += ROW_TILE;
+        }
+        while r < rows {
+            block[r * cols + c] = dots::<1>([&x[r * k..(r + 1) * k]], wr)[0];
+            r += 1;
+        }
+    }
+}
+
+/// `R` dot products against one weight row, each in the canonical order:
+/// lane `l` sums `x[i]·w[i]` for `i ≡ l (mod 16)` in increasing `i`, then the
+/// lanes are added as a fixed binary tree.
+#[inline(always)]
+fn dots<const R: usize>(xs: [&[f32]; R], w: &[f32]) -> [f32; R] {
+    let k = w.len();
+    let mut acc = [[0.0f32; LANES]; R];
+    let full = k / LANES * LANES;
+    let mut i = 0;
+    while i < full {
+        let wc: &[f32; LANES] = w[i..i + LANES].try_into().unwrap_or(&[0.0; LANES]);
+        for r in 0..R {
+            let xc: &[f32; LANES] = xs[r][i..i + LANES].try_into().unwrap_or(&[0.0; LANES]);
+            for l in 0..LANES {
+                acc[r][l] += xc[l] * wc[l];
+            }
+        }
+        i += LANES;
+    }
+    for r in 0..R {
+        for (l, j) in (full..k).enumerate() {
+            acc[r][l] += xs[r][j] * w[j];
+        }
+    }
+    std::array::from_fn(|r| reduce(acc[r]))
+}
+
+#[inline(always)]
+fn reduce(mut lanes: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            lanes[l] += lanes[l + width];
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
+/// Canonical-order dot product of two equal-length vectors (same order as
+/// [`linear`]), for attention scores and small reductions.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dots::<1>([a], b)[0]
+}
+
+/// `x · rsqrt(mean(x²) + eps)`, then `· weight` when given, over each
+/// `width`-wide row of `x`, in place.
+pub fn rms_norm(x: &mut [f32], width: usize, weight: Option<&[f32]>, eps: f32) {
+    for row in x.chunks_exact_mut(width) {
+        let mean = dot(row, row) / width as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        match weight {
+            Some(w) => row
+                .iter_mut()
+                .zip(w)
+                .for_each(|(v, w)| *v = w * (*v * scale)),
+            None => row.iter_mut().for_each(|v| *v *= scale),
+        }
+    }
+}
+
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// `log(1 + eˣ)` with torch's default threshold (linear above 20).
+pub fn softplus(x: f32) -> f32 {
+    if x > 20.0 { x } else { x.exp().ln_1p() }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return;
+    }
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    x.iter_mut().for_each(|v| *v /= sum);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn linear_matches_f64_reference() {
+        let (rows, k, n) = (7, 37, 29);
+        let x = pseudo_random(rows * k, 1);
+        let w = pseudo_random(n * k, 2);
+        let y = linear(&x, rows, &w, n);
+        for r in 0..rows {
+            for c in 0..n {
+                let exact: f64 = (0..k)
+                    .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
+                    .sum();
+                assert!((y[r * n + c] as f64 - exact).abs() < 1e-5, "({r},{c})");
+            }
+        }
+    }
+
+    /// The property the exactness contract rests on: a row's result is the
+    /// same bits whether it is computed alone or inside any batch, tiled or
+    /// split across threads.
+    #[test]
+    fn linear_is_batch_invariant() {
+        let (k, n) = (1000, 300);
+        let w = pseudo_random(n * k, 3);
+        let batch = pseudo_random(13 * k, 4);
+        let together = linear(&batch, 13, &w, n);
+        for r in 0..13 {
+            let alone = linear(&batch[r * k..(r + 1) * k], 1, &w, n);
+            assert_eq!(alone, together[r * n..(r + 1) * n], "row {r}");
+            let pair = linear(&batch[r * k..(r + 1) * k].repeat(2), 2, &w, n);
+            assert_eq!(alone, pair[..n], "row {r} in a pair");
+        }
+    }
+
+    /// Every instruction-set variant must produce the same bits.
+    #[test]
+    fn variants_agree() {
+        let (rows, k, cols) = (5, 203, 9);
+        let x = pseudo_random(rows * k, 5);
+        let w = pseudo_random(cols * k, 6);
+        let mut generic = vec![0.0; rows * cols];
+        tile_generic(&x, rows, k, &w, &mut generic);
+        let mut best = vec![0.0; rows * cols];
+        dispatch(&x, rows, k, &w, &mut best);
+        assert_eq!(generic, best);
+    }
+}

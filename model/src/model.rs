@@ -1,0 +1,134 @@
+//! The whole model in one process: load a folder, run a chunk of tokens of
+//! one sequence through every layer, return logits.
+
+use std::path::Path;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::kernels::rms_norm;
+use crate::state::SequenceState;
+use crate::weights::ModelWeights;
+use crate::{attention, mhc, moe};
+
+/// Which positions of a chunk to compute logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the chunk's last token (generation).
+    Last,
+    /// Every token of the chunk (scoring, tests).
+    All,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub weights: ModelWeights,
+}
+
+impl Model {
+    /// Loads `dir/config.json` and the safetensors weights it describes.
+    pub fn load(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(ModelError::Checkpoint {
+                path: dir.to_path_buf(),
+                message: "is not a model folder".into(),
+            });
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        let weights = ModelWeights::load(&ckpt, &config)?;
+        Ok(Model { config, weights })
+    }
+
+    /// A fresh state for a new sequence of this model.
+    pub fn new_state(&self) -> SequenceState {
+        SequenceState::new(&self.config)
+    }
+
+    /// Runs `tokens` (the next tokens of the sequence that `state` describes)
+    /// through the model and advances `state`. Returns `[n, vocab]` logits,
+    /// `n` being 1 or `tokens.len()` as `want` says.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        state: &mut SequenceState,
+        want: Logits,
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        self.check_input(tokens, state)?;
+        let rows = tokens.len();
+        let (hidden, hc) = (cfg.hidden_size, cfg.hc_mult);
+        let mut streams = Vec::with_capacity(rows * hc * hidden);
+        for &t in tokens {
+            let row = self.weights.embed.row(t as usize);
+            (0..hc).for_each(|_| streams.extend_from_slice(row));
+        }
+        let first_position = state.position;
+        for (l, w) in self.weights.layers.iter().enumerate() {
+            let mix = mhc::pre(&w.hc_attn, cfg, &streams, rows);
+            let mut x = mix.collapsed.clone();
+            rms_norm(&mut x, hidden, Some(w.attn_norm.data()), cfg.rms_norm_eps);
+            let out = attention::forward(
+                &w.attn,
+                cfg,
+                l,
+                &x,
+                rows,
+                first_position,
+                &mut state.layers[l],
+            );
+            mhc::post(&mix, cfg, &mut streams, &out, rows);
+
+            let mix = mhc::pre(&w.hc_ffn, cfg, &streams, rows);
+            let mut x = mix.collapsed.clone();
+            rms_norm(&mut x, hidden, Some(w.ffn_norm.data()), cfg.rms_norm_eps);
+            let out = moe::forward(&w.moe, cfg, l, &x, tokens, rows);
+            mhc::post(&mix, cfg, &mut streams, &out, rows);
+        }
+        state.position += rows;
+
+        let (streams, rows) = match want {
+            Logits::All => (&streams[..], rows),
+            Logits::Last => (&streams[(rows - 1) * hc * hidden..], 1),
+        };
+        let mut h = mhc::head(&self.weights.hc_head, cfg, streams, rows);
+        rms_norm(
+            &mut h,
+            hidden,
+            Some(self.weights.norm.data()),
+            cfg.rms_norm_eps,
+        );
+        Ok(match &self.weights.head {
+            Some(head) => head.forward(&h, rows),
+            None => crate::kernels::linear(&h, rows, self.weights.embed.data(), cfg.vocab_size),
+        })
+    }
+
+    fn check_input(&self, tokens: &[u32], state: &SequenceState) -> Result<()> {
+        let cfg = &self.config;
+        if tokens.is_empty() {
+            return Err(ModelError::InvalidInput("no tokens to run".into()));
+        }
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                cfg.vocab_size
+            )));
+        }
+        if state.layers.len() != cfg.num_hidden_layers {
+            return Err(ModelError::InvalidInput(format!(
+                "sequence state has {} layers, the model {}",
+                state.layers.len(),
+                cfg.num_hidden_layers
+            )));
+        }
+        let end = state.position + tokens.len();
+        if end > cfg.max_position_embeddings {
+            return Err(ModelError::InvalidInput(format!(
+                "sequence of {end} tokens exceeds the context length ({})",
+                cfg.max_position_embeddings
+            )));
+        }
+        Ok(())
+    }
+}

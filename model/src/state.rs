@@ -1,0 +1,116 @@
+//! Per-sequence decoding state, owned by the sequence and not by the model,
+//! so it can be stored, shipped to another router and restored (the KV-cache
+//! service stores exactly this type).
+//!
+//! Per layer it holds what the next forward step needs and nothing else:
+//!
+//! * `window`: the last `sliding_window - 1` key/value entries (shared-KV, after
+//!   RoPE), the only raw-token attention state;
+//! * for CSA/HCA layers, a [`CompressorState`] (and for CSA a second one for the
+//!   lightning indexer): the projections of tokens that have not yet filled a
+//!   window, the previous window's Ca series (CSA overlap), and every
+//!   compressed entry emitted so far (append-only).
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{LayerType, ModelConfig};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SequenceState {
+    /// Tokens consumed so far: the position of the next token.
+    pub position: usize,
+    pub layers: Vec<LayerState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerState {
+    /// Row-major `[n, head_dim]` sliding-window entries, oldest first.
+    pub window: Vec<f32>,
+    pub compressor: Option<CompressorState>,
+    pub indexer: Option<CompressorState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompressorState {
+    /// Entry width.
+    pub dim: usize,
+    /// Projection width (`2 * dim` with CSA overlap, else `dim`).
+    pub width: usize,
+    /// `[n < rate, width]` kv projections of tokens not yet in a full window.
+    pub pending_kv: Vec<f32>,
+    /// Their gate logits (without the position bias).
+    pub pending_gate: Vec<f32>,
+    /// CSA: the last full window's Ca series `[rate, dim]`: kv and gate logits
+    /// with the position bias added. Empty before the first window closes.
+    pub overlap_kv: Vec<f32>,
+    pub overlap_gate: Vec<f32>,
+    /// `[entries, dim]` compressed entries (normed, RoPE applied), append-only.
+    pub entries: Vec<f32>,
+}
+
+impl CompressorState {
+    pub fn new(dim: usize, overlap: bool) -> Self {
+        CompressorState {
+            dim,
+            width: if overlap { 2 * dim } else { dim },
+            pending_kv: Vec::new(),
+            pending_gate: Vec::new(),
+            overlap_kv: Vec::new(),
+            overlap_gate: Vec::new(),
+            entries: Vec::new(),
+        }
+    }
+
+    pub fn entry_count(&self) -> usize {
+        self.entries.len() / self.dim
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.pending_kv.len() / self.width
+    }
+}
+
+impl SequenceState {
+    /// The empty state of a new sequence.
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let layers = cfg
+            .layer_types
+            .iter()
+            .map(|t| LayerState {
+                window: Vec::new(),
+                compressor: match t {
+                    LayerType::Sliding => None,
+                    LayerType::Csa => Some(CompressorState::new(cfg.head_dim, true)),
+                    LayerType::Hca => Some(CompressorState::new(cfg.head_dim, false)),
+                },
+                indexer: (*t == LayerType::Csa)
+                    .then(|| CompressorState::new(cfg.index_head_dim, true)),
+            })
+            .collect();
+        SequenceState {
+            position: 0,
+            layers,
+        }
+    }
+
+    /// Bytes of f32 state held (what the KV-cache service will store).
+    pub fn size_bytes(&self) -> usize {
+        let floats: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let c = |s: &Option<CompressorState>| {
+                    s.as_ref().map_or(0, |s| {
+                        s.pending_kv.len()
+                            + s.pending_gate.len()
+                            + s.overlap_kv.len()
+                            + s.overlap_gate.len()
+                            + s.entries.len()
+                    })
+                };
+                l.window.len() + c(&l.compressor) + c(&l.indexer)
+            })
+            .sum();
+        floats * 4
+    }
+}

@@ -1,0 +1,76 @@
+//! A read-only f32 tensor: either a view into a memory-mapped checkpoint
+//! (zero copy) or an owned buffer (converted from BF16/F16).
+
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+enum Storage {
+    Mapped {
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    },
+    Owned(Vec<f32>),
+}
+
+pub struct Tensor {
+    storage: Storage,
+    shape: Vec<usize>,
+}
+
+impl Tensor {
+    pub fn owned(data: Vec<f32>, shape: Vec<usize>) -> Self {
+        debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+        Tensor {
+            storage: Storage::Owned(data),
+            shape,
+        }
+    }
+
+    /// A zero-copy view, or `None` when the bytes are not 4-byte aligned.
+    pub fn from_mapped(map: Arc<Mmap>, offset: usize, shape: Vec<usize>) -> Option<Self> {
+        let len: usize = shape.iter().product();
+        let aligned = (map.as_ptr() as usize + offset) % std::mem::align_of::<f32>() == 0;
+        (aligned && offset + len * 4 <= map.len()).then_some(Tensor {
+            storage: Storage::Mapped { map, offset, len },
+            shape,
+        })
+    }
+
+    pub fn data(&self) -> &[f32] {
+        match &self.storage {
+            Storage::Owned(v) => v,
+            Storage::Mapped { map, offset, len } => {
+                let bytes = &map[*offset..*offset + *len * 4];
+                // SAFETY: alignment and bounds were checked in `from_mapped`;
+                // every bit pattern is a valid f32; the map lives as long as self.
+                unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), *len) }
+            }
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Row `i` of a 2-D tensor.
+    pub fn row(&self, i: usize) -> &[f32] {
+        let cols = self.shape[self.shape.len() - 1];
+        &self.data()[i * cols..(i + 1) * cols]
+    }
+
+    /// Rows `[start, end)` of the leading dimension, as a new owned tensor.
+    pub fn slice_rows(&self, start: usize, end: usize) -> Tensor {
+        let inner: usize = self.shape[1..].iter().product();
+        let mut shape = self.shape.clone();
+        shape[0] = end - start;
+        Tensor::owned(self.data()[start * inner..end * inner].to_vec(), shape)
+    }
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor{:?}", self.shape)
+    }
+}
