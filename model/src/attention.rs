@@ -38,12 +38,7 @@ pub fn forward(
     let mut kv = w.wkv.forward(x, rows);
     rms_norm(&mut kv, hd, Some(w.kv_norm.data()), eps);
     for r in 0..rows {
-        rope.apply(
-            &mut q[r * heads * hd..(r + 1) * heads * hd],
-            hd,
-            first_position + r,
-            false,
-        );
+        rope.apply(&mut q[r * heads * hd..(r + 1) * heads * hd], hd, first_position + r, false);
         rope.apply(&mut kv[r * hd..(r + 1) * hd], hd, first_position + r, false);
     }
 
@@ -55,16 +50,7 @@ pub fn forward(
     }
     if let (Some(iw), Some(is)) = (&w.indexer, state.indexer.as_mut()) {
         compressor::compress(&iw.compressor, is, x, rows, &cfg.rope_compress, eps);
-        selected = Some(compressor::select(
-            iw,
-            cfg,
-            is,
-            x,
-            &q_residual,
-            rows,
-            first_position,
-            &cfg.rope_compress,
-        ));
+        selected = Some(compressor::select(iw, cfg, is, x, &q_residual, rows, first_position, &cfg.rope_compress));
     }
     let rate = cfg.compress_rate(layer);
     let compressed: &[f32] = state.compressor.as_ref().map_or(&[], |c| &c.entries);
@@ -85,9 +71,7 @@ pub fn forward(
         // Window keys: positions max(0, position - window + 1) ..= position.
         let last = cached + r;
         let first = (last + 1).saturating_sub(window);
-        let mut ids: Vec<&[f32]> = (first..=last)
-            .map(|k| &keys[k * hd..(k + 1) * hd])
-            .collect();
+        let mut ids: Vec<&[f32]> = (first..=last).map(|k| &keys[k * hd..(k + 1) * hd]).collect();
         match (layer_type, rate) {
             (LayerType::Csa, Some(_)) => {
                 let chosen = selected.as_ref().map_or(&[][..], |s| &s[r][..]);
@@ -130,12 +114,7 @@ pub fn forward(
 
 /// Grouped low-rank output: heads split into `o_groups` groups, each projected
 /// to `o_lora_rank` by its own block of `wo_a`, then mixed by `wo_b`.
-fn output_projection(
-    w: &AttentionWeights,
-    cfg: &ModelConfig,
-    attn: &[f32],
-    rows: usize,
-) -> Vec<f32> {
+fn output_projection(w: &AttentionWeights, cfg: &ModelConfig, attn: &[f32], rows: usize) -> Vec<f32> {
     let groups = cfg.o_groups;
     let rank = cfg.o_lora_rank;
     let group_in = cfg.num_attention_heads * cfg.head_dim / groups;
@@ -143,10 +122,7 @@ fn output_projection(
     for g in 0..groups {
         let xg: Vec<f32> = (0..rows)
             .flat_map(|r| {
-                attn[r * groups * group_in + g * group_in
-                    ..r * groups * group_in + (g + 1) * group_in]
-                    .iter()
-                    .copied()
+                attn[r * groups * group_in + g * group_in..r * groups * group_in + (g + 1) * group_in].iter().copied()
             })
             .collect();
         let wg = &w.wo_a.w.data()[g * rank * group_in..(g + 1) * rank * group_in];

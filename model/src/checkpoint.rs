@@ -51,18 +51,13 @@ impl Checkpoint {
         let mut shards = Vec::with_capacity(files.len());
         let mut entries = HashMap::new();
         for (shard, path) in files.into_iter().enumerate() {
-            let file = std::fs::File::open(&path)
-                .map_err(|e| ModelError::io(format!("open {}", path.display()), e))?;
+            let file = std::fs::File::open(&path).map_err(|e| ModelError::io(format!("open {}", path.display()), e))?;
             // SAFETY: the mapping is read-only; a checkpoint rewritten under a
             // running process is outside what any loader can defend against.
-            let map = unsafe { Mmap::map(&file) }
-                .map_err(|e| ModelError::io(format!("map {}", path.display()), e))?;
-            let bad = |message: String| ModelError::Checkpoint {
-                path: path.clone(),
-                message,
-            };
-            let parsed = SafeTensors::deserialize(&map)
-                .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(format!("map {}", path.display()), e))?;
+            let bad = |message: String| ModelError::Checkpoint { path: path.clone(), message };
+            let parsed =
+                SafeTensors::deserialize(&map).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
             let base = map.as_ptr() as usize;
             for (name, view) in parsed.tensors() {
                 let data = view.data();
@@ -80,16 +75,9 @@ impl Checkpoint {
                     return Err(bad(format!("tensor `{canonical}` appears twice")));
                 }
             }
-            shards.push(Shard {
-                path,
-                map: Arc::new(map),
-            });
+            shards.push(Shard { path, map: Arc::new(map) });
         }
-        Ok(Checkpoint {
-            dir: dir.to_path_buf(),
-            shards,
-            entries,
-        })
+        Ok(Checkpoint { dir: dir.to_path_buf(), shards, entries })
     }
 
     pub fn dir(&self) -> &Path {
@@ -101,12 +89,9 @@ impl Checkpoint {
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
-        self.entries.get(name).ok_or_else(|| {
-            ModelError::tensor(
-                name,
-                format!("missing from the checkpoint in {}", self.dir.display()),
-            )
-        })
+        self.entries
+            .get(name)
+            .ok_or_else(|| ModelError::tensor(name, format!("missing from the checkpoint in {}", self.dir.display())))
     }
 
     /// The tensor `name` as f32 with exactly `shape`. F32 data is used where it
@@ -117,30 +102,19 @@ impl Checkpoint {
         let shard = &self.shards[entry.shard];
         let bytes = &shard.map[entry.start..entry.end];
         match entry.dtype {
-            Dtype::F32 => Ok(
-                Tensor::from_mapped(shard.map.clone(), entry.start, shape.to_vec())
-                    .unwrap_or_else(|| Tensor::owned(bytes_to_f32(bytes), shape.to_vec())),
-            ),
+            Dtype::F32 => Ok(Tensor::from_mapped(shard.map.clone(), entry.start, shape.to_vec())
+                .unwrap_or_else(|| Tensor::owned(bytes_to_f32(bytes), shape.to_vec()))),
             Dtype::BF16 => Ok(Tensor::owned(
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
+                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
                 shape.to_vec(),
             )),
             Dtype::F16 => Ok(Tensor::owned(
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
+                bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
                 shape.to_vec(),
             )),
             other => Err(ModelError::tensor(
                 name,
-                format!(
-                    "dtype {other:?} is not supported for weights (F32, BF16, F16) in {}",
-                    shard.path.display()
-                ),
+                format!("dtype {other:?} is not supported for weights (F32, BF16, F16) in {}", shard.path.display()),
             )),
         }
     }
@@ -151,18 +125,13 @@ impl Checkpoint {
         check_shape(name, entry, shape)?;
         let bytes = &self.shards[entry.shard].map[entry.start..entry.end];
         match entry.dtype {
-            Dtype::I64 => Ok(bytes
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
-                .collect()),
-            Dtype::I32 => Ok(bytes
-                .chunks_exact(4)
-                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64)
-                .collect()),
-            other => Err(ModelError::tensor(
-                name,
-                format!("dtype {other:?} is not an integer table (I64 or I32)"),
-            )),
+            Dtype::I64 => {
+                Ok(bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).collect())
+            }
+            Dtype::I32 => {
+                Ok(bytes.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64).collect())
+            }
+            other => Err(ModelError::tensor(name, format!("dtype {other:?} is not an integer table (I64 or I32)"))),
         }
     }
 
@@ -179,45 +148,28 @@ impl Checkpoint {
 
 fn check_shape(name: &str, entry: &Entry, shape: &[usize]) -> Result<()> {
     if entry.shape != shape {
-        return Err(ModelError::tensor(
-            name,
-            format!(
-                "has shape {:?}, the config implies {:?}",
-                entry.shape, shape
-            ),
-        ));
+        return Err(ModelError::tensor(name, format!("has shape {:?}, the config implies {:?}", entry.shape, shape)));
     }
     Ok(())
 }
 
 fn bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
 /// The shard files of a model folder, from its index or the single file.
 fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index)
-            .map_err(|e| ModelError::io(format!("read {}", index.display()), e))?;
-        let bad = |message: String| ModelError::Checkpoint {
-            path: index.clone(),
-            message,
-        };
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let map = value
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| bad("no `weight_map` object".into()))?;
+        let text =
+            std::fs::read_to_string(&index).map_err(|e| ModelError::io(format!("read {}", index.display()), e))?;
+        let bad = |message: String| ModelError::Checkpoint { path: index.clone(), message };
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let map =
+            value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no `weight_map` object".into()))?;
         let mut files: Vec<String> = Vec::new();
         for file in map.values() {
-            let file = file
-                .as_str()
-                .ok_or_else(|| bad("`weight_map` values must be file names".into()))?;
+            let file = file.as_str().ok_or_else(|| bad("`weight_map` values must be file names".into()))?;
             if file.contains('/') || file.contains('\\') || file == ".." {
                 return Err(bad(format!("shard `{file}` is not a plain file name")));
             }
@@ -253,18 +205,9 @@ pub fn canonical_name(name: &str) -> String {
     }
     // Order matters: longer, more specific patterns first.
     const RENAMES: &[(&str, &str)] = &[
-        (
-            ".self_attn.compressor.indexer.scorer.weights_proj.",
-            ".attn.indexer.weights_proj.",
-        ),
-        (
-            ".self_attn.compressor.indexer.q_b_proj.",
-            ".attn.indexer.wq_b.",
-        ),
-        (
-            ".self_attn.compressor.indexer.",
-            ".attn.indexer.compressor.",
-        ),
+        (".self_attn.compressor.indexer.scorer.weights_proj.", ".attn.indexer.weights_proj."),
+        (".self_attn.compressor.indexer.q_b_proj.", ".attn.indexer.wq_b."),
+        (".self_attn.compressor.indexer.", ".attn.indexer.compressor."),
         (".self_attn.", ".attn."),
         (".mlp.shared_experts.gate_proj.", ".ffn.shared_experts.w1."),
         (".mlp.shared_experts.down_proj.", ".ffn.shared_experts.w2."),
@@ -306,27 +249,15 @@ mod tests {
     #[test]
     fn both_namings_meet() {
         let pairs = [
-            (
-                "model.layers.3.self_attn.q_a_proj.weight",
-                "layers.3.attn.wq_a.weight",
-            ),
-            (
-                "model.layers.3.attn.wq_a.weight",
-                "layers.3.attn.wq_a.weight",
-            ),
+            ("model.layers.3.self_attn.q_a_proj.weight", "layers.3.attn.wq_a.weight"),
+            ("model.layers.3.attn.wq_a.weight", "layers.3.attn.wq_a.weight"),
             ("layers.3.attn.wq_a.weight", "layers.3.attn.wq_a.weight"),
-            (
-                "model.layers.1.self_attn.compressor.indexer.q_b_proj.weight",
-                "layers.1.attn.indexer.wq_b.weight",
-            ),
+            ("model.layers.1.self_attn.compressor.indexer.q_b_proj.weight", "layers.1.attn.indexer.wq_b.weight"),
             (
                 "model.layers.1.self_attn.compressor.indexer.kv_proj.weight",
                 "layers.1.attn.indexer.compressor.wkv.weight",
             ),
-            (
-                "model.layers.1.self_attn.compressor.indexer.position_bias",
-                "layers.1.attn.indexer.compressor.ape",
-            ),
+            ("model.layers.1.self_attn.compressor.indexer.position_bias", "layers.1.attn.indexer.compressor.ape"),
             (
                 "model.layers.1.self_attn.compressor.indexer.kv_norm.weight",
                 "layers.1.attn.indexer.compressor.norm.weight",
@@ -335,40 +266,16 @@ mod tests {
                 "model.layers.1.self_attn.compressor.indexer.scorer.weights_proj.weight",
                 "layers.1.attn.indexer.weights_proj.weight",
             ),
-            (
-                "model.layers.1.self_attn.compressor.gate_proj.weight",
-                "layers.1.attn.compressor.wgate.weight",
-            ),
-            (
-                "model.layers.1.self_attn.kv_norm.weight",
-                "layers.1.attn.norm.weight",
-            ),
-            (
-                "model.layers.1.self_attn.q_a_norm.weight",
-                "layers.1.attn.q_norm.weight",
-            ),
+            ("model.layers.1.self_attn.compressor.gate_proj.weight", "layers.1.attn.compressor.wgate.weight"),
+            ("model.layers.1.self_attn.kv_norm.weight", "layers.1.attn.norm.weight"),
+            ("model.layers.1.self_attn.q_a_norm.weight", "layers.1.attn.q_norm.weight"),
             ("model.layers.1.self_attn.sinks", "layers.1.attn.attn_sink"),
-            (
-                "model.layers.1.mlp.gate.e_score_correction_bias",
-                "layers.1.ffn.gate.bias",
-            ),
-            (
-                "model.layers.1.mlp.gate.tid2eid",
-                "layers.1.ffn.gate.tid2eid",
-            ),
-            (
-                "model.layers.1.mlp.experts.gate_up_proj",
-                "layers.1.ffn.experts.gate_up_proj",
-            ),
-            (
-                "model.layers.1.mlp.shared_experts.up_proj.weight",
-                "layers.1.ffn.shared_experts.w3.weight",
-            ),
+            ("model.layers.1.mlp.gate.e_score_correction_bias", "layers.1.ffn.gate.bias"),
+            ("model.layers.1.mlp.gate.tid2eid", "layers.1.ffn.gate.tid2eid"),
+            ("model.layers.1.mlp.experts.gate_up_proj", "layers.1.ffn.experts.gate_up_proj"),
+            ("model.layers.1.mlp.shared_experts.up_proj.weight", "layers.1.ffn.shared_experts.w3.weight"),
             ("model.layers.1.attn_hc.fn", "layers.1.hc_attn_fn"),
-            (
-                "model.layers.1.post_attention_layernorm.weight",
-                "layers.1.ffn_norm.weight",
-            ),
+            ("model.layers.1.post_attention_layernorm.weight", "layers.1.ffn_norm.weight"),
             ("model.embed_tokens.weight", "embed.weight"),
             ("lm_head.weight", "head.weight"),
             ("hc_head_fn", "hc_head.fn"),

@@ -59,18 +59,11 @@ pub fn compress(
                 slot_gate.extend((0..rate).map(|j| gate[j * width + c]));
             }
             kernels::softmax(&mut slot_gate);
-            *out = slot_kv
-                .iter()
-                .zip(&slot_gate)
-                .fold(0.0, |acc, (v, p)| acc + v * p);
+            *out = slot_kv.iter().zip(&slot_gate).fold(0.0, |acc, (v, p)| acc + v * p);
         }
         if w.overlap {
-            state.overlap_kv = (0..rate)
-                .flat_map(|j| kv[j * width..j * width + dim].to_vec())
-                .collect();
-            state.overlap_gate = (0..rate)
-                .flat_map(|j| gate[j * width..j * width + dim].to_vec())
-                .collect();
+            state.overlap_kv = (0..rate).flat_map(|j| kv[j * width..j * width + dim].to_vec()).collect();
+            state.overlap_gate = (0..rate).flat_map(|j| gate[j * width..j * width + dim].to_vec()).collect();
         }
         rms_norm(&mut entry, dim, Some(w.norm.data()), eps);
         rope.apply(&mut entry, dim, state.entry_count() * rate, false);
@@ -121,9 +114,7 @@ pub fn select(
             if visible <= topk {
                 return (0..visible).collect();
             }
-            let hw: Vec<f32> = (0..heads)
-                .map(|h| head_weights[r * heads + h] * weights_scale)
-                .collect();
+            let hw: Vec<f32> = (0..heads).map(|h| head_weights[r * heads + h] * weights_scale).collect();
             let mut scored: Vec<(f32, usize)> = (0..visible)
                 .map(|s| {
                     let key = &state.entries[s * dim..(s + 1) * dim];

@@ -30,7 +30,9 @@ pub enum ModelError {
     #[error("tensor `{name}`: {message}")]
     Tensor { name: String, message: String },
 
-    #[error("{context}: {source}")]
+    /// Display shows the context only; the OS error is the `source()` that
+    /// error reporters print after it.
+    #[error("{context}")]
     Io {
         context: String,
         #[source]
@@ -57,17 +59,11 @@ impl ModelError {
     }
 
     pub(crate) fn tensor(name: &str, message: impl Into<String>) -> Self {
-        ModelError::Tensor {
-            name: name.to_string(),
-            message: message.into(),
-        }
+        ModelError::Tensor { name: name.to_string(), message: message.into() }
     }
 
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        ModelError::Io {
-            context: context.into(),
-            source,
-        }
+        ModelError::Io { context: context.into(), source }
     }
 }
 

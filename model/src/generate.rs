@@ -18,12 +18,7 @@ pub struct Sampling {
 
 impl Sampling {
     pub fn greedy() -> Self {
-        Sampling {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: None,
-            seed: 0,
-        }
+        Sampling { temperature: 0.0, top_p: 1.0, top_k: None, seed: 0 }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -34,10 +29,7 @@ impl Sampling {
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(ModelError::InvalidInput(format!(
-                "top_p {} must be in (0, 1]",
-                self.top_p
-            )));
+            return Err(ModelError::InvalidInput(format!("top_p {} must be in (0, 1]", self.top_p)));
         }
         if self.top_k == Some(0) {
             return Err(ModelError::InvalidInput("top_k must be at least 1".into()));
@@ -71,11 +63,8 @@ pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
     if sampling.temperature == 0.0 {
         return argmax(logits);
     }
-    let mut ranked: Vec<(f32, u32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (l / sampling.temperature, i as u32))
-        .collect();
+    let mut ranked: Vec<(f32, u32)> =
+        logits.iter().enumerate().map(|(i, &l)| (l / sampling.temperature, i as u32)).collect();
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     if let Some(k) = sampling.top_k {
         ranked.truncate(k.max(1));
@@ -144,19 +133,12 @@ pub fn generate(
     while generated.len() < max_new_tokens {
         let token = sample(&logits, sampling, &mut rng);
         generated.push(token);
-        if (!ignore_eos && model.config.eos_token_ids.contains(&token))
-            || generated.len() == max_new_tokens
-        {
+        if (!ignore_eos && model.config.eos_token_ids.contains(&token)) || generated.len() == max_new_tokens {
             break;
         }
         logits = model.forward(&[token], &mut state, Logits::Last)?;
     }
-    Ok(Generation {
-        generated,
-        prompt_last_logits,
-        prefill_time,
-        decode_time: start.elapsed(),
-    })
+    Ok(Generation { generated, prompt_last_logits, prefill_time, decode_time: start.elapsed() })
 }
 
 #[cfg(test)]
@@ -166,33 +148,20 @@ mod tests {
     #[test]
     fn greedy_is_argmax_with_low_id_ties() {
         let mut rng = Rng::new(1);
-        assert_eq!(
-            sample(&[0.1, 2.0, 2.0, -1.0], &Sampling::greedy(), &mut rng),
-            1
-        );
+        assert_eq!(sample(&[0.1, 2.0, 2.0, -1.0], &Sampling::greedy(), &mut rng), 1);
     }
 
     #[test]
     fn same_seed_same_samples_and_top_k_one_is_greedy() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let s = Sampling {
-            temperature: 0.9,
-            top_p: 0.95,
-            top_k: None,
-            seed: 7,
-        };
+        let s = Sampling { temperature: 0.9, top_p: 0.95, top_k: None, seed: 7 };
         let draw = |seed| {
             let mut rng = Rng::new(seed);
-            (0..20)
-                .map(|_| sample(&logits, &s, &mut rng))
-                .collect::<Vec<_>>()
+            (0..20).map(|_| sample(&logits, &s, &mut rng)).collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
-        let k1 = Sampling {
-            top_k: Some(1),
-            ..s
-        };
+        let k1 = Sampling { top_k: Some(1), ..s };
         let mut rng = Rng::new(3);
         assert_eq!(sample(&logits, &k1, &mut rng), argmax(&logits));
     }
@@ -201,12 +170,7 @@ mod tests {
     fn top_p_keeps_only_the_nucleus() {
         // One token holds ~all the mass: with top_p 0.5 it is always chosen.
         let logits = [10.0, 0.0, 0.0, 0.0];
-        let s = Sampling {
-            temperature: 1.0,
-            top_p: 0.5,
-            top_k: None,
-            seed: 0,
-        };
+        let s = Sampling { temperature: 1.0, top_p: 0.5, top_k: None, seed: 0 };
         let mut rng = Rng::new(11);
         assert!((0..100).all(|_| sample(&logits, &s, &mut rng) == 0));
     }
@@ -214,18 +178,9 @@ mod tests {
     #[test]
     fn bad_sampling_settings_are_errors() {
         for s in [
-            Sampling {
-                temperature: -1.0,
-                ..Sampling::greedy()
-            },
-            Sampling {
-                top_p: 0.0,
-                ..Sampling::greedy()
-            },
-            Sampling {
-                top_k: Some(0),
-                ..Sampling::greedy()
-            },
+            Sampling { temperature: -1.0, ..Sampling::greedy() },
+            Sampling { top_p: 0.0, ..Sampling::greedy() },
+            Sampling { top_k: Some(0), ..Sampling::greedy() },
         ] {
             assert!(s.validate().is_err(), "{s:?}");
         }

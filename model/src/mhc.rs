@@ -21,12 +21,7 @@ pub struct Mix {
 /// The mixing weights `[rows, n]` of the normed, flattened streams.
 fn mixes(w: &HcWeights, cfg: &ModelConfig, streams: &[f32], rows: usize) -> Vec<f32> {
     let mut flat = streams.to_vec();
-    rms_norm(
-        &mut flat,
-        cfg.hc_mult * cfg.hidden_size,
-        None,
-        cfg.rms_norm_eps,
-    );
+    rms_norm(&mut flat, cfg.hc_mult * cfg.hidden_size, None, cfg.rms_norm_eps);
     w.fn_.forward(&flat, rows)
 }
 
@@ -52,9 +47,7 @@ pub fn pre(w: &HcWeights, cfg: &ModelConfig, streams: &[f32], rows: usize) -> Mi
     let mut comb = vec![0.0; rows * hc * hc];
     for r in 0..rows {
         let m = &mix[r * n..(r + 1) * n];
-        let pre: Vec<f32> = (0..hc)
-            .map(|i| sigmoid(m[i] * scale[0] + base[i]) + eps)
-            .collect();
+        let pre: Vec<f32> = (0..hc).map(|i| sigmoid(m[i] * scale[0] + base[i]) + eps).collect();
         for i in 0..hc {
             post[r * hc + i] = 2.0 * sigmoid(m[hc + i] * scale[1] + base[hc + i]);
         }
@@ -76,18 +69,9 @@ pub fn pre(w: &HcWeights, cfg: &ModelConfig, streams: &[f32], rows: usize) -> Mi
             normalize_columns(c, hc, eps);
         }
         let s = &streams[r * hc * hidden..(r + 1) * hc * hidden];
-        collapse(
-            &pre,
-            s,
-            hidden,
-            &mut collapsed[r * hidden..(r + 1) * hidden],
-        );
+        collapse(&pre, s, hidden, &mut collapsed[r * hidden..(r + 1) * hidden]);
     }
-    Mix {
-        collapsed,
-        post,
-        comb,
-    }
+    Mix { collapsed, post, comb }
 }
 
 fn normalize_columns(c: &mut [f32], hc: usize, eps: f32) {
@@ -129,9 +113,7 @@ pub fn head(w: &HcWeights, cfg: &ModelConfig, streams: &[f32], rows: usize) -> V
     let (base, scale) = (w.base.data(), w.scale.data()[0]);
     let mut out = vec![0.0; rows * hidden];
     for r in 0..rows {
-        let pre: Vec<f32> = (0..hc)
-            .map(|i| sigmoid(mix[r * hc + i] * scale + base[i]) + cfg.hc_eps)
-            .collect();
+        let pre: Vec<f32> = (0..hc).map(|i| sigmoid(mix[r * hc + i] * scale + base[i]) + cfg.hc_eps).collect();
         collapse(
             &pre,
             &streams[r * hc * hidden..(r + 1) * hc * hidden],

@@ -29,10 +29,7 @@ impl Model {
     /// Loads `dir/config.json` and the safetensors weights it describes.
     pub fn load(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(ModelError::Checkpoint {
-                path: dir.to_path_buf(),
-                message: "is not a model folder".into(),
-            });
+            return Err(ModelError::Checkpoint { path: dir.to_path_buf(), message: "is not a model folder".into() });
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir)?;
@@ -48,12 +45,7 @@ impl Model {
     /// Runs `tokens` (the next tokens of the sequence that `state` describes)
     /// through the model and advances `state`. Returns `[n, vocab]` logits,
     /// `n` being 1 or `tokens.len()` as `want` says.
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        state: &mut SequenceState,
-        want: Logits,
-    ) -> Result<Vec<f32>> {
+    pub fn forward(&self, tokens: &[u32], state: &mut SequenceState, want: Logits) -> Result<Vec<f32>> {
         let cfg = &self.config;
         self.check_input(tokens, state)?;
         let rows = tokens.len();
@@ -68,15 +60,7 @@ impl Model {
             let mix = mhc::pre(&w.hc_attn, cfg, &streams, rows);
             let mut x = mix.collapsed.clone();
             rms_norm(&mut x, hidden, Some(w.attn_norm.data()), cfg.rms_norm_eps);
-            let out = attention::forward(
-                &w.attn,
-                cfg,
-                l,
-                &x,
-                rows,
-                first_position,
-                &mut state.layers[l],
-            );
+            let out = attention::forward(&w.attn, cfg, l, &x, rows, first_position, &mut state.layers[l]);
             mhc::post(&mix, cfg, &mut streams, &out, rows);
 
             let mix = mhc::pre(&w.hc_ffn, cfg, &streams, rows);
@@ -92,12 +76,7 @@ impl Model {
             Logits::Last => (&streams[(rows - 1) * hc * hidden..], 1),
         };
         let mut h = mhc::head(&self.weights.hc_head, cfg, streams, rows);
-        rms_norm(
-            &mut h,
-            hidden,
-            Some(self.weights.norm.data()),
-            cfg.rms_norm_eps,
-        );
+        rms_norm(&mut h, hidden, Some(self.weights.norm.data()), cfg.rms_norm_eps);
         Ok(match &self.weights.head {
             Some(head) => head.forward(&h, rows),
             None => crate::kernels::linear(&h, rows, self.weights.embed.data(), cfg.vocab_size),

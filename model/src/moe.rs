@@ -14,14 +14,7 @@ use crate::weights::{ExpertWeights, MoeWeights};
 pub type Route = Vec<(usize, f32)>;
 
 /// The experts and weights each of `rows` tokens is sent to.
-pub fn route(
-    w: &MoeWeights,
-    cfg: &ModelConfig,
-    layer: usize,
-    x: &[f32],
-    tokens: &[u32],
-    rows: usize,
-) -> Vec<Route> {
+pub fn route(w: &MoeWeights, cfg: &ModelConfig, layer: usize, x: &[f32], tokens: &[u32], rows: usize) -> Vec<Route> {
     let e = cfg.n_routed_experts;
     let k = cfg.num_experts_per_tok;
     let mut scores = w.gate.forward(x, rows);
@@ -39,10 +32,7 @@ pub fn route(
                 MlpType::Hash => {
                     let table = w.tid2eid.as_deref().unwrap_or(&[]);
                     let t = tokens[r] as usize;
-                    table[t * k..(t + 1) * k]
-                        .iter()
-                        .map(|&x| x as usize)
-                        .collect()
+                    table[t * k..(t + 1) * k].iter().map(|&x| x as usize).collect()
                 }
                 MlpType::TopK => {
                     let bias = w.bias.as_ref().map(|b| b.data());
@@ -50,21 +40,15 @@ pub fn route(
                 }
             };
             let total: f32 = chosen.iter().map(|&x| s[x]).sum();
-            chosen
-                .into_iter()
-                .map(|x| (x, s[x] / (total + 1e-20) * cfg.routed_scaling_factor))
-                .collect()
+            chosen.into_iter().map(|x| (x, s[x] / (total + 1e-20) * cfg.routed_scaling_factor)).collect()
         })
         .collect()
 }
 
 /// The `k` experts with the highest `score + bias`; ties go to the lower id.
 pub fn top_k(scores: &[f32], bias: Option<&[f32]>, k: usize) -> Vec<usize> {
-    let mut ranked: Vec<(f32, usize)> = scores
-        .iter()
-        .enumerate()
-        .map(|(i, &s)| (s + bias.map_or(0.0, |b| b[i]), i))
-        .collect();
+    let mut ranked: Vec<(f32, usize)> =
+        scores.iter().enumerate().map(|(i, &s)| (s + bias.map_or(0.0, |b| b[i]), i)).collect();
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     ranked.into_iter().take(k).map(|(_, i)| i).collect()
 }
@@ -73,11 +57,7 @@ pub fn top_k(scores: &[f32], bias: Option<&[f32]>, k: usize) -> Vec<usize> {
 pub fn expert_ffn(w: &ExpertWeights, x: &[f32], rows: usize, limit: f32) -> Vec<f32> {
     let gate = w.w1.forward(x, rows);
     let up = w.w3.forward(x, rows);
-    let act: Vec<f32> = gate
-        .iter()
-        .zip(&up)
-        .map(|(g, u)| silu(g.min(limit)) * u.clamp(-limit, limit))
-        .collect();
+    let act: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| silu(g.min(limit)) * u.clamp(-limit, limit)).collect();
     w.w2.forward(&act, rows)
 }
 
@@ -92,23 +72,15 @@ pub fn routed<'a>(
 ) -> Vec<f32> {
     let hidden = cfg.hidden_size;
     let mut out = vec![0.0; rows * hidden];
-    for (e, members) in tokens_by_expert(routes, cfg.n_routed_experts)
-        .into_iter()
-        .enumerate()
-    {
+    for (e, members) in tokens_by_expert(routes, cfg.n_routed_experts).into_iter().enumerate() {
         if members.is_empty() {
             continue;
         }
-        let gathered: Vec<f32> = members
-            .iter()
-            .flat_map(|&(r, _)| x[r * hidden..(r + 1) * hidden].iter().copied())
-            .collect();
+        let gathered: Vec<f32> =
+            members.iter().flat_map(|&(r, _)| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
         let y = expert_ffn(expert(e), &gathered, members.len(), cfg.swiglu_limit);
         for (i, &(r, weight)) in members.iter().enumerate() {
-            for (o, v) in out[r * hidden..(r + 1) * hidden]
-                .iter_mut()
-                .zip(&y[i * hidden..(i + 1) * hidden])
-            {
+            for (o, v) in out[r * hidden..(r + 1) * hidden].iter_mut().zip(&y[i * hidden..(i + 1) * hidden]) {
                 *o += v * weight;
             }
         }
@@ -128,14 +100,7 @@ pub fn tokens_by_expert(routes: &[Route], n_experts: usize) -> Vec<Vec<(usize, f
 }
 
 /// The whole block in one process: routed experts plus the shared expert.
-pub fn forward(
-    w: &MoeWeights,
-    cfg: &ModelConfig,
-    layer: usize,
-    x: &[f32],
-    tokens: &[u32],
-    rows: usize,
-) -> Vec<f32> {
+pub fn forward(w: &MoeWeights, cfg: &ModelConfig, layer: usize, x: &[f32], tokens: &[u32], rows: usize) -> Vec<f32> {
     let routes = route(w, cfg, layer, x, tokens, rows);
     let mut out = routed(|e| &w.experts[e], cfg, x, &routes, rows);
     let shared = expert_ffn(&w.shared, x, rows, cfg.swiglu_limit);
@@ -150,10 +115,7 @@ mod tests {
     #[test]
     fn top_k_prefers_score_then_lower_id() {
         assert_eq!(top_k(&[0.1, 0.9, 0.5, 0.9], None, 2), vec![1, 3]);
-        assert_eq!(
-            top_k(&[0.1, 0.9, 0.5, 0.9], Some(&[0.0, 0.0, 0.5, 0.0]), 2),
-            vec![2, 1]
-        );
+        assert_eq!(top_k(&[0.1, 0.9, 0.5, 0.9], Some(&[0.0, 0.0, 0.5, 0.0]), 2), vec![2, 1]);
         assert_eq!(top_k(&[0.3; 5], None, 3), vec![0, 1, 2]);
     }
 
@@ -167,25 +129,14 @@ mod tests {
 
     #[test]
     fn swiglu_clamps_gate_above_and_up_both_ways() {
-        let lin = |v: f32| crate::weights::Linear {
-            w: crate::tensor::Tensor::owned(vec![v], vec![1, 1]),
-            out: 1,
-            inp: 1,
-        };
-        let w = ExpertWeights {
-            w1: lin(100.0),
-            w2: lin(1.0),
-            w3: lin(-100.0),
-        };
+        let lin =
+            |v: f32| crate::weights::Linear { w: crate::tensor::Tensor::owned(vec![v], vec![1, 1]), out: 1, inp: 1 };
+        let w = ExpertWeights { w1: lin(100.0), w2: lin(1.0), w3: lin(-100.0) };
         // gate = min(100, 2) = 2, up = clamp(-100, ±2) = -2.
         let y = expert_ffn(&w, &[1.0], 1, 2.0);
         assert!((y[0] - silu(2.0) * -2.0).abs() < 1e-6);
         // Negative gate logits are not clamped from below.
-        let w = ExpertWeights {
-            w1: lin(-100.0),
-            w2: lin(1.0),
-            w3: lin(1.0),
-        };
+        let w = ExpertWeights { w1: lin(-100.0), w2: lin(1.0), w3: lin(1.0) };
         assert!((expert_ffn(&w, &[1.0], 1, 2.0)[0] - silu(-100.0)).abs() < 1e-6);
     }
 }

@@ -68,29 +68,22 @@ pub fn from_config(
         Some(Value::Object(map)) => map,
         Some(other) => return Err(format!("rope_parameters must be an object, got {other}")),
     };
-    let build =
-        |sub: &serde_json::Map<String, Value>, label: &str, default_theta: f64, flat: bool| {
-            RopeSpec::parse(sub, default_theta, partial, flat)
-                .and_then(|spec| spec.build(head_dim, max_position_embeddings))
-                .map_err(|e| format!("rope_parameters.{label}: {e}"))
-        };
+    let build = |sub: &serde_json::Map<String, Value>, label: &str, default_theta: f64, flat: bool| {
+        RopeSpec::parse(sub, default_theta, partial, flat)
+            .and_then(|spec| spec.build(head_dim, max_position_embeddings))
+            .map_err(|e| format!("rope_parameters.{label}: {e}"))
+    };
     match (params.get("main"), params.get("compress")) {
-        (Some(Value::Object(main)), Some(Value::Object(compress))) => Ok((
-            build(main, "main", rope_theta, false)?,
-            build(compress, "compress", compress_rope_theta, false)?,
-        )),
+        (Some(Value::Object(main)), Some(Value::Object(compress))) => {
+            Ok((build(main, "main", rope_theta, false)?, build(compress, "compress", compress_rope_theta, false)?))
+        }
         _ => {
             let flat: serde_json::Map<String, Value> = params
                 .iter()
                 .filter(|(k, _)| *k != "main" && *k != "compress")
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            let main = RopeSpec {
-                theta: rope_theta,
-                partial,
-                yarn: None,
-            }
-            .build(head_dim, max_position_embeddings)?;
+            let main = RopeSpec { theta: rope_theta, partial, yarn: None }.build(head_dim, max_position_embeddings)?;
             Ok((main, build(&flat, "compress", compress_rope_theta, true)?))
         }
     }
@@ -126,45 +119,23 @@ impl RopeSpec {
                 Some(other) => Err(format!("`{key}` must be a number, got {other}")),
             }
         };
-        let theta = if flat {
-            default_theta
-        } else {
-            num("rope_theta")?.unwrap_or(default_theta)
-        };
+        let theta = if flat { default_theta } else { num("rope_theta")?.unwrap_or(default_theta) };
         // Nested dicts carry their own factor (the reference defaults it to 1.0).
-        let partial = if flat {
-            partial
-        } else {
-            num("partial_rotary_factor")?.unwrap_or(1.0)
-        };
-        let kind = sub
-            .get("rope_type")
-            .or(sub.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
+        let partial = if flat { partial } else { num("partial_rotary_factor")?.unwrap_or(1.0) };
+        let kind = sub.get("rope_type").or(sub.get("type")).and_then(Value::as_str).unwrap_or("default");
         let yarn = match kind {
             "default" => None,
             "yarn" => {
                 let factor = num("factor")?.ok_or("yarn needs `factor`")?;
-                let original = num("original_max_position_embeddings")?
-                    .ok_or("yarn needs `original_max_position_embeddings`")?;
+                let original =
+                    num("original_max_position_embeddings")?.ok_or("yarn needs `original_max_position_embeddings`")?;
                 let mscale = |scale: f64, m: f64| {
-                    if scale <= 1.0 {
-                        1.0
-                    } else {
-                        0.1 * m * scale.ln() + 1.0
-                    }
+                    if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 }
                 };
-                let attention_factor = match (
-                    num("attention_factor")?,
-                    num("mscale")?,
-                    num("mscale_all_dim")?,
-                ) {
+                let attention_factor = match (num("attention_factor")?, num("mscale")?, num("mscale_all_dim")?) {
                     (Some(a), _, _) => a,
                     (None, _, _) if flat => 1.0,
-                    (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
-                        mscale(factor, m) / mscale(factor, all)
-                    }
+                    (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(factor, m) / mscale(factor, all),
                     (None, _, _) => mscale(factor, 1.0),
                 };
                 // `or 32` / `or 1` in the reference: zero also means the default.
@@ -178,52 +149,31 @@ impl RopeSpec {
                 })
             }
             other => {
-                return Err(format!(
-                    "rope_type `{other}` is not supported (default or yarn)"
-                ));
+                return Err(format!("rope_type `{other}` is not supported (default or yarn)"));
             }
         };
-        Ok(RopeSpec {
-            theta,
-            partial,
-            yarn,
-        })
+        Ok(RopeSpec { theta, partial, yarn })
     }
 
-    fn build(
-        &self,
-        head_dim: usize,
-        _max_position_embeddings: usize,
-    ) -> Result<RopeParams, String> {
-        if !(self.theta > 0.0) || !(self.partial > 0.0 && self.partial <= 1.0) {
-            return Err(format!(
-                "rope_theta {} / partial_rotary_factor {} out of range",
-                self.theta, self.partial
-            ));
+    fn build(&self, head_dim: usize, _max_position_embeddings: usize) -> Result<RopeParams, String> {
+        let in_range = self.theta > 0.0 && self.partial > 0.0 && self.partial <= 1.0;
+        if !in_range {
+            return Err(format!("rope_theta {} / partial_rotary_factor {} out of range", self.theta, self.partial));
         }
         let dim = (head_dim as f64 * self.partial) as usize;
         if dim < 2 {
             return Err(format!("rope dim {dim} is too small"));
         }
         // base ** (arange(0, dim, 2) / dim), in f32 as torch computes it.
-        let pos_freqs: Vec<f32> = (0..dim / 2)
-            .map(|i| (self.theta as f32).powf((2 * i) as f32 / dim as f32))
-            .collect();
+        let pos_freqs: Vec<f32> = (0..dim / 2).map(|i| (self.theta as f32).powf((2 * i) as f32 / dim as f32)).collect();
         let Some(yarn) = &self.yarn else {
-            return Ok(RopeParams {
-                dim,
-                inv_freq: pos_freqs.iter().map(|p| 1.0 / p).collect(),
-                scaling: 1.0,
-            });
+            return Ok(RopeParams { dim, inv_freq: pos_freqs.iter().map(|p| 1.0 / p).collect(), scaling: 1.0 });
         };
         if !(yarn.factor > 0.0 && yarn.original_max_position_embeddings > 0.0) {
             return Err("yarn factor and original_max_position_embeddings must be positive".into());
         }
         let correction_dim = |rotations: f64| {
-            (dim as f64
-                * (yarn.original_max_position_embeddings
-                    / (rotations * 2.0 * std::f64::consts::PI))
-                    .ln())
+            (dim as f64 * (yarn.original_max_position_embeddings / (rotations * 2.0 * std::f64::consts::PI)).ln())
                 / (2.0 * self.theta.ln())
         };
         // The reference always truncates (its `truncate` lookup reads the nested top level).
@@ -240,10 +190,6 @@ impl RopeSpec {
                 interpolated * (1.0 - extrapolation) + (1.0 / p) * extrapolation
             })
             .collect();
-        Ok(RopeParams {
-            dim,
-            inv_freq,
-            scaling: yarn.attention_factor as f32,
-        })
+        Ok(RopeParams { dim, inv_freq, scaling: yarn.attention_factor as f32 })
     }
 }

@@ -83,14 +83,10 @@ impl SequenceState {
                     LayerType::Csa => Some(CompressorState::new(cfg.head_dim, true)),
                     LayerType::Hca => Some(CompressorState::new(cfg.head_dim, false)),
                 },
-                indexer: (*t == LayerType::Csa)
-                    .then(|| CompressorState::new(cfg.index_head_dim, true)),
+                indexer: (*t == LayerType::Csa).then(|| CompressorState::new(cfg.index_head_dim, true)),
             })
             .collect();
-        SequenceState {
-            position: 0,
-            layers,
-        }
+        SequenceState { position: 0, layers }
     }
 
     /// Bytes of f32 state held (what the KV-cache service will store).

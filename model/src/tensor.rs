@@ -6,11 +6,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 enum Storage {
-    Mapped {
-        map: Arc<Mmap>,
-        offset: usize,
-        len: usize,
-    },
+    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
     Owned(Vec<f32>),
 }
 
@@ -22,20 +18,15 @@ pub struct Tensor {
 impl Tensor {
     pub fn owned(data: Vec<f32>, shape: Vec<usize>) -> Self {
         debug_assert_eq!(data.len(), shape.iter().product::<usize>());
-        Tensor {
-            storage: Storage::Owned(data),
-            shape,
-        }
+        Tensor { storage: Storage::Owned(data), shape }
     }
 
     /// A zero-copy view, or `None` when the bytes are not 4-byte aligned.
     pub fn from_mapped(map: Arc<Mmap>, offset: usize, shape: Vec<usize>) -> Option<Self> {
         let len: usize = shape.iter().product();
-        let aligned = (map.as_ptr() as usize + offset) % std::mem::align_of::<f32>() == 0;
-        (aligned && offset + len * 4 <= map.len()).then_some(Tensor {
-            storage: Storage::Mapped { map, offset, len },
-            shape,
-        })
+        let aligned = (map.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<f32>());
+        (aligned && offset + len * 4 <= map.len())
+            .then_some(Tensor { storage: Storage::Mapped { map, offset, len }, shape })
     }
 
     pub fn data(&self) -> &[f32] {

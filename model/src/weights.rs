@@ -17,11 +17,7 @@ pub struct Linear {
 
 impl Linear {
     fn load(ckpt: &Checkpoint, name: &str, out: usize, inp: usize) -> Result<Self> {
-        Ok(Linear {
-            w: ckpt.f32_tensor(name, &[out, inp])?,
-            out,
-            inp,
-        })
+        Ok(Linear { w: ckpt.f32_tensor(name, &[out, inp])?, out, inp })
     }
 
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
@@ -122,9 +118,7 @@ impl ModelWeights {
         } else {
             Some(Linear::load(ckpt, "head.weight", cfg.vocab_size, h)?)
         };
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|l| load_layer(ckpt, cfg, l))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers).map(|l| load_layer(ckpt, cfg, l)).collect::<Result<Vec<_>>>()?;
         Ok(ModelWeights {
             embed: ckpt.f32_tensor("embed.weight", &[cfg.vocab_size, h])?,
             head,
@@ -162,18 +156,8 @@ fn load_compressor(
         dim,
         rate,
         overlap,
-        wkv: Linear::load(
-            ckpt,
-            &format!("{prefix}.wkv.weight"),
-            width,
-            cfg.hidden_size,
-        )?,
-        wgate: Linear::load(
-            ckpt,
-            &format!("{prefix}.wgate.weight"),
-            width,
-            cfg.hidden_size,
-        )?,
+        wkv: Linear::load(ckpt, &format!("{prefix}.wkv.weight"), width, cfg.hidden_size)?,
+        wgate: Linear::load(ckpt, &format!("{prefix}.wgate.weight"), width, cfg.hidden_size)?,
         ape: ckpt.f32_tensor(&format!("{prefix}.ape"), &[rate, width])?,
         norm: ckpt.f32_tensor(&format!("{prefix}.norm.weight"), &[dim])?,
     })
@@ -186,17 +170,9 @@ fn load_layer(ckpt: &Checkpoint, cfg: &ModelConfig, l: usize) -> Result<LayerWei
     let hd = cfg.head_dim;
     let (compressor, indexer) = match cfg.layer_types[l] {
         LayerType::Sliding => (None, None),
-        LayerType::Hca => (
-            Some(load_compressor(
-                ckpt,
-                cfg,
-                &format!("{p}.attn.compressor"),
-                hd,
-                cfg.hca_rate,
-                false,
-            )?),
-            None,
-        ),
+        LayerType::Hca => {
+            (Some(load_compressor(ckpt, cfg, &format!("{p}.attn.compressor"), hd, cfg.hca_rate, false)?), None)
+        }
         LayerType::Csa => {
             let idx = cfg.index_head_dim;
             let indexer = IndexerWeights {
@@ -221,53 +197,25 @@ fn load_layer(ckpt: &Checkpoint, cfg: &ModelConfig, l: usize) -> Result<LayerWei
                     h,
                 )?,
             };
-            (
-                Some(load_compressor(
-                    ckpt,
-                    cfg,
-                    &format!("{p}.attn.compressor"),
-                    hd,
-                    cfg.csa_rate,
-                    true,
-                )?),
-                Some(indexer),
-            )
+            (Some(load_compressor(ckpt, cfg, &format!("{p}.attn.compressor"), hd, cfg.csa_rate, true)?), Some(indexer))
         }
     };
     let group_in = heads * hd / cfg.o_groups;
     let attn = AttentionWeights {
         wq_a: Linear::load(ckpt, &format!("{p}.attn.wq_a.weight"), cfg.q_lora_rank, h)?,
         q_norm: ckpt.f32_tensor(&format!("{p}.attn.q_norm.weight"), &[cfg.q_lora_rank])?,
-        wq_b: Linear::load(
-            ckpt,
-            &format!("{p}.attn.wq_b.weight"),
-            heads * hd,
-            cfg.q_lora_rank,
-        )?,
+        wq_b: Linear::load(ckpt, &format!("{p}.attn.wq_b.weight"), heads * hd, cfg.q_lora_rank)?,
         wkv: Linear::load(ckpt, &format!("{p}.attn.wkv.weight"), hd, h)?,
         kv_norm: ckpt.f32_tensor(&format!("{p}.attn.norm.weight"), &[hd])?,
-        wo_a: Linear::load(
-            ckpt,
-            &format!("{p}.attn.wo_a.weight"),
-            cfg.o_groups * cfg.o_lora_rank,
-            group_in,
-        )?,
-        wo_b: Linear::load(
-            ckpt,
-            &format!("{p}.attn.wo_b.weight"),
-            h,
-            cfg.o_groups * cfg.o_lora_rank,
-        )?,
+        wo_a: Linear::load(ckpt, &format!("{p}.attn.wo_a.weight"), cfg.o_groups * cfg.o_lora_rank, group_in)?,
+        wo_b: Linear::load(ckpt, &format!("{p}.attn.wo_b.weight"), h, cfg.o_groups * cfg.o_lora_rank)?,
         sinks: ckpt.f32_tensor(&format!("{p}.attn.attn_sink"), &[heads])?,
         compressor,
         indexer,
     };
     let e = cfg.n_routed_experts;
     let (bias, tid2eid) = match cfg.mlp_layer_types[l] {
-        MlpType::TopK => (
-            Some(ckpt.f32_tensor(&format!("{p}.ffn.gate.bias"), &[e])?),
-            None,
-        ),
+        MlpType::TopK => (Some(ckpt.f32_tensor(&format!("{p}.ffn.gate.bias"), &[e])?), None),
         MlpType::Hash => {
             let name = format!("{p}.ffn.gate.tid2eid");
             let table = ckpt.int_tensor(&name, &[cfg.vocab_size, cfg.num_experts_per_tok])?;
@@ -275,15 +223,11 @@ fn load_layer(ckpt: &Checkpoint, cfg: &ModelConfig, l: usize) -> Result<LayerWei
                 .into_iter()
                 .map(|v| u32::try_from(v).ok().filter(|&v| (v as usize) < e))
                 .collect::<Option<Vec<u32>>>()
-                .ok_or_else(|| {
-                    ModelError::tensor(&name, format!("has an expert id outside 0..{e}"))
-                })?;
+                .ok_or_else(|| ModelError::tensor(&name, format!("has an expert id outside 0..{e}")))?;
             (None, Some(table))
         }
     };
-    let experts = (0..e)
-        .map(|x| load_expert(ckpt, cfg, l, x))
-        .collect::<Result<Vec<_>>>()?;
+    let experts = (0..e).map(|x| load_expert(ckpt, cfg, l, x)).collect::<Result<Vec<_>>>()?;
     let i = cfg.moe_intermediate_size;
     let moe = MoeWeights {
         gate: Linear::load(ckpt, &format!("{p}.ffn.gate.weight"), e, h)?,
@@ -309,17 +253,10 @@ fn load_layer(ckpt: &Checkpoint, cfg: &ModelConfig, l: usize) -> Result<LayerWei
 /// One routed expert of one layer, from per-expert tensors (DeepSeek naming)
 /// or sliced out of the packed `transformers` tensors. Workers call this for
 /// just the experts they host.
-pub fn load_expert(
-    ckpt: &Checkpoint,
-    cfg: &ModelConfig,
-    layer: usize,
-    expert: usize,
-) -> Result<ExpertWeights> {
+pub fn load_expert(ckpt: &Checkpoint, cfg: &ModelConfig, layer: usize, expert: usize) -> Result<ExpertWeights> {
     let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
     let p = format!("layers.{layer}.ffn.experts");
-    if ckpt.contains(&format!("{p}.{expert}.w1.weight"))
-        || !ckpt.contains(&format!("{p}.gate_up_proj"))
-    {
+    if ckpt.contains(&format!("{p}.{expert}.w1.weight")) || !ckpt.contains(&format!("{p}.gate_up_proj")) {
         return Ok(ExpertWeights {
             w1: Linear::load(ckpt, &format!("{p}.{expert}.w1.weight"), i, h)?,
             w2: Linear::load(ckpt, &format!("{p}.{expert}.w2.weight"), h, i)?,
@@ -336,16 +273,8 @@ pub fn load_expert(
         inp: cols,
     };
     Ok(ExpertWeights {
-        w1: take(
-            Tensor::owned(gate_up.data()[..i * h].to_vec(), vec![i, h]),
-            i,
-            h,
-        ),
-        w3: take(
-            Tensor::owned(gate_up.data()[i * h..].to_vec(), vec![i, h]),
-            i,
-            h,
-        ),
+        w1: take(Tensor::owned(gate_up.data()[..i * h].to_vec(), vec![i, h]), i, h),
+        w3: take(Tensor::owned(gate_up.data()[i * h..].to_vec(), vec![i, h]), i, h),
         w2: take(down.slice_rows(expert, expert + 1), h, i),
     })
 }

@@ -40,12 +40,8 @@ fn model_dir(name: &str) -> PathBuf {
 
 fn load(name: &str) -> (Model, Expected) {
     let model = Model::load(&model_dir(name)).unwrap_or_else(|e| panic!("load {name}: {e}"));
-    let text = std::fs::read_to_string(fixtures().join(name).join("expected.json"))
-        .expect("expected.json");
-    (
-        model,
-        serde_json::from_str(&text).expect("parse expected.json"),
-    )
+    let text = std::fs::read_to_string(fixtures().join(name).join("expected.json")).expect("expected.json");
+    (model, serde_json::from_str(&text).expect("parse expected.json"))
 }
 
 fn assert_close(ours: &[f32], reference: &[f32], what: &str) {
@@ -55,16 +51,8 @@ fn assert_close(ours: &[f32], reference: &[f32], what: &str) {
         .zip(reference)
         .map(|(a, b)| (a - b).abs())
         .enumerate()
-        .fold(
-            (0, 0.0f32),
-            |best, (i, d)| if d > best.1 { (i, d) } else { best },
-        );
-    assert!(
-        diff <= TOLERANCE,
-        "{what}: logit {i} differs by {diff} (ours {}, reference {})",
-        ours[i],
-        reference[i]
-    );
+        .fold((0, 0.0f32), |best, (i, d)| if d > best.1 { (i, d) } else { best });
+    assert!(diff <= TOLERANCE, "{what}: logit {i} differs by {diff} (ours {}, reference {})", ours[i], reference[i]);
 }
 
 fn check_fixture(name: &str) {
@@ -73,37 +61,18 @@ fn check_fixture(name: &str) {
     for (c, case) in expected.cases.iter().enumerate() {
         let what = format!("{name} case {c} ({} prompt tokens)", case.prompt.len());
         // Greedy generation through the public entry point.
-        let run = generate(
-            &model,
-            &case.prompt,
-            case.generated.len(),
-            &Sampling::greedy(),
-            true,
-        )
-        .unwrap();
+        let run = generate(&model, &case.prompt, case.generated.len(), &Sampling::greedy(), true).unwrap();
         assert_eq!(run.generated, case.generated, "{what}: greedy tokens");
-        assert_close(
-            &run.prompt_last_logits,
-            &case.prompt_last_logits,
-            &format!("{what}: prompt_last_logits"),
-        );
+        assert_close(&run.prompt_last_logits, &case.prompt_last_logits, &format!("{what}: prompt_last_logits"));
 
         // Full forward over the whole sequence: logits at every checked
         // position and the greedy choice at every position.
-        let sequence: Vec<u32> = case
-            .prompt
-            .iter()
-            .chain(&case.generated[..case.generated.len() - 1])
-            .copied()
-            .collect();
+        let sequence: Vec<u32> =
+            case.prompt.iter().chain(&case.generated[..case.generated.len() - 1]).copied().collect();
         let mut state = model.new_state();
         let full = model.forward(&sequence, &mut state, Logits::All).unwrap();
         for (p, reference) in case.positions.iter().zip(&case.position_logits) {
-            assert_close(
-                &full[p * vocab..(p + 1) * vocab],
-                reference,
-                &format!("{what}: position {p}"),
-            );
+            assert_close(&full[p * vocab..(p + 1) * vocab], reference, &format!("{what}: position {p}"));
         }
         let ours: Vec<u32> = full.chunks_exact(vocab).map(argmax).collect();
         assert_eq!(ours, case.argmax_all, "{what}: argmax at every position");
@@ -112,29 +81,12 @@ fn check_fixture(name: &str) {
         // bit-for-bit the full forward's.
         let mut state = model.new_state();
         let p = case.prompt.len();
-        let last = model
-            .forward(&case.prompt, &mut state, Logits::Last)
-            .unwrap();
-        assert_eq!(
-            last,
-            full[(p - 1) * vocab..p * vocab],
-            "{what}: prefill vs full forward"
-        );
-        for (i, token) in case.generated[..case.generated.len() - 1]
-            .iter()
-            .enumerate()
-        {
+        let last = model.forward(&case.prompt, &mut state, Logits::Last).unwrap();
+        assert_eq!(last, full[(p - 1) * vocab..p * vocab], "{what}: prefill vs full forward");
+        for (i, token) in case.generated[..case.generated.len() - 1].iter().enumerate() {
             let step = model.forward(&[*token], &mut state, Logits::Last).unwrap();
-            assert_close(
-                &step,
-                &case.decode_step_logits[i],
-                &format!("{what}: decode step {i}"),
-            );
-            assert_eq!(
-                step,
-                full[(p + i) * vocab..(p + i + 1) * vocab],
-                "{what}: decode step {i} vs full forward"
-            );
+            assert_close(&step, &case.decode_step_logits[i], &format!("{what}: decode step {i}"));
+            assert_eq!(step, full[(p + i) * vocab..(p + i + 1) * vocab], "{what}: decode step {i} vs full forward");
         }
     }
 }
@@ -171,9 +123,7 @@ fn chunked_prefill_and_restored_state_equal_full_forward() {
     let (model, expected) = load("mixed-f32");
     let vocab = model.config.vocab_size;
     let sequence = &expected.cases[1].prompt;
-    let full = model
-        .forward(sequence, &mut model.new_state(), Logits::All)
-        .unwrap();
+    let full = model.forward(sequence, &mut model.new_state(), Logits::All).unwrap();
     for chunk in [1, 3, 4, 7, 16, 50, 101] {
         let mut state = model.new_state();
         let mut logits = Vec::new();

@@ -134,18 +134,13 @@ struct RawConfig {
 impl ModelConfig {
     /// Reads and validates `path` (a `config.json`).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ModelError::io(format!("read {}", path.display()), e))?;
-        Self::from_json(&text).map_err(|message| ModelError::Config {
-            path: path.to_path_buf(),
-            message,
-        })
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(format!("read {}", path.display()), e))?;
+        Self::from_json(&text).map_err(|message| ModelError::Config { path: path.to_path_buf(), message })
     }
 
     /// Parses and validates the text of a `config.json`.
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
-        let raw: RawConfig =
-            serde_json::from_str(text).map_err(|e| format!("not a valid config: {e}"))?;
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| format!("not a valid config: {e}"))?;
         Self::from_raw(raw)
     }
 
@@ -153,18 +148,10 @@ impl ModelConfig {
         let n = raw.num_hidden_layers.unwrap_or(43);
         let head_dim = raw.head_dim.unwrap_or(512);
 
-        let mut csa_rate = raw
-            .compress_rates
-            .as_ref()
-            .and_then(|r| r.get("compressed_sparse_attention").copied());
-        let mut hca_rate = raw
-            .compress_rates
-            .as_ref()
-            .and_then(|r| r.get("heavily_compressed_attention").copied());
+        let mut csa_rate = raw.compress_rates.as_ref().and_then(|r| r.get("compressed_sparse_attention").copied());
+        let mut hca_rate = raw.compress_rates.as_ref().and_then(|r| r.get("heavily_compressed_attention").copied());
         if let Some(rates) = &raw.compress_rates
-            && let Some(bad) = rates
-                .keys()
-                .find(|k| parse_layer_type(k).is_none_or(|t| t == LayerType::Sliding))
+            && let Some(bad) = rates.keys().find(|k| parse_layer_type(k).is_none_or(|t| t == LayerType::Sliding))
         {
             return Err(format!("compress_rates has unknown layer type `{bad}`"));
         }
@@ -176,10 +163,7 @@ impl ModelConfig {
         let layer_types = match (raw.layer_types, raw.compress_ratios) {
             (Some(types), _) => types
                 .iter()
-                .map(|t| {
-                    parse_layer_type(t)
-                        .ok_or_else(|| format!("layer_types has unknown entry `{t}`"))
-                })
+                .map(|t| parse_layer_type(t).ok_or_else(|| format!("layer_types has unknown entry `{t}`")))
                 .collect::<std::result::Result<Vec<_>, _>>()?,
             (None, Some(ratios)) => ratios
                 .iter()
@@ -187,20 +171,13 @@ impl ModelConfig {
                     0 => Ok(LayerType::Sliding),
                     4 => Ok(LayerType::Csa),
                     128 => Ok(LayerType::Hca),
-                    other => Err(format!(
-                        "compress_ratios entry {other} is not one of 0, 4, 128"
-                    )),
+                    other => Err(format!("compress_ratios entry {other} is not one of 0, 4, 128")),
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()?,
             (None, None) => {
                 let mut types = vec![LayerType::Hca; n.min(2)];
-                types.extend((0..n.saturating_sub(2)).map(|i| {
-                    if i % 2 == 1 {
-                        LayerType::Csa
-                    } else {
-                        LayerType::Hca
-                    }
-                }));
+                types
+                    .extend((0..n.saturating_sub(2)).map(|i| if i % 2 == 1 { LayerType::Csa } else { LayerType::Hca }));
                 types
             }
         };
@@ -259,9 +236,7 @@ impl ModelConfig {
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()?,
             Some(other) => {
-                return Err(format!(
-                    "eos_token_id {other} is not a token id or a list of them"
-                ));
+                return Err(format!("eos_token_id {other} is not a token id or a list of them"));
             }
         };
 
@@ -270,9 +245,7 @@ impl ModelConfig {
             "sigmoid" => ScoringFunc::Sigmoid,
             "softmax" => ScoringFunc::Softmax,
             other => {
-                return Err(format!(
-                    "scoring_func `{other}` is not one of sqrtsoftplus, sigmoid, softmax"
-                ));
+                return Err(format!("scoring_func `{other}` is not one of sqrtsoftplus, sigmoid, softmax"));
             }
         };
 
@@ -337,37 +310,25 @@ impl ModelConfig {
             ("sliding_window", self.sliding_window),
             ("o_groups", self.o_groups),
             ("o_lora_rank", self.o_lora_rank),
-            (
-                "compress rate of compressed_sparse_attention",
-                self.csa_rate,
-            ),
-            (
-                "compress rate of heavily_compressed_attention",
-                self.hca_rate,
-            ),
+            ("compress rate of compressed_sparse_attention", self.csa_rate),
+            ("compress rate of heavily_compressed_attention", self.hca_rate),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be positive"));
         }
         if flags.num_key_value_heads.is_some_and(|h| h != 1) {
-            return Err(
-                "num_key_value_heads must be 1: DeepSeek-V4 attention is shared-KV MQA".into(),
-            );
+            return Err("num_key_value_heads must be 1: DeepSeek-V4 attention is shared-KV MQA".into());
         }
         if flags.hidden_act.is_some_and(|a| a != "silu") {
-            return Err(format!(
-                "hidden_act `{}` is not supported (only silu)",
-                flags.hidden_act.unwrap_or("")
-            ));
+            return Err(format!("hidden_act `{}` is not supported (only silu)", flags.hidden_act.unwrap_or("")));
         }
         if flags.norm_topk_prob == Some(false) {
-            return Err("norm_topk_prob=false is not supported: DeepSeek-V4 always renormalises the top-k weights".into());
+            return Err(
+                "norm_topk_prob=false is not supported: DeepSeek-V4 always renormalises the top-k weights".into()
+            );
         }
         if flags.attention_bias == Some(true) || flags.mlp_bias == Some(true) {
-            return Err(
-                "attention_bias / mlp_bias are not supported: DeepSeek-V4 projections have no bias"
-                    .into(),
-            );
+            return Err("attention_bias / mlp_bias are not supported: DeepSeek-V4 projections have no bias".into());
         }
         if self.num_experts_per_tok > self.n_routed_experts {
             return Err(format!(
@@ -375,7 +336,7 @@ impl ModelConfig {
                 self.num_experts_per_tok, self.n_routed_experts
             ));
         }
-        if (self.num_attention_heads * self.head_dim) % self.o_groups != 0 {
+        if !(self.num_attention_heads * self.head_dim).is_multiple_of(self.o_groups) {
             return Err(format!(
                 "num_attention_heads * head_dim ({}) is not divisible by o_groups ({})",
                 self.num_attention_heads * self.head_dim,
@@ -392,10 +353,7 @@ impl ModelConfig {
         }
         if self.layer_types.contains(&LayerType::Csa) {
             if self.index_n_heads == 0 || self.index_head_dim == 0 || self.index_topk == 0 {
-                return Err(
-                    "index_n_heads, index_head_dim and index_topk must be positive with CSA layers"
-                        .into(),
-                );
+                return Err("index_n_heads, index_head_dim and index_topk must be positive with CSA layers".into());
             }
             if self.rope_compress.dim > self.index_head_dim {
                 return Err(format!(
@@ -404,16 +362,10 @@ impl ModelConfig {
                 ));
             }
         }
-        if let Some(bad) = self
-            .eos_token_ids
-            .iter()
-            .chain(&self.bos_token_id)
-            .find(|&&id| id as usize >= self.vocab_size)
+        if let Some(bad) =
+            self.eos_token_ids.iter().chain(&self.bos_token_id).find(|&&id| id as usize >= self.vocab_size)
         {
-            return Err(format!(
-                "special token id {bad} is outside the vocabulary ({})",
-                self.vocab_size
-            ));
+            return Err(format!("special token id {bad} is outside the vocabulary ({})", self.vocab_size));
         }
         if !(self.hc_eps.is_finite() && self.rms_norm_eps.is_finite() && self.swiglu_limit > 0.0) {
             return Err("hc_eps and rms_norm_eps must be finite and swiglu_limit positive".into());
@@ -456,13 +408,7 @@ fn raw_flags<'a>(
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
 ) -> RawFlags<'a> {
-    RawFlags {
-        num_key_value_heads,
-        hidden_act,
-        norm_topk_prob,
-        attention_bias,
-        mlp_bias,
-    }
+    RawFlags { num_key_value_heads, hidden_act, norm_topk_prob, attention_bias, mlp_bias }
 }
 
 fn parse_layer_type(name: &str) -> Option<LayerType> {
@@ -476,19 +422,14 @@ fn parse_layer_type(name: &str) -> Option<LayerType> {
 
 fn fit_schedule<T>(mut types: Vec<T>, n: usize, name: &str) -> std::result::Result<Vec<T>, String> {
     if types.len() < n {
-        return Err(format!(
-            "{name} has {} entries but num_hidden_layers is {n}",
-            types.len()
-        ));
+        return Err(format!("{name} has {} entries but num_hidden_layers is {n}", types.len()));
     }
     types.truncate(n);
     Ok(types)
 }
 
 fn as_token_id(n: &serde_json::Number) -> std::result::Result<u32, String> {
-    n.as_u64()
-        .and_then(|v| u32::try_from(v).ok())
-        .ok_or_else(|| format!("{n} is not a token id"))
+    n.as_u64().and_then(|v| u32::try_from(v).ok()).ok_or_else(|| format!("{n} is not a token id"))
 }
 
 #[cfg(test)]
