@@ -93,11 +93,12 @@ pub fn run(args: Args) -> Result<()> {
     // The speed summary goes to stderr, so stdout stays clean for --json.
     let decode_steps = run.generated.len().saturating_sub(1);
     eprintln!(
-        "prefill: {} tokens at {:.1} tokens/s; decode: {} tokens at {:.1} tokens/s",
+        "prefill: {} tokens at {:.1} tokens/s; decode: {} tokens at {:.1} tokens/s; sequence state {:.1} KiB",
         prompt.len(),
         prompt.len() as f64 / run.prefill_time.as_secs_f64(),
         decode_steps,
         decode_steps as f64 / run.decode_time.as_secs_f64().max(f64::EPSILON),
+        run.state_bytes as f64 / 1024.0,
     );
     Ok(())
 }

@@ -52,7 +52,6 @@ pub fn forward(
         compressor::compress(&iw.compressor, is, x, rows, &cfg.rope_compress, eps);
         selected = Some(compressor::select(iw, cfg, is, x, &q_residual, rows, first_position, &cfg.rope_compress));
     }
-    let rate = cfg.compress_rate(layer);
     let compressed: &[f32] = state.compressor.as_ref().map_or(&[], |c| &c.entries);
 
     // Keys: the cached window (oldest first) followed by this chunk's tokens.
@@ -72,16 +71,13 @@ pub fn forward(
         let last = cached + r;
         let first = (last + 1).saturating_sub(window);
         let mut ids: Vec<&[f32]> = (first..=last).map(|k| &keys[k * hd..(k + 1) * hd]).collect();
-        match (layer_type, rate) {
-            (LayerType::Csa, Some(_)) => {
-                let chosen = selected.as_ref().map_or(&[][..], |s| &s[r][..]);
-                ids.extend(chosen.iter().map(|&e| &compressed[e * hd..(e + 1) * hd]));
+        let entry = |e: usize| &compressed[e * hd..(e + 1) * hd];
+        match layer_type {
+            LayerType::Csa => ids.extend(selected.as_ref().map_or(&[][..], |s| &s[r][..]).iter().map(|&e| entry(e))),
+            LayerType::Hca => {
+                ids.extend((0..visible_entries(position, cfg.hca_rate, compressed.len() / hd)).map(entry))
             }
-            (LayerType::Hca, Some(rate)) => {
-                let visible = visible_entries(position, rate, compressed.len() / hd);
-                ids.extend((0..visible).map(|e| &compressed[e * hd..(e + 1) * hd]));
-            }
-            _ => {}
+            LayerType::Sliding => {}
         }
         let mut logits: Vec<f32> = ids.iter().map(|k| kernels::dot(qh, k) * scale).collect();
         let max = logits.iter().copied().fold(sinks[h], f32::max);

@@ -20,8 +20,6 @@ use crate::tensor::Tensor;
 #[derive(Debug, Clone)]
 struct Entry {
     shard: usize,
-    /// Name as written in the file (needed to look it up again).
-    file_name: String,
     dtype: Dtype,
     shape: Vec<usize>,
     /// Byte range inside the shard's mapping.
@@ -62,14 +60,8 @@ impl Checkpoint {
             for (name, view) in parsed.tensors() {
                 let data = view.data();
                 let start = data.as_ptr() as usize - base;
-                let entry = Entry {
-                    shard,
-                    file_name: name.clone(),
-                    dtype: view.dtype(),
-                    shape: view.shape().to_vec(),
-                    start,
-                    end: start + data.len(),
-                };
+                let entry =
+                    Entry { shard, dtype: view.dtype(), shape: view.shape().to_vec(), start, end: start + data.len() };
                 let canonical = canonical_name(&name);
                 if entries.insert(canonical.clone(), entry).is_some() {
                     return Err(bad(format!("tensor `{canonical}` appears twice")));
@@ -78,10 +70,6 @@ impl Checkpoint {
             shards.push(Shard { path, map: Arc::new(map) });
         }
         Ok(Checkpoint { dir: dir.to_path_buf(), shards, entries })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -94,29 +82,57 @@ impl Checkpoint {
             .ok_or_else(|| ModelError::tensor(name, format!("missing from the checkpoint in {}", self.dir.display())))
     }
 
-    /// The tensor `name` as f32 with exactly `shape`. F32 data is used where it
-    /// lies in the mapping when aligned; BF16/F16 are converted once here.
+    /// The tensor `name` as f32 with exactly `shape`.
     pub fn f32_tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.f32_rows(name, shape, 0..shape.first().copied().unwrap_or(1))
+    }
+
+    /// Rows `rows` of the leading dimension of `name` (whose full shape must
+    /// be `shape`) as f32, touching only their bytes: a worker reads its own
+    /// experts out of a packed `[experts, ...]` tensor this way.
+    ///
+    /// This is the one place that knows dtypes: aligned F32 is used where it
+    /// lies in the mapping; BF16 and F16 are converted here, once.
+    pub fn f32_rows(&self, name: &str, shape: &[usize], rows: std::ops::Range<usize>) -> Result<Tensor> {
         let entry = self.entry(name)?;
         check_shape(name, entry, shape)?;
         let shard = &self.shards[entry.shard];
-        let bytes = &shard.map[entry.start..entry.end];
-        match entry.dtype {
-            Dtype::F32 => Ok(Tensor::from_mapped(shard.map.clone(), entry.start, shape.to_vec())
-                .unwrap_or_else(|| Tensor::owned(bytes_to_f32(bytes), shape.to_vec()))),
-            Dtype::BF16 => Ok(Tensor::owned(
-                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-                shape.to_vec(),
-            )),
-            Dtype::F16 => Ok(Tensor::owned(
-                bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-                shape.to_vec(),
-            )),
-            other => Err(ModelError::tensor(
-                name,
-                format!("dtype {other:?} is not supported for weights (F32, BF16, F16) in {}", shard.path.display()),
-            )),
+        let width = match entry.dtype {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+            other => {
+                return Err(ModelError::tensor(
+                    name,
+                    format!(
+                        "dtype {other:?} is not supported for weights (F32, BF16, F16) in {}",
+                        shard.path.display()
+                    ),
+                ));
+            }
+        };
+        let inner: usize = shape.iter().skip(1).product();
+        let start = entry.start + rows.start * inner * width;
+        let bytes = &shard.map[start..entry.start + rows.end * inner * width];
+        let mut out_shape = shape.to_vec();
+        if let Some(first) = out_shape.first_mut() {
+            *first = rows.len();
         }
+        Ok(match entry.dtype {
+            Dtype::F32 => Tensor::from_mapped(shard.map.clone(), start, out_shape.clone()).unwrap_or_else(|| {
+                Tensor::owned(
+                    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                    out_shape,
+                )
+            }),
+            Dtype::BF16 => Tensor::owned(
+                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                out_shape,
+            ),
+            _ => Tensor::owned(
+                bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                out_shape,
+            ),
+        })
     }
 
     /// An integer table (`tid2eid`) as `i64`, from I64 or I32 storage.
@@ -134,16 +150,6 @@ impl Checkpoint {
             other => Err(ModelError::tensor(name, format!("dtype {other:?} is not an integer table (I64 or I32)"))),
         }
     }
-
-    /// Shape of `name` as stored, for tensors whose layout varies by naming.
-    pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.entries.get(name).map(|e| e.shape.as_slice())
-    }
-
-    /// Name as written in the file, for error messages.
-    pub fn file_name(&self, name: &str) -> Option<&str> {
-        self.entries.get(name).map(|e| e.file_name.as_str())
-    }
 }
 
 fn check_shape(name: &str, entry: &Entry, shape: &[usize]) -> Result<()> {
@@ -151,10 +157,6 @@ fn check_shape(name: &str, entry: &Entry, shape: &[usize]) -> Result<()> {
         return Err(ModelError::tensor(name, format!("has shape {:?}, the config implies {:?}", entry.shape, shape)));
     }
     Ok(())
-}
-
-fn bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
 /// The shard files of a model folder, from its index or the single file.

@@ -110,6 +110,8 @@ pub struct Generation {
     pub prompt_last_logits: Vec<f32>,
     pub prefill_time: Duration,
     pub decode_time: Duration,
+    /// Bytes of sequence state at the end (what the KV-cache service would hold).
+    pub state_bytes: usize,
 }
 
 /// Prefills `prompt`, then generates up to `max_new_tokens`, stopping after an
@@ -138,7 +140,13 @@ pub fn generate(
         }
         logits = model.forward(&[token], &mut state, Logits::Last)?;
     }
-    Ok(Generation { generated, prompt_last_logits, prefill_time, decode_time: start.elapsed() })
+    Ok(Generation {
+        generated,
+        prompt_last_logits,
+        prefill_time,
+        decode_time: start.elapsed(),
+        state_bytes: state.size_bytes(),
+    })
 }
 
 #[cfg(test)]

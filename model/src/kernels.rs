@@ -20,28 +20,19 @@ const COLS_PER_TASK: usize = 16;
 /// new `[rows, n]` buffer.
 pub fn linear(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
     let mut y = vec![0.0; rows * n];
-    linear_into(x, rows, w, n, &mut y);
-    y
-}
-
-/// [`linear`] into a caller-provided `[rows, n]` buffer.
-pub fn linear_into(x: &[f32], rows: usize, w: &[f32], n: usize, y: &mut [f32]) {
     if rows == 0 || n == 0 {
-        return;
+        return y;
     }
     let k = w.len() / n;
     assert_eq!(w.len(), n * k, "weight length");
     assert_eq!(x.len(), rows * k, "input length");
-    assert_eq!(y.len(), rows * n, "output length");
     // Work is split over weight rows (output columns). Each task writes its
     // own columns of every output row; collecting per-task blocks first keeps
     // this free of shared mutable state.
     let tasks = n.div_ceil(COLS_PER_TASK);
     if tasks * rows * k < 1 << 15 {
-        let mut block = vec![0.0; rows * n];
-        dispatch(x, rows, k, w, &mut block);
-        scatter(&block, rows, 0, n, n, y);
-        return;
+        dispatch(x, rows, k, w, &mut y);
+        return y;
     }
     let blocks: Vec<(usize, Vec<f32>)> = (0..tasks)
         .into_par_iter()
@@ -55,8 +46,9 @@ pub fn linear_into(x: &[f32], rows: usize, w: &[f32], n: usize, y: &mut [f32]) {
         .collect();
     for (start, block) in blocks {
         let cols = block.len() / rows;
-        scatter(&block, rows, start, cols, n, y);
+        scatter(&block, rows, start, cols, n, &mut y);
     }
+    y
 }
 
 fn scatter(block: &[f32], rows: usize, start: usize, cols: usize, n: usize, y: &mut [f32]) {
@@ -89,7 +81,7 @@ fn tile_generic(x: &[f32], rows: usize, k: usize, w: &[f32], block: &mut [f32]) 
     for c in 0..cols {
         let wr = &w[c * k..(c + 1) * k];
         for r in 0..rows {
-            block[r * cols + c] = dots::<1>([&x[r * k..(r + 1) * k]], wr)[0];
+            block[r * cols + c] = dot(&x[r * k..(r + 1) * k], wr);
         }
     }
 }
@@ -243,33 +235,6 @@ mod simd {
     }
 }
 
-/// `R` dot products against one weight row, each in the canonical order:
-/// lane `l` sums `x[i]·w[i]` for `i ≡ l (mod 16)` in increasing `i`, then the
-/// lanes are added as a fixed binary tree.
-#[inline(always)]
-fn dots<const R: usize>(xs: [&[f32]; R], w: &[f32]) -> [f32; R] {
-    let k = w.len();
-    let mut acc = [[0.0f32; LANES]; R];
-    let full = k / LANES * LANES;
-    let mut i = 0;
-    while i < full {
-        let wc: &[f32; LANES] = w[i..i + LANES].try_into().unwrap_or(&[0.0; LANES]);
-        for r in 0..R {
-            let xc: &[f32; LANES] = xs[r][i..i + LANES].try_into().unwrap_or(&[0.0; LANES]);
-            for l in 0..LANES {
-                acc[r][l] += xc[l] * wc[l];
-            }
-        }
-        i += LANES;
-    }
-    for r in 0..R {
-        for (l, j) in (full..k).enumerate() {
-            acc[r][l] += xs[r][j] * w[j];
-        }
-    }
-    std::array::from_fn(|r| reduce(acc[r]))
-}
-
 #[inline(always)]
 fn reduce(mut lanes: [f32; LANES]) -> f32 {
     let mut width = LANES / 2;
@@ -282,10 +247,23 @@ fn reduce(mut lanes: [f32; LANES]) -> f32 {
     lanes[0]
 }
 
-/// Canonical-order dot product of two equal-length vectors (same order as
-/// [`linear`]), for attention scores and small reductions.
+/// One dot product in the canonical order every matmul uses: lane `l` sums
+/// `a[i]·b[i]` for `i ≡ l (mod 16)` in increasing `i` (multiply, then add),
+/// then the lanes are added as a fixed binary tree ([`reduce`]).
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dots::<1>([a], b)[0]
+    let k = a.len().min(b.len());
+    let full = k / LANES * LANES;
+    let mut lanes = [0.0f32; LANES];
+    for (xc, wc) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            lanes[l] += xc[l] * wc[l];
+        }
+    }
+    for (l, j) in (full..k).enumerate() {
+        lanes[l] += a[j] * b[j];
+    }
+    reduce(lanes)
 }
 
 /// `x · rsqrt(mean(x²) + eps)`, then `· weight` when given, over each

@@ -57,14 +57,14 @@ impl Model {
         }
         let first_position = state.position;
         for (l, w) in self.weights.layers.iter().enumerate() {
-            let mix = mhc::pre(&w.hc_attn, cfg, &streams, rows);
-            let mut x = mix.collapsed.clone();
+            let mut mix = mhc::pre(&w.hc_attn, cfg, &streams, rows);
+            let mut x = std::mem::take(&mut mix.collapsed);
             rms_norm(&mut x, hidden, Some(w.attn_norm.data()), cfg.rms_norm_eps);
             let out = attention::forward(&w.attn, cfg, l, &x, rows, first_position, &mut state.layers[l]);
             mhc::post(&mix, cfg, &mut streams, &out, rows);
 
-            let mix = mhc::pre(&w.hc_ffn, cfg, &streams, rows);
-            let mut x = mix.collapsed.clone();
+            let mut mix = mhc::pre(&w.hc_ffn, cfg, &streams, rows);
+            let mut x = std::mem::take(&mut mix.collapsed);
             rms_norm(&mut x, hidden, Some(w.ffn_norm.data()), cfg.rms_norm_eps);
             let out = moe::forward(&w.moe, cfg, l, &x, tokens, rows);
             mhc::post(&mix, cfg, &mut streams, &out, rows);

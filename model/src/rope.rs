@@ -60,7 +60,6 @@ pub fn from_config(
     compress_rope_theta: f64,
     partial: f64,
     head_dim: usize,
-    max_position_embeddings: usize,
 ) -> Result<(RopeParams, RopeParams), String> {
     let empty = serde_json::Map::new();
     let params = match params {
@@ -70,7 +69,7 @@ pub fn from_config(
     };
     let build = |sub: &serde_json::Map<String, Value>, label: &str, default_theta: f64, flat: bool| {
         RopeSpec::parse(sub, default_theta, partial, flat)
-            .and_then(|spec| spec.build(head_dim, max_position_embeddings))
+            .and_then(|spec| spec.build(head_dim))
             .map_err(|e| format!("rope_parameters.{label}: {e}"))
     };
     match (params.get("main"), params.get("compress")) {
@@ -83,7 +82,7 @@ pub fn from_config(
                 .filter(|(k, _)| *k != "main" && *k != "compress")
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            let main = RopeSpec { theta: rope_theta, partial, yarn: None }.build(head_dim, max_position_embeddings)?;
+            let main = RopeSpec { theta: rope_theta, partial, yarn: None }.build(head_dim)?;
             Ok((main, build(&flat, "compress", compress_rope_theta, true)?))
         }
     }
@@ -155,7 +154,7 @@ impl RopeSpec {
         Ok(RopeSpec { theta, partial, yarn })
     }
 
-    fn build(&self, head_dim: usize, _max_position_embeddings: usize) -> Result<RopeParams, String> {
+    fn build(&self, head_dim: usize) -> Result<RopeParams, String> {
         let in_range = self.theta > 0.0 && self.partial > 0.0 && self.partial <= 1.0;
         if !in_range {
             return Err(format!("rope_theta {} / partial_rotary_factor {} out of range", self.theta, self.partial));

@@ -50,14 +50,6 @@ impl Tensor {
         let cols = self.shape[self.shape.len() - 1];
         &self.data()[i * cols..(i + 1) * cols]
     }
-
-    /// Rows `[start, end)` of the leading dimension, as a new owned tensor.
-    pub fn slice_rows(&self, start: usize, end: usize) -> Tensor {
-        let inner: usize = self.shape[1..].iter().product();
-        let mut shape = self.shape.clone();
-        shape[0] = end - start;
-        Tensor::owned(self.data()[start * inner..end * inner].to_vec(), shape)
-    }
 }
 
 impl std::fmt::Debug for Tensor {

@@ -263,18 +263,15 @@ pub fn load_expert(ckpt: &Checkpoint, cfg: &ModelConfig, layer: usize, expert: u
             w3: Linear::load(ckpt, &format!("{p}.{expert}.w3.weight"), i, h)?,
         });
     }
+    // Packed `[experts, 2I, H]` (gate rows, then up rows) and `[experts, H, I]`.
     let e = cfg.n_routed_experts;
-    let gate_up = ckpt.f32_tensor(&format!("{p}.gate_up_proj"), &[e, 2 * i, h])?;
-    let down = ckpt.f32_tensor(&format!("{p}.down_proj"), &[e, h, i])?;
-    let gate_up = gate_up.slice_rows(expert, expert + 1);
-    let take = |t: Tensor, rows: usize, cols: usize| Linear {
-        w: Tensor::owned(t.data().to_vec(), vec![rows, cols]),
-        out: rows,
-        inp: cols,
-    };
+    let gate_up = ckpt.f32_rows(&format!("{p}.gate_up_proj"), &[e, 2 * i, h], expert..expert + 1)?;
+    let down = ckpt.f32_rows(&format!("{p}.down_proj"), &[e, h, i], expert..expert + 1)?;
+    let linear =
+        |data: &[f32], out: usize, inp: usize| Linear { w: Tensor::owned(data.to_vec(), vec![out, inp]), out, inp };
     Ok(ExpertWeights {
-        w1: take(Tensor::owned(gate_up.data()[..i * h].to_vec(), vec![i, h]), i, h),
-        w3: take(Tensor::owned(gate_up.data()[i * h..].to_vec(), vec![i, h]), i, h),
-        w2: take(down.slice_rows(expert, expert + 1), h, i),
+        w1: linear(&gate_up.data()[..i * h], i, h),
+        w3: linear(&gate_up.data()[i * h..], i, h),
+        w2: linear(down.data(), h, i),
     })
 }

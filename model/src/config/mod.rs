@@ -221,7 +221,6 @@ impl ModelConfig {
             compress_rope_theta,
             partial,
             head_dim,
-            max_position_embeddings,
         )?;
 
         let eos_token_ids = match raw.eos_token_id {
@@ -284,13 +283,13 @@ impl ModelConfig {
             rope_main,
             rope_compress,
         };
-        config.validate(&raw_flags(
-            raw.num_key_value_heads,
-            raw.hidden_act.as_deref(),
-            raw.norm_topk_prob,
-            raw.attention_bias,
-            raw.mlp_bias,
-        ))?;
+        config.validate(&RawFlags {
+            num_key_value_heads: raw.num_key_value_heads,
+            hidden_act: raw.hidden_act.as_deref(),
+            norm_topk_prob: raw.norm_topk_prob,
+            attention_bias: raw.attention_bias,
+            mlp_bias: raw.mlp_bias,
+        })?;
         Ok(config)
     }
 
@@ -373,15 +372,6 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Tokens per compressed entry of a layer, `None` for sliding-only layers.
-    pub fn compress_rate(&self, layer: usize) -> Option<usize> {
-        match self.layer_types[layer] {
-            LayerType::Sliding => None,
-            LayerType::Csa => Some(self.csa_rate),
-            LayerType::Hca => Some(self.hca_rate),
-        }
-    }
-
     /// The RoPE a layer's attention uses: `main` for sliding-only layers,
     /// `compress` for layers with a compressor.
     pub fn attention_rope(&self, layer: usize) -> &RopeParams {
@@ -399,16 +389,6 @@ struct RawFlags<'a> {
     norm_topk_prob: Option<bool>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
-}
-
-fn raw_flags<'a>(
-    num_key_value_heads: Option<usize>,
-    hidden_act: Option<&'a str>,
-    norm_topk_prob: Option<bool>,
-    attention_bias: Option<bool>,
-    mlp_bias: Option<bool>,
-) -> RawFlags<'a> {
-    RawFlags { num_key_value_heads, hidden_act, norm_topk_prob, attention_bias, mlp_bias }
 }
 
 fn parse_layer_type(name: &str) -> Option<LayerType> {
