@@ -5,10 +5,6 @@
 # Usage: scripts/bench_reference.sh [--prompt-len N] [--new-tokens N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${MYRIAD_REF_VENV:-/tmp/myriad-ref-venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch transformers==5.23.0 safetensors tokenizers
-fi
+source scripts/ref_venv.sh
 cargo build --release -p myriad --locked
 exec "$VENV/bin/python" scripts/bench_reference.py --myriad target/release/myriad "$@"

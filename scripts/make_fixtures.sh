@@ -4,9 +4,5 @@
 # Creates its own virtualenv (about 6 GB, several minutes the first time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${MYRIAD_REF_VENV:-/tmp/myriad-ref-venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch transformers==5.23.0 safetensors tokenizers
-fi
+source scripts/ref_venv.sh
 exec "$VENV/bin/python" scripts/make_fixtures.py "$@"

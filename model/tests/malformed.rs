@@ -1,39 +1,19 @@
 //! Broken model folders and bad inputs give errors that name the problem,
 //! never a panic.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::Path;
+
+use common::{Tensors, read_tiny, tiny, write_model};
 use myriad_model::{ErrorKind, Logits, Model, ModelError};
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
-
-fn tiny() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v4")
-}
+use safetensors::Dtype;
 
 /// A copy of the tiny model whose tensors went through `edit` first.
-fn broken_copy(edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>)) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(tiny().join("config.json"), dir.path().join("config.json")).unwrap();
-    let bytes = std::fs::read(tiny().join("model.safetensors")).unwrap();
-    let parsed = SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> = parsed
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| (name, (view.dtype(), view.shape().to_vec(), view.data().to_vec())))
-        .collect();
+fn broken_copy(edit: impl FnOnce(&mut Tensors)) -> tempfile::TempDir {
+    let mut tensors = read_tiny();
     edit(&mut tensors);
-    write_safetensors(&dir.path().join("model.safetensors"), &tensors);
-    dir
-}
-
-fn write_safetensors(path: &Path, tensors: &HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>) {
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(name, (dtype, shape, data))| (name.clone(), TensorView::new(*dtype, shape.clone(), data).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
+    write_model(&tensors)
 }
 
 fn load_error(dir: &Path) -> ModelError {

@@ -1,35 +1,13 @@
 //! The same weights under the other tensor naming (and the other dtypes) load
 //! into the same model.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
+use common::{Tensors, read_tiny, tiny, write_model};
 use myriad_model::{Logits, Model};
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
-
-type Tensors = HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
-
-fn tiny() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v4")
-}
-
-fn read_tiny() -> Tensors {
-    let bytes = std::fs::read(tiny().join("model.safetensors")).unwrap();
-    let parsed = SafeTensors::deserialize(&bytes).unwrap();
-    parsed.tensors().into_iter().map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect()
-}
-
-fn write_model(tensors: &Tensors) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(tiny().join("config.json"), dir.path().join("config.json")).unwrap();
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(name, (dtype, shape, data))| (name.clone(), TensorView::new(*dtype, shape.clone(), data).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
-    dir
-}
+use safetensors::Dtype;
 
 fn logits(dir: &std::path::Path, prompt: &[u32]) -> Vec<f32> {
     let model = Model::load(dir).unwrap();
