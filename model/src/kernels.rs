@@ -5,16 +5,16 @@
 //! fixed tree), whatever the number of rows in `x`, how rows are tiled or how
 //! work is split across threads. A token's result therefore never depends on
 //! which other tokens share its batch or its worker, which is what lets the
-//! distributed path be bit-identical to the single-process one. The same
-//! source is compiled for AVX-512, AVX2 and baseline x86-64 (and any other
-//! target); multiplication and addition stay separate operations (no FMA
-//! contraction), so all variants give identical bits.
+//! distributed path be bit-identical to the single-process one. Each step is
+//! a fused multiply-add: AVX-512 and AVX2+FMA use the hardware instruction,
+//! the portable path `f32::mul_add` (exactly fused, in software where the CPU
+//! lacks FMA), so all variants give identical bits.
 
 use rayon::prelude::*;
 
 const LANES: usize = 16;
-/// Weight rows per parallel task: large enough to amortise scheduling.
-const COLS_PER_TASK: usize = 16;
+/// Input rows per parallel task (a tile's inputs stay in L2).
+const ROWS_PER_TASK: usize = 64;
 
 /// `y[m][n] = Σ_k x[m][k] · w[n][k]` for `x: [rows, k]`, `w: [n, k]`, into a
 /// new `[rows, n]` buffer.
@@ -26,35 +26,32 @@ pub fn linear(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
     let k = w.len() / n;
     assert_eq!(w.len(), n * k, "weight length");
     assert_eq!(x.len(), rows * k, "input length");
-    // Work is split over weight rows (output columns). Each task writes its
-    // own columns of every output row; collecting per-task blocks first keeps
-    // this free of shared mutable state.
-    let tasks = n.div_ceil(COLS_PER_TASK);
-    if tasks * rows * k < 1 << 15 {
+    // Work is split into tiles of up to ROWS_PER_TASK inputs x cols_per_task
+    // weight rows, small enough that a tile's inputs and weights stay in
+    // cache. Each task fills its own block; blocks are then copied into place.
+    let cols_per_task = if rows <= ROWS_PER_TASK / 4 { 16 } else { 64 };
+    let (row_tiles, col_tiles) = (rows.div_ceil(ROWS_PER_TASK), n.div_ceil(cols_per_task));
+    if row_tiles * col_tiles == 1 || rows * n * k < 1 << 15 {
         dispatch(x, rows, k, w, &mut y);
         return y;
     }
-    let blocks: Vec<(usize, Vec<f32>)> = (0..tasks)
+    let blocks: Vec<(usize, usize, usize, Vec<f32>)> = (0..row_tiles * col_tiles)
         .into_par_iter()
         .map(|t| {
-            let start = t * COLS_PER_TASK;
-            let end = (start + COLS_PER_TASK).min(n);
-            let mut block = vec![0.0; rows * (end - start)];
-            dispatch(x, rows, k, &w[start * k..end * k], &mut block);
-            (start, block)
+            let (r0, c0) = ((t / col_tiles) * ROWS_PER_TASK, (t % col_tiles) * cols_per_task);
+            let (r1, c1) = ((r0 + ROWS_PER_TASK).min(rows), (c0 + cols_per_task).min(n));
+            let mut block = vec![0.0; (r1 - r0) * (c1 - c0)];
+            dispatch(&x[r0 * k..r1 * k], r1 - r0, k, &w[c0 * k..c1 * k], &mut block);
+            (r0, r1, c0, block)
         })
         .collect();
-    for (start, block) in blocks {
-        let cols = block.len() / rows;
-        scatter(&block, rows, start, cols, n, &mut y);
+    for (r0, r1, c0, block) in blocks {
+        let cols = block.len() / (r1 - r0);
+        for (i, r) in (r0..r1).enumerate() {
+            y[r * n + c0..r * n + c0 + cols].copy_from_slice(&block[i * cols..(i + 1) * cols]);
+        }
     }
     y
-}
-
-fn scatter(block: &[f32], rows: usize, start: usize, cols: usize, n: usize, y: &mut [f32]) {
-    for r in 0..rows {
-        y[r * n + start..r * n + start + cols].copy_from_slice(&block[r * cols..(r + 1) * cols]);
-    }
 }
 
 /// Computes `block[r][c] = dot(x[r], w[c])` with the best instruction set the
@@ -67,8 +64,8 @@ fn dispatch(x: &[f32], rows: usize, k: usize, w: &[f32], block: &mut [f32]) {
             // slice lengths are `rows * k`, `cols * k` and `rows * cols`.
             return unsafe { simd::tile_avx512(x, rows, k, w, block) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above, for AVX2.
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above, for AVX2 and FMA.
             return unsafe { simd::tile_avx2(x, rows, k, w, block) };
         }
     }
@@ -81,7 +78,7 @@ fn tile_generic(x: &[f32], rows: usize, k: usize, w: &[f32], block: &mut [f32]) 
     for c in 0..cols {
         let wr = &w[c * k..(c + 1) * k];
         for r in 0..rows {
-            block[r * cols + c] = dot(&x[r * k..(r + 1) * k], wr);
+            block[r * cols + c] = dot_generic(&x[r * k..(r + 1) * k], wr);
         }
     }
 }
@@ -95,15 +92,27 @@ fn tile_generic(x: &[f32], rows: usize, k: usize, w: &[f32], block: &mut [f32]) 
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{LANES, reduce};
+    use super::{LANES, dot_generic, reduce};
 
     /// Adds the scalar tail `k % 16` of one dot product to its lanes, reduces.
     #[inline(always)]
     fn finish(mut lanes: [f32; LANES], x: &[f32], w: &[f32], full: usize) -> f32 {
         for (l, j) in (full..x.len()).enumerate() {
-            lanes[l] += x[j] * w[j];
+            lanes[l] = x[j].mul_add(w[j], lanes[l]);
         }
         reduce(lanes)
+    }
+
+    /// [`dot_generic`] compiled with AVX-512 (LLVM's AVX-512F implies FMA).
+    #[target_feature(enable = "avx512f")]
+    pub fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+        dot_generic(a, b)
+    }
+
+    /// [`dot_generic`] compiled with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        dot_generic(a, b)
     }
 
     /// # Safety
@@ -153,7 +162,7 @@ mod simd {
                 // SAFETY: as above, inside input row r0 + r.
                 let xv = unsafe { _mm512_loadu_ps(x.as_ptr().add((r0 + r) * k + i)) };
                 for c in 0..C {
-                    acc[r][c] = _mm512_add_ps(acc[r][c], _mm512_mul_ps(xv, wv[c]));
+                    acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
                 }
             }
             i += LANES;
@@ -169,68 +178,86 @@ mod simd {
         }
     }
 
+    /// Input rows and weight rows of the AVX2 register tile: 2 × 3 × 2 halves
+    /// = 12 of the 16 ymm registers hold accumulators.
+    const AVX2_ROWS: usize = 2;
+    const AVX2_COLS: usize = 3;
+
     /// # Safety
-    /// AVX2 must be available; shapes as for [`tile_avx512`].
-    #[target_feature(enable = "avx2")]
+    /// AVX2 and FMA must be available; shapes as for [`tile_avx512`].
+    #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile_avx2(x: &[f32], rows: usize, k: usize, w: &[f32], block: &mut [f32]) {
         let cols = w.len() / k;
-        for c in 0..cols {
+        let mut c = 0;
+        while c < cols {
+            let full_cols = cols - c >= AVX2_COLS;
             let mut r = 0;
             while r < rows {
+                let full_rows = rows - r >= AVX2_ROWS;
                 // SAFETY: the row and column ranges lie inside the slices.
                 unsafe {
-                    if rows - r >= 4 {
-                        kernel256::<4>(x, r, w, c, k, block, cols);
-                        r += 4;
-                    } else {
-                        kernel256::<1>(x, r, w, c, k, block, cols);
-                        r += 1;
+                    match (full_rows, full_cols) {
+                        (true, true) => kernel256::<AVX2_ROWS, AVX2_COLS>(x, r, w, c, k, block, cols),
+                        (true, false) => kernel256::<AVX2_ROWS, 1>(x, r, w, c, k, block, cols),
+                        (false, true) => kernel256::<1, AVX2_COLS>(x, r, w, c, k, block, cols),
+                        (false, false) => kernel256::<1, 1>(x, r, w, c, k, block, cols),
                     }
                 }
+                r += if full_rows { AVX2_ROWS } else { 1 };
             }
+            c += if full_cols { AVX2_COLS } else { 1 };
         }
     }
 
-    #[target_feature(enable = "avx2")]
-    unsafe fn kernel256<const R: usize>(
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn kernel256<const R: usize, const C: usize>(
         x: &[f32],
         r0: usize,
         w: &[f32],
-        c: usize,
+        c0: usize,
         k: usize,
         block: &mut [f32],
         cols: usize,
     ) {
         let full = k / LANES * LANES;
-        let mut lo = [_mm256_setzero_ps(); R];
-        let mut hi = [_mm256_setzero_ps(); R];
+        let mut lo = [[_mm256_setzero_ps(); C]; R];
+        let mut hi = [[_mm256_setzero_ps(); C]; R];
+        let mut wl = [_mm256_setzero_ps(); C];
+        let mut wh = [_mm256_setzero_ps(); C];
         let mut i = 0;
         while i < full {
-            // SAFETY: i + 16 <= full <= k: both halves stay in weight row c.
-            let (wl, wh) = unsafe {
-                let p = w.as_ptr().add(c * k + i);
-                (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
-            };
+            for c in 0..C {
+                // SAFETY: i + 16 <= full <= k: both halves stay in weight row c0 + c.
+                unsafe {
+                    let p = w.as_ptr().add((c0 + c) * k + i);
+                    wl[c] = _mm256_loadu_ps(p);
+                    wh[c] = _mm256_loadu_ps(p.add(8));
+                }
+            }
             for r in 0..R {
                 // SAFETY: as above, inside input row r0 + r.
                 let (xl, xh) = unsafe {
                     let p = x.as_ptr().add((r0 + r) * k + i);
                     (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
                 };
-                lo[r] = _mm256_add_ps(lo[r], _mm256_mul_ps(xl, wl));
-                hi[r] = _mm256_add_ps(hi[r], _mm256_mul_ps(xh, wh));
+                for c in 0..C {
+                    lo[r][c] = _mm256_fmadd_ps(xl, wl[c], lo[r][c]);
+                    hi[r][c] = _mm256_fmadd_ps(xh, wh[c], hi[r][c]);
+                }
             }
             i += LANES;
         }
         for r in 0..R {
-            let mut lanes = [0.0f32; LANES];
-            // SAFETY: `lanes` holds exactly 16 floats, 8 per store.
-            unsafe {
-                _mm256_storeu_ps(lanes.as_mut_ptr(), lo[r]);
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi[r]);
+            for c in 0..C {
+                let mut lanes = [0.0f32; LANES];
+                // SAFETY: `lanes` holds exactly 16 floats, 8 per store.
+                unsafe {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), lo[r][c]);
+                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi[r][c]);
+                }
+                let (xr, wr) = (&x[(r0 + r) * k..(r0 + r + 1) * k], &w[(c0 + c) * k..(c0 + c + 1) * k]);
+                block[(r0 + r) * cols + c0 + c] = finish(lanes, xr, wr, full);
             }
-            let (xr, wr) = (&x[(r0 + r) * k..(r0 + r + 1) * k], &w[c * k..(c + 1) * k]);
-            block[(r0 + r) * cols + c] = finish(lanes, xr, wr, full);
         }
     }
 }
@@ -247,21 +274,38 @@ fn reduce(mut lanes: [f32; LANES]) -> f32 {
     lanes[0]
 }
 
-/// One dot product in the canonical order every matmul uses: lane `l` sums
-/// `a[i]·b[i]` for `i ≡ l (mod 16)` in increasing `i` (multiply, then add),
-/// then the lanes are added as a fixed binary tree ([`reduce`]).
-#[inline(always)]
+/// One dot product in the canonical order every matmul uses, on the best
+/// instruction set the CPU has (same bits on all of them).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { simd::dot_avx512(a, b) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { simd::dot_avx2(a, b) };
+        }
+    }
+    dot_generic(a, b)
+}
+
+/// The canonical order: lane `l` accumulates `a[i]·b[i]` for `i ≡ l (mod 16)`
+/// in increasing `i` with a fused multiply-add, then the lanes are added as a
+/// fixed binary tree ([`reduce`]).
+#[inline(always)]
+fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
     let k = a.len().min(b.len());
     let full = k / LANES * LANES;
     let mut lanes = [0.0f32; LANES];
     for (xc, wc) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)) {
         for l in 0..LANES {
-            lanes[l] += xc[l] * wc[l];
+            lanes[l] = xc[l].mul_add(wc[l], lanes[l]);
         }
     }
     for (l, j) in (full..k).enumerate() {
-        lanes[l] += a[j] * b[j];
+        lanes[l] = a[j].mul_add(b[j], lanes[l]);
     }
     reduce(lanes)
 }
@@ -366,12 +410,15 @@ mod tests {
             dispatch(&x, rows, k, &w, &mut best);
             assert_eq!(generic, best, "{rows}x{k}x{cols}");
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                 let mut avx2 = vec![0.0; rows * cols];
-                // SAFETY: AVX2 checked; shapes match.
+                // SAFETY: AVX2 and FMA checked; shapes match.
                 unsafe { simd::tile_avx2(&x, rows, k, &w, &mut avx2) };
                 assert_eq!(generic, avx2, "avx2 {rows}x{k}x{cols}");
+                // SAFETY: as above.
+                assert_eq!(dot_generic(&x[..k], &w[..k]), unsafe { simd::dot_avx2(&x[..k], &w[..k]) });
             }
+            assert_eq!(dot_generic(&x[..k], &w[..k]), dot(&x[..k], &w[..k]), "dot {k}");
         }
     }
 }
