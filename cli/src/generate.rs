@@ -3,9 +3,16 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use anyhow::{Context, Result, bail};
 use myriad_model::text::TextTokenizer;
 use myriad_model::{Model, Sampling};
+use myriad_router::dispatch::DispatchStats;
+use myriad_router::{RemoteExperts, WorkerPool};
+
+use crate::cluster;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -48,6 +55,24 @@ pub struct Args {
     /// Print one JSON object: {"generated": [ids], "prompt_last_logits": [floats]}.
     #[arg(long)]
     json: bool,
+
+    /// Run the routed experts on N expert workers started in this process and
+    /// reached over gRPC on loopback ports (balanced placement).
+    #[arg(long, conflicts_with = "worker_addr")]
+    workers: Option<usize>,
+
+    /// With --workers: how many workers host each expert.
+    #[arg(long, default_value_t = 1, requires = "workers")]
+    replicas: usize,
+
+    /// Run the routed experts on already running workers (`myriad worker`);
+    /// repeat for each. Placement is read from the workers.
+    #[arg(long = "worker-addr")]
+    worker_addr: Vec<String>,
+
+    /// Longest wait for one expert call before trying another replica.
+    #[arg(long, default_value = "30s")]
+    expert_timeout: humantime::Duration,
 }
 
 #[derive(serde::Serialize)]
@@ -59,7 +84,9 @@ struct JsonOutput<'a> {
 pub fn run(args: Args) -> Result<()> {
     let sampling = Sampling { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
     sampling.validate()?;
-    let model = Model::load(&args.model).with_context(|| format!("load model from {}", args.model.display()))?;
+    let distributed = args.workers.is_some() || !args.worker_addr.is_empty();
+    let model = if distributed { Model::load_dense(&args.model) } else { Model::load(&args.model) }
+        .with_context(|| format!("load model from {}", args.model.display()))?;
     let tokenizer = match (&args.prompt, args.json) {
         (Some(_), _) | (None, false) => TextTokenizer::load(&args.model).ok(),
         (None, true) => None,
@@ -75,8 +102,31 @@ pub fn run(args: Args) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
-    let run =
-        myriad_model::generate(&model, &prompt, args.max_new_tokens, &sampling, args.ignore_eos).context("generate")?;
+    let mut dispatch_summary = None;
+    let run = if distributed {
+        let cfg = &model.config;
+        let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+        let addrs = match args.workers {
+            Some(n) => runtime.block_on(cluster::start(
+                &args.model,
+                cfg.num_hidden_layers,
+                cfg.n_routed_experts,
+                n,
+                args.replicas,
+            ))?,
+            None => args.worker_addr.clone(),
+        };
+        let pool = runtime.block_on(WorkerPool::connect(&addrs, cfg)).context("connect to the expert workers")?;
+        let experts =
+            RemoteExperts::new(Arc::new(pool), runtime.handle().clone(), cfg.hidden_size, *args.expert_timeout);
+        let run =
+            myriad_model::generate_with(&model, &prompt, args.max_new_tokens, &sampling, args.ignore_eos, &experts)
+                .context("generate")?;
+        dispatch_summary = Some(summarize(experts.stats()));
+        run
+    } else {
+        myriad_model::generate(&model, &prompt, args.max_new_tokens, &sampling, args.ignore_eos).context("generate")?
+    };
 
     let mut stdout = std::io::stdout().lock();
     if args.json {
@@ -100,5 +150,22 @@ pub fn run(args: Args) -> Result<()> {
         decode_steps as f64 / run.decode_time.as_secs_f64().max(f64::EPSILON),
         run.state_bytes as f64 / 1024.0,
     );
+    if let Some(summary) = dispatch_summary {
+        eprintln!("{summary}");
+    }
     Ok(())
+}
+
+/// One line about the expert traffic of a distributed run.
+fn summarize(stats: &DispatchStats) -> String {
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let per_token_layer = |bytes: u64| bytes as f64 / get(&stats.token_layers).max(1) as f64;
+    format!(
+        "dispatch: {:.0} bytes per token per MoE layer ({:.0} sent, {:.0} received), {} calls, {} retries",
+        per_token_layer(get(&stats.bytes_sent) + get(&stats.bytes_received)),
+        per_token_layer(get(&stats.bytes_sent)),
+        per_token_layer(get(&stats.bytes_received)),
+        get(&stats.calls),
+        get(&stats.retries),
+    )
 }

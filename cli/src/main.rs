@@ -1,10 +1,13 @@
-//! The `myriad` binary: parses arguments and hands off to one subcommand.
+//! The `myriad` binary: parses arguments, starts logging, hands off to one
+//! subcommand.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod cluster;
 mod generate;
+mod worker;
 
 /// Myriad: a distributed, expert-parallel inference runtime for DeepSeek-V4.
 #[derive(Parser)]
@@ -16,14 +19,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate from a prompt in this process (the single-process reference run).
+    /// Generate from a prompt: in this process, or through expert workers.
     Generate(generate::Args),
+    /// Serve routed experts to routers over gRPC.
+    Worker(worker::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Logs go to stderr (RUST_LOG overrides the level); stdout stays for output.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Worker(args) => worker::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,6 +17,8 @@ pub enum ErrorKind {
     BadCheckpoint,
     /// The operating system refused (file missing, unreadable, mmap failed).
     Io,
+    /// A remote part (an expert worker) could not do its share.
+    Unavailable,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,10 @@ pub enum ModelError {
 
     #[error("invalid input: {0}")]
     InvalidInput(String),
+
+    /// Routed experts could not be run where they live (names layer and worker).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl ModelError {
@@ -51,6 +57,7 @@ impl ModelError {
         match self {
             ModelError::InvalidInput(_) => ErrorKind::InvalidInput,
             ModelError::Io { .. } => ErrorKind::Io,
+            ModelError::Unavailable(_) => ErrorKind::Unavailable,
             ModelError::Config { .. }
             | ModelError::Checkpoint { .. }
             | ModelError::Tensor { .. }

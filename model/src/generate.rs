@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{ModelError, Result};
 use crate::model::{Logits, Model};
+use crate::moe::ExpertExecutor;
 
 /// How the next token is chosen. `temperature == 0` means greedy.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,11 +124,23 @@ pub fn generate(
     sampling: &Sampling,
     ignore_eos: bool,
 ) -> Result<Generation> {
+    generate_with(model, prompt, max_new_tokens, sampling, ignore_eos, &model.local_experts())
+}
+
+/// [`generate`] with the routed experts run by `experts` (e.g. remote workers).
+pub fn generate_with(
+    model: &Model,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    sampling: &Sampling,
+    ignore_eos: bool,
+    experts: &impl ExpertExecutor,
+) -> Result<Generation> {
     sampling.validate()?;
     let mut state = model.new_state();
     let mut rng = Rng::new(sampling.seed);
     let start = Instant::now();
-    let prompt_last_logits = model.forward(prompt, &mut state, Logits::Last)?;
+    let prompt_last_logits = model.forward_with(prompt, &mut state, Logits::Last, experts)?;
     let prefill_time = start.elapsed();
     let start = Instant::now();
     let mut generated = Vec::with_capacity(max_new_tokens);
@@ -138,7 +151,7 @@ pub fn generate(
         if (!ignore_eos && model.config.eos_token_ids.contains(&token)) || generated.len() == max_new_tokens {
             break;
         }
-        logits = model.forward(&[token], &mut state, Logits::Last)?;
+        logits = model.forward_with(&[token], &mut state, Logits::Last, experts)?;
     }
     Ok(Generation {
         generated,

@@ -38,6 +38,6 @@ pub mod weights;
 
 pub use config::ModelConfig;
 pub use error::{ErrorKind, ModelError, Result};
-pub use generate::{Generation, Sampling, generate};
+pub use generate::{Generation, Sampling, generate, generate_with};
 pub use model::{Logits, Model};
 pub use state::SequenceState;

@@ -7,8 +7,9 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kernels::rms_norm;
+use crate::moe::{ExpertExecutor, LocalExperts};
 use crate::state::SequenceState;
-use crate::weights::ModelWeights;
+use crate::weights::{ModelWeights, RoutedExperts};
 use crate::{attention, mhc, moe};
 
 /// Which positions of a chunk to compute logits for.
@@ -28,12 +29,21 @@ pub struct Model {
 impl Model {
     /// Loads `dir/config.json` and the safetensors weights it describes.
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with(dir, RoutedExperts::All)
+    }
+
+    /// Loads everything but the routed experts: what a router needs.
+    pub fn load_dense(dir: &Path) -> Result<Self> {
+        Self::load_with(dir, RoutedExperts::None)
+    }
+
+    fn load_with(dir: &Path, routed: RoutedExperts) -> Result<Self> {
         if !dir.is_dir() {
             return Err(ModelError::Checkpoint { path: dir.to_path_buf(), message: "is not a model folder".into() });
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir)?;
-        let weights = ModelWeights::load(&ckpt, &config)?;
+        let weights = ModelWeights::load(&ckpt, &config, routed)?;
         Ok(Model { config, weights })
     }
 
@@ -46,6 +56,23 @@ impl Model {
     /// through the model and advances `state`. Returns `[n, vocab]` logits,
     /// `n` being 1 or `tokens.len()` as `want` says.
     pub fn forward(&self, tokens: &[u32], state: &mut SequenceState, want: Logits) -> Result<Vec<f32>> {
+        self.forward_with(tokens, state, want, &self.local_experts())
+    }
+
+    /// The experts of this process's own weights.
+    pub fn local_experts(&self) -> LocalExperts<'_> {
+        LocalExperts { config: &self.config, layers: &self.weights.layers }
+    }
+
+    /// [`Model::forward`] with the routed experts run by `experts` (for
+    /// example on remote workers). Results are identical whatever runs them.
+    pub fn forward_with(
+        &self,
+        tokens: &[u32],
+        state: &mut SequenceState,
+        want: Logits,
+        experts: &impl ExpertExecutor,
+    ) -> Result<Vec<f32>> {
         let cfg = &self.config;
         self.check_input(tokens, state)?;
         let rows = tokens.len();
@@ -66,7 +93,7 @@ impl Model {
             let mut mix = mhc::pre(&w.hc_ffn, cfg, &streams, rows);
             let mut x = std::mem::take(&mut mix.collapsed);
             rms_norm(&mut x, hidden, Some(w.ffn_norm.data()), cfg.rms_norm_eps);
-            let out = moe::forward(&w.moe, cfg, l, &x, tokens, rows);
+            let out = moe::forward(&w.moe, cfg, l, &x, tokens, rows, experts)?;
             mhc::post(&mix, cfg, &mut streams, &out, rows);
         }
         state.position += rows;

@@ -1,17 +1,62 @@
 //! The MoE block: gating (hash or top-k), routed SwiGLU experts, shared expert.
 //!
-//! Routing is separate from expert execution so that a router can compute the
-//! choices locally and send the expert work elsewhere. The combine order is
-//! fixed: each token's expert contributions are added in increasing expert id,
-//! starting from zero, then the shared expert's output is added. Every path
-//! (single process, any placement of experts on workers) must use this order.
+//! Routing is separate from expert execution: a router computes the choices,
+//! an [`ExpertExecutor`] runs the routed experts wherever they live (in this
+//! process, or on workers over the network) and returns one weighted
+//! *contribution* per (token, chosen expert). [`combine`] then adds each
+//! token's contributions in increasing expert id, starting from zero, and the
+//! shared expert's output last. Every path uses that one order, so the result
+//! is the same bits whatever the placement of experts (ADR 0002).
 
 use crate::config::{MlpType, ModelConfig, ScoringFunc};
+use crate::error::Result;
 use crate::kernels::{sigmoid, silu, softmax, softplus};
 use crate::weights::{ExpertWeights, MoeWeights};
 
 /// One token's routing: `(expert id, weight)` pairs, `num_experts_per_tok` of them.
 pub type Route = Vec<(usize, f32)>;
+
+/// Weighted expert outputs, one `hidden`-wide row per (token, route entry),
+/// tokens in order and each token's entries in its route's order.
+pub type Contributions = Vec<f32>;
+
+/// Runs the routed experts of one MoE layer.
+pub trait ExpertExecutor {
+    type Pending: PendingExperts;
+
+    /// Starts the experts for `rows` tokens `x: [rows, hidden]` routed by
+    /// `routes`; the caller computes the shared expert meanwhile.
+    fn start(&self, layer: usize, x: &[f32], routes: &[Route]) -> Result<Self::Pending>;
+}
+
+/// Expert work in flight.
+pub trait PendingExperts {
+    fn finish(self) -> Result<Contributions>;
+}
+
+/// The experts of this process's own weights.
+pub struct LocalExperts<'a> {
+    pub config: &'a ModelConfig,
+    pub layers: &'a [crate::weights::LayerWeights],
+}
+
+/// Expert work that is already done.
+pub struct Ready(pub Contributions);
+
+impl PendingExperts for Ready {
+    fn finish(self) -> Result<Contributions> {
+        Ok(self.0)
+    }
+}
+
+impl ExpertExecutor for LocalExperts<'_> {
+    type Pending = Ready;
+
+    fn start(&self, layer: usize, x: &[f32], routes: &[Route]) -> Result<Ready> {
+        let experts = &self.layers[layer].moe.experts;
+        Ok(Ready(contributions(|e| experts.get(e), self.config, x, routes)?))
+    }
+}
 
 /// The experts and weights each of `rows` tokens is sent to.
 pub fn route(w: &MoeWeights, cfg: &ModelConfig, layer: usize, x: &[f32], tokens: &[u32], rows: usize) -> Vec<Route> {
@@ -61,51 +106,79 @@ pub fn expert_ffn(w: &ExpertWeights, x: &[f32], rows: usize, limit: f32) -> Vec<
     w.w2.forward(&act, rows)
 }
 
-/// Runs every routed expert on its tokens and combines the weighted outputs
-/// per token in increasing expert id. `expert(e)` returns expert `e`'s weights.
-pub fn routed<'a>(
-    expert: impl Fn(usize) -> &'a ExpertWeights,
+/// Computes the weighted contribution of every (token, route entry): each
+/// expert runs once on all of its tokens (a batched GEMM), `expert(e)` gives
+/// its weights (`None`: not hosted here, an error naming the expert).
+pub fn contributions<'a>(
+    expert: impl Fn(usize) -> Option<&'a ExpertWeights>,
     cfg: &ModelConfig,
     x: &[f32],
     routes: &[Route],
-    rows: usize,
-) -> Vec<f32> {
+) -> Result<Contributions> {
     let hidden = cfg.hidden_size;
-    let mut out = vec![0.0; rows * hidden];
-    for (e, members) in tokens_by_expert(routes, cfg.n_routed_experts).into_iter().enumerate() {
-        if members.is_empty() {
-            continue;
+    let mut offsets = Vec::with_capacity(routes.len());
+    let mut slots = 0;
+    for route in routes {
+        offsets.push(slots);
+        slots += route.len();
+    }
+    let mut out = vec![0.0; slots * hidden];
+    let mut by_expert: std::collections::BTreeMap<usize, Vec<(usize, usize, f32)>> = Default::default();
+    for (r, route) in routes.iter().enumerate() {
+        for (j, &(e, weight)) in route.iter().enumerate() {
+            by_expert.entry(e).or_default().push((r, offsets[r] + j, weight));
         }
+    }
+    for (e, members) in by_expert {
+        let w = expert(e).ok_or_else(|| crate::ModelError::InvalidInput(format!("expert {e} is not hosted here")))?;
         let gathered: Vec<f32> =
-            members.iter().flat_map(|&(r, _)| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
-        let y = expert_ffn(expert(e), &gathered, members.len(), cfg.swiglu_limit);
-        for (i, &(r, weight)) in members.iter().enumerate() {
-            for (o, v) in out[r * hidden..(r + 1) * hidden].iter_mut().zip(&y[i * hidden..(i + 1) * hidden]) {
-                *o += v * weight;
+            members.iter().flat_map(|&(r, _, _)| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
+        let y = expert_ffn(w, &gathered, members.len(), cfg.swiglu_limit);
+        for (i, &(_, slot, weight)) in members.iter().enumerate() {
+            for (o, v) in out[slot * hidden..(slot + 1) * hidden].iter_mut().zip(&y[i * hidden..(i + 1) * hidden]) {
+                *o = v * weight;
             }
         }
     }
-    out
+    Ok(out)
 }
 
-/// For each expert id, its `(token row, weight)` pairs in row order.
-pub fn tokens_by_expert(routes: &[Route], n_experts: usize) -> Vec<Vec<(usize, f32)>> {
-    let mut by_expert = vec![Vec::new(); n_experts];
+/// Adds each token's contributions in increasing expert id, starting from
+/// zero: the one combine order of every execution path.
+pub fn combine(routes: &[Route], contributions: &[f32], hidden: usize) -> Vec<f32> {
+    let mut out = vec![0.0; routes.len() * hidden];
+    let mut slot = 0;
     for (r, route) in routes.iter().enumerate() {
-        for &(e, weight) in route {
-            by_expert[e].push((r, weight));
+        let mut order: Vec<usize> = (0..route.len()).collect();
+        order.sort_by_key(|&j| route[j].0);
+        let acc = &mut out[r * hidden..(r + 1) * hidden];
+        for j in order {
+            let c = &contributions[(slot + j) * hidden..(slot + j + 1) * hidden];
+            acc.iter_mut().zip(c).for_each(|(a, v)| *a += v);
         }
+        slot += route.len();
     }
-    by_expert
+    out
 }
 
-/// The whole block in one process: routed experts plus the shared expert.
-pub fn forward(w: &MoeWeights, cfg: &ModelConfig, layer: usize, x: &[f32], tokens: &[u32], rows: usize) -> Vec<f32> {
+/// The whole block: routed experts through `experts`, with the shared expert
+/// computed while they run, combined in the canonical order.
+pub fn forward(
+    w: &MoeWeights,
+    cfg: &ModelConfig,
+    layer: usize,
+    x: &[f32],
+    tokens: &[u32],
+    rows: usize,
+    experts: &impl ExpertExecutor,
+) -> Result<Vec<f32>> {
     let routes = route(w, cfg, layer, x, tokens, rows);
-    let mut out = routed(|e| &w.experts[e], cfg, x, &routes, rows);
+    let pending = experts.start(layer, x, &routes)?;
     let shared = expert_ffn(&w.shared, x, rows, cfg.swiglu_limit);
+    let contributions = pending.finish()?;
+    let mut out = combine(&routes, &contributions, cfg.hidden_size);
     out.iter_mut().zip(&shared).for_each(|(o, s)| *o += s);
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -125,6 +198,18 @@ mod tests {
         softmax(&mut s);
         assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert_eq!(top_k(&s, None, 2), vec![1, 2]);
+    }
+
+    #[test]
+    fn combine_adds_in_expert_id_order_whatever_the_route_order() {
+        // Values chosen so that float addition order changes the result.
+        let (big, small) = (1.0e8f32, 3.0f32);
+        let routes = vec![vec![(7, 1.0), (2, 1.0), (5, 1.0)]];
+        let contributions = vec![-big, big, small];
+        // Expert order 2, 5, 7: ((0 + big) + small) + (-big) = 0 (small is lost).
+        assert_eq!(combine(&routes, &contributions, 1), vec![((0.0 + big) + small) + -big]);
+        let reordered = vec![vec![(2, 1.0), (5, 1.0), (7, 1.0)]];
+        assert_eq!(combine(&reordered, &[big, small, -big], 1), combine(&routes, &contributions, 1));
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub struct MoeWeights {
     pub bias: Option<Tensor>,
     /// `tid2eid[token * k + j]` (hash layers only), validated to be < n_experts.
     pub tid2eid: Option<Vec<u32>>,
+    /// Routed experts by id; empty when they live elsewhere.
     pub experts: Vec<ExpertWeights>,
     pub shared: ExpertWeights,
 }
@@ -109,8 +110,17 @@ pub struct ModelWeights {
     pub layers: Vec<LayerWeights>,
 }
 
+/// Which routed experts [`ModelWeights::load`] loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutedExperts {
+    /// All of them (single-process generation).
+    All,
+    /// None: a router, whose routed experts live on workers.
+    None,
+}
+
 impl ModelWeights {
-    pub fn load(ckpt: &Checkpoint, cfg: &ModelConfig) -> Result<Self> {
+    pub fn load(ckpt: &Checkpoint, cfg: &ModelConfig, routed: RoutedExperts) -> Result<Self> {
         let h = cfg.hidden_size;
         let hc = cfg.hc_mult;
         let head = if cfg.tie_word_embeddings && !ckpt.contains("head.weight") {
@@ -118,7 +128,8 @@ impl ModelWeights {
         } else {
             Some(Linear::load(ckpt, "head.weight", cfg.vocab_size, h)?)
         };
-        let layers = (0..cfg.num_hidden_layers).map(|l| load_layer(ckpt, cfg, l)).collect::<Result<Vec<_>>>()?;
+        let layers =
+            (0..cfg.num_hidden_layers).map(|l| load_layer(ckpt, cfg, l, routed)).collect::<Result<Vec<_>>>()?;
         Ok(ModelWeights {
             embed: ckpt.f32_tensor("embed.weight", &[cfg.vocab_size, h])?,
             head,
@@ -163,7 +174,7 @@ fn load_compressor(
     })
 }
 
-fn load_layer(ckpt: &Checkpoint, cfg: &ModelConfig, l: usize) -> Result<LayerWeights> {
+fn load_layer(ckpt: &Checkpoint, cfg: &ModelConfig, l: usize, routed: RoutedExperts) -> Result<LayerWeights> {
     let h = cfg.hidden_size;
     let p = format!("layers.{l}");
     let heads = cfg.num_attention_heads;
@@ -227,7 +238,10 @@ fn load_layer(ckpt: &Checkpoint, cfg: &ModelConfig, l: usize) -> Result<LayerWei
             (None, Some(table))
         }
     };
-    let experts = (0..e).map(|x| load_expert(ckpt, cfg, l, x)).collect::<Result<Vec<_>>>()?;
+    let experts = match routed {
+        RoutedExperts::All => (0..e).map(|x| load_expert(ckpt, cfg, l, x)).collect::<Result<Vec<_>>>()?,
+        RoutedExperts::None => Vec::new(),
+    };
     let i = cfg.moe_intermediate_size;
     let moe = MoeWeights {
         gate: Linear::load(ckpt, &format!("{p}.ffn.gate.weight"), e, h)?,

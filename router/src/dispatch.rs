@@ -1,0 +1,271 @@
+//! [`RemoteExperts`]: the model's `ExpertExecutor` over gRPC.
+//!
+//! For one MoE layer: every (token, expert) pair goes to a live worker
+//! hosting that expert; each worker gets one request (split if it would pass
+//! the message limit) carrying each of its tokens' hidden state once plus the
+//! token's pairs it hosts. Requests go out concurrently when the layer starts
+//! and are awaited in `finish`, after the router has computed the shared
+//! expert. A worker that fails in a retryable way is marked down and its pairs
+//! are re-sent to other replicas; which worker computed a pair never changes
+//! its bits (batch-invariant kernels), and the combine order is fixed by the
+//! model crate, so the output is the same whatever happened.
+//!
+//! `finish` blocks on the tokio runtime given at construction: call the model
+//! from a thread that is not one of that runtime's workers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use myriad_model::ModelError;
+use myriad_model::moe::{Contributions, ExpertExecutor, PendingExperts, Route};
+use myriad_proto::MAX_MESSAGE_BYTES;
+use myriad_proto::error::retryable;
+use myriad_proto::expert::{self, ExpertBatch, ExpertId, LayerId};
+use myriad_proto::pb::RunExpertsRequest;
+use prost::Message;
+use tokio::task::JoinHandle;
+
+use crate::metrics;
+use crate::pool::WorkerPool;
+
+/// Counters of one [`RemoteExperts`], for reports such as the CLI's summary.
+#[derive(Debug, Default)]
+pub struct DispatchStats {
+    pub calls: AtomicU64,
+    pub retries: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    /// Σ tokens over dispatched MoE layers: divides bytes into per-token-per-layer.
+    pub token_layers: AtomicU64,
+}
+
+struct Inner {
+    pool: Arc<WorkerPool>,
+    runtime: tokio::runtime::Handle,
+    hidden: usize,
+    timeout: Duration,
+    /// Rotates replica choice between calls, spreading load over replicas.
+    rotation: AtomicUsize,
+    stats: DispatchStats,
+}
+
+/// Routed experts on remote workers. Cheap to clone.
+#[derive(Clone)]
+pub struct RemoteExperts {
+    inner: Arc<Inner>,
+}
+
+/// One (token, expert) pair: its token row, its slot in the contributions,
+/// the expert and the routing weight.
+#[derive(Clone, Copy)]
+struct Pair {
+    row: usize,
+    slot: usize,
+    expert: usize,
+    weight: f32,
+}
+
+/// A planned call: pairs for one worker, grouped by token in row order.
+struct Call {
+    worker: usize,
+    pairs: Vec<Pair>,
+}
+
+#[derive(Debug)]
+enum CallError {
+    /// The call failed on the way or on the worker; another replica may serve it.
+    Retryable(String),
+    /// The request itself was refused; retrying elsewhere would be refused too.
+    Fatal(String),
+}
+
+pub struct PendingCalls {
+    experts: RemoteExperts,
+    layer: usize,
+    x: Vec<f32>,
+    slots: usize,
+    calls: Vec<(Call, JoinHandle<Result<expert::Contributions, CallError>>)>,
+}
+
+impl RemoteExperts {
+    /// `hidden` is the model's hidden size; `timeout` bounds each call.
+    pub fn new(pool: Arc<WorkerPool>, runtime: tokio::runtime::Handle, hidden: usize, timeout: Duration) -> Self {
+        let inner =
+            Inner { pool, runtime, hidden, timeout, rotation: AtomicUsize::new(0), stats: DispatchStats::default() };
+        RemoteExperts { inner: Arc::new(inner) }
+    }
+
+    pub fn stats(&self) -> &DispatchStats {
+        &self.inner.stats
+    }
+
+    pub fn pool(&self) -> &WorkerPool {
+        &self.inner.pool
+    }
+
+    /// Assigns each pair to a live replica and groups them into calls that
+    /// respect the message-size limit.
+    fn plan(&self, layer: usize, pairs: &[Pair], failure: Option<&str>) -> Result<Vec<Call>, ModelError> {
+        let inner = &self.inner;
+        let offset = inner.rotation.fetch_add(1, Ordering::Relaxed);
+        let mut by_worker: BTreeMap<usize, Vec<Pair>> = BTreeMap::new();
+        for p in pairs {
+            let live = inner.pool.live_replicas(layer, p.expert);
+            if live.is_empty() {
+                let why = failure.map(|f| format!("{f}, and ")).unwrap_or_default();
+                return Err(ModelError::Unavailable(format!(
+                    "layer {layer}: {why}no live worker hosts expert {}",
+                    p.expert
+                )));
+            }
+            by_worker.entry(live[(offset + p.expert) % live.len()]).or_default().push(*p);
+        }
+        let mut calls = Vec::new();
+        for (worker, mut pairs) in by_worker {
+            pairs.sort_by_key(|p| (p.row, p.slot));
+            // Bound a call by its request plus response size, in whole tokens.
+            let budget = MAX_MESSAGE_BYTES / 2 / (inner.hidden * 4);
+            let mut current: Vec<Pair> = Vec::new();
+            let mut rows_and_pairs = 0;
+            for (i, p) in pairs.iter().enumerate() {
+                let new_row = i == 0 || pairs[i - 1].row != p.row;
+                if new_row && !current.is_empty() && rows_and_pairs + 1 + count_row(&pairs[i..]) > budget {
+                    calls.push(Call { worker, pairs: std::mem::take(&mut current) });
+                    rows_and_pairs = 0;
+                }
+                rows_and_pairs += 1 + usize::from(new_row);
+                current.push(*p);
+            }
+            calls.push(Call { worker, pairs: current });
+        }
+        Ok(calls)
+    }
+
+    fn send(&self, layer: usize, x: &[f32], call: &Call) -> JoinHandle<Result<expert::Contributions, CallError>> {
+        let inner = &self.inner;
+        let hidden = inner.hidden;
+        let mut rows: Vec<usize> = call.pairs.iter().map(|p| p.row).collect();
+        rows.dedup();
+        let mut routes: Vec<Vec<(ExpertId, f32)>> = vec![Vec::new(); rows.len()];
+        let mut t = 0;
+        for p in &call.pairs {
+            while rows[t] != p.row {
+                t += 1;
+            }
+            routes[t].push((ExpertId(p.expert as u32), p.weight));
+        }
+        let gathered = rows.iter().flat_map(|&r| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
+        let batch = ExpertBatch { layer: LayerId(layer as u32), width: hidden, hidden: gathered, routes };
+        let request: RunExpertsRequest = batch.into();
+        let sent = request.encoded_len() as u64;
+        inner.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+        inner.stats.calls.fetch_add(1, Ordering::Relaxed);
+        metrics::DISPATCH_BYTES.with_label_values(&["sent"]).inc_by(sent);
+        metrics::DISPATCH_CALLS.inc();
+        let mut client = inner.pool.workers[call.worker].client.clone();
+        let (timeout, expected_pairs, me) = (inner.timeout, call.pairs.len(), self.clone());
+        inner.runtime.spawn(async move {
+            let response = match tokio::time::timeout(timeout, client.run_experts(request)).await {
+                Err(_) => return Err(CallError::Retryable(format!("no answer within {timeout:?}"))),
+                Ok(Err(status)) if retryable(status.code()) => {
+                    return Err(CallError::Retryable(format!("{:?}: {}", status.code(), status.message())));
+                }
+                Ok(Err(status)) => return Err(CallError::Fatal(format!("{:?}: {}", status.code(), status.message()))),
+                Ok(Ok(response)) => response.into_inner(),
+            };
+            let received = response.encoded_len() as u64;
+            me.inner.stats.bytes_received.fetch_add(received, Ordering::Relaxed);
+            metrics::DISPATCH_BYTES.with_label_values(&["received"]).inc_by(received);
+            let c = expert::Contributions::try_from(response).map_err(|e| CallError::Retryable(e.to_string()))?;
+            if c.pairs != expected_pairs || c.width != hidden {
+                return Err(CallError::Retryable(format!(
+                    "answered {}x{} contributions for {expected_pairs}x{hidden}",
+                    c.pairs, c.width
+                )));
+            }
+            Ok(c)
+        })
+    }
+}
+
+/// Rows plus pairs that the next token (at the start of `rest`) adds.
+fn count_row(rest: &[Pair]) -> usize {
+    rest.iter().take_while(|p| p.row == rest[0].row).count()
+}
+
+impl ExpertExecutor for RemoteExperts {
+    type Pending = PendingCalls;
+
+    fn start(&self, layer: usize, x: &[f32], routes: &[Route]) -> Result<PendingCalls, ModelError> {
+        let mut pairs = Vec::new();
+        for (row, route) in routes.iter().enumerate() {
+            for &(expert, weight) in route {
+                pairs.push(Pair { row, slot: pairs.len(), expert, weight });
+            }
+        }
+        self.inner.stats.token_layers.fetch_add(routes.len() as u64, Ordering::Relaxed);
+        let calls = self.plan(layer, &pairs, None)?;
+        let x = x.to_vec();
+        let calls = calls
+            .into_iter()
+            .map(|call| {
+                let handle = self.send(layer, &x, &call);
+                (call, handle)
+            })
+            .collect();
+        Ok(PendingCalls { experts: self.clone(), layer, x, slots: pairs.len(), calls })
+    }
+}
+
+impl PendingExperts for PendingCalls {
+    fn finish(self) -> Result<Contributions, ModelError> {
+        let PendingCalls { experts, layer, x, slots, mut calls } = self;
+        let inner = &experts.inner;
+        let hidden = inner.hidden;
+        let mut out = vec![0.0; slots * hidden];
+        loop {
+            let (plans, handles): (Vec<Call>, Vec<_>) = calls.into_iter().unzip();
+            let results = inner.runtime.block_on(futures::future::join_all(handles));
+            let mut failed: Vec<Pair> = Vec::new();
+            let mut failure = None;
+            for (call, result) in plans.into_iter().zip(results) {
+                let addr = &inner.pool.workers[call.worker].addr;
+                let result = result.unwrap_or_else(|e| Err(CallError::Retryable(format!("call task failed: {e}"))));
+                match result {
+                    Ok(c) => {
+                        for (i, p) in call.pairs.iter().enumerate() {
+                            out[p.slot * hidden..(p.slot + 1) * hidden]
+                                .copy_from_slice(&c.data[i * hidden..(i + 1) * hidden]);
+                        }
+                    }
+                    Err(CallError::Retryable(why)) => {
+                        tracing::warn!(layer, worker = %addr, error = %why, "expert call failed; trying other replicas");
+                        inner.pool.mark_down(call.worker);
+                        failure = Some(format!("worker {addr} failed ({why})"));
+                        failed.extend(call.pairs);
+                    }
+                    Err(CallError::Fatal(why)) => {
+                        return Err(ModelError::Unavailable(format!(
+                            "layer {layer}: worker {addr} refused the call: {why}"
+                        )));
+                    }
+                }
+            }
+            if failed.is_empty() {
+                return Ok(out);
+            }
+            let retry = experts.plan(layer, &failed, failure.as_deref())?;
+            inner.stats.retries.fetch_add(retry.len() as u64, Ordering::Relaxed);
+            metrics::DISPATCH_RETRIES.inc_by(retry.len() as u64);
+            calls = retry
+                .into_iter()
+                .map(|call| {
+                    let handle = experts.send(layer, &x, &call);
+                    (call, handle)
+                })
+                .collect();
+        }
+    }
+}

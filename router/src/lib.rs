@@ -1,0 +1,22 @@
+//! # myriad-router
+//!
+//! The data plane of a router. The dense part of every layer (mHC,
+//! attention, gating, shared expert) runs here through the model crate; the
+//! routed experts run on workers. Per MoE layer, [`RemoteExperts`] dispatches
+//! each token's hidden state once to every worker hosting one of its experts,
+//! concurrently, while the shared expert is computed, and hands back one
+//! contribution per (token, expert) for the model crate's fixed-order combine.
+//!
+//! # Layout
+//!
+//! - [`pool`]: connections to workers and the placement they report.
+//! - [`dispatch`]: [`RemoteExperts`], the model's `ExpertExecutor` over gRPC,
+//!   with replica retries.
+//! - [`metrics`]: Prometheus counters.
+
+pub mod dispatch;
+pub mod metrics;
+pub mod pool;
+
+pub use dispatch::RemoteExperts;
+pub use pool::{PoolError, WorkerPool};

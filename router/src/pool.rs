@@ -1,0 +1,91 @@
+//! The workers a router dispatches to, and which of them hosts what.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use myriad_model::ModelConfig;
+use myriad_proto::MAX_MESSAGE_BYTES;
+use myriad_proto::pb::DescribeRequest;
+use myriad_proto::pb::expert_worker_client::ExpertWorkerClient;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("worker {addr}: {message}")]
+    Worker { addr: String, message: String },
+    #[error("expert {expert} of layer {layer} is hosted by no worker")]
+    Uncovered { layer: usize, expert: usize },
+    #[error("no workers given")]
+    Empty,
+}
+
+pub struct WorkerHandle {
+    pub addr: String,
+    pub client: ExpertWorkerClient<Channel>,
+    /// Cleared when a call fails in a way another replica can absorb; the
+    /// router then stops choosing this worker.
+    pub alive: AtomicBool,
+}
+
+pub struct WorkerPool {
+    pub workers: Vec<WorkerHandle>,
+    /// `(layer, expert)` -> indices into `workers`, ascending.
+    replicas: HashMap<(usize, usize), Vec<usize>>,
+}
+
+impl WorkerPool {
+    /// Connects to every address, asks each worker what it hosts, and checks
+    /// that together they serve every routed expert of `config`.
+    pub async fn connect(addrs: &[String], config: &ModelConfig) -> Result<Self, PoolError> {
+        if addrs.is_empty() {
+            return Err(PoolError::Empty);
+        }
+        let mut workers = Vec::with_capacity(addrs.len());
+        let mut replicas: HashMap<(usize, usize), Vec<usize>> = HashMap::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let fail = |message: String| PoolError::Worker { addr: addr.clone(), message };
+            let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| fail(format!("bad address: {e}")))?
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true);
+            let channel = endpoint.connect().await.map_err(|e| fail(format!("connect: {e}")))?;
+            let mut client = ExpertWorkerClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            let hosted =
+                client.describe(DescribeRequest {}).await.map_err(|s| fail(s.message().to_string()))?.into_inner();
+            let shape = (hosted.hidden_size as usize, hosted.num_layers as usize, hosted.num_experts as usize);
+            if shape != (config.hidden_size, config.num_hidden_layers, config.n_routed_experts) {
+                return Err(fail(format!(
+                    "serves a model with hidden {}, {} layers, {} experts; this router's has {}, {}, {}",
+                    shape.0, shape.1, shape.2, config.hidden_size, config.num_hidden_layers, config.n_routed_experts
+                )));
+            }
+            for e in hosted.experts {
+                replicas.entry((e.layer as usize, e.expert as usize)).or_default().push(i);
+            }
+            workers.push(WorkerHandle { addr: addr.clone(), client, alive: AtomicBool::new(true) });
+        }
+        for layer in 0..config.num_hidden_layers {
+            for expert in 0..config.n_routed_experts {
+                if !replicas.contains_key(&(layer, expert)) {
+                    return Err(PoolError::Uncovered { layer, expert });
+                }
+            }
+        }
+        Ok(WorkerPool { workers, replicas })
+    }
+
+    /// Live workers hosting `(layer, expert)`, ascending.
+    pub fn live_replicas(&self, layer: usize, expert: usize) -> Vec<usize> {
+        self.replicas
+            .get(&(layer, expert))
+            .map(|r| r.iter().copied().filter(|&w| self.workers[w].alive.load(Ordering::Relaxed)).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn mark_down(&self, worker: usize) {
+        self.workers[worker].alive.store(false, Ordering::Relaxed);
+    }
+}

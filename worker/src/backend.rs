@@ -1,0 +1,113 @@
+//! Where expert FFNs run. The transport (gRPC today, NCCL later) never sees
+//! anything but this trait.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use myriad_model::checkpoint::Checkpoint;
+use myriad_model::weights::{ExpertWeights, load_expert};
+use myriad_model::{ModelConfig, moe};
+use myriad_proto::expert::{ExpertBatch, ExpertId, LayerId};
+use myriad_proto::spec::ExpertSpec;
+
+use crate::error::WorkerError;
+
+/// The model shape a backend serves and the experts it hosts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hosted {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_experts: usize,
+    /// Sorted `(layer, expert)` pairs.
+    pub experts: Vec<(LayerId, ExpertId)>,
+}
+
+/// Runs hosted experts on batches of tokens.
+pub trait ExpertBackend: Send + Sync + 'static {
+    fn hosted(&self) -> &Hosted;
+
+    /// One weighted output row per `(token, expert)` pair of `batch`, in the
+    /// batch's pair order. Fails with `InvalidArgument` on anything it cannot
+    /// serve; never panics on a batch that passed `TryFrom`.
+    fn run(&self, batch: &ExpertBatch) -> Result<Vec<f32>, WorkerError>;
+}
+
+/// Experts in host memory, computed with the model crate's batch-invariant
+/// kernels (so results are bit-identical to the single-process path).
+pub struct CpuBackend {
+    config: ModelConfig,
+    experts: HashMap<(LayerId, ExpertId), ExpertWeights>,
+    hosted: Hosted,
+}
+
+impl CpuBackend {
+    /// Maps the checkpoint in `dir` and loads only the experts `spec` names.
+    pub fn load(dir: &Path, spec: &ExpertSpec) -> Result<Self, WorkerError> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        let mut experts = HashMap::new();
+        for layer in 0..config.num_hidden_layers {
+            for expert in 0..config.n_routed_experts {
+                if spec.contains(layer as u32, expert as u32) {
+                    let weights = load_expert(&ckpt, &config, layer, expert)?;
+                    experts.insert((LayerId(layer as u32), ExpertId(expert as u32)), weights);
+                }
+            }
+        }
+        if experts.is_empty() {
+            return Err(WorkerError::InvalidArgument(format!(
+                "expert spec `{spec}` names none of the model's {} layers x {} experts",
+                config.num_hidden_layers, config.n_routed_experts
+            )));
+        }
+        let mut list: Vec<_> = experts.keys().copied().collect();
+        list.sort();
+        let hosted = Hosted {
+            hidden_size: config.hidden_size,
+            num_layers: config.num_hidden_layers,
+            num_experts: config.n_routed_experts,
+            experts: list,
+        };
+        Ok(CpuBackend { config, experts, hosted })
+    }
+}
+
+impl CpuBackend {
+    /// How many (layer, expert) pairs this backend hosts.
+    pub fn hosted_count(&self) -> usize {
+        self.experts.len()
+    }
+}
+
+impl ExpertBackend for CpuBackend {
+    fn hosted(&self) -> &Hosted {
+        &self.hosted
+    }
+
+    fn run(&self, batch: &ExpertBatch) -> Result<Vec<f32>, WorkerError> {
+        let layer = batch.layer;
+        if layer.0 as usize >= self.config.num_hidden_layers {
+            return Err(WorkerError::InvalidArgument(format!(
+                "layer {} does not exist (the model has {})",
+                layer.0, self.config.num_hidden_layers
+            )));
+        }
+        if batch.width != self.config.hidden_size {
+            return Err(WorkerError::InvalidArgument(format!(
+                "hidden states are {} wide, the model's are {}",
+                batch.width, self.config.hidden_size
+            )));
+        }
+        if let Some((e, _)) = batch.routes.iter().flatten().find(|(e, _)| !self.experts.contains_key(&(layer, *e))) {
+            return Err(WorkerError::InvalidArgument(format!(
+                "expert {} of layer {} is not hosted here",
+                e.0, layer.0
+            )));
+        }
+        let routes: Vec<moe::Route> =
+            batch.routes.iter().map(|r| r.iter().map(|(e, w)| (e.0 as usize, *w)).collect()).collect();
+        let experts = &self.experts;
+        moe::contributions(|e| experts.get(&(layer, ExpertId(e as u32))), &self.config, &batch.hidden, &routes)
+            .map_err(|e| WorkerError::Internal(e.to_string()))
+    }
+}

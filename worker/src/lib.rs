@@ -1,0 +1,23 @@
+//! # myriad-worker
+//!
+//! An expert worker hosts some routed experts of a model and runs them for
+//! routers: given a layer, tokens' hidden states and each token's
+//! `(expert, weight)` pairs, it returns one weighted output per pair.
+//!
+//! # Layout
+//!
+//! - [`backend`]: the compute seam ([`ExpertBackend`]) and the CPU backend,
+//!   which loads only the tensors of the experts it hosts.
+//! - [`worker`]: transport-independent state: backend plus the load window.
+//! - [`service`]: the thin tonic adapter and [`serve`].
+//! - [`error`]: [`WorkerError`] and its kind.
+
+pub mod backend;
+pub mod error;
+pub mod service;
+pub mod worker;
+
+pub use backend::{CpuBackend, ExpertBackend};
+pub use error::WorkerError;
+pub use service::serve;
+pub use worker::Worker;

@@ -1,0 +1,68 @@
+//! The gRPC adapter: decode and validate, call [`Worker`], encode.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use myriad_proto::MAX_MESSAGE_BYTES;
+use myriad_proto::expert::ExpertBatch;
+use myriad_proto::pb::expert_worker_server::{ExpertWorker, ExpertWorkerServer};
+use myriad_proto::pb::{
+    DescribeRequest, DescribeResponse, ExpertLoad, ExpertRef, RunExpertsRequest, RunExpertsResponse, TakeLoadRequest,
+    TakeLoadResponse,
+};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use crate::worker::Worker;
+
+struct Service {
+    worker: Arc<Worker>,
+}
+
+#[tonic::async_trait]
+impl ExpertWorker for Service {
+    async fn run_experts(&self, request: Request<RunExpertsRequest>) -> Result<Response<RunExpertsResponse>, Status> {
+        let batch = ExpertBatch::try_from(request.into_inner())?;
+        let layer = batch.layer.0;
+        let contributions = self.worker.run(batch).await.inspect_err(|e| {
+            tracing::warn!(layer, error = %e, "run experts failed");
+        })?;
+        Ok(Response::new(contributions.into()))
+    }
+
+    async fn describe(&self, _: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
+        let h = self.worker.hosted();
+        Ok(Response::new(DescribeResponse {
+            hidden_size: h.hidden_size as u32,
+            num_layers: h.num_layers as u32,
+            num_experts: h.num_experts as u32,
+            experts: h.experts.iter().map(|(l, e)| ExpertRef { layer: l.0, expert: e.0 }).collect(),
+        }))
+    }
+
+    async fn take_load(&self, _: Request<TakeLoadRequest>) -> Result<Response<TakeLoadResponse>, Status> {
+        let loads = self
+            .worker
+            .take_load()
+            .into_iter()
+            .map(|((l, e), tokens)| ExpertLoad { layer: l.0, expert: e.0, tokens })
+            .collect();
+        Ok(Response::new(TakeLoadResponse { loads }))
+    }
+}
+
+/// Serves `worker` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    worker: Arc<Worker>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let service = ExpertWorkerServer::new(Service { worker })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(service)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+}
