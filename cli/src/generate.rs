@@ -116,7 +116,10 @@ pub fn run(args: Args) -> Result<()> {
             ))?,
             None => args.worker_addr.clone(),
         };
-        let pool = runtime.block_on(WorkerPool::connect(&addrs, cfg)).context("connect to the expert workers")?;
+        let pool = runtime
+            .block_on(WorkerPool::connect(&addrs, cfg, &model.fingerprint))
+            .context("connect to the expert workers")?;
+        tracing::info!(workers = addrs.len(), "connected to the expert workers; generating");
         let experts =
             RemoteExperts::new(Arc::new(pool), runtime.handle().clone(), cfg.hidden_size, *args.expert_timeout);
         let run =

@@ -152,6 +152,47 @@ impl Checkpoint {
     }
 }
 
+impl Checkpoint {
+    /// A cheap identity of the model: FNV-1a-64 over `config` (the bytes of
+    /// `config.json`), every shard's safetensors header, and 16 evenly spaced
+    /// 64 KiB samples of each shard's data. Two folders with the same
+    /// fingerprint serve the same model for all practical purposes; it guards
+    /// against mistakes (a worker started on another checkpoint), not
+    /// against an adversary.
+    pub fn fingerprint(&self, config: &[u8]) -> String {
+        const SAMPLE: usize = 64 << 10;
+        let mut h = Fnv::new();
+        h.write(config);
+        for shard in &self.shards {
+            let map = &shard.map[..];
+            let header_end =
+                map.get(..8).map_or(0, |b| 8 + u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize);
+            h.write(&map[..header_end.min(map.len())]);
+            let data = &map[header_end.min(map.len())..];
+            for i in 0..16 {
+                let start = (data.len().saturating_sub(SAMPLE)) * i / 15;
+                h.write(&data[start..(start + SAMPLE).min(data.len())]);
+            }
+        }
+        format!("{:016x}", h.0)
+    }
+}
+
+/// FNV-1a, 64 bit.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
 fn check_shape(name: &str, entry: &Entry, shape: &[usize]) -> Result<()> {
     if entry.shape != shape {
         return Err(ModelError::tensor(name, format!("has shape {:?}, the config implies {:?}", entry.shape, shape)));

@@ -24,6 +24,8 @@ pub enum Logits {
 pub struct Model {
     pub config: ModelConfig,
     pub weights: ModelWeights,
+    /// [`Checkpoint::fingerprint`] of the folder: which model this is.
+    pub fingerprint: String,
 }
 
 impl Model {
@@ -41,10 +43,10 @@ impl Model {
         if !dir.is_dir() {
             return Err(ModelError::Checkpoint { path: dir.to_path_buf(), message: "is not a model folder".into() });
         }
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let (config, config_bytes) = ModelConfig::read(dir)?;
         let ckpt = Checkpoint::open(dir)?;
         let weights = ModelWeights::load(&ckpt, &config, routed)?;
-        Ok(Model { config, weights })
+        Ok(Model { config, weights, fingerprint: ckpt.fingerprint(&config_bytes) })
     }
 
     /// A fresh state for a new sequence of this model.

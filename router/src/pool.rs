@@ -37,7 +37,8 @@ pub struct WorkerPool {
 impl WorkerPool {
     /// Connects to every address, asks each worker what it hosts, and checks
     /// that together they serve every routed expert of `config`.
-    pub async fn connect(addrs: &[String], config: &ModelConfig) -> Result<Self, PoolError> {
+    /// `model_id` is the router's own [`myriad_model::Model::fingerprint`].
+    pub async fn connect(addrs: &[String], config: &ModelConfig, model_id: &str) -> Result<Self, PoolError> {
         if addrs.is_empty() {
             return Err(PoolError::Empty);
         }
@@ -55,6 +56,12 @@ impl WorkerPool {
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
             let hosted =
                 client.describe(DescribeRequest {}).await.map_err(|s| fail(s.message().to_string()))?.into_inner();
+            if hosted.model_id != model_id {
+                return Err(fail(format!(
+                    "serves model {} but this router runs model {model_id} (another checkpoint)",
+                    hosted.model_id
+                )));
+            }
             let shape = (hosted.hidden_size as usize, hosted.num_layers as usize, hosted.num_experts as usize);
             if shape != (config.hidden_size, config.num_hidden_layers, config.n_routed_experts) {
                 return Err(fail(format!(

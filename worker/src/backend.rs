@@ -15,6 +15,8 @@ use crate::error::WorkerError;
 /// The model shape a backend serves and the experts it hosts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hosted {
+    /// The checkpoint's fingerprint: routers refuse workers of another model.
+    pub model_id: String,
     pub hidden_size: usize,
     pub num_layers: usize,
     pub num_experts: usize,
@@ -43,7 +45,7 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// Maps the checkpoint in `dir` and loads only the experts `spec` names.
     pub fn load(dir: &Path, spec: &ExpertSpec) -> Result<Self, WorkerError> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let (config, config_bytes) = ModelConfig::read(dir)?;
         let ckpt = Checkpoint::open(dir)?;
         let mut experts = HashMap::new();
         for layer in 0..config.num_hidden_layers {
@@ -63,6 +65,7 @@ impl CpuBackend {
         let mut list: Vec<_> = experts.keys().copied().collect();
         list.sort();
         let hosted = Hosted {
+            model_id: ckpt.fingerprint(&config_bytes),
             hidden_size: config.hidden_size,
             num_layers: config.num_hidden_layers,
             num_experts: config.n_routed_experts,

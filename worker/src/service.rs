@@ -11,6 +11,7 @@ use myriad_proto::pb::{
     TakeLoadResponse,
 };
 use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::worker::Worker;
@@ -33,6 +34,7 @@ impl ExpertWorker for Service {
     async fn describe(&self, _: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
         let h = self.worker.hosted();
         Ok(Response::new(DescribeResponse {
+            model_id: h.model_id.clone(),
             hidden_size: h.hidden_size as u32,
             num_layers: h.num_layers as u32,
             num_experts: h.num_experts as u32,
@@ -60,9 +62,8 @@ pub async fn serve(
     let service = ExpertWorkerServer::new(Service { worker })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .add_service(service)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
-        .await
+    // Small request/response pairs: without TCP_NODELAY on the accepted
+    // sockets, Nagle meets delayed ACKs and every call waits ~40 ms.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder().add_service(service).serve_with_incoming_shutdown(incoming, shutdown).await
 }

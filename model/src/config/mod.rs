@@ -132,10 +132,16 @@ struct RawConfig {
 }
 
 impl ModelConfig {
-    /// Reads and validates `path` (a `config.json`).
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(format!("read {}", path.display()), e))?;
-        Self::from_json(&text).map_err(|message| ModelError::Config { path: path.to_path_buf(), message })
+    /// Reads and validates `dir/config.json`; also returns its bytes (part of
+    /// the model's fingerprint).
+    pub fn read(dir: &Path) -> Result<(Self, Vec<u8>)> {
+        let path = dir.join("config.json");
+        let bytes = std::fs::read(&path).map_err(|e| ModelError::io(format!("read {}", path.display()), e))?;
+        let config = std::str::from_utf8(&bytes)
+            .map_err(|e| format!("not UTF-8: {e}"))
+            .and_then(Self::from_json)
+            .map_err(|message| ModelError::Config { path: path.clone(), message })?;
+        Ok((config, bytes))
     }
 
     /// Parses and validates the text of a `config.json`.
