@@ -86,13 +86,16 @@ def myriad(binary, path: Path, prompt, new_tokens):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--myriad", required=True)
+    ap.add_argument("--myriad")
     ap.add_argument("--checkpoint", default="/tmp/myriad-bench/larger-v4")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--build-only", action="store_true", help="only create the checkpoint")
     args = ap.parse_args()
     path = Path(args.checkpoint)
     build(path)
+    if args.build_only:
+        return
     g = torch.Generator().manual_seed(99)
     prompt = torch.randint(2, LARGER["vocab_size"], (args.prompt_len,), generator=g).tolist()
     print(f"torch threads: {torch.get_num_threads()}, cores: {os.cpu_count()}", file=sys.stderr)
