@@ -176,35 +176,23 @@ fn a_worker_killed_without_replicas_fails_the_request_with_a_clear_error() {
 
 #[test]
 fn workers_that_miss_experts_or_serve_another_model_are_refused() {
-    let specs = specs(5, 8, 2, 1);
-    let partial = WorkerProcess::start("tests/fixtures/mixed-f32", &specs[0]);
     let prompt = fixture_prompt("mixed-f32", 0);
-    let out = myriad(&[
-        "generate",
-        "--model",
-        "tests/fixtures/mixed-f32",
-        "--prompt-ids",
-        &prompt,
-        "--worker-addr",
-        &partial.addr,
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("is hosted by no worker"), "{stderr}");
-
+    let refused = |addr: &str, want: &str| {
+        let out = myriad(&[
+            "generate",
+            "--model",
+            "tests/fixtures/mixed-f32",
+            "--prompt-ids",
+            &prompt,
+            "--worker-addr",
+            addr,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(want), "{addr}: `{stderr}` should mention `{want}`");
+    };
+    let partial = WorkerProcess::start("tests/fixtures/mixed-f32", &specs(5, 8, 2, 1)[0]);
+    refused(&partial.addr, "is hosted by no worker");
     let other = WorkerProcess::start("models/tiny-v4", "*:*");
-    let out = myriad(&[
-        "generate",
-        "--model",
-        "tests/fixtures/mixed-f32",
-        "--prompt-ids",
-        &prompt,
-        "--worker-addr",
-        &other.addr,
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("another checkpoint"), "{stderr}");
-
-    let out = myriad(&["generate", "--prompt-ids", "5", "--worker-addr", "127.0.0.1:1"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("127.0.0.1:1"), "{stderr}");
+    refused(&other.addr, "another checkpoint");
+    refused("127.0.0.1:1", "127.0.0.1:1");
 }
