@@ -122,23 +122,12 @@ impl RemoteExperts {
             }
             by_worker.entry(live[(offset + p.expert) % live.len()]).or_default().push(*p);
         }
+        // Bound a call by its request plus response size, in hidden-wide rows.
+        let budget = MAX_MESSAGE_BYTES / 2 / (inner.hidden * 4);
         let mut calls = Vec::new();
         for (worker, mut pairs) in by_worker {
             pairs.sort_by_key(|p| (p.row, p.slot));
-            // Bound a call by its request plus response size, in whole tokens.
-            let budget = MAX_MESSAGE_BYTES / 2 / (inner.hidden * 4);
-            let mut current: Vec<Pair> = Vec::new();
-            let mut rows_and_pairs = 0;
-            for (i, p) in pairs.iter().enumerate() {
-                let new_row = i == 0 || pairs[i - 1].row != p.row;
-                if new_row && !current.is_empty() && rows_and_pairs + 1 + count_row(&pairs[i..]) > budget {
-                    calls.push(Call { worker, pairs: std::mem::take(&mut current) });
-                    rows_and_pairs = 0;
-                }
-                rows_and_pairs += 1 + usize::from(new_row);
-                current.push(*p);
-            }
-            calls.push(Call { worker, pairs: current });
+            calls.extend(split(&pairs, budget).into_iter().map(|pairs| Call { worker, pairs }));
         }
         Ok(calls)
     }
@@ -190,9 +179,26 @@ impl RemoteExperts {
     }
 }
 
-/// Rows plus pairs that the next token (at the start of `rest`) adds.
-fn count_row(rest: &[Pair]) -> usize {
-    rest.iter().take_while(|p| p.row == rest[0].row).count()
+/// Splits one worker's pairs (sorted by token row) into calls whose hidden
+/// rows plus contribution rows stay within `budget`. A token is never split:
+/// one whose own cost passes the budget goes alone.
+fn split(pairs: &[Pair], budget: usize) -> Vec<Vec<Pair>> {
+    let mut calls = Vec::new();
+    let mut current: Vec<Pair> = Vec::new();
+    let mut used = 0;
+    for token in pairs.chunk_by(|a, b| a.row == b.row) {
+        let cost = 1 + token.len();
+        if !current.is_empty() && used + cost > budget {
+            calls.push(std::mem::take(&mut current));
+            used = 0;
+        }
+        used += cost;
+        current.extend_from_slice(token);
+    }
+    if !current.is_empty() {
+        calls.push(current);
+    }
+    calls
 }
 
 impl ExpertExecutor for RemoteExperts {
@@ -267,5 +273,32 @@ impl PendingExperts for PendingCalls {
                 })
                 .collect();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(tokens: usize, per_token: usize) -> Vec<Pair> {
+        (0..tokens * per_token).map(|i| Pair { row: i / per_token, slot: i, expert: i % 7, weight: 1.0 }).collect()
+    }
+
+    #[test]
+    fn split_respects_the_budget_and_keeps_tokens_whole() {
+        let all = pairs(10, 3);
+        let calls = split(&all, 9);
+        // Each token costs 1 hidden row + 3 contribution rows: two fit in 9.
+        assert_eq!(calls.len(), 5);
+        for call in &calls {
+            let rows: std::collections::BTreeSet<usize> = call.iter().map(|p| p.row).collect();
+            assert!(rows.len() + call.len() <= 9);
+            assert!(rows.iter().all(|r| call.iter().filter(|p| p.row == *r).count() == 3), "a token was split");
+        }
+        let slots: Vec<usize> = calls.iter().flatten().map(|p| p.slot).collect();
+        assert_eq!(slots, (0..30).collect::<Vec<_>>(), "every pair exactly once, in order");
+        // A token costlier than the budget still goes, alone.
+        assert_eq!(split(&pairs(2, 6), 4).len(), 2);
+        assert_eq!(split(&pairs(3, 2), 1000).len(), 1);
     }
 }
