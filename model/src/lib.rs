@@ -39,5 +39,5 @@ pub mod weights;
 pub use config::ModelConfig;
 pub use error::{ErrorKind, ModelError, Result};
 pub use generate::{Generation, Sampling, generate, generate_with};
-pub use model::{Logits, Model};
+pub use model::{Chunk, Logits, Model};
 pub use state::SequenceState;

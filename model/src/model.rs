@@ -12,6 +12,13 @@ use crate::state::SequenceState;
 use crate::weights::{ModelWeights, RoutedExperts};
 use crate::{attention, mhc, moe};
 
+/// The next tokens of one sequence in a batched forward.
+pub struct Chunk<'a> {
+    pub tokens: &'a [u32],
+    pub state: &'a mut SequenceState,
+    pub want: Logits,
+}
+
 /// Which positions of a chunk to compute logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -75,41 +82,78 @@ impl Model {
         want: Logits,
         experts: &impl ExpertExecutor,
     ) -> Result<Vec<f32>> {
+        let mut logits = self.forward_batch(&mut [Chunk { tokens, state, want }], experts)?;
+        Ok(logits.pop().unwrap_or_default())
+    }
+
+    /// Runs the next tokens of several sequences as one batch: the dense
+    /// projections and the routed experts see all rows at once (one expert
+    /// call per MoE layer for the whole batch), attention runs per sequence.
+    /// Each sequence's logits are the same bits as when it runs alone.
+    pub fn forward_batch(&self, batch: &mut [Chunk<'_>], experts: &impl ExpertExecutor) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.config;
-        self.check_input(tokens, state)?;
+        for chunk in batch.iter() {
+            self.check_input(chunk.tokens, chunk.state)?;
+        }
+        let tokens: Vec<u32> = batch.iter().flat_map(|c| c.tokens.iter().copied()).collect();
         let rows = tokens.len();
         let (hidden, hc) = (cfg.hidden_size, cfg.hc_mult);
         let mut streams = Vec::with_capacity(rows * hc * hidden);
-        for &t in tokens {
+        for &t in &tokens {
             let row = self.weights.embed.row(t as usize);
             (0..hc).for_each(|_| streams.extend_from_slice(row));
         }
-        let first_position = state.position;
         for (l, w) in self.weights.layers.iter().enumerate() {
             let mut mix = mhc::pre(&w.hc_attn, cfg, &streams, rows);
             let mut x = std::mem::take(&mut mix.collapsed);
             rms_norm(&mut x, hidden, Some(w.attn_norm.data()), cfg.rms_norm_eps);
-            let out = attention::forward(&w.attn, cfg, l, &x, rows, first_position, &mut state.layers[l]);
+            let mut out = Vec::with_capacity(rows * hidden);
+            let mut offset = 0;
+            for chunk in batch.iter_mut() {
+                let n = chunk.tokens.len();
+                let first = chunk.state.position;
+                let seq_x = &x[offset * hidden..(offset + n) * hidden];
+                out.extend(attention::forward(&w.attn, cfg, l, seq_x, n, first, &mut chunk.state.layers[l]));
+                offset += n;
+            }
             mhc::post(&mix, cfg, &mut streams, &out, rows);
 
             let mut mix = mhc::pre(&w.hc_ffn, cfg, &streams, rows);
             let mut x = std::mem::take(&mut mix.collapsed);
             rms_norm(&mut x, hidden, Some(w.ffn_norm.data()), cfg.rms_norm_eps);
-            let out = moe::forward(&w.moe, cfg, l, &x, tokens, rows, experts)?;
+            let out = moe::forward(&w.moe, cfg, l, &x, &tokens, rows, experts)?;
             mhc::post(&mix, cfg, &mut streams, &out, rows);
         }
-        state.position += rows;
 
-        let (streams, rows) = match want {
-            Logits::All => (&streams[..], rows),
-            Logits::Last => (&streams[(rows - 1) * hc * hidden..], 1),
-        };
-        let mut h = mhc::head(&self.weights.hc_head, cfg, streams, rows);
+        // Rows whose logits are wanted, in batch order.
+        let mut wanted = Vec::new();
+        let mut offset = 0;
+        for chunk in batch.iter_mut() {
+            let n = chunk.tokens.len();
+            chunk.state.position += n;
+            let first = if chunk.want == Logits::All { offset } else { offset + n - 1 };
+            wanted.push((first, offset + n));
+            offset += n;
+        }
+        let picked: Vec<f32> =
+            wanted.iter().flat_map(|&(a, b)| streams[a * hc * hidden..b * hc * hidden].iter().copied()).collect();
+        let picked_rows = picked.len() / (hc * hidden);
+        let mut h = mhc::head(&self.weights.hc_head, cfg, &picked, picked_rows);
         rms_norm(&mut h, hidden, Some(self.weights.norm.data()), cfg.rms_norm_eps);
-        Ok(match &self.weights.head {
-            Some(head) => head.forward(&h, rows),
-            None => crate::kernels::linear(&h, rows, self.weights.embed.data(), cfg.vocab_size),
-        })
+        let logits = match &self.weights.head {
+            Some(head) => head.forward(&h, picked_rows),
+            None => crate::kernels::linear(&h, picked_rows, self.weights.embed.data(), cfg.vocab_size),
+        };
+        let vocab = cfg.vocab_size;
+        let mut start = 0;
+        Ok(wanted
+            .iter()
+            .map(|&(a, b)| {
+                let n = (b - a) * vocab;
+                start += n;
+                logits[start - n..start].to_vec()
+            })
+            .collect())
     }
 
     fn check_input(&self, tokens: &[u32], state: &SequenceState) -> Result<()> {

@@ -139,3 +139,39 @@ fn chunked_prefill_and_restored_state_equal_full_forward() {
         assert_eq!(state.position, sequence.len());
     }
 }
+
+/// Sequences batched together (prefill chunks mixed with decode tokens) get
+/// the same bits as each alone: continuous batching cannot change results.
+#[test]
+fn batched_sequences_equal_solo_runs() {
+    use myriad_model::Chunk;
+    let (model, expected) = load("mixed-f32");
+    let vocab = model.config.vocab_size;
+    let prompts: Vec<Vec<u32>> =
+        vec![expected.cases[1].prompt[..90].to_vec(), expected.cases[0].prompt.clone(), (2..40).collect()];
+    let solo: Vec<Vec<f32>> =
+        prompts.iter().map(|p| model.forward(p, &mut model.new_state(), Logits::All).unwrap()).collect();
+    // Feed the three sequences in uneven pieces, all in flight at once.
+    let mut states: Vec<_> = prompts.iter().map(|_| model.new_state()).collect();
+    let mut done = vec![0usize; prompts.len()];
+    let mut got: Vec<Vec<f32>> = vec![Vec::new(); prompts.len()];
+    let sizes = [7usize, 1, 13];
+    while done.iter().zip(&prompts).any(|(d, p)| d < &p.len()) {
+        let mut batch = Vec::new();
+        let mut members = Vec::new();
+        for (i, (state, p)) in states.iter_mut().zip(&prompts).enumerate() {
+            let n = sizes[i].min(p.len() - done[i]);
+            if n > 0 {
+                batch.push(Chunk { tokens: &p[done[i]..done[i] + n], state, want: Logits::All });
+                members.push((i, n));
+            }
+        }
+        let out = model.forward_batch(&mut batch, &model.local_experts()).unwrap();
+        for ((i, n), logits) in members.into_iter().zip(out) {
+            assert_eq!(logits.len(), n * vocab);
+            got[i].extend(logits);
+            done[i] += n;
+        }
+    }
+    assert_eq!(got, solo);
+}
