@@ -40,6 +40,18 @@ pub struct LocalExperts<'a> {
     pub layers: &'a [crate::weights::LayerWeights],
 }
 
+/// The experts of a shared model in this process; owns its `Arc`, so it can
+/// live on another thread (the batching engine's).
+pub struct SharedLocalExperts(pub std::sync::Arc<crate::Model>);
+
+impl ExpertExecutor for SharedLocalExperts {
+    type Pending = Ready;
+
+    fn start(&self, layer: usize, x: &[f32], routes: &[Route]) -> Result<Ready> {
+        self.0.local_experts().start(layer, x, routes)
+    }
+}
+
 /// Expert work that is already done.
 pub struct Ready(pub Contributions);
 

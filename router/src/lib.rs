@@ -12,9 +12,11 @@
 //! - [`pool`]: connections to workers and the placement they report.
 //! - [`dispatch`]: [`RemoteExperts`], the model's `ExpertExecutor` over gRPC,
 //!   with replica retries.
-//! - [`metrics`]: Prometheus counters.
+//! - [`engine`]: continuous batching over `Model::forward_batch`.
+//! - [`metrics`]: Prometheus metrics.
 
 pub mod dispatch;
+pub mod engine;
 pub mod metrics;
 pub mod pool;
 

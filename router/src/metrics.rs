@@ -3,7 +3,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
 
@@ -37,5 +37,32 @@ pub static DISPATCH_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
             &["direction"],
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+    )
+});
+
+/// Requests waiting for a place in the batch.
+pub static QUEUE_DEPTH: LazyLock<IntGauge> = LazyLock::new(|| {
+    register(
+        IntGauge::new("myriad_router_queue_depth", "requests waiting for a place in the batch")
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+    )
+});
+
+/// Sequences per engine step.
+pub static BATCH_SIZE: LazyLock<Histogram> = LazyLock::new(|| {
+    let buckets = vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+    register(
+        Histogram::with_opts(
+            HistogramOpts::new("myriad_router_batch_size", "sequences per engine step").buckets(buckets),
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+    )
+});
+
+/// Tokens processed, by `kind` (`prompt`, `completion`).
+pub static TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(Opts::new("myriad_router_tokens_total", "tokens processed"), &["kind"])
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
     )
 });

@@ -1,0 +1,226 @@
+//! Continuous batching: one engine thread steps every active sequence
+//! together. New requests join at the next step; prompts are prefilled in
+//! chunks within a per-step token budget so a long prompt does not stall
+//! everyone's decode; a finished or abandoned sequence (its receiver
+//! dropped: the client went away) leaves the batch at once and its state is
+//! freed. Each step makes one `forward_batch` call, hence one expert call per
+//! MoE layer for the whole batch. Batching never changes a sequence's bits.
+
+use std::sync::Arc;
+
+use myriad_model::generate::{Rng, sample};
+use myriad_model::model::Chunk;
+use myriad_model::moe::ExpertExecutor;
+use myriad_model::{Logits, Model, Sampling, SequenceState};
+use tokio::sync::mpsc;
+
+use crate::metrics;
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+/// What the engine sends back for one request, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token(u32),
+    Done(FinishReason),
+    Error(String),
+}
+
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+    /// Tokens that end the sequence (the model's end-of-sequence ids).
+    pub stop_tokens: Vec<u32>,
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Most sequences stepped together.
+    pub max_batch: usize,
+    /// Most tokens one step runs (decode tokens plus prefill chunks).
+    pub step_tokens: usize,
+    /// Requests that may wait for a place in the batch.
+    pub queue: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { max_batch: 64, step_tokens: 512, queue: 256 }
+    }
+}
+
+/// The handle the HTTP layer submits through.
+#[derive(Clone)]
+pub struct Engine {
+    requests: mpsc::Sender<Request>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the request queue is full")]
+    QueueFull,
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+impl Engine {
+    /// Starts the engine thread over `model` with routed experts on `experts`.
+    pub fn start<E: ExpertExecutor + Send + 'static>(model: Arc<Model>, experts: E, config: EngineConfig) -> Self {
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        std::thread::Builder::new()
+            .name("myriad-engine".into())
+            .spawn(move || run(&model, &experts, rx, config))
+            .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"));
+        Engine { requests: tx }
+    }
+
+    /// Queues a request; refuses at once when the queue is full.
+    pub fn submit(&self, request: Request) -> Result<(), SubmitError> {
+        self.requests.try_send(request).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+        })?;
+        metrics::QUEUE_DEPTH.set((self.requests.max_capacity() - self.requests.capacity()) as i64);
+        Ok(())
+    }
+}
+
+struct Active {
+    request: Request,
+    state: SequenceState,
+    /// Prompt tokens already run.
+    prefilled: usize,
+    generated: usize,
+    /// The token to feed next once the prompt is done.
+    next: Option<u32>,
+    rng: Rng,
+}
+
+fn run(model: &Model, experts: &impl ExpertExecutor, mut requests: mpsc::Receiver<Request>, config: EngineConfig) {
+    let mut active: Vec<Active> = Vec::new();
+    loop {
+        if active.is_empty() {
+            match requests.blocking_recv() {
+                Some(r) => active.push(admit(model, r)),
+                None => return,
+            }
+        }
+        while active.len() < config.max_batch {
+            match requests.try_recv() {
+                Ok(r) => active.push(admit(model, r)),
+                Err(_) => break,
+            }
+        }
+        metrics::QUEUE_DEPTH.set((requests.max_capacity() - requests.capacity()) as i64);
+        // Abandoned requests leave before any work is spent on them.
+        active.retain(|a| !a.request.events.is_closed());
+        if active.is_empty() {
+            continue;
+        }
+        step(model, experts, &mut active, config.step_tokens);
+    }
+}
+
+fn admit(model: &Model, request: Request) -> Active {
+    let rng = Rng::new(request.sampling.seed);
+    Active { state: model.new_state(), prefilled: 0, generated: 0, next: None, rng, request }
+}
+
+/// One forward over every active sequence, then sampling and bookkeeping.
+fn step(model: &Model, experts: &impl ExpertExecutor, active: &mut Vec<Active>, step_tokens: usize) {
+    // Decode tokens first (one each), then prompt chunks with what is left.
+    let mut budget = step_tokens.max(1);
+    let mut plan: Vec<(usize, usize)> = Vec::new(); // (index, tokens this step)
+    for (i, a) in active.iter().enumerate() {
+        if a.next.is_some() && budget > 0 {
+            plan.push((i, 1));
+            budget -= 1;
+        }
+    }
+    for (i, a) in active.iter().enumerate() {
+        let left = a.request.prompt.len() - a.prefilled;
+        if a.next.is_none() && left > 0 && budget > 0 {
+            let n = left.min(budget);
+            plan.push((i, n));
+            budget -= n;
+        }
+    }
+    plan.sort_unstable();
+    metrics::BATCH_SIZE.observe(plan.len() as f64);
+    let inputs: Vec<Vec<u32>> = plan
+        .iter()
+        .map(|&(i, n)| {
+            let a = &active[i];
+            match a.next {
+                Some(t) => vec![t],
+                None => a.request.prompt[a.prefilled..a.prefilled + n].to_vec(),
+            }
+        })
+        .collect();
+    // `plan` is sorted by index: walk `active` once, lending each planned
+    // sequence's state to the batch.
+    let mut planned = plan.iter().zip(&inputs).peekable();
+    let mut chunks = Vec::with_capacity(plan.len());
+    for (i, a) in active.iter_mut().enumerate() {
+        if let Some((_, tokens)) = planned.next_if(|((j, _), _)| *j == i) {
+            chunks.push(Chunk { tokens, state: &mut a.state, want: Logits::Last });
+        }
+    }
+    let result = model.forward_batch(&mut chunks, experts);
+    drop(chunks);
+    let logits = match result {
+        Ok(l) => l,
+        Err(e) => {
+            // A failed step leaves these sequences' states half-advanced.
+            tracing::error!(error = %e, "engine step failed");
+            let failed: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
+            for &i in failed.iter().rev() {
+                let a = active.remove(i);
+                let _ = a.request.events.send(Event::Error(format!("{e}")));
+            }
+            return;
+        }
+    };
+    let mut finished = Vec::new();
+    for (&(i, n), logits) in plan.iter().zip(logits) {
+        let a = &mut active[i];
+        if a.next.is_none() {
+            a.prefilled += n;
+            if a.prefilled < a.request.prompt.len() {
+                continue; // more prompt to run
+            }
+            metrics::TOKENS.with_label_values(&["prompt"]).inc_by(a.prefilled as u64);
+        }
+        let token = sample(&logits, &a.request.sampling, &mut a.rng);
+        a.generated += 1;
+        metrics::TOKENS.with_label_values(&["completion"]).inc();
+        let mut done = None;
+        if a.request.stop_tokens.contains(&token) {
+            done = Some(FinishReason::Stop);
+        } else {
+            let _ = a.request.events.send(Event::Token(token));
+            if a.generated >= a.request.max_tokens {
+                done = Some(FinishReason::Length);
+            }
+        }
+        match done {
+            Some(reason) => {
+                let _ = a.request.events.send(Event::Done(reason));
+                finished.push(i);
+            }
+            None => a.next = Some(token),
+        }
+    }
+    for &i in finished.iter().rev() {
+        active.remove(i);
+    }
+}
