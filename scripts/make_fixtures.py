@@ -113,6 +113,11 @@ to move between machines.
 """
 
 
+# DeepSeek-V4-style chat format (written for Myriad): `thinking` opens a
+# <think> block, `reasoning_effort == "max"` adds the Think Max instruction.
+CHAT_TEMPLATE = "{{ bos_token }}{%- if reasoning_effort == 'max' %}Reasoning effort: maximum. Think as long and as carefully as the problem needs before answering.\n{% endif %}{%- for m in messages %}{%- if m.role == 'system' %}{{ m.content }}{%- elif m.role == 'user' %}<｜User｜>{{ m.content }}{%- elif m.role == 'assistant' %}<｜Assistant｜>{{ m.content }}{{ eos_token }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}<｜Assistant｜>{% if thinking %}<think>{% else %}</think>{% endif %}{% endif %}"
+
+
 def randomize(model: DeepseekV4ForCausalLM, seed: int) -> None:
     """Fill every parameter and buffer with O(1)-scaled random values.
 
@@ -382,9 +387,12 @@ def make_tiny():
                 "eos_token": "<｜end▁of▁sentence｜>",
                 "model_max_length": 1048576,
                 "tokenizer_class": "PreTrainedTokenizerFast",
+                "chat_template": CHAT_TEMPLATE,
             },
             indent=2,
+            ensure_ascii=False,
         )
+        + "\n"
     )
     # A text prompt through the real tokenizer, so `--prompt` is checked too.
     text = "The quick brown fox jumps over the lazy dog."

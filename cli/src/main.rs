@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod cluster;
 mod generate;
+mod serve;
 mod worker;
 
 /// Myriad: a distributed, expert-parallel inference runtime for DeepSeek-V4.
@@ -23,6 +24,10 @@ enum Command {
     Generate(generate::Args),
     /// Serve routed experts to routers over gRPC.
     Worker(worker::Args),
+    /// Run a whole local cluster (expert workers + router with the OpenAI API) in one process.
+    Up(serve::UpArgs),
+    /// Serve the OpenAI API over running expert workers.
+    Router(serve::RouterArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +43,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Worker(args) => worker::run(args),
+        Command::Up(args) => serve::up(args),
+        Command::Router(args) => serve::router(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,10 +13,13 @@
 //! - [`dispatch`]: [`RemoteExperts`], the model's `ExpertExecutor` over gRPC,
 //!   with replica retries.
 //! - [`engine`]: continuous batching over `Model::forward_batch`.
+//! - [`http`]: the OpenAI-compatible API; [`chat`]: chat template and reasoning modes.
 //! - [`metrics`]: Prometheus metrics.
 
+pub mod chat;
 pub mod dispatch;
 pub mod engine;
+pub mod http;
 pub mod metrics;
 pub mod pool;
 

@@ -3,7 +3,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
 
@@ -66,3 +66,52 @@ pub static TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
             .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
     )
 });
+
+/// HTTP requests by `endpoint` and `outcome` (`ok`, `client_error`, `server_error`, `cancelled`).
+pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(Opts::new("myriad_router_requests_total", "inference requests"), &["endpoint", "outcome"])
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+    )
+});
+
+fn latency_buckets() -> Vec<f64> {
+    vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+}
+
+/// Time from admission to the first generated token.
+pub static TIME_TO_FIRST_TOKEN: LazyLock<Histogram> = LazyLock::new(|| {
+    let opts = HistogramOpts::new("myriad_router_time_to_first_token_seconds", "admission to first token");
+    register(
+        Histogram::with_opts(opts.buckets(latency_buckets()))
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+    )
+});
+
+/// Time between consecutive generated tokens of one request.
+pub static INTER_TOKEN_LATENCY: LazyLock<Histogram> = LazyLock::new(|| {
+    let opts = HistogramOpts::new("myriad_router_inter_token_latency_seconds", "time between generated tokens");
+    register(
+        Histogram::with_opts(opts.buckets(latency_buckets()))
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+    )
+});
+
+/// Expert call latency, by `outcome` (`ok`, `failed`).
+pub static DISPATCH_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
+    let opts = HistogramOpts::new("myriad_router_dispatch_latency_seconds", "expert call latency");
+    register(
+        HistogramVec::new(opts.buckets(latency_buckets()), &["outcome"])
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+    )
+});
+
+/// The registry in Prometheus' text format.
+pub fn render() -> String {
+    let mut out = String::new();
+    let encoder = prometheus::TextEncoder::new();
+    if let Err(e) = encoder.encode_utf8(&REGISTRY.gather(), &mut out) {
+        out = format!("# encoding metrics failed: {e}\n");
+    }
+    out
+}

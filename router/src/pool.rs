@@ -92,6 +92,11 @@ impl WorkerPool {
             .unwrap_or_default()
     }
 
+    /// Whether every routed expert still has a live replica (readiness).
+    pub fn serving(&self) -> bool {
+        self.replicas.values().all(|r| r.iter().any(|&w| self.workers[w].alive.load(Ordering::Relaxed)))
+    }
+
     pub fn mark_down(&self, worker: usize) {
         self.workers[worker].alive.store(false, Ordering::Relaxed);
     }

@@ -1,0 +1,164 @@
+//! `myriad up` and `myriad router`: the OpenAI-compatible endpoint over
+//! expert workers (started in this process, or already running).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use myriad_model::Model;
+use myriad_model::text::TextTokenizer;
+use myriad_router::chat::ChatTemplate;
+use myriad_router::engine::{Engine, EngineConfig};
+use myriad_router::http::{self, AppState};
+use myriad_router::{RemoteExperts, WorkerPool};
+use tokio::net::TcpListener;
+
+use crate::cluster;
+
+/// Options of the HTTP front end, shared by `up` and `router`.
+#[derive(clap::Args)]
+pub struct HttpArgs {
+    /// Model folder (config, weights, tokenizer.json, tokenizer_config.json).
+    #[arg(long, env = "MYRIAD_MODEL", default_value = "models/tiny-v4")]
+    model: PathBuf,
+
+    /// Where the HTTP API listens; port 0 picks a free one (printed at start-up).
+    #[arg(long, env = "MYRIAD_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: String,
+
+    /// Name clients pass as `model` (default: the model folder's name).
+    #[arg(long, env = "MYRIAD_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+
+    /// Accepted API keys (comma-separated); none means no authentication.
+    #[arg(long = "api-key", env = "MYRIAD_API_KEYS", value_delimiter = ',')]
+    api_keys: Vec<String>,
+
+    /// Most sequences in one batch step.
+    #[arg(long, env = "MYRIAD_MAX_BATCH", default_value_t = 64)]
+    max_batch: usize,
+
+    /// Most tokens one step runs; long prompts are prefilled in chunks of what is left.
+    #[arg(long, env = "MYRIAD_STEP_TOKENS", default_value_t = 512)]
+    step_tokens: usize,
+
+    /// Requests that may wait for a place in the batch before new ones get 429.
+    #[arg(long, env = "MYRIAD_MAX_QUEUE", default_value_t = 256)]
+    max_queue: usize,
+
+    /// Longest prompt plus completion in tokens (default: the model's context).
+    #[arg(long, env = "MYRIAD_MAX_MODEL_LEN")]
+    max_model_len: Option<usize>,
+
+    /// Completion length when a request sets no max_tokens.
+    #[arg(long, env = "MYRIAD_DEFAULT_MAX_TOKENS", default_value_t = 1024)]
+    default_max_tokens: usize,
+
+    /// Longest wait for one expert call before trying another replica.
+    #[arg(long, env = "MYRIAD_EXPERT_TIMEOUT", default_value = "30s")]
+    expert_timeout: humantime::Duration,
+}
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    http: HttpArgs,
+
+    /// Expert workers to start in this process (reached over loopback gRPC).
+    #[arg(long, env = "MYRIAD_WORKERS", default_value_t = 2)]
+    workers: usize,
+
+    /// How many workers host each expert.
+    #[arg(long, env = "MYRIAD_REPLICAS", default_value_t = 1)]
+    replicas: usize,
+}
+
+#[derive(clap::Args)]
+pub struct RouterArgs {
+    #[command(flatten)]
+    http: HttpArgs,
+
+    /// Expert workers to dispatch to (`myriad worker` addresses); repeat or comma-separate.
+    #[arg(long = "worker-addr", env = "MYRIAD_WORKER_ADDRS", value_delimiter = ',', required = true)]
+    worker_addrs: Vec<String>,
+}
+
+pub fn up(args: UpArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    let config = Model::load_dense(&args.http.model)
+        .with_context(|| format!("load model from {}", args.http.model.display()))?
+        .config;
+    let addrs = runtime.block_on(cluster::start(
+        &args.http.model,
+        config.num_hidden_layers,
+        config.n_routed_experts,
+        args.workers,
+        args.replicas,
+    ))?;
+    let what = format!("{} expert workers in this process", args.workers);
+    serve(runtime, args.http, addrs, &what)
+}
+
+pub fn router(args: RouterArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    let what = format!("{} expert workers", args.worker_addrs.len());
+    serve(runtime, args.http, args.worker_addrs, &what)
+}
+
+fn model_name(dir: &Path) -> String {
+    dir.canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "myriad".into())
+}
+
+fn serve(runtime: tokio::runtime::Runtime, args: HttpArgs, worker_addrs: Vec<String>, what: &str) -> Result<()> {
+    let model =
+        Arc::new(Model::load_dense(&args.model).with_context(|| format!("load model from {}", args.model.display()))?);
+    let cfg = &model.config;
+    let tokenizer = TextTokenizer::load(&args.model).context("load the tokenizer")?;
+    let chat_template =
+        ChatTemplate::load(&args.model).map_err(anyhow::Error::msg).context("load the chat template")?;
+    let pool = Arc::new(
+        runtime
+            .block_on(WorkerPool::connect(&worker_addrs, cfg, &model.fingerprint))
+            .context("connect to the expert workers")?,
+    );
+    let experts = RemoteExperts::new(pool.clone(), runtime.handle().clone(), cfg.hidden_size, *args.expert_timeout);
+    let max_context = args.max_model_len.unwrap_or(cfg.max_position_embeddings).min(cfg.max_position_embeddings);
+    if args.max_batch == 0 || args.step_tokens == 0 {
+        bail!("--max-batch and --step-tokens must be at least 1");
+    }
+    let engine_config =
+        EngineConfig { max_batch: args.max_batch, step_tokens: args.step_tokens, queue: args.max_queue };
+    let engine = Engine::start(model.clone(), experts, engine_config);
+    let model_name = args.served_model_name.clone().unwrap_or_else(|| model_name(&args.model));
+    let state = Arc::new(AppState {
+        engine,
+        tokenizer,
+        chat_template,
+        model_name: model_name.clone(),
+        api_keys: args.api_keys.clone(),
+        max_context,
+        default_max_tokens: args.default_max_tokens,
+        eos_token_ids: cfg.eos_token_ids.clone(),
+        vocab_size: cfg.vocab_size,
+        ready: Box::new(move || pool.serving()),
+    });
+    tracing::info!(
+        model = %model_name, listen = %args.listen, api_keys = args.api_keys.len(), max_batch = args.max_batch,
+        step_tokens = args.step_tokens, max_queue = args.max_queue, max_context, "starting the HTTP API"
+    );
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
+        let addr = listener.local_addr().context("read the bound address")?;
+        // Tests and scripts read this first line to find the port.
+        println!("Myriad is up: http://{addr}/v1 (model `{model_name}`, {what})");
+        println!("Try: curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\");
+        println!("       -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'");
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        http::serve(listener, state, shutdown).await.context("serve HTTP")
+    })
+}

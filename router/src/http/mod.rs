@@ -1,0 +1,111 @@
+//! The OpenAI-compatible HTTP API of a router.
+//!
+//! `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream`),
+//! `GET /v1/models`, `GET /health` (alive), `GET /ready` (the data plane can
+//! serve), `GET /metrics` (Prometheus). Bodies are size-limited and parsed by
+//! hand so every malformed input gets a 400 in OpenAI's error shape; API keys
+//! are checked when configured.
+
+mod api;
+mod error;
+mod generate;
+mod text;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use myriad_model::text::TextTokenizer;
+use tokio::net::TcpListener;
+
+pub use error::ApiError;
+
+use crate::chat::ChatTemplate;
+use crate::engine::Engine;
+
+/// What the HTTP layer serves with.
+pub struct AppState {
+    pub engine: Engine,
+    pub tokenizer: TextTokenizer,
+    /// `None` when the model folder ships no chat template (chat requests then fail with 400).
+    pub chat_template: Option<ChatTemplate>,
+    /// The name clients use as `model`.
+    pub model_name: String,
+    /// Accepted bearer tokens; empty means no authentication.
+    pub api_keys: Vec<String>,
+    /// Longest prompt plus completion, in tokens.
+    pub max_context: usize,
+    /// Completion length when a request gives no `max_tokens`.
+    pub default_max_tokens: usize,
+    /// End-of-sequence ids: generation stops there.
+    pub eos_token_ids: Vec<u32>,
+    /// The model's vocabulary size: token-id prompts must stay below it.
+    pub vocab_size: usize,
+    /// Whether the data plane can serve (placement loaded, workers reachable).
+    pub ready: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(generate::completions))
+        .route("/v1/chat/completions", post(generate::chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(|| async { crate::metrics::render() }))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+fn authorized(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    if state.api_keys.is_empty() {
+        return Ok(());
+    }
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare every key in full so timing does not reveal a prefix.
+    let ok = state.api_keys.iter().fold(false, |found, key| found | constant_time_eq(key.as_bytes(), given.as_bytes()));
+    if ok { Ok(()) } else { Err(ApiError::unauthorized()) }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorized(&state, &headers) {
+        return e.into_response();
+    }
+    axum::Json(serde_json::json!({
+        "object": "list",
+        "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "myriad"}],
+    }))
+    .into_response()
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if (state.ready)() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
