@@ -1,0 +1,47 @@
+"""Starts real `myriad up` processes for the end-to-end tests."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+ROOT = Path(__file__).resolve().parents[2]
+BINARY = Path(os.environ.get("MYRIAD_BIN", ROOT / "target" / "debug" / "myriad"))
+
+
+class Server:
+    def __init__(self, *args):
+        self.proc = subprocess.Popen(
+            [str(BINARY), "up", "--listen", "127.0.0.1:0", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        line = self.proc.stdout.readline()
+        if not line.startswith("Myriad is up: "):
+            self.stop()
+            raise RuntimeError(f"myriad up did not start: {line!r}")
+        self.base_url = line.split()[3]  # http://127.0.0.1:PORT/v1
+        self.root_url = self.base_url.removesuffix("/v1")
+
+    def client(self, api_key="unused", **kwargs):
+        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, **kwargs)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server():
+    s = Server("--workers", "2")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return server.client()

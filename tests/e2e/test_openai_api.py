@@ -1,0 +1,197 @@
+"""The OpenAI-compatible endpoint of `myriad up`, through the official client."""
+
+import json
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from conftest import BINARY, ROOT, Server
+
+MODEL = "tiny-v4"
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+def generate_cli(prompt, n):
+    """The single-process reference run: `myriad generate` greedy output text."""
+    out = subprocess.run(
+        [str(BINARY), "generate", "--prompt", prompt, "--max-new-tokens", str(n)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    return out.stdout.removesuffix("\n")
+
+
+def test_models_health_ready_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    for path, body in [("/health", "ok"), ("/ready", "ready")]:
+        with urllib.request.urlopen(server.root_url + path) as r:
+            assert r.status == 200 and r.read().decode() == body
+    client.completions.create(model=MODEL, prompt="metrics", max_tokens=2, temperature=0)
+    with urllib.request.urlopen(server.root_url + "/metrics") as r:
+        text = r.read().decode()
+    for name in ["myriad_router_requests_total", "myriad_router_time_to_first_token_seconds",
+                 "myriad_router_tokens_total", "myriad_router_dispatch_calls_total", "myriad_router_batch_size"]:
+        assert name in text, name
+
+
+def test_greedy_completion_equals_myriad_generate(client):
+    prompt = "The quick brown fox"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    assert r.choices[0].text == generate_cli(prompt, 12)
+    assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_equals_non_streaming(client):
+    whole = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10, temperature=0)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, finish, usage = "", None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert text == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completion_stream_and_seeded_sampling(client):
+    chunks = client.completions.create(model=MODEL, prompt="Once", max_tokens=8, temperature=0, stream=True)
+    streamed = "".join(c.choices[0].text for c in chunks)
+    whole = client.completions.create(model=MODEL, prompt="Once", max_tokens=8, temperature=0)
+    assert streamed == whole.choices[0].text
+    a, b = (client.completions.create(model=MODEL, prompt="Once", max_tokens=16, temperature=1.0, seed=5)
+            for _ in range(2))
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_reasoning_modes(client):
+    plain = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=0,
+                                           extra_body={"reasoning_effort": "none"})
+    assert getattr(plain.choices[0].message, "reasoning_content", None) is None
+    for effort in ["high", "max"]:
+        r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=0,
+                                           extra_body={"reasoning_effort": effort})
+        msg = r.choices[0].message
+        # The random tiny model never closes </think>: all of it is reasoning.
+        assert msg.reasoning_content and msg.content == ""
+    kw = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=0,
+                                        extra_body={"chat_template_kwargs": {"thinking": True}})
+    high = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=0,
+                                          extra_body={"reasoning_effort": "high"})
+    assert kw.choices[0].message.reasoning_content == high.choices[0].message.reasoning_content
+    stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=0, stream=True,
+                                            extra_body={"reasoning_effort": "high"})
+    streamed = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in stream if c.choices)
+    assert streamed == high.choices[0].message.reasoning_content
+
+
+def test_stop_strings(client):
+    full = client.completions.create(model=MODEL, prompt="The", max_tokens=16, temperature=0).choices[0].text
+    stop = full[5:7]
+    cut = client.completions.create(model=MODEL, prompt="The", max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def raw_post(server, path, body, headers=None):
+    req = urllib.request.Request(server.root_url + path, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    (b"{not json", 400, "invalid request body"),
+    (b'{"model": "tiny-v4", "prompt": "x", "max_tokens": "many"}', 400, "invalid type"),
+    (b'{"model": "tiny-v4", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+    (b'{"model": "tiny-v4", "prompt": "x", "max_tokens": 99999999}', 400, "context"),
+    (b'{"model": "tiny-v4", "prompt": "x", "temperature": 7}', 400, "temperature"),
+    (b'{"model": "tiny-v4", "prompt": "x", "n": 3}', 400, "n=1"),
+    (b'{"model": "tiny-v4", "prompt": [1, 2, 99999]}', 400, "vocabulary"),
+    (b'{"model": "gpt-9", "prompt": "x"}', 404, "does not exist"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, fragment):
+    code, err = raw_post(server, "/v1/completions", body)
+    assert code == status and fragment in err["error"]["message"], err
+    assert set(err["error"]) == {"message", "type", "param", "code"}
+
+
+def test_errors_through_the_client(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-9", prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="word " * 600_000, max_tokens=4)
+
+
+def test_oversized_body_is_refused(server):
+    req = urllib.request.Request(server.root_url + "/v1/completions", method="POST",
+                                 data=b'{"model": "tiny-v4", "prompt": "' + b"a" * (5 << 20) + b'"}',
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 413
+
+
+def test_api_keys():
+    s = Server("--workers", "1", "--api-key", "k1,k2")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client(api_key="wrong").models.list()
+        assert s.client(api_key="k2").completions.create(model=MODEL, prompt="hi", max_tokens=2).choices
+    finally:
+        s.stop()
+
+
+def test_32_concurrent_streams_equal_their_solo_runs(client):
+    prompts = [f"Story number {i}:" for i in range(32)]
+    solo = [client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0).choices[0].text
+            for p in prompts]
+    results = [None] * len(prompts)
+
+    def run(i):
+        chunks = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=12, temperature=0, stream=True)
+        results[i] = "".join(c.choices[0].text for c in chunks)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == solo
+
+
+def test_a_full_queue_answers_429():
+    s = Server("--workers", "1", "--max-batch", "1", "--max-queue", "1")
+    codes = []
+    lock = threading.Lock()
+
+    def run():
+        try:
+            s.client().completions.create(model=MODEL, prompt="busy " * 40, max_tokens=200, temperature=0)
+            code = 200
+        except openai.RateLimitError:
+            code = 429
+        with lock:
+            codes.append(code)
+
+    try:
+        threads = [threading.Thread(target=run) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        s.stop()
+    assert 429 in codes and 200 in codes, codes
