@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod cluster;
 mod generate;
 mod serve;
@@ -28,6 +29,8 @@ enum Command {
     Up(serve::UpArgs),
     /// Serve the OpenAI API over running expert workers.
     Router(serve::RouterArgs),
+    /// Load-test an OpenAI-compatible endpoint: throughput, TTFT, inter-token latency.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Command::Worker(args) => worker::run(args),
         Command::Up(args) => serve::up(args),
         Command::Router(args) => serve::router(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

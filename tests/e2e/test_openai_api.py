@@ -195,3 +195,14 @@ def test_a_full_queue_answers_429():
     finally:
         s.stop()
     assert 429 in codes and 200 in codes, codes
+
+
+def test_bench_reports_throughput_and_latency(server):
+    out = subprocess.run(
+        [str(BINARY), "bench", "--url", server.root_url, "--concurrency", "4", "--requests", "8",
+         "--prompt-len", "16", "--max-tokens", "8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    assert "requests: 8 ok, 0 failed" in out, out
+    for line in ["throughput:", "time to first token: p50", "inter-token latency: p50"]:
+        assert line in out, out
