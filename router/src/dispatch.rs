@@ -156,7 +156,11 @@ impl RemoteExperts {
         let mut client = inner.pool.workers[call.worker].client.clone();
         let (timeout, expected_pairs, me) = (inner.timeout, call.pairs.len(), self.clone());
         inner.runtime.spawn(async move {
-            let response = match tokio::time::timeout(timeout, client.run_experts(request)).await {
+            let started = std::time::Instant::now();
+            let result = tokio::time::timeout(timeout, client.run_experts(request)).await;
+            let outcome = if matches!(result, Ok(Ok(_))) { "ok" } else { "failed" };
+            metrics::DISPATCH_LATENCY.with_label_values(&[outcome]).observe(started.elapsed().as_secs_f64());
+            let response = match result {
                 Err(_) => return Err(CallError::Retryable(format!("no answer within {timeout:?}"))),
                 Ok(Err(status)) if retryable(status.code()) => {
                     return Err(CallError::Retryable(format!("{:?}: {}", status.code(), status.message())));
@@ -212,6 +216,14 @@ impl ExpertExecutor for RemoteExperts {
             }
         }
         self.inner.stats.token_layers.fetch_add(routes.len() as u64, Ordering::Relaxed);
+        let mut per_expert: BTreeMap<usize, u64> = BTreeMap::new();
+        for &(expert, _) in routes.iter().flatten() {
+            *per_expert.entry(expert).or_default() += 1;
+        }
+        let layer_label = layer.to_string();
+        for (expert, n) in per_expert {
+            metrics::EXPERT_TOKENS.with_label_values(&[&layer_label, &expert.to_string()]).inc_by(n);
+        }
         let calls = self.plan(layer, &pairs, None)?;
         let x = x.to_vec();
         let calls = calls

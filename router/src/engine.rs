@@ -175,7 +175,9 @@ fn step(model: &Model, experts: &impl ExpertExecutor, active: &mut Vec<Active>, 
             chunks.push(Chunk { tokens, state: &mut a.state, want: Logits::Last });
         }
     }
-    let result = model.forward_batch(&mut chunks, experts);
+    let tokens: usize = inputs.iter().map(Vec::len).sum();
+    let span = tracing::debug_span!("step", sequences = chunks.len(), tokens);
+    let result = span.in_scope(|| model.forward_batch(&mut chunks, experts));
     drop(chunks);
     let logits = match result {
         Ok(l) => l,

@@ -40,6 +40,18 @@ pub static DISPATCH_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Tokens routed to each expert, by `layer` and `expert` (bounded by the
+/// model's shape), the load the coordinator balances.
+pub static EXPERT_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new("myriad_router_expert_tokens_total", "tokens routed per expert"),
+            &["layer", "expert"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+    )
+});
+
 /// Requests waiting for a place in the batch.
 pub static QUEUE_DEPTH: LazyLock<IntGauge> = LazyLock::new(|| {
     register(

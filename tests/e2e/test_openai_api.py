@@ -33,7 +33,9 @@ def test_models_health_ready_metrics(server, client):
     with urllib.request.urlopen(server.root_url + "/metrics") as r:
         text = r.read().decode()
     for name in ["myriad_router_requests_total", "myriad_router_time_to_first_token_seconds",
-                 "myriad_router_tokens_total", "myriad_router_dispatch_calls_total", "myriad_router_batch_size"]:
+                 "myriad_router_tokens_total", "myriad_router_dispatch_calls_total", "myriad_router_batch_size",
+                 "myriad_router_expert_tokens_total{expert=", "myriad_router_dispatch_latency_seconds_bucket",
+                 "myriad_router_inter_token_latency_seconds", "myriad_router_queue_depth"]:
         assert name in text, name
 
 

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
 use super::api::{ChatRequest, CompletionRequest, Params, PromptInput, parse};
 use super::error::ApiError;
@@ -130,12 +131,13 @@ async fn respond(state: Arc<AppState>, prepared: Result<(Vec<u32>, Params), ApiE
         .into_response();
     }
     let run = Run::new(state, kind, prompt.len(), params);
+    let span = tracing::info_span!("request", request_id = %run.id, endpoint, prompt_tokens = prompt.len());
     if run.params.stream {
         let (events_tx, events_rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
-        tokio::spawn(run.stream(rx, events_tx));
+        tokio::spawn(run.stream(rx, events_tx).instrument(span));
         Sse::new(ReceiverStream::new(events_rx)).into_response()
     } else {
-        run.whole(rx).await
+        run.whole(rx).instrument(span).await
     }
 }
 
