@@ -107,8 +107,9 @@ async fn bench(args: Args) -> Result<()> {
                     }
                     // Distinct prompts, so no request is a copy of another.
                     let prompt: Vec<u32> = (0..prompt_len).map(|j| ((i * 131 + j * 17) % 200 + 3) as u32).collect();
+                    // ignore_eos: every request produces exactly max_tokens, as in vLLM's benchmarks.
                     let body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                                      "stream": true, "stream_options": {"include_usage": true}});
+                                      "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
                     let mut request = client.post(format!("{base}/completions")).json_body(&body);
                     if let Some(k) = &key {
                         request = request.bearer_auth(k);

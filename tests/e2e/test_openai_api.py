@@ -3,6 +3,7 @@
 import json
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -208,3 +209,39 @@ def test_bench_reports_throughput_and_latency(server):
     assert "requests: 8 ok, 0 failed" in out, out
     for line in ["throughput:", "time to first token: p50", "inter-token latency: p50"]:
         assert line in out, out
+
+
+def metric(server, name):
+    with urllib.request.urlopen(server.root_url + "/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def test_client_disconnect_cancels_the_sequence(server):
+    cancelled = 'myriad_router_requests_total{endpoint="completions",outcome="cancelled"}'
+    produced = 'myriad_router_tokens_total{kind="completion"}'
+    before = metric(server, cancelled)
+    body = json.dumps({"model": MODEL, "prompt": "go", "max_tokens": 200000, "temperature": 0,
+                       "ignore_eos": True, "stream": True}).encode()
+    req = urllib.request.Request(server.root_url + "/v1/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    r = urllib.request.urlopen(req)
+    assert r.readline().startswith(b"data: ")
+    r.close()
+    deadline = time.time() + 20
+    while metric(server, cancelled) <= before:
+        assert time.time() < deadline, "the server never noticed the client left"
+        time.sleep(0.05)
+    # The engine dropped the sequence: no more tokens are produced for it.
+    time.sleep(0.3)
+    settled = metric(server, produced)
+    time.sleep(0.5)
+    assert metric(server, produced) == settled
+
+
+def test_ignore_eos_produces_exactly_max_tokens(client):
+    r = client.completions.create(model=MODEL, prompt="go", max_tokens=300, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 300 and r.choices[0].finish_reason == "length"

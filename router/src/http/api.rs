@@ -40,6 +40,8 @@ pub struct Common {
     pub n: Option<u32>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// vLLM's extension: keep generating past end-of-sequence tokens.
+    pub ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +88,7 @@ pub struct Params {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    pub ignore_eos: bool,
 }
 
 /// Parses a JSON body into `T`, with OpenAI-shaped 400s.
@@ -135,6 +138,7 @@ impl Common {
             stop,
             stream: self.stream.unwrap_or(false),
             include_usage: self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
         })
     }
 }

@@ -119,7 +119,7 @@ async fn respond(state: Arc<AppState>, prepared: Result<(Vec<u32>, Params), ApiE
         prompt: prompt.clone(),
         max_tokens,
         sampling: params.sampling.clone(),
-        stop_tokens: state.eos_token_ids.clone(),
+        stop_tokens: if params.ignore_eos { Vec::new() } else { state.eos_token_ids.clone() },
         events: tx,
     };
     if let Err(e) = state.engine.submit(request) {
