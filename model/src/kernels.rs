@@ -94,6 +94,36 @@ mod simd {
 
     use super::{LANES, dot_generic, reduce};
 
+    /// Walks the `[rows, cols]` output in `$r × $c` register tiles with
+    /// `$kernel`, falling back to 1-row and 1-column kernels at the edges.
+    /// A macro, not a function, so each expansion sits inside its own
+    /// `#[target_feature]` function and the kernels inline there.
+    macro_rules! walk_tiles {
+        ($kernel:ident, $r:expr, $c:expr, $x:expr, $rows:expr, $k:expr, $w:expr, $block:expr) => {{
+            let (x, rows, k, w, block) = ($x, $rows, $k, $w, $block);
+            let cols = w.len() / k;
+            let mut c = 0;
+            while c < cols {
+                let full_cols = cols - c >= $c;
+                let mut r = 0;
+                while r < rows {
+                    let full_rows = rows - r >= $r;
+                    // SAFETY: the row and column ranges lie inside the slices.
+                    unsafe {
+                        match (full_rows, full_cols) {
+                            (true, true) => $kernel::<{ $r }, { $c }>(x, r, w, c, k, block, cols),
+                            (true, false) => $kernel::<{ $r }, 1>(x, r, w, c, k, block, cols),
+                            (false, true) => $kernel::<1, { $c }>(x, r, w, c, k, block, cols),
+                            (false, false) => $kernel::<1, 1>(x, r, w, c, k, block, cols),
+                        }
+                    }
+                    r += if full_rows { $r } else { 1 };
+                }
+                c += if full_cols { $c } else { 1 };
+            }
+        }};
+    }
+
     /// Adds the scalar tail `k % 16` of one dot product to its lanes, reduces.
     #[inline(always)]
     fn finish(mut lanes: [f32; LANES], x: &[f32], w: &[f32], full: usize) -> f32 {
@@ -119,24 +149,7 @@ mod simd {
     /// AVX-512F must be available; `x: [rows, k]`, `w: [cols, k]`, `block: [rows, cols]`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn tile_avx512(x: &[f32], rows: usize, k: usize, w: &[f32], block: &mut [f32]) {
-        let cols = w.len() / k;
-        let mut c = 0;
-        while c < cols {
-            let mut r = 0;
-            while r < rows {
-                // SAFETY: the row and column ranges lie inside the slices.
-                unsafe {
-                    match (rows - r >= 4, cols - c >= 4) {
-                        (true, true) => kernel512::<4, 4>(x, r, w, c, k, block, cols),
-                        (true, false) => kernel512::<4, 1>(x, r, w, c, k, block, cols),
-                        (false, true) => kernel512::<1, 4>(x, r, w, c, k, block, cols),
-                        (false, false) => kernel512::<1, 1>(x, r, w, c, k, block, cols),
-                    }
-                }
-                r += if rows - r >= 4 { 4 } else { 1 };
-            }
-            c += if cols - c >= 4 { 4 } else { 1 };
-        }
+        walk_tiles!(kernel512, 4, 4, x, rows, k, w, block)
     }
 
     #[target_feature(enable = "avx512f")]
@@ -187,26 +200,7 @@ mod simd {
     /// AVX2 and FMA must be available; shapes as for [`tile_avx512`].
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile_avx2(x: &[f32], rows: usize, k: usize, w: &[f32], block: &mut [f32]) {
-        let cols = w.len() / k;
-        let mut c = 0;
-        while c < cols {
-            let full_cols = cols - c >= AVX2_COLS;
-            let mut r = 0;
-            while r < rows {
-                let full_rows = rows - r >= AVX2_ROWS;
-                // SAFETY: the row and column ranges lie inside the slices.
-                unsafe {
-                    match (full_rows, full_cols) {
-                        (true, true) => kernel256::<AVX2_ROWS, AVX2_COLS>(x, r, w, c, k, block, cols),
-                        (true, false) => kernel256::<AVX2_ROWS, 1>(x, r, w, c, k, block, cols),
-                        (false, true) => kernel256::<1, AVX2_COLS>(x, r, w, c, k, block, cols),
-                        (false, false) => kernel256::<1, 1>(x, r, w, c, k, block, cols),
-                    }
-                }
-                r += if full_rows { AVX2_ROWS } else { 1 };
-            }
-            c += if full_cols { AVX2_COLS } else { 1 };
-        }
+        walk_tiles!(kernel256, AVX2_ROWS, AVX2_COLS, x, rows, k, w, block)
     }
 
     #[target_feature(enable = "avx2,fma")]
