@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use myriad_model::Model;
 use myriad_model::text::TextTokenizer;
+use myriad_model::{Model, ModelConfig};
 use myriad_router::chat::ChatTemplate;
 use myriad_router::engine::{Engine, EngineConfig};
 use myriad_router::http::{self, AppState};
@@ -85,9 +85,9 @@ pub struct RouterArgs {
 
 pub fn up(args: UpArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
-    let config = Model::load_dense(&args.http.model)
-        .with_context(|| format!("load model from {}", args.http.model.display()))?
-        .config;
+    // Only the shape is needed here; serve() loads the dense weights once.
+    let (config, _) = ModelConfig::read(&args.http.model)
+        .with_context(|| format!("read the config of {}", args.http.model.display()))?;
     let addrs = runtime.block_on(cluster::start(
         &args.http.model,
         config.num_hidden_layers,
