@@ -1,76 +1,119 @@
-//! The in-process expert cluster of `myriad generate --workers N`: N worker
-//! servers on loopback ports, reached over real gRPC, with a balanced
-//! placement. (The coordinator takes placement over in a later milestone.)
+//! A whole cluster in this process, for `myriad up` and `myriad generate
+//! --workers N`: an in-memory store, a coordinator, N expert workers on
+//! loopback gRPC ports, and routers that join it. Everything but the store
+//! talks exactly as separate processes do.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use myriad_proto::spec::ExpertSpec;
-use myriad_worker::{CpuBackend, Worker};
+use myriad_coordinator::CoordinatorConfig;
+use myriad_model::ModelConfig;
+use myriad_router::RemoteExperts;
+use myriad_store::schema::{Keys, NodeRecord, Role};
+use myriad_store::{MemoryStore, Store};
+use myriad_worker::Worker;
 use tokio::net::TcpListener;
 
-/// Expert `e` of layer `l` goes to worker `(l·E + e) mod N` and, with
-/// `replicas = R`, to the `R − 1` workers after it.
-pub fn balanced(layers: usize, experts: usize, workers: usize, replicas: usize) -> Vec<ExpertSpec> {
-    (0..workers)
-        .map(|w| {
-            ExpertSpec::from_pairs(
-                (0..layers)
-                    .flat_map(|l| (0..experts).map(move |e| (l, e)))
-                    .filter(|&(l, e)| {
-                        let primary = (l * experts + e) % workers;
-                        (0..replicas).any(|r| (primary + r) % workers == w)
-                    })
-                    .map(|(l, e)| (l as u32, e as u32)),
-            )
-        })
-        .collect()
+/// Node lease TTL inside one process: only a crash of the whole process
+/// ends it, so it only bounds how long a dropped node lingers.
+const LEASE_TTL: Duration = Duration::from_secs(10);
+/// Longest wait for the first placement to be loaded and served.
+const FIRST_PLACEMENT: Duration = Duration::from_secs(300);
+
+pub struct LocalCluster {
+    store: Arc<dyn Store>,
+    keys: Keys,
+    model_id: String,
 }
 
-/// Starts `workers` servers on the current runtime; returns their addresses.
-pub async fn start(
-    model: &Path,
-    layers: usize,
-    experts: usize,
-    workers: usize,
-    replicas: usize,
-) -> Result<Vec<String>> {
-    if workers == 0 || replicas == 0 || replicas > workers {
-        bail!("--replicas must be between 1 and --workers ({workers}), got {replicas}");
+impl LocalCluster {
+    /// Starts the store, the coordinator and `workers` workers on the
+    /// current runtime. The coordinator places every expert on `replicas`
+    /// workers once all have registered.
+    pub async fn start(model: &Path, workers: usize, replicas: usize) -> Result<Self> {
+        if workers == 0 || replicas == 0 || replicas > workers {
+            bail!("--replicas must be between 1 and --workers ({workers}), got {replicas}");
+        }
+        let shape = myriad_worker::backend::model_shape(model)
+            .with_context(|| format!("read the model in {}", model.display()))?;
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let keys = Keys::new("local");
+        let config = CoordinatorConfig {
+            id: node_id("coordinator-0")?,
+            addr: String::new(),
+            model_id: shape.model_id.clone(),
+            layers: shape.num_layers,
+            experts: shape.num_experts,
+            replicas,
+            min_workers: workers,
+            settle: Duration::from_millis(100),
+            lease_ttl: LEASE_TTL,
+            rollout_timeout: FIRST_PLACEMENT,
+        };
+        tokio::spawn(myriad_coordinator::run(store.clone(), keys.clone(), config, std::future::pending()));
+        for i in 0..workers {
+            let listener = TcpListener::bind("127.0.0.1:0").await.context("bind a loopback port")?;
+            let addr = listener.local_addr().context("read the bound address")?.to_string();
+            let worker = Arc::new(Worker::idle(shape.clone()));
+            let record = NodeRecord {
+                id: node_id(&format!("worker-{i}"))?,
+                role: Role::Worker,
+                addr,
+                model_id: shape.model_id.clone(),
+                capacity_bytes: None,
+                placement_version: None,
+            };
+            let membership = myriad_worker::membership::Membership {
+                store: store.clone(),
+                keys: keys.clone(),
+                record,
+                model: model.to_path_buf(),
+                lease_ttl: LEASE_TTL,
+            };
+            tokio::spawn(
+                myriad_worker::membership::join(membership, worker.clone()).await.context("register a worker")?,
+            );
+            tokio::spawn(async move {
+                if let Err(e) = myriad_worker::serve(listener, worker, std::future::pending()).await {
+                    tracing::error!(worker = i, error = %e, "in-process worker stopped");
+                }
+            });
+        }
+        Ok(LocalCluster { store, keys, model_id: shape.model_id })
     }
-    let mut addrs = Vec::with_capacity(workers);
-    for (i, spec) in balanced(layers, experts, workers, replicas).into_iter().enumerate() {
-        let backend = CpuBackend::load(model, &spec).with_context(|| format!("load worker {i}'s experts"))?;
-        let worker = Arc::new(Worker::new(Arc::new(backend)));
-        let listener = TcpListener::bind("127.0.0.1:0").await.context("bind a loopback port")?;
-        addrs.push(listener.local_addr().context("read the bound address")?.to_string());
-        tokio::spawn(async move {
-            if let Err(e) = myriad_worker::serve(listener, worker, std::future::pending()).await {
-                tracing::error!(worker = i, error = %e, "in-process worker stopped");
+
+    /// Joins `experts` to the cluster as router `id` and waits until it
+    /// dispatches with the first placement.
+    pub async fn attach_router(&self, id: &str, experts: &RemoteExperts, config: &ModelConfig) -> Result<()> {
+        let record = NodeRecord {
+            id: node_id(id)?,
+            role: Role::Router,
+            addr: String::new(),
+            model_id: self.model_id.clone(),
+            capacity_bytes: None,
+            placement_version: None,
+        };
+        let membership = myriad_router::membership::Membership {
+            store: self.store.clone(),
+            keys: self.keys.clone(),
+            record,
+            lease_ttl: LEASE_TTL,
+        };
+        let follow = myriad_router::membership::join(membership, experts.clone(), config.clone())
+            .await
+            .context("register the router")?;
+        tokio::spawn(follow);
+        let waited = tokio::time::timeout(FIRST_PLACEMENT, async {
+            while !experts.pool().serving() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });
+        waited.await.map_err(|_| anyhow::anyhow!("no placement was served within {FIRST_PLACEMENT:?}"))
     }
-    Ok(addrs)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_expert_gets_its_replicas_on_distinct_workers() {
-        for (workers, replicas) in [(1, 1), (3, 1), (3, 2), (5, 3), (4, 4)] {
-            let specs = balanced(4, 16, workers, replicas);
-            for l in 0..4 {
-                for e in 0..16 {
-                    let holders = specs.iter().filter(|s| s.contains(l, e)).count();
-                    assert_eq!(holders, replicas, "{workers} workers, {replicas} replicas: ({l}, {e})");
-                }
-            }
-            let loads: Vec<usize> =
-                specs.iter().map(|s| (0..4).map(|l| (0..16).filter(|&e| s.contains(l, e)).count()).sum()).collect();
-            assert!(loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 1, "{loads:?}");
-        }
-    }
+fn node_id(id: &str) -> Result<myriad_store::schema::NodeId> {
+    id.parse().map_err(anyhow::Error::msg)
 }

@@ -10,9 +10,9 @@ use anyhow::{Context, Result, bail};
 use myriad_model::text::TextTokenizer;
 use myriad_model::{Model, Sampling};
 use myriad_router::dispatch::DispatchStats;
-use myriad_router::{RemoteExperts, WorkerPool};
+use myriad_router::{RemoteExperts, Target, WorkerPool};
 
-use crate::cluster;
+use crate::cluster::LocalCluster;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -106,22 +106,29 @@ pub fn run(args: Args) -> Result<()> {
     let run = if distributed {
         let cfg = &model.config;
         let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
-        let addrs = match args.workers {
-            Some(n) => runtime.block_on(cluster::start(
-                &args.model,
-                cfg.num_hidden_layers,
-                cfg.n_routed_experts,
-                n,
-                args.replicas,
-            ))?,
-            None => args.worker_addr.clone(),
-        };
-        let pool = runtime
-            .block_on(WorkerPool::connect(&addrs, cfg, &model.fingerprint))
-            .context("connect to the expert workers")?;
-        tracing::info!(workers = addrs.len(), "connected to the expert workers; generating");
-        let experts =
-            RemoteExperts::new(Arc::new(pool), runtime.handle().clone(), cfg.hidden_size, *args.expert_timeout);
+        let experts = RemoteExperts::new(
+            Arc::new(WorkerPool::empty()),
+            runtime.handle().clone(),
+            cfg.hidden_size,
+            *args.expert_timeout,
+        );
+        runtime.block_on(async {
+            match args.workers {
+                Some(n) => {
+                    let cluster = LocalCluster::start(&args.model, n, args.replicas).await?;
+                    cluster.attach_router("generate", &experts, cfg).await
+                }
+                None => {
+                    let targets: Vec<Target> = args.worker_addr.iter().map(Target::addr).collect();
+                    let pool = WorkerPool::connect(&targets, cfg, &model.fingerprint)
+                        .await
+                        .context("connect to the expert workers")?;
+                    experts.set_pool(Arc::new(pool));
+                    anyhow::Ok(())
+                }
+            }
+        })?;
+        tracing::info!(workers = experts.pool().workers.len(), "connected to the expert workers; generating");
         let run =
             myriad_model::generate_with(&model, &prompt, args.max_new_tokens, &sampling, args.ignore_eos, &experts)
                 .context("generate")?;

@@ -9,6 +9,7 @@ mod bench;
 mod cluster;
 mod generate;
 mod serve;
+mod telemetry;
 mod worker;
 
 /// Myriad: a distributed, expert-parallel inference runtime for DeepSeek-V4.
@@ -33,16 +34,28 @@ enum Command {
     Bench(bench::Args),
 }
 
+impl Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Generate(_) => "generate",
+            Command::Worker(_) => "worker",
+            Command::Up(_) => "up",
+            Command::Router(_) => "router",
+            Command::Bench(_) => "bench",
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Logs go to stderr (RUST_LOG overrides the level); stdout stays for output.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Logs go to stderr; stdout stays for output.
+    let telemetry = match telemetry::init(cli.command.name()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Worker(args) => worker::run(args),
@@ -50,6 +63,7 @@ fn main() -> ExitCode {
         Command::Router(args) => serve::router(args),
         Command::Bench(args) => bench::run(args),
     };
+    drop(telemetry);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

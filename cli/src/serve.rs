@@ -5,15 +5,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use myriad_model::Model;
 use myriad_model::text::TextTokenizer;
-use myriad_model::{Model, ModelConfig};
 use myriad_router::chat::ChatTemplate;
 use myriad_router::engine::{Engine, EngineConfig};
 use myriad_router::http::{self, AppState};
-use myriad_router::{RemoteExperts, WorkerPool};
+use myriad_router::{RemoteExperts, Target, WorkerPool};
 use tokio::net::TcpListener;
 
-use crate::cluster;
+use crate::cluster::LocalCluster;
 
 /// Options of the HTTP front end, shared by `up` and `router`.
 #[derive(clap::Args)]
@@ -83,26 +83,26 @@ pub struct RouterArgs {
     worker_addrs: Vec<String>,
 }
 
+/// Where the router learns which worker hosts which experts.
+enum Placement {
+    /// The current version in the cluster store of this local cluster.
+    Cluster(LocalCluster),
+    /// Fixed addresses, each used for the experts it reports.
+    Static(Vec<Target>),
+}
+
 pub fn up(args: UpArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
-    // Only the shape is needed here; serve() loads the dense weights once.
-    let (config, _) = ModelConfig::read(&args.http.model)
-        .with_context(|| format!("read the config of {}", args.http.model.display()))?;
-    let addrs = runtime.block_on(cluster::start(
-        &args.http.model,
-        config.num_hidden_layers,
-        config.n_routed_experts,
-        args.workers,
-        args.replicas,
-    ))?;
-    let what = format!("{} expert workers in this process", args.workers);
-    serve(runtime, args.http, addrs, &what)
+    let cluster = runtime.block_on(LocalCluster::start(&args.http.model, args.workers, args.replicas))?;
+    let what = format!("coordinator and {} expert workers in this process", args.workers);
+    serve(runtime, args.http, Placement::Cluster(cluster), &what)
 }
 
 pub fn router(args: RouterArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     let what = format!("{} expert workers", args.worker_addrs.len());
-    serve(runtime, args.http, args.worker_addrs, &what)
+    let targets = args.worker_addrs.iter().map(Target::addr).collect();
+    serve(runtime, args.http, Placement::Static(targets), &what)
 }
 
 fn model_name(dir: &Path) -> String {
@@ -112,26 +112,38 @@ fn model_name(dir: &Path) -> String {
         .unwrap_or_else(|| "myriad".into())
 }
 
-fn serve(runtime: tokio::runtime::Runtime, args: HttpArgs, worker_addrs: Vec<String>, what: &str) -> Result<()> {
+fn serve(runtime: tokio::runtime::Runtime, args: HttpArgs, placement: Placement, what: &str) -> Result<()> {
     let model =
         Arc::new(Model::load_dense(&args.model).with_context(|| format!("load model from {}", args.model.display()))?);
     let cfg = &model.config;
     let tokenizer = TextTokenizer::load(&args.model).context("load the tokenizer")?;
     let chat_template =
         ChatTemplate::load(&args.model).map_err(anyhow::Error::msg).context("load the chat template")?;
-    let pool = Arc::new(
-        runtime
-            .block_on(WorkerPool::connect(&worker_addrs, cfg, &model.fingerprint))
-            .context("connect to the expert workers")?,
+    let experts = RemoteExperts::new(
+        Arc::new(WorkerPool::empty()),
+        runtime.handle().clone(),
+        cfg.hidden_size,
+        *args.expert_timeout,
     );
-    let experts = RemoteExperts::new(pool.clone(), runtime.handle().clone(), cfg.hidden_size, *args.expert_timeout);
+    runtime.block_on(async {
+        match placement {
+            Placement::Cluster(cluster) => cluster.attach_router("router-0", &experts, cfg).await,
+            Placement::Static(targets) => {
+                let pool = WorkerPool::connect(&targets, cfg, &model.fingerprint)
+                    .await
+                    .context("connect to the expert workers")?;
+                experts.set_pool(Arc::new(pool));
+                Ok(())
+            }
+        }
+    })?;
     let max_context = args.max_model_len.unwrap_or(cfg.max_position_embeddings).min(cfg.max_position_embeddings);
     if args.max_batch == 0 || args.step_tokens == 0 {
         bail!("--max-batch and --step-tokens must be at least 1");
     }
     let engine_config =
         EngineConfig { max_batch: args.max_batch, step_tokens: args.step_tokens, queue: args.max_queue };
-    let engine = Engine::start(model.clone(), experts, engine_config);
+    let engine = Engine::start(model.clone(), experts.clone(), engine_config);
     let model_name = args.served_model_name.clone().unwrap_or_else(|| model_name(&args.model));
     let state = Arc::new(AppState {
         engine,
@@ -143,7 +155,7 @@ fn serve(runtime: tokio::runtime::Runtime, args: HttpArgs, worker_addrs: Vec<Str
         default_max_tokens: args.default_max_tokens,
         eos_token_ids: cfg.eos_token_ids.clone(),
         vocab_size: cfg.vocab_size,
-        ready: Box::new(move || pool.serving()),
+        ready: Box::new(move || experts.pool().serving()),
     });
     tracing::info!(
         model = %model_name, listen = %args.listen, api_keys = args.api_keys.len(), max_batch = args.max_batch,

@@ -60,9 +60,22 @@ impl ExpertSpec {
         ExpertSpec { items: vec![(Range::All, Range::All)] }
     }
 
-    /// Exactly the listed `(layer, expert)` pairs.
+    /// Exactly the listed `(layer, expert)` pairs; runs of consecutive
+    /// experts of one layer become one range (`3:4-9`).
     pub fn from_pairs(pairs: impl IntoIterator<Item = (u32, u32)>) -> Self {
-        ExpertSpec { items: pairs.into_iter().map(|(l, e)| (Range::Span(l, l), Range::Span(e, e))).collect() }
+        let mut items: Vec<(Range, Range)> = Vec::new();
+        for (l, e) in pairs {
+            match items.last_mut() {
+                Some((Range::Span(a, _), Range::Span(_, end))) if *a == l && end.checked_add(1) == Some(e) => *end = e,
+                _ => items.push((Range::Span(l, l), Range::Span(e, e))),
+            }
+        }
+        ExpertSpec { items }
+    }
+
+    /// Whether it names no expert at all.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
     }
 
     pub fn contains(&self, layer: u32, expert: u32) -> bool {
@@ -108,6 +121,9 @@ mod tests {
         assert!("*:*".parse::<ExpertSpec>().unwrap().contains(100, 100));
         let pairs = ExpertSpec::from_pairs([(1, 2), (3, 4)]);
         assert_eq!(pairs.to_string(), "1:2,3:4");
+        let runs = ExpertSpec::from_pairs([(0, 1), (0, 2), (0, 3), (0, 5), (1, 6), (1, 7)]);
+        assert_eq!(runs.to_string(), "0:1-3,0:5,1:6-7");
+        assert!(ExpertSpec::from_pairs([]).is_empty());
     }
 
     #[test]

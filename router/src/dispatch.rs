@@ -14,8 +14,8 @@
 //! from a thread that is not one of that runtime's workers.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use myriad_model::ModelError;
@@ -42,7 +42,9 @@ pub struct DispatchStats {
 }
 
 struct Inner {
-    pool: Arc<WorkerPool>,
+    /// Replaced whole when the router switches placement version; a layer's
+    /// dispatch (retries included) keeps the pool it started with.
+    pool: RwLock<Arc<WorkerPool>>,
     runtime: tokio::runtime::Handle,
     hidden: usize,
     timeout: Duration,
@@ -83,6 +85,7 @@ enum CallError {
 
 pub struct PendingCalls {
     experts: RemoteExperts,
+    pool: Arc<WorkerPool>,
     layer: usize,
     x: Vec<f32>,
     slots: usize,
@@ -92,8 +95,14 @@ pub struct PendingCalls {
 impl RemoteExperts {
     /// `hidden` is the model's hidden size; `timeout` bounds each call.
     pub fn new(pool: Arc<WorkerPool>, runtime: tokio::runtime::Handle, hidden: usize, timeout: Duration) -> Self {
-        let inner =
-            Inner { pool, runtime, hidden, timeout, rotation: AtomicUsize::new(0), stats: DispatchStats::default() };
+        let inner = Inner {
+            pool: RwLock::new(pool),
+            runtime,
+            hidden,
+            timeout,
+            rotation: AtomicUsize::new(0),
+            stats: DispatchStats::default(),
+        };
         RemoteExperts { inner: Arc::new(inner) }
     }
 
@@ -101,18 +110,30 @@ impl RemoteExperts {
         &self.inner.stats
     }
 
-    pub fn pool(&self) -> &WorkerPool {
-        &self.inner.pool
+    /// The workers new dispatches go to.
+    pub fn pool(&self) -> Arc<WorkerPool> {
+        self.inner.pool.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Switches later dispatches to `pool` (a new placement version).
+    pub fn set_pool(&self, pool: Arc<WorkerPool>) {
+        *self.inner.pool.write().unwrap_or_else(|p| p.into_inner()) = pool;
     }
 
     /// Assigns each pair to a live replica and groups them into calls that
     /// respect the message-size limit.
-    fn plan(&self, layer: usize, pairs: &[Pair], failure: Option<&str>) -> Result<Vec<Call>, ModelError> {
+    fn plan(
+        &self,
+        pool: &WorkerPool,
+        layer: usize,
+        pairs: &[Pair],
+        failure: Option<&str>,
+    ) -> Result<Vec<Call>, ModelError> {
         let inner = &self.inner;
         let offset = inner.rotation.fetch_add(1, Ordering::Relaxed);
         let mut by_worker: BTreeMap<usize, Vec<Pair>> = BTreeMap::new();
         for p in pairs {
-            let live = inner.pool.live_replicas(layer, p.expert);
+            let live = pool.live_replicas(layer, p.expert);
             if live.is_empty() {
                 let why = failure.map(|f| format!("{f}, and ")).unwrap_or_default();
                 return Err(ModelError::Unavailable(format!(
@@ -132,7 +153,13 @@ impl RemoteExperts {
         Ok(calls)
     }
 
-    fn send(&self, layer: usize, x: &[f32], call: &Call) -> JoinHandle<Result<expert::Contributions, CallError>> {
+    fn send(
+        &self,
+        pool: &WorkerPool,
+        layer: usize,
+        x: &[f32],
+        call: &Call,
+    ) -> JoinHandle<Result<expert::Contributions, CallError>> {
         let inner = &self.inner;
         let hidden = inner.hidden;
         let mut rows: Vec<usize> = call.pairs.iter().map(|p| p.row).collect();
@@ -153,7 +180,7 @@ impl RemoteExperts {
         inner.stats.calls.fetch_add(1, Ordering::Relaxed);
         metrics::DISPATCH_BYTES.with_label_values(&["sent"]).inc_by(sent);
         metrics::DISPATCH_CALLS.inc();
-        let mut client = inner.pool.workers[call.worker].client.clone();
+        let mut client = pool.workers[call.worker].client.clone();
         let (timeout, expected_pairs, me) = (inner.timeout, call.pairs.len(), self.clone());
         inner.runtime.spawn(async move {
             let started = std::time::Instant::now();
@@ -224,22 +251,23 @@ impl ExpertExecutor for RemoteExperts {
         for (expert, n) in per_expert {
             metrics::EXPERT_TOKENS.with_label_values(&[&layer_label, &expert.to_string()]).inc_by(n);
         }
-        let calls = self.plan(layer, &pairs, None)?;
+        let pool = self.pool();
+        let calls = self.plan(&pool, layer, &pairs, None)?;
         let x = x.to_vec();
         let calls = calls
             .into_iter()
             .map(|call| {
-                let handle = self.send(layer, &x, &call);
+                let handle = self.send(&pool, layer, &x, &call);
                 (call, handle)
             })
             .collect();
-        Ok(PendingCalls { experts: self.clone(), layer, x, slots: pairs.len(), calls })
+        Ok(PendingCalls { experts: self.clone(), pool, layer, x, slots: pairs.len(), calls })
     }
 }
 
 impl PendingExperts for PendingCalls {
     fn finish(self) -> Result<Contributions, ModelError> {
-        let PendingCalls { experts, layer, x, slots, mut calls } = self;
+        let PendingCalls { experts, pool, layer, x, slots, mut calls } = self;
         let inner = &experts.inner;
         let hidden = inner.hidden;
         let mut out = vec![0.0; slots * hidden];
@@ -249,7 +277,7 @@ impl PendingExperts for PendingCalls {
             let mut failed: Vec<Pair> = Vec::new();
             let mut failure = None;
             for (call, result) in plans.into_iter().zip(results) {
-                let addr = &inner.pool.workers[call.worker].addr;
+                let addr = &pool.workers[call.worker].addr;
                 let result = result.unwrap_or_else(|e| Err(CallError::Retryable(format!("call task failed: {e}"))));
                 match result {
                     Ok(c) => {
@@ -260,7 +288,7 @@ impl PendingExperts for PendingCalls {
                     }
                     Err(CallError::Retryable(why)) => {
                         tracing::warn!(layer, worker = %addr, error = %why, "expert call failed; trying other replicas");
-                        inner.pool.mark_down(call.worker);
+                        pool.mark_down(call.worker);
                         failure = Some(format!("worker {addr} failed ({why})"));
                         failed.extend(call.pairs);
                     }
@@ -274,13 +302,13 @@ impl PendingExperts for PendingCalls {
             if failed.is_empty() {
                 return Ok(out);
             }
-            let retry = experts.plan(layer, &failed, failure.as_deref())?;
+            let retry = experts.plan(&pool, layer, &failed, failure.as_deref())?;
             inner.stats.retries.fetch_add(retry.len() as u64, Ordering::Relaxed);
             metrics::DISPATCH_RETRIES.inc_by(retry.len() as u64);
             calls = retry
                 .into_iter()
                 .map(|call| {
-                    let handle = experts.send(layer, &x, &call);
+                    let handle = experts.send(&pool, layer, &x, &call);
                     (call, handle)
                 })
                 .collect();

@@ -40,6 +40,8 @@ pub struct Request {
     /// Tokens that end the sequence (the model's end-of-sequence ids).
     pub stop_tokens: Vec<u32>,
     pub events: mpsc::UnboundedSender<Event>,
+    /// The request's span (from admission): each step it joins links to it.
+    pub span: tracing::Span,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -166,6 +168,11 @@ fn step(model: &Model, experts: &impl ExpertExecutor, active: &mut Vec<Active>, 
             }
         })
         .collect();
+    let tokens: usize = inputs.iter().map(Vec::len).sum();
+    let span = tracing::debug_span!("step", sequences = plan.len(), tokens);
+    for &(i, _) in &plan {
+        span.follows_from(&active[i].request.span);
+    }
     // `plan` is sorted by index: walk `active` once, lending each planned
     // sequence's state to the batch.
     let mut planned = plan.iter().zip(&inputs).peekable();
@@ -175,8 +182,6 @@ fn step(model: &Model, experts: &impl ExpertExecutor, active: &mut Vec<Active>, 
             chunks.push(Chunk { tokens, state: &mut a.state, want: Logits::Last });
         }
     }
-    let tokens: usize = inputs.iter().map(Vec::len).sum();
-    let span = tracing::debug_span!("step", sequences = chunks.len(), tokens);
     let result = span.in_scope(|| model.forward_batch(&mut chunks, experts));
     drop(chunks);
     let logits = match result {

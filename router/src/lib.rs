@@ -9,7 +9,9 @@
 //!
 //! # Layout
 //!
-//! - [`pool`]: connections to workers and the placement they report.
+//! - [`pool`]: connections to workers and the experts each is used for.
+//! - [`membership`]: registration in the cluster store; switching to each
+//!   new current placement.
 //! - [`dispatch`]: [`RemoteExperts`], the model's `ExpertExecutor` over gRPC,
 //!   with replica retries.
 //! - [`engine`]: continuous batching over `Model::forward_batch`.
@@ -20,8 +22,9 @@ pub mod chat;
 pub mod dispatch;
 pub mod engine;
 pub mod http;
+pub mod membership;
 pub mod metrics;
 pub mod pool;
 
 pub use dispatch::RemoteExperts;
-pub use pool::{PoolError, WorkerPool};
+pub use pool::{PoolError, Target, WorkerPool};

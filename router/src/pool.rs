@@ -8,6 +8,7 @@ use myriad_model::ModelConfig;
 use myriad_proto::MAX_MESSAGE_BYTES;
 use myriad_proto::pb::DescribeRequest;
 use myriad_proto::pb::expert_worker_client::ExpertWorkerClient;
+use myriad_proto::spec::ExpertSpec;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +19,20 @@ pub enum PoolError {
     Uncovered { layer: usize, expert: usize },
     #[error("no workers given")]
     Empty,
+}
+
+/// A worker to dispatch to and the experts to use it for: those a
+/// placement assigns it, or (`None`) whatever it reports hosting.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: String,
+    pub experts: Option<ExpertSpec>,
+}
+
+impl Target {
+    pub fn addr(addr: impl Into<String>) -> Self {
+        Target { addr: addr.into(), experts: None }
+    }
 }
 
 pub struct WorkerHandle {
@@ -35,16 +50,23 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
-    /// Connects to every address, asks each worker what it hosts, and checks
-    /// that together they serve every routed expert of `config`.
-    /// `model_id` is the router's own [`myriad_model::Model::fingerprint`].
-    pub async fn connect(addrs: &[String], config: &ModelConfig, model_id: &str) -> Result<Self, PoolError> {
-        if addrs.is_empty() {
+    /// No workers: every dispatch fails as unavailable (before the first
+    /// placement arrives).
+    pub fn empty() -> Self {
+        WorkerPool { workers: Vec::new(), replicas: HashMap::new() }
+    }
+
+    /// Connects to every target, asks each worker what it hosts (checking
+    /// it has at least what its target names), and checks that together
+    /// they serve every routed expert of `config`. `model_id` is the
+    /// router's own [`myriad_model::Model::fingerprint`].
+    pub async fn connect(targets: &[Target], config: &ModelConfig, model_id: &str) -> Result<Self, PoolError> {
+        if targets.is_empty() {
             return Err(PoolError::Empty);
         }
-        let mut workers = Vec::with_capacity(addrs.len());
+        let mut workers = Vec::with_capacity(targets.len());
         let mut replicas: HashMap<(usize, usize), Vec<usize>> = HashMap::new();
-        for (i, addr) in addrs.iter().enumerate() {
+        for (i, Target { addr, experts: assigned }) in targets.iter().enumerate() {
             let fail = |message: String| PoolError::Worker { addr: addr.clone(), message };
             let endpoint = Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(|e| fail(format!("bad address: {e}")))?
@@ -69,8 +91,22 @@ impl WorkerPool {
                     shape.0, shape.1, shape.2, config.hidden_size, config.num_hidden_layers, config.n_routed_experts
                 )));
             }
-            for e in hosted.experts {
-                replicas.entry((e.layer as usize, e.expert as usize)).or_default().push(i);
+            let reported: std::collections::HashSet<(u32, u32)> =
+                hosted.experts.iter().map(|e| (e.layer, e.expert)).collect();
+            let used: Vec<(u32, u32)> = match assigned {
+                None => reported.iter().copied().collect(),
+                Some(spec) => {
+                    let shape = (config.num_hidden_layers as u32, config.n_routed_experts as u32);
+                    let wanted = (0..shape.0).flat_map(|l| (0..shape.1).map(move |e| (l, e)));
+                    let wanted: Vec<(u32, u32)> = wanted.filter(|&(l, e)| spec.contains(l, e)).collect();
+                    if let Some((l, e)) = wanted.iter().find(|p| !reported.contains(p)) {
+                        return Err(fail(format!("is assigned expert {e} of layer {l} but has not loaded it")));
+                    }
+                    wanted
+                }
+            };
+            for (l, e) in used {
+                replicas.entry((l as usize, e as usize)).or_default().push(i);
             }
             workers.push(WorkerHandle { addr: addr.clone(), client, alive: AtomicBool::new(true) });
         }
@@ -94,7 +130,8 @@ impl WorkerPool {
 
     /// Whether every routed expert still has a live replica (readiness).
     pub fn serving(&self) -> bool {
-        self.replicas.values().all(|r| r.iter().any(|&w| self.workers[w].alive.load(Ordering::Relaxed)))
+        !self.workers.is_empty()
+            && self.replicas.values().all(|r| r.iter().any(|&w| self.workers[w].alive.load(Ordering::Relaxed)))
     }
 
     pub fn mark_down(&self, worker: usize) {

@@ -49,6 +49,7 @@ fn concurrent_requests_equal_their_solo_runs() {
                 sampling: sampling.clone(),
                 stop_tokens: vec![],
                 events: tx,
+                span: tracing::Span::none(),
             };
             engine.submit(request).unwrap();
             rx
@@ -71,7 +72,14 @@ fn stop_tokens_end_a_sequence_and_a_full_queue_refuses() {
     let (tx, rx) = mpsc::unbounded_channel();
     let stop = solo[3];
     engine
-        .submit(Request { prompt, max_tokens: 6, sampling: Sampling::greedy(), stop_tokens: vec![stop], events: tx })
+        .submit(Request {
+            prompt,
+            max_tokens: 6,
+            sampling: Sampling::greedy(),
+            stop_tokens: vec![stop],
+            events: tx,
+            span: tracing::Span::none(),
+        })
         .unwrap();
     let (tokens, end) = collect(rx);
     let first_stop = solo.iter().position(|&t| t == stop).unwrap();
@@ -95,6 +103,7 @@ fn stop_tokens_end_a_sequence_and_a_full_queue_refuses() {
             sampling: Sampling::greedy(),
             stop_tokens: vec![],
             events: tx,
+            span: tracing::Span::none(),
         };
         if busy.submit(r).is_err() {
             refused += 1;

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use myriad_model::checkpoint::Checkpoint;
 use myriad_model::weights::{ExpertWeights, load_expert};
@@ -38,21 +39,46 @@ pub trait ExpertBackend: Send + Sync + 'static {
 /// kernels (so results are bit-identical to the single-process path).
 pub struct CpuBackend {
     config: ModelConfig,
-    experts: HashMap<(LayerId, ExpertId), ExpertWeights>,
+    /// Shared with the backends of other placement versions that host the
+    /// same expert, so a rollout does not hold two copies of it.
+    experts: HashMap<(LayerId, ExpertId), Arc<ExpertWeights>>,
     hosted: Hosted,
+}
+
+/// The model in `dir` as a worker describes it, hosting nothing yet.
+pub fn model_shape(dir: &Path) -> Result<Hosted, WorkerError> {
+    let (config, config_bytes) = ModelConfig::read(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    Ok(Hosted {
+        model_id: ckpt.fingerprint(&config_bytes),
+        hidden_size: config.hidden_size,
+        num_layers: config.num_hidden_layers,
+        num_experts: config.n_routed_experts,
+        experts: Vec::new(),
+    })
 }
 
 impl CpuBackend {
     /// Maps the checkpoint in `dir` and loads only the experts `spec` names.
     pub fn load(dir: &Path, spec: &ExpertSpec) -> Result<Self, WorkerError> {
+        Self::load_reusing(dir, spec, &[])
+    }
+
+    /// Like [`CpuBackend::load`], taking experts `loaded` already holds from
+    /// there instead of loading them again.
+    pub fn load_reusing(dir: &Path, spec: &ExpertSpec, loaded: &[Arc<CpuBackend>]) -> Result<Self, WorkerError> {
         let (config, config_bytes) = ModelConfig::read(dir)?;
         let ckpt = Checkpoint::open(dir)?;
         let mut experts = HashMap::new();
         for layer in 0..config.num_hidden_layers {
             for expert in 0..config.n_routed_experts {
                 if spec.contains(layer as u32, expert as u32) {
-                    let weights = load_expert(&ckpt, &config, layer, expert)?;
-                    experts.insert((LayerId(layer as u32), ExpertId(expert as u32)), weights);
+                    let id = (LayerId(layer as u32), ExpertId(expert as u32));
+                    let weights = match loaded.iter().find_map(|b| b.experts.get(&id)) {
+                        Some(w) => w.clone(),
+                        None => Arc::new(load_expert(&ckpt, &config, layer, expert)?),
+                    };
+                    experts.insert(id, weights);
                 }
             }
         }
@@ -110,7 +136,12 @@ impl ExpertBackend for CpuBackend {
         let routes: Vec<moe::Route> =
             batch.routes.iter().map(|r| r.iter().map(|(e, w)| (e.0 as usize, *w)).collect()).collect();
         let experts = &self.experts;
-        moe::contributions(|e| experts.get(&(layer, ExpertId(e as u32))), &self.config, &batch.hidden, &routes)
-            .map_err(|e| WorkerError::Internal(e.to_string()))
+        moe::contributions(
+            |e| experts.get(&(layer, ExpertId(e as u32))).map(|w| &**w),
+            &self.config,
+            &batch.hidden,
+            &routes,
+        )
+        .map_err(|e| WorkerError::Internal(e.to_string()))
     }
 }

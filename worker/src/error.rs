@@ -13,6 +13,11 @@ pub enum WorkerError {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// An expert this worker does not (or no longer) host: the caller's
+    /// placement is not this worker's. Another replica may serve it.
+    #[error("{0}")]
+    NotHosted(String),
+
     #[error("load experts: {0}")]
     Load(#[from] myriad_model::ModelError),
 
@@ -24,6 +29,7 @@ impl WorkerError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             WorkerError::Protocol(_) | WorkerError::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            WorkerError::NotHosted(_) => ErrorKind::Unavailable,
             WorkerError::Load(_) | WorkerError::Internal(_) => ErrorKind::Internal,
         }
     }

@@ -10,10 +10,13 @@
 //!   which loads only the tensors of the experts it hosts.
 //! - [`worker`]: transport-independent state: backend plus the load window.
 //! - [`service`]: the thin tonic adapter and [`serve`].
+//! - [`membership`]: registering in the cluster store and following its
+//!   placement versions.
 //! - [`error`]: [`WorkerError`] and its kind.
 
 pub mod backend;
 pub mod error;
+pub mod membership;
 pub mod service;
 pub mod worker;
 

@@ -1,32 +1,96 @@
-//! A worker independent of its transport: a backend and the load window.
+//! A worker independent of its transport: the backends it has loaded, one
+//! per placement version it still serves, and the load window.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use myriad_proto::expert::{Contributions, ExpertBatch, ExpertId, LayerId};
 
 use crate::backend::{ExpertBackend, Hosted};
 use crate::error::WorkerError;
 
-pub struct Worker {
+/// A backend and the placement version it was loaded for (`None`: a static
+/// `--experts` worker outside any placement).
+struct Installed {
+    version: Option<u64>,
     backend: Arc<dyn ExpertBackend>,
+}
+
+pub struct Worker {
+    /// The model shape and fingerprint, known before any expert is loaded.
+    shape: Hosted,
+    /// Newest last. During a rollout a worker serves both the version
+    /// routers use and the one they will switch to.
+    installed: RwLock<Vec<Installed>>,
     /// Tokens per hosted expert since the last [`Worker::take_load`]: the
     /// coordinator balances placement on it.
     load: Mutex<BTreeMap<(LayerId, ExpertId), u64>>,
 }
 
 impl Worker {
+    /// A worker serving exactly `backend`'s experts.
     pub fn new(backend: Arc<dyn ExpertBackend>) -> Self {
-        Worker { backend, load: Mutex::new(BTreeMap::new()) }
+        let worker = Worker::idle(Hosted { experts: Vec::new(), ..backend.hosted().clone() });
+        worker.install(None, backend);
+        worker
     }
 
-    pub fn hosted(&self) -> &Hosted {
-        self.backend.hosted()
+    /// A worker of the model `shape` describes that hosts nothing yet.
+    pub fn idle(shape: Hosted) -> Self {
+        Worker { shape, installed: RwLock::new(Vec::new()), load: Mutex::new(BTreeMap::new()) }
     }
 
-    /// Runs a batch on the blocking pool (expert FFNs are CPU-heavy).
+    /// Adds the experts of placement `version` (kept newest last).
+    pub fn install(&self, version: Option<u64>, backend: Arc<dyn ExpertBackend>) {
+        let mut installed = self.installed.write().unwrap_or_else(|p| p.into_inner());
+        installed.push(Installed { version, backend });
+        installed.sort_by_key(|i| i.version);
+    }
+
+    /// Releases the backends of versions `keep` rejects.
+    pub fn retain(&self, keep: impl Fn(Option<u64>) -> bool) {
+        self.installed.write().unwrap_or_else(|p| p.into_inner()).retain(|i| keep(i.version));
+    }
+
+    /// The versions it serves, oldest first.
+    pub fn versions(&self) -> Vec<Option<u64>> {
+        self.installed.read().unwrap_or_else(|p| p.into_inner()).iter().map(|i| i.version).collect()
+    }
+
+    /// The model and every expert any installed version hosts.
+    pub fn hosted(&self) -> Hosted {
+        let installed = self.installed.read().unwrap_or_else(|p| p.into_inner());
+        let mut experts: Vec<(LayerId, ExpertId)> =
+            installed.iter().flat_map(|i| i.backend.hosted().experts.iter().copied()).collect();
+        experts.sort();
+        experts.dedup();
+        Hosted { experts, ..self.shape.clone() }
+    }
+
+    /// Runs a batch on the blocking pool (expert FFNs are CPU-heavy), with
+    /// the newest version that hosts all of the batch's experts.
     pub async fn run(&self, batch: ExpertBatch) -> Result<Contributions, WorkerError> {
-        let backend = self.backend.clone();
+        self.check_shape(&batch)?;
+        let backend = {
+            let installed = self.installed.read().unwrap_or_else(|p| p.into_inner());
+            let hosts_all = |b: &Arc<dyn ExpertBackend>| {
+                let hosted = &b.hosted().experts;
+                batch.routes.iter().flatten().all(|(e, _)| hosted.binary_search(&(batch.layer, *e)).is_ok())
+            };
+            installed.iter().rev().map(|i| &i.backend).find(|b| hosts_all(b)).cloned()
+        };
+        let Some(backend) = backend else {
+            let missing = batch
+                .routes
+                .iter()
+                .flatten()
+                .map(|(e, _)| e.0)
+                .find(|&e| !self.hosted().experts.contains(&(batch.layer, ExpertId(e))));
+            return Err(WorkerError::NotHosted(match missing {
+                Some(e) => format!("expert {e} of layer {} is not hosted here", batch.layer.0),
+                None => format!("no loaded placement hosts all of this batch's experts of layer {}", batch.layer.0),
+            }));
+        };
         let (width, pairs) = (batch.width, batch.pairs());
         let (batch, data) = tokio::task::spawn_blocking(move || {
             let data = backend.run(&batch);
@@ -41,6 +105,30 @@ impl Worker {
             }
         }
         Ok(Contributions { pairs, width, data })
+    }
+
+    /// Refuses batches that no worker of this model could serve.
+    fn check_shape(&self, batch: &ExpertBatch) -> Result<(), WorkerError> {
+        let shape = &self.shape;
+        if batch.layer.0 as usize >= shape.num_layers {
+            return Err(WorkerError::InvalidArgument(format!(
+                "layer {} does not exist (the model has {})",
+                batch.layer.0, shape.num_layers
+            )));
+        }
+        if batch.width != shape.hidden_size {
+            return Err(WorkerError::InvalidArgument(format!(
+                "hidden states are {} wide, the model's are {}",
+                batch.width, shape.hidden_size
+            )));
+        }
+        if let Some((e, _)) = batch.routes.iter().flatten().find(|(e, _)| e.0 as usize >= shape.num_experts) {
+            return Err(WorkerError::InvalidArgument(format!(
+                "expert {} does not exist (the model has {} per layer)",
+                e.0, shape.num_experts
+            )));
+        }
+        Ok(())
     }
 
     /// The load window since the previous call, which starts a new one.

@@ -82,7 +82,6 @@ async fn malformed_requests_are_invalid_argument() {
             RunExpertsRequest { hidden: Some(tensor::encode(4, hidden / 2, vec![0.0; 2 * hidden])), ..good.clone() },
         ),
         ("unknown layer", RunExpertsRequest { layer: 99, ..good.clone() }),
-        ("expert not hosted", RunExpertsRequest { experts: vec![3, 0, 7], ..good.clone() }),
         ("expert beyond the model", RunExpertsRequest { experts: vec![3, 0, 4000], ..good.clone() }),
         ("route counts disagree", RunExpertsRequest { route_counts: vec![2, 2], ..good.clone() }),
         ("too few route counts", RunExpertsRequest { route_counts: vec![3], ..good.clone() }),
@@ -97,6 +96,11 @@ async fn malformed_requests_are_invalid_argument() {
         let status = client.run_experts(request).await.expect_err(what);
         assert_eq!(status.code(), Code::InvalidArgument, "{what}: {}", status.message());
     }
+    // A well-formed request for an expert hosted elsewhere is a placement
+    // mismatch, not a bad request: another replica may serve it.
+    let elsewhere = RunExpertsRequest { experts: vec![3, 0, 7], ..good.clone() };
+    let status = client.run_experts(elsewhere).await.expect_err("expert 7 is not hosted");
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
     // The worker still serves good requests afterwards.
     client.run_experts(good).await.expect("a good request after bad ones");
 }

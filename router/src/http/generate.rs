@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use super::api::{ChatRequest, CompletionRequest, Params, PromptInput, parse};
 use super::error::ApiError;
-use super::text::{Delta, Deltas};
+use super::text::{Delta, Deltas, Detokenizer};
 use super::{AppState, authorized};
 use crate::chat::{Message, Reasoning};
 use crate::engine::{Event, FinishReason, Request, SubmitError};
@@ -114,15 +114,18 @@ async fn respond(state: Arc<AppState>, prepared: Result<(Vec<u32>, Params), ApiE
         }
     };
     let max_tokens = params.max_tokens.unwrap_or(0);
+    let run = Run::new(state, kind, prompt.len(), params);
+    let span = tracing::info_span!("request", request_id = %run.id, endpoint, prompt_tokens = prompt.len());
     let (tx, rx) = mpsc::unbounded_channel();
     let request = Request {
         prompt: prompt.clone(),
         max_tokens,
-        sampling: params.sampling.clone(),
-        stop_tokens: if params.ignore_eos { Vec::new() } else { state.eos_token_ids.clone() },
+        sampling: run.params.sampling.clone(),
+        stop_tokens: if run.params.ignore_eos { Vec::new() } else { run.state.eos_token_ids.clone() },
         events: tx,
+        span: span.clone(),
     };
-    if let Err(e) = state.engine.submit(request) {
+    if let Err(e) = run.state.engine.submit(request) {
         outcome("server_error");
         return match e {
             SubmitError::QueueFull => ApiError::overloaded(),
@@ -130,8 +133,6 @@ async fn respond(state: Arc<AppState>, prepared: Result<(Vec<u32>, Params), ApiE
         }
         .into_response();
     }
-    let run = Run::new(state, kind, prompt.len(), params);
-    let span = tracing::info_span!("request", request_id = %run.id, endpoint, prompt_tokens = prompt.len());
     if run.params.stream {
         let (events_tx, events_rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
         tokio::spawn(run.stream(rx, events_tx).instrument(span));
@@ -205,21 +206,22 @@ impl Run {
         }
     }
 
-    fn decode(&self, ids: &[u32]) -> String {
-        self.state.tokenizer.decode(ids).unwrap_or_default()
-    }
-
     /// Collects the whole answer.
     async fn whole(self, mut rx: mpsc::UnboundedReceiver<Event>) -> Response {
         let endpoint = self.kind.endpoint();
-        let mut ids = Vec::new();
+        let mut text = Detokenizer::new(&self.state.tokenizer);
+        let mut deltas = Deltas::new(self.thinking(), self.params.stop.clone());
+        let mut answer = Delta::default();
         let mut last = Instant::now();
         let reason = loop {
             match rx.recv().await {
                 Some(Event::Token(t)) => {
-                    observe_token(&self, ids.is_empty(), &mut last);
-                    ids.push(t);
-                    if !self.params.stop.is_empty() && self.params.stop.iter().any(|s| self.decode(&ids).contains(s)) {
+                    observe_token(&self, text.ids().is_empty(), &mut last);
+                    let delta = deltas.next(text.push(t), false);
+                    answer.reasoning.push_str(&delta.reasoning);
+                    answer.content.push_str(&delta.content);
+                    if delta.stopped {
+                        answer.stopped = true;
                         break None;
                     }
                 }
@@ -234,8 +236,15 @@ impl Run {
                 }
             }
         };
-        let delta = Deltas::new(self.thinking(), self.params.stop.clone()).next(&self.decode(&ids), true);
-        let finish = Self::finish_reason(reason, delta.stopped || reason.is_none());
+        let tokens = text.ids().len();
+        if !answer.stopped {
+            let tail = deltas.next(text.finish(), true);
+            answer.reasoning.push_str(&tail.reasoning);
+            answer.content.push_str(&tail.content);
+            answer.stopped = tail.stopped;
+        }
+        let delta = answer;
+        let finish = Self::finish_reason(reason, delta.stopped);
         metrics::REQUESTS.with_label_values(&[endpoint, "ok"]).inc();
         let (object, choice) = match self.kind {
             Kind::Completion => (
@@ -252,7 +261,7 @@ impl Run {
         };
         axum::Json(json!({
             "id": self.id, "object": object, "created": self.created, "model": self.state.model_name,
-            "choices": [choice], "usage": self.usage(ids.len()),
+            "choices": [choice], "usage": self.usage(tokens),
         }))
         .into_response()
     }
@@ -294,14 +303,13 @@ impl Run {
             return;
         }
         let mut deltas = Deltas::new(self.thinking(), self.params.stop.clone());
-        let mut ids = Vec::new();
+        let mut text = Detokenizer::new(&self.state.tokenizer);
         let mut last = Instant::now();
         let (reason, stopped) = loop {
             match rx.recv().await {
                 Some(Event::Token(t)) => {
-                    observe_token(&self, ids.is_empty(), &mut last);
-                    ids.push(t);
-                    let delta = deltas.next(&self.decode(&ids), false);
+                    observe_token(&self, text.ids().is_empty(), &mut last);
+                    let delta = deltas.next(text.push(t), false);
                     if (!delta.content.is_empty() || !delta.reasoning.is_empty())
                         && !send(self.chunk(Some(&delta), None, false)).await
                     {
@@ -321,7 +329,8 @@ impl Run {
                 None => return,
             }
         };
-        let tail = deltas.next(&self.decode(&ids), true);
+        let tokens = text.ids().len();
+        let tail = deltas.next(text.finish(), true);
         if !stopped && (!tail.content.is_empty() || !tail.reasoning.is_empty()) {
             send(self.chunk(Some(&tail), None, false)).await;
         }
@@ -329,7 +338,7 @@ impl Run {
         if self.params.include_usage {
             let mut usage = self.chunk(None, None, false);
             usage["choices"] = json!([]);
-            usage["usage"] = self.usage(ids.len());
+            usage["usage"] = self.usage(tokens);
             send(usage).await;
         }
         let _ = out.send(Ok(SseEvent::default().data("[DONE]"))).await;

@@ -1,0 +1,182 @@
+//! The control plane in one process, over the in-memory store: a
+//! coordinator, expert workers on real loopback gRPC and a router. A worker
+//! that dies leaves the placement when its lease expires; the survivors
+//! load the new version, the router switches, the old version is released,
+//! and generation gives the same tokens throughout.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use myriad_coordinator::CoordinatorConfig;
+use myriad_model::{Model, Sampling};
+use myriad_router::RemoteExperts;
+use myriad_router::WorkerPool;
+use myriad_store::mirror::Mirror;
+use myriad_store::schema::{Keys, NodeRecord, PlacementVersion, PlacementView, Role};
+use myriad_store::{MemoryStore, Store};
+use myriad_worker::Worker;
+use tokio::task::JoinHandle;
+
+const TTL: Duration = Duration::from_secs(1);
+
+fn tiny() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v4")
+}
+
+fn record(id: &str, role: Role, addr: String, model_id: &str) -> NodeRecord {
+    NodeRecord {
+        id: id.parse().unwrap(),
+        role,
+        addr,
+        model_id: model_id.into(),
+        capacity_bytes: None,
+        placement_version: None,
+    }
+}
+
+/// An in-process worker: its gRPC server and its membership loop.
+struct TestWorker {
+    worker: Arc<Worker>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl TestWorker {
+    async fn start(id: &str, store: &Arc<dyn Store>, keys: &Keys, model: &Path) -> Self {
+        let shape = myriad_worker::backend::model_shape(model).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let worker = Arc::new(Worker::idle(shape.clone()));
+        let membership = myriad_worker::membership::Membership {
+            store: store.clone(),
+            keys: keys.clone(),
+            record: record(id, Role::Worker, addr, &shape.model_id),
+            model: model.to_path_buf(),
+            lease_ttl: TTL,
+        };
+        let follow = myriad_worker::membership::join(membership, worker.clone()).await.unwrap();
+        let served = worker.clone();
+        let tasks = vec![
+            tokio::spawn(follow),
+            tokio::spawn(async move {
+                let _ = myriad_worker::serve(listener, served, std::future::pending()).await;
+            }),
+        ];
+        TestWorker { worker, tasks }
+    }
+
+    /// As a crash: the server stops answering and the lease is no longer
+    /// kept alive (it expires after the TTL).
+    fn kill(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn wait_for_current(placements: &Mirror, keys: &Keys, want: impl Fn(&PlacementView) -> bool) -> PlacementView {
+    let mut changes = placements.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = PlacementView::read(keys, &changes.borrow_and_update());
+        if want(&view) {
+            return view;
+        }
+        tokio::time::timeout_at(deadline, changes.changed()).await.expect("placement did not converge").unwrap();
+    }
+}
+
+async fn generate(model: &Arc<Model>, experts: &RemoteExperts) -> Vec<u32> {
+    let (model, experts) = (model.clone(), experts.clone());
+    tokio::task::spawn_blocking(move || {
+        let run = myriad_model::generate_with(&model, &[5, 17, 42, 300, 7], 10, &Sampling::greedy(), true, &experts);
+        run.expect("generate through the cluster").generated
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_worker_is_replaced_by_a_new_version_without_changing_outputs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let model_dir = tiny();
+    let model = Arc::new(Model::load_dense(&model_dir).unwrap());
+    let solo =
+        myriad_model::generate(&Model::load(&model_dir).unwrap(), &[5, 17, 42, 300, 7], 10, &Sampling::greedy(), true)
+            .unwrap()
+            .generated;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let keys = Keys::new("test");
+    let config = CoordinatorConfig {
+        id: "coordinator-0".parse().unwrap(),
+        addr: String::new(),
+        model_id: model.fingerprint.clone(),
+        layers: model.config.num_hidden_layers,
+        experts: model.config.n_routed_experts,
+        replicas: 2,
+        min_workers: 3,
+        settle: Duration::from_millis(50),
+        lease_ttl: TTL,
+        rollout_timeout: Duration::from_secs(30),
+    };
+    tokio::spawn(myriad_coordinator::run(store.clone(), keys.clone(), config, std::future::pending()));
+    let mut workers = Vec::new();
+    for i in 0..3 {
+        workers.push(TestWorker::start(&format!("worker-{i}"), &store, &keys, &model_dir).await);
+    }
+
+    let experts = RemoteExperts::new(
+        Arc::new(WorkerPool::empty()),
+        tokio::runtime::Handle::current(),
+        model.config.hidden_size,
+        Duration::from_secs(10),
+    );
+    let membership = myriad_router::membership::Membership {
+        store: store.clone(),
+        keys: keys.clone(),
+        record: record("router-0", Role::Router, String::new(), &model.fingerprint),
+        lease_ttl: TTL,
+    };
+    tokio::spawn(myriad_router::membership::join(membership, experts.clone(), model.config.clone()).await.unwrap());
+
+    let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
+    let routers = Mirror::follow(store.clone(), keys.nodes(Role::Router)).await.unwrap();
+    let view = wait_for_current(&placements, &keys, |v| v.current.is_some()).await;
+    let first = view.current().unwrap().clone();
+    assert_eq!(first.version, PlacementVersion(1), "one version for the initial burst of joins");
+    assert_eq!(first.assignments.len(), 3);
+    while !experts.pool().serving() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(generate(&model, &experts).await, solo, "3 workers, 2 replicas");
+
+    // worker-1 dies.
+    let killed = Instant::now();
+    workers.remove(1).kill();
+    let view = wait_for_current(&placements, &keys, |v| {
+        v.current().is_some_and(|p| p.assignments.len() == 2) && v.versions.len() == 1
+    })
+    .await;
+    let second = view.current().unwrap();
+    assert!(second.version > first.version);
+    assert!(second.assignment(&"worker-1".parse().unwrap()).is_none());
+    let acked = myriad_store::schema::read_nodes(&routers.snapshot());
+    assert_eq!(acked[0].placement_version, Some(second.version), "the router acknowledged before the release");
+    eprintln!("worker killed -> new placement current and the old one released: {:?}", killed.elapsed());
+    for w in &workers {
+        assert_eq!(w.worker.versions(), [Some(second.version.0)], "survivors released the old version");
+    }
+    assert_eq!(generate(&model, &experts).await, solo, "2 survivors");
+
+    // A new worker joins: a version with all three.
+    workers.push(TestWorker::start("worker-3", &store, &keys, &model_dir).await);
+    let view = wait_for_current(&placements, &keys, |v| v.current().is_some_and(|p| p.assignments.len() == 3)).await;
+    assert!(view.current().unwrap().assignment(&"worker-3".parse().unwrap()).is_some());
+    while experts.pool().workers.len() != 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(generate(&model, &experts).await, solo, "after the join");
+}

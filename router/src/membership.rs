@@ -1,0 +1,92 @@
+//! A router in a cluster: registered in the store, dispatching with the
+//! current placement version and acknowledging each switch so the
+//! coordinator can retire older versions.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use myriad_model::ModelConfig;
+use myriad_store::lease::Registration;
+use myriad_store::mirror::Mirror;
+use myriad_store::schema::{self, Keys, NodeRecord, Placement, PlacementView};
+use myriad_store::{Store, StoreError};
+
+use crate::dispatch::RemoteExperts;
+use crate::pool::{Target, WorkerPool};
+
+/// Pause before trying again to connect to a placement's workers.
+const RETRY: Duration = Duration::from_secs(1);
+
+pub struct Membership {
+    pub store: Arc<dyn Store>,
+    pub keys: Keys,
+    /// What it publishes; `placement_version` is kept up to date here.
+    pub record: NodeRecord,
+    pub lease_ttl: Duration,
+}
+
+/// Registers the router and returns the loop that switches `experts` to
+/// each new current placement; it runs until dropped.
+pub async fn join(
+    m: Membership,
+    experts: RemoteExperts,
+    config: ModelConfig,
+) -> Result<impl Future<Output = ()>, StoreError> {
+    let mirror = Mirror::follow(m.store.clone(), m.keys.placements()).await?;
+    let key = m.keys.node(m.record.role, &m.record.id);
+    let registration = Registration::start(m.store.clone(), key, schema::encode(&m.record), m.lease_ttl).await?;
+    Ok(follow(m, experts, config, mirror, registration))
+}
+
+async fn follow(
+    m: Membership,
+    experts: RemoteExperts,
+    config: ModelConfig,
+    mirror: Mirror,
+    registration: Registration,
+) {
+    let mut record = m.record;
+    let mut changes = mirror.subscribe();
+    loop {
+        let view = PlacementView::read(&m.keys, &changes.borrow_and_update());
+        let wanted = view.current().filter(|p| Some(p.version) != record.placement_version);
+        let mut pending = false;
+        if let Some(placement) = wanted {
+            match switch(placement, &experts, &config, &record.model_id).await {
+                Ok(()) => {
+                    record.placement_version = Some(placement.version);
+                    registration.update(schema::encode(&record));
+                    tracing::info!(version = %placement.version, "dispatching with a new placement");
+                }
+                Err(e) => {
+                    tracing::warn!(version = %placement.version, error = %e, "cannot switch placement yet");
+                    pending = true;
+                }
+            }
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(RETRY), if pending => {}
+        }
+    }
+}
+
+async fn switch(
+    placement: &Placement,
+    experts: &RemoteExperts,
+    config: &ModelConfig,
+    model_id: &str,
+) -> Result<(), String> {
+    if placement.model_id != model_id {
+        return Err(format!("it places model {}, this router runs {model_id}", placement.model_id));
+    }
+    let targets: Vec<Target> = placement
+        .assignments
+        .iter()
+        .map(|a| Target { addr: a.addr.clone(), experts: Some(a.experts.clone()) })
+        .collect();
+    let pool = WorkerPool::connect(&targets, config, model_id).await.map_err(|e| e.to_string())?;
+    experts.set_pool(Arc::new(pool));
+    Ok(())
+}

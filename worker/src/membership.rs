@@ -1,0 +1,77 @@
+//! A worker in a cluster: registered in the store under a lease, loading
+//! the experts each placement version assigns it, acknowledging versions it
+//! has loaded and releasing those the coordinator has retired.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use myriad_store::lease::Registration;
+use myriad_store::mirror::Mirror;
+use myriad_store::schema::{self, Keys, NodeRecord, PlacementVersion, PlacementView};
+use myriad_store::{Store, StoreError};
+
+use crate::backend::CpuBackend;
+use crate::worker::Worker;
+
+/// How a worker joins the cluster.
+pub struct Membership {
+    pub store: Arc<dyn Store>,
+    pub keys: Keys,
+    /// What it publishes; `placement_version` is kept up to date here.
+    pub record: NodeRecord,
+    /// The model folder it loads experts from.
+    pub model: PathBuf,
+    /// Its registration's lease TTL: it leaves the placement this long after dying.
+    pub lease_ttl: Duration,
+}
+
+/// Registers the worker (failing if the store is unreachable) and returns
+/// the loop that applies placements; it runs until dropped.
+pub async fn join(m: Membership, worker: Arc<Worker>) -> Result<impl Future<Output = ()>, StoreError> {
+    let mirror = Mirror::follow(m.store.clone(), m.keys.placements()).await?;
+    let key = m.keys.node(m.record.role, &m.record.id);
+    let registration = Registration::start(m.store.clone(), key, schema::encode(&m.record), m.lease_ttl).await?;
+    Ok(apply_placements(m, worker, mirror, registration))
+}
+
+async fn apply_placements(m: Membership, worker: Arc<Worker>, mirror: Mirror, registration: Registration) {
+    let mut record = m.record;
+    let mut changes = mirror.subscribe();
+    // Backends by version, for sharing experts between versions.
+    let mut loaded: Vec<(PlacementVersion, Arc<CpuBackend>)> = Vec::new();
+    loop {
+        let view = PlacementView::read(&m.keys, &changes.borrow_and_update());
+        let mine = view.versions.values().rev().find_map(|p| {
+            let a = p.assignment(&record.id)?;
+            (p.model_id == record.model_id && a.addr == record.addr).then(|| (p.version, a.experts.clone()))
+        });
+        if let Some((version, spec)) = mine.filter(|(v, _)| Some(*v) > record.placement_version) {
+            let (dir, reuse) = (m.model.clone(), loaded.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>());
+            tracing::info!(%version, experts = %spec, "loading the experts of a new placement");
+            let result = tokio::task::spawn_blocking(move || CpuBackend::load_reusing(&dir, &spec, &reuse)).await;
+            match result {
+                Ok(Ok(backend)) => {
+                    let backend = Arc::new(backend);
+                    worker.install(Some(version.0), backend.clone());
+                    loaded.push((version, backend));
+                    record.placement_version = Some(version);
+                    registration.update(schema::encode(&record));
+                    tracing::info!(%version, "placement loaded");
+                }
+                Ok(Err(e)) => tracing::error!(%version, error = %e, "cannot load this placement's experts"),
+                Err(e) => tracing::error!(%version, error = %e, "the loading task failed"),
+            }
+        }
+        // Keep what a live version still needs and the newest loaded one
+        // (the store may be away; never drop the experts being served).
+        let newest = record.placement_version;
+        let keep = |v: PlacementVersion| view.versions.contains_key(&v) || Some(v) == newest;
+        worker.retain(|v| v.is_none_or(|v| keep(PlacementVersion(v))));
+        loaded.retain(|(v, _)| keep(*v));
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
