@@ -9,19 +9,24 @@
 //! # Layout
 //!
 //! - [`MemoryStore`] ([`memory`]): the in-process backend.
+//! - [`EtcdStore`] ([`etcd`]): etcd v3 over its gRPC API.
 //! - [`mirror`]: a prefix followed into a local snapshot that survives store
 //!   outages (the data plane keeps its last placement when etcd is away).
 //! - [`lease`]: a key kept alive under a lease ([`lease::Registration`]) and
 //!   leader election ([`lease::campaign`]).
 //! - [`schema`]: the key layout under `/myriad/<cluster>/` and the versioned,
 //!   schema-checked records stored there.
-//! - `suite` (feature `testing`): the behaviour every backend must show.
+//! - `suite` (feature `testing`): the behaviour every backend must show;
+//!   `etcd_server`: a real etcd started for tests.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
+pub mod etcd;
+#[cfg(feature = "testing")]
+pub mod etcd_server;
 pub mod lease;
 pub mod memory;
 pub mod mirror;
@@ -29,6 +34,7 @@ pub mod schema;
 #[cfg(any(test, feature = "testing"))]
 pub mod suite;
 
+pub use etcd::EtcdStore;
 pub use memory::MemoryStore;
 
 /// A store-wide, strictly increasing write counter (etcd's revision). A key's
