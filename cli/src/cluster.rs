@@ -12,6 +12,8 @@ use myriad_coordinator::CoordinatorConfig;
 use myriad_model::ModelConfig;
 use myriad_router::RemoteExperts;
 use myriad_store::schema::{Keys, NodeRecord, Role};
+
+use crate::membership::{join_router, wait_serving};
 use myriad_store::{MemoryStore, Store};
 use myriad_worker::Worker;
 use tokio::net::TcpListener;
@@ -87,30 +89,9 @@ impl LocalCluster {
     /// Joins `experts` to the cluster as router `id` and waits until it
     /// dispatches with the first placement.
     pub async fn attach_router(&self, id: &str, experts: &RemoteExperts, config: &ModelConfig) -> Result<()> {
-        let record = NodeRecord {
-            id: node_id(id)?,
-            role: Role::Router,
-            addr: String::new(),
-            model_id: self.model_id.clone(),
-            capacity_bytes: None,
-            placement_version: None,
-        };
-        let membership = myriad_router::membership::Membership {
-            store: self.store.clone(),
-            keys: self.keys.clone(),
-            record,
-            lease_ttl: LEASE_TTL,
-        };
-        let follow = myriad_router::membership::join(membership, experts.clone(), config.clone())
-            .await
-            .context("register the router")?;
-        tokio::spawn(follow);
-        let waited = tokio::time::timeout(FIRST_PLACEMENT, async {
-            while !experts.pool().serving() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
-        waited.await.map_err(|_| anyhow::anyhow!("no placement was served within {FIRST_PLACEMENT:?}"))
+        let (store, keys) = (self.store.clone(), self.keys.clone());
+        join_router(store, keys, node_id(id)?, LEASE_TTL, experts, config, &self.model_id).await?;
+        wait_serving(experts, FIRST_PLACEMENT).await
     }
 }
 

@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod cluster;
+mod coordinator;
 mod generate;
+mod membership;
 mod serve;
 mod telemetry;
 mod worker;
@@ -26,6 +28,8 @@ enum Command {
     Generate(generate::Args),
     /// Serve routed experts to routers over gRPC.
     Worker(worker::Args),
+    /// Lead a cluster on etcd: membership and versioned expert placement.
+    Coordinator(coordinator::Args),
     /// Run a whole local cluster (expert workers + router with the OpenAI API) in one process.
     Up(serve::UpArgs),
     /// Serve the OpenAI API over running expert workers.
@@ -39,6 +43,7 @@ impl Command {
         match self {
             Command::Generate(_) => "generate",
             Command::Worker(_) => "worker",
+            Command::Coordinator(_) => "coordinator",
             Command::Up(_) => "up",
             Command::Router(_) => "router",
             Command::Bench(_) => "bench",
@@ -59,6 +64,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Worker(args) => worker::run(args),
+        Command::Coordinator(args) => coordinator::run(args),
         Command::Up(args) => serve::up(args),
         Command::Router(args) => serve::router(args),
         Command::Bench(args) => bench::run(args),

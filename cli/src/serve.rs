@@ -1,6 +1,7 @@
 //! `myriad up` and `myriad router`: the OpenAI-compatible endpoint over
 //! expert workers (started in this process, or already running).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,9 +12,11 @@ use myriad_router::chat::ChatTemplate;
 use myriad_router::engine::{Engine, EngineConfig};
 use myriad_router::http::{self, AppState};
 use myriad_router::{RemoteExperts, Target, WorkerPool};
+use myriad_store::schema::Role;
 use tokio::net::TcpListener;
 
 use crate::cluster::LocalCluster;
+use crate::membership::{ClusterArgs, join_router, require_one};
 
 /// Options of the HTTP front end, shared by `up` and `router`.
 #[derive(clap::Args)]
@@ -78,15 +81,22 @@ pub struct RouterArgs {
     #[command(flatten)]
     http: HttpArgs,
 
-    /// Expert workers to dispatch to (`myriad worker` addresses); repeat or comma-separate.
-    #[arg(long = "worker-addr", env = "MYRIAD_WORKER_ADDRS", value_delimiter = ',', required = true)]
+    /// Fixed expert workers to dispatch to (`myriad worker --experts`
+    /// addresses); repeat or comma-separate. Without it, `--etcd`.
+    #[arg(long = "worker-addr", env = "MYRIAD_WORKER_ADDRS", value_delimiter = ',')]
     worker_addrs: Vec<String>,
+
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 /// Where the router learns which worker hosts which experts.
 enum Placement {
-    /// The current version in the cluster store of this local cluster.
-    Cluster(LocalCluster),
+    /// The current version in this process's own cluster (`myriad up`):
+    /// serve only once it is loaded.
+    Local(LocalCluster),
+    /// The current version in a cluster store; `/ready` says when it is loaded.
+    Store(ClusterArgs),
     /// Fixed addresses, each used for the experts it reports.
     Static(Vec<Target>),
 }
@@ -95,11 +105,16 @@ pub fn up(args: UpArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     let cluster = runtime.block_on(LocalCluster::start(&args.http.model, args.workers, args.replicas))?;
     let what = format!("coordinator and {} expert workers in this process", args.workers);
-    serve(runtime, args.http, Placement::Cluster(cluster), &what)
+    serve(runtime, args.http, Placement::Local(cluster), &what)
 }
 
 pub fn router(args: RouterArgs) -> Result<()> {
+    require_one(!args.worker_addrs.is_empty(), &args.cluster, "--worker-addr")?;
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    if args.cluster.enabled() {
+        let what = format!("placement from cluster {}", args.cluster.cluster);
+        return serve(runtime, args.http, Placement::Store(args.cluster), &what);
+    }
     let what = format!("{} expert workers", args.worker_addrs.len());
     let targets = args.worker_addrs.iter().map(Target::addr).collect();
     serve(runtime, args.http, Placement::Static(targets), &what)
@@ -127,7 +142,11 @@ fn serve(runtime: tokio::runtime::Runtime, args: HttpArgs, placement: Placement,
     );
     runtime.block_on(async {
         match placement {
-            Placement::Cluster(cluster) => cluster.attach_router("router-0", &experts, cfg).await,
+            Placement::Local(cluster) => cluster.attach_router("router-0", &experts, cfg).await,
+            Placement::Store(cluster) => {
+                let (store, keys, id) = (cluster.store()?, cluster.keys()?, cluster.node_id(Role::Router)?);
+                join_router(store, keys, id, *cluster.lease_ttl, &experts, cfg, &model.fingerprint).await
+            }
             Placement::Static(targets) => {
                 let pool = WorkerPool::connect(&targets, cfg, &model.fingerprint)
                     .await
@@ -165,9 +184,17 @@ fn serve(runtime: tokio::runtime::Runtime, args: HttpArgs, placement: Placement,
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let addr = listener.local_addr().context("read the bound address")?;
         // Tests and scripts read this first line to find the port.
-        println!("Myriad is up: http://{addr}/v1 (model `{model_name}`, {what})");
-        println!("Try: curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\");
-        println!("       -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'");
+        // Written, not println!: a reader that closed stdout after the
+        // first line must not take the server down.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "Myriad is up: http://{addr}/v1 (model `{model_name}`, {what})");
+        let _ = writeln!(out, "Try: curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\");
+        let _ = writeln!(
+            out,
+            "       -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'"
+        );
+        let _ = out.flush();
+        drop(out);
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };

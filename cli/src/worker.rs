@@ -1,12 +1,17 @@
-//! `myriad worker`: serve some routed experts to routers over gRPC.
+//! `myriad worker`: serve routed experts to routers over gRPC, either a
+//! fixed set (`--experts`) or whatever the cluster's placement assigns it
+//! (`--etcd`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use myriad_proto::spec::ExpertSpec;
+use myriad_store::schema::{NodeRecord, Role};
 use myriad_worker::{CpuBackend, Worker};
 use tokio::net::TcpListener;
+
+use crate::membership::{ClusterArgs, parse_bytes, require_one};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -14,28 +19,70 @@ pub struct Args {
     #[arg(long, env = "MYRIAD_LISTEN", default_value = "127.0.0.1:7100")]
     listen: String,
 
+    /// Address routers reach this worker at (default: the bound address).
+    #[arg(long, env = "MYRIAD_ADVERTISE_ADDR")]
+    advertise_addr: Option<String>,
+
     /// Model folder (the worker maps only its experts' tensors).
     #[arg(long, env = "MYRIAD_MODEL", default_value = "models/tiny-v4")]
     model: PathBuf,
 
-    /// Experts to host: comma-separated LAYERS:EXPERTS, each `*`, `N` or `A-B`.
-    /// Example: `0-3:0-15,4:7`; `*:*` hosts all.
-    #[arg(long, env = "MYRIAD_EXPERTS", default_value = "*:*")]
-    experts: ExpertSpec,
+    /// Experts to host without a cluster: comma-separated LAYERS:EXPERTS,
+    /// each `*`, `N` or `A-B`. Example: `0-3:0-15,4:7`; `*:*` hosts all.
+    #[arg(long, env = "MYRIAD_EXPERTS")]
+    experts: Option<ExpertSpec>,
+
+    /// Memory for experts, published for placement (e.g. `24GiB`).
+    #[arg(long, env = "MYRIAD_CAPACITY", value_parser = parse_bytes)]
+    capacity: Option<u64>,
+
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let backend = CpuBackend::load(&args.model, &args.experts)
-        .with_context(|| format!("load experts `{}` from {}", args.experts, args.model.display()))?;
-    let hosted = backend.hosted_count();
-    let worker = Arc::new(Worker::new(Arc::new(backend)));
+    require_one(args.experts.is_some(), &args.cluster, "--experts")?;
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     runtime.block_on(async move {
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
-        let addr = listener.local_addr().context("read the bound address")?;
-        // Tests and scripts read this line to find an ephemeral port.
-        println!("worker listening on {addr} with {hosted} experts");
-        tracing::info!(%addr, hosted, "worker started");
+        let bound = listener.local_addr().context("read the bound address")?.to_string();
+        let worker = match &args.experts {
+            Some(spec) => {
+                let backend = CpuBackend::load(&args.model, spec)
+                    .with_context(|| format!("load experts `{spec}` from {}", args.model.display()))?;
+                // Tests and scripts read this line to find an ephemeral port.
+                println!("worker listening on {bound} with {} experts", backend.hosted_count());
+                Arc::new(Worker::new(Arc::new(backend)))
+            }
+            None => {
+                let shape = myriad_worker::backend::model_shape(&args.model)
+                    .with_context(|| format!("read the model in {}", args.model.display()))?;
+                let worker = Arc::new(Worker::idle(shape.clone()));
+                let id = args.cluster.node_id(Role::Worker)?;
+                let record = NodeRecord {
+                    id: id.clone(),
+                    role: Role::Worker,
+                    addr: args.advertise_addr.clone().unwrap_or_else(|| bound.clone()),
+                    model_id: shape.model_id,
+                    capacity_bytes: args.capacity,
+                    placement_version: None,
+                };
+                let membership = myriad_worker::membership::Membership {
+                    store: args.cluster.store()?,
+                    keys: args.cluster.keys()?,
+                    record,
+                    model: args.model.clone(),
+                    lease_ttl: *args.cluster.lease_ttl,
+                };
+                let follow = myriad_worker::membership::join(membership, worker.clone())
+                    .await
+                    .context("register in the cluster store")?;
+                tokio::spawn(follow);
+                println!("worker listening on {bound} as node {id} of cluster {}", args.cluster.cluster);
+                worker
+            }
+        };
+        tracing::info!(addr = %bound, "worker started");
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };

@@ -63,6 +63,8 @@ async fn keep(
     lease_tx: watch::Sender<LeaseId>,
 ) {
     let mut lease = *lease_tx.borrow();
+    // Warn once when refreshing starts failing, not on every retry.
+    let mut failing = false;
     let mut tick = tokio::time::interval(ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -76,13 +78,22 @@ async fn keep(
             Err(e) => Err(e),
         };
         match result {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!(key, "registration refreshed again");
+            }
             Ok(()) => {}
             Err(StoreError::LeaseExpired(_)) => {
                 tracing::warn!(key, "registration lease expired; registering again");
                 lease = register_again(&*store, &key, &current, ttl).await;
                 lease_tx.send_replace(lease);
+                failing = false;
             }
-            Err(e) => tracing::warn!(key, error = %e, "cannot refresh the registration; will retry"),
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(key, error = %e, "cannot refresh the registration; retrying quietly");
+            }
+            Err(e) => tracing::debug!(key, error = %e, "cannot refresh the registration"),
         }
     }
 }
@@ -132,6 +143,7 @@ impl Drop for Leadership {
 /// lease of `ttl`). Candidates that lose watch the key and try again when
 /// it is deleted or expires.
 pub async fn campaign(store: Arc<dyn Store>, key: &str, value: Vec<u8>, ttl: Duration) -> Leadership {
+    let mut failing = false;
     loop {
         match try_lead(&store, key, &value, ttl).await {
             Ok(Some(lease)) => {
@@ -141,7 +153,10 @@ pub async fn campaign(store: Arc<dyn Store>, key: &str, value: Vec<u8>, ttl: Dur
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(key, error = %e, "campaign failed; retrying");
+                if !failing {
+                    tracing::warn!(key, error = %e, "campaign failed; retrying quietly");
+                }
+                failing = true;
                 tokio::time::sleep(RETRY).await;
             }
         }
@@ -181,7 +196,7 @@ async fn hold(store: Arc<dyn Store>, key: String, lease: LeaseId, ttl: Duration,
             // Unreachable for a whole TTL: the store will have expired the
             // lease, and another candidate may lead already.
             Err(_) if last_ok.elapsed() >= ttl => break,
-            Err(e) => tracing::warn!(key, error = %e, "cannot refresh the leader lease"),
+            Err(e) => tracing::debug!(key, error = %e, "cannot refresh the leader lease"),
         }
     }
     tracing::warn!(key, "leadership lost");

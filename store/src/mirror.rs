@@ -81,7 +81,7 @@ async fn follow(store: Arc<dyn Store>, prefix: String, mut revision: Revision, t
                     }
                 }
             }
-            Err(e) => tracing::warn!(prefix, error = %e, "cannot watch the store; keeping the last snapshot"),
+            Err(e) => tracing::debug!(prefix, error = %e, "cannot watch the store; keeping the last snapshot"),
         }
         if tx.is_closed() {
             return;

@@ -1,0 +1,76 @@
+//! `myriad coordinator`: campaigns for leadership of a cluster on etcd and,
+//! while leading, places the model's experts on its workers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use myriad_coordinator::CoordinatorConfig;
+use myriad_store::schema::Role;
+
+use crate::membership::ClusterArgs;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder: the coordinator reads its config and shard index.
+    #[arg(long, env = "MYRIAD_MODEL", default_value = "models/tiny-v4")]
+    model: PathBuf,
+
+    /// How many workers host each expert (capped by the live workers).
+    #[arg(long, env = "MYRIAD_REPLICAS", default_value_t = 1)]
+    replicas: usize,
+
+    /// Live workers needed before the first placement.
+    #[arg(long, env = "MYRIAD_MIN_WORKERS", default_value_t = 1)]
+    min_workers: usize,
+
+    /// Membership must stay unchanged this long before a new placement.
+    #[arg(long, env = "MYRIAD_SETTLE", default_value = "2s")]
+    settle: humantime::Duration,
+
+    /// Longest wait for workers to load a new placement before abandoning it.
+    #[arg(long, env = "MYRIAD_ROLLOUT_TIMEOUT", default_value = "5m")]
+    rollout_timeout: humantime::Duration,
+
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if !args.cluster.enabled() {
+        bail!("a coordinator needs a cluster store: give --etcd");
+    }
+    if args.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    let shape = myriad_worker::backend::model_shape(&args.model)
+        .with_context(|| format!("read the model in {}", args.model.display()))?;
+    let id = args.cluster.node_id(Role::Coordinator)?;
+    let config = CoordinatorConfig {
+        id: id.clone(),
+        addr: String::new(),
+        model_id: shape.model_id,
+        layers: shape.num_layers,
+        experts: shape.num_experts,
+        replicas: args.replicas,
+        min_workers: args.min_workers,
+        settle: *args.settle,
+        lease_ttl: *args.cluster.lease_ttl,
+        rollout_timeout: *args.rollout_timeout,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    runtime.block_on(async move {
+        let store = args.cluster.store()?;
+        let keys = args.cluster.keys()?;
+        println!("coordinator {id} of cluster {} campaigning", args.cluster.cluster);
+        tracing::info!(%id, replicas = args.replicas, min_workers = args.min_workers, "coordinator started");
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        myriad_coordinator::run(store, keys, config, shutdown).await;
+        anyhow::Ok(())
+    })?;
+    // Give the resignation a moment to reach etcd before the process ends.
+    std::thread::sleep(Duration::from_millis(50));
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! Joining a cluster from the command line: `--etcd`, `--cluster`,
+//! `--node-id`, `--lease-ttl`, shared by every role.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use myriad_model::ModelConfig;
+use myriad_router::RemoteExperts;
+use myriad_store::schema::{Keys, NodeId, NodeRecord, Role};
+use myriad_store::{EtcdStore, Store};
+
+#[derive(clap::Args, Clone)]
+pub struct ClusterArgs {
+    /// etcd endpoints (comma-separated) through which this node joins a cluster.
+    #[arg(long, env = "MYRIAD_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+
+    /// The cluster's name: its keys live under `/myriad/<cluster>/` in etcd.
+    #[arg(long, env = "MYRIAD_CLUSTER", default_value = "default")]
+    pub cluster: String,
+
+    /// This node's id in the cluster (default: `<role>-<host>-<pid>`).
+    #[arg(long, env = "MYRIAD_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// TTL of this node's lease: how long after it dies the cluster notices.
+    #[arg(long, env = "MYRIAD_LEASE_TTL", default_value = "10s")]
+    pub lease_ttl: humantime::Duration,
+}
+
+impl ClusterArgs {
+    pub fn enabled(&self) -> bool {
+        !self.etcd.is_empty()
+    }
+
+    pub fn store(&self) -> Result<Arc<dyn Store>> {
+        Ok(Arc::new(EtcdStore::connect(&self.etcd).context("set up the etcd client")?))
+    }
+
+    pub fn keys(&self) -> Result<Keys> {
+        // Cluster names follow the node id rules: they become key segments.
+        let name: NodeId = self.cluster.parse().map_err(|e| anyhow::anyhow!("--cluster: {e}"))?;
+        Ok(Keys::new(name.as_str()))
+    }
+
+    pub fn node_id(&self, role: Role) -> Result<NodeId> {
+        let id = match &self.node_id {
+            Some(id) => id.clone(),
+            None => {
+                let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+                let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+                let host = if host.is_empty() { "node".to_string() } else { host };
+                format!("{}-{host}-{}", role.as_str(), std::process::id())
+            }
+        };
+        id.parse().map_err(|e| anyhow::anyhow!("--node-id: {e}"))
+    }
+}
+
+/// A router's registration and placement-following, started on the
+/// current runtime.
+pub async fn join_router(
+    store: Arc<dyn Store>,
+    keys: Keys,
+    id: NodeId,
+    lease_ttl: Duration,
+    experts: &RemoteExperts,
+    config: &ModelConfig,
+    model_id: &str,
+) -> Result<()> {
+    let record = NodeRecord {
+        id,
+        role: Role::Router,
+        addr: String::new(),
+        model_id: model_id.to_string(),
+        capacity_bytes: None,
+        placement_version: None,
+    };
+    let membership = myriad_router::membership::Membership { store, keys, record, lease_ttl };
+    let follow = myriad_router::membership::join(membership, experts.clone(), config.clone())
+        .await
+        .context("register the router in the cluster store")?;
+    tokio::spawn(follow);
+    Ok(())
+}
+
+/// Waits until `experts` dispatches with a complete placement.
+pub async fn wait_serving(experts: &RemoteExperts, timeout: Duration) -> Result<()> {
+    let waited = tokio::time::timeout(timeout, async {
+        while !experts.pool().serving() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    waited.await.map_err(|_| anyhow::anyhow!("no placement was served within {timeout:?}"))
+}
+
+/// Parses sizes such as `24GiB`, `512MB`, `1.5TiB` or a plain byte count.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number.parse().map_err(|_| format!("`{text}` is not a size such as 24GiB"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        other => return Err(format!("unknown unit `{other}` in `{text}` (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")),
+    };
+    let bytes = number * scale;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("`{text}` is not a usable size"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Fails unless exactly one of static workers and a cluster store is given.
+pub fn require_one(static_given: bool, cluster: &ClusterArgs, what: &str) -> Result<()> {
+    match (static_given, cluster.enabled()) {
+        (true, true) => bail!("give either {what} or --etcd, not both"),
+        (false, false) => bail!("give {what} or --etcd"),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("24GiB"), Ok(24 << 30));
+        assert_eq!(parse_bytes("80GB"), Ok(80_000_000_000));
+        assert_eq!(parse_bytes("1.5KiB"), Ok(1536));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("lots").is_err() && parse_bytes("5XB").is_err() && parse_bytes("0").is_err());
+    }
+}

@@ -1,0 +1,220 @@
+//! The control plane as separate processes on a real etcd: two
+//! coordinators, three workers with two replicas per expert, one router.
+//! Workers and the leading coordinator are SIGKILLed and etcd is stopped
+//! and restarted; every answer must equal the fault-free one.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use myriad_store::Store;
+use myriad_store::etcd_server::EtcdServer;
+use myriad_store::mirror::Mirror;
+use myriad_store::schema::{self, Keys, Leader, PlacementView, Role};
+use serde_json::Value;
+
+const TTL: &str = "2s";
+
+/// A `myriad` process, SIGKILLed when dropped.
+struct Proc {
+    child: Child,
+    banner: String,
+}
+
+impl Proc {
+    fn start(args: &[&str]) -> Self {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_myriad"))
+            .args(args)
+            .current_dir(root)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start myriad");
+        let mut banner = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut banner).unwrap();
+        assert!(!banner.is_empty(), "{args:?} exited before its banner");
+        Proc { child, banner }
+    }
+
+    fn word(&self, n: usize) -> String {
+        self.banner.split_whitespace().nth(n).unwrap_or_else(|| panic!("banner `{}`", self.banner)).to_string()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn coordinator(etcd: &str, id: &str) -> Proc {
+    let args = ["coordinator", "--etcd", etcd, "--cluster", "t", "--node-id", id, "--lease-ttl", TTL];
+    Proc::start(&[&args[..], &["--replicas", "2", "--min-workers", "3", "--settle", "300ms"]].concat())
+}
+
+fn worker(etcd: &str, id: &str) -> Proc {
+    let args = ["worker", "--etcd", etcd, "--cluster", "t", "--node-id", id, "--lease-ttl", TTL];
+    Proc::start(&[&args[..], &["--listen", "127.0.0.1:0"]].concat())
+}
+
+const PROMPT: &str =
+    r#""prompt": "The expert-parallel cluster", "max_tokens": 160, "temperature": 0, "ignore_eos": true"#;
+
+async fn complete(base: &str) -> String {
+    let body = format!(r#"{{"model": "tiny-v4", {PROMPT}}}"#);
+    let response = reqwest::Client::new()
+        .post(format!("{base}/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("send");
+    let status = response.status();
+    let bytes = response.bytes().await.unwrap();
+    assert!(status.is_success(), "{status}: {}", String::from_utf8_lossy(&bytes));
+    let answer: Value = serde_json::from_slice(&bytes).unwrap();
+    answer["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+/// Streams a completion, calling `during` once after the first chunks.
+async fn stream(base: &str, during: impl FnOnce()) -> String {
+    let body = format!(r#"{{"model": "tiny-v4", "stream": true, {PROMPT}}}"#);
+    let mut response = reqwest::Client::new()
+        .post(format!("{base}/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("send");
+    let (mut raw, mut text, mut chunks) = (String::new(), String::new(), 0);
+    let mut during = Some(during);
+    while let Some(bytes) = response.chunk().await.expect("read the stream") {
+        raw.push_str(&String::from_utf8_lossy(&bytes));
+        while let Some(end) = raw.find("\n\n") {
+            let event: String = raw.drain(..end + 2).collect();
+            let data = event.trim().trim_start_matches("data: ");
+            if data == "[DONE]" {
+                return text;
+            }
+            let v: Value = serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data}"));
+            assert!(v.get("error").is_none(), "the stream failed: {v}");
+            text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+            chunks += 1;
+            if chunks == 4 {
+                (during.take().unwrap())();
+            }
+        }
+    }
+    panic!("the stream ended without [DONE]: {text:?}");
+}
+
+async fn until<T>(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_of_workers_coordinators_and_etcd_cost_no_request() {
+    let mut etcd = EtcdServer::start().await;
+    let e = etcd.endpoint.clone();
+    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(etcd.store());
+    let keys = Keys::new("t");
+    let mut coordinators = [coordinator(&e, "c1"), coordinator(&e, "c2")];
+    let mut workers: Vec<Proc> = ["w1", "w2", "w3"].iter().map(|id| worker(&e, id)).collect();
+    let router = Proc::start(&[
+        "router",
+        "--etcd",
+        &e,
+        "--cluster",
+        "t",
+        "--node-id",
+        "r1",
+        "--lease-ttl",
+        TTL,
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let base = router.word(3);
+    let ready = format!("{}/ready", base.trim_end_matches("/v1"));
+    until("router ready", Duration::from_secs(60), async || {
+        let r = reqwest::get(&ready).await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    let expected = complete(&base).await;
+    assert!(!expected.is_empty());
+
+    let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
+    let routers = Mirror::follow(store.clone(), keys.nodes(Role::Router)).await.unwrap();
+    let first = PlacementView::read(&keys, &placements.snapshot()).current.expect("a current placement");
+
+    // SIGKILL a worker in the middle of a streamed answer.
+    let mut killed_at = None;
+    let text = stream(&base, || {
+        workers[1].kill();
+        killed_at = Some(Instant::now());
+    })
+    .await;
+    assert_eq!(text, expected, "a worker killed mid-stream changed the answer");
+    let killed_at = killed_at.unwrap();
+    let second = until("a placement without w2 served by the router", Duration::from_secs(30), async || {
+        let view = PlacementView::read(&keys, &placements.snapshot());
+        let p = view.current()?;
+        let served = schema::read_nodes(&routers.snapshot()).iter().any(|r| r.placement_version == Some(p.version));
+        (p.version > first && p.assignment(&"w2".parse().unwrap()).is_none() && served).then_some(p.version)
+    })
+    .await;
+    eprintln!("SIGKILL of a worker -> router serving the new placement: {:?} (lease TTL {TTL})", killed_at.elapsed());
+    assert_eq!(complete(&base).await, expected, "after re-placement on two workers");
+
+    // SIGKILL the leading coordinator: the other leads within the TTL and
+    // still rolls out a placement change (a new worker joins).
+    let leader = store.get(&keys.leader()).await.unwrap().expect("a leader");
+    let leader: Leader = schema::decode(&keys.leader(), &leader.value).unwrap();
+    let index = if leader.id.as_str() == "c1" { 0 } else { 1 };
+    let killed_at = Instant::now();
+    coordinators[index].kill();
+    let other = if index == 0 { "c2" } else { "c1" };
+    until("the other coordinator leads", Duration::from_secs(15), async || {
+        let kv = store.get(&keys.leader()).await.ok()??;
+        let l: Leader = schema::decode(&keys.leader(), &kv.value).ok()?;
+        (l.id.as_str() == other).then_some(())
+    })
+    .await;
+    eprintln!("SIGKILL of the leading coordinator -> the other leads: {:?}", killed_at.elapsed());
+    workers.push(worker(&e, "w4"));
+    until("a placement with w4, from the new leader", Duration::from_secs(30), async || {
+        let view = PlacementView::read(&keys, &placements.snapshot());
+        let p = view.current()?;
+        (p.version > second && p.assignment(&"w4".parse().unwrap()).is_some()).then_some(())
+    })
+    .await;
+    assert_eq!(complete(&base).await, expected, "after the new leader's placement");
+
+    // etcd goes away: serving goes on with the placement in hand.
+    etcd.kill();
+    assert_eq!(complete(&base).await, expected, "while etcd is down");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(complete(&base).await, expected, "longer than a lease TTL without etcd");
+    etcd.restart().await;
+    until("nodes registered again", Duration::from_secs(30), async || {
+        let workers = store.list(&keys.nodes(Role::Worker)).await.ok()?;
+        let routers = store.list(&keys.nodes(Role::Router)).await.ok()?;
+        (workers.kvs.len() == 3 && routers.kvs.len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(complete(&base).await, expected, "after etcd came back");
+}
