@@ -8,7 +8,10 @@ use anyhow::{Context, Result, bail};
 use myriad_coordinator::CoordinatorConfig;
 use myriad_store::schema::Role;
 
+use myriad_model::ModelConfig;
+
 use crate::membership::ClusterArgs;
+use crate::plan::{ExpertDtype, expert_bytes};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -19,6 +22,10 @@ pub struct Args {
     /// How many workers host each expert (capped by the live workers).
     #[arg(long, env = "MYRIAD_REPLICAS", default_value_t = 1)]
     replicas: usize,
+
+    /// Extra copies per layer for the hottest experts.
+    #[arg(long, env = "MYRIAD_REDUNDANT", default_value_t = 0)]
+    redundant: usize,
 
     /// Live workers needed before the first placement.
     #[arg(long, env = "MYRIAD_MIN_WORKERS", default_value_t = 1)]
@@ -45,6 +52,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     let shape = myriad_worker::backend::model_shape(&args.model)
         .with_context(|| format!("read the model in {}", args.model.display()))?;
+    let (model_config, _) = ModelConfig::read(&args.model).context("read the model config")?;
+    let expert_bytes = expert_bytes(model_config.hidden_size, model_config.moe_intermediate_size, ExpertDtype::F32);
     let id = args.cluster.node_id(Role::Coordinator)?;
     let config = CoordinatorConfig {
         id: id.clone(),
@@ -52,7 +61,9 @@ pub fn run(args: Args) -> Result<()> {
         model_id: shape.model_id,
         layers: shape.num_layers,
         experts: shape.num_experts,
+        expert_bytes,
         replicas: args.replicas,
+        redundant: args.redundant,
         min_workers: args.min_workers,
         settle: *args.settle,
         lease_ttl: *args.cluster.lease_ttl,

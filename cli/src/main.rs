@@ -10,6 +10,7 @@ mod cluster;
 mod coordinator;
 mod generate;
 mod membership;
+mod plan;
 mod serve;
 mod telemetry;
 mod worker;
@@ -34,6 +35,8 @@ enum Command {
     Up(serve::UpArgs),
     /// Serve the OpenAI API over running expert workers.
     Router(serve::RouterArgs),
+    /// Print the memory plan of a model config over N workers (no weights needed).
+    Plan(plan::Args),
     /// Load-test an OpenAI-compatible endpoint: throughput, TTFT, inter-token latency.
     Bench(bench::Args),
 }
@@ -47,6 +50,7 @@ impl Command {
             Command::Up(_) => "up",
             Command::Router(_) => "router",
             Command::Bench(_) => "bench",
+            Command::Plan(_) => "plan",
         }
     }
 }
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
         Command::Up(args) => serve::up(args),
         Command::Router(args) => serve::router(args),
         Command::Bench(args) => bench::run(args),
+        Command::Plan(args) => plan::run(args),
     };
     drop(telemetry);
     match result {

@@ -116,7 +116,9 @@ async fn a_dead_worker_is_replaced_by_a_new_version_without_changing_outputs() {
         model_id: model.fingerprint.clone(),
         layers: model.config.num_hidden_layers,
         experts: model.config.n_routed_experts,
+        expert_bytes: 0,
         replicas: 2,
+        redundant: 0,
         min_workers: 3,
         settle: Duration::from_millis(50),
         lease_ttl: TTL,
@@ -166,8 +168,11 @@ async fn a_dead_worker_is_replaced_by_a_new_version_without_changing_outputs() {
     let acked = myriad_store::schema::read_nodes(&routers.snapshot());
     assert_eq!(acked[0].placement_version, Some(second.version), "the router acknowledged before the release");
     eprintln!("worker killed -> new placement current and the old one released: {:?}", killed.elapsed());
-    for w in &workers {
-        assert_eq!(w.worker.versions(), [Some(second.version.0)], "survivors released the old version");
+    // Workers follow the release through their own mirrors, a moment later.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while workers.iter().any(|w| w.worker.versions() != [Some(second.version.0)]) {
+        assert!(Instant::now() < deadline, "survivors did not release the old version");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(generate(&model, &experts).await, solo, "2 survivors");
 

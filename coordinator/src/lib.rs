@@ -47,8 +47,12 @@ pub struct CoordinatorConfig {
     pub model_id: String,
     pub layers: usize,
     pub experts: usize,
+    /// Bytes one expert takes in a worker's memory (for `--capacity`).
+    pub expert_bytes: u64,
     /// Workers hosting each expert (capped by the number of live workers).
     pub replicas: usize,
+    /// Extra copies per layer for the hottest experts.
+    pub redundant: usize,
     /// Live workers needed before the first placement.
     pub min_workers: usize,
     /// Membership must stay unchanged this long before a new placement, so
@@ -111,22 +115,36 @@ fn matches(placement: &Placement, workers: &[NodeRecord]) -> bool {
     placed == live
 }
 
-fn plan(config: &CoordinatorConfig, version: PlacementVersion, workers: &[NodeRecord]) -> Placement {
-    let replicas = config.replicas.clamp(1, workers.len());
-    let specs = placement::balanced(config.layers, config.experts, workers.len(), replicas);
+fn plan(config: &CoordinatorConfig, version: PlacementVersion, workers: &[NodeRecord]) -> Option<Placement> {
+    let problem = placement::Problem {
+        layers: config.layers,
+        experts: config.experts,
+        expert_bytes: config.expert_bytes,
+        capacities: workers.iter().map(|w| w.capacity_bytes).collect(),
+        replicas: config.replicas.clamp(1, workers.len()),
+        redundant: config.redundant,
+    };
+    // Load reports are not collected yet: every expert counts the same.
+    let plan = match placement::eplb(&problem, &placement::Load::uniform(config.layers, config.experts)) {
+        Ok(plan) => plan,
+        Err(e) => {
+            tracing::error!(workers = workers.len(), error = %e, "cannot place the experts on the live workers");
+            return None;
+        }
+    };
     let assignments = workers
         .iter()
-        .zip(specs)
+        .zip(plan.specs())
         .filter(|(_, spec)| !spec.is_empty())
         .map(|(w, experts)| Assignment { node: w.id.clone(), addr: w.addr.clone(), experts })
         .collect();
-    Placement {
+    Some(Placement {
         version,
         model_id: config.model_id.clone(),
         layers: config.layers as u32,
         experts: config.experts as u32,
         assignments,
-    }
+    })
 }
 
 async fn lead(store: &Arc<dyn Store>, keys: &Keys, config: &CoordinatorConfig) -> Result<(), StoreError> {
@@ -150,7 +168,11 @@ async fn lead(store: &Arc<dyn Store>, keys: &Keys, config: &CoordinatorConfig) -
             let (live, view) = read(&workers, &placements, keys, config);
             if stale(&live, &view) {
                 let newest = view.versions.keys().copied().chain(view.current).max().unwrap_or(PlacementVersion(0));
-                let next = plan(config, PlacementVersion(newest.0 + 1), &live);
+                let Some(next) = plan(config, PlacementVersion(newest.0 + 1), &live) else {
+                    // Wait for membership to change (more workers, more memory).
+                    worker_changes.changed().await.ok();
+                    continue;
+                };
                 let proposed = next.version;
                 let current = roll_out(store, keys, config, next, &mut worker_changes).await?;
                 // Decide next on a view that includes these writes.

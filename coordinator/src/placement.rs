@@ -1,43 +1,433 @@
 //! Which worker hosts which routed experts.
+//!
+//! [`eplb`] follows the approach of DeepSeek's EPLB, made memory-aware:
+//! per layer, the hottest experts get the redundant replicas (each time the
+//! expert with the highest load per replica), then the replicas are packed
+//! heaviest first onto the worker with the least load so far in that layer,
+//! among those that do not hold the expert yet, have not reached their
+//! share of the layer's replicas and still have memory. [`round_robin`] is
+//! the load-blind baseline; [`eplb`] keeps whichever candidate balances best.
 
 use myriad_proto::spec::ExpertSpec;
 
-/// Expert `e` of layer `l` goes to worker `(l·E + e) mod N` and, with
-/// `replicas = R`, to the `R − 1` workers after it: every worker hosts
-/// within one expert of the same number, and replicas are distinct.
-pub fn balanced(layers: usize, experts: usize, workers: usize, replicas: usize) -> Vec<ExpertSpec> {
-    (0..workers)
-        .map(|w| {
-            ExpertSpec::from_pairs(
-                (0..layers)
-                    .flat_map(|l| (0..experts).map(move |e| (l, e)))
-                    .filter(|&(l, e)| {
-                        let primary = (l * experts + e) % workers;
-                        (0..replicas).any(|r| (primary + r) % workers == w)
-                    })
-                    .map(|(l, e)| (l as u32, e as u32)),
-            )
+/// Tokens routed to each `(layer, expert)` over some window.
+#[derive(Debug, Clone)]
+pub struct Load {
+    pub layers: usize,
+    pub experts: usize,
+    /// Row-major `[layers × experts]`.
+    pub tokens: Vec<f64>,
+}
+
+impl Load {
+    /// Every expert equally loaded (no reports yet).
+    pub fn uniform(layers: usize, experts: usize) -> Self {
+        Load { layers, experts, tokens: vec![1.0; layers * experts] }
+    }
+
+    fn get(&self, layer: usize, expert: usize) -> f64 {
+        self.tokens[layer * self.experts + expert]
+    }
+}
+
+/// What to place and where it may go.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub layers: usize,
+    pub experts: usize,
+    /// Bytes one expert takes in a worker's memory.
+    pub expert_bytes: u64,
+    /// Each worker's memory for experts; `None`: no limit given.
+    pub capacities: Vec<Option<u64>>,
+    /// Copies of every expert, on distinct workers.
+    pub replicas: usize,
+    /// Extra copies per layer, given to the hottest experts.
+    pub redundant: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    #[error("no workers to place experts on")]
+    NoWorkers,
+    #[error("{replicas} replicas per expert need at least {replicas} workers, there are {workers}")]
+    TooFewWorkers { replicas: usize, workers: usize },
+    #[error(
+        "the plan does not fit: {copies} expert copies of {} need {}, the workers have {}",
+        human(*expert_bytes), human(*needed), human(*available)
+    )]
+    DoesNotFit { copies: u64, expert_bytes: u64, needed: u64, available: u64 },
+    #[error("layer {layer}: no worker has room for another copy of expert {expert}")]
+    NoRoom { layer: usize, expert: usize },
+    #[error("worker {worker} would hold {} of experts, its capacity is {}", human(*needed), human(*capacity))]
+    WorkerFull { worker: usize, needed: u64, capacity: u64 },
+}
+
+/// `bytes` in binary units, one decimal (`80.0 GiB`).
+pub fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < units.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", units[unit])
+}
+
+/// A placement: for every layer and expert, the workers (indices) holding it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub workers: usize,
+    /// `holders[layer][expert]`, ascending.
+    pub holders: Vec<Vec<Vec<usize>>>,
+}
+
+impl Plan {
+    /// Each worker's experts.
+    pub fn specs(&self) -> Vec<ExpertSpec> {
+        (0..self.workers)
+            .map(|w| {
+                ExpertSpec::from_pairs(self.holders.iter().enumerate().flat_map(|(l, layer)| {
+                    layer
+                        .iter()
+                        .enumerate()
+                        .filter(move |(_, h)| h.contains(&w))
+                        .map(move |(e, _)| (l as u32, e as u32))
+                }))
+            })
+            .collect()
+    }
+
+    /// Expert copies each worker holds.
+    pub fn copies(&self) -> Vec<u64> {
+        let mut copies = vec![0u64; self.workers];
+        for w in self.holders.iter().flatten().flatten() {
+            copies[*w] += 1;
+        }
+        copies
+    }
+
+    /// Mean over layers of (mean worker load / max worker load), an expert's
+    /// load split evenly over its copies: 1 is perfect balance.
+    pub fn balancedness(&self, load: &Load) -> f64 {
+        let mut sum = 0.0;
+        let mut layers = 0;
+        for (l, layer) in self.holders.iter().enumerate() {
+            let mut per_worker = vec![0.0; self.workers];
+            for (e, holders) in layer.iter().enumerate() {
+                for &w in holders {
+                    per_worker[w] += load.get(l, e) / holders.len() as f64;
+                }
+            }
+            let max = per_worker.iter().copied().fold(0.0, f64::max);
+            if max > 0.0 {
+                sum += per_worker.iter().sum::<f64>() / self.workers as f64 / max;
+                layers += 1;
+            }
+        }
+        if layers == 0 { 1.0 } else { sum / layers as f64 }
+    }
+
+    /// Expert copies in `self` that `before` does not have on the same
+    /// worker: what a switch from `before` must load.
+    pub fn moves_from(&self, before: &Plan) -> usize {
+        let mut moves = 0;
+        for (l, layer) in self.holders.iter().enumerate() {
+            for (e, holders) in layer.iter().enumerate() {
+                let old = before.holders.get(l).and_then(|layer| layer.get(e));
+                moves += holders.iter().filter(|w| old.is_none_or(|o| !o.contains(w))).count();
+            }
+        }
+        moves
+    }
+}
+
+fn check(p: &Problem) -> Result<(), PlanError> {
+    let workers = p.capacities.len();
+    if workers == 0 {
+        return Err(PlanError::NoWorkers);
+    }
+    if p.replicas == 0 || p.replicas > workers {
+        return Err(PlanError::TooFewWorkers { replicas: p.replicas.max(1), workers });
+    }
+    if p.capacities.iter().all(Option::is_some) {
+        let copies = (p.layers * (p.experts * p.replicas + p.redundant.min(p.experts * (workers - p.replicas)))) as u64;
+        let needed = copies.saturating_mul(p.expert_bytes);
+        let available = p.capacities.iter().map(|c| c.unwrap_or(0)).fold(0u64, u64::saturating_add);
+        if needed > available {
+            return Err(PlanError::DoesNotFit { copies, expert_bytes: p.expert_bytes, needed, available });
+        }
+    }
+    Ok(())
+}
+
+/// Expert `e` of layer `l` on worker `(l·E + e) mod N` and the `R − 1`
+/// after it: load-blind, even in counts.
+pub fn round_robin(p: &Problem) -> Result<Plan, PlanError> {
+    check(p)?;
+    let workers = p.capacities.len();
+    let holders = (0..p.layers)
+        .map(|l| {
+            (0..p.experts)
+                .map(|e| {
+                    let mut h: Vec<usize> = (0..p.replicas).map(|r| (l * p.experts + e + r) % workers).collect();
+                    h.sort_unstable();
+                    h
+                })
+                .collect()
         })
-        .collect()
+        .collect();
+    let plan = Plan { workers, holders };
+    for (w, copies) in plan.copies().into_iter().enumerate() {
+        let needed = copies.saturating_mul(p.expert_bytes);
+        if let Some(capacity) = p.capacities[w].filter(|&c| needed > c) {
+            return Err(PlanError::WorkerFull { worker: w, needed, capacity });
+        }
+    }
+    Ok(plan)
+}
+
+/// How many of a layer's `copies` each worker takes: as even as possible,
+/// the extra ones to the workers holding the fewest so far (so totals stay
+/// within one of each other), never beyond a worker's memory.
+fn quotas(p: &Problem, copies: usize, free: &[Option<u64>], held: &[usize]) -> Vec<usize> {
+    let workers = free.len();
+    let room = |w: usize| free[w].map_or(usize::MAX, |f| (f / p.expert_bytes.max(1)) as usize);
+    let mut order: Vec<usize> = (0..workers).collect();
+    order.sort_by_key(|&w| (held[w], w));
+    let mut quota = vec![0usize; workers];
+    let mut left = copies;
+    // Deal one copy at a time in `order`, skipping workers that are full.
+    while left > 0 {
+        let before = left;
+        for &w in &order {
+            if left > 0 && quota[w] < room(w) {
+                quota[w] += 1;
+                left -= 1;
+            }
+        }
+        if left == before {
+            break;
+        }
+    }
+    quota
+}
+
+/// One layer, heaviest copy first onto the least-loaded worker that still
+/// has quota and does not hold the expert; `None` if that order gets stuck.
+fn pack_by_load(
+    p: &Problem,
+    count: &[usize],
+    weight: &dyn Fn(usize) -> f64,
+    quota: &[usize],
+    held: &[usize],
+) -> Option<Vec<Vec<usize>>> {
+    let workers = quota.len();
+    let mut items: Vec<usize> = (0..p.experts).flat_map(|e| std::iter::repeat_n(e, count[e])).collect();
+    items.sort_by(|&a, &b| weight(b).total_cmp(&weight(a)).then(a.cmp(&b)));
+    let mut layer_load = vec![0.0f64; workers];
+    let mut layer_count = vec![0usize; workers];
+    let mut layer: Vec<Vec<usize>> = vec![Vec::new(); p.experts];
+    for e in items {
+        let w = (0..workers).filter(|&w| layer_count[w] < quota[w] && !layer[e].contains(&w)).min_by(|&a, &b| {
+            layer_load[a]
+                .total_cmp(&layer_load[b])
+                .then(layer_count[a].cmp(&layer_count[b]))
+                .then(held[a].cmp(&held[b]))
+                .then(a.cmp(&b))
+        })?;
+        layer[e].push(w);
+        layer_load[w] += weight(e);
+        layer_count[w] += 1;
+    }
+    Some(layer)
+}
+
+/// One layer, experts with the most copies first, each on the workers
+/// with the most quota left (then the least load): the Gale–Ryser order,
+/// which fills the quotas whenever any assignment can.
+fn pack_by_memory(
+    p: &Problem,
+    l: usize,
+    count: &[usize],
+    weight: &dyn Fn(usize) -> f64,
+    quota: &[usize],
+    held: &[usize],
+) -> Result<Vec<Vec<usize>>, PlanError> {
+    let workers = quota.len();
+    let mut left = quota.to_vec();
+    let mut order: Vec<usize> = (0..p.experts).collect();
+    order.sort_by(|&a, &b| count[b].cmp(&count[a]).then(weight(b).total_cmp(&weight(a))).then(a.cmp(&b)));
+    let mut layer_load = vec![0.0f64; workers];
+    let mut layer: Vec<Vec<usize>> = vec![Vec::new(); p.experts];
+    for e in order {
+        let mut candidates: Vec<usize> = (0..workers).filter(|&w| left[w] > 0).collect();
+        candidates.sort_by(|&a, &b| {
+            left[b]
+                .cmp(&left[a])
+                .then(layer_load[a].total_cmp(&layer_load[b]))
+                .then(held[a].cmp(&held[b]))
+                .then(a.cmp(&b))
+        });
+        if candidates.len() < count[e] {
+            return Err(PlanError::NoRoom { layer: l, expert: e });
+        }
+        for &w in &candidates[..count[e]] {
+            layer[e].push(w);
+            layer_load[w] += weight(e);
+            left[w] -= 1;
+        }
+    }
+    Ok(layer)
+}
+
+/// Load-aware, memory-aware placement: the most balanced of the packed
+/// plan with the redundant copies, without them (spreading a hot expert's
+/// load evenly over copies can hurt when few workers share many copies),
+/// and the round-robin baseline. So it is never less balanced than round
+/// robin on the load it is given.
+pub fn eplb(p: &Problem, load: &Load) -> Result<Plan, PlanError> {
+    let mut best = pack(p, load)?;
+    let plain = Problem { redundant: 0, ..p.clone() };
+    let others = [pack(&plain, load), round_robin(&plain)];
+    for candidate in others.into_iter().flatten() {
+        if candidate.balancedness(load) > best.balancedness(load) + 1e-12 {
+            best = candidate;
+        }
+    }
+    Ok(best)
+}
+
+fn pack(p: &Problem, load: &Load) -> Result<Plan, PlanError> {
+    check(p)?;
+    let workers = p.capacities.len();
+    let mut free: Vec<Option<u64>> = p.capacities.clone();
+    let mut held = vec![0usize; workers];
+    let mut holders = Vec::with_capacity(p.layers);
+    for l in 0..p.layers {
+        // Replica counts: R each, then the redundant ones to the hottest.
+        let mut count = vec![p.replicas; p.experts];
+        for _ in 0..p.redundant {
+            let hottest = (0..p.experts).filter(|&e| count[e] < workers).max_by(|&a, &b| {
+                let (la, lb) = (load.get(l, a) / count[a] as f64, load.get(l, b) / count[b] as f64);
+                la.total_cmp(&lb).then(b.cmp(&a))
+            });
+            match hottest {
+                Some(e) => count[e] += 1,
+                None => break,
+            }
+        }
+        let weight = |e: usize| load.get(l, e) / count[e] as f64;
+        let quota = quotas(p, count.iter().sum(), &free, &held);
+        let mut layer = match pack_by_load(p, &count, &weight, &quota, &held) {
+            Some(layer) => layer,
+            // Memory is too tight for the load-first order: place the
+            // experts with the most copies first, each on the workers with
+            // the most memory left (the order that finds a fit whenever
+            // one exists for this layer).
+            None => pack_by_memory(p, l, &count, &weight, &quota, &held)?,
+        };
+        for &w in layer.iter().flatten() {
+            held[w] += 1;
+            if let Some(f) = free[w].as_mut() {
+                *f -= p.expert_bytes;
+            }
+        }
+        for h in &mut layer {
+            h.sort_unstable();
+        }
+        holders.push(layer);
+    }
+    Ok(Plan { workers, holders })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn problem(layers: usize, experts: usize, workers: usize, replicas: usize, redundant: usize) -> Problem {
+        Problem { layers, experts, expert_bytes: 10, capacities: vec![None; workers], replicas, redundant }
+    }
 
     #[test]
-    fn every_expert_gets_its_replicas_on_distinct_workers() {
+    fn round_robin_gives_every_expert_its_replicas_on_distinct_workers() {
         for (workers, replicas) in [(1, 1), (3, 1), (3, 2), (5, 3), (4, 4)] {
-            let specs = balanced(4, 16, workers, replicas);
-            for l in 0..4 {
-                for e in 0..16 {
-                    let holders = specs.iter().filter(|s| s.contains(l, e)).count();
-                    assert_eq!(holders, replicas, "{workers} workers, {replicas} replicas: ({l}, {e})");
+            let plan = round_robin(&problem(4, 16, workers, replicas, 0)).unwrap();
+            for h in plan.holders.iter().flatten() {
+                assert_eq!(h.len(), replicas);
+                assert!(h.windows(2).all(|w| w[0] < w[1]));
+            }
+            let copies = plan.copies();
+            assert!(copies.iter().max().unwrap() - copies.iter().min().unwrap() <= 1, "{copies:?}");
+        }
+    }
+
+    #[test]
+    fn hot_experts_get_the_redundant_replicas() {
+        let mut load = Load::uniform(1, 8);
+        load.tokens[3] = 50.0;
+        let plan = eplb(&problem(1, 8, 4, 1, 2), &load).unwrap();
+        assert_eq!(plan.holders[0][3].len(), 3, "{:?}", plan.holders);
+        assert!(plan.balancedness(&load) > round_robin(&problem(1, 8, 4, 1, 0)).unwrap().balancedness(&load));
+    }
+
+    #[test]
+    fn plans_that_do_not_fit_are_refused_with_the_numbers() {
+        let mut p = problem(2, 8, 2, 2, 0);
+        p.capacities = vec![Some(100), Some(100)];
+        let err = eplb(&p, &Load::uniform(2, 8)).unwrap_err();
+        assert_eq!(err, PlanError::DoesNotFit { copies: 32, expert_bytes: 10, needed: 320, available: 200 });
+        assert!(err.to_string().contains("need 320.0 B, the workers have 200.0 B"), "{err}");
+        assert_eq!(
+            round_robin(&problem(1, 4, 2, 3, 0)).unwrap_err(),
+            PlanError::TooFewWorkers { replicas: 3, workers: 2 }
+        );
+    }
+
+    fn cases() -> impl Strategy<Value = (Problem, Load)> {
+        (1usize..4, 1usize..24, 1usize..7, 1usize..4, 0usize..6, any::<bool>(), 0u64..4)
+            .prop_flat_map(|(layers, experts, workers, replicas, redundant, capped, slack)| {
+                let replicas = replicas.min(workers);
+                let loads =
+                    prop::collection::vec(prop_oneof![Just(0.0), 0.0f64..10.0, 10.0f64..1000.0], layers * experts);
+                (Just((layers, experts, workers, replicas, redundant, capped, slack)), loads)
+            })
+            .prop_map(|((layers, experts, workers, replicas, redundant, capped, slack), tokens)| {
+                let copies = layers * (experts * replicas + redundant.min(experts * (workers - replicas)));
+                // Capacities just large enough for an even share, plus slack.
+                let each = (copies.div_ceil(workers) as u64 + slack) * 10;
+                let capacities = vec![capped.then_some(each); workers];
+                let p = Problem { layers, experts, expert_bytes: 10, capacities, replicas, redundant };
+                (p, Load { layers, experts, tokens })
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn every_expert_placed_replicas_distinct_memory_respected((p, load) in cases()) {
+            let plan = eplb(&p, &load).unwrap();
+            for layer in &plan.holders {
+                for h in layer {
+                    prop_assert!(h.len() >= p.replicas, "an expert has {} copies", h.len());
+                    prop_assert!(h.windows(2).all(|w| w[0] < w[1]), "copies on one worker: {h:?}");
                 }
             }
-            let loads: Vec<usize> =
-                specs.iter().map(|s| (0..4).map(|l| (0..16).filter(|&e| s.contains(l, e)).count()).sum()).collect();
-            assert!(loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 1, "{loads:?}");
+            for (w, copies) in plan.copies().into_iter().enumerate() {
+                if let Some(c) = p.capacities[w] {
+                    prop_assert!(copies * p.expert_bytes <= c, "worker {w} over capacity");
+                }
+            }
+        }
+
+        #[test]
+        fn never_less_balanced_than_round_robin((p, load) in cases()) {
+            let baseline = round_robin(&Problem { redundant: 0, ..p.clone() });
+            let plan = eplb(&p, &load).unwrap();
+            if let Ok(baseline) = baseline {
+                let (ours, theirs) = (plan.balancedness(&load), baseline.balancedness(&load));
+                prop_assert!(ours >= theirs - 1e-9, "eplb {ours} < round robin {theirs}");
+            }
         }
     }
 }
