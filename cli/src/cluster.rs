@@ -55,8 +55,15 @@ impl LocalCluster {
             settle: Duration::from_millis(100),
             lease_ttl: LEASE_TTL,
             rollout_timeout: FIRST_PLACEMENT,
+            load_interval: Duration::from_secs(10),
         };
-        tokio::spawn(myriad_coordinator::run(store.clone(), keys.clone(), config, std::future::pending()));
+        tokio::spawn(myriad_coordinator::run(
+            store.clone(),
+            keys.clone(),
+            config,
+            Default::default(),
+            std::future::pending(),
+        ));
         for i in 0..workers {
             let listener = TcpListener::bind("127.0.0.1:0").await.context("bind a loopback port")?;
             let addr = listener.local_addr().context("read the bound address")?.to_string();

@@ -2,10 +2,12 @@
 //! while leading, places the model's experts on its workers.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use myriad_coordinator::CoordinatorConfig;
+use myriad_coordinator::admin::{self, AdminService};
+use myriad_coordinator::{CoordinatorConfig, Shared};
 use myriad_store::schema::Role;
 
 use myriad_model::ModelConfig;
@@ -39,6 +41,22 @@ pub struct Args {
     #[arg(long, env = "MYRIAD_ROLLOUT_TIMEOUT", default_value = "5m")]
     rollout_timeout: humantime::Duration,
 
+    /// How often the leader collects the workers' per-expert load.
+    #[arg(long, env = "MYRIAD_LOAD_INTERVAL", default_value = "10s")]
+    load_interval: humantime::Duration,
+
+    /// Where the admin API (`myriad ctl`) listens; port 0 picks a free one.
+    #[arg(long, env = "MYRIAD_ADMIN_LISTEN", default_value = "127.0.0.1:7200")]
+    admin_listen: String,
+
+    /// Admin address published for `myriad ctl` discovery (default: the bound one).
+    #[arg(long, env = "MYRIAD_ADMIN_ADVERTISE")]
+    admin_advertise: Option<String>,
+
+    /// Token `myriad ctl` must present; none means no authentication.
+    #[arg(long, env = "MYRIAD_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+
     #[command(flatten)]
     cluster: ClusterArgs,
 }
@@ -55,9 +73,14 @@ pub fn run(args: Args) -> Result<()> {
     let (model_config, _) = ModelConfig::read(&args.model).context("read the model config")?;
     let expert_bytes = expert_bytes(model_config.hidden_size, model_config.moe_intermediate_size, ExpertDtype::F32);
     let id = args.cluster.node_id(Role::Coordinator)?;
+    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(&args.admin_listen))
+        .with_context(|| format!("listen on {}", args.admin_listen))?;
+    let bound = listener.local_addr().context("read the bound address")?.to_string();
     let config = CoordinatorConfig {
         id: id.clone(),
-        addr: String::new(),
+        addr: args.admin_advertise.clone().unwrap_or_else(|| bound.clone()),
         model_id: shape.model_id,
         layers: shape.num_layers,
         experts: shape.num_experts,
@@ -68,17 +91,20 @@ pub fn run(args: Args) -> Result<()> {
         settle: *args.settle,
         lease_ttl: *args.cluster.lease_ttl,
         rollout_timeout: *args.rollout_timeout,
+        load_interval: *args.load_interval,
     };
-    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     runtime.block_on(async move {
         let store = args.cluster.store()?;
         let keys = args.cluster.keys()?;
-        println!("coordinator {id} of cluster {} campaigning", args.cluster.cluster);
+        let shared = Arc::new(Shared::default());
+        let service = AdminService::new(store.clone(), keys.clone(), config.clone(), shared.clone());
+        tokio::spawn(admin::serve(listener, service, args.admin_token.clone()));
+        println!("coordinator {id} of cluster {} campaigning; admin API on {bound}", args.cluster.cluster);
         tracing::info!(%id, replicas = args.replicas, min_workers = args.min_workers, "coordinator started");
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };
-        myriad_coordinator::run(store, keys, config, shutdown).await;
+        myriad_coordinator::run(store, keys, config, shared, shutdown).await;
         anyhow::Ok(())
     })?;
     // Give the resignation a moment to reach etcd before the process ends.

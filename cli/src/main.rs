@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod cluster;
 mod coordinator;
+mod ctl;
 mod generate;
 mod membership;
 mod plan;
@@ -35,6 +36,8 @@ enum Command {
     Up(serve::UpArgs),
     /// Serve the OpenAI API over running expert workers.
     Router(serve::RouterArgs),
+    /// Administer a cluster through its leading coordinator.
+    Ctl(ctl::Args),
     /// Print the memory plan of a model config over N workers (no weights needed).
     Plan(plan::Args),
     /// Load-test an OpenAI-compatible endpoint: throughput, TTFT, inter-token latency.
@@ -51,6 +54,7 @@ impl Command {
             Command::Router(_) => "router",
             Command::Bench(_) => "bench",
             Command::Plan(_) => "plan",
+            Command::Ctl(_) => "ctl",
         }
     }
 }
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
         Command::Router(args) => serve::router(args),
         Command::Bench(args) => bench::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Ctl(args) => ctl::run(args),
     };
     drop(telemetry);
     match result {

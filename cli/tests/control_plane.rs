@@ -123,8 +123,15 @@ async fn a_dead_worker_is_replaced_by_a_new_version_without_changing_outputs() {
         settle: Duration::from_millis(50),
         lease_ttl: TTL,
         rollout_timeout: Duration::from_secs(30),
+        load_interval: Duration::from_secs(10),
     };
-    tokio::spawn(myriad_coordinator::run(store.clone(), keys.clone(), config, std::future::pending()));
+    tokio::spawn(myriad_coordinator::run(
+        store.clone(),
+        keys.clone(),
+        config,
+        Default::default(),
+        std::future::pending(),
+    ));
     let mut workers = Vec::new();
     for i in 0..3 {
         workers.push(TestWorker::start(&format!("worker-{i}"), &store, &keys, &model_dir).await);

@@ -56,7 +56,8 @@ impl Drop for Proc {
 
 fn coordinator(etcd: &str, id: &str) -> Proc {
     let args = ["coordinator", "--etcd", etcd, "--cluster", "t", "--node-id", id, "--lease-ttl", TTL];
-    Proc::start(&[&args[..], &["--replicas", "2", "--min-workers", "3", "--settle", "300ms"]].concat())
+    let admin = ["--admin-listen", "127.0.0.1:0", "--admin-token", "secret", "--load-interval", "300ms"];
+    Proc::start(&[&args[..], &["--replicas", "2", "--min-workers", "3", "--settle", "300ms"], &admin[..]].concat())
 }
 
 fn worker(etcd: &str, id: &str) -> Proc {
@@ -113,6 +114,25 @@ async fn stream(base: &str, during: impl FnOnce()) -> String {
         }
     }
     panic!("the stream ended without [DONE]: {text:?}");
+}
+
+/// `myriad ctl` against cluster `t`; its stdout, or its stderr on failure.
+fn ctl(etcd: &str, args: &[&str]) -> Result<String, String> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(env!("CARGO_BIN_EXE_myriad"))
+        .args(["ctl", "--etcd", etcd, "--cluster", "t"])
+        .args(args)
+        .current_dir(root)
+        .output()
+        .expect("run myriad ctl");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    if out.status.success() { Ok(text(&out.stdout)) } else { Err(text(&out.stderr)) }
+}
+
+fn ctl_json(etcd: &str, args: &[&str]) -> Value {
+    let out =
+        ctl(etcd, &[&["--token", "secret", "--json"], args].concat()).unwrap_or_else(|e| panic!("ctl {args:?}: {e}"));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("ctl {args:?} printed `{out}`: {e}"))
 }
 
 async fn until<T>(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
@@ -217,4 +237,39 @@ async fn failures_of_workers_coordinators_and_etcd_cost_no_request() {
     })
     .await;
     assert_eq!(complete(&base).await, expected, "after etcd came back");
+
+    // The admin CLI, through the leader found in etcd.
+    assert!(ctl(&e, &["--token", "wrong", "status"]).unwrap_err().contains("admin token"));
+    let status = until("a healthy status", Duration::from_secs(30), async || {
+        let out = ctl(&e, &["--token", "secret", "--json", "status"]).ok()?;
+        let s: Value = serde_json::from_str(&out).ok()?;
+        s["problems"].as_array().is_some_and(|p| p.is_empty()).then_some(s)
+    })
+    .await;
+    assert_eq!(status["leader"], other);
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 4, "{status}");
+    let top = until("load reports", Duration::from_secs(30), async || {
+        let t = ctl_json(&e, &["top-experts", "--limit", "3"]);
+        (t["experts"][0]["tokens"].as_f64().unwrap_or(0.0) > 0.0).then_some(t)
+    })
+    .await;
+    let balance = top["balancedness"].as_f64().unwrap();
+    assert!(balance > 0.0 && balance <= 1.0, "{top}");
+    let dry = ctl_json(&e, &["rebalance", "--dry-run"]);
+    assert_eq!(dry["started"], false, "{dry}");
+    let table = ctl(&e, &["--token", "secret", "placement"]).unwrap();
+    assert!(table.contains("heat map") && table.contains("w4"), "{table}");
+
+    let drained = ctl_json(&e, &["drain", "w4"]);
+    let version = drained["placement_version"].as_u64().unwrap();
+    let placement = ctl_json(&e, &["placement"]);
+    assert!(placement["version"].as_u64().unwrap() >= version);
+    assert!(!placement["workers"].as_array().unwrap().iter().any(|w| w["node"] == "w4"), "{placement}");
+    assert_eq!(complete(&base).await, expected, "after draining w4");
+    ctl_json(&e, &["uncordon", "w4"]);
+    until("w4 placed again after uncordon", Duration::from_secs(30), async || {
+        let p = ctl_json(&e, &["placement"]);
+        p["workers"].as_array().unwrap().iter().any(|w| w["node"] == "w4").then_some(())
+    })
+    .await;
 }

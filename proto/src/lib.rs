@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //!
-//! - [`pb`]: prost/tonic code generated from `myriad/expert.proto`.
+//! - [`pb`]: prost/tonic code generated from `myriad/expert.proto`;
+//!   [`admin`]: from `myriad/admin.proto`.
 //! - [`error`]: error kinds and their one mapping to gRPC codes.
 //! - [`tensor`]: f32 tensors to and from little-endian `bytes` fields.
 //! - [`expert`]: the domain types of the expert data plane, validated once on
@@ -22,6 +23,12 @@ pub mod tensor;
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     tonic::include_proto!("myriad.expert.v1");
+}
+
+/// The coordinator's admin API (`myriad ctl`), generated.
+#[allow(clippy::all, missing_docs)]
+pub mod admin {
+    tonic::include_proto!("myriad.admin.v1");
 }
 
 /// Largest gRPC message either side accepts. Routers split batches so that

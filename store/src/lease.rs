@@ -175,8 +175,16 @@ async fn try_lead(
     if store.put_if(key, value.to_vec(), Some(lease), 0).await? {
         return Ok(Some(lease));
     }
+    let Some(current) = store.get(key).await? else {
+        let _ = store.revoke(lease).await;
+        return Ok(None);
+    };
+    // Our own key under a lease we lost (e.g. etcd came back with it):
+    // take it over instead of waiting for that lease to expire.
+    if current.value == value && store.put_if(key, value.to_vec(), Some(lease), current.mod_revision).await? {
+        return Ok(Some(lease));
+    }
     let _ = store.revoke(lease).await;
-    let Some(current) = store.get(key).await? else { return Ok(None) };
     let mut events = store.watch(key, current.mod_revision + 1).await?;
     while let Some(event) = events.recv().await {
         if matches!(event?, Event::Delete { key: ref k, .. } if k == key) {

@@ -5,6 +5,7 @@
 //! /myriad/<cluster>/placement/v/<version> Placement (zero-padded, so keys sort by version)
 //! /myriad/<cluster>/placement/current     Current: the version routers serve
 //! /myriad/<cluster>/leader                Leader, under the leading coordinator's lease
+//! /myriad/<cluster>/cordoned/<id>         a worker placement must not use (no lease)
 //! ```
 //!
 //! Values are JSON with a `schema` number, checked on every read: a value
@@ -214,6 +215,11 @@ impl Keys {
         Keys { root: format!("/myriad/{cluster}/") }
     }
 
+    /// Prefix of every node record, whatever its role.
+    pub fn all_nodes(&self) -> String {
+        format!("{}nodes/", self.root)
+    }
+
     pub fn nodes(&self, role: Role) -> String {
         format!("{}nodes/{}/", self.root, role.as_str())
     }
@@ -237,6 +243,15 @@ impl Keys {
 
     pub fn leader(&self) -> String {
         format!("{}leader", self.root)
+    }
+
+    /// Prefix of the cordoned (unschedulable) nodes, written by the admin API.
+    pub fn cordons(&self) -> String {
+        format!("{}cordoned/", self.root)
+    }
+
+    pub fn cordon(&self, id: &NodeId) -> String {
+        format!("{}{id}", self.cordons())
     }
 }
 

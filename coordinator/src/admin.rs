@@ -1,0 +1,292 @@
+//! The admin gRPC API (`myriad ctl`). Reads come from the store; changes go
+//! through it too (cordons) or through the leader's loop (rebalance). Only
+//! the leader answers: a follower says who leads. With a token configured,
+//! every call must carry `authorization: Bearer <token>`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use myriad_proto::admin::admin_server::{Admin, AdminServer};
+use myriad_proto::admin::{
+    self as pb, CordonRequest, CordonResponse, DrainRequest, DrainResponse, PlacementRequest, PlacementResponse,
+    RebalanceRequest, RebalanceResponse, StatusRequest, StatusResponse, TopExpertsRequest, TopExpertsResponse,
+};
+use myriad_store::Store;
+use myriad_store::schema::{self, Keys, Leader, NodeId, Placement, PlacementView, Role};
+use tonic::{Request, Response, Status};
+
+use crate::leader::{cordoned, current_load, live_workers, plan};
+use crate::placement::{Load, Plan};
+use crate::{CoordinatorConfig, Shared};
+
+pub struct AdminService {
+    store: Arc<dyn Store>,
+    keys: Keys,
+    config: CoordinatorConfig,
+    shared: Arc<Shared>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("cluster store: {e}"))
+}
+
+/// The current placement as a [`Plan`] over its own assignment order.
+fn as_plan(p: &Placement) -> Plan {
+    let holders = (0..p.layers)
+        .map(|l| {
+            (0..p.experts)
+                .map(|e| (0..p.assignments.len()).filter(|&w| p.assignments[w].experts.contains(l, e)).collect())
+                .collect()
+        })
+        .collect();
+    Plan { workers: p.assignments.len(), holders }
+}
+
+/// Per-worker load under `p`, an expert's load split over its copies.
+fn worker_loads(p: &Placement, load: &Load) -> Vec<f64> {
+    let plan = as_plan(p);
+    let mut per = vec![0.0; p.assignments.len()];
+    for (l, layer) in plan.holders.iter().enumerate() {
+        for (e, holders) in layer.iter().enumerate() {
+            for &w in holders {
+                per[w] += load.tokens[l * load.experts + e] / holders.len() as f64;
+            }
+        }
+    }
+    per
+}
+
+impl AdminService {
+    pub fn new(store: Arc<dyn Store>, keys: Keys, config: CoordinatorConfig, shared: Arc<Shared>) -> Self {
+        AdminService { store, keys, config, shared }
+    }
+
+    /// A tonic service, checking `token` on every call when one is given.
+    pub fn into_server(
+        self,
+        token: Option<String>,
+    ) -> tonic::service::interceptor::InterceptedService<
+        AdminServer<AdminService>,
+        impl tonic::service::Interceptor + Clone,
+    > {
+        let check = move |request: Request<()>| -> Result<Request<()>, Status> {
+            let Some(token) = &token else { return Ok(request) };
+            let given = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+            let given = given.strip_prefix("Bearer ").unwrap_or("");
+            // Constant-time comparison: no early exit on the first difference.
+            let same = given.len() == token.len()
+                && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+            if same { Ok(request) } else { Err(Status::unauthenticated("a valid admin token is required")) }
+        };
+        AdminServer::with_interceptor(self, check)
+    }
+
+    /// Refuses unless this coordinator leads, naming the leader.
+    async fn leading(&self) -> Result<(), Status> {
+        if self.shared.lock().leading {
+            return Ok(());
+        }
+        let leader = self.store.get(&self.keys.leader()).await.map_err(unavailable)?;
+        let who = leader
+            .and_then(|kv| schema::decode::<Leader>(&self.keys.leader(), &kv.value).ok())
+            .map_or("nobody yet".to_string(), |l| format!("{} at {}", l.id, l.addr));
+        Err(Status::failed_precondition(format!("this coordinator does not lead; the leader is {who}")))
+    }
+
+    async fn view(&self) -> Result<PlacementView, Status> {
+        let listing = self.store.list(&self.keys.placements()).await.map_err(unavailable)?;
+        let snapshot = Arc::new(listing.kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect());
+        Ok(PlacementView::read(&self.keys, &snapshot))
+    }
+
+    async fn cordons(&self) -> Result<std::collections::HashSet<NodeId>, Status> {
+        let listing = self.store.list(&self.keys.cordons()).await.map_err(unavailable)?;
+        let snapshot = Arc::new(listing.kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect());
+        Ok(cordoned(&self.keys, &snapshot))
+    }
+
+    fn node_id(id: &str) -> Result<NodeId, Status> {
+        crate::parse_node(id).ok_or_else(|| Status::invalid_argument(format!("`{id}` is not a node id")))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        self.leading().await?;
+        let listing = self.store.list(&self.keys.all_nodes()).await.map_err(unavailable)?;
+        let snapshot = Arc::new(listing.kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect());
+        let nodes = schema::read_nodes(&snapshot);
+        let cordons = self.cordons().await?;
+        let view = self.view().await?;
+        let current = view.current();
+        let mut problems = Vec::new();
+        match current {
+            None => problems.push("no current placement".to_string()),
+            Some(p) => {
+                for a in &p.assignments {
+                    if !nodes.iter().any(|n| n.id == a.node && n.addr == a.addr) {
+                        problems.push(format!("worker {} of the current placement is not registered", a.node));
+                    }
+                }
+                for n in nodes.iter().filter(|n| n.role == Role::Router && n.placement_version != Some(p.version)) {
+                    problems.push(format!("router {} serves {:?}, not {}", n.id, n.placement_version, p.version));
+                }
+            }
+        }
+        let nodes = nodes
+            .into_iter()
+            .map(|n| pb::Node {
+                cordoned: cordons.contains(&n.id),
+                id: n.id.to_string(),
+                role: n.role.as_str().to_string(),
+                addr: n.addr,
+                capacity_bytes: n.capacity_bytes.unwrap_or(0),
+                placement_version: n.placement_version.map_or(0, |v| v.0),
+            })
+            .collect();
+        Ok(Response::new(StatusResponse {
+            leader: self.config.id.to_string(),
+            placement_version: view.current.map_or(0, |v| v.0),
+            nodes,
+            problems,
+        }))
+    }
+
+    async fn placement(&self, _: Request<PlacementRequest>) -> Result<Response<PlacementResponse>, Status> {
+        self.leading().await?;
+        let view = self.view().await?;
+        let Some(p) = view.current() else { return Err(Status::not_found("no current placement yet")) };
+        let load = self.shared.lock().load.clone();
+        Ok(Response::new(PlacementResponse {
+            version: p.version.0,
+            layers: p.layers,
+            experts: p.experts,
+            assignments: p
+                .assignments
+                .iter()
+                .map(|a| pb::Assignment {
+                    node: a.node.to_string(),
+                    addr: a.addr.clone(),
+                    experts: a.experts.to_string(),
+                })
+                .collect(),
+            load: load.map(|l| l.tokens).unwrap_or_default(),
+        }))
+    }
+
+    async fn top_experts(&self, request: Request<TopExpertsRequest>) -> Result<Response<TopExpertsResponse>, Status> {
+        self.leading().await?;
+        let limit = request.into_inner().limit.clamp(1, 10_000) as usize;
+        let view = self.view().await?;
+        let Some(p) = view.current() else { return Err(Status::not_found("no current placement yet")) };
+        let load = current_load(&self.config, &self.shared);
+        let plan = as_plan(p);
+        let mut experts: Vec<pb::ExpertLoad> = (0..load.layers)
+            .flat_map(|l| (0..load.experts).map(move |e| (l, e)))
+            .map(|(l, e)| pb::ExpertLoad {
+                layer: l as u32,
+                expert: e as u32,
+                tokens: load.tokens[l * load.experts + e],
+                replicas: plan.holders[l][e].len() as u32,
+            })
+            .collect();
+        experts.sort_by(|a, b| b.tokens.total_cmp(&a.tokens).then((a.layer, a.expert).cmp(&(b.layer, b.expert))));
+        experts.truncate(limit);
+        let workers = p
+            .assignments
+            .iter()
+            .zip(worker_loads(p, &load))
+            .map(|(a, tokens)| pb::WorkerLoad { node: a.node.to_string(), tokens })
+            .collect();
+        Ok(Response::new(TopExpertsResponse { experts, workers, balancedness: plan.balancedness(&load) }))
+    }
+
+    async fn rebalance(&self, request: Request<RebalanceRequest>) -> Result<Response<RebalanceResponse>, Status> {
+        self.leading().await?;
+        let dry_run = request.into_inner().dry_run;
+        let view = self.view().await?;
+        let listing = self.store.list(&self.keys.nodes(Role::Worker)).await.map_err(unavailable)?;
+        let snapshot = Arc::new(listing.kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect());
+        let cordons = self.cordons().await?;
+        let live: Vec<_> =
+            live_workers(&snapshot, &self.config.model_id).into_iter().filter(|w| !cordons.contains(&w.id)).collect();
+        let load = current_load(&self.config, &self.shared);
+        let next = plan(&self.config, schema::PlacementVersion(0), &live, &load)
+            .ok_or_else(|| Status::failed_precondition("the experts do not fit on the schedulable workers"))?;
+        let current_balance = view.current().map_or(0.0, |p| as_plan(p).balancedness(&load));
+        let predicted = as_plan(&next).balancedness(&load);
+        // Copies the new placement puts where the current one has none.
+        let mut held: HashMap<(u32, u32), Vec<&NodeId>> = HashMap::new();
+        if let Some(p) = view.current() {
+            for a in &p.assignments {
+                for l in 0..p.layers {
+                    for e in 0..p.experts {
+                        if a.experts.contains(l, e) {
+                            held.entry((l, e)).or_default().push(&a.node);
+                        }
+                    }
+                }
+            }
+        }
+        let mut moves = 0u64;
+        for a in &next.assignments {
+            for l in 0..next.layers {
+                for e in 0..next.experts {
+                    if a.experts.contains(l, e) && !held.get(&(l, e)).is_some_and(|h| h.contains(&&a.node)) {
+                        moves += 1;
+                    }
+                }
+            }
+        }
+        if !dry_run {
+            self.shared.lock().rebalance = true;
+            self.shared.wake.notify_one();
+        }
+        Ok(Response::new(RebalanceResponse {
+            current_balancedness: current_balance,
+            predicted_balancedness: predicted,
+            moves,
+            started: !dry_run,
+        }))
+    }
+
+    async fn cordon(&self, request: Request<CordonRequest>) -> Result<Response<CordonResponse>, Status> {
+        self.leading().await?;
+        let request = request.into_inner();
+        let id = Self::node_id(&request.node)?;
+        if request.cordon {
+            self.store.put(&self.keys.cordon(&id), id.to_string().into_bytes(), None).await.map_err(unavailable)?;
+        } else {
+            self.store.delete(&self.keys.cordon(&id)).await.map_err(unavailable)?;
+        }
+        Ok(Response::new(CordonResponse {}))
+    }
+
+    async fn drain(&self, request: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        self.leading().await?;
+        let id = Self::node_id(&request.into_inner().node)?;
+        self.store.put(&self.keys.cordon(&id), id.to_string().into_bytes(), None).await.map_err(unavailable)?;
+        let deadline = tokio::time::Instant::now() + self.config.rollout_timeout;
+        loop {
+            let view = self.view().await?;
+            if let Some(p) = view.current().filter(|p| p.assignment(&id).is_none()) {
+                return Ok(Response::new(DrainResponse { version: p.version.0 }));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Status::deadline_exceeded(format!("{id} is cordoned but still placed")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Serves the admin API on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, service: AdminService, token: Option<String>) {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let server = tonic::transport::Server::builder().add_service(service.into_server(token));
+    if let Err(e) = server.serve_with_incoming(incoming).await {
+        tracing::error!(error = %e, "the admin API stopped");
+    }
+}

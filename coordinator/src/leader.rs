@@ -1,0 +1,242 @@
+//! The leading coordinator's loop: moves the cluster from placement to
+//! placement (see the crate docs), honours cordons and rebalance requests,
+//! and releases old versions.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use myriad_store::mirror::{Mirror, Snapshot};
+use myriad_store::schema::{
+    self, Assignment, Current, Keys, NodeId, NodeRecord, Placement, PlacementVersion, PlacementView, Role,
+};
+use myriad_store::{Store, StoreError};
+use tokio::sync::watch;
+
+use crate::{CoordinatorConfig, Shared, load, placement};
+
+/// The live workers of this model, by id.
+pub(crate) fn live_workers(snapshot: &Snapshot, model_id: &str) -> Vec<NodeRecord> {
+    let mut nodes: Vec<NodeRecord> = schema::read_nodes(snapshot)
+        .into_iter()
+        .filter(|n| {
+            let ours = n.model_id == model_id;
+            if !ours {
+                tracing::warn!(node = %n.id, model = n.model_id, "ignoring a worker of another model");
+            }
+            ours && n.role == Role::Worker
+        })
+        .collect();
+    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    nodes
+}
+
+/// Whether `placement` already places exactly these workers at these addresses.
+fn matches(placement: &Placement, workers: &[NodeRecord]) -> bool {
+    let placed: BTreeSet<(&NodeId, &str)> = placement.assignments.iter().map(|a| (&a.node, a.addr.as_str())).collect();
+    let live: BTreeSet<(&NodeId, &str)> = workers.iter().map(|w| (&w.id, w.addr.as_str())).collect();
+    placed == live
+}
+
+/// The placement problem for these workers.
+pub(crate) fn problem(config: &CoordinatorConfig, workers: &[NodeRecord]) -> placement::Problem {
+    placement::Problem {
+        layers: config.layers,
+        experts: config.experts,
+        expert_bytes: config.expert_bytes,
+        capacities: workers.iter().map(|w| w.capacity_bytes).collect(),
+        replicas: config.replicas.clamp(1, workers.len().max(1)),
+        redundant: config.redundant,
+    }
+}
+
+/// The measured load, or every expert equal before any report.
+pub(crate) fn current_load(config: &CoordinatorConfig, shared: &Shared) -> placement::Load {
+    shared.lock().load.clone().unwrap_or_else(|| placement::Load::uniform(config.layers, config.experts))
+}
+
+pub(crate) fn plan(
+    config: &CoordinatorConfig,
+    version: PlacementVersion,
+    workers: &[NodeRecord],
+    load: &placement::Load,
+) -> Option<Placement> {
+    let plan = match placement::eplb(&problem(config, workers), load) {
+        Ok(plan) => plan,
+        Err(e) => {
+            tracing::error!(workers = workers.len(), error = %e, "cannot place the experts on the live workers");
+            return None;
+        }
+    };
+    let assignments = workers
+        .iter()
+        .zip(plan.specs())
+        .filter(|(_, spec)| !spec.is_empty())
+        .map(|(w, experts)| Assignment { node: w.id.clone(), addr: w.addr.clone(), experts })
+        .collect();
+    Some(Placement {
+        version,
+        model_id: config.model_id.clone(),
+        layers: config.layers as u32,
+        experts: config.experts as u32,
+        assignments,
+    })
+}
+
+pub(crate) async fn lead(
+    store: &Arc<dyn Store>,
+    keys: &Keys,
+    config: &CoordinatorConfig,
+    shared: &Arc<Shared>,
+) -> Result<(), StoreError> {
+    let workers = Mirror::follow(store.clone(), keys.nodes(Role::Worker)).await?;
+    let routers = Mirror::follow(store.clone(), keys.nodes(Role::Router)).await?;
+    let placements = Mirror::follow(store.clone(), keys.placements()).await?;
+    let cordons = Mirror::follow(store.clone(), keys.cordons()).await?;
+    let _load = load::collect(workers.subscribe(), config, shared.clone());
+    let store = &**store;
+    let (mut worker_changes, mut router_changes, mut placement_changes, mut cordon_changes) =
+        (workers.subscribe(), routers.subscribe(), placements.subscribe(), cordons.subscribe());
+    let read = || {
+        let cordoned = cordoned(keys, &cordons.snapshot());
+        let live: Vec<NodeRecord> = live_workers(&workers.snapshot(), &config.model_id)
+            .into_iter()
+            .filter(|w| !cordoned.contains(&w.id))
+            .collect();
+        (live, PlacementView::read(keys, &placements.snapshot()))
+    };
+    loop {
+        // After the settle pause, look again: the pause may have let the
+        // mirrors catch up with what this leader wrote itself.
+        let stale = |live: &[NodeRecord], view: &PlacementView| {
+            // `min_workers` only gates the first placement; afterwards
+            // survivors take over whatever is left.
+            let enough = !live.is_empty() && (view.current.is_some() || live.len() >= config.min_workers);
+            let forced = shared.lock().rebalance && !live.is_empty();
+            forced || (enough && view.current().is_none_or(|p| !matches(p, live)))
+        };
+        let (live, view) = read();
+        if stale(&live, &view) && settled(&mut worker_changes, config.settle).await {
+            let (live, view) = read();
+            if stale(&live, &view) {
+                shared.lock().rebalance = false;
+                let newest = view.versions.keys().copied().chain(view.current).max().unwrap_or(PlacementVersion(0));
+                let load = current_load(config, shared);
+                let Some(next) = plan(config, PlacementVersion(newest.0 + 1), &live, &load) else {
+                    // Wait for membership to change (more workers, more memory).
+                    worker_changes.changed().await.ok();
+                    continue;
+                };
+                let proposed = next.version;
+                let current = roll_out(store, keys, config, next, &mut worker_changes).await?;
+                // Decide next on a view that includes these writes.
+                let caught_up = placement_changes.wait_for(|s| {
+                    let view = PlacementView::read(keys, s);
+                    view.versions.contains_key(&proposed) && (current.is_none() || view.current == current)
+                });
+                let _ = tokio::time::timeout(config.lease_ttl, caught_up).await;
+            }
+            continue;
+        }
+        if let Some(current) = view.current {
+            release_old(store, keys, &view, current, &routers.snapshot()).await?;
+        }
+        tokio::select! {
+            _ = worker_changes.changed() => {}
+            _ = router_changes.changed() => {}
+            _ = placement_changes.changed() => {}
+            _ = cordon_changes.changed() => {}
+            _ = shared.wake.notified() => {}
+        }
+    }
+}
+
+/// The cordoned node ids under a snapshot of [`Keys::cordons`].
+pub(crate) fn cordoned(keys: &Keys, snapshot: &Snapshot) -> HashSet<NodeId> {
+    snapshot.keys().filter_map(|k| k.strip_prefix(&keys.cordons())).filter_map(|id| id.parse().ok()).collect()
+}
+
+/// Waits until the worker set has not changed for `settle`; false if it
+/// changed meanwhile (the caller looks again).
+async fn settled(changes: &mut watch::Receiver<Snapshot>, settle: Duration) -> bool {
+    changes.borrow_and_update();
+    tokio::select! {
+        _ = changes.changed() => false,
+        _ = tokio::time::sleep(settle) => true,
+    }
+}
+
+/// Phase one (workers load `next`) and the switch of `current`; returns
+/// the new current version, or `None` if `next` was abandoned.
+async fn roll_out(
+    store: &dyn Store,
+    keys: &Keys,
+    config: &CoordinatorConfig,
+    next: Placement,
+    worker_changes: &mut watch::Receiver<Snapshot>,
+) -> Result<Option<PlacementVersion>, StoreError> {
+    let version = next.version;
+    // The switch below only happens if nobody moved `current` meanwhile (a
+    // leader that stalled past its lease must not undo its successor's work).
+    let current_rev = store.get(&keys.current()).await?.map_or(0, |kv| kv.mod_revision);
+    store.put(&keys.placement(version), schema::encode(&next), None).await?;
+    tracing::info!(%version, workers = next.assignments.len(), "proposed placement; waiting for workers to load it");
+    let deadline = tokio::time::Instant::now() + config.rollout_timeout;
+    loop {
+        let live = live_workers(&worker_changes.borrow_and_update(), &config.model_id);
+        let pending: Vec<&NodeId> = next
+            .assignments
+            .iter()
+            .filter(|a| {
+                !live.iter().any(|w| w.id == a.node && w.addr == a.addr && w.placement_version >= Some(version))
+            })
+            .map(|a| &a.node)
+            .collect();
+        let gone = next.assignments.iter().any(|a| !live.iter().any(|w| w.id == a.node && w.addr == a.addr));
+        if pending.is_empty() {
+            break;
+        }
+        // An abandoned version is never reused; it is deleted with the
+        // other old ones once a newer version is current.
+        if gone {
+            tracing::warn!(%version, "a worker left during the rollout; abandoning this version");
+            return Ok(None);
+        }
+        tokio::select! {
+            _ = worker_changes.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(%version, ?pending, "workers did not load the placement in time; abandoning it");
+                return Ok(None);
+            }
+        }
+    }
+    if !store.put_if(&keys.current(), schema::encode(&Current { version }), None, current_rev).await? {
+        tracing::warn!(%version, "the current placement changed under this rollout; abandoning it");
+        return Ok(None);
+    }
+    tracing::info!(%version, "placement is current");
+    Ok(Some(version))
+}
+
+/// Deletes versions older than `current` once every router serves `current`.
+async fn release_old(
+    store: &dyn Store,
+    keys: &Keys,
+    view: &PlacementView,
+    current: PlacementVersion,
+    routers: &Snapshot,
+) -> Result<(), StoreError> {
+    let old: Vec<PlacementVersion> = view.versions.keys().copied().filter(|&v| v < current).collect();
+    if old.is_empty() {
+        return Ok(());
+    }
+    let behind = schema::read_nodes(routers).into_iter().filter(|r| r.placement_version < Some(current)).count();
+    if behind > 0 {
+        return Ok(());
+    }
+    for v in old {
+        store.delete(&keys.placement(v)).await?;
+        tracing::info!(version = %v, "released placement");
+    }
+    Ok(())
+}
