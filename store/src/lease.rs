@@ -63,6 +63,7 @@ async fn keep(
     lease_tx: watch::Sender<LeaseId>,
 ) {
     let mut lease = *lease_tx.borrow();
+    let mut written = value.borrow().clone();
     // Warn once when refreshing starts failing, not on every retry.
     let mut failing = false;
     let mut tick = tokio::time::interval(ttl / 3);
@@ -73,10 +74,16 @@ async fn keep(
             changed = value.changed() => if changed.is_err() { return },
         }
         let current = value.borrow_and_update().clone();
+        // Write the value only when it changed: a put per tick would make
+        // every watcher of the prefix see a change every ttl/3 per node, and
+        // a coordinator waiting for membership to settle would never see it.
         let result = match store.keep_alive(lease).await {
-            Ok(()) => store.put(&key, current.clone(), Some(lease)).await.map(|_| ()),
-            Err(e) => Err(e),
+            Ok(()) if current != written => store.put(&key, current.clone(), Some(lease)).await.map(|_| ()),
+            other => other,
         };
+        if result.is_ok() {
+            written = current.clone();
+        }
         match result {
             Ok(()) if failing => {
                 failing = false;
@@ -87,6 +94,7 @@ async fn keep(
                 tracing::warn!(key, "registration lease expired; registering again");
                 lease = register_again(&*store, &key, &current, ttl).await;
                 lease_tx.send_replace(lease);
+                written = current.clone();
                 failing = false;
             }
             Err(e) if !failing => {
