@@ -4,7 +4,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=myriad");
-    let descriptors = protox::compile(["myriad/expert.proto", "myriad/admin.proto"], ["."])?;
+    let descriptors = protox::compile(["myriad/expert.proto", "myriad/admin.proto", "myriad/kvcache.proto"], ["."])?;
     tonic_prost_build::configure().bytes(".").compile_fds(descriptors)?;
     Ok(())
 }

@@ -61,6 +61,12 @@ enum Ctl {
     Cordon { node: String },
     /// Make a worker schedulable again.
     Uncordon { node: String },
+    /// Usage, hits and evictions of a KV-cache service.
+    Kvcache {
+        /// The service's address (`myriad kvcache --listen`).
+        #[arg(long, env = "MYRIAD_KVCACHE")]
+        kvcache: String,
+    },
 }
 
 async fn connect(args: &Args) -> Result<AdminClient<Channel>> {
@@ -76,13 +82,17 @@ async fn connect(args: &Args) -> Result<AdminClient<Channel>> {
         }
         (None, false) => bail!("give --coordinator ADDR or --etcd URLS"),
     };
-    let url = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .with_context(|| format!("bad coordinator address `{addr}`"))?
+    Ok(AdminClient::new(channel(&addr, "coordinator").await?))
+}
+
+/// A connection to `addr` (`host:port` or a URL) of the `what` service.
+async fn channel(addr: &str, what: &str) -> Result<Channel> {
+    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    tonic::transport::Endpoint::from_shared(url)
+        .with_context(|| format!("bad {what} address `{addr}`"))?
         .connect()
         .await
-        .with_context(|| format!("connect to the coordinator at {addr}"))?;
-    Ok(AdminClient::new(channel))
+        .with_context(|| format!("connect to the {what} at {addr}"))
 }
 
 fn request<T>(args: &Args, message: T) -> Result<tonic::Request<T>> {
@@ -104,6 +114,9 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 async fn run_async(args: Args) -> Result<()> {
+    if let Ctl::Kvcache { kvcache } = &args.command {
+        return kvcache_stats(kvcache, args.json).await;
+    }
     let mut client = connect(&args).await?;
     match &args.command {
         Ctl::Status | Ctl::Nodes => {
@@ -208,6 +221,7 @@ async fn run_async(args: Args) -> Result<()> {
                 println!("{node} {}", if cordon { "cordoned" } else { "uncordoned" });
             }
         }
+        Ctl::Kvcache { .. } => unreachable!("answered before connecting to a coordinator"),
     }
     Ok(())
 }
@@ -256,5 +270,48 @@ fn print_placement(p: &PlacementResponse, json_out: bool) -> Result<()> {
             row.iter().map(|&v| SHADES[if max > 0.0 { (v / max * 8.0).round() as usize } else { 0 }]).collect();
         println!("{:<24} |{cells}|", a.node);
     }
+    Ok(())
+}
+
+async fn kvcache_stats(addr: &str, json: bool) -> Result<()> {
+    use myriad_coordinator::placement::human;
+    use myriad_proto::kvcache::StatsRequest;
+    use myriad_proto::kvcache::kv_cache_client::KvCacheClient;
+
+    let s = KvCacheClient::new(channel(addr, "KV-cache").await?)
+        .stats(StatsRequest {})
+        .await
+        .map_err(call_error)?
+        .into_inner();
+    if json {
+        let out = json!({
+            "memory": {"bytes": s.memory_bytes, "capacity": s.memory_capacity, "hits": s.hits_memory, "evictions": s.evictions_memory},
+            "disk": {"bytes": s.disk_bytes, "capacity": s.disk_capacity, "hits": s.hits_disk, "evictions": s.evictions_disk},
+            "misses": s.misses, "blocks": s.blocks, "snapshots": s.snapshots, "corrupt": s.corrupt,
+            "tokens_served": s.tokens_served,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    let lookups = s.hits_memory + s.hits_disk + s.misses;
+    let rate = if lookups == 0 { 0.0 } else { 100.0 * (s.hits_memory + s.hits_disk) as f64 / lookups as f64 };
+    println!("{:<8} {:>10} {:>10} {:>6} {:>8} {:>10}", "TIER", "USED", "CAPACITY", "USE%", "HITS", "EVICTIONS");
+    let pct = |used: u64, cap: u64| if cap == 0 { 0.0 } else { 100.0 * used as f64 / cap as f64 };
+    let tiers = [
+        ("memory", s.memory_bytes, s.memory_capacity, s.hits_memory, s.evictions_memory),
+        ("disk", s.disk_bytes, s.disk_capacity, s.hits_disk, s.evictions_disk),
+    ];
+    for (name, used, cap, hits, evictions) in tiers {
+        if cap == 0 {
+            println!("{name:<8} {:>10}", "off");
+            continue;
+        }
+        println!("{name:<8} {:>10} {:>10} {:>5.1}% {hits:>8} {evictions:>10}", human(used), human(cap), pct(used, cap));
+    }
+    println!();
+    println!("lookups:        {lookups} ({rate:.1}% hit, {} miss)", s.misses);
+    println!("tokens served:  {}", s.tokens_served);
+    println!("objects:        {} blocks, {} snapshots", s.blocks, s.snapshots);
+    println!("corrupt:        {}", s.corrupt);
     Ok(())
 }

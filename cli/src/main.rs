@@ -10,6 +10,7 @@ mod cluster;
 mod coordinator;
 mod ctl;
 mod generate;
+mod kvcache;
 mod membership;
 mod plan;
 mod serve;
@@ -36,6 +37,8 @@ enum Command {
     Up(serve::UpArgs),
     /// Serve the OpenAI API over running expert workers.
     Router(serve::RouterArgs),
+    /// Serve conversation state (the compressed KV-cache) by token prefix.
+    Kvcache(kvcache::Args),
     /// Administer a cluster through its leading coordinator.
     Ctl(ctl::Args),
     /// Print the memory plan of a model config over N workers (no weights needed).
@@ -55,6 +58,7 @@ impl Command {
             Command::Bench(_) => "bench",
             Command::Plan(_) => "plan",
             Command::Ctl(_) => "ctl",
+            Command::Kvcache(_) => "kvcache",
         }
     }
 }
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Ctl(args) => ctl::run(args),
+        Command::Kvcache(args) => kvcache::run(args),
     };
     drop(telemetry);
     match result {

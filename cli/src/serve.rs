@@ -9,14 +9,16 @@ use anyhow::{Context, Result, bail};
 use myriad_model::Model;
 use myriad_model::text::TextTokenizer;
 use myriad_router::chat::ChatTemplate;
-use myriad_router::engine::{Engine, EngineConfig};
+use myriad_router::engine::{Engine, EngineConfig, SaveState};
 use myriad_router::http::{self, AppState};
+use myriad_router::kvcache::StateCache;
 use myriad_router::{RemoteExperts, Target, WorkerPool};
 use myriad_store::schema::Role;
 use tokio::net::TcpListener;
 
 use crate::cluster::LocalCluster;
-use crate::membership::{ClusterArgs, join_router, require_one};
+use crate::kvcache::CacheArgs;
+use crate::membership::{ClusterArgs, join_router, parse_bytes, require_one};
 
 /// Options of the HTTP front end, shared by `up` and `router`.
 #[derive(clap::Args)]
@@ -60,6 +62,10 @@ pub struct HttpArgs {
     /// Longest wait for one expert call before trying another replica.
     #[arg(long, env = "MYRIAD_EXPERT_TIMEOUT", default_value = "30s")]
     expert_timeout: humantime::Duration,
+
+    /// Longest wait for a KV-cache lookup before computing the prompt instead.
+    #[arg(long, env = "MYRIAD_KVCACHE_TIMEOUT", default_value = "5s")]
+    kvcache_timeout: humantime::Duration,
 }
 
 #[derive(clap::Args)]
@@ -74,6 +80,22 @@ pub struct UpArgs {
     /// How many workers host each expert.
     #[arg(long, env = "MYRIAD_REPLICAS", default_value_t = 1)]
     replicas: usize,
+
+    /// Run without the in-process KV-cache (every prompt is computed in full).
+    #[arg(long)]
+    no_kvcache: bool,
+
+    /// Memory of the in-process KV-cache.
+    #[arg(long, env = "MYRIAD_KVCACHE_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
+    kvcache_memory: u64,
+
+    /// Disk directory of the in-process KV-cache (none: memory only).
+    #[arg(long, env = "MYRIAD_KVCACHE_DISK")]
+    kvcache_disk: Option<PathBuf>,
+
+    /// Capacity of that directory.
+    #[arg(long, env = "MYRIAD_KVCACHE_DISK_CAPACITY", default_value = "10GiB", value_parser = parse_bytes)]
+    kvcache_disk_capacity: u64,
 }
 
 #[derive(clap::Args)]
@@ -85,6 +107,11 @@ pub struct RouterArgs {
     /// addresses); repeat or comma-separate. Without it, `--etcd`.
     #[arg(long = "worker-addr", env = "MYRIAD_WORKER_ADDRS", value_delimiter = ',')]
     worker_addrs: Vec<String>,
+
+    /// The KV-cache service (`myriad kvcache`) to restore and store
+    /// conversation state in; none computes every prompt in full.
+    #[arg(long, env = "MYRIAD_KVCACHE")]
+    kvcache: Option<String>,
 
     #[command(flatten)]
     cluster: ClusterArgs,
@@ -104,8 +131,22 @@ enum Placement {
 pub fn up(args: UpArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     let cluster = runtime.block_on(LocalCluster::start(&args.http.model, args.workers, args.replicas))?;
-    let what = format!("coordinator and {} expert workers in this process", args.workers);
-    serve(runtime, args.http, Placement::Local(cluster), &what)
+    let kvcache = if args.no_kvcache {
+        None
+    } else {
+        let cache = CacheArgs {
+            memory: args.kvcache_memory,
+            disk: args.kvcache_disk.clone(),
+            disk_capacity: args.kvcache_disk_capacity,
+        };
+        Some(runtime.block_on(crate::kvcache::start_local(&cache))?)
+    };
+    let what = format!(
+        "coordinator, {} expert workers{} in this process",
+        args.workers,
+        if kvcache.is_some() { " and a KV-cache" } else { "" }
+    );
+    serve(runtime, args.http, Placement::Local(cluster), kvcache, &what)
 }
 
 pub fn router(args: RouterArgs) -> Result<()> {
@@ -113,11 +154,11 @@ pub fn router(args: RouterArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     if args.cluster.enabled() {
         let what = format!("placement from cluster {}", args.cluster.cluster);
-        return serve(runtime, args.http, Placement::Store(args.cluster), &what);
+        return serve(runtime, args.http, Placement::Store(args.cluster), args.kvcache, &what);
     }
     let what = format!("{} expert workers", args.worker_addrs.len());
     let targets = args.worker_addrs.iter().map(Target::addr).collect();
-    serve(runtime, args.http, Placement::Static(targets), &what)
+    serve(runtime, args.http, Placement::Static(targets), args.kvcache, &what)
 }
 
 fn model_name(dir: &Path) -> String {
@@ -127,7 +168,13 @@ fn model_name(dir: &Path) -> String {
         .unwrap_or_else(|| "myriad".into())
 }
 
-fn serve(runtime: tokio::runtime::Runtime, args: HttpArgs, placement: Placement, what: &str) -> Result<()> {
+fn serve(
+    runtime: tokio::runtime::Runtime,
+    args: HttpArgs,
+    placement: Placement,
+    kvcache: Option<String>,
+    what: &str,
+) -> Result<()> {
     let model =
         Arc::new(Model::load_dense(&args.model).with_context(|| format!("load model from {}", args.model.display()))?);
     let cfg = &model.config;
@@ -162,7 +209,18 @@ fn serve(runtime: tokio::runtime::Runtime, args: HttpArgs, placement: Placement,
     }
     let engine_config =
         EngineConfig { max_batch: args.max_batch, step_tokens: args.step_tokens, queue: args.max_queue };
-    let engine = Engine::start(model.clone(), experts.clone(), engine_config);
+    let kvcache = match &kvcache {
+        Some(addr) => {
+            let _guard = runtime.enter();
+            let cache = StateCache::connect(addr, &model.fingerprint, cfg.clone(), *args.kvcache_timeout)
+                .map_err(anyhow::Error::msg)?;
+            tracing::info!(addr, "conversation state goes to the KV-cache");
+            Some(cache)
+        }
+        None => None,
+    };
+    let save: Option<SaveState> = kvcache.clone().map(|c| Box::new(move |s| c.save(s)) as SaveState);
+    let engine = Engine::start(model.clone(), experts.clone(), engine_config, save);
     let model_name = args.served_model_name.clone().unwrap_or_else(|| model_name(&args.model));
     let state = Arc::new(AppState {
         engine,
@@ -174,6 +232,7 @@ fn serve(runtime: tokio::runtime::Runtime, args: HttpArgs, placement: Placement,
         default_max_tokens: args.default_max_tokens,
         eos_token_ids: cfg.eos_token_ids.clone(),
         vocab_size: cfg.vocab_size,
+        kvcache,
         ready: Box::new(move || experts.pool().serving()),
     });
     tracing::info!(

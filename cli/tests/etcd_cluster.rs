@@ -3,9 +3,8 @@
 //! Workers and the leading coordinator are SIGKILLed and etcd is stopped
 //! and restarted; every answer must equal the fault-free one.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use myriad_store::Store;
@@ -14,45 +13,10 @@ use myriad_store::mirror::Mirror;
 use myriad_store::schema::{self, Keys, Leader, PlacementView, Role};
 use serde_json::Value;
 
+mod common;
+use common::Proc;
+
 const TTL: &str = "2s";
-
-/// A `myriad` process, SIGKILLed when dropped.
-struct Proc {
-    child: Child,
-    banner: String,
-}
-
-impl Proc {
-    fn start(args: &[&str]) -> Self {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_myriad"))
-            .args(args)
-            .current_dir(root)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start myriad");
-        let mut banner = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut banner).unwrap();
-        assert!(!banner.is_empty(), "{args:?} exited before its banner");
-        Proc { child, banner }
-    }
-
-    fn word(&self, n: usize) -> String {
-        self.banner.split_whitespace().nth(n).unwrap_or_else(|| panic!("banner `{}`", self.banner)).to_string()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn coordinator(etcd: &str, id: &str) -> Proc {
     let args = ["coordinator", "--etcd", etcd, "--cluster", "t", "--node-id", id, "--lease-ttl", TTL];

@@ -6,7 +6,8 @@
 //! # Layout
 //!
 //! - [`pb`]: prost/tonic code generated from `myriad/expert.proto`;
-//!   [`admin`]: from `myriad/admin.proto`.
+//!   [`admin`]: from `myriad/admin.proto`; [`kvcache`]: from
+//!   `myriad/kvcache.proto`.
 //! - [`error`]: error kinds and their one mapping to gRPC codes.
 //! - [`tensor`]: f32 tensors to and from little-endian `bytes` fields.
 //! - [`expert`]: the domain types of the expert data plane, validated once on
@@ -29,6 +30,12 @@ pub mod pb {
 #[allow(clippy::all, missing_docs)]
 pub mod admin {
     tonic::include_proto!("myriad.admin.v1");
+}
+
+/// The KV-cache service (sequence state by token prefix), generated.
+#[allow(clippy::all, missing_docs)]
+pub mod kvcache {
+    tonic::include_proto!("myriad.kvcache.v1");
 }
 
 /// Largest gRPC message either side accepts. Routers split batches so that

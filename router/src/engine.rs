@@ -14,6 +14,7 @@ use myriad_model::moe::ExpertExecutor;
 use myriad_model::{Logits, Model, Sampling, SequenceState};
 use tokio::sync::mpsc;
 
+pub use crate::kvcache::Save;
 use crate::metrics;
 
 /// Why a sequence stopped.
@@ -42,6 +43,9 @@ pub struct Request {
     pub events: mpsc::UnboundedSender<Event>,
     /// The request's span (from admission): each step it joins links to it.
     pub span: tracing::Span,
+    /// The state of a prefix of the prompt, restored from the KV-cache: only
+    /// the tokens after it are prefilled.
+    pub restored: Option<SequenceState>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +70,10 @@ pub struct Engine {
     requests: mpsc::Sender<Request>,
 }
 
+/// Where the engine hands states worth keeping: after a prompt, and after a
+/// finished turn (the KV-cache client in a router).
+pub type SaveState = Box<dyn Fn(Save) + Send>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     #[error("the request queue is full")]
@@ -75,12 +83,18 @@ pub enum SubmitError {
 }
 
 impl Engine {
-    /// Starts the engine thread over `model` with routed experts on `experts`.
-    pub fn start<E: ExpertExecutor + Send + 'static>(model: Arc<Model>, experts: E, config: EngineConfig) -> Self {
+    /// Starts the engine thread over `model` with routed experts on
+    /// `experts`, handing states to `save` when given.
+    pub fn start<E: ExpertExecutor + Send + 'static>(
+        model: Arc<Model>,
+        experts: E,
+        config: EngineConfig,
+        save: Option<SaveState>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         std::thread::Builder::new()
             .name("myriad-engine".into())
-            .spawn(move || run(&model, &experts, rx, config))
+            .spawn(move || run(&model, &experts, rx, config, save.as_deref()))
             .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"));
         Engine { requests: tx }
     }
@@ -99,15 +113,22 @@ impl Engine {
 struct Active {
     request: Request,
     state: SequenceState,
-    /// Prompt tokens already run.
+    /// Prompt tokens already run (or restored).
     prefilled: usize,
-    generated: usize,
+    /// Tokens sampled so far.
+    generated: Vec<u32>,
     /// The token to feed next once the prompt is done.
     next: Option<u32>,
     rng: Rng,
 }
 
-fn run(model: &Model, experts: &impl ExpertExecutor, mut requests: mpsc::Receiver<Request>, config: EngineConfig) {
+fn run(
+    model: &Model,
+    experts: &impl ExpertExecutor,
+    mut requests: mpsc::Receiver<Request>,
+    config: EngineConfig,
+    save: Option<&(dyn Fn(Save) + Send)>,
+) {
     let mut active: Vec<Active> = Vec::new();
     loop {
         if active.is_empty() {
@@ -128,17 +149,30 @@ fn run(model: &Model, experts: &impl ExpertExecutor, mut requests: mpsc::Receive
         if active.is_empty() {
             continue;
         }
-        step(model, experts, &mut active, config.step_tokens);
+        step(model, experts, &mut active, config.step_tokens, save);
     }
 }
 
-fn admit(model: &Model, request: Request) -> Active {
+fn admit(model: &Model, mut request: Request) -> Active {
     let rng = Rng::new(request.sampling.seed);
-    Active { state: model.new_state(), prefilled: 0, generated: 0, next: None, rng, request }
+    // A restored state must leave at least one prompt token to run: its
+    // logits give the first completion token.
+    let state = match request.restored.take() {
+        Some(s) if s.position < request.prompt.len() => s,
+        _ => model.new_state(),
+    };
+    metrics::TOKENS.with_label_values(&["prompt_cached"]).inc_by(state.position as u64);
+    Active { prefilled: state.position, state, generated: Vec::new(), next: None, rng, request }
 }
 
 /// One forward over every active sequence, then sampling and bookkeeping.
-fn step(model: &Model, experts: &impl ExpertExecutor, active: &mut Vec<Active>, step_tokens: usize) {
+fn step(
+    model: &Model,
+    experts: &impl ExpertExecutor,
+    active: &mut Vec<Active>,
+    step_tokens: usize,
+    save: Option<&(dyn Fn(Save) + Send)>,
+) {
     // Decode tokens first (one each), then prompt chunks with what is left.
     let mut budget = step_tokens.max(1);
     let mut plan: Vec<(usize, usize)> = Vec::new(); // (index, tokens this step)
@@ -151,7 +185,13 @@ fn step(model: &Model, experts: &impl ExpertExecutor, active: &mut Vec<Active>, 
     for (i, a) in active.iter().enumerate() {
         let left = a.request.prompt.len() - a.prefilled;
         if a.next.is_none() && left > 0 && budget > 0 {
-            let n = left.min(budget);
+            let mut n = left.min(budget);
+            // With a KV-cache, the prompt's last token runs in a step of its
+            // own: the state before it is the one worth storing, since a
+            // request for the same prompt must run that token for its logits.
+            if save.is_some() && n == left && n > 1 {
+                n -= 1;
+            }
             plan.push((i, n));
             budget -= n;
         }
@@ -202,20 +242,25 @@ fn step(model: &Model, experts: &impl ExpertExecutor, active: &mut Vec<Active>, 
         let a = &mut active[i];
         if a.next.is_none() {
             a.prefilled += n;
+            metrics::TOKENS.with_label_values(&["prompt"]).inc_by(n as u64);
+            if a.prefilled + 1 == a.request.prompt.len()
+                && let Some(save) = save
+            {
+                save(Save { tokens: a.request.prompt[..a.prefilled].to_vec(), state: a.state.clone() });
+            }
             if a.prefilled < a.request.prompt.len() {
                 continue; // more prompt to run
             }
-            metrics::TOKENS.with_label_values(&["prompt"]).inc_by(a.prefilled as u64);
         }
         let token = sample(&logits, &a.request.sampling, &mut a.rng);
-        a.generated += 1;
+        a.generated.push(token);
         metrics::TOKENS.with_label_values(&["completion"]).inc();
         let mut done = None;
         if a.request.stop_tokens.contains(&token) {
             done = Some(FinishReason::Stop);
         } else {
             let _ = a.request.events.send(Event::Token(token));
-            if a.generated >= a.request.max_tokens {
+            if a.generated.len() >= a.request.max_tokens {
                 done = Some(FinishReason::Length);
             }
         }
@@ -228,6 +273,16 @@ fn step(model: &Model, experts: &impl ExpertExecutor, active: &mut Vec<Active>, 
         }
     }
     for &i in finished.iter().rev() {
-        active.remove(i);
+        let a = active.remove(i);
+        // The state has consumed the prompt and every sampled token but the
+        // last; store it when the turn added to what the prompt stored.
+        if let Some(save) = save
+            && a.generated.len() > 1
+        {
+            let mut tokens = a.request.prompt;
+            tokens.extend(&a.generated[..a.generated.len() - 1]);
+            debug_assert_eq!(tokens.len(), a.state.position);
+            save(Save { tokens, state: a.state });
+        }
     }
 }

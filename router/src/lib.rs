@@ -15,6 +15,7 @@
 //! - [`dispatch`]: [`RemoteExperts`], the model's `ExpertExecutor` over gRPC,
 //!   with replica retries.
 //! - [`engine`]: continuous batching over `Model::forward_batch`.
+//! - [`kvcache`]: restoring and storing sequence state in the KV-cache service.
 //! - [`http`]: the OpenAI-compatible API; [`chat`]: chat template and reasoning modes.
 //! - [`metrics`]: Prometheus metrics.
 
@@ -22,6 +23,7 @@ pub mod chat;
 pub mod dispatch;
 pub mod engine;
 pub mod http;
+pub mod kvcache;
 pub mod membership;
 pub mod metrics;
 pub mod pool;

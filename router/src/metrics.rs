@@ -71,7 +71,8 @@ pub static BATCH_SIZE: LazyLock<Histogram> = LazyLock::new(|| {
     histogram("myriad_router_batch_size", "sequences per engine step", buckets)
 });
 
-/// Tokens processed, by `kind` (`prompt`, `completion`).
+/// Tokens, by `kind`: `prompt` (prefilled here), `prompt_cached` (restored
+/// from the KV-cache instead), `completion`.
 pub static TOKENS: LazyLock<IntCounterVec> =
     LazyLock::new(|| counter_vec("myriad_router_tokens_total", "tokens processed", &["kind"]));
 
@@ -89,10 +90,26 @@ pub static INTER_TOKEN_LATENCY: LazyLock<Histogram> = LazyLock::new(|| {
     histogram("myriad_router_inter_token_latency_seconds", "time between generated tokens", latency_buckets())
 });
 
-/// The registry in Prometheus' text format.
+/// KV-cache lookups, by `result` (`hit`, `miss`, `error`).
+pub static KVCACHE_LOOKUPS: LazyLock<IntCounterVec> =
+    LazyLock::new(|| counter_vec("myriad_router_kvcache_lookups_total", "KV-cache prefix lookups", &["result"]));
+
+/// States sent to the KV-cache, by `result` (`ok`, `error`, `dropped`).
+pub static KVCACHE_SAVES: LazyLock<IntCounterVec> =
+    LazyLock::new(|| counter_vec("myriad_router_kvcache_saves_total", "states stored in the KV-cache", &["result"]));
+
+/// State bytes moved, by `direction` (`stored`, `restored`).
+pub static KVCACHE_BYTES: LazyLock<IntCounterVec> =
+    LazyLock::new(|| counter_vec("myriad_router_kvcache_bytes_total", "state bytes moved", &["direction"]));
+
+/// The registry in Prometheus' text format, followed by Prometheus' default
+/// registry: components embedded in this process (the KV-cache in `myriad
+/// up`) register there.
 pub fn render() -> String {
     let mut out = String::new();
-    if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&REGISTRY.gather(), &mut out) {
+    let mut families = REGISTRY.gather();
+    families.extend(prometheus::gather());
+    if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
         out = format!("# encoding metrics failed: {e}\n");
     }
     out

@@ -27,7 +27,7 @@ fn concurrent_requests_equal_their_solo_runs() {
     let model = tiny();
     // A small step budget forces chunked prefill interleaved with decode.
     let config = EngineConfig { max_batch: 16, step_tokens: 24, queue: 64 };
-    let engine = Engine::start(model.clone(), SharedLocalExperts(model.clone()), config);
+    let engine = Engine::start(model.clone(), SharedLocalExperts(model.clone()), config, None);
     let requests: Vec<(Vec<u32>, usize, Sampling)> = (0..12)
         .map(|i| {
             let prompt: Vec<u32> = (0..(5 + 17 * i)).map(|j| ((j * 31 + i * 7) % 500 + 2) as u32).collect();
@@ -50,6 +50,7 @@ fn concurrent_requests_equal_their_solo_runs() {
                 stop_tokens: vec![],
                 events: tx,
                 span: tracing::Span::none(),
+                restored: None,
             };
             engine.submit(request).unwrap();
             rx
@@ -66,7 +67,7 @@ fn concurrent_requests_equal_their_solo_runs() {
 #[test]
 fn stop_tokens_end_a_sequence_and_a_full_queue_refuses() {
     let model = tiny();
-    let engine = Engine::start(model.clone(), SharedLocalExperts(model.clone()), EngineConfig::default());
+    let engine = Engine::start(model.clone(), SharedLocalExperts(model.clone()), EngineConfig::default(), None);
     let prompt = vec![5, 17, 42];
     let solo = generate(&model, &prompt, 6, &Sampling::greedy(), true).unwrap().generated;
     let (tx, rx) = mpsc::unbounded_channel();
@@ -79,6 +80,7 @@ fn stop_tokens_end_a_sequence_and_a_full_queue_refuses() {
             stop_tokens: vec![stop],
             events: tx,
             span: tracing::Span::none(),
+            restored: None,
         })
         .unwrap();
     let (tokens, end) = collect(rx);
@@ -91,6 +93,7 @@ fn stop_tokens_end_a_sequence_and_a_full_queue_refuses() {
         model.clone(),
         SharedLocalExperts(model),
         EngineConfig { max_batch: 1, step_tokens: 8, queue: 1 },
+        None,
     );
     let mut keep = Vec::new();
     let mut refused = 0;
@@ -104,10 +107,63 @@ fn stop_tokens_end_a_sequence_and_a_full_queue_refuses() {
             stop_tokens: vec![],
             events: tx,
             span: tracing::Span::none(),
+            restored: None,
         };
         if busy.submit(r).is_err() {
             refused += 1;
         }
     }
     assert!(refused >= 1, "a full queue must refuse");
+}
+
+/// The engine hands out the state after the prompt and after the turn; a
+/// request restored from either continues exactly like one run from scratch,
+/// prefilling only what the restored state lacks.
+#[test]
+fn saved_states_restore_to_the_same_tokens() {
+    let model = tiny();
+    let (saved_tx, saved_rx) = std::sync::mpsc::channel();
+    let save: myriad_router::engine::SaveState = Box::new(move |s| {
+        let _ = saved_tx.send(s);
+    });
+    let config = EngineConfig { max_batch: 4, step_tokens: 64, queue: 8 };
+    let engine = Engine::start(model.clone(), SharedLocalExperts(model.clone()), config, Some(save));
+    let run = |prompt: &[u32], restored: Option<myriad_model::SequenceState>| {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let request = Request {
+            prompt: prompt.to_vec(),
+            max_tokens: 12,
+            sampling: Sampling::greedy(),
+            stop_tokens: vec![],
+            events: tx,
+            span: tracing::Span::none(),
+            restored,
+        };
+        engine.submit(request).unwrap();
+        let (tokens, end) = collect(rx);
+        assert_eq!(end, Event::Done(FinishReason::Length));
+        tokens
+    };
+    let prompt: Vec<u32> = (0..300).map(|j| (j * 37 % 500 + 2) as u32).collect();
+    let first = run(&prompt, None);
+    let after_prompt = saved_rx.recv().unwrap();
+    let after_turn = saved_rx.recv().unwrap();
+    assert_eq!(after_prompt.tokens, prompt[..299]);
+    assert_eq!(after_prompt.state.position, 299);
+    assert_eq!(after_turn.tokens, [&prompt[..], &first[..11]].concat());
+    assert_eq!(after_turn.state.position, prompt.len() + 11);
+
+    // Turn 2 extends turn 1 (prompt + answer + more): restored from the end
+    // of turn 1 it equals the run from scratch.
+    let mut turn2 = after_turn.tokens.clone();
+    turn2.extend([5, 6, 7, 8, 9]);
+    let scratch = generate(&model, &turn2, 12, &Sampling::greedy(), true).unwrap().generated;
+    assert_eq!(run(&turn2, Some(after_turn.state)), scratch);
+    // The same prompt again runs only its last token on the stored state.
+    assert_eq!(run(&prompt, Some(after_prompt.state)), first);
+    // A state covering the whole prompt leaves no token to give logits: the
+    // engine drops it and computes everything.
+    let mut whole = model.new_state();
+    model.forward(&prompt, &mut whole, myriad_model::Logits::Last).unwrap();
+    assert_eq!(run(&prompt, Some(whole)), first);
 }

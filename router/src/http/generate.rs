@@ -114,8 +114,14 @@ async fn respond(state: Arc<AppState>, prepared: Result<(Vec<u32>, Params), ApiE
         }
     };
     let max_tokens = params.max_tokens.unwrap_or(0);
-    let run = Run::new(state, kind, prompt.len(), params);
+    let mut run = Run::new(state, kind, prompt.len(), params);
     let span = tracing::info_span!("request", request_id = %run.id, endpoint, prompt_tokens = prompt.len());
+    // The last prompt token always runs: its logits give the first token.
+    let restored = match &run.state.kvcache {
+        Some(cache) => cache.lookup(&prompt[..prompt.len() - 1]).instrument(span.clone()).await,
+        None => None,
+    };
+    run.cached_tokens = restored.as_ref().map_or(0, |s| s.position);
     let (tx, rx) = mpsc::unbounded_channel();
     let request = Request {
         prompt: prompt.clone(),
@@ -124,6 +130,7 @@ async fn respond(state: Arc<AppState>, prepared: Result<(Vec<u32>, Params), ApiE
         stop_tokens: if run.params.ignore_eos { Vec::new() } else { run.state.eos_token_ids.clone() },
         events: tx,
         span: span.clone(),
+        restored,
     };
     if let Err(e) = run.state.engine.submit(request) {
         outcome("server_error");
@@ -179,6 +186,8 @@ struct Run {
     id: String,
     created: u64,
     prompt_tokens: usize,
+    /// Prompt tokens restored from the KV-cache rather than computed.
+    cached_tokens: usize,
     params: Params,
     started: Instant,
 }
@@ -188,7 +197,7 @@ impl Run {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let prefix = if kind == Kind::Completion { "cmpl" } else { "chatcmpl" };
         let id = format!("{prefix}-{created:x}{:06x}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
-        Run { state, kind, id, created, prompt_tokens, params, started: Instant::now() }
+        Run { state, kind, id, created, prompt_tokens, cached_tokens: 0, params, started: Instant::now() }
     }
 
     fn thinking(&self) -> bool {
@@ -196,7 +205,12 @@ impl Run {
     }
 
     fn usage(&self, completion: usize) -> Value {
-        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion})
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        })
     }
 
     fn finish_reason(reason: Option<FinishReason>, stopped: bool) -> &'static str {

@@ -11,7 +11,11 @@
 //!   window, the previous window's Ca series (CSA overlap), and every
 //!   compressed entry emitted so far (append-only).
 
+pub mod blocks;
+
 use serde::{Deserialize, Serialize};
+
+pub use blocks::{StateCodecError, block_bytes, block_tokens, shaped};
 
 use crate::config::{LayerType, ModelConfig};
 

@@ -1,0 +1,78 @@
+//! `myriad kvcache`: the KV-cache service (sequence state by token prefix),
+//! in memory over an optional disk directory that survives restarts.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use myriad_kvcache::{Cache, KvCacheService};
+use tokio::net::TcpListener;
+
+use crate::membership::parse_bytes;
+
+/// Sizes of the cache's tiers, shared by `kvcache` and `up`.
+#[derive(clap::Args, Clone)]
+pub struct CacheArgs {
+    /// Memory for sequence state (e.g. `8GiB`).
+    #[arg(long = "memory", env = "MYRIAD_KVCACHE_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
+    pub memory: u64,
+
+    /// Directory of the disk tier (kept across restarts); none keeps state in memory only.
+    #[arg(long = "disk", env = "MYRIAD_KVCACHE_DISK")]
+    pub disk: Option<PathBuf>,
+
+    /// Most bytes the disk tier holds (e.g. `100GiB`).
+    #[arg(long = "disk-capacity", env = "MYRIAD_KVCACHE_DISK_CAPACITY", default_value = "10GiB", value_parser = parse_bytes)]
+    pub disk_capacity: u64,
+}
+
+impl CacheArgs {
+    pub fn open(&self) -> Result<Cache> {
+        if self.memory == 0 {
+            bail!("--memory must be more than 0 bytes");
+        }
+        match &self.disk {
+            None => Ok(Cache::in_memory(self.memory as usize)),
+            Some(dir) => Cache::with_disk(self.memory as usize, dir, self.disk_capacity as usize)
+                .with_context(|| format!("open the disk tier in {}", dir.display())),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Address to listen on; port 0 picks a free one (printed at start-up).
+    #[arg(long, env = "MYRIAD_LISTEN", default_value = "127.0.0.1:7300")]
+    listen: String,
+
+    #[command(flatten)]
+    cache: CacheArgs,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let service = KvCacheService::new(args.cache.open()?);
+    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
+        let bound = listener.local_addr().context("read the bound address")?;
+        let stats = service.stats();
+        // Tests and scripts read this line to find an ephemeral port.
+        println!("kvcache listening on {bound} ({} snapshots, {} bytes on disk)", stats.snapshots, stats.disk_bytes);
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        myriad_kvcache::serve(listener, service, shutdown).await.context("serve")
+    })
+}
+
+/// Starts the service in this process on a free loopback port; returns its address.
+pub async fn start_local(cache: &CacheArgs) -> Result<String> {
+    let service = KvCacheService::new(cache.open()?);
+    let listener = TcpListener::bind("127.0.0.1:0").await.context("listen for the KV-cache")?;
+    let addr = listener.local_addr().context("read the bound address")?.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = myriad_kvcache::serve(listener, service, std::future::pending()).await {
+            tracing::error!(error = %e, "the in-process KV-cache stopped");
+        }
+    });
+    Ok(addr)
+}

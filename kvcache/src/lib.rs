@@ -1,0 +1,27 @@
+//! # myriad-kvcache
+//!
+//! The KV-cache service: DeepSeek-V4 sequence state stored by token prefix,
+//! so any router can continue any conversation and no prefix is computed
+//! twice. The service never interprets state bytes: routers split a state
+//! into immutable blocks and a tail (`myriad_model::state::blocks`), the
+//! service files them under keys it computes from the tokens.
+//!
+//! # Layout
+//!
+//! - [`key`]: content addresses (a SHA-256 chain over model, block size and
+//!   tokens).
+//! - [`objects`]: immutable objects in a memory tier over a disk tier, LRU,
+//!   checksummed.
+//! - [`cache`]: states as blocks plus snapshots, and the longest-prefix
+//!   lookup.
+//! - [`service`]: the gRPC service (`myriad.kvcache.v1.KvCache`).
+//! - [`metrics`]: Prometheus metrics.
+
+pub mod cache;
+pub mod key;
+pub mod metrics;
+pub mod objects;
+pub mod service;
+
+pub use cache::Cache;
+pub use service::{KvCacheService, serve};
