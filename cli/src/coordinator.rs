@@ -101,9 +101,7 @@ pub fn run(args: Args) -> Result<()> {
         tokio::spawn(admin::serve(listener, service, args.admin_token.clone()));
         println!("coordinator {id} of cluster {} campaigning; admin API on {bound}", args.cluster.cluster);
         tracing::info!(%id, replicas = args.replicas, min_workers = args.min_workers, "coordinator started");
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
+        let shutdown = crate::shutdown::signal();
         myriad_coordinator::run(store, keys, config, shared, shutdown).await;
         anyhow::Ok(())
     })?;

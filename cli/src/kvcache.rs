@@ -57,9 +57,7 @@ pub fn run(args: Args) -> Result<()> {
         let stats = service.stats();
         // Tests and scripts read this line to find an ephemeral port.
         println!("kvcache listening on {bound} ({} snapshots, {} bytes on disk)", stats.snapshots, stats.disk_bytes);
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
+        let shutdown = crate::shutdown::signal();
         myriad_kvcache::serve(listener, service, shutdown).await.context("serve")
     })
 }

@@ -14,6 +14,7 @@ mod kvcache;
 mod membership;
 mod plan;
 mod serve;
+mod shutdown;
 mod telemetry;
 mod worker;
 

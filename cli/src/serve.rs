@@ -254,9 +254,7 @@ fn serve(
         );
         let _ = out.flush();
         drop(out);
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
+        let shutdown = crate::shutdown::signal();
         http::serve(listener, state, shutdown).await.context("serve HTTP")
     })
 }

@@ -83,9 +83,7 @@ pub fn run(args: Args) -> Result<()> {
             }
         };
         tracing::info!(addr = %bound, "worker started");
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
+        let shutdown = crate::shutdown::signal();
         myriad_worker::serve(listener, worker, shutdown).await.context("serve")
     })
 }

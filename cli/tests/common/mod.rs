@@ -3,7 +3,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 /// A `myriad` process, SIGKILLed when dropped.
 pub struct Proc {
@@ -29,6 +30,21 @@ impl Proc {
 
     pub fn word(&self, n: usize) -> String {
         self.banner.split_whitespace().nth(n).unwrap_or_else(|| panic!("banner `{}`", self.banner)).to_string()
+    }
+
+    /// Sends SIGTERM (as Kubernetes does before deleting a pod) and waits
+    /// at most `limit` for the process to exit.
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        let sent = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for myriad") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "myriad did not exit within {limit:?} of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn kill(&mut self) {
