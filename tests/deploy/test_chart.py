@@ -1,0 +1,334 @@
+"""The Helm chart: it lints, renders for the default and the GPU values (and
+the other shapes an operator picks), every manifest validates against the
+Kubernetes schemas, the schema refuses typos, and every container's command
+line is one the `myriad` binary accepts.
+
+Rendering uses Helm's own engine (the `helm-python-sdk` package binds it), so
+no `helm` binary and no cluster are needed.
+"""
+
+import copy
+import pathlib
+import re
+import subprocess
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "myriad"
+BINARY = ROOT / "target" / "debug" / "myriad"
+# The oldest Kubernetes the chart supports (Chart.yaml's kubeVersion) and the
+# newest whose schemas kubernetes-validate ships.
+KUBE_VERSIONS = ["1.25.0", kubernetes_validate.latest_version()]
+
+GPU = yaml.safe_load((CHART / "values-gpu.yaml").read_text())
+EVERYTHING = {
+    "etcd": {"endpoints": ["http://etcd-a.infra:2379", "http://etcd-b.infra:2379"]},
+    "model": {"source": "pvc", "claimName": "models", "path": "/models/tiny-v4"},
+    "coordinator": {"adminToken": {"value": "s3cret"}, "config": {"redundant": 4}},
+    "router": {
+        "config": {"servedModelName": "deepseek-v4", "maxModelLen": 131072},
+        "apiKeys": {"values": ["key-a", "key-b"]},
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "hosts": [{"host": "myriad.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}],
+            "tls": [{"secretName": "myriad-tls", "hosts": ["myriad.example.com"]}],
+        },
+        "autoscaling": {"enabled": True},
+        "service": {"type": "LoadBalancer"},
+    },
+    "kvcache": {"persistence": {"enabled": False}},
+    "otel": {"endpoint": "http://otel-collector:4317"},
+    "serviceMonitor": {"create": "always"},
+}
+VALUE_SETS = {
+    "default": {},
+    "gpu": GPU,
+    "everything": EVERYTHING,
+    "no-kvcache-host-model": {"kvcache": {"enabled": False}, "model": {"source": "hostPath", "hostPath": "/srv/models"}},
+}
+
+
+def render(values=None):
+    """The chart's manifests for `values`, as parsed documents."""
+    chart = helm.Chart.load(str(CHART))
+    out = chart.render(copy.deepcopy(values) if values else None, name="prod", namespace="ml", is_install=True)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def notes(values=None):
+    chart = helm.Chart.load(str(CHART))
+    out = chart.render(copy.deepcopy(values) if values else None, name="prod", namespace="ml", is_install=True)
+    return out["myriad/templates/NOTES.txt"]
+
+
+def find(docs, kind, name):
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found among {[(d['kind'], d['metadata']['name']) for d in docs]}"
+    return matches[0]
+
+
+def container(docs, kind, name):
+    return find(docs, kind, name)["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(c):
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def test_the_chart_lints_without_warnings():
+    for values in VALUE_SETS.values():
+        report = helm.lint(str(CHART), copy.deepcopy(values), strict=True, namespace="ml")
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not problems and not report["errors"], report
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_every_manifest_validates_against_the_kubernetes_schemas(name):
+    docs = render(VALUE_SETS[name])
+    assert len(docs) >= 10
+    for doc in docs:
+        if doc["kind"] == "ServiceMonitor":
+            # A CRD: not in the Kubernetes schemas; checked in its own test.
+            continue
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_default_install_has_every_role():
+    docs = render()
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for kind, name in [
+        ("Deployment", "prod-myriad-coordinator"),
+        ("StatefulSet", "prod-myriad-worker"),
+        ("Deployment", "prod-myriad-router"),
+        ("Service", "prod-myriad-router"),
+        ("StatefulSet", "prod-myriad-kvcache"),
+        ("StatefulSet", "prod-myriad-etcd"),
+        ("Service", "prod-myriad-etcd"),
+        ("PodDisruptionBudget", "prod-myriad-worker"),
+        ("PodDisruptionBudget", "prod-myriad-coordinator"),
+        ("NetworkPolicy", "prod-myriad-worker"),
+    ]:
+        assert (kind, name) in kinds
+    assert find(docs, "Deployment", "prod-myriad-coordinator")["spec"]["replicas"] == 2
+    assert not [d for d in docs if d["kind"] in ("Ingress", "HorizontalPodAutoscaler", "Secret", "ServiceMonitor")]
+
+
+def expand(arg, variables):
+    """Kubernetes' $(VAR) expansion in container args."""
+    return re.sub(r"\$\(([A-Z_]+)\)", lambda m: variables[m.group(1)], arg)
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_every_container_command_line_is_accepted_by_the_binary(name):
+    """The values mirror the flags: each role's rendered args parse with the
+    real binary (clap rejects an unknown flag or a bad value before --help)."""
+    if not BINARY.exists():
+        pytest.skip(f"build the binary first: {BINARY}")
+    docs = render(VALUE_SETS[name])
+    checked = 0
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "StatefulSet") or doc["metadata"]["name"].endswith("-etcd"):
+            continue
+        c = doc["spec"]["template"]["spec"]["containers"][0]
+        variables = {"POD_IP": "10.0.0.7"}
+        args = [expand(a, variables) for a in c["args"]]
+        run = subprocess.run([str(BINARY), *args, "--help"], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, f"{doc['metadata']['name']}: {args}\n{run.stderr}"
+        checked += 1
+    assert checked >= 3
+
+
+def test_config_values_become_flags():
+    docs = render(EVERYTHING)
+    router = container(docs, "Deployment", "prod-myriad-router")["args"]
+    assert router[0] == "router"
+    assert "--max-batch=64" in router and "--max-model-len=131072" in router
+    assert "--served-model-name=deepseek-v4" in router
+    assert "--expert-timeout=30s" in router
+    # Null keeps the binary's default: the default values give no --max-model-len.
+    assert not [a for a in container(render(), "Deployment", "prod-myriad-router")["args"] if "max-model-len" in a]
+    coordinator = container(docs, "Deployment", "prod-myriad-coordinator")["args"]
+    assert "--redundant=4" in coordinator and "--admin-advertise=$(POD_IP):7200" in coordinator
+    worker = container(render(GPU), "StatefulSet", "prod-myriad-worker")["args"]
+    assert "--capacity=70GiB" in worker and "--advertise-addr=$(POD_IP):7100" in worker
+
+
+@pytest.mark.parametrize(
+    "values, complaint",
+    [
+        ({"worker": {"replica": 3}}, "replica"),
+        ({"router": {"config": {"maxBatchSize": 8}}}, "maxBatchSize"),
+        ({"router": {"config": {"maxBatch": 0}}}, "maxBatch"),
+        ({"coordinator": {"config": {"settle": "two seconds"}}}, "settle"),
+        ({"worker": {"config": {"capacity": "lots"}}}, "capacity"),
+        ({"etcd": {"replicas": 2}}, "replicas"),
+        ({"model": {"source": "s3"}}, "source"),
+        ({"serviceMonitor": {"create": "yes"}}, "create"),
+    ],
+)
+def test_the_schema_rejects_typos_and_bad_values(values, complaint):
+    with pytest.raises(helm.HelmError) as error:
+        render(values)
+    assert complaint in str(error.value)
+
+
+def test_required_companions_are_demanded():
+    with pytest.raises(helm.HelmError, match="model.claimName"):
+        render({"model": {"source": "pvc"}})
+    with pytest.raises(helm.HelmError, match="ingress.hosts"):
+        render({"router": {"ingress": {"enabled": True}}})
+
+
+def test_router_probes_use_health_and_ready():
+    c = container(render(), "Deployment", "prod-myriad-router")
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    service = find(render(), "Service", "prod-myriad-router")
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_every_role_finds_etcd_and_the_model():
+    for values, endpoints in [({}, "http://prod-myriad-etcd:2379"), (EVERYTHING, "http://etcd-a.infra:2379,http://etcd-b.infra:2379")]:
+        docs = render(values)
+        for kind, name in [("Deployment", "prod-myriad-coordinator"), ("StatefulSet", "prod-myriad-worker"), ("Deployment", "prod-myriad-router")]:
+            e = env(container(docs, kind, name))
+            assert e["MYRIAD_ETCD"]["value"] == endpoints
+            assert e["MYRIAD_NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+            assert e["MYRIAD_MODEL"]["value"] == (values.get("model", {}).get("path") or "/opt/myriad/models/tiny-v4")
+    docs = render(EVERYTHING)
+    assert not [d for d in docs if d["metadata"]["name"].startswith("prod-myriad-etcd")], "an external etcd bundles none"
+    pod = find(docs, "StatefulSet", "prod-myriad-worker")["spec"]["template"]["spec"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
+
+
+def test_a_three_member_etcd_names_each_member():
+    docs = render({"etcd": {"replicas": 3}})
+    etcd = find(docs, "StatefulSet", "prod-myriad-etcd")
+    assert etcd["spec"]["replicas"] == 3 and etcd["spec"]["podManagementPolicy"] == "Parallel"
+    args = etcd["spec"]["template"]["spec"]["containers"][0]["args"]
+    cluster = next(a for a in args if a.startswith("--initial-cluster="))
+    members = cluster.split("=", 1)[1].split(",")
+    domain = "prod-myriad-etcd-peers.ml.svc.cluster.local"
+    assert members == [f"prod-myriad-etcd-{i}=http://prod-myriad-etcd-{i}.{domain}:2380" for i in range(3)]
+    assert find(docs, "Service", "prod-myriad-etcd-peers")["spec"]["clusterIP"] == "None"
+    assert find(docs, "PodDisruptionBudget", "prod-myriad-etcd")["spec"]["maxUnavailable"] == 1
+
+
+def test_secrets_reach_the_roles_that_need_them():
+    docs = render(EVERYTHING)
+    keys = find(docs, "Secret", "prod-myriad-api-keys")
+    assert keys["stringData"] == {"api-keys": "key-a,key-b"}
+    ref = env(container(docs, "Deployment", "prod-myriad-router"))["MYRIAD_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "prod-myriad-api-keys", "key": "api-keys"}
+    ref = env(container(docs, "Deployment", "prod-myriad-coordinator"))["MYRIAD_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "prod-myriad-admin-token", "key": "admin-token"}
+    # An existing Secret is used as it is; the chart makes none.
+    docs = render({"router": {"apiKeys": {"existingSecret": "keys", "key": "k"}}})
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    ref = env(container(docs, "Deployment", "prod-myriad-router"))["MYRIAD_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "keys", "key": "k"}
+    # No key anywhere: no secret and no variable.
+    assert "MYRIAD_API_KEYS" not in env(container(render(), "Deployment", "prod-myriad-router"))
+
+
+def test_ingress_tls_autoscaling_and_service_monitor():
+    docs = render(EVERYTHING)
+    ingress = find(docs, "Ingress", "prod-myriad-router")
+    assert ingress["spec"]["tls"] == [{"secretName": "myriad-tls", "hosts": ["myriad.example.com"]}]
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": "prod-myriad-router", "port": {"name": "http"}}
+    hpa = find(docs, "HorizontalPodAutoscaler", "prod-myriad-router")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "prod-myriad-router"
+    assert "replicas" not in find(docs, "Deployment", "prod-myriad-router")["spec"], "the HPA owns the count"
+    monitor = find(docs, "ServiceMonitor", "prod-myriad-router")
+    assert monitor["spec"]["endpoints"][0]["port"] == "http" and monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitor["spec"]["selector"]["matchLabels"] == find(docs, "Service", "prod-myriad-router")["spec"]["selector"]
+    assert "https://myriad.example.com/v1" in notes(EVERYTHING)
+
+
+def test_gpu_workers_ask_for_gpus_on_gpu_nodes():
+    docs = render(GPU)
+    pod = find(docs, "StatefulSet", "prod-myriad-worker")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["image"] == "myriad:0.1.0-cuda"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["runtimeClassName"] == "nvidia"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    # Only the workers: routers keep the CPU image.
+    assert container(docs, "Deployment", "prod-myriad-router")["image"] == "myriad:0.1.0"
+
+
+def peers(rule):
+    """The components a NetworkPolicy rule names, or None for everyone."""
+    if "from" not in rule and "to" not in rule:
+        return None
+    names = set()
+    for peer in rule.get("from", rule.get("to", [])):
+        labels = peer.get("podSelector", {}).get("matchLabels", {})
+        names.add(labels.get("app.kubernetes.io/component") or ("admin-client" if "myriad.dev/admin-client" in labels else "?"))
+    return names
+
+
+def test_network_policies_let_each_role_reach_only_what_it_needs():
+    docs = render()
+    policy = {d["metadata"]["name"].removeprefix("prod-myriad-"): d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    assert set(policy) == {"worker", "router", "coordinator", "kvcache", "etcd"}
+    for spec in policy.values():
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+
+    def ingress(role):
+        return [(r["ports"][0]["port"], peers(r)) for r in policy[role]["ingress"]]
+
+    assert ingress("worker") == [("experts", {"router", "coordinator"})]
+    assert ingress("router") == [("http", None)]
+    assert ingress("coordinator") == [("admin", {"coordinator", "admin-client"})]
+    assert ingress("kvcache") == [("kvcache", {"router", "coordinator", "admin-client"})]
+    assert ingress("etcd")[0] == ("client", {"coordinator", "worker", "router", "admin-client"})
+    assert ingress("etcd")[1] == ("peer", {"etcd"})
+
+    def egress(role):
+        return {r["ports"][0]["port"]: peers(r) for r in policy[role]["egress"]}
+
+    assert egress("worker") == {53: None, 2379: {"etcd"}}
+    assert egress("router") == {53: None, 2379: {"etcd"}, 7100: {"worker"}, 7300: {"kvcache"}}
+    assert egress("coordinator") == {53: None, 2379: {"etcd"}, 7100: {"worker"}, 7200: {"coordinator"}, 7300: {"kvcache"}}
+    assert egress("kvcache") == {53: None}
+    # Limiting who may call the API.
+    only = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    docs = render({"networkPolicy": {"routerFrom": only}})
+    router = find(docs, "NetworkPolicy", "prod-myriad-router")["spec"]
+    assert router["ingress"][0]["from"] == only
+
+
+def test_containers_run_unprivileged():
+    for doc in render(EVERYTHING) + render():
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["automountServiceAccountToken"] is False
+        for c in pod["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True
+            assert c["resources"]["requests"]
+
+
+def test_notes_say_how_to_reach_the_endpoint_and_run_ctl():
+    text = notes()
+    assert "kubectl port-forward -n ml service/prod-myriad-router 8000:80" in text
+    assert "kubectl exec -n ml deploy/prod-myriad-coordinator -- myriad ctl status" in text
+    assert "No API keys are configured" in text
+    assert "No API keys" not in notes(EVERYTHING)
