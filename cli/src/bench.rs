@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
+use myriad_model::generate::Rng;
 use serde_json::{Value, json};
 
 #[derive(clap::Args)]
@@ -37,6 +38,19 @@ pub struct Args {
     /// API key, when the server wants one.
     #[arg(long, env = "MYRIAD_API_KEY")]
     api_key: Option<String>,
+
+    /// Seed of the prompts' token ids (default: from the clock, and printed).
+    /// A new seed means no prompt is already in the server's KV-cache from an
+    /// earlier run; the same seed repeats a run.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+/// Prompt `i` of a run: random token ids in 3..203 (clear of the usual
+/// special ids and inside any vocabulary), so no two prompts share a prefix.
+fn prompt(seed: u64, i: usize, len: usize) -> Vec<u32> {
+    let mut rng = Rng::new(seed ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    (0..len).map(|_| 3 + (rng.next_f32() * 200.0) as u32 % 200).collect()
 }
 
 /// What one request measured.
@@ -68,8 +82,11 @@ async fn bench(args: Args) -> Result<()> {
         .json_value()
         .await?;
     let model = models["data"][0]["id"].as_str().context("the server lists no model")?.to_string();
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    });
     eprintln!(
-        "benchmarking `{model}` at {base}: {} requests, concurrency {}, prompt {} tokens, {} new tokens",
+        "benchmarking `{model}` at {base}: {} requests, concurrency {}, prompt {} tokens, {} new tokens, seed {seed}",
         args.requests, args.concurrency, args.prompt_len, args.max_tokens
     );
 
@@ -105,8 +122,7 @@ async fn bench(args: Args) -> Result<()> {
                     if i >= requests {
                         return results;
                     }
-                    // Distinct prompts, so no request is a copy of another.
-                    let prompt: Vec<u32> = (0..prompt_len).map(|j| ((i * 131 + j * 17) % 200 + 3) as u32).collect();
+                    let prompt = prompt(seed, i, prompt_len);
                     // ignore_eos: every request produces exactly max_tokens, as in vLLM's benchmarks.
                     let body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                                       "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
