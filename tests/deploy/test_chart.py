@@ -160,6 +160,8 @@ def test_config_values_become_flags():
     assert not [a for a in container(render(), "Deployment", "prod-myriad-router")["args"] if "max-model-len" in a]
     coordinator = container(docs, "Deployment", "prod-myriad-coordinator")["args"]
     assert "--redundant=4" in coordinator and "--admin-advertise=$(POD_IP):7200" in coordinator
+    # Every expert on two workers by default, so one worker's restart costs no request.
+    assert "--replicas=2" in container(render(), "Deployment", "prod-myriad-coordinator")["args"]
     worker = container(render(GPU), "StatefulSet", "prod-myriad-worker")["args"]
     assert "--capacity=70GiB" in worker and "--advertise-addr=$(POD_IP):7100" in worker
 
