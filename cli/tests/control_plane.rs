@@ -86,6 +86,15 @@ async fn wait_for_current(placements: &Mirror, keys: &Keys, want: impl Fn(&Place
     }
 }
 
+/// Waits until the worker reports ready, as Kubernetes' probe would see it.
+async fn wait_ready(w: &TestWorker) {
+    let mut ready = w.worker.readiness();
+    tokio::time::timeout(Duration::from_secs(30), ready.wait_for(|r| *r))
+        .await
+        .expect("a worker of the current placement did not become ready")
+        .unwrap();
+}
+
 async fn generate(model: &Arc<Model>, experts: &RemoteExperts) -> Vec<u32> {
     let (model, experts) = (model.clone(), experts.clone());
     tokio::task::spawn_blocking(move || {
@@ -159,6 +168,9 @@ async fn a_dead_worker_is_replaced_by_a_new_version_without_changing_outputs() {
     while !experts.pool().serving() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    for w in &workers {
+        wait_ready(w).await;
+    }
     assert_eq!(generate(&model, &experts).await, solo, "3 workers, 2 replicas");
 
     // worker-1 dies.
@@ -191,6 +203,8 @@ async fn a_dead_worker_is_replaced_by_a_new_version_without_changing_outputs() {
     workers.push(TestWorker::start("worker-3", &store, &keys, &model_dir).await);
     let view = wait_for_current(&placements, &keys, |v| v.current().is_some_and(|p| p.assignments.len() == 3)).await;
     assert!(view.current().unwrap().assignment(&"worker-3".parse().unwrap()).is_some());
+    // Ready (its gRPC health) once it serves the current version.
+    wait_ready(&workers[2]).await;
     while experts.pool().workers.len() != 3 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -12,6 +12,9 @@ use myriad_store::etcd_server::EtcdServer;
 use myriad_store::mirror::Mirror;
 use myriad_store::schema::{self, Keys, Leader, PlacementView, Role};
 use serde_json::Value;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 mod common;
 use common::Proc;
@@ -99,6 +102,12 @@ fn ctl_json(etcd: &str, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("ctl {args:?} printed `{out}`: {e}"))
 }
 
+async fn health(addr: &str) -> Option<i32> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).ok()?.connect().await.ok()?;
+    let request = HealthCheckRequest { service: String::new() };
+    Some(HealthClient::new(channel).check(request).await.ok()?.into_inner().status)
+}
+
 async fn until<T>(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + limit;
     loop {
@@ -140,6 +149,15 @@ async fn failures_of_workers_coordinators_and_etcd_cost_no_request() {
     .await;
     let expected = complete(&base).await;
     assert!(!expected.is_empty());
+    // Each worker serves the current placement, so its gRPC health (the
+    // chart's readiness probe) says SERVING.
+    for w in &workers {
+        let addr = w.word(3);
+        until("a placed worker reports SERVING", Duration::from_secs(30), async || {
+            (health(&addr).await == Some(ServingStatus::Serving as i32)).then_some(())
+        })
+        .await;
+    }
 
     let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
     let routers = Mirror::follow(store.clone(), keys.nodes(Role::Router)).await.unwrap();

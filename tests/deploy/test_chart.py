@@ -201,6 +201,14 @@ def test_router_probes_use_health_and_ready():
     assert service["spec"]["ports"][0]["targetPort"] == "http"
 
 
+def test_workers_are_ready_only_when_they_serve_the_current_placement():
+    """Their readiness is the worker's gRPC health (SERVING once the current
+    placement names it and it has loaded it), so a rolling update waits."""
+    c = container(render(), "StatefulSet", "prod-myriad-worker")
+    assert c["readinessProbe"]["grpc"] == {"port": 7100}
+    assert c["ports"][0]["containerPort"] == 7100
+
+
 def test_every_role_finds_etcd_and_the_model():
     for values, endpoints in [({}, "http://prod-myriad-etcd:2379"), (EVERYTHING, "http://etcd-a.infra:2379,http://etcd-b.infra:2379")]:
         docs = render(values)

@@ -70,6 +70,10 @@ async fn apply_placements(m: Membership, worker: Arc<Worker>, mirror: Mirror, re
         let keep = |v: PlacementVersion| view.versions.contains_key(&v) || Some(v) == newest;
         worker.retain(|v| v.is_none_or(|v| keep(PlacementVersion(v))));
         loaded.retain(|(v, _)| keep(*v));
+        // Ready once routers dispatch to it: the current version names it
+        // (at this address) and it serves that version.
+        let current = view.current().filter(|p| p.assignment(&record.id).is_some_and(|a| a.addr == record.addr));
+        worker.set_ready(current.is_some_and(|p| worker.versions().contains(&Some(p.version.0))));
         if changes.changed().await.is_err() {
             return;
         }

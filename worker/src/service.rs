@@ -11,8 +11,11 @@ use myriad_proto::pb::{
     TakeLoadResponse,
 };
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::worker::Worker;
 
@@ -59,11 +62,30 @@ pub async fn serve(
     worker: Arc<Worker>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(report_readiness(worker.readiness(), reporter));
     let service = ExpertWorkerServer::new(Service { worker })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Small request/response pairs: without TCP_NODELAY on the accepted
     // sockets, Nagle meets delayed ACKs and every call waits ~40 ms.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder().add_service(service).serve_with_incoming_shutdown(incoming, shutdown).await
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+/// Publishes the worker's readiness as the server's overall status (service
+/// name "") in the standard `grpc.health.v1` service, which Kubernetes'
+/// gRPC probes ask.
+async fn report_readiness(mut ready: watch::Receiver<bool>, reporter: HealthReporter) {
+    loop {
+        let status = if *ready.borrow_and_update() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        reporter.set_service_status("", status).await;
+        if ready.changed().await.is_err() {
+            return;
+        }
+    }
 }

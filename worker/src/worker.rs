@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use myriad_proto::expert::{Contributions, ExpertBatch, ExpertId, LayerId};
+use tokio::sync::watch;
 
 use crate::backend::{ExpertBackend, Hosted};
 use crate::error::WorkerError;
@@ -25,6 +26,11 @@ pub struct Worker {
     /// Tokens per hosted expert since the last [`Worker::take_load`]: the
     /// coordinator balances placement on it.
     load: Mutex<BTreeMap<(LayerId, ExpertId), u64>>,
+    /// Whether routers depend on this worker for what it should serve: a
+    /// static worker from the start, a cluster worker once it serves the
+    /// current placement. The gRPC health service reports it, so that
+    /// Kubernetes waits for it before stopping the next worker in a rollout.
+    ready: watch::Sender<bool>,
 }
 
 impl Worker {
@@ -32,12 +38,23 @@ impl Worker {
     pub fn new(backend: Arc<dyn ExpertBackend>) -> Self {
         let worker = Worker::idle(Hosted { experts: Vec::new(), ..backend.hosted().clone() });
         worker.install(None, backend);
+        worker.set_ready(true);
         worker
     }
 
-    /// A worker of the model `shape` describes that hosts nothing yet.
+    /// A worker of the model `shape` describes that hosts nothing yet (not ready).
     pub fn idle(shape: Hosted) -> Self {
-        Worker { shape, installed: RwLock::new(Vec::new()), load: Mutex::new(BTreeMap::new()) }
+        let (ready, _) = watch::channel(false);
+        Worker { shape, installed: RwLock::new(Vec::new()), load: Mutex::new(BTreeMap::new()), ready }
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.send_if_modified(|r| std::mem::replace(r, ready) != ready);
+    }
+
+    /// Follows [`Worker::set_ready`].
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
     }
 
     /// Adds the experts of placement `version` (kept newest last).

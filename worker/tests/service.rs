@@ -126,3 +126,41 @@ async fn loads_only_the_tensors_of_its_experts() {
     let err = CpuBackend::load(dir.path(), &"40:0".parse::<ExpertSpec>().unwrap()).err().expect("no such layer");
     assert!(err.to_string().contains("names none"), "{err}");
 }
+
+async fn health(addr: std::net::SocketAddr) -> i32 {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let request = HealthCheckRequest { service: String::new() };
+    HealthClient::new(channel).check(request).await.unwrap().into_inner().status
+}
+
+/// The standard gRPC health service (what Kubernetes' gRPC probe asks)
+/// reports the worker's readiness: a static worker is ready at once, a
+/// cluster worker only when its membership says so, and not again after.
+#[tokio::test]
+async fn the_health_service_reports_readiness() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let backend = CpuBackend::load(&tiny(), &"1:0-3".parse::<ExpertSpec>().unwrap()).unwrap();
+    let ready = Arc::new(Worker::new(Arc::new(backend)));
+    let idle = Arc::new(Worker::idle(myriad_worker::backend::model_shape(&tiny()).unwrap()));
+    let mut addrs = Vec::new();
+    for worker in [ready, idle.clone()] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(listener.local_addr().unwrap());
+        tokio::spawn(myriad_worker::serve(listener, worker, std::future::pending()));
+    }
+    assert_eq!(health(addrs[0]).await, ServingStatus::Serving as i32, "a static worker serves its experts");
+    assert_eq!(health(addrs[1]).await, ServingStatus::NotServing as i32, "an idle worker serves nothing yet");
+    idle.set_ready(true);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while health(addrs[1]).await != ServingStatus::Serving as i32 {
+        assert!(std::time::Instant::now() < deadline, "the health service did not follow set_ready");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    idle.set_ready(false);
+    while health(addrs[1]).await != ServingStatus::NotServing as i32 {
+        assert!(std::time::Instant::now() < deadline, "the health service did not follow set_ready(false)");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
