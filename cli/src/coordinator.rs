@@ -94,6 +94,8 @@ pub fn run(args: Args) -> Result<()> {
         load_interval: *args.load_interval,
     };
     runtime.block_on(async move {
+        // Before the banner: a SIGTERM right after it must find the handler.
+        let shutdown = crate::shutdown::signal();
         let store = args.cluster.store()?;
         let keys = args.cluster.keys()?;
         let shared = Arc::new(Shared::default());
@@ -101,7 +103,6 @@ pub fn run(args: Args) -> Result<()> {
         tokio::spawn(admin::serve(listener, service, args.admin_token.clone()));
         println!("coordinator {id} of cluster {} campaigning; admin API on {bound}", args.cluster.cluster);
         tracing::info!(%id, replicas = args.replicas, min_workers = args.min_workers, "coordinator started");
-        let shutdown = crate::shutdown::signal();
         myriad_coordinator::run(store, keys, config, shared, shutdown).await;
         anyhow::Ok(())
     })?;

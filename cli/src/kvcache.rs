@@ -52,12 +52,13 @@ pub fn run(args: Args) -> Result<()> {
     let service = KvCacheService::new(args.cache.open()?);
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     runtime.block_on(async move {
+        // Before the banner: a SIGTERM right after it must find the handler.
+        let shutdown = crate::shutdown::signal();
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let bound = listener.local_addr().context("read the bound address")?;
         let stats = service.stats();
         // Tests and scripts read this line to find an ephemeral port.
         println!("kvcache listening on {bound} ({} snapshots, {} bytes on disk)", stats.snapshots, stats.disk_bytes);
-        let shutdown = crate::shutdown::signal();
         myriad_kvcache::serve(listener, service, shutdown).await.context("serve")
     })
 }

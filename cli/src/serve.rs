@@ -240,6 +240,8 @@ fn serve(
         step_tokens = args.step_tokens, max_queue = args.max_queue, max_context, "starting the HTTP API"
     );
     runtime.block_on(async move {
+        // Before the banner: a SIGTERM right after it must find the handler.
+        let shutdown = crate::shutdown::signal();
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let addr = listener.local_addr().context("read the bound address")?;
         // Tests and scripts read this first line to find the port.
@@ -254,7 +256,6 @@ fn serve(
         );
         let _ = out.flush();
         drop(out);
-        let shutdown = crate::shutdown::signal();
         http::serve(listener, state, shutdown).await.context("serve HTTP")
     })
 }

@@ -1,34 +1,35 @@
 //! When a serving role stops: on Ctrl-C in a terminal, and on SIGTERM, which
 //! is how Kubernetes, systemd and `docker stop` ask a process to end.
 
-/// Resolves on the first SIGINT or SIGTERM. If no handler can be installed,
-/// it never resolves (the process then ends only when killed) rather than
-/// stopping a server at once.
-pub async fn signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
-            None
-        }
+use std::future::Future;
+
+use tokio::signal::unix::{Signal, SignalKind, signal as listen};
+
+/// Installs handlers for SIGTERM and SIGINT now, and returns a future that
+/// resolves on the first of them. Call it inside the runtime and before the
+/// process announces that it is up: until a handler is installed a signal
+/// meets the default action, which ends the process at once. A handler that
+/// cannot be installed is logged, and that signal keeps its default action.
+pub fn signal() -> impl Future<Output = ()> {
+    let install = |kind: SignalKind, name: &'static str| {
+        listen(kind).inspect_err(|e| tracing::warn!(signal = name, error = %e, "cannot listen for the signal")).ok()
     };
-    let term = async {
-        match terminate.as_mut() {
-            Some(s) => {
-                s.recv().await;
-            }
-            None => std::future::pending().await,
+    let mut terminate = install(SignalKind::terminate(), "SIGTERM");
+    let mut interrupt = install(SignalKind::interrupt(), "SIGINT");
+    async move {
+        tokio::select! {
+            _ = recv(&mut terminate) => tracing::info!("SIGTERM: shutting down"),
+            _ = recv(&mut interrupt) => tracing::info!("interrupted: shutting down"),
         }
-    };
-    let interrupt = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
+    }
+}
+
+/// The next delivery of `signal`; never, without a handler.
+async fn recv(signal: &mut Option<Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
         }
-    };
-    tokio::select! {
-        _ = term => tracing::info!("SIGTERM: shutting down"),
-        _ = interrupt => tracing::info!("interrupted: shutting down"),
+        None => std::future::pending().await,
     }
 }

@@ -44,6 +44,8 @@ pub fn run(args: Args) -> Result<()> {
     require_one(args.experts.is_some(), &args.cluster, "--experts")?;
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     runtime.block_on(async move {
+        // Before the banner: a SIGTERM right after it must find the handler.
+        let shutdown = crate::shutdown::signal();
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let bound = listener.local_addr().context("read the bound address")?.to_string();
         let worker = match &args.experts {
@@ -83,7 +85,6 @@ pub fn run(args: Args) -> Result<()> {
             }
         };
         tracing::info!(addr = %bound, "worker started");
-        let shutdown = crate::shutdown::signal();
         myriad_worker::serve(listener, worker, shutdown).await.context("serve")
     })
 }
