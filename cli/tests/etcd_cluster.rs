@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 use myriad_store::Store;
 use myriad_store::etcd_server::EtcdServer;
 use myriad_store::mirror::Mirror;
-use myriad_store::schema::{self, Keys, Leader, PlacementView, Role};
+use myriad_store::schema::{self, Keys, PlacementView, Role};
 use serde_json::Value;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 mod common;
-use common::Proc;
+use common::{Proc, leader, until};
 
 const TTL: &str = "2s";
 
@@ -108,17 +108,6 @@ async fn health(addr: &str) -> Option<i32> {
     Some(HealthClient::new(channel).check(request).await.ok()?.into_inner().status)
 }
 
-async fn until<T>(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_of_workers_coordinators_and_etcd_cost_no_request() {
     let mut etcd = EtcdServer::start().await;
@@ -184,16 +173,12 @@ async fn failures_of_workers_coordinators_and_etcd_cost_no_request() {
 
     // SIGKILL the leading coordinator: the other leads within the TTL and
     // still rolls out a placement change (a new worker joins).
-    let leader = store.get(&keys.leader()).await.unwrap().expect("a leader");
-    let leader: Leader = schema::decode(&keys.leader(), &leader.value).unwrap();
-    let index = if leader.id.as_str() == "c1" { 0 } else { 1 };
+    let index = if leader(&*store, &keys).await.expect("a leader") == "c1" { 0 } else { 1 };
     let killed_at = Instant::now();
     coordinators[index].kill();
     let other = if index == 0 { "c2" } else { "c1" };
     until("the other coordinator leads", Duration::from_secs(15), async || {
-        let kv = store.get(&keys.leader()).await.ok()??;
-        let l: Leader = schema::decode(&keys.leader(), &kv.value).ok()?;
-        (l.id.as_str() == other).then_some(())
+        (leader(&*store, &keys).await? == other).then_some(())
     })
     .await;
     eprintln!("SIGKILL of the leading coordinator -> the other leads: {:?}", killed_at.elapsed());

@@ -5,12 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use myriad_store::Store;
 use myriad_store::etcd_server::EtcdServer;
-use myriad_store::schema::{self, Keys, Leader};
+use myriad_store::schema::Keys;
 
 mod common;
-use common::Proc;
+use common::{Proc, leader, until};
 
 const EXIT_LIMIT: Duration = Duration::from_secs(30);
 
@@ -27,12 +26,6 @@ fn serving_roles_exit_cleanly_on_sigterm() {
     }
 }
 
-async fn leader(store: &dyn Store, keys: &Keys) -> Option<String> {
-    let kv = store.get(&keys.leader()).await.ok()??;
-    let leader: Leader = schema::decode(&keys.leader(), &kv.value).ok()?;
-    Some(leader.id.to_string())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_stopped_with_sigterm_hands_over_leadership_at_once() {
     let etcd = EtcdServer::start().await;
@@ -45,23 +38,17 @@ async fn a_coordinator_stopped_with_sigterm_hands_over_leadership_at_once() {
         Proc::start(&[&cluster[..], &["--lease-ttl", "20s", "--admin-listen", "127.0.0.1:0"]].concat())
     };
     let mut first = coordinator("c1");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while leader(&store, &keys).await.as_deref() != Some("c1") {
-        assert!(Instant::now() < deadline, "c1 did not lead");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("c1 leads", Duration::from_secs(15), async || (leader(&store, &keys).await? == "c1").then_some(())).await;
     let _standby = coordinator("c2");
 
     let stopped = Instant::now();
     let status = first.terminate(EXIT_LIMIT);
     assert!(status.success(), "the leader ended with {status} on SIGTERM");
-    let deadline = stopped + Duration::from_secs(10);
-    while leader(&store, &keys).await.as_deref() != Some("c2") {
-        assert!(
-            Instant::now() < deadline,
-            "the standby did not lead within half the lease TTL: the leader did not resign"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until(
+        "the standby leads within half the lease TTL (the leader resigned)",
+        Duration::from_secs(10).saturating_sub(stopped.elapsed()),
+        async || (leader(&store, &keys).await? == "c2").then_some(()),
+    )
+    .await;
     eprintln!("SIGTERM of the leading coordinator -> the standby leads: {:?}", stopped.elapsed());
 }

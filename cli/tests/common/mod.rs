@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use myriad_store::Store;
+use myriad_store::schema::{self, Keys, Leader};
+
 /// A `myriad` process, SIGKILLed when dropped.
 pub struct Proc {
     child: Child,
@@ -57,4 +60,24 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Polls `check` every 50 ms until it gives a value; fails the test if it
+/// has not within `limit`.
+pub async fn until<T>(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The id of the cluster's leading coordinator, when the store answers and has one.
+pub async fn leader(store: &dyn Store, keys: &Keys) -> Option<String> {
+    let kv = store.get(&keys.leader()).await.ok()??;
+    let leader: Leader = schema::decode(&keys.leader(), &kv.value).ok()?;
+    Some(leader.id.to_string())
 }
