@@ -53,22 +53,26 @@ VALUE_SETS = {
 }
 
 
+NOTES = "myriad/templates/NOTES.txt"
+
+
+def rendered(values=None):
+    """Each template's output for `values`, by path, as Helm installs release `prod` in `ml`."""
+    chart = helm.Chart.load(str(CHART))
+    return chart.render(copy.deepcopy(values) if values else None, name="prod", namespace="ml", is_install=True)
+
+
 def render(values=None):
     """The chart's manifests for `values`, as parsed documents."""
-    chart = helm.Chart.load(str(CHART))
-    out = chart.render(copy.deepcopy(values) if values else None, name="prod", namespace="ml", is_install=True)
     docs = []
-    for path, text in sorted(out.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    for path, text in sorted(rendered(values).items()):
+        if path != NOTES:
+            docs.extend(d for d in yaml.safe_load_all(text) if d)
     return docs
 
 
 def notes(values=None):
-    chart = helm.Chart.load(str(CHART))
-    out = chart.render(copy.deepcopy(values) if values else None, name="prod", namespace="ml", is_install=True)
-    return out["myriad/templates/NOTES.txt"]
+    return rendered(values)[NOTES]
 
 
 def find(docs, kind, name):

@@ -35,13 +35,9 @@ def ignore_rules():
 def matches(pattern, path):
     """Docker's rule: a pattern matches a path or any of its parent folders;
     `**` matches any number of folders."""
+    regex = re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
     parts = path.split("/")
-    for end in range(1, len(parts) + 1):
-        prefix = "/".join(parts[:end])
-        regex = re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
-        if re.fullmatch(regex, prefix):
-            return True
-    return False
+    return any(re.fullmatch(regex, "/".join(parts[:end])) for end in range(1, len(parts) + 1))
 
 
 def excluded(path, rules):
