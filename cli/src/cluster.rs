@@ -75,6 +75,7 @@ impl LocalCluster {
                 model_id: shape.model_id.clone(),
                 capacity_bytes: None,
                 placement_version: None,
+                dispatch: None,
             };
             let membership = myriad_worker::membership::Membership {
                 store: store.clone(),

@@ -111,6 +111,7 @@ pub fn run(args: Args) -> Result<()> {
             runtime.handle().clone(),
             cfg.hidden_size,
             *args.expert_timeout,
+            *args.expert_timeout,
         );
         runtime.block_on(async {
             match args.workers {

@@ -76,6 +76,7 @@ pub async fn join_router(
         model_id: model_id.to_string(),
         capacity_bytes: None,
         placement_version: None,
+        dispatch: None,
     };
     let membership = myriad_router::membership::Membership { store, keys, record, lease_ttl };
     let follow = myriad_router::membership::join(membership, experts.clone(), config.clone())

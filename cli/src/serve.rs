@@ -51,9 +51,15 @@ pub struct HttpArgs {
     #[arg(long, env = "MYRIAD_MAX_QUEUE", default_value_t = 256)]
     max_queue: usize,
 
-    /// Longest prompt plus completion in tokens (default: the model's context).
+    /// Longest prompt plus completion in tokens (default: the model's
+    /// context; `myriad up`: at most 32768).
     #[arg(long, env = "MYRIAD_MAX_MODEL_LEN")]
     max_model_len: Option<usize>,
+
+    /// Longest prompt one request may send, in tokens; longer ones get a
+    /// 400 before any work is spent (default: the max model len less one).
+    #[arg(long, env = "MYRIAD_MAX_PROMPT_TOKENS")]
+    max_prompt_tokens: Option<usize>,
 
     /// Completion length when a request sets no max_tokens.
     #[arg(long, env = "MYRIAD_DEFAULT_MAX_TOKENS", default_value_t = 1024)]
@@ -62,6 +68,11 @@ pub struct HttpArgs {
     /// Longest wait for one expert call before trying another replica.
     #[arg(long, env = "MYRIAD_EXPERT_TIMEOUT", default_value = "30s")]
     expert_timeout: humantime::Duration,
+
+    /// Longest wait for a live copy of an expert (a worker that comes back,
+    /// or a new placement) before the requests that need it fail with 503.
+    #[arg(long, env = "MYRIAD_EXPERT_WAIT", default_value = "10s")]
+    expert_wait: humantime::Duration,
 
     /// Longest wait for a KV-cache lookup before computing the prompt instead.
     #[arg(long, env = "MYRIAD_KVCACHE_TIMEOUT", default_value = "5s")]
@@ -128,7 +139,12 @@ enum Placement {
     Static(Vec<Target>),
 }
 
-pub fn up(args: UpArgs) -> Result<()> {
+/// `myriad up`'s context limit when none is given: a one-machine cluster
+/// on CPUs prefills a prompt this long in tens of seconds, not minutes.
+const UP_MAX_MODEL_LEN: usize = 32768;
+
+pub fn up(mut args: UpArgs) -> Result<()> {
+    args.http.max_model_len.get_or_insert(UP_MAX_MODEL_LEN);
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     let cluster = runtime.block_on(LocalCluster::start(&args.http.model, args.workers, args.replicas))?;
     let kvcache = if args.no_kvcache {
@@ -186,6 +202,7 @@ fn serve(
         runtime.handle().clone(),
         cfg.hidden_size,
         *args.expert_timeout,
+        *args.expert_wait,
     );
     runtime.block_on(async {
         match placement {
@@ -204,8 +221,12 @@ fn serve(
         }
     })?;
     let max_context = args.max_model_len.unwrap_or(cfg.max_position_embeddings).min(cfg.max_position_embeddings);
-    if args.max_batch == 0 || args.step_tokens == 0 {
-        bail!("--max-batch and --step-tokens must be at least 1");
+    if args.max_batch == 0 || args.step_tokens == 0 || max_context < 2 {
+        bail!("--max-batch and --step-tokens must be at least 1, --max-model-len at least 2");
+    }
+    let max_prompt = args.max_prompt_tokens.unwrap_or(max_context - 1).min(max_context - 1);
+    if max_prompt == 0 {
+        bail!("--max-prompt-tokens must be at least 1");
     }
     let engine_config =
         EngineConfig { max_batch: args.max_batch, step_tokens: args.step_tokens, queue: args.max_queue };
@@ -229,6 +250,7 @@ fn serve(
         model_name: model_name.clone(),
         api_keys: args.api_keys.clone(),
         max_context,
+        max_prompt,
         default_max_tokens: args.default_max_tokens,
         eos_token_ids: cfg.eos_token_ids.clone(),
         vocab_size: cfg.vocab_size,
@@ -237,7 +259,7 @@ fn serve(
     });
     tracing::info!(
         model = %model_name, listen = %args.listen, api_keys = args.api_keys.len(), max_batch = args.max_batch,
-        step_tokens = args.step_tokens, max_queue = args.max_queue, max_context, "starting the HTTP API"
+        step_tokens = args.step_tokens, max_queue = args.max_queue, max_context, max_prompt, "starting the HTTP API"
     );
     runtime.block_on(async move {
         // Before the banner: a SIGTERM right after it must find the handler.
@@ -250,6 +272,9 @@ fn serve(
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "Myriad is up: http://{addr}/v1 (model `{model_name}`, {what})");
         let _ = writeln!(out, "Try: curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\");
+        if !args.api_keys.is_empty() {
+            let _ = writeln!(out, "       -H 'Authorization: Bearer YOUR_API_KEY' \\");
+        }
         let _ = writeln!(
             out,
             "       -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'"

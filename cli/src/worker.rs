@@ -68,6 +68,7 @@ pub fn run(args: Args) -> Result<()> {
                     model_id: shape.model_id,
                     capacity_bytes: args.capacity,
                     placement_version: None,
+                    dispatch: None,
                 };
                 let membership = myriad_worker::membership::Membership {
                     store: args.cluster.store()?,

@@ -32,6 +32,7 @@ fn record(id: &str, role: Role, addr: String, model_id: &str) -> NodeRecord {
         model_id: model_id.into(),
         capacity_bytes: None,
         placement_version: None,
+        dispatch: None,
     }
 }
 
@@ -150,6 +151,7 @@ async fn a_dead_worker_is_replaced_by_a_new_version_without_changing_outputs() {
         Arc::new(WorkerPool::empty()),
         tokio::runtime::Handle::current(),
         model.config.hidden_size,
+        Duration::from_secs(10),
         Duration::from_secs(10),
     );
     let membership = myriad_router::membership::Membership {

@@ -3,8 +3,6 @@
 //! Workers and the leading coordinator are SIGKILLed and etcd is stopped
 //! and restarted; every answer must equal the fault-free one.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use myriad_store::Store;
@@ -12,12 +10,10 @@ use myriad_store::etcd_server::EtcdServer;
 use myriad_store::mirror::Mirror;
 use myriad_store::schema::{self, Keys, PlacementView, Role};
 use serde_json::Value;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 mod common;
-use common::{Proc, leader, until};
+use common::{Proc, health, leader, until};
 
 const TTL: &str = "2s";
 
@@ -36,76 +32,19 @@ const PROMPT: &str =
     r#""prompt": "The expert-parallel cluster", "max_tokens": 160, "temperature": 0, "ignore_eos": true"#;
 
 async fn complete(base: &str) -> String {
-    let body = format!(r#"{{"model": "tiny-v4", {PROMPT}}}"#);
-    let response = reqwest::Client::new()
-        .post(format!("{base}/completions"))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("send");
-    let status = response.status();
-    let bytes = response.bytes().await.unwrap();
-    assert!(status.is_success(), "{status}: {}", String::from_utf8_lossy(&bytes));
-    let answer: Value = serde_json::from_slice(&bytes).unwrap();
-    answer["choices"][0]["text"].as_str().unwrap().to_string()
+    common::complete(base, PROMPT).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Streams a completion, calling `during` once after the first chunks.
 async fn stream(base: &str, during: impl FnOnce()) -> String {
-    let body = format!(r#"{{"model": "tiny-v4", "stream": true, {PROMPT}}}"#);
-    let mut response = reqwest::Client::new()
-        .post(format!("{base}/completions"))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("send");
-    let (mut raw, mut text, mut chunks) = (String::new(), String::new(), 0);
-    let mut during = Some(during);
-    while let Some(bytes) = response.chunk().await.expect("read the stream") {
-        raw.push_str(&String::from_utf8_lossy(&bytes));
-        while let Some(end) = raw.find("\n\n") {
-            let event: String = raw.drain(..end + 2).collect();
-            let data = event.trim().trim_start_matches("data: ");
-            if data == "[DONE]" {
-                return text;
-            }
-            let v: Value = serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data}"));
-            assert!(v.get("error").is_none(), "the stream failed: {v}");
-            text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
-            chunks += 1;
-            if chunks == 4 {
-                (during.take().unwrap())();
-            }
-        }
-    }
-    panic!("the stream ended without [DONE]: {text:?}");
+    common::stream(base, PROMPT, 4, during).await
 }
 
-/// `myriad ctl` against cluster `t`; its stdout, or its stderr on failure.
 fn ctl(etcd: &str, args: &[&str]) -> Result<String, String> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new(env!("CARGO_BIN_EXE_myriad"))
-        .args(["ctl", "--etcd", etcd, "--cluster", "t"])
-        .args(args)
-        .current_dir(root)
-        .output()
-        .expect("run myriad ctl");
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    if out.status.success() { Ok(text(&out.stdout)) } else { Err(text(&out.stderr)) }
+    common::ctl(etcd, "t", args)
 }
 
 fn ctl_json(etcd: &str, args: &[&str]) -> Value {
-    let out =
-        ctl(etcd, &[&["--token", "secret", "--json"], args].concat()).unwrap_or_else(|e| panic!("ctl {args:?}: {e}"));
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("ctl {args:?} printed `{out}`: {e}"))
-}
-
-async fn health(addr: &str) -> Option<i32> {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).ok()?.connect().await.ok()?;
-    let request = HealthCheckRequest { service: String::new() };
-    Some(HealthClient::new(channel).check(request).await.ok()?.into_inner().status)
+    common::ctl_json(etcd, "t", args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

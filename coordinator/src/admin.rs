@@ -16,6 +16,7 @@ use myriad_store::Store;
 use myriad_store::schema::{self, Keys, Leader, NodeId, Placement, PlacementView, Role};
 use tonic::{Request, Response, Status};
 
+use crate::health;
 use crate::leader::{cordoned, current_load, live_workers, plan};
 use crate::placement::{Load, Plan};
 use crate::{CoordinatorConfig, Shared};
@@ -73,7 +74,8 @@ impl AdminService {
         let check = move |request: Request<()>| -> Result<Request<()>, Status> {
             let Some(token) = &token else { return Ok(request) };
             let given = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
-            let given = given.strip_prefix("Bearer ").unwrap_or("");
+            // The scheme is case-insensitive (RFC 9110 §11.1).
+            let given = given.split_once(' ').filter(|(s, _)| s.eq_ignore_ascii_case("bearer")).map_or("", |(_, t)| t);
             // Constant-time comparison: no early exit on the first difference.
             let same = given.len() == token.len()
                 && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
@@ -120,21 +122,16 @@ impl Admin for AdminService {
         let nodes = schema::read_nodes(&snapshot);
         let cordons = self.cordons().await?;
         let view = self.view().await?;
-        let current = view.current();
-        let mut problems = Vec::new();
-        match current {
-            None => problems.push("no current placement".to_string()),
-            Some(p) => {
-                for a in &p.assignments {
-                    if !nodes.iter().any(|n| n.id == a.node && n.addr == a.addr) {
-                        problems.push(format!("worker {} of the current placement is not registered", a.node));
-                    }
-                }
-                for n in nodes.iter().filter(|n| n.role == Role::Router && n.placement_version != Some(p.version)) {
-                    problems.push(format!("router {} serves {:?}, not {}", n.id, n.placement_version, p.version));
-                }
-            }
-        }
+        let rollouts = self.shared.lock().rollouts();
+        let problems = health::problems(
+            &self.config.model_id,
+            self.config.replicas,
+            &nodes,
+            &cordons,
+            &view,
+            &rollouts,
+            self.config.rollout_timeout,
+        );
         let nodes = nodes
             .into_iter()
             .map(|n| pb::Node {

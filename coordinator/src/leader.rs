@@ -116,10 +116,17 @@ pub(crate) async fn lead(
             forced || (enough && view.current().is_none_or(|p| !matches(p, live)))
         };
         let (live, view) = read();
-        if stale(&live, &view) && settled(&mut worker_changes, config.settle).await {
+        if stale(&live, &view) {
+            // Membership moved during the pause: look again from the top.
+            // `settled` consumed that change, so waiting for the next one
+            // below would sleep through this one (a burst of two kills
+            // stalled re-placement for minutes that way).
+            if !settled(&mut worker_changes, config.settle).await {
+                continue;
+            }
             let (live, view) = read();
             if stale(&live, &view) {
-                shared.lock().rebalance = false;
+                let forced = std::mem::take(&mut shared.lock().rebalance);
                 let newest = view.versions.keys().copied().chain(view.current).max().unwrap_or(PlacementVersion(0));
                 let load = current_load(config, shared);
                 let Some(next) = plan(config, PlacementVersion(newest.0 + 1), &live, &load) else {
@@ -127,8 +134,23 @@ pub(crate) async fn lead(
                     worker_changes.changed().await.ok();
                     continue;
                 };
+                log_decision(&next, view.current(), &live, forced);
                 let proposed = next.version;
-                let current = roll_out(store, keys, config, next, &mut worker_changes).await?;
+                shared.lock().rollout = Some((proposed, std::time::Instant::now()));
+                let outcome = roll_out(store, keys, config, next, &mut worker_changes).await;
+                let current = {
+                    let mut state = shared.lock();
+                    state.rollout = None;
+                    match &outcome {
+                        Ok(Ok(_)) => state.abandoned = None,
+                        Ok(Err(why)) => {
+                            let count = state.abandoned.as_ref().map_or(0, |(n, _)| *n) + 1;
+                            state.abandoned = Some((count, why.clone()));
+                        }
+                        Err(_) => {}
+                    }
+                    outcome?.ok()
+                };
                 // Decide next on a view that includes these writes.
                 let caught_up = placement_changes.wait_for(|s| {
                     let view = PlacementView::read(keys, s);
@@ -151,6 +173,46 @@ pub(crate) async fn lead(
     }
 }
 
+/// Logs a placement decision at info: the version, why, and how much moved.
+fn log_decision(next: &Placement, current: Option<&Placement>, live: &[NodeRecord], forced: bool) {
+    let placed = |p: &Placement| -> BTreeSet<(NodeId, u32, u32)> {
+        let mut copies = BTreeSet::new();
+        for a in &p.assignments {
+            for l in 0..p.layers {
+                for e in 0..p.experts {
+                    if a.experts.contains(l, e) {
+                        copies.insert((a.node.clone(), l, e));
+                    }
+                }
+            }
+        }
+        copies
+    };
+    let new = placed(next);
+    let old = current.map(placed).unwrap_or_default();
+    let (loaded, dropped) = (new.difference(&old).count(), old.difference(&new).count());
+    let was: BTreeSet<&NodeId> = current.iter().flat_map(|p| p.assignments.iter().map(|a| &a.node)).collect();
+    let now: BTreeSet<&NodeId> = live.iter().map(|w| &w.id).collect();
+    let joined: Vec<&str> = now.difference(&was).map(|id| id.as_str()).collect();
+    let left: Vec<&str> = was.difference(&now).map(|id| id.as_str()).collect();
+    let reason = match (forced, current) {
+        (true, _) => "rebalance requested",
+        (false, None) => "first placement",
+        (false, Some(_)) if !joined.is_empty() || !left.is_empty() => "membership changed",
+        (false, Some(_)) => "a worker moved",
+    };
+    tracing::info!(
+        version = %next.version,
+        reason,
+        workers = live.len(),
+        ?joined,
+        ?left,
+        copies_loaded = loaded,
+        copies_dropped = dropped,
+        "placing the experts"
+    );
+}
+
 /// The cordoned node ids under a snapshot of [`Keys::cordons`].
 pub(crate) fn cordoned(keys: &Keys, snapshot: &Snapshot) -> HashSet<NodeId> {
     snapshot.keys().filter_map(|k| k.strip_prefix(&keys.cordons())).filter_map(|id| id.parse().ok()).collect()
@@ -167,14 +229,14 @@ async fn settled(changes: &mut watch::Receiver<Snapshot>, settle: Duration) -> b
 }
 
 /// Phase one (workers load `next`) and the switch of `current`; returns
-/// the new current version, or `None` if `next` was abandoned.
+/// the new current version, or why `next` was abandoned.
 async fn roll_out(
     store: &dyn Store,
     keys: &Keys,
     config: &CoordinatorConfig,
     next: Placement,
     worker_changes: &mut watch::Receiver<Snapshot>,
-) -> Result<Option<PlacementVersion>, StoreError> {
+) -> Result<Result<PlacementVersion, String>, StoreError> {
     let version = next.version;
     // The switch below only happens if nobody moved `current` meanwhile (a
     // leader that stalled past its lease must not undo its successor's work).
@@ -200,22 +262,23 @@ async fn roll_out(
         // other old ones once a newer version is current.
         if gone {
             tracing::warn!(%version, "a worker left during the rollout; abandoning this version");
-            return Ok(None);
+            return Ok(Err("a worker it names left during the rollout".into()));
         }
         tokio::select! {
             _ = worker_changes.changed() => {}
             _ = tokio::time::sleep_until(deadline) => {
                 tracing::warn!(%version, ?pending, "workers did not load the placement in time; abandoning it");
-                return Ok(None);
+                let pending: Vec<&str> = pending.iter().map(|n| n.as_str()).collect();
+                return Ok(Err(format!("worker(s) {} did not load it in time", pending.join(", "))));
             }
         }
     }
     if !store.put_if(&keys.current(), schema::encode(&Current { version }), None, current_rev).await? {
         tracing::warn!(%version, "the current placement changed under this rollout; abandoning it");
-        return Ok(None);
+        return Ok(Err("the current placement changed under it".into()));
     }
     tracing::info!(%version, "placement is current");
-    Ok(Some(version))
+    Ok(Ok(version))
 }
 
 /// Deletes versions older than `current` once every router serves `current`.

@@ -23,6 +23,7 @@
 //! - `leader`: the leader's loop (rollout, release, cordons, rebalance).
 //! - `load`: polling the workers' per-expert load windows.
 //! - [`admin`]: the admin gRPC API `myriad ctl` talks to.
+//! - [`health`]: the problems `ctl status` lists, derived from the records.
 //! - [`run`]: campaigning and leading.
 
 use std::future::Future;
@@ -35,6 +36,7 @@ use myriad_store::schema::{self, Keys, Leader, NodeId};
 use tokio::sync::Notify;
 
 pub mod admin;
+pub mod health;
 mod leader;
 mod load;
 pub mod placement;
@@ -55,6 +57,19 @@ struct SharedState {
     /// A rebalance was asked for: plan for the measured load even though
     /// membership did not change.
     rebalance: bool,
+    /// The version being rolled out and since when.
+    rollout: Option<(schema::PlacementVersion, std::time::Instant)>,
+    /// Rollouts abandoned in a row, and why the last one was.
+    abandoned: Option<(usize, String)>,
+}
+
+impl SharedState {
+    fn rollouts(&self) -> health::Rollouts {
+        health::Rollouts {
+            running: self.rollout.map(|(v, since)| (v, since.elapsed())),
+            abandoned: self.abandoned.clone(),
+        }
+    }
 }
 
 impl Shared {

@@ -1,11 +1,22 @@
 //! Text <-> token ids through the model folder's `tokenizer.json`.
+//!
+//! [`TextTokenizer::encode_protected`] encodes a rendered chat prompt whose
+//! message contents must stay text: a special token's string inside a user
+//! message (an end-of-sequence or role marker) is encoded as ordinary text,
+//! never as the control token, so a user cannot forge turns.
 
+use std::ops::Range;
 use std::path::Path;
 
 use crate::error::{ModelError, Result};
 
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer with special tokens not matched in the text.
+    plain: tokenizers::Tokenizer,
+    /// Each special token's text and id, longest text first (so a token
+    /// whose text starts with another's wins, as in the tokenizer itself).
+    specials: Vec<(String, u32)>,
 }
 
 impl TextTokenizer {
@@ -20,7 +31,65 @@ impl TextTokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(TextTokenizer { inner })
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        let mut specials: Vec<(String, u32)> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        Ok(TextTokenizer { inner, plain, specials })
+    }
+
+    /// Encodes `text`, matching special tokens only outside `protected`
+    /// (sorted, disjoint byte ranges): inside them a special token's string
+    /// is ordinary text. Without such strings in `protected` the ids equal
+    /// [`Self::encode`]'s: the tokenizer itself splits the text at special
+    /// tokens and encodes the pieces between them independently, as here.
+    pub fn encode_protected(&self, text: &str, protected: &[Range<usize>]) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        let (mut piece, mut at) = (0, 0);
+        let mut ranges = protected.iter().peekable();
+        while at < text.len() {
+            while ranges.next_if(|r| r.end <= at).is_some() {}
+            if let Some(r) = ranges.peek()
+                && r.start <= at
+            {
+                at = r.end;
+                continue;
+            }
+            let next_protected = ranges.peek().map_or(text.len(), |r| r.start);
+            let found = self
+                .specials
+                .iter()
+                .find(|(s, _)| !s.is_empty() && text[at..].starts_with(s.as_str()) && at + s.len() <= next_protected);
+            match found {
+                Some((s, id)) => {
+                    ids.extend(self.encode_plain(&text[piece..at])?);
+                    ids.push(*id);
+                    at += s.len();
+                    piece = at;
+                }
+                None => at += text[at..].chars().next().map_or(1, char::len_utf8),
+            }
+        }
+        ids.extend(self.encode_plain(&text[piece..])?);
+        Ok(ids)
+    }
+
+    /// The first special token whose text occurs in `text`.
+    pub fn special_in(&self, text: &str) -> Option<&str> {
+        self.specials.iter().map(|(s, _)| s.as_str()).find(|s| !s.is_empty() && text.contains(s))
+    }
+
+    fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let encoding = self.plain.encode(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {

@@ -6,6 +6,7 @@
 //! thorough reasoning). Generated text up to `</think>` is reasoning and is
 //! returned as `reasoning_content`; the rest is the answer.
 
+use std::ops::Range;
 use std::path::Path;
 
 use minijinja::Environment;
@@ -95,6 +96,24 @@ impl ChatTemplate {
     }
 }
 
+/// Where each message's content appears in `rendered`, searching in
+/// message order; `None` for a message whose content the template changed
+/// or left out (and for empty contents, which need no protecting).
+pub fn content_spans(rendered: &str, messages: &[Message]) -> Vec<Option<Range<usize>>> {
+    let mut from = 0;
+    messages
+        .iter()
+        .map(|m| {
+            if m.content.is_empty() {
+                return None;
+            }
+            let start = from + rendered[from..].find(&m.content)?;
+            from = start + m.content.len();
+            Some(start..from)
+        })
+        .collect()
+}
+
 /// Splits generated text into `(reasoning, answer)` when thinking.
 pub fn split_reasoning(text: &str, thinking: bool) -> (Option<&str>, &str) {
     if !thinking {
@@ -109,6 +128,14 @@ pub fn split_reasoning(text: &str, thinking: bool) -> (Option<&str>, &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contents_are_found_in_order() {
+        let m = |c: &str| Message { role: "user".into(), content: c.into() };
+        let rendered = "<s>U:hi A:hi U:bye";
+        let spans = content_spans(rendered, &[m("hi"), m("hi"), m(""), m("bye"), m("gone")]);
+        assert_eq!(spans, vec![Some(5..7), Some(10..12), None, Some(15..18), None]);
+    }
 
     #[test]
     fn reasoning_splits_at_the_end_of_thinking() {

@@ -10,13 +10,18 @@
 //! its bits (batch-invariant kernels), and the combine order is fixed by the
 //! model crate, so the output is the same whatever happened.
 //!
+//! When no live worker hosts an expert, the layer waits (up to `wait`) for
+//! one: a down worker that a background probe puts back (see [`WorkerPool`]),
+//! or a newer pool from a new placement. A burst of failures thus costs
+//! latency while the cluster recovers, and an error only past that bound.
+//!
 //! `finish` blocks on the tokio runtime given at construction: call the model
 //! from a thread that is not one of that runtime's workers.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use myriad_model::ModelError;
 use myriad_model::moe::{Contributions, ExpertExecutor, PendingExperts, Route};
@@ -48,6 +53,8 @@ struct Inner {
     runtime: tokio::runtime::Handle,
     hidden: usize,
     timeout: Duration,
+    /// Longest wait for a live copy of an expert before the layer fails.
+    wait: Duration,
     /// Rotates replica choice between calls, spreading load over replicas.
     rotation: AtomicUsize,
     stats: DispatchStats,
@@ -93,17 +100,27 @@ pub struct PendingCalls {
 }
 
 impl RemoteExperts {
-    /// `hidden` is the model's hidden size; `timeout` bounds each call.
-    pub fn new(pool: Arc<WorkerPool>, runtime: tokio::runtime::Handle, hidden: usize, timeout: Duration) -> Self {
-        let inner = Inner {
+    /// `hidden` is the model's hidden size; `timeout` bounds each call and
+    /// `wait` the wait for a live copy of an expert. Starts the task that
+    /// probes workers marked down (it ends when the last clone is dropped).
+    pub fn new(
+        pool: Arc<WorkerPool>,
+        runtime: tokio::runtime::Handle,
+        hidden: usize,
+        timeout: Duration,
+        wait: Duration,
+    ) -> Self {
+        let inner = Arc::new(Inner {
             pool: RwLock::new(pool),
-            runtime,
+            runtime: runtime.clone(),
             hidden,
             timeout,
+            wait,
             rotation: AtomicUsize::new(0),
             stats: DispatchStats::default(),
-        };
-        RemoteExperts { inner: Arc::new(inner) }
+        });
+        runtime.spawn(probe_down_workers(Arc::downgrade(&inner)));
+        RemoteExperts { inner }
     }
 
     pub fn stats(&self) -> &DispatchStats {
@@ -118,6 +135,41 @@ impl RemoteExperts {
     /// Switches later dispatches to `pool` (a new placement version).
     pub fn set_pool(&self, pool: Arc<WorkerPool>) {
         *self.inner.pool.write().unwrap_or_else(|p| p.into_inner()) = pool;
+    }
+
+    /// [`Self::plan`] with the newest pool; while some expert has no live
+    /// copy, waits up to `wait` for a probe or a new placement to give it one.
+    fn plan_waiting(
+        &self,
+        mut pool: Arc<WorkerPool>,
+        layer: usize,
+        pairs: &[Pair],
+        failure: Option<&str>,
+    ) -> Result<(Arc<WorkerPool>, Vec<Call>), ModelError> {
+        let deadline = Instant::now() + self.inner.wait;
+        let mut probed = false;
+        loop {
+            match self.plan(&pool, layer, pairs, failure) {
+                Ok(calls) => return Ok((pool, calls)),
+                // Before waiting or failing, ask every down worker at once:
+                // one restarted in place may serve again before its next
+                // scheduled probe (a rolling restart moves on as soon as
+                // the restarted worker is ready).
+                Err(_) if !probed => {
+                    probed = true;
+                    for addr in self.inner.runtime.block_on(pool.probe(true)) {
+                        revived(&addr);
+                    }
+                }
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => {
+                    // The engine thread, not a runtime worker: sleeping here
+                    // holds up only the batch that needs this expert.
+                    std::thread::sleep(WAIT_POLL);
+                    pool = self.pool();
+                }
+            }
+        }
     }
 
     /// Assigns each pair to a live replica and groups them into calls that
@@ -210,6 +262,29 @@ impl RemoteExperts {
     }
 }
 
+/// How often a layer waiting for a live copy looks again.
+const WAIT_POLL: Duration = Duration::from_millis(50);
+/// How often the probe task looks for down workers due a probe.
+const PROBE_TICK: Duration = Duration::from_millis(100);
+
+/// Probes the current pool's down workers until the [`RemoteExperts`] is gone.
+async fn probe_down_workers(inner: std::sync::Weak<Inner>) {
+    loop {
+        tokio::time::sleep(PROBE_TICK).await;
+        let Some(pool) = inner.upgrade().map(|i| i.pool.read().unwrap_or_else(|p| p.into_inner()).clone()) else {
+            return;
+        };
+        for addr in pool.probe(false).await {
+            revived(&addr);
+        }
+    }
+}
+
+fn revived(addr: &str) {
+    tracing::info!(worker = %addr, "worker answers again with its experts; dispatching to it");
+    metrics::WORKER_REVIVALS.inc();
+}
+
 /// Splits one worker's pairs (sorted by token row) into calls whose hidden
 /// rows plus contribution rows stay within `budget`. A token is never split:
 /// one whose own cost passes the budget goes alone.
@@ -251,8 +326,7 @@ impl ExpertExecutor for RemoteExperts {
         for (expert, n) in per_expert {
             metrics::EXPERT_TOKENS.with_label_values(&[&layer_label, &expert.to_string()]).inc_by(n);
         }
-        let pool = self.pool();
-        let calls = self.plan(&pool, layer, &pairs, None)?;
+        let (pool, calls) = self.plan_waiting(self.pool(), layer, &pairs, None)?;
         let x = x.to_vec();
         let calls = calls
             .into_iter()
@@ -267,7 +341,7 @@ impl ExpertExecutor for RemoteExperts {
 
 impl PendingExperts for PendingCalls {
     fn finish(self) -> Result<Contributions, ModelError> {
-        let PendingCalls { experts, pool, layer, x, slots, mut calls } = self;
+        let PendingCalls { experts, mut pool, layer, x, slots, mut calls } = self;
         let inner = &experts.inner;
         let hidden = inner.hidden;
         let mut out = vec![0.0; slots * hidden];
@@ -302,7 +376,10 @@ impl PendingExperts for PendingCalls {
             if failed.is_empty() {
                 return Ok(out);
             }
-            let retry = experts.plan(&pool, layer, &failed, failure.as_deref())?;
+            // Which worker computes a pair never changes its bits, so the
+            // retry may use a newer pool than the one this layer started with.
+            let (newest, retry) = experts.plan_waiting(pool, layer, &failed, failure.as_deref())?;
+            pool = newest;
             inner.stats.retries.fetch_add(retry.len() as u64, Ordering::Relaxed);
             metrics::DISPATCH_RETRIES.inc_by(retry.len() as u64);
             calls = retry

@@ -165,6 +165,29 @@ fn admit(model: &Model, mut request: Request) -> Active {
     Active { prefilled: state.position, state, generated: Vec::new(), next: None, rng, request }
 }
 
+/// Splits `budget` prompt tokens between prompts wanting `(index, tokens)`,
+/// max-min fair: each gets an equal share, and what a short prompt does not
+/// need goes to the longer ones. A short prompt arriving beside a long one
+/// is thus done in a step or two instead of waiting for the long one.
+/// Ties in length go to the earlier index; with fewer tokens than prompts,
+/// the shortest go first. Only prompts given at least one token are listed.
+fn share(prompts: &[(usize, usize)], budget: usize) -> Vec<(usize, usize)> {
+    let mut order: Vec<(usize, usize)> = prompts.to_vec();
+    order.sort_by_key(|&(i, want)| (want, i));
+    let mut left = budget;
+    let mut out = Vec::new();
+    for (k, &(i, want)) in order.iter().enumerate() {
+        let fair = (left / (order.len() - k)).max(1);
+        let n = want.min(fair).min(left);
+        if n == 0 {
+            break;
+        }
+        out.push((i, n));
+        left -= n;
+    }
+    out
+}
+
 /// One forward over every active sequence, then sampling and bookkeeping.
 fn step(
     model: &Model,
@@ -182,19 +205,21 @@ fn step(
             budget -= 1;
         }
     }
-    for (i, a) in active.iter().enumerate() {
-        let left = a.request.prompt.len() - a.prefilled;
-        if a.next.is_none() && left > 0 && budget > 0 {
-            let mut n = left.min(budget);
+    let prompts: Vec<(usize, usize)> = active
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a.next.is_none())
+        .map(|(i, a)| {
+            let left = a.request.prompt.len() - a.prefilled;
             // With a KV-cache, the prompt's last token runs in a step of its
             // own: the state before it is the one worth storing, since a
             // request for the same prompt must run that token for its logits.
-            if save.is_some() && n == left && n > 1 {
-                n -= 1;
-            }
-            plan.push((i, n));
-            budget -= n;
-        }
+            (i, if save.is_some() && left > 1 { left - 1 } else { left })
+        })
+        .filter(|&(_, want)| want > 0)
+        .collect();
+    for (i, n) in share(&prompts, budget) {
+        plan.push((i, n));
     }
     plan.sort_unstable();
     metrics::BATCH_SIZE.observe(plan.len() as f64);
@@ -284,5 +309,25 @@ fn step(
             debug_assert_eq!(tokens.len(), a.state.position);
             save(Save { tokens, state: a.state });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share;
+
+    #[test]
+    fn prompt_tokens_are_shared_max_min_fair() {
+        // A long prompt beside a short one: the short one is done at once.
+        assert_eq!(share(&[(0, 20_000), (1, 40)], 512), vec![(1, 40), (0, 472)]);
+        // Equal shares when both want more than half.
+        assert_eq!(share(&[(0, 20_000), (1, 900)], 512), vec![(1, 256), (0, 256)]);
+        // Leftovers flow to the longer prompts; never more than the budget.
+        let s = share(&[(0, 100), (1, 10), (2, 1000), (3, 1000)], 300);
+        assert_eq!(s, vec![(1, 10), (0, 96), (2, 97), (3, 97)]);
+        assert_eq!(s.iter().map(|p| p.1).sum::<usize>(), 300);
+        // Fewer tokens than prompts: the shortest go first.
+        assert_eq!(share(&[(0, 50), (1, 5), (2, 7)], 2), vec![(1, 1), (2, 1)]);
+        assert_eq!(share(&[(0, 5)], 0), vec![]);
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use myriad_model::ModelConfig;
 use myriad_store::lease::Registration;
 use myriad_store::mirror::Mirror;
-use myriad_store::schema::{self, Keys, NodeRecord, Placement, PlacementView};
+use myriad_store::schema::{self, DispatchHealth, Keys, NodeRecord, Placement, PlacementView};
 use myriad_store::{Store, StoreError};
 
 use crate::dispatch::RemoteExperts;
@@ -17,6 +17,8 @@ use crate::pool::{Target, WorkerPool};
 
 /// Pause before trying again to connect to a placement's workers.
 const RETRY: Duration = Duration::from_secs(1);
+/// How often the router looks at its pool's health to publish changes.
+const HEALTH_EVERY: Duration = Duration::from_millis(500);
 
 pub struct Membership {
     pub store: Arc<dyn Store>,
@@ -48,6 +50,8 @@ async fn follow(
 ) {
     let mut record = m.record;
     let mut changes = mirror.subscribe();
+    let mut health = tokio::time::interval(HEALTH_EVERY);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let view = PlacementView::read(&m.keys, &changes.borrow_and_update());
         let wanted = view.current().filter(|p| Some(p.version) != record.placement_version);
@@ -56,6 +60,7 @@ async fn follow(
             match switch(placement, &experts, &config, &record.model_id).await {
                 Ok(()) => {
                     record.placement_version = Some(placement.version);
+                    record.dispatch = Some(dispatch_health(&experts));
                     registration.update(schema::encode(&record));
                     tracing::info!(version = %placement.version, "dispatching with a new placement");
                 }
@@ -68,8 +73,20 @@ async fn follow(
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep(RETRY), if pending => {}
+            _ = health.tick() => {
+                let now = Some(dispatch_health(&experts));
+                if now != record.dispatch {
+                    record.dispatch = now;
+                    registration.update(schema::encode(&record));
+                }
+            }
         }
     }
+}
+
+fn dispatch_health(experts: &RemoteExperts) -> DispatchHealth {
+    let pool = experts.pool();
+    DispatchHealth { ready: pool.serving(), down: pool.down() }
 }
 
 async fn switch(

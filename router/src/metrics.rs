@@ -41,6 +41,11 @@ fn latency_buckets() -> Vec<f64> {
 pub static DISPATCH_RETRIES: LazyLock<IntCounter> =
     LazyLock::new(|| counter("myriad_router_dispatch_retries_total", "expert calls retried on another replica"));
 
+/// Workers marked down that a probe put back into service.
+pub static WORKER_REVIVALS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter("myriad_router_worker_revivals_total", "workers marked down that answered a probe and were used again")
+});
+
 /// Expert calls sent to workers.
 pub static DISPATCH_CALLS: LazyLock<IntCounter> =
     LazyLock::new(|| counter("myriad_router_dispatch_calls_total", "expert calls sent to workers"));

@@ -1,8 +1,16 @@
 //! The workers a router dispatches to, and which of them hosts what.
+//!
+//! A worker whose call fails is marked down and skipped; [`WorkerPool::probe`]
+//! asks each down worker, with backoff, whether it answers again and still
+//! hosts what this pool uses it for, and puts it back if so. A worker killed
+//! and restarted at once on the same address keeps its id, so no new
+//! placement version replaces this pool: without the probe it would stay
+//! unused for good.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use myriad_model::ModelConfig;
 use myriad_proto::MAX_MESSAGE_BYTES;
@@ -10,6 +18,14 @@ use myriad_proto::pb::DescribeRequest;
 use myriad_proto::pb::expert_worker_client::ExpertWorkerClient;
 use myriad_proto::spec::ExpertSpec;
 use tonic::transport::{Channel, Endpoint};
+
+/// First pause before probing a worker marked down; doubles up to [`PROBE_MAX`].
+const PROBE_FIRST: Duration = Duration::from_millis(200);
+/// Longest pause between two probes of a down worker: one that comes back
+/// is used again within about this long after it serves its experts.
+const PROBE_MAX: Duration = Duration::from_secs(1);
+/// Longest wait for one probe's answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -39,21 +55,28 @@ pub struct WorkerHandle {
     pub addr: String,
     pub client: ExpertWorkerClient<Channel>,
     /// Cleared when a call fails in a way another replica can absorb; the
-    /// router then stops choosing this worker.
+    /// router then stops choosing this worker until a probe sets it again.
     pub alive: AtomicBool,
+    /// The `(layer, expert)` pairs this pool uses it for: what a probe
+    /// checks it still hosts before putting it back.
+    uses: Vec<(u32, u32)>,
+    /// When to probe it next while down, and the pause after that.
+    backoff: Mutex<(Instant, Duration)>,
 }
 
 pub struct WorkerPool {
     pub workers: Vec<WorkerHandle>,
     /// `(layer, expert)` -> indices into `workers`, ascending.
     replicas: HashMap<(usize, usize), Vec<usize>>,
+    /// The model fingerprint every worker must serve.
+    model_id: String,
 }
 
 impl WorkerPool {
     /// No workers: every dispatch fails as unavailable (before the first
     /// placement arrives).
     pub fn empty() -> Self {
-        WorkerPool { workers: Vec::new(), replicas: HashMap::new() }
+        WorkerPool { workers: Vec::new(), replicas: HashMap::new(), model_id: String::new() }
     }
 
     /// Connects to every target, asks each worker what it hosts (checking
@@ -76,24 +99,8 @@ impl WorkerPool {
             let mut client = ExpertWorkerClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
-            let hosted =
-                client.describe(DescribeRequest {}).await.map_err(|s| fail(s.message().to_string()))?.into_inner();
-            if hosted.model_id != model_id {
-                return Err(fail(format!(
-                    "serves model {} but this router runs model {model_id} (another checkpoint)",
-                    hosted.model_id
-                )));
-            }
-            let shape = (hosted.hidden_size as usize, hosted.num_layers as usize, hosted.num_experts as usize);
-            if shape != (config.hidden_size, config.num_hidden_layers, config.n_routed_experts) {
-                return Err(fail(format!(
-                    "serves a model with hidden {}, {} layers, {} experts; this router's has {}, {}, {}",
-                    shape.0, shape.1, shape.2, config.hidden_size, config.num_hidden_layers, config.n_routed_experts
-                )));
-            }
-            let reported: std::collections::HashSet<(u32, u32)> =
-                hosted.experts.iter().map(|e| (e.layer, e.expert)).collect();
-            let used: Vec<(u32, u32)> = match assigned {
+            let reported = describe(&mut client, config, model_id).await.map_err(fail)?;
+            let uses: Vec<(u32, u32)> = match assigned {
                 None => reported.iter().copied().collect(),
                 Some(spec) => {
                     let shape = (config.num_hidden_layers as u32, config.n_routed_experts as u32);
@@ -105,10 +112,11 @@ impl WorkerPool {
                     wanted
                 }
             };
-            for (l, e) in used {
+            for &(l, e) in &uses {
                 replicas.entry((l as usize, e as usize)).or_default().push(i);
             }
-            workers.push(WorkerHandle { addr: addr.clone(), client, alive: AtomicBool::new(true) });
+            let backoff = Mutex::new((Instant::now(), PROBE_FIRST));
+            workers.push(WorkerHandle { addr: addr.clone(), client, alive: AtomicBool::new(true), uses, backoff });
         }
         for layer in 0..config.num_hidden_layers {
             for expert in 0..config.n_routed_experts {
@@ -117,7 +125,7 @@ impl WorkerPool {
                 }
             }
         }
-        Ok(WorkerPool { workers, replicas })
+        Ok(WorkerPool { workers, replicas, model_id: model_id.to_string() })
     }
 
     /// Live workers hosting `(layer, expert)`, ascending.
@@ -134,7 +142,75 @@ impl WorkerPool {
             && self.replicas.values().all(|r| r.iter().any(|&w| self.workers[w].alive.load(Ordering::Relaxed)))
     }
 
-    pub fn mark_down(&self, worker: usize) {
-        self.workers[worker].alive.store(false, Ordering::Relaxed);
+    /// The addresses of the workers marked down, ascending.
+    pub fn down(&self) -> Vec<String> {
+        let mut down: Vec<String> =
+            self.workers.iter().filter(|w| !w.alive.load(Ordering::Relaxed)).map(|w| w.addr.clone()).collect();
+        down.sort();
+        down
     }
+
+    pub fn mark_down(&self, worker: usize) {
+        let handle = &self.workers[worker];
+        if handle.alive.swap(false, Ordering::Relaxed) {
+            *handle.backoff.lock().unwrap_or_else(|p| p.into_inner()) = (Instant::now() + PROBE_FIRST, PROBE_FIRST);
+        }
+    }
+
+    /// Probes every down worker whose pause has passed (every down worker
+    /// when `now_all`), concurrently, and puts back each that answers,
+    /// serves this pool's model and hosts what the pool uses it for.
+    /// Returns the addresses put back.
+    pub async fn probe(&self, now_all: bool) -> Vec<String> {
+        let now = Instant::now();
+        let due = self.workers.iter().filter(|w| {
+            let mut backoff = w.backoff.lock().unwrap_or_else(|p| p.into_inner());
+            let due = !w.alive.load(Ordering::Relaxed) && (now_all || backoff.0 <= now);
+            if due {
+                *backoff = (now + backoff.1, (backoff.1 * 2).min(PROBE_MAX));
+            }
+            due
+        });
+        let probes = due.map(|w| async move {
+            let mut client = w.client.clone();
+            let answer = tokio::time::timeout(PROBE_TIMEOUT, client.describe(DescribeRequest {})).await;
+            let hosted = match answer {
+                Ok(Ok(r)) => r.into_inner(),
+                _ => return None,
+            };
+            if hosted.model_id != self.model_id {
+                return None;
+            }
+            let reported: HashSet<(u32, u32)> = hosted.experts.iter().map(|e| (e.layer, e.expert)).collect();
+            if !w.uses.iter().all(|p| reported.contains(p)) {
+                return None;
+            }
+            w.alive.store(true, Ordering::Relaxed);
+            Some(w.addr.clone())
+        });
+        futures::future::join_all(probes).await.into_iter().flatten().collect()
+    }
+}
+
+/// Asks a worker what it hosts, checking it runs this router's model.
+async fn describe(
+    client: &mut ExpertWorkerClient<Channel>,
+    config: &ModelConfig,
+    model_id: &str,
+) -> Result<HashSet<(u32, u32)>, String> {
+    let hosted = client.describe(DescribeRequest {}).await.map_err(|s| s.message().to_string())?.into_inner();
+    if hosted.model_id != model_id {
+        return Err(format!(
+            "serves model {} but this router runs model {model_id} (another checkpoint)",
+            hosted.model_id
+        ));
+    }
+    let shape = (hosted.hidden_size as usize, hosted.num_layers as usize, hosted.num_experts as usize);
+    if shape != (config.hidden_size, config.num_hidden_layers, config.n_routed_experts) {
+        return Err(format!(
+            "serves a model with hidden {}, {} layers, {} experts; this router's has {}, {}, {}",
+            shape.0, shape.1, shape.2, config.hidden_size, config.num_hidden_layers, config.n_routed_experts
+        ));
+    }
+    Ok(hosted.experts.iter().map(|e| (e.layer, e.expert)).collect())
 }

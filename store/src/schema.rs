@@ -107,6 +107,21 @@ pub struct NodeRecord {
     /// a router dispatches with it. The coordinator's two-phase rollout waits
     /// on these.
     pub placement_version: Option<PlacementVersion>,
+    /// Routers: how their data plane stands, for `ctl status`. Absent in
+    /// records of other roles and of older builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatch: Option<DispatchHealth>,
+}
+
+/// What a router reports of the workers it dispatches to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchHealth {
+    /// Every routed expert has a live copy in the pool it dispatches with.
+    pub ready: bool,
+    /// Workers of that pool it has marked down after a failed call, by
+    /// address (it probes them and puts them back when they answer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub down: Vec<String>,
 }
 
 /// Which worker hosts which experts, as one numbered version.

@@ -24,7 +24,12 @@ class Server:
         if not line.startswith("Myriad is up: "):
             self.stop()
             raise RuntimeError(f"myriad up did not start: {line!r}")
-        self.base_url = line.split()[3]  # http://127.0.0.1:PORT/v1
+        # The rest of the banner: the `Try:` hint, ending with its `-d` line.
+        self.banner = line
+        while not line.lstrip().startswith("-d ") and line:
+            line = self.proc.stdout.readline()
+            self.banner += line
+        self.base_url = self.banner.split()[3]  # http://127.0.0.1:PORT/v1
         self.root_url = self.base_url.removesuffix("/v1")
 
     def client(self, api_key="unused", **kwargs):

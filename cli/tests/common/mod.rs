@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 use myriad_store::Store;
 use myriad_store::schema::{self, Keys, Leader};
+use serde_json::Value;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 /// A `myriad` process, SIGKILLed when dropped.
 pub struct Proc {
@@ -17,10 +20,9 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(args: &[&str]) -> Self {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut child = Command::new(env!("CARGO_BIN_EXE_myriad"))
             .args(args)
-            .current_dir(root)
+            .current_dir(root())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -54,6 +56,12 @@ impl Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Sends `signal` (`STOP`, `CONT`, `TERM`, ...) without waiting.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status();
+        assert!(sent.expect("run kill").success(), "kill -{signal} failed");
+    }
 }
 
 impl Drop for Proc {
@@ -80,4 +88,92 @@ pub async fn leader(store: &dyn Store, keys: &Keys) -> Option<String> {
     let kv = store.get(&keys.leader()).await.ok()??;
     let leader: Leader = schema::decode(&keys.leader(), &kv.value).ok()?;
     Some(leader.id.to_string())
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A non-streaming completion of the tiny model; `fields` are the body's
+/// other JSON fields. The text, or what went wrong (status and body).
+pub async fn complete(base: &str, fields: &str) -> Result<String, String> {
+    let body = format!(r#"{{"model": "tiny-v4", {fields}}}"#);
+    let response = reqwest::Client::new()
+        .post(format!("{base}/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(|e| format!("read: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("{status}: {}", String::from_utf8_lossy(&bytes)));
+    }
+    let answer: Value = serde_json::from_slice(&bytes).map_err(|e| format!("{e}"))?;
+    answer["choices"][0]["text"].as_str().map(str::to_string).ok_or_else(|| format!("no text in {answer}"))
+}
+
+/// Streams a completion, calling `during` once on chunk number `at` (from 1).
+pub async fn stream(base: &str, fields: &str, at: usize, during: impl FnOnce()) -> String {
+    let body = format!(r#"{{"model": "tiny-v4", "stream": true, {fields}}}"#);
+    let mut response = reqwest::Client::new()
+        .post(format!("{base}/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("send");
+    let (mut raw, mut text, mut chunks) = (String::new(), String::new(), 0);
+    let mut during = Some(during);
+    while let Some(bytes) = response.chunk().await.expect("read the stream") {
+        raw.push_str(&String::from_utf8_lossy(&bytes));
+        while let Some(end) = raw.find("\n\n") {
+            let event: String = raw.drain(..end + 2).collect();
+            let data = event.trim().trim_start_matches("data: ");
+            if data == "[DONE]" {
+                return text;
+            }
+            let v: Value = serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data}"));
+            assert!(v.get("error").is_none(), "the stream failed: {v}");
+            text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+            chunks += 1;
+            if chunks == at {
+                (during.take().unwrap())();
+            }
+        }
+    }
+    panic!("the stream ended without [DONE]: {text:?}");
+}
+
+/// `myriad ctl` against `cluster`; its stdout, or its stderr on failure.
+pub fn ctl(etcd: &str, cluster: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_myriad"))
+        .args(["ctl", "--etcd", etcd, "--cluster", cluster])
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run myriad ctl");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    if out.status.success() { Ok(text(&out.stdout)) } else { Err(text(&out.stderr)) }
+}
+
+/// `myriad ctl --json` with the tests' admin token `secret`.
+pub fn ctl_json(etcd: &str, cluster: &str, args: &[&str]) -> Value {
+    let out = ctl(etcd, cluster, &[&["--token", "secret", "--json"], args].concat())
+        .unwrap_or_else(|e| panic!("ctl {args:?}: {e}"));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("ctl {args:?} printed `{out}`: {e}"))
+}
+
+/// A worker's `grpc.health.v1` status, when it answers.
+pub async fn health(addr: &str) -> Option<i32> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).ok()?.connect().await.ok()?;
+    let request = HealthCheckRequest { service: String::new() };
+    Some(HealthClient::new(channel).check(request).await.ok()?.into_inner().status)
+}
+
+/// A free loopback port (for a process that must come back on the same address).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    listener.local_addr().expect("read the bound port").port()
 }

@@ -5,6 +5,7 @@ use myriad_model::Sampling;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use crate::chat::Message;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -153,13 +154,39 @@ fn rand_seed() -> u64 {
 }
 
 impl ChatMessage {
-    pub fn text(&self) -> String {
-        match &self.content {
-            None => String::new(),
+    /// The message as the chat template takes it, or a 400 naming what is
+    /// wrong with `messages[index]`: nothing a client sends is dropped.
+    pub fn checked(&self, index: usize) -> Result<Message, ApiError> {
+        let bad = |what: String| ApiError::bad_request(format!("messages[{index}]: {what}"), Some("messages"));
+        let role = match self.role.as_str() {
+            "system" | "user" | "assistant" => self.role.clone(),
+            // OpenAI's newer name for system instructions.
+            "developer" => "system".to_string(),
+            "tool" | "function" => {
+                return Err(bad(format!(
+                    "role `{}` needs tool calling, which this server does not support yet",
+                    self.role
+                )));
+            }
+            other => return Err(bad(format!("role `{other}` is not one of system, developer, user, assistant"))),
+        };
+        let content = match &self.content {
+            None => return Err(bad("has no content".to_string())),
             Some(Content::Text(t)) => t.clone(),
             Some(Content::Parts(parts)) => {
-                parts.iter().filter(|p| p.kind == "text").filter_map(|p| p.text.as_deref()).collect::<Vec<_>>().join("")
+                let mut text = String::new();
+                for (j, part) in parts.iter().enumerate() {
+                    match (part.kind.as_str(), &part.text) {
+                        ("text", Some(t)) => text.push_str(t),
+                        ("text", None) => return Err(bad(format!("content[{j}] of type text has no `text`"))),
+                        (other, _) => {
+                            return Err(bad(format!("content[{j}] has type `{other}`; this model takes only text")));
+                        }
+                    }
+                }
+                text
             }
-        }
+        };
+        Ok(Message { role, content })
     }
 }

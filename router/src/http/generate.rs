@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -19,8 +18,8 @@ use tracing::Instrument;
 use super::api::{ChatRequest, CompletionRequest, Params, PromptInput, parse};
 use super::error::ApiError;
 use super::text::{Delta, Deltas, Detokenizer};
-use super::{AppState, authorized};
-use crate::chat::{Message, Reasoning};
+use super::{AppState, Body, authorized, json_body};
+use crate::chat::{Message, Reasoning, content_spans};
 use crate::engine::{Event, FinishReason, Request, SubmitError};
 use crate::metrics;
 
@@ -39,10 +38,10 @@ impl Kind {
     }
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let prepared = (|| {
         authorized(&state, &headers)?;
-        let request: CompletionRequest = parse(&body)?;
+        let request: CompletionRequest = parse(&json_body(&headers, body)?)?;
         check_model(&state, &request.common.model)?;
         let params = request.common.params()?;
         let prompt = match request.prompt {
@@ -56,10 +55,10 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
     respond(state, prepared, Kind::Completion).await
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let prepared = (|| {
         authorized(&state, &headers)?;
-        let request: ChatRequest = parse(&body)?;
+        let request: ChatRequest = parse(&json_body(&headers, body)?)?;
         check_model(&state, &request.common.model)?;
         let params = request.common.params()?;
         let kwargs = request.chat_template_kwargs.unwrap_or(Value::Null);
@@ -79,14 +78,14 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             return Err(ApiError::bad_request("messages must not be empty", Some("messages")));
         }
         let messages: Vec<Message> =
-            request.messages.iter().map(|m| Message { role: m.role.clone(), content: m.text() }).collect();
+            request.messages.iter().enumerate().map(|(i, m)| m.checked(i)).collect::<Result<_, _>>()?;
         let template = state
             .chat_template
             .as_ref()
             .ok_or_else(|| ApiError::bad_request("this model has no chat template; use /v1/completions", None))?;
         let text =
             template.render(&messages, reasoning, &kwargs).map_err(|e| ApiError::bad_request(e, Some("messages")))?;
-        Ok((encode(&state, &text)?, params, reasoning.thinking()))
+        Ok((encode_chat(&state, &text, &messages)?, params, reasoning.thinking()))
     })();
     match prepared {
         Ok((prompt, params, thinking)) => respond(state, Ok((prompt, params)), Kind::Chat { thinking }).await,
@@ -100,6 +99,27 @@ fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
 
 fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
     state.tokenizer.encode(text).map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}"), None))
+}
+
+/// Encodes a rendered chat prompt with every message's content as text: a
+/// special token's string inside a message is not the special token.
+fn encode_chat(state: &AppState, text: &str, messages: &[Message]) -> Result<Vec<u32>, ApiError> {
+    let spans = content_spans(text, messages);
+    for (i, (m, span)) in messages.iter().zip(&spans).enumerate() {
+        if span.is_none()
+            && let Some(special) = state.tokenizer.special_in(&m.content)
+        {
+            return Err(ApiError::bad_request(
+                format!("messages[{i}] contains the special token text `{special}`, which cannot be sent as text here"),
+                Some("messages"),
+            ));
+        }
+    }
+    let spans: Vec<_> = spans.into_iter().flatten().collect();
+    state
+        .tokenizer
+        .encode_protected(text, &spans)
+        .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}"), None))
 }
 
 /// Everything after parsing: limits, admission, then the answer.
@@ -156,6 +176,13 @@ fn admit(state: &AppState, prompt: Vec<u32>, mut params: Params) -> Result<(Vec<
     }
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= state.vocab_size) {
         return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary"), Some("prompt")));
+    }
+    if prompt.len() > state.max_prompt {
+        return Err(ApiError::context_length(format!(
+            "the prompt has {} tokens; this server takes at most {} (--max-prompt-tokens)",
+            prompt.len(),
+            state.max_prompt
+        )));
     }
     let room = state.max_context.saturating_sub(prompt.len());
     if room == 0 {
@@ -222,7 +249,8 @@ impl Run {
 
     /// Collects the whole answer.
     async fn whole(self, mut rx: mpsc::UnboundedReceiver<Event>) -> Response {
-        let endpoint = self.kind.endpoint();
+        // Dropped unset when the client goes away before the answer.
+        let mut outcome = Outcome::new(self.kind.endpoint());
         let mut text = Detokenizer::new(&self.state.tokenizer);
         let mut deltas = Deltas::new(self.thinking(), self.params.stop.clone());
         let mut answer = Delta::default();
@@ -241,11 +269,11 @@ impl Run {
                 }
                 Some(Event::Done(r)) => break Some(r),
                 Some(Event::Error(e)) => {
-                    metrics::REQUESTS.with_label_values(&[endpoint, "server_error"]).inc();
+                    outcome.set("server_error");
                     return ApiError::unavailable(e).into_response();
                 }
                 None => {
-                    metrics::REQUESTS.with_label_values(&[endpoint, "server_error"]).inc();
+                    outcome.set("server_error");
                     return ApiError::unavailable("the engine dropped the request").into_response();
                 }
             }
@@ -259,7 +287,7 @@ impl Run {
         }
         let delta = answer;
         let finish = Self::finish_reason(reason, delta.stopped);
-        metrics::REQUESTS.with_label_values(&[endpoint, "ok"]).inc();
+        outcome.set("ok");
         let (object, choice) = match self.kind {
             Kind::Completion => (
                 "text_completion",
@@ -308,7 +336,9 @@ impl Run {
     /// Streams the answer as SSE; stops (and so cancels the sequence) as soon
     /// as the client goes away.
     async fn stream(self, mut rx: mpsc::UnboundedReceiver<Event>, out: mpsc::Sender<Result<SseEvent, Infallible>>) {
-        let endpoint = self.kind.endpoint();
+        // Left unset (counted as cancelled) on every early return below: the
+        // client went away.
+        let mut outcome = Outcome::new(self.kind.endpoint());
         let send = |v: Value| {
             let out = out.clone();
             async move { out.send(Ok(SseEvent::default().data(v.to_string()))).await.is_ok() }
@@ -327,7 +357,6 @@ impl Run {
                     if (!delta.content.is_empty() || !delta.reasoning.is_empty())
                         && !send(self.chunk(Some(&delta), None, false)).await
                     {
-                        metrics::REQUESTS.with_label_values(&[endpoint, "cancelled"]).inc();
                         return;
                     }
                     if delta.stopped {
@@ -336,11 +365,15 @@ impl Run {
                 }
                 Some(Event::Done(r)) => break (Some(r), false),
                 Some(Event::Error(e)) => {
-                    metrics::REQUESTS.with_label_values(&[endpoint, "server_error"]).inc();
+                    outcome.set("server_error");
                     send(ApiError::unavailable(e).body()).await;
                     return;
                 }
-                None => return,
+                None => {
+                    outcome.set("server_error");
+                    send(ApiError::unavailable("the engine dropped the request").body()).await;
+                    return;
+                }
             }
         };
         let tokens = text.ids().len();
@@ -355,8 +388,33 @@ impl Run {
             usage["usage"] = self.usage(tokens);
             send(usage).await;
         }
-        let _ = out.send(Ok(SseEvent::default().data("[DONE]"))).await;
-        metrics::REQUESTS.with_label_values(&[endpoint, "ok"]).inc();
+        if out.send(Ok(SseEvent::default().data("[DONE]"))).await.is_ok() {
+            outcome.set("ok");
+        }
+    }
+}
+
+/// Counts a request's outcome exactly once, when dropped: the one set, or
+/// `cancelled` when none was (the client went away first; axum drops a
+/// non-streaming handler's future when its connection closes).
+struct Outcome {
+    endpoint: &'static str,
+    outcome: Option<&'static str>,
+}
+
+impl Outcome {
+    fn new(endpoint: &'static str) -> Self {
+        Outcome { endpoint, outcome: None }
+    }
+
+    fn set(&mut self, outcome: &'static str) {
+        self.outcome = Some(outcome);
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        metrics::REQUESTS.with_label_values(&[self.endpoint, self.outcome.unwrap_or("cancelled")]).inc();
     }
 }
 

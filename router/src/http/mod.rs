@@ -15,8 +15,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use myriad_model::text::TextTokenizer;
@@ -39,6 +41,8 @@ pub struct AppState {
     pub api_keys: Vec<String>,
     /// Longest prompt plus completion, in tokens.
     pub max_context: usize,
+    /// Longest prompt, in tokens (below `max_context`).
+    pub max_prompt: usize,
     /// Completion length when a request gives no `max_tokens`.
     pub default_max_tokens: usize,
     /// End-of-sequence ids: generation stops there.
@@ -63,6 +67,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(|| async { crate::metrics::render() }))
+        .fallback(|| async {
+            ApiError::not_found("no such endpoint; see /v1/models, /v1/completions, /v1/chat/completions")
+        })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -76,15 +84,43 @@ pub async fn serve(
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }
 
+/// A request body as extracted, or why it could not be (too large, cut off).
+type Body = Result<Bytes, BytesRejection>;
+
+/// The body of a JSON request: refused unless it says it is JSON, and in
+/// OpenAI's error shape when it is too large or could not be read.
+fn json_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let kind = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = kind.split(';').next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        let given = if kind.is_empty() { "none".to_string() } else { format!("`{kind}`") };
+        return Err(ApiError::unsupported_media_type(format!(
+            "send the body as JSON with `Content-Type: application/json` (the request had {given})"
+        )));
+    }
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(format!("the request body is larger than {} MiB", MAX_BODY_BYTES >> 20))
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {}", rejection.body_text()), None)
+        }
+    })
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header; the scheme's
+/// case does not matter (RFC 9110 §11.1).
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim_start())
+}
+
 fn authorized(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if state.api_keys.is_empty() {
         return Ok(());
     }
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let given = bearer(headers).unwrap_or("");
     // Compare every key in full so timing does not reveal a prefix.
     let ok = state.api_keys.iter().fold(false, |found, key| found | constant_time_eq(key.as_bytes(), given.as_bytes()));
     if ok { Ok(()) } else { Err(ApiError::unauthorized()) }

@@ -1,0 +1,189 @@
+//! The cluster's health as `myriad ctl status` reports it: a list of
+//! problems derived from the records in the store, empty when healthy.
+//!
+//! Healthy means: a current placement exists; it places exactly the live,
+//! uncordoned workers of this model at their addresses; every routed expert
+//! has its configured number of copies on distinct live workers (fewer only
+//! when fewer workers are live); every router dispatches with the current
+//! version, has a live copy of every expert and has no worker marked down;
+//! and no rollout is stuck.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::Duration;
+
+use myriad_store::schema::{NodeId, NodeRecord, PlacementVersion, PlacementView, Role};
+
+/// How far the leader's rollout has come, as the admin API sees it.
+#[derive(Debug, Clone, Default)]
+pub struct Rollouts {
+    /// The version being rolled out and for how long, if one is.
+    pub running: Option<(PlacementVersion, Duration)>,
+    /// Rollouts abandoned in a row since the last one that became current,
+    /// with the last reason.
+    pub abandoned: Option<(usize, String)>,
+}
+
+/// Everything wrong with the cluster, one sentence each.
+pub fn problems(
+    model_id: &str,
+    replicas: usize,
+    nodes: &[NodeRecord],
+    cordoned: &HashSet<NodeId>,
+    view: &PlacementView,
+    rollouts: &Rollouts,
+    rollout_timeout: Duration,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let workers: Vec<&NodeRecord> = nodes
+        .iter()
+        .filter(|n| n.role == Role::Worker && n.model_id == model_id && !cordoned.contains(&n.id))
+        .collect();
+    if workers.is_empty() {
+        problems.push("no live worker".to_string());
+    }
+    let Some(p) = view.current() else {
+        problems.push("no current placement".to_string());
+        return problems;
+    };
+    // The placement against the live workers.
+    let live: BTreeSet<(&NodeId, &str)> = workers.iter().map(|w| (&w.id, w.addr.as_str())).collect();
+    for a in &p.assignments {
+        if !nodes.iter().any(|n| n.id == a.node && n.addr == a.addr) {
+            problems.push(format!("worker {} of placement {} is not registered at {}", a.node, p.version, a.addr));
+        } else if cordoned.contains(&a.node) {
+            problems.push(format!("worker {} is cordoned but still placed in {}", a.node, p.version));
+        }
+    }
+    for (id, addr) in &live {
+        if !p.assignments.iter().any(|a| &a.node == *id && a.addr == *addr) {
+            problems.push(format!("worker {id} at {addr} is live but not in placement {}", p.version));
+        }
+    }
+    // Copies of each expert on distinct live workers.
+    let want = replicas.clamp(1, live.len().max(1));
+    let mut short: BTreeMap<usize, Vec<(u32, u32)>> = BTreeMap::new();
+    for l in 0..p.layers {
+        for e in 0..p.experts {
+            let holders: BTreeSet<&str> = p
+                .assignments
+                .iter()
+                .filter(|a| a.experts.contains(l, e) && live.contains(&(&a.node, a.addr.as_str())))
+                .map(|a| a.addr.as_str())
+                .collect();
+            if holders.len() < want {
+                short.entry(holders.len()).or_default().push((l, e));
+            }
+        }
+    }
+    for (copies, experts) in short {
+        let (l, e) = experts[0];
+        problems.push(format!(
+            "{} expert(s) have {copies} live cop{} on distinct workers, not {want} (first: layer {l} expert {e})",
+            experts.len(),
+            if copies == 1 { "y" } else { "ies" },
+        ));
+    }
+    // Routers.
+    for r in nodes.iter().filter(|n| n.role == Role::Router) {
+        if r.placement_version != Some(p.version) {
+            let serves = r.placement_version.map_or("no placement".to_string(), |v| v.to_string());
+            problems.push(format!("router {} serves {serves}, not {}", r.id, p.version));
+        }
+        if let Some(d) = &r.dispatch {
+            if !d.ready {
+                problems.push(format!("router {} is not ready: some expert has no live copy in its pool", r.id));
+            }
+            if !d.down.is_empty() {
+                problems.push(format!("router {} has marked worker(s) down: {}", r.id, d.down.join(", ")));
+            }
+        }
+    }
+    // Rollouts.
+    if let Some((version, running)) = rollouts.running
+        && running > rollout_timeout / 2
+    {
+        problems.push(format!(
+            "the rollout of {version} has waited {:.1}s for workers to load it (abandoned after {:.0}s)",
+            running.as_secs_f64(),
+            rollout_timeout.as_secs_f64()
+        ));
+    }
+    if let Some((count, why)) = &rollouts.abandoned
+        && *count >= 2
+    {
+        problems.push(format!("the last {count} rollouts were abandoned; the last because {why}"));
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use myriad_store::schema::{Assignment, Placement};
+
+    use super::*;
+
+    fn node(id: &str, role: Role, version: Option<u64>) -> NodeRecord {
+        NodeRecord {
+            id: id.parse().unwrap(),
+            role,
+            addr: format!("{id}:1"),
+            model_id: "m".into(),
+            capacity_bytes: None,
+            placement_version: version.map(PlacementVersion),
+            dispatch: None,
+        }
+    }
+
+    /// A view whose current version 3 places `specs` (node, `--experts` spec).
+    fn view(specs: &[(&str, &str)]) -> PlacementView {
+        let assignments = specs
+            .iter()
+            .map(|(id, spec)| Assignment {
+                node: id.parse().unwrap(),
+                addr: format!("{id}:1"),
+                experts: spec.parse().unwrap(),
+            })
+            .collect();
+        let p = Placement { version: PlacementVersion(3), model_id: "m".into(), layers: 2, experts: 4, assignments };
+        PlacementView { versions: [(p.version, p)].into_iter().collect(), current: Some(PlacementVersion(3)) }
+    }
+
+    fn check(nodes: &[NodeRecord], view: &PlacementView, replicas: usize) -> Vec<String> {
+        problems("m", replicas, nodes, &HashSet::new(), view, &Rollouts::default(), Duration::from_secs(60))
+    }
+
+    #[test]
+    fn a_fully_replicated_cluster_is_healthy_and_each_fault_is_named() {
+        let two_copies = view(&[("w1", "0-1:0-3"), ("w2", "0-1:0-3"), ("w3", "0-1:0-3")]);
+        let mut nodes = vec![node("w1", Role::Worker, Some(3)), node("w2", Role::Worker, Some(3))];
+        nodes.push(node("w3", Role::Worker, Some(3)));
+        nodes.push(node("r1", Role::Router, Some(3)));
+        assert_eq!(check(&nodes, &two_copies, 2), Vec::<String>::new());
+
+        // Every expert on one worker while three are live and 2 copies are asked for.
+        let one = view(&[("w1", "0-1:0-3")]);
+        let p = check(&nodes, &one, 2);
+        assert!(p.iter().any(|p| p.contains("8 expert(s) have 1 live copy") && p.contains("not 2")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("w2") && p.contains("not in placement")), "{p:?}");
+
+        // A router that is not ready, or has a worker marked down.
+        let mut sick = nodes.clone();
+        sick[3].dispatch = Some(myriad_store::schema::DispatchHealth { ready: false, down: vec!["w2:1".into()] });
+        let p = check(&sick, &two_copies, 2);
+        assert!(p.iter().any(|p| p.contains("router r1 is not ready")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("marked worker(s) down: w2:1")), "{p:?}");
+
+        // A placed worker that is gone, and a router behind.
+        let mut gone = nodes.clone();
+        gone.remove(1);
+        gone[2].placement_version = Some(PlacementVersion(2));
+        let p = check(&gone, &two_copies, 2);
+        assert!(p.iter().any(|p| p.contains("w2 of placement v3 is not registered")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("router r1 serves v2, not v3")), "{p:?}");
+
+        // A stuck rollout.
+        let rollouts = Rollouts { running: Some((PlacementVersion(4), Duration::from_secs(40))), abandoned: None };
+        let p = problems("m", 2, &nodes, &HashSet::new(), &two_copies, &rollouts, Duration::from_secs(60));
+        assert!(p.iter().any(|p| p.contains("rollout of v4 has waited 40.0s")), "{p:?}");
+    }
+}
