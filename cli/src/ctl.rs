@@ -131,8 +131,15 @@ async fn run_async(args: Args) -> Result<()> {
             if matches!(args.command, Ctl::Status) {
                 println!("leader:     {}", s.leader);
                 println!("placement:  v{}", s.placement_version);
-                let health = if s.problems.is_empty() { "ok".to_string() } else { s.problems.join("; ") };
-                println!("health:     {health}\n");
+                if s.problems.is_empty() {
+                    println!("health:     ok\n");
+                } else {
+                    println!("health:     {} problem(s)", s.problems.len());
+                    for p in &s.problems {
+                        println!("  - {p}");
+                    }
+                    println!();
+                }
             }
             println!("{:<24} {:<12} {:<22} {:>10} {:>8} CORDONED", "NODE", "ROLE", "ADDR", "CAPACITY", "VERSION");
             for n in &s.nodes {

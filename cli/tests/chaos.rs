@@ -23,7 +23,7 @@ use myriad_store::schema::{self, Keys, PlacementVersion, PlacementView, Role};
 use serde_json::Value;
 
 mod common;
-use common::{Proc, free_port, leader, until};
+use common::{Proc, ctl_json, free_port, leader, until};
 
 const TTL: Duration = Duration::from_secs(2);
 const SETTLE: Duration = Duration::from_millis(300);
@@ -229,8 +229,16 @@ impl Load {
                 assert_eq!(text, expected, "{scenario}: an answer differs from the fault-free one");
             }
         }
-        let failed: Vec<&String> = all.iter().filter_map(|o| o.result.as_ref().err()).collect();
-        eprintln!("chaos: {scenario}: {} requests, {} failed", all.len(), failed.len());
+        let failed = |router: usize| all.iter().filter(|o| o.router == router && o.result.is_err()).count();
+        let count = |router: usize| all.iter().filter(|o| o.router == router).count();
+        eprintln!(
+            "chaos: {scenario}: {} requests, failed {} of {} through r1 (no wait), {} of {} through r2",
+            all.len(),
+            failed(0),
+            count(0),
+            failed(1),
+            count(1)
+        );
         all
     }
 }
@@ -283,6 +291,9 @@ async fn correlated_failures_cost_no_request_while_a_copy_lives() {
         (down.len() == 2 && down.iter().all(|d| d.contains(&w2))).then_some(())
     })
     .await;
+    let status = ctl_json(&c.e, "t", &["status"]);
+    let problems = status["problems"].to_string();
+    assert!(problems.contains("has marked worker(s) down: ") && problems.contains(&w2), "{status}");
     c.start_worker("w2");
     let back = Instant::now();
     until("both routers use w2 again", Duration::from_secs(10), async || {
@@ -312,6 +323,8 @@ async fn correlated_failures_cost_no_request_while_a_copy_lives() {
     eprintln!("chaos: double kill: placement on the survivor served {} after the SIGKILLs", secs(recovered));
     let bound = TTL + SETTLE + Duration::from_secs(2);
     assert!(recovered <= bound, "the double kill took {recovered:?} to recover (bound {bound:?})");
+    let status = ctl_json(&c.e, "t", &["status"]);
+    assert!(status["problems"].to_string().contains("1 live worker(s), fewer than the 2 copies"), "{status}");
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(killed.elapsed())).await;
     c.start_worker("w1");
     c.start_worker("w2");
@@ -405,4 +418,67 @@ async fn correlated_failures_cost_no_request_while_a_copy_lives() {
         secs(first - short_started)
     );
     assert!(first < long_done, "the short request waited for the whole long prompt");
+}
+
+/// Random kills, restarts in place and double kills of workers for
+/// `MYRIAD_CHAOS_SOAK_MINUTES` minutes under load (skipped without it):
+/// every answer must equal the fault-free one, and the cluster must be
+/// healthy and serving once the faults stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn soak_random_worker_faults() {
+    let Some(minutes) = std::env::var("MYRIAD_CHAOS_SOAK_MINUTES").ok().and_then(|m| m.parse::<f64>().ok()) else {
+        eprintln!("soak skipped: set MYRIAD_CHAOS_SOAK_MINUTES=N to run it");
+        return;
+    };
+    let seed: u64 = std::env::var("MYRIAD_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    eprintln!("soak: {minutes} minutes, MYRIAD_CHAOS_SEED={seed}");
+    let mut rng = seed | 1;
+    let mut next = move |n: u64| {
+        // xorshift64: reproducible from the printed seed.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut c = Cluster::start().await;
+    let expected = common::complete(&c.bases[0], LOAD).await.expect("a fault-free answer");
+    let ids = ["w1", "w2", "w3"];
+    let load = Load::start(&c.bases);
+    let deadline = Instant::now() + Duration::from_secs_f64(minutes * 60.0);
+    let mut actions = 0;
+    while Instant::now() < deadline {
+        let running: Vec<&str> = ids.iter().copied().filter(|id| c.workers[*id].1.is_some()).collect();
+        let stopped: Vec<&str> = ids.iter().copied().filter(|id| c.workers[*id].1.is_none()).collect();
+        match next(4) {
+            0 if running.len() > 1 => c.kill_worker(running[next(running.len() as u64) as usize]),
+            1 if !stopped.is_empty() => c.start_worker(stopped[next(stopped.len() as u64) as usize]),
+            2 if !running.is_empty() => {
+                let id = running[next(running.len() as u64) as usize];
+                c.kill_worker(id);
+                c.start_worker(id);
+            }
+            3 if running.len() == 3 => {
+                let spared = next(3) as usize;
+                for (i, id) in ids.iter().enumerate() {
+                    if i != spared {
+                        c.kill_worker(id);
+                    }
+                }
+            }
+            _ => continue,
+        }
+        actions += 1;
+        tokio::time::sleep(Duration::from_millis(500 + next(4500))).await;
+    }
+    for id in ids {
+        if c.workers[id].1.is_none() {
+            c.start_worker(id);
+        }
+    }
+    c.healthy("after the soak").await;
+    let outcomes = load.finish(&expected, &format!("soak of {actions} faults")).await;
+    assert!(outcomes.iter().any(|o| o.result.is_ok()), "nothing succeeded during the soak");
+    assert_eq!(common::complete(&c.bases[1], LOAD).await.as_deref(), Ok(expected.as_str()), "after the soak");
 }

@@ -60,6 +60,12 @@ pub fn problems(
         }
     }
     // Copies of each expert on distinct live workers.
+    if !live.is_empty() && live.len() < replicas {
+        problems.push(format!(
+            "{} live worker(s), fewer than the {replicas} copies asked of each expert: one more failure loses experts",
+            live.len()
+        ));
+    }
     let want = replicas.clamp(1, live.len().max(1));
     let mut short: BTreeMap<usize, Vec<(u32, u32)>> = BTreeMap::new();
     for l in 0..p.layers {
@@ -180,6 +186,12 @@ mod tests {
         let p = check(&gone, &two_copies, 2);
         assert!(p.iter().any(|p| p.contains("w2 of placement v3 is not registered")), "{p:?}");
         assert!(p.iter().any(|p| p.contains("router r1 serves v2, not v3")), "{p:?}");
+
+        // Fewer live workers than copies asked for.
+        let alone = view(&[("w1", "0-1:0-3")]);
+        let p = check(&nodes[..1], &alone, 2);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("1 live worker(s), fewer than the 2 copies"), "{p:?}");
 
         // A stuck rollout.
         let rollouts = Rollouts { running: Some((PlacementVersion(4), Duration::from_secs(40))), abandoned: None };

@@ -223,7 +223,7 @@ def test_client_disconnect_cancels_the_sequence(server):
     cancelled = 'myriad_router_requests_total{endpoint="completions",outcome="cancelled"}'
     produced = 'myriad_router_tokens_total{kind="completion"}'
     before = metric(server, cancelled)
-    body = json.dumps({"model": MODEL, "prompt": "go", "max_tokens": 200000, "temperature": 0,
+    body = json.dumps({"model": MODEL, "prompt": "go", "max_tokens": 30000, "temperature": 0,
                        "ignore_eos": True, "stream": True}).encode()
     req = urllib.request.Request(server.root_url + "/v1/completions", data=body, method="POST",
                                  headers={"Content-Type": "application/json"})
