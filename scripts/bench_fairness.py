@@ -14,13 +14,11 @@ short request should start within a step or two, not after the long prefill.
 
 import argparse
 import random
-import re
-import subprocess
 import sys
 import threading
 import time
 
-from bench_kvcache import stream, wait_ready
+from bench_kvcache import start_up, stream
 
 
 def main():
@@ -32,16 +30,9 @@ def main():
     p.add_argument("--delay", type=float, default=1.0)
     args = p.parse_args()
 
-    cmd = [args.binary, "up", "--listen", "127.0.0.1:0", "--workers", str(args.workers), "--no-kvcache",
-           "--step-tokens", str(args.step_tokens)]
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    flags = ["--workers", str(args.workers), "--no-kvcache", "--step-tokens", str(args.step_tokens)]
+    server, base = start_up(args.binary, *flags)
     try:
-        banner = server.stdout.readline()
-        m = re.search(r"http://(\S+)/v1", banner)
-        if not m:
-            sys.exit(f"myriad up did not start: {banner!r}")
-        base = f"http://{m.group(1)}"
-        wait_ready(base)
         rng = random.Random(11)
         # Ids 3..500 of the tiny model's 512 (0-2 are special).
         long = [rng.randrange(3, 500) for _ in range(args.tokens)]

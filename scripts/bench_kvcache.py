@@ -83,6 +83,19 @@ def wait_for_saves(base, n):
         time.sleep(0.05)
 
 
+def start_up(binary, *flags):
+    """`myriad up` on a free port with `flags`: (process, base URL), once ready."""
+    server = subprocess.Popen([binary, "up", "--listen", "127.0.0.1:0", *flags], stdout=subprocess.PIPE, text=True)
+    banner = server.stdout.readline()
+    m = re.search(r"http://(\S+)/v1", banner)
+    if not m:
+        server.kill()
+        sys.exit(f"myriad up did not start: {banner!r}")
+    base = f"http://{m.group(1)}"
+    wait_ready(base)
+    return server, base
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--binary", default="target/release/myriad")
@@ -91,15 +104,8 @@ def main():
     p.add_argument("--max-tokens", type=int, default=8)
     args = p.parse_args()
 
-    cmd = [args.binary, "up", "--listen", "127.0.0.1:0", "--workers", str(args.workers), "--kvcache-memory", "8GiB"]
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    server, base = start_up(args.binary, "--workers", str(args.workers), "--kvcache-memory", "8GiB")
     try:
-        banner = server.stdout.readline()
-        m = re.search(r"http://(\S+)/v1", banner)
-        if not m:
-            sys.exit(f"myriad up did not start: {banner!r}")
-        base = f"http://{m.group(1)}"
-        wait_ready(base)
         rng = random.Random(7)
         # Ids 3..500 of the tiny model's 512 (0-2 are special).
         prompt = [rng.randrange(3, 500) for _ in range(args.tokens)]

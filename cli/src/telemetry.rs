@@ -37,13 +37,19 @@ fn endpoint() -> Option<String> {
         .find_map(|v| std::env::var(v).ok().filter(|e| !e.is_empty()))
 }
 
+/// The roles that run until stopped: they log their lifecycle (effective
+/// config, placement decisions, workers lost and revived) by default.
+const SERVERS: [&str; 5] = ["coordinator", "worker", "router", "kvcache", "up"];
+
 /// Installs the global subscriber. `RUST_LOG` sets what is logged (default
-/// `warn`); `MYRIAD_TRACE_FILTER` what is exported (default: requests and
-/// engine steps).
+/// `info` for the server roles, `warn` for one-shot commands);
+/// `MYRIAD_TRACE_FILTER` what is exported (default: requests and engine
+/// steps).
 pub fn init(service: &str) -> Result<Telemetry> {
+    let default = if SERVERS.contains(&service) { "info" } else { "warn" };
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")));
+        .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)));
     let Some(endpoint) = endpoint() else {
         tracing_subscriber::registry().with(logs).init();
         return Ok(Telemetry { provider: None, _runtime: None });

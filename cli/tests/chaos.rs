@@ -21,6 +21,7 @@ use myriad_store::Store;
 use myriad_store::etcd_server::EtcdServer;
 use myriad_store::schema::{self, Keys, PlacementVersion, PlacementView, Role};
 use serde_json::Value;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 mod common;
 use common::{Proc, ctl_json, free_port, leader, until};
@@ -70,9 +71,7 @@ impl Cluster {
             cluster.start_worker(id);
         }
         for (id, wait) in [("r1", "0s"), ("r2", "10s")] {
-            let ttl = format!("{}s", TTL.as_secs());
-            let args = ["router", "--etcd", &cluster.e, "--cluster", "t", "--node-id", id, "--lease-ttl", &ttl];
-            let router = Proc::start(&[&args[..], &["--listen", "127.0.0.1:0", "--expert-wait", wait]].concat());
+            let router = cluster.node("router", id, &["--listen", "127.0.0.1:0", "--expert-wait", wait]);
             cluster.bases.push(router.word(3));
             cluster.routers.push(router);
         }
@@ -80,50 +79,24 @@ impl Cluster {
         cluster
     }
 
-    fn start_coordinator(&mut self, id: &'static str) {
+    /// Starts `role` `id` of cluster `t` with `extra` flags.
+    fn node(&self, role: &str, id: &str, extra: &[&str]) -> Proc {
         let ttl = format!("{}s", TTL.as_secs());
+        let common = [role, "--etcd", &self.e, "--cluster", "t", "--node-id", id, "--lease-ttl", &ttl];
+        Proc::start(&[&common[..], extra].concat())
+    }
+
+    fn start_coordinator(&mut self, id: &'static str) {
         let settle = format!("{}ms", SETTLE.as_millis());
-        let c = Proc::start(&[
-            "coordinator",
-            "--etcd",
-            &self.e,
-            "--cluster",
-            "t",
-            "--node-id",
-            id,
-            "--lease-ttl",
-            &ttl,
-            "--replicas",
-            "2",
-            "--min-workers",
-            "3",
-            "--settle",
-            &settle,
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--admin-token",
-            "secret",
-        ]);
+        let flags = ["--replicas", "2", "--min-workers", "3", "--settle", &settle, "--admin-listen", "127.0.0.1:0"];
+        let c = self.node("coordinator", id, &[&flags[..], &["--admin-token", "secret"]].concat());
         self.coordinators.insert(id, Some(c));
     }
 
     /// Starts worker `id` on its fixed address (a new id gets a new port).
     fn start_worker(&mut self, id: &str) {
         let port = self.workers.entry(id.to_string()).or_insert_with(|| (free_port(), None)).0;
-        let (ttl, listen) = (format!("{}s", TTL.as_secs()), format!("127.0.0.1:{port}"));
-        let w = Proc::start(&[
-            "worker",
-            "--etcd",
-            &self.e,
-            "--cluster",
-            "t",
-            "--node-id",
-            id,
-            "--lease-ttl",
-            &ttl,
-            "--listen",
-            &listen,
-        ]);
+        let w = self.node("worker", id, &["--listen", &format!("127.0.0.1:{port}")]);
         self.workers.get_mut(id).unwrap().1 = Some(w);
     }
 
@@ -186,6 +159,7 @@ struct Outcome {
     /// Index of the router it went through.
     router: usize,
     started: Instant,
+    took: Duration,
     result: Result<String, String>,
 }
 
@@ -207,7 +181,7 @@ impl Load {
                     while !stop.load(Ordering::Relaxed) {
                         let started = Instant::now();
                         let result = common::complete(&base, LOAD).await;
-                        outcomes.push(Outcome { router, started, result });
+                        outcomes.push(Outcome { router, started, took: started.elapsed(), result });
                     }
                     outcomes
                 }));
@@ -231,13 +205,18 @@ impl Load {
         }
         let failed = |router: usize| all.iter().filter(|o| o.router == router && o.result.is_err()).count();
         let count = |router: usize| all.iter().filter(|o| o.router == router).count();
+        let slowest = all.iter().filter(|o| o.result.is_ok()).map(|o| o.took).max().unwrap_or_default();
+        let span = all.iter().map(|o| o.started + o.took).max().zip(all.iter().map(|o| o.started).min());
         eprintln!(
-            "chaos: {scenario}: {} requests, failed {} of {} through r1 (no wait), {} of {} through r2",
+            "chaos: {scenario}: {} requests over {}, failed {} of {} through r1 (no wait), {} of {} through r2; \
+             slowest answer {}",
             all.len(),
+            secs(span.map_or(Duration::ZERO, |(end, start)| end - start)),
             failed(0),
             count(0),
             failed(1),
-            count(1)
+            count(1),
+            secs(slowest)
         );
         all
     }
@@ -349,14 +328,22 @@ async fn correlated_failures_cost_no_request_while_a_copy_lives() {
     c.start_worker("w3");
     c.healthy("w3 back again").await;
 
-    // 4. A rolling restart of every worker, one by one, under load.
+    // 4. A rolling restart of every worker, one by one, under load, each
+    // next one stopped once the last reports SERVING on gRPC health (the
+    // chart's readiness probe) and a moment has passed.
     let load = Load::start(&c.bases);
     for id in all {
         let status = c.worker(id).terminate(Duration::from_secs(15));
         assert!(status.success(), "{id} exited with {status} on SIGTERM");
         c.start_worker(id);
-        c.healthy(&format!("{id} restarted")).await;
+        let addr = c.addr(id);
+        until(&format!("{id} serving again"), Duration::from_secs(30), async || {
+            (common::health(&addr).await == Some(ServingStatus::Serving as i32)).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    c.healthy("after the rolling restart").await;
     assert_none_failed(&load.finish(&expected, "rolling restart").await, "rolling restart");
 
     // 5. The leader SIGKILLed during a rollout: a joining worker is held

@@ -32,6 +32,17 @@ fn unavailable(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("cluster store: {e}"))
 }
 
+/// Whether an `authorization` value is `Bearer <token>`; the scheme's case
+/// does not matter (RFC 9110 §11.1). Compares in constant time: no early
+/// exit on the first difference.
+fn bears(authorization: &str, token: &str) -> bool {
+    let given = authorization
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, t)| t.trim_start());
+    given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
 /// The current placement as a [`Plan`] over its own assignment order.
 fn as_plan(p: &Placement) -> Plan {
     let holders = (0..p.layers)
@@ -74,12 +85,11 @@ impl AdminService {
         let check = move |request: Request<()>| -> Result<Request<()>, Status> {
             let Some(token) = &token else { return Ok(request) };
             let given = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
-            // The scheme is case-insensitive (RFC 9110 §11.1).
-            let given = given.split_once(' ').filter(|(s, _)| s.eq_ignore_ascii_case("bearer")).map_or("", |(_, t)| t);
-            // Constant-time comparison: no early exit on the first difference.
-            let same = given.len() == token.len()
-                && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-            if same { Ok(request) } else { Err(Status::unauthenticated("a valid admin token is required")) }
+            if bears(given, token) {
+                Ok(request)
+            } else {
+                Err(Status::unauthenticated("a valid admin token is required"))
+            }
         };
         AdminServer::with_interceptor(self, check)
     }
@@ -285,5 +295,20 @@ pub async fn serve(listener: tokio::net::TcpListener, service: AdminService, tok
     let server = tonic::transport::Server::builder().add_service(service.into_server(token));
     if let Err(e) = server.serve_with_incoming(incoming).await {
         tracing::error!(error = %e, "the admin API stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bears;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_token_exact() {
+        for ok in ["Bearer secret", "bearer secret", "BEARER secret"] {
+            assert!(bears(ok, "secret"), "{ok}");
+        }
+        for bad in ["Bearer secre", "Bearer secrets", "Basic secret", "secret", "", "Bearer "] {
+            assert!(!bears(bad, "secret"), "{bad}");
+        }
     }
 }

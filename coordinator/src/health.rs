@@ -48,10 +48,19 @@ pub fn problems(
     // The placement against the live workers.
     let live: BTreeSet<(&NodeId, &str)> = workers.iter().map(|w| (&w.id, w.addr.as_str())).collect();
     for a in &p.assignments {
-        if !nodes.iter().any(|n| n.id == a.node && n.addr == a.addr) {
-            problems.push(format!("worker {} of placement {} is not registered at {}", a.node, p.version, a.addr));
-        } else if cordoned.contains(&a.node) {
-            problems.push(format!("worker {} is cordoned but still placed in {}", a.node, p.version));
+        match nodes.iter().find(|n| n.id == a.node && n.addr == a.addr) {
+            None => {
+                problems.push(format!("worker {} of placement {} is not registered at {}", a.node, p.version, a.addr))
+            }
+            Some(_) if cordoned.contains(&a.node) => {
+                problems.push(format!("worker {} is cordoned but still placed in {}", a.node, p.version))
+            }
+            // A worker restarted in place registers before it has loaded
+            // its experts again.
+            Some(n) if n.placement_version < Some(p.version) => {
+                problems.push(format!("worker {} has not loaded placement {} (yet)", a.node, p.version))
+            }
+            Some(_) => {}
         }
     }
     for (id, addr) in &live {
@@ -186,6 +195,12 @@ mod tests {
         let p = check(&gone, &two_copies, 2);
         assert!(p.iter().any(|p| p.contains("w2 of placement v3 is not registered")), "{p:?}");
         assert!(p.iter().any(|p| p.contains("router r1 serves v2, not v3")), "{p:?}");
+
+        // A worker back in place that has not loaded its experts yet.
+        let mut loading = nodes.clone();
+        loading[0].placement_version = None;
+        let p = check(&loading, &two_copies, 2);
+        assert_eq!(p, vec!["worker w1 has not loaded placement v3 (yet)".to_string()]);
 
         // Fewer live workers than copies asked for.
         let alone = view(&[("w1", "0-1:0-3")]);

@@ -1,10 +1,12 @@
 //! Continuous batching: one engine thread steps every active sequence
 //! together. New requests join at the next step; prompts are prefilled in
 //! chunks within a per-step token budget so a long prompt does not stall
-//! everyone's decode; a finished or abandoned sequence (its receiver
-//! dropped: the client went away) leaves the batch at once and its state is
-//! freed. Each step makes one `forward_batch` call, hence one expert call per
-//! MoE layer for the whole batch. Batching never changes a sequence's bits.
+//! everyone's decode, and that budget is shared fairly between waiting
+//! prompts so a long one does not hold back a short one's first token; a
+//! finished or abandoned sequence (its receiver dropped: the client went
+//! away) leaves the batch at once and its state is freed. Each step makes
+//! one `forward_batch` call, hence one expert call per MoE layer for the
+//! whole batch. Batching never changes a sequence's bits.
 
 use std::sync::Arc;
 
