@@ -181,7 +181,12 @@ impl Load {
                     while !stop.load(Ordering::Relaxed) {
                         let started = Instant::now();
                         let result = common::complete(&base, LOAD).await;
+                        let failed = result.is_err();
                         outcomes.push(Outcome { router, started, took: started.elapsed(), result });
+                        if failed {
+                            // As a client would: a short pause before trying again.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
                     }
                     outcomes
                 }));
