@@ -4,7 +4,8 @@
 //! Tensors are found by their *canonical* name (DeepSeek's own naming without
 //! the `model.` prefix, e.g. `layers.0.attn.wq_a.weight`); [`canonical_name`]
 //! maps the `transformers` naming onto it, so both kinds of checkpoint load.
-//! All dtype handling lives in [`Checkpoint::f32_tensor`].
+//! All dtype handling lives in [`Checkpoint::f32_rows`] (plain floats) and
+//! [`Checkpoint::linear_f32`] (the released FP8 and MXFP4 projections).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{ModelError, Result};
+use crate::quant;
 use crate::tensor::Tensor;
 
 /// Where one tensor lives: which mapped shard, which bytes.
@@ -133,6 +135,60 @@ impl Checkpoint {
                 out_shape,
             ),
         })
+    }
+
+    /// The projection weight `name` (`[out, inp]`) as f32, whatever its
+    /// storage: F32/BF16/F16 as [`Self::f32_tensor`]; block-FP8 (`F8_E4M3`)
+    /// or MXFP4 (`I8`/`U8` `[out, inp/2]`) expanded exactly with the sibling
+    /// `….scale` (see [`crate::quant`]).
+    pub fn linear_f32(&self, name: &str, out: usize, inp: usize) -> Result<Tensor> {
+        let entry = self.entry(name)?;
+        let fp4 = matches!(entry.dtype, Dtype::I8 | Dtype::U8);
+        if entry.dtype != Dtype::F8_E4M3 && !fp4 {
+            return self.f32_tensor(name, &[out, inp]);
+        }
+        let bad = |message: String| ModelError::tensor(name, message);
+        let scale_name = format!("{}.scale", name.strip_suffix(".weight").unwrap_or(name));
+        let scale = self
+            .entries
+            .get(&scale_name)
+            .ok_or_else(|| bad(format!("is quantized ({:?}) but its scale `{scale_name}` is missing", entry.dtype)))?;
+        let (codes_shape, scale_shape) = if fp4 {
+            if !inp.is_multiple_of(quant::FP4_GROUP) {
+                return Err(bad(format!("is MXFP4 with {inp} inputs, not a multiple of {}", quant::FP4_GROUP)));
+            }
+            ([out, inp / 2], [out, inp / quant::FP4_GROUP])
+        } else {
+            ([out, inp], [out.div_ceil(quant::FP8_BLOCK), inp.div_ceil(quant::FP8_BLOCK)])
+        };
+        check_shape(name, entry, &codes_shape)?;
+        check_shape(&scale_name, scale, &scale_shape)?;
+        let codes = &self.shards[entry.shard].map[entry.start..entry.end];
+        let raw = &self.shards[scale.shard].map[scale.start..scale.end];
+        let scales: Vec<f32> = match scale.dtype {
+            Dtype::F8_E8M0 => raw
+                .iter()
+                .enumerate()
+                .map(|(k, &e)| quant::e8m0(e).ok_or_else(|| bad(format!("scale {k} of `{scale_name}` is NaN (255)"))))
+                .collect::<Result<_>>()?,
+            Dtype::F32 if !fp4 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            other => {
+                let allowed = if fp4 { "F8_E8M0" } else { "F8_E8M0 or F32" };
+                return Err(bad(format!("scale `{scale_name}` has dtype {other:?}, not {allowed}")));
+            }
+        };
+        if let Some(k) = scales.iter().position(|s| !s.is_finite()) {
+            return Err(bad(format!("scale {k} of `{scale_name}` is not finite")));
+        }
+        let w = if fp4 {
+            quant::dequantize_fp4(codes, &scales, out, inp)
+        } else {
+            quant::dequantize_fp8(codes, &scales, out, inp)
+        };
+        if let Some(k) = w.iter().position(|v| v.is_nan()) {
+            return Err(bad(format!("code {k} is NaN")));
+        }
+        Ok(Tensor::owned(w, vec![out, inp]))
     }
 
     /// An integer table (`tid2eid`) as `i64`, from I64 or I32 storage.

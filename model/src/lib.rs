@@ -9,6 +9,7 @@
 //! - [`config`]: `config.json`, legacy names included, validated once.
 //! - [`checkpoint`]: memory-mapped safetensors shards, both tensor namings,
 //!   all dtype conversion.
+//! - [`quant`]: the released checkpoints' block-FP8 and MXFP4 formats.
 //! - [`tensor`], [`weights`]: typed weights of every layer.
 //! - [`kernels`]: the batch-invariant matmul and small numeric helpers.
 //! - [`rope`]: interleaved partial RoPE, default and YaRN.
@@ -30,6 +31,7 @@ pub mod kernels;
 pub mod mhc;
 pub mod model;
 pub mod moe;
+pub mod quant;
 pub mod rope;
 pub mod state;
 pub mod tensor;

@@ -17,7 +17,7 @@ pub struct Linear {
 
 impl Linear {
     fn load(ckpt: &Checkpoint, name: &str, out: usize, inp: usize) -> Result<Self> {
-        Ok(Linear { w: ckpt.f32_tensor(name, &[out, inp])?, out, inp })
+        Ok(Linear { w: ckpt.linear_f32(name, out, inp)?, out, inp })
     }
 
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {

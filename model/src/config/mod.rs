@@ -123,6 +123,9 @@ struct RawConfig {
     partial_rotary_factor: Option<f64>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
+    /// The released checkpoints' weight formats (checked, see [`check_quantization`]).
+    quantization_config: Option<Value>,
+    expert_dtype: Option<String>,
     // Legacy names folded into the fields above, as the reference does.
     compress_ratios: Option<Vec<usize>>,
     compress_rate_csa: Option<usize>,
@@ -151,6 +154,7 @@ impl ModelConfig {
     }
 
     fn from_raw(raw: RawConfig) -> std::result::Result<Self, String> {
+        check_quantization(raw.quantization_config.as_ref(), raw.expert_dtype.as_deref())?;
         let n = raw.num_hidden_layers.unwrap_or(43);
         let head_dim = raw.head_dim.unwrap_or(512);
 
@@ -395,6 +399,40 @@ struct RawFlags<'a> {
     norm_topk_prob: Option<bool>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
+}
+
+/// Accepts the quantization the loader understands (DeepSeek's release:
+/// block-FP8 e4m3 with 128×128 blocks and UE8M0 or F32 scales; routed
+/// experts in FP4 or FP8) and refuses anything else by name, rather than
+/// load weights it would misread. Which tensors are quantized is read from
+/// their dtypes in the checkpoint.
+fn check_quantization(config: Option<&Value>, expert_dtype: Option<&str>) -> std::result::Result<(), String> {
+    if let Some(dtype) = expert_dtype
+        && !matches!(dtype, "fp4" | "fp8" | "bf16")
+    {
+        return Err(format!("expert_dtype `{dtype}` is not supported (fp4, fp8, bf16)"));
+    }
+    let Some(q) = config else { return Ok(()) };
+    let field = |key: &str| q.get(key).filter(|v| !v.is_null());
+    let text = |key: &str| field(key).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+    match text("quant_method").as_deref() {
+        Some("fp8") => {}
+        Some(other) => return Err(format!("quantization_config.quant_method `{other}` is not supported (fp8)")),
+        None => return Err("quantization_config has no quant_method".into()),
+    }
+    for (key, allowed) in [("fmt", &["e4m3"][..]), ("scale_fmt", &["ue8m0"]), ("activation_scheme", &["dynamic"])] {
+        if let Some(value) = text(key)
+            && !allowed.contains(&value.as_str())
+        {
+            return Err(format!("quantization_config.{key} `{value}` is not supported ({})", allowed.join(", ")));
+        }
+    }
+    if let Some(block) = field("weight_block_size")
+        && block != &serde_json::json!([128, 128])
+    {
+        return Err(format!("quantization_config.weight_block_size {block} is not supported ([128, 128])"));
+    }
+    Ok(())
 }
 
 fn parse_layer_type(name: &str) -> Option<LayerType> {

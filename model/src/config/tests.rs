@@ -48,6 +48,16 @@ fn flat_yarn_applies_to_compress_only_with_unit_attention_factor() {
 }
 
 #[test]
+fn the_released_quantization_is_accepted() {
+    let release = r#"{"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+        "weight_block_size": [128, 128], "activation_scheme": "dynamic"}, "expert_dtype": "fp4",
+        "num_nextn_predict_layers": 1}"#;
+    parse(release).unwrap();
+    // The -Base layout: F32 scales, no scale_fmt, FP8 experts.
+    parse(r#"{"quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}, "expert_dtype": "fp8"}"#).unwrap();
+}
+
+#[test]
 fn inconsistent_configs_are_rejected_with_a_reason() {
     let cases = [
         (r#"{"num_hidden_layers": 2, "layer_types": ["sliding_attention"]}"#, "layer_types has 1 entries"),
@@ -63,6 +73,10 @@ fn inconsistent_configs_are_rejected_with_a_reason() {
         (r#"{"hidden_size": 0}"#, "hidden_size must be positive"),
         (r#"{"rope_parameters": {"rope_type": "longrope"}}"#, "not supported"),
         (r#"{"hidden_size": "big"}"#, "not a valid config"),
+        (r#"{"quantization_config": {"quant_method": "awq"}}"#, "quant_method `awq`"),
+        (r#"{"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}}"#, "fmt `e5m2`"),
+        (r#"{"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}}"#, "[64,64]"),
+        (r#"{"expert_dtype": "int4"}"#, "expert_dtype `int4`"),
         ("[1, 2", "not a valid config"),
     ];
     for (json, want) in cases {

@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests: rewrite the bundled tiny model's
 //! tensors into a temporary model folder.
+// Each test binary uses some of these helpers.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
