@@ -26,7 +26,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 mod common;
 use common::{Proc, ctl_json, free_port, leader, until};
 
-const TTL: Duration = Duration::from_secs(2);
+const TTL: Duration = Duration::from_secs(3);
 const SETTLE: Duration = Duration::from_millis(300);
 const LOAD: &str = r#""prompt": "Chaos in the cluster", "max_tokens": 12, "temperature": 0, "ignore_eos": true"#;
 /// Clients per router.
@@ -270,11 +270,13 @@ async fn correlated_failures_cost_no_request_while_a_copy_lives() {
     // Well within the lease TTL: the leader sees no change, but both
     // routers' calls to w2 fail and they mark it down.
     let w2 = c.addr("w2");
+    let killed = Instant::now();
     until("both routers mark w2 down", Duration::from_secs(5), async || {
         let down = c.marked_down().await;
         (down.len() == 2 && down.iter().all(|d| d.contains(&w2))).then_some(())
     })
     .await;
+    eprintln!("chaos: restart in place: both routers marked w2 down {} after the kill", secs(killed.elapsed()));
     let status = ctl_json(&c.e, "t", &["status"]);
     let problems = status["problems"].to_string();
     assert!(problems.contains("has marked worker(s) down: ") && problems.contains(&w2), "{status}");
