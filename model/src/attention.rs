@@ -121,8 +121,7 @@ fn output_projection(w: &AttentionWeights, cfg: &ModelConfig, attn: &[f32], rows
                 attn[r * groups * group_in + g * group_in..r * groups * group_in + (g + 1) * group_in].iter().copied()
             })
             .collect();
-        let wg = &w.wo_a.w.data()[g * rank * group_in..(g + 1) * rank * group_in];
-        let yg = kernels::linear(&xg, rows, wg, rank);
+        let yg = w.wo_a.forward_rows(&xg, rows, g * rank, rank);
         for r in 0..rows {
             mixed[r * groups * rank + g * rank..r * groups * rank + (g + 1) * rank]
                 .copy_from_slice(&yg[r * rank..(r + 1) * rank]);

@@ -4,8 +4,8 @@
 //! Tensors are found by their *canonical* name (DeepSeek's own naming without
 //! the `model.` prefix, e.g. `layers.0.attn.wq_a.weight`); [`canonical_name`]
 //! maps the `transformers` naming onto it, so both kinds of checkpoint load.
-//! All dtype handling lives in [`Checkpoint::f32_rows`] (plain floats) and
-//! [`Checkpoint::linear_f32`] (the released FP8 and MXFP4 projections).
+//! All dtype handling lives in [`Checkpoint::f32_rows`] (tensors used as
+//! f32) and [`Checkpoint::linear`] (projections, kept as stored).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +16,8 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{ModelError, Result};
 use crate::quant;
-use crate::tensor::Tensor;
+use crate::stored::{Stored, StoredMatrix};
+use crate::tensor::{MappedBytes, Tensor};
 
 /// Where one tensor lives: which mapped shard, which bytes.
 #[derive(Debug, Clone)]
@@ -137,16 +138,42 @@ impl Checkpoint {
         })
     }
 
-    /// The projection weight `name` (`[out, inp]`) as f32, whatever its
-    /// storage: F32/BF16/F16 as [`Self::f32_tensor`]; block-FP8 (`F8_E4M3`)
-    /// or MXFP4 (`I8`/`U8` `[out, inp/2]`) expanded exactly with the sibling
-    /// `….scale` (see [`crate::quant`]).
-    pub fn linear_f32(&self, name: &str, out: usize, inp: usize) -> Result<Tensor> {
+    /// The projection weight `name` (`[out, inp]`) as stored: F32 (in place
+    /// when aligned), BF16/F16 and block-FP8 (`F8_E4M3`) or MXFP4
+    /// (`I8`/`U8` `[out, inp/2]`) kept as their mapped bytes, the quantized
+    /// ones with their decoded `….scale` sibling (see [`crate::quant`]).
+    pub fn linear(&self, name: &str, out: usize, inp: usize) -> Result<StoredMatrix> {
         let entry = self.entry(name)?;
+        let mapped = |e: &Entry| {
+            MappedBytes::new(self.shards[e.shard].map.clone(), e.start, e.end - e.start)
+                .ok_or_else(|| ModelError::tensor(name, "lies outside its shard".to_string()))
+        };
         let fp4 = matches!(entry.dtype, Dtype::I8 | Dtype::U8);
-        if entry.dtype != Dtype::F8_E4M3 && !fp4 {
-            return self.f32_tensor(name, &[out, inp]);
-        }
+        let stored = match entry.dtype {
+            Dtype::BF16 | Dtype::F16 => {
+                check_shape(name, entry, &[out, inp])?;
+                Stored::Half { bytes: mapped(entry)?, bf16: entry.dtype == Dtype::BF16 }
+            }
+            Dtype::F8_E4M3 | Dtype::I8 | Dtype::U8 => {
+                let (scales, scale_entry) = self.scales(name, entry, fp4, out, inp)?;
+                let codes = mapped(entry)?;
+                if fp4 {
+                    Stored::Fp4 { packed: codes, scales: mapped(scale_entry)? }
+                } else {
+                    if let Some(k) = codes.as_slice().iter().position(|&c| c & 0x7F == 0x7F) {
+                        return Err(ModelError::tensor(name, format!("code {k} is NaN")));
+                    }
+                    Stored::Fp8 { codes, scales }
+                }
+            }
+            _ => Stored::F32(self.f32_tensor(name, &[out, inp])?),
+        };
+        Ok(StoredMatrix { stored, out, inp })
+    }
+
+    /// The decoded scales of quantized `name` and their entry, after
+    /// checking both shapes and that no scale is NaN.
+    fn scales(&self, name: &str, entry: &Entry, fp4: bool, out: usize, inp: usize) -> Result<(Vec<f32>, &Entry)> {
         let bad = |message: String| ModelError::tensor(name, message);
         let scale_name = format!("{}.scale", name.strip_suffix(".weight").unwrap_or(name));
         let scale = self
@@ -163,7 +190,6 @@ impl Checkpoint {
         };
         check_shape(name, entry, &codes_shape)?;
         check_shape(&scale_name, scale, &scale_shape)?;
-        let codes = &self.shards[entry.shard].map[entry.start..entry.end];
         let raw = &self.shards[scale.shard].map[scale.start..scale.end];
         let scales: Vec<f32> = match scale.dtype {
             Dtype::F8_E8M0 => raw
@@ -180,15 +206,7 @@ impl Checkpoint {
         if let Some(k) = scales.iter().position(|s| !s.is_finite()) {
             return Err(bad(format!("scale {k} of `{scale_name}` is not finite")));
         }
-        let w = if fp4 {
-            quant::dequantize_fp4(codes, &scales, out, inp)
-        } else {
-            quant::dequantize_fp8(codes, &scales, out, inp)
-        };
-        if let Some(k) = w.iter().position(|v| v.is_nan()) {
-            return Err(bad(format!("code {k} is NaN")));
-        }
-        Ok(Tensor::owned(w, vec![out, inp]))
+        Ok((scales, scale))
     }
 
     /// An integer table (`tid2eid`) as `i64`, from I64 or I32 storage.

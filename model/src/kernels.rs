@@ -16,15 +16,45 @@ const LANES: usize = 16;
 /// Input rows per parallel task (a tile's inputs stay in L2).
 const ROWS_PER_TASK: usize = 64;
 
+/// A weight matrix `[n, k]` whose rows the matmul reads as f32: borrowed
+/// where they are stored as f32, expanded block by block from a stored
+/// format otherwise. Expansion is exact, so every format gives the bits the
+/// same weights give as f32.
+pub trait WeightRows: Sync {
+    /// Weight rows `c0..c1` as f32 (`(c1 - c0) * k` values), expanded into
+    /// `scratch` when they are not stored as f32.
+    fn rows<'a>(&'a self, c0: usize, c1: usize, scratch: &'a mut Vec<f32>) -> &'a [f32];
+}
+
+/// Plain f32 rows of width `k`.
+struct F32Rows<'w> {
+    w: &'w [f32],
+    k: usize,
+}
+
+impl WeightRows for F32Rows<'_> {
+    fn rows<'a>(&'a self, c0: usize, c1: usize, _: &'a mut Vec<f32>) -> &'a [f32] {
+        &self.w[c0 * self.k..c1 * self.k]
+    }
+}
+
 /// `y[m][n] = Σ_k x[m][k] · w[n][k]` for `x: [rows, k]`, `w: [n, k]`, into a
 /// new `[rows, n]` buffer.
 pub fn linear(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let k = w.len() / n;
+    assert_eq!(w.len(), n * k, "weight length");
+    linear_with(x, rows, &F32Rows { w, k }, n, k)
+}
+
+/// [`linear`] over weights in any stored format (see [`WeightRows`]).
+pub fn linear_with(x: &[f32], rows: usize, w: &impl WeightRows, n: usize, k: usize) -> Vec<f32> {
     let mut y = vec![0.0; rows * n];
     if rows == 0 || n == 0 {
         return y;
     }
-    let k = w.len() / n;
-    assert_eq!(w.len(), n * k, "weight length");
     assert_eq!(x.len(), rows * k, "input length");
     // Work is split into tiles of up to ROWS_PER_TASK inputs x cols_per_task
     // weight rows, small enough that a tile's inputs and weights stay in
@@ -32,7 +62,8 @@ pub fn linear(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
     let cols_per_task = if rows <= ROWS_PER_TASK / 4 { 16 } else { 64 };
     let (row_tiles, col_tiles) = (rows.div_ceil(ROWS_PER_TASK), n.div_ceil(cols_per_task));
     if row_tiles * col_tiles == 1 || rows * n * k < 1 << 15 {
-        dispatch(x, rows, k, w, &mut y);
+        let mut scratch = Vec::new();
+        dispatch(x, rows, k, w.rows(0, n, &mut scratch), &mut y);
         return y;
     }
     let blocks: Vec<(usize, usize, usize, Vec<f32>)> = (0..row_tiles * col_tiles)
@@ -41,7 +72,8 @@ pub fn linear(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
             let (r0, c0) = ((t / col_tiles) * ROWS_PER_TASK, (t % col_tiles) * cols_per_task);
             let (r1, c1) = ((r0 + ROWS_PER_TASK).min(rows), (c0 + cols_per_task).min(n));
             let mut block = vec![0.0; (r1 - r0) * (c1 - c0)];
-            dispatch(&x[r0 * k..r1 * k], r1 - r0, k, &w[c0 * k..c1 * k], &mut block);
+            let mut scratch = Vec::new();
+            dispatch(&x[r0 * k..r1 * k], r1 - r0, k, w.rows(c0, c1, &mut scratch), &mut block);
             (r0, r1, c0, block)
         })
         .collect();

@@ -9,7 +9,8 @@
 //! - [`config`]: `config.json`, legacy names included, validated once.
 //! - [`checkpoint`]: memory-mapped safetensors shards, both tensor namings,
 //!   all dtype conversion.
-//! - [`quant`]: the released checkpoints' block-FP8 and MXFP4 formats.
+//! - [`quant`]: the released checkpoints' block-FP8 and MXFP4 formats;
+//!   [`stored`]: projection weights kept in their stored format.
 //! - [`tensor`], [`weights`]: typed weights of every layer.
 //! - [`kernels`]: the batch-invariant matmul and small numeric helpers.
 //! - [`rope`]: interleaved partial RoPE, default and YaRN.
@@ -34,6 +35,7 @@ pub mod moe;
 pub mod quant;
 pub mod rope;
 pub mod state;
+pub mod stored;
 pub mod tensor;
 pub mod text;
 pub mod weights;

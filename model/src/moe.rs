@@ -226,8 +226,7 @@ mod tests {
 
     #[test]
     fn swiglu_clamps_gate_above_and_up_both_ways() {
-        let lin =
-            |v: f32| crate::weights::Linear { w: crate::tensor::Tensor::owned(vec![v], vec![1, 1]), out: 1, inp: 1 };
+        let lin = |v: f32| crate::weights::Linear::from_f32(vec![v], 1, 1);
         let w = ExpertWeights { w1: lin(100.0), w2: lin(1.0), w3: lin(-100.0) };
         // gate = min(100, 2) = 2, up = clamp(-100, ±2) = -2.
         let y = expert_ffn(&w, &[1.0], 1, 2.0);

@@ -36,8 +36,16 @@ pub fn e4m3(code: u8) -> f32 {
 
 /// The value of an `F8_E8M0` scale code, `None` for the NaN code 255.
 pub fn e8m0(code: u8) -> Option<f32> {
-    (code != 0xFF).then(|| 2f32.powi(i32::from(code) - 127))
+    match code {
+        0xFF => None,
+        // 2^-127 is subnormal in f32: the one mantissa bit below the top.
+        0 => Some(f32::from_bits(1 << 22)),
+        e => Some(f32::from_bits(u32::from(e) << 23)),
+    }
 }
+
+/// Every `F8_E4M3` code's value, for the expansion loops.
+static E4M3: std::sync::LazyLock<[f32; 256]> = std::sync::LazyLock::new(|| std::array::from_fn(|c| e4m3(c as u8)));
 
 /// The value of an `e2m1` code (the low four bits of `code`).
 pub fn e2m1(code: u8) -> f32 {
@@ -46,32 +54,47 @@ pub fn e2m1(code: u8) -> f32 {
     if code & 0x08 != 0 { -magnitude } else { magnitude }
 }
 
-/// Expands block-FP8 `codes` (`[out, inp]`) with per-block `scales`
-/// (`[ceil(out/128), ceil(inp/128)]`, already decoded) into f32 rows.
-pub fn dequantize_fp8(codes: &[u8], scales: &[f32], out: usize, inp: usize) -> Vec<f32> {
+/// Appends rows `first..first + codes.len() / inp` of a block-FP8 matrix to
+/// `out`: `codes` holds those rows' codes, `scales` the whole matrix's
+/// decoded block scales (`ceil(inp/128)` per block row).
+pub fn expand_fp8(codes: &[u8], scales: &[f32], inp: usize, first: usize, out: &mut Vec<f32>) {
     let blocks_per_row = inp.div_ceil(FP8_BLOCK);
-    let mut w = Vec::with_capacity(out * inp);
-    for (i, row) in codes.chunks_exact(inp).take(out).enumerate() {
-        let block_row = &scales[(i / FP8_BLOCK) * blocks_per_row..][..blocks_per_row];
-        w.extend(row.iter().enumerate().map(|(j, &q)| e4m3(q) * block_row[j / FP8_BLOCK]));
+    let table = &*E4M3;
+    for (i, row) in codes.chunks_exact(inp).enumerate() {
+        let block_row = &scales[((first + i) / FP8_BLOCK) * blocks_per_row..][..blocks_per_row];
+        for (block, &scale) in row.chunks(FP8_BLOCK).zip(block_row) {
+            out.extend(block.iter().map(|&q| table[usize::from(q)] * scale));
+        }
     }
+}
+
+/// Appends rows `first..first + packed.len() / (inp/2)` of an MXFP4 matrix
+/// to `out`: `packed` holds those rows' bytes, `scales` the whole matrix's
+/// E8M0 group scales as stored (`inp/32` per row, none of them the NaN
+/// code: checked at load, as is `inp` being a multiple of 32).
+pub fn expand_fp4(packed: &[u8], scales: &[u8], inp: usize, first: usize, out: &mut Vec<f32>) {
+    let groups = inp / FP4_GROUP;
+    for (i, row) in packed.chunks_exact(inp / 2).enumerate() {
+        let row_scales = &scales[(first + i) * groups..][..groups];
+        for (b, &byte) in row.iter().enumerate() {
+            let scale = e8m0(row_scales[2 * b / FP4_GROUP]).unwrap_or(f32::NAN);
+            out.push(e2m1(byte) * scale);
+            out.push(e2m1(byte >> 4) * scale);
+        }
+    }
+}
+
+/// A whole block-FP8 matrix as f32.
+pub fn dequantize_fp8(codes: &[u8], scales: &[f32], out: usize, inp: usize) -> Vec<f32> {
+    let mut w = Vec::with_capacity(out * inp);
+    expand_fp8(&codes[..out * inp], scales, inp, 0, &mut w);
     w
 }
 
-/// Expands MXFP4 `packed` (`[out, inp/2]` bytes) with per-group `scales`
-/// (`[out, inp/32]`, already decoded) into f32 rows. `inp` must be a
-/// multiple of 32 (checked by the caller).
-pub fn dequantize_fp4(packed: &[u8], scales: &[f32], out: usize, inp: usize) -> Vec<f32> {
-    let groups = inp / FP4_GROUP;
+/// A whole MXFP4 matrix as f32.
+pub fn dequantize_fp4(packed: &[u8], scales: &[u8], out: usize, inp: usize) -> Vec<f32> {
     let mut w = Vec::with_capacity(out * inp);
-    for (i, row) in packed.chunks_exact(inp / 2).take(out).enumerate() {
-        let row_scales = &scales[i * groups..][..groups];
-        for (b, &byte) in row.iter().enumerate() {
-            let scale = row_scales[2 * b / FP4_GROUP];
-            w.push(e2m1(byte) * scale);
-            w.push(e2m1(byte >> 4) * scale);
-        }
-    }
+    expand_fp4(&packed[..out * inp / 2], scales, inp, 0, &mut w);
     w
 }
 
@@ -105,6 +128,7 @@ mod tests {
         assert_eq!(e8m0(0), Some(2f32.powi(-127)));
         assert_eq!(e8m0(254), Some(2f32.powi(127)));
         assert_eq!(e8m0(255), None);
+        assert!((0u8..255).all(|e| e8m0(e) == Some(2f32.powi(i32::from(e) - 127))));
         let values: Vec<f32> = (0u8..16).map(e2m1).collect();
         assert_eq!(values, [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]);
     }
@@ -118,16 +142,23 @@ mod tests {
         let w = dequantize_fp8(&codes, &scales, out, inp);
         assert_eq!((w[0], w[127], w[128]), (1.0, 1.0, 2.0));
         assert_eq!((w[128 * inp], w[129 * inp + 128]), (4.0, 8.0));
+        // Rows expanded from the middle see their own block row.
+        let mut tail = Vec::new();
+        expand_fp8(&codes[127 * inp..130 * inp], &scales, inp, 127, &mut tail);
+        assert_eq!(tail, w[127 * inp..]);
     }
 
     #[test]
     fn fp4_low_nibble_is_the_even_input_and_groups_share_a_scale() {
         // One row of 64 inputs: bytes 0x21 (inputs 0.5 then 1.0), scales 1 and 4.
         let packed = vec![0x21u8; 32];
-        let w = dequantize_fp4(&packed, &[1.0, 4.0], 1, 64);
+        let w = dequantize_fp4(&packed, &[127, 129], 1, 64);
         assert_eq!((w[0], w[1], w[31]), (0.5, 1.0, 1.0));
         assert_eq!((w[32], w[33], w[63]), (2.0, 4.0, 4.0));
-        let negative = dequantize_fp4(&[0xF9; 16], &[2.0], 1, 32);
+        let mut second = Vec::new();
+        expand_fp4(&[0x21u8; 16], &[127, 130], 32, 1, &mut second);
+        assert_eq!((second[0], second[1]), (4.0, 8.0));
+        let negative = dequantize_fp4(&[0xF9; 16], &[128], 1, 32);
         assert_eq!(negative[..2], [-1.0, -12.0]);
     }
 }

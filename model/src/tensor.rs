@@ -1,5 +1,6 @@
 //! A read-only f32 tensor: either a view into a memory-mapped checkpoint
-//! (zero copy) or an owned buffer (converted from BF16/F16).
+//! (zero copy) or an owned buffer (converted from BF16/F16); and
+//! [`MappedBytes`], a tensor's bytes as stored.
 
 use std::sync::Arc;
 
@@ -49,6 +50,31 @@ impl Tensor {
     pub fn row(&self, i: usize) -> &[f32] {
         let cols = self.shape[self.shape.len() - 1];
         &self.data()[i * cols..(i + 1) * cols]
+    }
+}
+
+/// Bytes of one tensor inside a memory-mapped checkpoint, kept as stored
+/// (quantized codes, 16-bit floats).
+pub struct MappedBytes {
+    map: Arc<Mmap>,
+    offset: usize,
+    len: usize,
+}
+
+impl MappedBytes {
+    /// `None` when the range is outside the mapping.
+    pub fn new(map: Arc<Mmap>, offset: usize, len: usize) -> Option<Self> {
+        (offset.checked_add(len)? <= map.len()).then_some(MappedBytes { map, offset, len })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map[self.offset..self.offset + self.len]
+    }
+}
+
+impl std::fmt::Debug for MappedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedBytes({})", self.len)
     }
 }
 

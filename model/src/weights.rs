@@ -5,23 +5,37 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{LayerType, MlpType, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::kernels;
+use crate::stored::{RowsFrom, Stored, StoredMatrix};
 use crate::tensor::Tensor;
 
-/// A bias-free projection `y = x · Wᵀ` with `W: [out, in]`.
+/// A bias-free projection `y = x · Wᵀ` with `W: [out, in]`, its weights
+/// in the format the checkpoint stores them.
 #[derive(Debug)]
 pub struct Linear {
-    pub w: Tensor,
+    pub w: StoredMatrix,
     pub out: usize,
     pub inp: usize,
 }
 
 impl Linear {
     fn load(ckpt: &Checkpoint, name: &str, out: usize, inp: usize) -> Result<Self> {
-        Ok(Linear { w: ckpt.linear_f32(name, out, inp)?, out, inp })
+        Ok(Linear { w: ckpt.linear(name, out, inp)?, out, inp })
+    }
+
+    /// A projection over f32 weights `data` (`[out, inp]`).
+    pub fn from_f32(data: Vec<f32>, out: usize, inp: usize) -> Self {
+        let w = StoredMatrix { stored: Stored::F32(Tensor::owned(data, vec![out, inp])), out, inp };
+        Linear { w, out, inp }
     }
 
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        kernels::linear(x, rows, self.w.data(), self.out)
+        kernels::linear_with(x, rows, &self.w, self.out, self.inp)
+    }
+
+    /// The projection by weight rows `first..first + count` only (one group
+    /// of a grouped projection).
+    pub fn forward_rows(&self, x: &[f32], rows: usize, first: usize, count: usize) -> Vec<f32> {
+        kernels::linear_with(x, rows, &RowsFrom { w: &self.w, offset: first }, count, self.inp)
     }
 }
 
@@ -31,6 +45,13 @@ pub struct ExpertWeights {
     pub w1: Linear,
     pub w2: Linear,
     pub w3: Linear,
+}
+
+impl ExpertWeights {
+    /// Bytes its weights hold, in their stored formats.
+    pub fn bytes(&self) -> usize {
+        self.w1.w.bytes() + self.w2.w.bytes() + self.w3.w.bytes()
+    }
 }
 
 /// The compressor that turns `rate` tokens into one entry (CSA, HCA, indexer).
@@ -281,8 +302,7 @@ pub fn load_expert(ckpt: &Checkpoint, cfg: &ModelConfig, layer: usize, expert: u
     let e = cfg.n_routed_experts;
     let gate_up = ckpt.f32_rows(&format!("{p}.gate_up_proj"), &[e, 2 * i, h], expert..expert + 1)?;
     let down = ckpt.f32_rows(&format!("{p}.down_proj"), &[e, h, i], expert..expert + 1)?;
-    let linear =
-        |data: &[f32], out: usize, inp: usize| Linear { w: Tensor::owned(data.to_vec(), vec![out, inp]), out, inp };
+    let linear = |data: &[f32], out: usize, inp: usize| Linear::from_f32(data.to_vec(), out, inp);
     Ok(ExpertWeights {
         w1: linear(&gate_up.data()[..i * h], i, h),
         w3: linear(&gate_up.data()[i * h..], i, h),

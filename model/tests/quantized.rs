@@ -12,6 +12,8 @@ use std::collections::HashMap;
 
 use common::{Tensors, read_tiny, tiny};
 use myriad_model::checkpoint::Checkpoint;
+use myriad_model::config::ModelConfig;
+use myriad_model::weights::load_expert;
 use myriad_model::{Logits, Model, quant};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -181,6 +183,26 @@ fn the_release_layout_computes_exactly_its_dequantized_weights() {
     assert_ne!(logits(&original), q);
 }
 
+#[test]
+fn routed_experts_hold_exactly_their_stored_bytes() {
+    let (release, _) = release_and_dequantized();
+    let dir = write(&release, 2, serde_json::json!({"expert_dtype": "fp4"}));
+    let (cfg, _) = ModelConfig::read(dir.path()).unwrap();
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    for expert in 0..cfg.n_routed_experts {
+        let held = load_expert(&ckpt, &cfg, 1, expert).unwrap().bytes();
+        let stored: usize = ["w1", "w2", "w3"]
+            .iter()
+            .flat_map(|w| ["weight", "scale"].map(|t| format!("layers.1.ffn.experts.{expert}.{w}.{t}")))
+            .map(|name| release[&name].2.len())
+            .sum();
+        // MXFP4: half a byte per weight plus one scale byte per 32 inputs.
+        let weights = 3 * cfg.hidden_size * cfg.moe_intermediate_size;
+        assert_eq!(stored, weights / 2 + weights / 32);
+        assert_eq!(held, stored, "expert {expert} holds other than its stored bytes");
+    }
+}
+
 fn one_tensor(tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let views: Vec<(String, TensorView)> = tensors
@@ -195,7 +217,7 @@ fn one_tensor(tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) -> tempfile::TempD
 fn bad_quantized_tensors_are_named() {
     let err = |tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)], out, inp| {
         let dir = one_tensor(tensors);
-        Checkpoint::open(dir.path()).unwrap().linear_f32("w.weight", out, inp).unwrap_err().to_string()
+        Checkpoint::open(dir.path()).unwrap().linear("w.weight", out, inp).unwrap_err().to_string()
     };
     let codes = || ("w.weight", Dtype::F8_E4M3, vec![4, 8], vec![0x38u8; 32]);
     let e = err(&[codes()], 4, 8);
@@ -214,6 +236,6 @@ fn bad_quantized_tensors_are_named() {
     assert!(e.contains("w.weight") && e.contains("48 inputs") && e.contains("multiple of 32"), "{e}");
     // F32 scales (the -Base layout) are read as they are.
     let dir = one_tensor(&[codes(), ("w.scale", Dtype::F32, vec![1, 1], 0.25f32.to_le_bytes().to_vec())]);
-    let w = Checkpoint::open(dir.path()).unwrap().linear_f32("w.weight", 4, 8).unwrap();
-    assert!(w.data().iter().all(|&v| v == 0.25));
+    let w = Checkpoint::open(dir.path()).unwrap().linear("w.weight", 4, 8).unwrap();
+    assert!(w.to_f32().iter().all(|&v| v == 0.25));
 }
