@@ -70,8 +70,11 @@ pub fn run(args: Args) -> Result<()> {
     }
     let shape = myriad_worker::backend::model_shape(&args.model)
         .with_context(|| format!("read the model in {}", args.model.display()))?;
-    let (model_config, _) = ModelConfig::read(&args.model).context("read the model config")?;
-    let expert_bytes = expert_bytes(model_config.hidden_size, model_config.moe_intermediate_size, ExpertDtype::F32);
+    let (model_config, config_bytes) = ModelConfig::read(&args.model).context("read the model config")?;
+    // Workers hold experts as the checkpoint stores them.
+    let config_json: serde_json::Value = serde_json::from_slice(&config_bytes).context("parse the model config")?;
+    let dtype = ExpertDtype::of_config(&config_json)?;
+    let expert_bytes = expert_bytes(model_config.hidden_size, model_config.moe_intermediate_size, dtype);
     let id = args.cluster.node_id(Role::Coordinator)?;
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     let listener = runtime

@@ -8,26 +8,32 @@ use myriad_coordinator::placement::{self, Load, Problem, human};
 
 use crate::membership::parse_bytes;
 
-/// How experts are held in worker memory.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+/// How experts are held in worker memory: workers keep them in the format
+/// the checkpoint stores them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExpertDtype {
-    /// What the CPU backend holds today.
     F32,
+    /// BF16 or F16.
     Bf16,
+    /// Block-FP8 with one f32 scale per 128x128 block (the -Base release).
     Fp8,
-    /// DeepSeek-V4's released routed-expert format (ignoring scale factors).
+    /// MXFP4 with one E8M0 scale byte per 32 inputs (V4-Flash and -Pro).
     Fp4,
 }
 
 impl ExpertDtype {
-    /// Bytes per parameter, in eighths (fp4 is half a byte).
-    fn eighths(self) -> u64 {
-        match self {
-            ExpertDtype::F32 => 32,
-            ExpertDtype::Bf16 => 16,
-            ExpertDtype::Fp8 => 8,
-            ExpertDtype::Fp4 => 4,
-        }
+    /// The format a checkpoint's `config.json` says its routed experts are
+    /// stored in: `expert_dtype` (DeepSeek's release), else `torch_dtype` /
+    /// `dtype`, else f32.
+    pub fn of_config(config: &serde_json::Value) -> Result<Self> {
+        let field = |k: &str| config.get(k).and_then(|v| v.as_str());
+        Ok(match field("expert_dtype").or_else(|| field("torch_dtype")).or_else(|| field("dtype")) {
+            Some("fp4") => ExpertDtype::Fp4,
+            Some("fp8") => ExpertDtype::Fp8,
+            Some("bf16" | "bfloat16" | "float16" | "fp16") => ExpertDtype::Bf16,
+            None | Some("float32" | "fp32") => ExpertDtype::F32,
+            Some(other) => bail!("unknown expert format `{other}` in config.json; give --expert-dtype"),
+        })
     }
 }
 
@@ -53,9 +59,10 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     redundant: usize,
 
-    /// Format experts are held in.
-    #[arg(long, value_enum, default_value = "f32")]
-    expert_dtype: ExpertDtype,
+    /// Format experts are held in (default: the one `config.json` names:
+    /// `expert_dtype`, else `torch_dtype`, else f32).
+    #[arg(long, value_enum)]
+    expert_dtype: Option<ExpertDtype>,
 }
 
 /// The shape fields of a config.json, read leniently so that any
@@ -68,19 +75,37 @@ struct Shape {
     moe_intermediate_size: usize,
 }
 
-fn read_shape(path: &Path) -> Result<Shape> {
+fn read_config(path: &Path) -> Result<(Shape, serde_json::Value)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("read the model shape from {}", path.display()))
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let shape = serde_json::from_value(value.clone())
+        .with_context(|| format!("read the model shape from {}", path.display()))?;
+    Ok((shape, value))
 }
 
-/// Bytes of one routed expert: gate, up and down projections.
+/// Bytes one routed expert (gate, up and down projections) holds in a
+/// worker, scales included: what `ExpertWeights::bytes` reports.
 pub fn expert_bytes(hidden: usize, intermediate: usize, dtype: ExpertDtype) -> u64 {
-    (3 * hidden as u64 * intermediate as u64 * dtype.eighths()).div_ceil(8)
+    let (h, i) = (hidden as u64, intermediate as u64);
+    let weights = 3 * h * i;
+    match dtype {
+        ExpertDtype::F32 => 4 * weights,
+        ExpertDtype::Bf16 => 2 * weights,
+        // Three [i,h]-sized projections, each with one f32 per 128x128 block.
+        ExpertDtype::Fp8 => weights + 3 * 4 * h.div_ceil(128) * i.div_ceil(128),
+        // Half a byte per weight, one scale byte per 32 inputs.
+        ExpertDtype::Fp4 => weights / 2 + weights / 32,
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let shape = read_shape(&args.config)?;
-    let each = expert_bytes(shape.hidden_size, shape.moe_intermediate_size, args.expert_dtype);
+    let (shape, config) = read_config(&args.config)?;
+    let dtype = match args.expert_dtype {
+        Some(d) => d,
+        None => ExpertDtype::of_config(&config)?,
+    };
+    let each = expert_bytes(shape.hidden_size, shape.moe_intermediate_size, dtype);
     let problem = Problem {
         layers: shape.num_hidden_layers,
         experts: shape.n_routed_experts,
@@ -96,7 +121,7 @@ pub fn run(args: Args) -> Result<()> {
         shape.hidden_size,
         shape.moe_intermediate_size,
         human(each),
-        args.expert_dtype
+        dtype
     );
     println!(
         "workers: {} x {} = {}",
@@ -136,7 +161,21 @@ mod tests {
     #[test]
     fn expert_sizes_by_format() {
         assert_eq!(expert_bytes(7168, 3072, ExpertDtype::F32), 3 * 7168 * 3072 * 4);
-        assert_eq!(expert_bytes(7168, 3072, ExpertDtype::Fp4), 3 * 7168 * 3072 / 2);
+        assert_eq!(expert_bytes(7168, 3072, ExpertDtype::Fp4), 3 * 7168 * 3072 / 2 + 3 * 7168 * 3072 / 32);
+        assert_eq!(expert_bytes(7168, 3072, ExpertDtype::Fp8), 3 * 7168 * 3072 + 3 * 4 * 56 * 24);
+        // The tiny model's expert in MXFP4: model/tests/quantized.rs checks a
+        // loaded expert holds exactly this.
+        assert_eq!(expert_bytes(64, 32, ExpertDtype::Fp4), 3072 + 192);
         assert_eq!(human(80 << 30), "80.0 GiB");
+    }
+
+    #[test]
+    fn the_format_comes_from_the_config() {
+        let of = |json: &str| ExpertDtype::of_config(&serde_json::from_str(json).unwrap());
+        assert_eq!(of(r#"{"expert_dtype": "fp4", "torch_dtype": "bfloat16"}"#).unwrap(), ExpertDtype::Fp4);
+        assert_eq!(of(r#"{"expert_dtype": "fp8"}"#).unwrap(), ExpertDtype::Fp8);
+        assert_eq!(of(r#"{"torch_dtype": "bfloat16"}"#).unwrap(), ExpertDtype::Bf16);
+        assert_eq!(of("{}").unwrap(), ExpertDtype::F32);
+        assert!(of(r#"{"expert_dtype": "int3"}"#).unwrap_err().to_string().contains("int3"));
     }
 }
