@@ -6,6 +6,7 @@ use std::path::Path;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::kernels::WeightRows;
 use crate::kernels::rms_norm;
 use crate::moe::{ExpertExecutor, LocalExperts};
 use crate::state::SequenceState;
@@ -99,8 +100,9 @@ impl Model {
         let rows = tokens.len();
         let (hidden, hc) = (cfg.hidden_size, cfg.hc_mult);
         let mut streams = Vec::with_capacity(rows * hc * hidden);
+        let mut scratch = Vec::new();
         for &t in &tokens {
-            let row = self.weights.embed.row(t as usize);
+            let row = self.weights.embed.rows(t as usize, t as usize + 1, &mut scratch);
             (0..hc).for_each(|_| streams.extend_from_slice(row));
         }
         for (l, w) in self.weights.layers.iter().enumerate() {
@@ -142,7 +144,7 @@ impl Model {
         rms_norm(&mut h, hidden, Some(self.weights.norm.data()), cfg.rms_norm_eps);
         let logits = match &self.weights.head {
             Some(head) => head.forward(&h, picked_rows),
-            None => crate::kernels::linear(&h, picked_rows, self.weights.embed.data(), cfg.vocab_size),
+            None => crate::kernels::linear_with(&h, picked_rows, &self.weights.embed, cfg.vocab_size, hidden),
         };
         let vocab = cfg.vocab_size;
         let mut start = 0;

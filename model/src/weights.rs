@@ -123,7 +123,8 @@ pub struct LayerWeights {
 
 #[derive(Debug)]
 pub struct ModelWeights {
-    pub embed: Tensor,
+    /// `[vocab, hidden]`, as stored (BF16 stays 16-bit).
+    pub embed: StoredMatrix,
     /// `None` when the head is tied to the embedding.
     pub head: Option<Linear>,
     pub norm: Tensor,
@@ -152,7 +153,7 @@ impl ModelWeights {
         let layers =
             (0..cfg.num_hidden_layers).map(|l| load_layer(ckpt, cfg, l, routed)).collect::<Result<Vec<_>>>()?;
         Ok(ModelWeights {
-            embed: ckpt.f32_tensor("embed.weight", &[cfg.vocab_size, h])?,
+            embed: ckpt.linear("embed.weight", cfg.vocab_size, h)?,
             head,
             norm: ckpt.f32_tensor("norm.weight", &[h])?,
             hc_head: HcWeights {
