@@ -17,7 +17,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::error::{ModelError, Result};
 use crate::quant;
 use crate::stored::{Stored, StoredMatrix};
-use crate::tensor::{MappedBytes, Tensor};
+use crate::tensor::{MappedBytes, Tensor, widen_half};
 
 /// Where one tensor lives: which mapped shard, which bytes.
 #[derive(Debug, Clone)]
@@ -127,14 +127,7 @@ impl Checkpoint {
                     out_shape,
                 )
             }),
-            Dtype::BF16 => Tensor::owned(
-                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-                out_shape,
-            ),
-            _ => Tensor::owned(
-                bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-                out_shape,
-            ),
+            dtype => Tensor::owned(widen_half(bytes, dtype == Dtype::BF16).collect(), out_shape),
         })
     }
 

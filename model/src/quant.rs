@@ -84,23 +84,21 @@ pub fn expand_fp4(packed: &[u8], scales: &[u8], inp: usize, first: usize, out: &
     }
 }
 
-/// A whole block-FP8 matrix as f32.
-pub fn dequantize_fp8(codes: &[u8], scales: &[f32], out: usize, inp: usize) -> Vec<f32> {
-    let mut w = Vec::with_capacity(out * inp);
-    expand_fp8(&codes[..out * inp], scales, inp, 0, &mut w);
-    w
-}
-
-/// A whole MXFP4 matrix as f32.
-pub fn dequantize_fp4(packed: &[u8], scales: &[u8], out: usize, inp: usize) -> Vec<f32> {
-    let mut w = Vec::with_capacity(out * inp);
-    expand_fp4(&packed[..out * inp / 2], scales, inp, 0, &mut w);
-    w
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dequantize_fp8(codes: &[u8], scales: &[f32], out: usize, inp: usize) -> Vec<f32> {
+        let mut w = Vec::with_capacity(out * inp);
+        expand_fp8(&codes[..out * inp], scales, inp, 0, &mut w);
+        w
+    }
+
+    fn dequantize_fp4(packed: &[u8], scales: &[u8], out: usize, inp: usize) -> Vec<f32> {
+        let mut w = Vec::with_capacity(out * inp);
+        expand_fp4(&packed[..out * inp / 2], scales, inp, 0, &mut w);
+        w
+    }
 
     #[test]
     fn e4m3_codes_have_their_documented_values() {

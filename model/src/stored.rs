@@ -6,7 +6,7 @@
 
 use crate::kernels::WeightRows;
 use crate::quant;
-use crate::tensor::{MappedBytes, Tensor};
+use crate::tensor::{MappedBytes, Tensor, widen_half};
 
 #[derive(Debug)]
 pub enum Stored {
@@ -64,16 +64,9 @@ impl WeightRows for StoredMatrix {
         }
         match &self.stored {
             Stored::F32(t) => return &t.data()[c0 * inp..c1 * inp],
-            Stored::Half { bytes, bf16: true } => scratch.extend(
-                bytes.as_slice()[c0 * inp * 2..c1 * inp * 2]
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-            ),
-            Stored::Half { bytes, bf16: false } => scratch.extend(
-                bytes.as_slice()[c0 * inp * 2..c1 * inp * 2]
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-            ),
+            Stored::Half { bytes, bf16 } => {
+                scratch.extend(widen_half(&bytes.as_slice()[c0 * inp * 2..c1 * inp * 2], *bf16))
+            }
             Stored::Fp8 { codes, scales } => {
                 quant::expand_fp8(&codes.as_slice()[c0 * inp..c1 * inp], scales, inp, c0, scratch)
             }

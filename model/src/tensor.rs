@@ -53,6 +53,18 @@ impl Tensor {
     }
 }
 
+/// Little-endian 16-bit floats (BF16 when `bf16`, else IEEE F16) as f32:
+/// exact, the one place that widens them.
+pub fn widen_half(bytes: &[u8], bf16: bool) -> impl Iterator<Item = f32> + '_ {
+    bytes.chunks_exact(2).map(move |b| {
+        if bf16 {
+            half::bf16::from_le_bytes([b[0], b[1]]).to_f32()
+        } else {
+            half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+        }
+    })
+}
+
 /// Bytes of one tensor inside a memory-mapped checkpoint, kept as stored
 /// (quantized codes, 16-bit floats).
 pub struct MappedBytes {

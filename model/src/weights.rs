@@ -13,29 +13,26 @@ use crate::tensor::Tensor;
 #[derive(Debug)]
 pub struct Linear {
     pub w: StoredMatrix,
-    pub out: usize,
-    pub inp: usize,
 }
 
 impl Linear {
     fn load(ckpt: &Checkpoint, name: &str, out: usize, inp: usize) -> Result<Self> {
-        Ok(Linear { w: ckpt.linear(name, out, inp)?, out, inp })
+        Ok(Linear { w: ckpt.linear(name, out, inp)? })
     }
 
     /// A projection over f32 weights `data` (`[out, inp]`).
     pub fn from_f32(data: Vec<f32>, out: usize, inp: usize) -> Self {
-        let w = StoredMatrix { stored: Stored::F32(Tensor::owned(data, vec![out, inp])), out, inp };
-        Linear { w, out, inp }
+        Linear { w: StoredMatrix { stored: Stored::F32(Tensor::owned(data, vec![out, inp])), out, inp } }
     }
 
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        kernels::linear_with(x, rows, &self.w, self.out, self.inp)
+        kernels::linear_with(x, rows, &self.w, self.w.out, self.w.inp)
     }
 
     /// The projection by weight rows `first..first + count` only (one group
     /// of a grouped projection).
     pub fn forward_rows(&self, x: &[f32], rows: usize, first: usize, count: usize) -> Vec<f32> {
-        kernels::linear_with(x, rows, &RowsFrom { w: &self.w, offset: first }, count, self.inp)
+        kernels::linear_with(x, rows, &RowsFrom { w: &self.w, offset: first }, count, self.w.inp)
     }
 }
 
