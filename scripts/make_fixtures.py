@@ -4,6 +4,8 @@ reference computes on them.
 Run through scripts/make_fixtures.sh (it creates the virtualenv). Writes:
 
 * tests/fixtures/<name>/  config.json, safetensors weights, expected.json
+                          (release-flash, release-base: DeepSeek's release
+                          layouts, written by scripts/release_layout.py)
 * models/tiny-v4/         the bundled model for `myriad generate` / `myriad up`,
                           with a byte-level BPE tokenizer.json
 
@@ -18,11 +20,15 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+from release_layout import read_saved, write_release
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -95,6 +101,23 @@ DEFAULT_RATES_SHARDED = dict(
     mlp_layer_types=["moe", "hash_moe"],
     sliding_window=40,
 )
+
+# Release layouts: projections at least 256 wide (several 128-blocks, many
+# 32-groups). RELEASE_BASE's q_lora_rank of 320 ends in a partial 128-block.
+RELEASE_FLASH = dict(
+    BASE,
+    hidden_size=256,
+    moe_intermediate_size=256,
+    head_dim=64,
+    q_lora_rank=256,
+    o_lora_rank=128,
+    index_head_dim=32,
+    num_hidden_layers=3,
+    layer_types=["compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"],
+    mlp_layer_types=["hash_moe", "moe", "moe"],
+    swiglu_limit=4.0,
+)
+RELEASE_BASE = dict(RELEASE_FLASH, q_lora_rank=320)
 
 CORPUS = """
 Myriad spreads the experts of a large mixture-of-experts model over many machines.
@@ -362,6 +385,40 @@ def make_sharded():
     write_expected(load(out), out, "default-rates-sharded", [300], 10, "default compress rates (4/128), sharded checkpoint")
 
 
+def make_release(name, layout, config, seed, note, whole_blocks=True):
+    """A random model written in a release layout; the reference computes in
+    f32 on exactly the weights the stored codes and scales encode. Where
+    every 128-block is whole, transformers also loads the folder itself
+    (5.23 refuses a partial block: "not divisible by scale grid")."""
+    out = fresh(FIXTURES / name)
+    model = build(config, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved, dequantized = Path(tmp) / "saved", Path(tmp) / "dequantized"
+        model.save_pretrained(saved)
+        encoded = write_release(saved, out, layout)
+        dequantized.mkdir()
+        save_file({**read_saved(saved), **encoded}, dequantized / "model.safetensors", metadata={"format": "pt"})
+        shutil.copy(saved / "config.json", dequantized / "config.json")
+        reference = load(dequantized)
+    if whole_blocks:
+        # transformers reads the release folder itself (dequantizing); its
+        # weights must be exactly the ones we encoded.
+        theirs = DeepseekV4ForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+        ours = reference.state_dict()
+        for key, value in theirs.state_dict().items():
+            check(torch.equal(value.float(), ours[key].float()), f"{name}: transformers dequantizes {key} differently")
+        print(f"{name}: transformers loads the folder to the same weights", file=sys.stderr)
+    write_expected(reference, out, name, [7, 200], 10, note)
+
+
+def make_releases():
+    make_release("release-flash", "flash", RELEASE_FLASH, 21,
+                 "Flash/Pro layout: FP8 (E8M0) attention + shared, MXFP4 experts, BF16 rest, mtp.0, 2 shards")
+    make_release("release-base", "base", RELEASE_BASE, 22,
+                 "Base layout: FP8 experts and projections with F32 scales, a partial 128-block, mtp.0, 2 shards",
+                 whole_blocks=False)
+
+
 def make_tiny():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -408,11 +465,16 @@ def main():
     torch.manual_seed(0)
     FIXTURES.mkdir(parents=True, exist_ok=True)
     only = set(sys.argv[1:])
-    steps = {"mixed": lambda: make_bf16(make_mixed()), "legacy": make_legacy, "sharded": make_sharded, "tiny": make_tiny}
+    steps = {
+        "mixed": lambda: make_bf16(make_mixed()),
+        "legacy": make_legacy,
+        "sharded": make_sharded,
+        "release": make_releases,
+        "tiny": make_tiny,
+    }
     for name, step in steps.items():
         if not only or name in only:
             step()
-    make_tiny()
 
 
 if __name__ == "__main__":

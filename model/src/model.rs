@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::kernels::{WeightRows, rms_norm};
+use crate::kernels::rms_norm;
 use crate::moe::{ExpertExecutor, LocalExperts};
 use crate::state::SequenceState;
 use crate::weights::{ModelWeights, RoutedExperts};
@@ -90,7 +90,15 @@ impl Model {
     /// projections and the routed experts see all rows at once (one expert
     /// call per MoE layer for the whole batch), attention runs per sequence.
     /// Each sequence's logits are the same bits as when it runs alone.
+    ///
+    /// The whole step runs on a thread of the compute pool, so the many
+    /// parallel matmuls of one step start and end there instead of each
+    /// handing its work over from (and back to) the calling thread.
     pub fn forward_batch(&self, batch: &mut [Chunk<'_>], experts: &impl ExpertExecutor) -> Result<Vec<Vec<f32>>> {
+        rayon::scope(|_| self.step(batch, experts))
+    }
+
+    fn step(&self, batch: &mut [Chunk<'_>], experts: &impl ExpertExecutor) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.config;
         for chunk in batch.iter() {
             self.check_input(chunk.tokens, chunk.state)?;
@@ -99,10 +107,11 @@ impl Model {
         let rows = tokens.len();
         let (hidden, hc) = (cfg.hidden_size, cfg.hc_mult);
         let mut streams = Vec::with_capacity(rows * hc * hidden);
-        let mut scratch = Vec::new();
+        let (embed, mut row) = (self.weights.embed.weights(), Vec::with_capacity(hidden));
         for &t in &tokens {
-            let row = self.weights.embed.rows(t as usize, t as usize + 1, &mut scratch);
-            (0..hc).for_each(|_| streams.extend_from_slice(row));
+            row.clear();
+            embed.rows(hidden, t as usize, t as usize + 1).expand(hidden, &mut row);
+            (0..hc).for_each(|_| streams.extend_from_slice(&row));
         }
         for (l, w) in self.weights.layers.iter().enumerate() {
             let mut mix = mhc::pre(&w.hc_attn, cfg, &streams, rows);
@@ -143,7 +152,7 @@ impl Model {
         rms_norm(&mut h, hidden, Some(self.weights.norm.data()), cfg.rms_norm_eps);
         let logits = match &self.weights.head {
             Some(head) => head.forward(&h, picked_rows),
-            None => crate::kernels::linear_with(&h, picked_rows, &self.weights.embed, cfg.vocab_size, hidden),
+            None => crate::kernels::linear_with(&h, picked_rows, self.weights.embed.weights(), cfg.vocab_size, hidden),
         };
         let vocab = cfg.vocab_size;
         let mut start = 0;

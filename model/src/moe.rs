@@ -21,7 +21,7 @@ pub type Route = Vec<(usize, f32)>;
 pub type Contributions = Vec<f32>;
 
 /// Runs the routed experts of one MoE layer.
-pub trait ExpertExecutor {
+pub trait ExpertExecutor: Sync {
     type Pending: PendingExperts;
 
     /// Starts the experts for `rows` tokens `x: [rows, hidden]` routed by

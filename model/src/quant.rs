@@ -19,47 +19,86 @@ pub const FP8_BLOCK: usize = 128;
 /// Inputs sharing one MXFP4 scale.
 pub const FP4_GROUP: usize = 32;
 
-/// The value of an `F8_E4M3` (OCP "fn") code.
-pub fn e4m3(code: u8) -> f32 {
-    let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
-    let exponent = i32::from((code >> 3) & 0x0F);
-    let mantissa = f32::from(code & 0x07);
-    if exponent == 0x0F && code & 0x07 == 0x07 {
+/// `2^120` (E4M3's exponent bias 7 against f32's 127).
+const E4M3_REBIAS: f32 = f32::from_bits((120 + 127) << 23);
+
+/// The value of an `F8_E4M3` (OCP "fn") code. Its exponent and mantissa
+/// bits, moved to the top of an f32's, are the value times `2^-120` (the
+/// subnormals included), so one exact multiply rebiases them. (The SIMD
+/// kernels get the same values without going through f32 subnormals.)
+pub const fn e4m3(code: u8) -> f32 {
+    if code & 0x7F == 0x7F {
         return f32::NAN;
     }
-    if exponent == 0 {
-        // Subnormal: 0.mmm · 2^(1 - 7).
-        return sign * mantissa / 8.0 * 2f32.powi(-6);
-    }
-    sign * (1.0 + mantissa / 8.0) * 2f32.powi(exponent - 7)
+    let magnitude = f32::from_bits(((code & 0x7F) as u32) << 20) * E4M3_REBIAS;
+    if code & 0x80 != 0 { -magnitude } else { magnitude }
 }
 
 /// The value of an `F8_E8M0` scale code, `None` for the NaN code 255.
-pub fn e8m0(code: u8) -> Option<f32> {
+pub const fn e8m0(code: u8) -> Option<f32> {
     match code {
         0xFF => None,
         // 2^-127 is subnormal in f32: the one mantissa bit below the top.
         0 => Some(f32::from_bits(1 << 22)),
-        e => Some(f32::from_bits(u32::from(e) << 23)),
+        e => Some(f32::from_bits((e as u32) << 23)),
     }
 }
 
-/// Every `F8_E4M3` code's value, for the expansion loops.
-static E4M3: std::sync::LazyLock<[f32; 256]> = std::sync::LazyLock::new(|| std::array::from_fn(|c| e4m3(c as u8)));
+/// Every `F8_E4M3` code's value.
+pub(crate) const E4M3: [f32; 256] = {
+    let mut table = [0.0; 256];
+    let mut code = 0;
+    while code < 256 {
+        table[code] = e4m3(code as u8);
+        code += 1;
+    }
+    table
+};
+
+/// `e8m0(code) / 2` for every code (NaN for 255): the kernels read MXFP4
+/// codes as twice their value ([`E2M1_TWICE`]) and take the half back here.
+/// Still exact: 2^-128 is an f32 subnormal.
+pub(crate) const E8M0_HALF: [f32; 256] = {
+    let mut table = [f32::NAN; 256];
+    table[0] = f32::from_bits(1 << 21);
+    table[1] = f32::from_bits(1 << 22);
+    let mut code = 2;
+    while code < 255 {
+        table[code] = f32::from_bits(((code - 1) as u32) << 23);
+        code += 1;
+    }
+    table
+};
+
+/// `e2m1` magnitudes by the low three bits of a code.
+const E2M1_MAGNITUDE: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
 
 /// The value of an `e2m1` code (the low four bits of `code`).
 pub fn e2m1(code: u8) -> f32 {
-    const MAGNITUDE: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
-    let magnitude = MAGNITUDE[usize::from(code & 0x07)];
+    let magnitude = E2M1_MAGNITUDE[usize::from(code & 0x07)];
     if code & 0x08 != 0 { -magnitude } else { magnitude }
 }
+
+/// Twice every `e2m1` code's value as an integer (a byte-shuffle table for
+/// the kernels). Code 8 (-0) reads as +0 here, which never changes a dot
+/// product: an accumulator that starts at +0 can never become -0.
+pub(crate) const E2M1_TWICE: [i8; 16] = {
+    let mut table = [0i8; 16];
+    let mut code = 0;
+    while code < 16 {
+        let twice = (E2M1_MAGNITUDE[code & 7] * 2.0) as i8;
+        table[code] = if code & 8 != 0 { -twice } else { twice };
+        code += 1;
+    }
+    table
+};
 
 /// Appends rows `first..first + codes.len() / inp` of a block-FP8 matrix to
 /// `out`: `codes` holds those rows' codes, `scales` the whole matrix's
 /// decoded block scales (`ceil(inp/128)` per block row).
 pub fn expand_fp8(codes: &[u8], scales: &[f32], inp: usize, first: usize, out: &mut Vec<f32>) {
     let blocks_per_row = inp.div_ceil(FP8_BLOCK);
-    let table = &*E4M3;
+    let table = &E4M3;
     for (i, row) in codes.chunks_exact(inp).enumerate() {
         let block_row = &scales[((first + i) / FP8_BLOCK) * blocks_per_row..][..blocks_per_row];
         for (block, &scale) in row.chunks(FP8_BLOCK).zip(block_row) {

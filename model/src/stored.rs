@@ -1,12 +1,11 @@
 //! A projection's weights in the format the checkpoint stores them: f32,
 //! BF16/F16, block-FP8 or MXFP4. Only f32 is held as f32; the others stay
-//! in their bytes (memory-mapped) and the matmul expands each block of rows
-//! it is about to use ([`kernels::WeightRows`]). Expansion is exact, so a
-//! model computes the same bits whatever format holds the same values.
+//! in their bytes (memory-mapped) and the matmul reads them as they are
+//! ([`Weights`]), expanding each weight exactly, so a model computes the
+//! same bits whatever format holds the same values.
 
-use crate::kernels::WeightRows;
-use crate::quant;
-use crate::tensor::{MappedBytes, Tensor, widen_half};
+use crate::kernels::Weights;
+use crate::tensor::{MappedBytes, Tensor};
 
 #[derive(Debug)]
 pub enum Stored {
@@ -48,45 +47,20 @@ impl StoredMatrix {
         }
     }
 
+    /// How the matmul reads it.
+    pub fn weights(&self) -> Weights<'_> {
+        match &self.stored {
+            Stored::F32(t) => Weights::F32(t.data()),
+            Stored::Half { bytes, bf16 } => Weights::Half { bytes: bytes.as_slice(), bf16: *bf16 },
+            Stored::Fp8 { codes, scales } => Weights::Fp8 { codes: codes.as_slice(), scales, first: 0 },
+            Stored::Fp4 { packed, scales } => Weights::Fp4 { packed: packed.as_slice(), scales: scales.as_slice() },
+        }
+    }
+
     /// The whole matrix as f32 (for tests and for code that needs it whole).
     pub fn to_f32(&self) -> Vec<f32> {
-        let mut scratch = Vec::new();
-        self.rows(0, self.out, &mut scratch).to_vec()
-    }
-}
-
-impl WeightRows for StoredMatrix {
-    fn rows<'a>(&'a self, c0: usize, c1: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
-        let inp = self.inp;
-        scratch.clear();
-        if !matches!(self.stored, Stored::F32(_)) {
-            scratch.reserve((c1 - c0) * inp);
-        }
-        match &self.stored {
-            Stored::F32(t) => return &t.data()[c0 * inp..c1 * inp],
-            Stored::Half { bytes, bf16 } => {
-                scratch.extend(widen_half(&bytes.as_slice()[c0 * inp * 2..c1 * inp * 2], *bf16))
-            }
-            Stored::Fp8 { codes, scales } => {
-                quant::expand_fp8(&codes.as_slice()[c0 * inp..c1 * inp], scales, inp, c0, scratch)
-            }
-            Stored::Fp4 { packed, scales } => {
-                quant::expand_fp4(&packed.as_slice()[c0 * inp / 2..c1 * inp / 2], scales.as_slice(), inp, c0, scratch)
-            }
-        }
-        scratch
-    }
-}
-
-/// Rows `offset..` of a matrix, as a matrix of their own (a group of a
-/// grouped projection).
-pub struct RowsFrom<'w> {
-    pub w: &'w StoredMatrix,
-    pub offset: usize,
-}
-
-impl WeightRows for RowsFrom<'_> {
-    fn rows<'a>(&'a self, c0: usize, c1: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
-        self.w.rows(self.offset + c0, self.offset + c1, scratch)
+        let mut out = Vec::with_capacity(self.out * self.inp);
+        self.weights().expand(self.inp, &mut out);
+        out
     }
 }

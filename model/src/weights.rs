@@ -5,7 +5,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{LayerType, MlpType, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::kernels;
-use crate::stored::{RowsFrom, Stored, StoredMatrix};
+use crate::stored::{Stored, StoredMatrix};
 use crate::tensor::Tensor;
 
 /// A bias-free projection `y = x · Wᵀ` with `W: [out, in]`, its weights
@@ -26,13 +26,14 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        kernels::linear_with(x, rows, &self.w, self.w.out, self.w.inp)
+        kernels::linear_with(x, rows, self.w.weights(), self.w.out, self.w.inp)
     }
 
     /// The projection by weight rows `first..first + count` only (one group
     /// of a grouped projection).
     pub fn forward_rows(&self, x: &[f32], rows: usize, first: usize, count: usize) -> Vec<f32> {
-        kernels::linear_with(x, rows, &RowsFrom { w: &self.w, offset: first }, count, self.w.inp)
+        let k = self.w.inp;
+        kernels::linear_with(x, rows, self.w.weights().rows(k, first, first + count), count, k)
     }
 }
 

@@ -111,6 +111,20 @@ fn default_rates_sharded_matches_reference() {
     check_fixture("default-rates-sharded");
 }
 
+/// DeepSeek's Flash/Pro release layout (block-FP8 with E8M0 scales, MXFP4
+/// experts, BF16 rest, `mtp.0.*`, two shards), which transformers itself
+/// loads to the same weights.
+#[test]
+fn release_flash_layout_matches_reference() {
+    check_fixture("release-flash");
+}
+
+/// The Base release layout: FP8 experts, F32 scales, a partial 128-block.
+#[test]
+fn release_base_layout_matches_reference() {
+    check_fixture("release-base");
+}
+
 #[test]
 fn tiny_model_matches_reference() {
     check_fixture("tiny-v4");

@@ -1,0 +1,251 @@
+//! CPU kernels. The one that matters is [`linear`]: `y = x · Wᵀ`.
+//!
+//! **Batch invariance** (docs/adr/0001-batch-invariant-matmul.md): every output
+//! element is one dot product summed in a fixed order (16 strided lanes, then a
+//! fixed tree), whatever the number of rows in `x`, how rows are tiled or how
+//! work is split across threads. A token's result therefore never depends on
+//! which other tokens share its batch or its worker, which is what lets the
+//! distributed path be bit-identical to the single-process one. Each step is
+//! a fused multiply-add: AVX-512 and AVX2+FMA use the hardware instruction,
+//! the portable path `f32::mul_add` (exactly fused, in software where the CPU
+//! lacks FMA), so all variants give identical bits.
+
+use rayon::prelude::*;
+
+mod formats;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use formats::Weights;
+use formats::{Bf16Rows, F16Rows, F32Rows, Fp4Rows, Fp8Rows, Rows};
+
+#[cfg(not(target_arch = "x86_64"))]
+use formats::Rows as Source;
+/// What a format's reader must offer the kernels on this architecture.
+#[cfg(target_arch = "x86_64")]
+use x86::Load as Source;
+
+const LANES: usize = 16;
+/// Input rows per parallel task (a tile's inputs stay in L2).
+const ROWS_PER_TASK: usize = 64;
+/// From this many input rows in a task on, a stored format's weight rows
+/// are expanded to f32 once per task and reused by every input row; below
+/// it each weight is expanded in a register right where it is used.
+const EXPAND_FROM_ROWS: usize = 8;
+
+/// `y[m][n] = Σ_k x[m][k] · w[n][k]` for `x: [rows, k]`, `w: [n, k]`, into a
+/// new `[rows, n]` buffer.
+pub fn linear(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let k = w.len() / n;
+    assert_eq!(w.len(), n * k, "weight length");
+    linear_with(x, rows, Weights::F32(w), n, k)
+}
+
+/// [`linear`] over weights in any stored format. Every format gives the bits
+/// the same weight values give as f32.
+pub fn linear_with(x: &[f32], rows: usize, w: Weights<'_>, n: usize, k: usize) -> Vec<f32> {
+    match w {
+        Weights::F32(w) => linear_in(x, rows, F32Rows { w, k }, n, k),
+        Weights::Half { bytes, bf16: true } => linear_in(x, rows, Bf16Rows { bytes, k }, n, k),
+        Weights::Half { bytes, bf16: false } => linear_in(x, rows, F16Rows { bytes, k }, n, k),
+        Weights::Fp8 { codes, scales, first } => linear_in(x, rows, Fp8Rows { codes, scales, first, k }, n, k),
+        Weights::Fp4 { packed, scales } => linear_in(x, rows, Fp4Rows { packed, scales, k }, n, k),
+    }
+}
+
+fn linear_in<W: Source>(x: &[f32], rows: usize, w: W, n: usize, k: usize) -> Vec<f32> {
+    let mut y = vec![0.0; rows * n];
+    if rows == 0 || n == 0 {
+        return y;
+    }
+    assert_eq!(x.len(), rows * k, "input length");
+    // Work is split into tiles of up to ROWS_PER_TASK inputs x cols_per_task
+    // weight rows, small enough that a tile's inputs and weights stay in
+    // cache. Each task fills its own block; blocks are then copied into place.
+    let cols_per_task = if rows <= ROWS_PER_TASK / 4 { 16 } else { 64 };
+    let (row_tiles, col_tiles) = (rows.div_ceil(ROWS_PER_TASK), n.div_ceil(cols_per_task));
+    if row_tiles * col_tiles == 1 || rows * n * k < 1 << 15 {
+        task(x, rows, k, w, 0, n, &mut y);
+        return y;
+    }
+    let blocks: Vec<(usize, usize, usize, Vec<f32>)> = (0..row_tiles * col_tiles)
+        .into_par_iter()
+        .map(|t| {
+            let (r0, c0) = ((t / col_tiles) * ROWS_PER_TASK, (t % col_tiles) * cols_per_task);
+            let (r1, c1) = ((r0 + ROWS_PER_TASK).min(rows), (c0 + cols_per_task).min(n));
+            let mut block = vec![0.0; (r1 - r0) * (c1 - c0)];
+            task(&x[r0 * k..r1 * k], r1 - r0, k, w, c0, c1, &mut block);
+            (r0, r1, c0, block)
+        })
+        .collect();
+    for (r0, r1, c0, block) in blocks {
+        let cols = block.len() / (r1 - r0);
+        for (i, r) in (r0..r1).enumerate() {
+            y[r * n + c0..r * n + c0 + cols].copy_from_slice(&block[i * cols..(i + 1) * cols]);
+        }
+    }
+    y
+}
+
+/// One task: `block[r][c - c0] = dot(x[r], w[c])` for weight rows `c0..c1`.
+/// Many input rows share one expansion of the weights to f32; few have
+/// them expanded in registers.
+fn task<W: Source>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize, block: &mut [f32]) {
+    if W::F32 || rows < EXPAND_FROM_ROWS {
+        return tile(x, rows, k, w, c0, c1, block);
+    }
+    let mut expanded = vec![0.0; (c1 - c0) * k];
+    expand(w, k, c0, c1, &mut expanded);
+    tile(x, rows, k, F32Rows { w: &expanded, k }, 0, c1 - c0, block)
+}
+
+/// Computes `block[r][c - c0] = dot(x[r], w[c])` with the best instruction
+/// set the CPU has; all variants produce identical bits.
+fn tile<W: Source>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize, block: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above); `x` is
+            // `[rows, k]`, `block` `[rows, c1 - c0]`, `c1` at most `w`'s rows.
+            return unsafe { x86::tile_avx512(x, rows, k, w, c0, c1, block) };
+        }
+        if avx2() {
+            // SAFETY: as above, for AVX2, FMA and F16C.
+            return unsafe { x86::tile_avx2(x, rows, k, w, c0, c1, block) };
+        }
+    }
+    tile_generic(x, rows, k, w, c0, c1, block)
+}
+
+/// Weight rows `c0..c1` of `w` as f32 into `out` (`[c1 - c0, k]`).
+fn expand<W: Source>(w: W, k: usize, c0: usize, c1: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F checked; `c1` is at most `w`'s rows.
+            return unsafe { x86::expand_avx512(w, k, c0, c1, out) };
+        }
+        if avx2() {
+            // SAFETY: as above, for AVX2, FMA and F16C.
+            return unsafe { x86::expand_avx2(w, k, c0, c1, out) };
+        }
+    }
+    let mut scratch = Vec::new();
+    for (row, c) in out.chunks_exact_mut(k).zip(c0..c1) {
+        row.copy_from_slice(w.row(c, k, &mut scratch));
+    }
+}
+
+/// Whether the AVX2 path (AVX2, FMA and F16C) runs here.
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+}
+
+/// Portable path: one weight row (expanded when stored otherwise) at a
+/// time, one dot product at a time.
+fn tile_generic<W: Rows>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize, block: &mut [f32]) {
+    let cols = c1 - c0;
+    let mut scratch = Vec::new();
+    for c in c0..c1 {
+        let wr = w.row(c, k, &mut scratch);
+        for r in 0..rows {
+            block[r * cols + c - c0] = dot_generic(&x[r * k..(r + 1) * k], wr);
+        }
+    }
+}
+
+#[inline(always)]
+fn reduce(mut lanes: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            lanes[l] += lanes[l + width];
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
+/// One dot product in the canonical order every matmul uses, on the best
+/// instruction set the CPU has (same bits on all of them).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { x86::dot_avx512(a, b) };
+        }
+        if avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { x86::dot_avx2(a, b) };
+        }
+    }
+    dot_generic(a, b)
+}
+
+/// The canonical order: lane `l` accumulates `a[i]·b[i]` for `i ≡ l (mod 16)`
+/// in increasing `i` with a fused multiply-add, then the lanes are added as a
+/// fixed binary tree ([`reduce`]).
+#[inline(always)]
+fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
+    let k = a.len().min(b.len());
+    let full = k / LANES * LANES;
+    let mut lanes = [0.0f32; LANES];
+    for (xc, wc) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            lanes[l] = xc[l].mul_add(wc[l], lanes[l]);
+        }
+    }
+    for (l, j) in (full..k).enumerate() {
+        lanes[l] = a[j].mul_add(b[j], lanes[l]);
+    }
+    reduce(lanes)
+}
+
+/// `x · rsqrt(mean(x²) + eps)`, then `· weight` when given, over each
+/// `width`-wide row of `x`, in place.
+pub fn rms_norm(x: &mut [f32], width: usize, weight: Option<&[f32]>, eps: f32) {
+    for row in x.chunks_exact_mut(width) {
+        let mean = dot(row, row) / width as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        match weight {
+            Some(w) => row.iter_mut().zip(w).for_each(|(v, w)| *v = w * (*v * scale)),
+            None => row.iter_mut().for_each(|v| *v *= scale),
+        }
+    }
+}
+
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// `log(1 + eˣ)` with torch's default threshold (linear above 20).
+pub fn softplus(x: f32) -> f32 {
+    if x > 20.0 { x } else { x.exp().ln_1p() }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return;
+    }
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    x.iter_mut().for_each(|v| *v /= sum);
+}

@@ -1,0 +1,406 @@
+//! Register-blocked tiles with explicit SIMD, for every stored format. Each
+//! accumulator holds the 16 canonical lanes of one output element (AVX2: two
+//! 8-lane halves); the tail and the final tree run in scalar code shared
+//! with the portable path. A quantized or 16-bit weight is expanded to f32
+//! in a register right before its fused multiply-add, with exactly the
+//! values `crate::quant` defines, so every format keeps the canonical order
+//! and the bits of the same weights held as f32.
+
+// Index loops over the accumulator grid read as the register tile they are.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::formats::{Bf16Rows, F16Rows, F32Rows, Fp4Rows, Fp8Rows, Rows};
+use super::{LANES, dot_generic, reduce};
+use crate::quant::E2M1_TWICE;
+
+/// Loads weights `i..i + 16` of row `c` as f32 vectors.
+///
+/// # Safety
+/// The caller runs with AVX-512F (`load512`) or AVX2+FMA+F16C (`load256`),
+/// `c` is a row of the matrix, `i` a multiple of 16 and `i + 16 <= k`.
+pub(crate) trait Load: Rows {
+    unsafe fn load512(&self, c: usize, i: usize) -> __m512;
+    unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256);
+
+    /// Weights `i..i + 32` of row `c` as two vectors (`i + 32 <= k`), for
+    /// formats that decode 32 at a time more cheaply than twice 16.
+    #[inline(always)]
+    unsafe fn load512_pair(&self, c: usize, i: usize) -> (__m512, __m512) {
+        unsafe { (self.load512(c, i), self.load512(c, i + LANES)) }
+    }
+}
+
+impl Load for F32Rows<'_> {
+    #[inline(always)]
+    unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
+        unsafe { _mm512_loadu_ps(self.w.as_ptr().add(c * self.k + i)) }
+    }
+    #[inline(always)]
+    unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256) {
+        unsafe {
+            let p = self.w.as_ptr().add(c * self.k + i);
+            (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+        }
+    }
+}
+
+/// BF16 is the top half of an f32: widen, shift left 16.
+impl Load for Bf16Rows<'_> {
+    #[inline(always)]
+    unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
+        unsafe {
+            let halves = _mm256_loadu_si256(self.bytes.as_ptr().add(2 * (c * self.k + i)).cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)))
+        }
+    }
+    #[inline(always)]
+    unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256) {
+        unsafe {
+            let p = self.bytes.as_ptr().add(2 * (c * self.k + i));
+            let lo = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            let hi = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(16).cast()));
+            (_mm256_castsi256_ps(_mm256_slli_epi32::<16>(lo)), _mm256_castsi256_ps(_mm256_slli_epi32::<16>(hi)))
+        }
+    }
+}
+
+impl Load for F16Rows<'_> {
+    #[inline(always)]
+    unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(self.bytes.as_ptr().add(2 * (c * self.k + i)).cast())) }
+    }
+    #[inline(always)]
+    unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256) {
+        unsafe {
+            let p = self.bytes.as_ptr().add(2 * (c * self.k + i));
+            (_mm256_cvtph_ps(_mm_loadu_si128(p.cast())), _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast())))
+        }
+    }
+}
+
+/// E4M3 codes (widened to 32-bit lanes) to f32 without touching a
+/// subnormal float (which costs a microcode assist per instruction on many
+/// CPUs): the magnitude bits go to the top of an f32's and the exponent is
+/// rebiased by an integer add (7 to 127), exact for every normal code. For
+/// subnormal codes (exponent 0) that reads `2^-7 · (1 + m/8)`, and
+/// `2 · that - 2^-6 = 2^-6 · m/8` is their value, exactly. The sign bit moves
+/// from bit 7 to bit 31. NaN codes never get here (refused at load).
+#[inline(always)]
+unsafe fn e4m3_512(q: __m512i) -> __m512 {
+    unsafe {
+        let bits = _mm512_slli_epi32::<20>(_mm512_and_si512(q, _mm512_set1_epi32(0x7F)));
+        let normal = _mm512_castsi512_ps(_mm512_add_epi32(bits, _mm512_set1_epi32(120 << 23)));
+        let subnormal = _mm512_testn_epi32_mask(q, _mm512_set1_epi32(0x78));
+        let magnitude = _mm512_mask_fmsub_ps(normal, subnormal, _mm512_set1_ps(2.0), _mm512_set1_ps(SUBNORMAL_SHIFT));
+        let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(q, _mm512_set1_epi32(0x80)));
+        _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(magnitude), sign))
+    }
+}
+
+/// `2^-6`, the fix-up of subnormal E4M3 codes in [`e4m3_512`].
+const SUBNORMAL_SHIFT: f32 = 1.0 / 64.0;
+
+/// As [`e4m3_512`], on 8 lanes.
+#[inline(always)]
+unsafe fn e4m3_256(q: __m256i) -> __m256 {
+    unsafe {
+        let bits = _mm256_slli_epi32::<20>(_mm256_and_si256(q, _mm256_set1_epi32(0x7F)));
+        let normal = _mm256_castsi256_ps(_mm256_add_epi32(bits, _mm256_set1_epi32(120 << 23)));
+        let exponent = _mm256_and_si256(q, _mm256_set1_epi32(0x78));
+        let subnormal = _mm256_castsi256_ps(_mm256_cmpeq_epi32(exponent, _mm256_setzero_si256()));
+        let fixed = _mm256_fmsub_ps(normal, _mm256_set1_ps(2.0), _mm256_set1_ps(SUBNORMAL_SHIFT));
+        let magnitude = _mm256_blendv_ps(normal, fixed, subnormal);
+        let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(q, _mm256_set1_epi32(0x80)));
+        _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(magnitude), sign))
+    }
+}
+
+impl Load for Fp8Rows<'_> {
+    #[inline(always)]
+    unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
+        unsafe {
+            let codes = _mm_loadu_si128(self.codes.as_ptr().add(c * self.k + i).cast());
+            _mm512_mul_ps(e4m3_512(_mm512_cvtepu8_epi32(codes)), _mm512_set1_ps(self.scale(c, i)))
+        }
+    }
+    #[inline(always)]
+    unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256) {
+        unsafe {
+            let codes = _mm_loadu_si128(self.codes.as_ptr().add(c * self.k + i).cast());
+            let scale = _mm256_set1_ps(self.scale(c, i));
+            let lo = e4m3_256(_mm256_cvtepu8_epi32(codes));
+            let hi = e4m3_256(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes)));
+            (_mm256_mul_ps(lo, scale), _mm256_mul_ps(hi, scale))
+        }
+    }
+}
+
+/// 16 MXFP4 codes from the 8 bytes at `p`, in input order (low nibble
+/// first), as twice their value in signed bytes.
+#[inline(always)]
+unsafe fn e2m1_twice(p: *const u8) -> __m128i {
+    unsafe {
+        let table = _mm_loadu_si128(E2M1_TWICE.as_ptr().cast());
+        let bytes = _mm_loadl_epi64(p.cast());
+        let low = _mm_set1_epi8(0x0F);
+        let even = _mm_and_si128(bytes, low);
+        let odd = _mm_and_si128(_mm_srli_epi16::<4>(bytes), low);
+        _mm_shuffle_epi8(table, _mm_unpacklo_epi8(even, odd))
+    }
+}
+
+/// Every e2m1 value as an f32 vector, for `vpermps` lookups.
+const E2M1_VALUES: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+
+impl Load for Fp4Rows<'_> {
+    #[inline(always)]
+    unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
+        unsafe {
+            let twice = e2m1_twice(self.packed.as_ptr().add((c * self.k + i) / 2));
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(twice)), _mm512_set1_ps(self.half_scale(c, i)))
+        }
+    }
+    #[inline(always)]
+    unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256) {
+        unsafe {
+            let twice = e2m1_twice(self.packed.as_ptr().add((c * self.k + i) / 2));
+            let scale = _mm256_set1_ps(self.half_scale(c, i));
+            let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(twice));
+            let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(twice)));
+            (_mm256_mul_ps(lo, scale), _mm256_mul_ps(hi, scale))
+        }
+    }
+    /// One 32-input group: its 16 bytes split into nibbles in input order,
+    /// each looked up in the group's 16 scaled values (`e2m1 · scale`, exact).
+    #[inline(always)]
+    unsafe fn load512_pair(&self, c: usize, i: usize) -> (__m512, __m512) {
+        unsafe {
+            let scale = _mm512_set1_ps(2.0 * self.half_scale(c, i));
+            let table = _mm512_mul_ps(_mm512_loadu_ps(E2M1_VALUES.as_ptr()), scale);
+            let bytes = _mm_loadu_si128(self.packed.as_ptr().add((c * self.k + i) / 2).cast());
+            let low = _mm_set1_epi8(0x0F);
+            let even = _mm_and_si128(bytes, low);
+            let odd = _mm_and_si128(_mm_srli_epi16::<4>(bytes), low);
+            let first = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(even, odd));
+            let second = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(even, odd));
+            (_mm512_permutexvar_ps(first, table), _mm512_permutexvar_ps(second, table))
+        }
+    }
+}
+
+/// Walks the `[rows, c1 - c0]` output in `$r × $c` register tiles with
+/// `$kernel`, falling back to 1-row and 1-column kernels at the edges. A
+/// macro, not a function, so each expansion sits inside its own
+/// `#[target_feature]` function and the kernels inline there.
+macro_rules! walk_tiles {
+    ($kernel:ident, $r:expr, $c:expr, $x:expr, $rows:expr, $k:expr, $w:expr, $c0:expr, $c1:expr, $block:expr) => {{
+        let (x, rows, k, w, c0, c1, block) = ($x, $rows, $k, $w, $c0, $c1, $block);
+        let mut c = c0;
+        while c < c1 {
+            let full_cols = c1 - c >= $c;
+            let mut r = 0;
+            while r < rows {
+                let full_rows = rows - r >= $r;
+                let at = Tile { r, c, c0, cols: c1 - c0, k };
+                // SAFETY: the row and column ranges lie inside the matrices.
+                unsafe {
+                    match (full_rows, full_cols) {
+                        (true, true) => $kernel::<_, { $r }, { $c }>(x, w, at, block),
+                        (true, false) => $kernel::<_, { $r }, 1>(x, w, at, block),
+                        (false, true) => $kernel::<_, 1, { $c }>(x, w, at, block),
+                        (false, false) => $kernel::<_, 1, 1>(x, w, at, block),
+                    }
+                }
+                r += if full_rows { $r } else { 1 };
+            }
+            c += if full_cols { $c } else { 1 };
+        }
+    }};
+}
+
+/// Where one register tile sits: its first input row `r` and weight row
+/// `c`, the block's first weight row `c0` and width `cols`, the depth `k`.
+#[derive(Clone, Copy)]
+struct Tile {
+    r: usize,
+    c: usize,
+    c0: usize,
+    cols: usize,
+    k: usize,
+}
+
+/// Adds the scalar tail `k % 16` of one dot product to its lanes, reduces.
+#[inline(always)]
+fn finish(mut lanes: [f32; LANES], x: &[f32], w: &impl Rows, c: usize, full: usize) -> f32 {
+    for (l, j) in (full..x.len()).enumerate() {
+        lanes[l] = x[j].mul_add(w.value(c, j), lanes[l]);
+    }
+    reduce(lanes)
+}
+
+/// [`dot_generic`] compiled with AVX-512 (LLVM's AVX-512F implies FMA).
+#[target_feature(enable = "avx512f")]
+pub fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    dot_generic(a, b)
+}
+
+/// [`dot_generic`] compiled with AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_generic(a, b)
+}
+
+/// `block[r][c - c0] = dot(x[r], w[c])` for weight rows `c0..c1`.
+///
+/// # Safety
+/// AVX-512F must be available; `x: [rows, k]`, `block: [rows, c1 - c0]`,
+/// `c1` at most the rows of `w`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn tile_avx512<W: Load>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize, block: &mut [f32]) {
+    walk_tiles!(kernel512, 4, 4, x, rows, k, w, c0, c1, block)
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel512<W: Load, const R: usize, const C: usize>(x: &[f32], w: W, at: Tile, block: &mut [f32]) {
+    let Tile { r: r0, c: c0, k, .. } = at;
+    let full = k / LANES * LANES;
+    let mut acc = [[_mm512_setzero_ps(); C]; R];
+    let mut wv = [_mm512_setzero_ps(); C];
+    let mut i = 0;
+    // Two steps of 16 per pass, each accumulator still taking them in order.
+    let mut wv2 = [_mm512_setzero_ps(); C];
+    while i + 2 * LANES <= full {
+        for c in 0..C {
+            // SAFETY: i + 32 <= full <= k, inside weight row c0 + c.
+            (wv[c], wv2[c]) = unsafe { w.load512_pair(c0 + c, i) };
+        }
+        for r in 0..R {
+            // SAFETY: as above, inside input row r0 + r.
+            let (x1, x2) = unsafe {
+                let p = x.as_ptr().add((r0 + r) * k + i);
+                (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(LANES)))
+            };
+            for c in 0..C {
+                acc[r][c] = _mm512_fmadd_ps(x1, wv[c], acc[r][c]);
+                acc[r][c] = _mm512_fmadd_ps(x2, wv2[c], acc[r][c]);
+            }
+        }
+        i += 2 * LANES;
+    }
+    while i < full {
+        for c in 0..C {
+            // SAFETY: i + 16 <= full <= k, inside weight row c0 + c.
+            wv[c] = unsafe { w.load512(c0 + c, i) };
+        }
+        for r in 0..R {
+            // SAFETY: as above, inside input row r0 + r.
+            let xv = unsafe { _mm512_loadu_ps(x.as_ptr().add((r0 + r) * k + i)) };
+            for c in 0..C {
+                acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+            }
+        }
+        i += LANES;
+    }
+    for r in 0..R {
+        for c in 0..C {
+            let mut lanes = [0.0f32; LANES];
+            // SAFETY: `lanes` holds exactly 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r][c]) };
+            let xr = &x[(r0 + r) * k..(r0 + r + 1) * k];
+            block[(r0 + r) * at.cols + c0 + c - at.c0] = finish(lanes, xr, &w, c0 + c, full);
+        }
+    }
+}
+
+/// Input rows and weight rows of the AVX2 register tile: 2 × 3 × 2 halves
+/// = 12 of the 16 ymm registers hold accumulators.
+const AVX2_ROWS: usize = 2;
+const AVX2_COLS: usize = 3;
+
+/// As [`tile_avx512`].
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; shapes as for [`tile_avx512`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile_avx2<W: Load>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize, block: &mut [f32]) {
+    walk_tiles!(kernel256, AVX2_ROWS, AVX2_COLS, x, rows, k, w, c0, c1, block)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn kernel256<W: Load, const R: usize, const C: usize>(x: &[f32], w: W, at: Tile, block: &mut [f32]) {
+    let Tile { r: r0, c: c0, k, .. } = at;
+    let full = k / LANES * LANES;
+    let mut lo = [[_mm256_setzero_ps(); C]; R];
+    let mut hi = [[_mm256_setzero_ps(); C]; R];
+    let mut wl = [_mm256_setzero_ps(); C];
+    let mut wh = [_mm256_setzero_ps(); C];
+    let mut i = 0;
+    while i < full {
+        for c in 0..C {
+            // SAFETY: i + 16 <= full <= k: both halves stay in weight row c0 + c.
+            (wl[c], wh[c]) = unsafe { w.load256(c0 + c, i) };
+        }
+        for r in 0..R {
+            // SAFETY: as above, inside input row r0 + r.
+            let (xl, xh) = unsafe {
+                let p = x.as_ptr().add((r0 + r) * k + i);
+                (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+            };
+            for c in 0..C {
+                lo[r][c] = _mm256_fmadd_ps(xl, wl[c], lo[r][c]);
+                hi[r][c] = _mm256_fmadd_ps(xh, wh[c], hi[r][c]);
+            }
+        }
+        i += LANES;
+    }
+    for r in 0..R {
+        for c in 0..C {
+            let mut lanes = [0.0f32; LANES];
+            // SAFETY: `lanes` holds exactly 16 floats, 8 per store.
+            unsafe {
+                _mm256_storeu_ps(lanes.as_mut_ptr(), lo[r][c]);
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi[r][c]);
+            }
+            let xr = &x[(r0 + r) * k..(r0 + r + 1) * k];
+            block[(r0 + r) * at.cols + c0 + c - at.c0] = finish(lanes, xr, &w, c0 + c, full);
+        }
+    }
+}
+
+/// Weight rows `c0..c1` of `w` as f32 into `out` (`[c1 - c0, k]`).
+///
+/// # Safety
+/// AVX-512F must be available; `c1` at most the rows of `w`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn expand_avx512<W: Load>(w: W, k: usize, c0: usize, c1: usize, out: &mut [f32]) {
+    let full = k / LANES * LANES;
+    for (row, c) in out.chunks_exact_mut(k).zip(c0..c1) {
+        for i in (0..full).step_by(LANES) {
+            // SAFETY: i + 16 <= full <= k, inside row c of `w` and of `out`.
+            unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(i), w.load512(c, i)) };
+        }
+        (full..k).for_each(|j| row[j] = w.value(c, j));
+    }
+}
+
+/// As [`expand_avx512`].
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `c1` at most the rows of `w`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn expand_avx2<W: Load>(w: W, k: usize, c0: usize, c1: usize, out: &mut [f32]) {
+    let full = k / LANES * LANES;
+    for (row, c) in out.chunks_exact_mut(k).zip(c0..c1) {
+        for i in (0..full).step_by(LANES) {
+            // SAFETY: as above, both halves inside row c.
+            unsafe {
+                let (lo, hi) = w.load256(c, i);
+                _mm256_storeu_ps(row.as_mut_ptr().add(i), lo);
+                _mm256_storeu_ps(row.as_mut_ptr().add(i + 8), hi);
+            }
+        }
+        (full..k).for_each(|j| row[j] = w.value(c, j));
+    }
+}
