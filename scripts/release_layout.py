@@ -48,6 +48,7 @@ def release_name(name: str) -> str:
     """transformers' saved name to DeepSeek's own."""
     name = name.removeprefix("model.")
     name = name.replace("embed_tokens.weight", "embed.weight")
+    name = re.sub(r"\.attn\.norm\.weight$", ".attn.kv_norm.weight", name)
     return re.sub(r"^hc_head\.hc_(fn|base|scale)$", r"hc_head_\1", name)
 
 
@@ -143,6 +144,12 @@ def write_release(saved: Path, out: Path, layout: str, shards: int = 2) -> dict:
     config["quantization_config"] = quantization
     config["expert_dtype"] = "fp4" if layout == "flash" else "fp8"
     config["num_nextn_predict_layers"] = 1
+    # DeepSeek's own schedule keys, as the release's config.json has them
+    # (llama.cpp's converter reads these; transformers and Myriad prefer
+    # layer_types / mlp_layer_types when both are present).
+    rates = {"sliding_attention": 0, **config.get("compress_rates", {})}
+    config["compress_ratios"] = [rates[t] for t in config["layer_types"]]
+    config["num_hash_layers"] = config["mlp_layer_types"].count("hash_moe")
     config["torch_dtype"] = "bfloat16"
     config.pop("dtype", None)
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -169,6 +169,22 @@ mod tests {
         assert_eq!(human(80 << 30), "80.0 GiB");
     }
 
+    /// What `plan` (and the coordinator) count per expert is exactly what a
+    /// worker holds, for both release layouts.
+    #[test]
+    fn a_worker_holds_what_the_plan_counts() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        for (name, dtype) in [("release-flash", ExpertDtype::Fp4), ("release-base", ExpertDtype::Fp8)] {
+            let dir = fixtures.join(name);
+            let (shape, config) = read_config(&dir.join("config.json")).unwrap();
+            assert_eq!(ExpertDtype::of_config(&config).unwrap(), dtype, "{name}");
+            let backend =
+                myriad_worker::backend::CpuBackend::load(&dir, &myriad_proto::spec::ExpertSpec::all()).unwrap();
+            let each = expert_bytes(shape.hidden_size, shape.moe_intermediate_size, dtype);
+            assert_eq!(backend.bytes() as u64, backend.hosted_count() as u64 * each, "{name}");
+        }
+    }
+
     #[test]
     fn the_format_comes_from_the_config() {
         let of = |json: &str| ExpertDtype::of_config(&serde_json::from_str(json).unwrap());

@@ -53,7 +53,11 @@ pub fn run(args: Args) -> Result<()> {
                 let backend = CpuBackend::load(&args.model, spec)
                     .with_context(|| format!("load experts `{spec}` from {}", args.model.display()))?;
                 // Tests and scripts read this line to find an ephemeral port.
-                println!("worker listening on {bound} with {} experts", backend.hosted_count());
+                println!(
+                    "worker listening on {bound} with {} experts ({} as stored)",
+                    backend.hosted_count(),
+                    myriad_coordinator::placement::human(backend.bytes() as u64)
+                );
                 Arc::new(Worker::new(Arc::new(backend)))
             }
             None => {

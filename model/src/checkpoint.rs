@@ -79,6 +79,11 @@ impl Checkpoint {
         self.entries.contains_key(name)
     }
 
+    /// Every tensor's canonical name.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
     fn entry(&self, name: &str) -> Result<&Entry> {
         self.entries
             .get(name)
@@ -151,7 +156,9 @@ impl Checkpoint {
                 let (scales, scale_entry) = self.scales(name, entry, fp4, out, inp)?;
                 let codes = mapped(entry)?;
                 if fp4 {
-                    Stored::Fp4 { packed: codes, scales: mapped(scale_entry)? }
+                    let packed = quant::fp4_kernel_order(codes.as_slice());
+                    codes.release();
+                    Stored::Fp4 { packed, scales: mapped(scale_entry)? }
                 } else {
                     if let Some(k) = codes.as_slice().iter().position(|&c| c & 0x7F == 0x7F) {
                         return Err(ModelError::tensor(name, format!("code {k} is NaN")));

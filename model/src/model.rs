@@ -52,6 +52,13 @@ impl Model {
         }
         let (config, config_bytes) = ModelConfig::read(dir)?;
         let ckpt = Checkpoint::open(dir)?;
+        let mtp = ckpt.names().filter(|n| n.starts_with("mtp.")).count();
+        if mtp > 0 {
+            tracing::info!(
+                tensors = mtp,
+                "not using the multi-token-prediction module (mtp.*): no speculative decoding yet"
+            );
+        }
         let weights = ModelWeights::load(&ckpt, &config, routed)?;
         Ok(Model { config, weights, fingerprint: ckpt.fingerprint(&config_bytes) })
     }

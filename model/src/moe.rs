@@ -12,6 +12,7 @@ use crate::config::{MlpType, ModelConfig, ScoringFunc};
 use crate::error::Result;
 use crate::kernels::{sigmoid, silu, softmax, softplus};
 use crate::weights::{ExpertWeights, MoeWeights};
+use rayon::prelude::*;
 
 /// One token's routing: `(expert id, weight)` pairs, `num_experts_per_tok` of them.
 pub type Route = Vec<(usize, f32)>;
@@ -118,11 +119,16 @@ pub fn expert_ffn(w: &ExpertWeights, x: &[f32], rows: usize, limit: f32) -> Vec<
     w.w2.forward(&act, rows)
 }
 
+/// One token routed to an expert: its row, its contribution's slot, its weight.
+type Member = (usize, usize, f32);
+
 /// Computes the weighted contribution of every (token, route entry): each
 /// expert runs once on all of its tokens (a batched GEMM), `expert(e)` gives
 /// its weights (`None`: not hosted here, an error naming the expert).
+/// Experts run in parallel on the compute pool; each one's result is the
+/// same bits however they are scheduled.
 pub fn contributions<'a>(
-    expert: impl Fn(usize) -> Option<&'a ExpertWeights>,
+    expert: impl Fn(usize) -> Option<&'a ExpertWeights> + Sync,
     cfg: &ModelConfig,
     x: &[f32],
     routes: &[Route],
@@ -134,18 +140,27 @@ pub fn contributions<'a>(
         offsets.push(slots);
         slots += route.len();
     }
-    let mut out = vec![0.0; slots * hidden];
-    let mut by_expert: std::collections::BTreeMap<usize, Vec<(usize, usize, f32)>> = Default::default();
+    let mut by_expert: std::collections::BTreeMap<usize, Vec<Member>> = Default::default();
     for (r, route) in routes.iter().enumerate() {
         for (j, &(e, weight)) in route.iter().enumerate() {
             by_expert.entry(e).or_default().push((r, offsets[r] + j, weight));
         }
     }
-    for (e, members) in by_expert {
-        let w = expert(e).ok_or_else(|| crate::ModelError::InvalidInput(format!("expert {e} is not hosted here")))?;
-        let gathered: Vec<f32> =
-            members.iter().flat_map(|&(r, _, _)| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
-        let y = expert_ffn(w, &gathered, members.len(), cfg.swiglu_limit);
+    let work: Vec<(usize, Vec<Member>)> = by_expert.into_iter().collect();
+    let results: Vec<Result<Vec<f32>>> = rayon::scope(|_| {
+        work.par_iter()
+            .map(|(e, members)| {
+                let w = expert(*e)
+                    .ok_or_else(|| crate::ModelError::InvalidInput(format!("expert {e} is not hosted here")))?;
+                let gathered: Vec<f32> =
+                    members.iter().flat_map(|&(r, _, _)| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
+                Ok(expert_ffn(w, &gathered, members.len(), cfg.swiglu_limit))
+            })
+            .collect()
+    });
+    let mut out = vec![0.0; slots * hidden];
+    for ((_, members), y) in work.iter().zip(results) {
+        let y = y?;
         for (i, &(_, slot, weight)) in members.iter().enumerate() {
             for (o, v) in out[slot * hidden..(slot + 1) * hidden].iter_mut().zip(&y[i * hidden..(i + 1) * hidden]) {
                 *o = v * weight;

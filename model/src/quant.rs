@@ -107,18 +107,33 @@ pub fn expand_fp8(codes: &[u8], scales: &[f32], inp: usize, first: usize, out: &
     }
 }
 
+/// MXFP4 bytes rearranged for the kernels (same size): within each 32-input
+/// group of 16 bytes, byte `j` holds input `j` in its low nibble and input
+/// `j + 16` in its high nibble, where the checkpoint has inputs `2j` and
+/// `2j + 1`. One widening then gives 16 consecutive inputs' codes in the low
+/// bits of 16 lanes, and a shift by 4 the next 16.
+pub fn fp4_kernel_order(stored: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(stored.len());
+    for group in stored.chunks_exact(FP4_GROUP / 2) {
+        let code = |i: usize| (group[i / 2] >> (4 * (i % 2))) & 0x0F;
+        out.extend((0..FP4_GROUP / 2).map(|j| code(j) | (code(j + FP4_GROUP / 2) << 4)));
+    }
+    out
+}
+
 /// Appends rows `first..first + packed.len() / (inp/2)` of an MXFP4 matrix
-/// to `out`: `packed` holds those rows' bytes, `scales` the whole matrix's
-/// E8M0 group scales as stored (`inp/32` per row, none of them the NaN
-/// code: checked at load, as is `inp` being a multiple of 32).
+/// to `out`: `packed` holds those rows' bytes in kernel order
+/// ([`fp4_kernel_order`]), `scales` the whole matrix's E8M0 group scales as
+/// stored (`inp/32` per row, none of them the NaN code: checked at load, as
+/// is `inp` being a multiple of 32).
 pub fn expand_fp4(packed: &[u8], scales: &[u8], inp: usize, first: usize, out: &mut Vec<f32>) {
     let groups = inp / FP4_GROUP;
     for (i, row) in packed.chunks_exact(inp / 2).enumerate() {
         let row_scales = &scales[(first + i) * groups..][..groups];
-        for (b, &byte) in row.iter().enumerate() {
-            let scale = e8m0(row_scales[2 * b / FP4_GROUP]).unwrap_or(f32::NAN);
-            out.push(e2m1(byte) * scale);
-            out.push(e2m1(byte >> 4) * scale);
+        for (group, &scale) in row.chunks_exact(FP4_GROUP / 2).zip(row_scales) {
+            let scale = e8m0(scale).unwrap_or(f32::NAN);
+            out.extend(group.iter().map(|&b| e2m1(b) * scale));
+            out.extend(group.iter().map(|&b| e2m1(b >> 4) * scale));
         }
     }
 }
@@ -135,7 +150,7 @@ mod tests {
 
     fn dequantize_fp4(packed: &[u8], scales: &[u8], out: usize, inp: usize) -> Vec<f32> {
         let mut w = Vec::with_capacity(out * inp);
-        expand_fp4(&packed[..out * inp / 2], scales, inp, 0, &mut w);
+        expand_fp4(&fp4_kernel_order(&packed[..out * inp / 2]), scales, inp, 0, &mut w);
         w
     }
 
@@ -186,6 +201,14 @@ mod tests {
     }
 
     #[test]
+    fn fp4_kernel_order_puts_input_j_and_j_plus_16_in_byte_j() {
+        // Stored: byte b = input 2b (low) | input 2b+1 (high), here input i has code i % 16.
+        let stored: Vec<u8> = (0..16u8).map(|b| ((2 * b) % 16) | (((2 * b + 1) % 16) << 4)).collect();
+        let kernel = fp4_kernel_order(&stored);
+        assert!((0..16).all(|j| kernel[j] == (j as u8 % 16) | (((j as u8 + 16) % 16) << 4)));
+    }
+
+    #[test]
     fn fp4_low_nibble_is_the_even_input_and_groups_share_a_scale() {
         // One row of 64 inputs: bytes 0x21 (inputs 0.5 then 1.0), scales 1 and 4.
         let packed = vec![0x21u8; 32];
@@ -193,7 +216,7 @@ mod tests {
         assert_eq!((w[0], w[1], w[31]), (0.5, 1.0, 1.0));
         assert_eq!((w[32], w[33], w[63]), (2.0, 4.0, 4.0));
         let mut second = Vec::new();
-        expand_fp4(&[0x21u8; 16], &[127, 130], 32, 1, &mut second);
+        expand_fp4(&fp4_kernel_order(&[0x21u8; 16]), &[127, 130], 32, 1, &mut second);
         assert_eq!((second[0], second[1]), (4.0, 8.0));
         let negative = dequantize_fp4(&[0xF9; 16], &[128], 1, 32);
         assert_eq!(negative[..2], [-1.0, -12.0]);

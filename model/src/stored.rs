@@ -20,10 +20,12 @@ pub enum Stored {
         codes: MappedBytes,
         scales: Vec<f32>,
     },
-    /// MXFP4 bytes `[out, inp/2]` and their E8M0 group scales `[out, inp/32]`,
-    /// both as stored (decoded scales would add a quarter to the bytes).
+    /// MXFP4 bytes `[out, inp/2]` in kernel order
+    /// ([`crate::quant::fp4_kernel_order`], the same size as stored) and
+    /// their E8M0 group scales `[out, inp/32]` as stored (decoded scales
+    /// would add a quarter to the bytes).
     Fp4 {
-        packed: MappedBytes,
+        packed: Vec<u8>,
         scales: MappedBytes,
     },
 }
@@ -43,7 +45,7 @@ impl StoredMatrix {
             Stored::F32(t) => t.data().len() * 4,
             Stored::Half { bytes, .. } => bytes.as_slice().len(),
             Stored::Fp8 { codes, scales } => codes.as_slice().len() + scales.len() * 4,
-            Stored::Fp4 { packed, scales } => packed.as_slice().len() + scales.as_slice().len(),
+            Stored::Fp4 { packed, scales } => packed.len() + scales.as_slice().len(),
         }
     }
 
@@ -53,7 +55,7 @@ impl StoredMatrix {
             Stored::F32(t) => Weights::F32(t.data()),
             Stored::Half { bytes, bf16 } => Weights::Half { bytes: bytes.as_slice(), bf16: *bf16 },
             Stored::Fp8 { codes, scales } => Weights::Fp8 { codes: codes.as_slice(), scales, first: 0 },
-            Stored::Fp4 { packed, scales } => Weights::Fp4 { packed: packed.as_slice(), scales: scales.as_slice() },
+            Stored::Fp4 { packed, scales } => Weights::Fp4 { packed, scales: scales.as_slice() },
         }
     }
 

@@ -82,6 +82,25 @@ impl MappedBytes {
     pub fn as_slice(&self) -> &[u8] {
         &self.map[self.offset..self.offset + self.len]
     }
+
+    /// Drops these bytes' pages from memory once a copy of them is all that
+    /// is used (they are read back from the file if touched again), so they
+    /// do not count twice in the process's resident memory.
+    pub fn release(self) {
+        #[cfg(unix)]
+        {
+            let page = 4096;
+            let (start, end) = (self.offset.next_multiple_of(page), (self.offset + self.len) / page * page);
+            if end > start {
+                // SAFETY: the mapping is read-only and file-backed: dropping
+                // its pages changes no byte a reader can observe (they are
+                // faulted in again from the unchanged file), and only whole
+                // pages inside this tensor's range are dropped.
+                let _ =
+                    unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for MappedBytes {

@@ -106,6 +106,11 @@ impl CpuBackend {
     pub fn hosted_count(&self) -> usize {
         self.experts.len()
     }
+
+    /// Bytes the hosted experts' weights hold, in their stored formats.
+    pub fn bytes(&self) -> usize {
+        self.experts.values().map(|e| e.bytes()).sum()
+    }
 }
 
 impl ExpertBackend for CpuBackend {

@@ -168,8 +168,9 @@ impl Fp4Rows<'_> {
 
 impl Rows for Fp4Rows<'_> {
     fn value(&self, c: usize, j: usize) -> f32 {
-        let byte = self.packed[(c * self.k + j) / 2];
-        let code = if j.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 };
+        let (group, at) = (j / FP4_GROUP, j % FP4_GROUP);
+        let byte = self.packed[(c * self.k + group * FP4_GROUP) / 2 + at % (FP4_GROUP / 2)];
+        let code = if at < FP4_GROUP / 2 { byte & 0x0F } else { byte >> 4 };
         f32::from(E2M1_TWICE[usize::from(code)]) * self.half_scale(c, j)
     }
     fn row<'s>(&'s self, c: usize, k: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {

@@ -30,6 +30,8 @@ use x86::Load as Source;
 const LANES: usize = 16;
 /// Input rows per parallel task (a tile's inputs stay in L2).
 const ROWS_PER_TASK: usize = 64;
+/// Tasks per compute thread when few input rows split only the weights.
+const TASKS_PER_THREAD: usize = 4;
 /// From this many input rows in a task on, a stored format's weight rows
 /// are expanded to f32 once per task and reused by every input row; below
 /// it each weight is expanded in a register right where it is used.
@@ -67,10 +69,24 @@ fn linear_in<W: Source>(x: &[f32], rows: usize, w: W, n: usize, k: usize) -> Vec
     // Work is split into tiles of up to ROWS_PER_TASK inputs x cols_per_task
     // weight rows, small enough that a tile's inputs and weights stay in
     // cache. Each task fills its own block; blocks are then copied into place.
-    let cols_per_task = if rows <= ROWS_PER_TASK / 4 { 16 } else { 64 };
+    // A few rows (decode) stream the weights once: they are split into a few
+    // tasks per thread only, as each task costs a hand-off between threads.
+    let cols_per_task = if rows <= ROWS_PER_TASK / 4 {
+        n.div_ceil(TASKS_PER_THREAD * rayon::current_num_threads()).next_multiple_of(16)
+    } else {
+        64
+    };
     let (row_tiles, col_tiles) = (rows.div_ceil(ROWS_PER_TASK), n.div_ceil(cols_per_task));
     if row_tiles * col_tiles == 1 || rows * n * k < 1 << 15 {
         task(x, rows, k, w, 0, n, &mut y);
+        return y;
+    }
+    if rows == 1 {
+        // One row: each task's columns are a slice of the output already.
+        y.par_chunks_mut(cols_per_task).enumerate().for_each(|(t, out)| {
+            let c0 = t * cols_per_task;
+            task(x, 1, k, w, c0, c0 + out.len(), out);
+        });
         return y;
     }
     let blocks: Vec<(usize, usize, usize, Vec<f32>)> = (0..row_tiles * col_tiles)

@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 
 use super::formats::{Bf16Rows, F16Rows, F32Rows, Fp4Rows, Fp8Rows, Rows};
 use super::{LANES, dot_generic, reduce};
-use crate::quant::E2M1_TWICE;
+use crate::quant::{E2M1_TWICE, FP4_GROUP};
 
 /// Loads weights `i..i + 16` of row `c` as f32 vectors.
 ///
@@ -121,7 +121,11 @@ impl Load for Fp8Rows<'_> {
     #[inline(always)]
     unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
         unsafe {
-            let codes = _mm_loadu_si128(self.codes.as_ptr().add(c * self.k + i).cast());
+            let at = c * self.k + i;
+            if i.is_multiple_of(64) {
+                _mm_prefetch::<_MM_HINT_T0>(self.codes.as_ptr().wrapping_add(at + PREFETCH).cast());
+            }
+            let codes = _mm_loadu_si128(self.codes.as_ptr().add(at).cast());
             _mm512_mul_ps(e4m3_512(_mm512_cvtepu8_epi32(codes)), _mm512_set1_ps(self.scale(c, i)))
         }
     }
@@ -137,19 +141,23 @@ impl Load for Fp8Rows<'_> {
     }
 }
 
-/// 16 MXFP4 codes from the 8 bytes at `p`, in input order (low nibble
-/// first), as twice their value in signed bytes.
+/// The 16 MXFP4 codes of inputs `i..i + 16` (`i` a multiple of 16) of row
+/// `c`, in input order, as twice their value in signed bytes. Kernel order
+/// ([`crate::quant::fp4_kernel_order`]): the group's 16 bytes hold the
+/// first 16 inputs in their low nibbles, the next 16 in the high ones.
 #[inline(always)]
-unsafe fn e2m1_twice(p: *const u8) -> __m128i {
+unsafe fn e2m1_twice(w: &Fp4Rows<'_>, c: usize, i: usize) -> __m128i {
     unsafe {
-        let table = _mm_loadu_si128(E2M1_TWICE.as_ptr().cast());
-        let bytes = _mm_loadl_epi64(p.cast());
-        let low = _mm_set1_epi8(0x0F);
-        let even = _mm_and_si128(bytes, low);
-        let odd = _mm_and_si128(_mm_srli_epi16::<4>(bytes), low);
-        _mm_shuffle_epi8(table, _mm_unpacklo_epi8(even, odd))
+        let group = (c * w.k + i / FP4_GROUP * FP4_GROUP) / 2;
+        let bytes = _mm_loadu_si128(w.packed.as_ptr().add(group).cast());
+        let shifted = if i.is_multiple_of(FP4_GROUP) { bytes } else { _mm_srli_epi16::<4>(bytes) };
+        let codes = _mm_and_si128(shifted, _mm_set1_epi8(0x0F));
+        _mm_shuffle_epi8(_mm_loadu_si128(E2M1_TWICE.as_ptr().cast()), codes)
     }
 }
+
+/// How far ahead of its reads a quantized row is prefetched, in bytes.
+const PREFETCH: usize = 512;
 
 /// Every e2m1 value as an f32 vector, for `vpermps` lookups.
 const E2M1_VALUES: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
@@ -158,34 +166,42 @@ impl Load for Fp4Rows<'_> {
     #[inline(always)]
     unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
         unsafe {
-            let twice = e2m1_twice(self.packed.as_ptr().add((c * self.k + i) / 2));
+            let twice = e2m1_twice(self, c, i);
             _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(twice)), _mm512_set1_ps(self.half_scale(c, i)))
         }
     }
     #[inline(always)]
     unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256) {
         unsafe {
-            let twice = e2m1_twice(self.packed.as_ptr().add((c * self.k + i) / 2));
+            let twice = e2m1_twice(self, c, i);
             let scale = _mm256_set1_ps(self.half_scale(c, i));
             let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(twice));
             let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(twice)));
             (_mm256_mul_ps(lo, scale), _mm256_mul_ps(hi, scale))
         }
     }
-    /// One 32-input group: its 16 bytes split into nibbles in input order,
-    /// each looked up in the group's 16 scaled values (`e2m1 · scale`, exact).
+    /// One 32-input group: its 16 bytes widened to 16 lanes, whose low four
+    /// bits are the first 16 inputs' codes and, shifted by 4, the next 16's
+    /// (`vpermps` reads only the low four bits of an index), looked up in
+    /// the group's 16 values times its scale (exact).
     #[inline(always)]
     unsafe fn load512_pair(&self, c: usize, i: usize) -> (__m512, __m512) {
         unsafe {
+            let at = (c * self.k + i) / 2;
+            // Several rows' codes and scales stream at once: fetch ahead,
+            // once per 64-byte line of codes.
+            if i.is_multiple_of(128) {
+                _mm_prefetch::<_MM_HINT_T0>(self.packed.as_ptr().wrapping_add(at + PREFETCH).cast());
+            }
+            if i.is_multiple_of(64 * FP4_GROUP) {
+                let s = c * (self.k / FP4_GROUP) + i / FP4_GROUP;
+                _mm_prefetch::<_MM_HINT_T0>(self.scales.as_ptr().wrapping_add(s + 64).cast());
+            }
             let scale = _mm512_set1_ps(2.0 * self.half_scale(c, i));
             let table = _mm512_mul_ps(_mm512_loadu_ps(E2M1_VALUES.as_ptr()), scale);
-            let bytes = _mm_loadu_si128(self.packed.as_ptr().add((c * self.k + i) / 2).cast());
-            let low = _mm_set1_epi8(0x0F);
-            let even = _mm_and_si128(bytes, low);
-            let odd = _mm_and_si128(_mm_srli_epi16::<4>(bytes), low);
-            let first = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(even, odd));
-            let second = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(even, odd));
-            (_mm512_permutexvar_ps(first, table), _mm512_permutexvar_ps(second, table))
+            let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(self.packed.as_ptr().add(at).cast()));
+            let first = _mm512_permutexvar_ps(bytes, table);
+            (first, _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), table))
         }
     }
 }

@@ -1,0 +1,149 @@
+"""Speed on DeepSeek's release layout, measured side by side in one run.
+
+The larger random V4 config of bench_reference.py, written in the Flash
+release layout (block-FP8 attention and shared experts, MXFP4 routed
+experts, BF16 rest; scripts/release_layout.py), run by:
+
+* Myriad on the release folder,
+* Myriad on the same weight values stored as f32 (the f32 path),
+* transformers on the same values in f32 (what it dequantizes the release
+  folder to),
+* llama.cpp (`llama-bench`) on the GGUF its converter makes from the same
+  folder, when --llama-bench and --llama-convert are given.
+
+Prints prefill and decode tokens/s, the weight bytes a decoded token reads,
+and this machine's read bandwidth measured here, with ratios. The greedy
+tokens of the Myriad runs and transformers must agree. Run through
+scripts/bench_quantized.sh.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_reference import LARGER, build, myriad, reference  # noqa: E402
+from release_layout import read_saved, write_release  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_bandwidth() -> float:
+    """GB/s for summing 1 GiB with torch on every core, best of 5."""
+    data = torch.ones(1 << 28)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        float(data.sum())
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+
+def tensor_bytes(folder: Path) -> dict:
+    """Stored bytes of every tensor, from the safetensors headers."""
+    sizes = {}
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                start, end = meta["data_offsets"]
+                sizes[name] = end - start
+    return sizes
+
+
+def bytes_per_token(folder: Path) -> int:
+    """Weight bytes one decoded token reads: every tensor but the embedding
+    table (one row), the unused mtp module and the routed experts, plus
+    num_experts_per_tok routed experts per layer."""
+    sizes = tensor_bytes(folder)
+    dense = sum(b for n, b in sizes.items() if ".experts." not in n and not n.startswith(("mtp.", "embed.")))
+    routed = sum(b for n, b in sizes.items() if ".ffn.experts." in n)
+    share = LARGER["num_experts_per_tok"] / LARGER["n_routed_experts"]
+    return int(dense + routed * share)
+
+
+def dequantized_copy(saved: Path, encoded: dict, out: Path):
+    """The release folder's weight values, stored as f32."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({**read_saved(saved), **encoded}, out / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(saved / "config.json", out / "config.json")
+
+
+def llama_cpp(convert: str, bench: Path, folder: Path, gguf: Path, prompt_len: int, new_tokens: int, threads: int):
+    if not gguf.exists():
+        subprocess.run(convert.split() + [str(folder), "--outfile", str(gguf)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = subprocess.run([str(bench), "-m", str(gguf), "-p", str(prompt_len), "-n", str(new_tokens),
+                          "-t", str(threads), "-r", "3", "-o", "json"], capture_output=True, text=True, check=True)
+    results = json.loads(run.stdout)
+    prefill = next(r["avg_ts"] for r in results if r["n_prompt"] > 0)
+    decode = next(r["avg_ts"] for r in results if r["n_gen"] > 0)
+    return prefill, decode
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--myriad", required=True)
+    ap.add_argument("--dir", default="/tmp/myriad-bench")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--llama-convert", help="scripts/llama_convert.py's command line, as one string")
+    ap.add_argument("--llama-bench", help="llama.cpp's llama-bench binary")
+    args = ap.parse_args()
+    base = Path(args.dir)
+    f32, flash, flash_f32 = base / "larger-v4", base / "larger-v4-flash", base / "larger-v4-flash-f32"
+    build(f32)
+    if not (flash / "config.json").exists() or not (flash_f32 / "config.json").exists():
+        encoded = write_release(f32, flash, "flash")
+        for extra in ("tokenizer.json", "tokenizer_config.json"):  # llama.cpp's converter wants one
+            shutil.copy(ROOT / "models" / "tiny-v4" / extra, flash / extra)
+        dequantized_copy(f32, encoded, flash_f32)
+    threads = os.cpu_count()
+    bandwidth = read_bandwidth()
+    g = torch.Generator().manual_seed(99)
+    prompt = torch.randint(2, LARGER["vocab_size"], (args.prompt_len,), generator=g).tolist()
+
+    runs = {}
+    runs["myriad, release layout"] = myriad(args.myriad, flash, prompt, args.new_tokens)
+    runs["myriad, same values f32"] = myriad(args.myriad, flash_f32, prompt, args.new_tokens)
+    # transformers would dequantize the release folder itself into BF16
+    # parameters next to f32 ones (and then refuse the f32 forward); its
+    # dequantized values are exactly the encoded ones (make_fixtures.py
+    # checks that on release-flash), so it runs on the f32 copy.
+    runs["transformers (f32)"] = reference(flash_f32, prompt, args.new_tokens)
+    tokens = {name: r[0] for name, r in runs.items()}
+    if args.llama_bench and args.llama_convert:
+        gguf = base / "larger-v4-flash.gguf"
+        prefill, decode = llama_cpp(args.llama_convert, Path(args.llama_bench), flash, gguf,
+                                    args.prompt_len, args.new_tokens, threads)
+        runs["llama.cpp (GGUF of it)"] = (None, prefill, decode)
+
+    quantized_bytes, f32_bytes = bytes_per_token(flash), bytes_per_token(flash_f32)
+    ours = runs["myriad, release layout"]
+    print(f"{threads} cores; read bandwidth {bandwidth:.1f} GB/s (torch sum of 1 GiB); "
+          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
+    print(f"weights read per decoded token: {quantized_bytes / 1e6:.1f} MB release layout, "
+          f"{f32_bytes / 1e6:.1f} MB as f32")
+    print(f"{'':26} {'prefill tok/s':>13} {'decode tok/s':>13} {'ours/this prefill':>18} {'ours/this decode':>17}")
+    for name, (_, prefill, decode) in runs.items():
+        print(f"{name:26} {prefill:13.1f} {decode:13.1f} {ours[1] / prefill:17.2f}x {ours[2] / decode:16.2f}x")
+    used = quantized_bytes * ours[2] / 1e9
+    print(f"release layout decode reads {used:.1f} GB/s of weights: {100 * used / bandwidth:.0f}% of the read bandwidth")
+    if len(set(map(tuple, tokens.values()))) != 1:
+        sys.exit(f"greedy tokens differ: {tokens}")
+    print("greedy tokens identical across Myriad (both formats) and transformers")
+
+
+if __name__ == "__main__":
+    main()
