@@ -26,8 +26,11 @@ impl Tensor {
     pub fn from_mapped(map: Arc<Mmap>, offset: usize, shape: Vec<usize>) -> Option<Self> {
         let len: usize = shape.iter().product();
         let aligned = (map.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<f32>());
-        (aligned && offset + len * 4 <= map.len())
-            .then_some(Tensor { storage: Storage::Mapped { map, offset, len }, shape })
+        if !aligned || offset + len * 4 > map.len() {
+            return None;
+        }
+        prefault(&map[offset..offset + len * 4]);
+        Some(Tensor { storage: Storage::Mapped { map, offset, len }, shape })
     }
 
     pub fn data(&self) -> &[f32] {
@@ -65,6 +68,13 @@ pub fn widen_half(bytes: &[u8], bf16: bool) -> impl Iterator<Item = f32> + '_ {
     })
 }
 
+/// Reads one byte of every page of `bytes`, so the load pays a mapped
+/// tensor's page faults once, up front, and not the first forward pass.
+fn prefault(bytes: &[u8]) {
+    let touched = bytes.iter().step_by(4096).fold(0u8, |sum, &b| sum.wrapping_add(b));
+    std::hint::black_box(touched);
+}
+
 /// Bytes of one tensor inside a memory-mapped checkpoint, kept as stored
 /// (quantized codes, 16-bit floats).
 pub struct MappedBytes {
@@ -76,6 +86,7 @@ pub struct MappedBytes {
 impl MappedBytes {
     /// `None` when the range is outside the mapping.
     pub fn new(map: Arc<Mmap>, offset: usize, len: usize) -> Option<Self> {
+        prefault(map.get(offset..offset.checked_add(len)?)?);
         (offset.checked_add(len)? <= map.len()).then_some(MappedBytes { map, offset, len })
     }
 

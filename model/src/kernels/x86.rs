@@ -51,7 +51,11 @@ impl Load for Bf16Rows<'_> {
     #[inline(always)]
     unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
         unsafe {
-            let halves = _mm256_loadu_si256(self.bytes.as_ptr().add(2 * (c * self.k + i)).cast());
+            let at = 2 * (c * self.k + i);
+            if i.is_multiple_of(32) {
+                _mm_prefetch::<_MM_HINT_T0>(self.bytes.as_ptr().wrapping_add(at + PREFETCH).cast());
+            }
+            let halves = _mm256_loadu_si256(self.bytes.as_ptr().add(at).cast());
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)))
         }
     }
