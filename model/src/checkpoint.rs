@@ -160,7 +160,9 @@ impl Checkpoint {
                     codes.release();
                     Stored::Fp4 { packed, scales: mapped(scale_entry)? }
                 } else {
-                    if let Some(k) = codes.as_slice().iter().position(|&c| c & 0x7F == 0x7F) {
+                    let nan = |c: &u8| c & 0x7F == 0x7F;
+                    if codes.as_slice().chunks(4096).any(|chunk| chunk.iter().fold(false, |any, c| any | nan(c))) {
+                        let k = codes.as_slice().iter().position(nan).unwrap_or_default();
                         return Err(ModelError::tensor(name, format!("code {k} is NaN")));
                     }
                     Stored::Fp8 { codes, scales }

@@ -55,6 +55,20 @@ pub(crate) const E4M3: [f32; 256] = {
     table
 };
 
+/// `e8m0(code)` for every code (NaN for 255).
+pub(crate) const E8M0: [f32; 256] = {
+    let mut table = [f32::NAN; 256];
+    let mut code = 0;
+    while code < 255 {
+        table[code] = match e8m0(code as u8) {
+            Some(v) => v,
+            None => f32::NAN,
+        };
+        code += 1;
+    }
+    table
+};
+
 /// `e8m0(code) / 2` for every code (NaN for 255): the kernels read MXFP4
 /// codes as twice their value ([`E2M1_TWICE`]) and take the half back here.
 /// Still exact: 2^-128 is an f32 subnormal.
@@ -113,11 +127,20 @@ pub fn expand_fp8(codes: &[u8], scales: &[f32], inp: usize, first: usize, out: &
 /// `2j + 1`. One widening then gives 16 consecutive inputs' codes in the low
 /// bits of 16 lanes, and a shift by 4 the next 16.
 pub fn fp4_kernel_order(stored: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(stored.len());
-    for group in stored.chunks_exact(FP4_GROUP / 2) {
-        let code = |i: usize| (group[i / 2] >> (4 * (i % 2))) & 0x0F;
-        out.extend((0..FP4_GROUP / 2).map(|j| code(j) | (code(j + FP4_GROUP / 2) << 4)));
-    }
+    use rayon::prelude::*;
+    const HALF: usize = FP4_GROUP / 4;
+    let mut out = vec![0u8; stored.len()];
+    // Output byte 2m holds inputs 2m and 2m + 16: the low nibbles of stored
+    // bytes m and m + 8; byte 2m + 1 holds inputs 2m + 1 and 2m + 17: their
+    // high nibbles.
+    out.par_chunks_mut(1 << 16).zip(stored.par_chunks(1 << 16)).for_each(|(out, stored)| {
+        for (o, s) in out.chunks_exact_mut(FP4_GROUP / 2).zip(stored.chunks_exact(FP4_GROUP / 2)) {
+            for m in 0..HALF {
+                o[2 * m] = (s[m] & 0x0F) | (s[m + HALF] << 4);
+                o[2 * m + 1] = (s[m] >> 4) | (s[m + HALF] & 0xF0);
+            }
+        }
+    });
     out
 }
 

@@ -4,7 +4,7 @@
 //! Every reader gives exactly the f32 values [`crate::quant`] and
 //! [`crate::tensor::widen_half`] define.
 
-use crate::quant::{self, E2M1_TWICE, E4M3, E8M0_HALF, FP4_GROUP, FP8_BLOCK};
+use crate::quant::{self, E2M1_TWICE, E4M3, E8M0, E8M0_HALF, FP4_GROUP, FP8_BLOCK};
 use crate::tensor::widen_half;
 
 /// A weight matrix `[n, k]` in its stored format, as the matmul reads it.
@@ -43,6 +43,21 @@ impl<'a> Weights<'a> {
             Weights::Fp4 { packed, scales } => {
                 let groups = k / FP4_GROUP;
                 Weights::Fp4 { packed: &packed[c0 * k / 2..c1 * k / 2], scales: &scales[c0 * groups..c1 * groups] }
+            }
+        }
+    }
+
+    /// Whether the view holds exactly an `[n, k]` matrix (with every scale
+    /// its rows need).
+    pub fn holds(self, n: usize, k: usize) -> bool {
+        match self {
+            Weights::F32(w) => w.len() == n * k,
+            Weights::Half { bytes, .. } => bytes.len() == 2 * n * k,
+            Weights::Fp8 { codes, scales, first } => {
+                codes.len() == n * k && scales.len() >= (first + n).div_ceil(FP8_BLOCK) * k.div_ceil(FP8_BLOCK)
+            }
+            Weights::Fp4 { packed, scales } => {
+                k.is_multiple_of(FP4_GROUP) && packed.len() == n * k / 2 && scales.len() == n * k / FP4_GROUP
             }
         }
     }
@@ -136,7 +151,11 @@ impl Fp8Rows<'_> {
     /// The scale of the block holding weight `j` of row `c`.
     #[inline(always)]
     pub fn scale(&self, c: usize, j: usize) -> f32 {
-        self.scales[(self.first + c) / FP8_BLOCK * self.k.div_ceil(FP8_BLOCK) + j / FP8_BLOCK]
+        let at = (self.first + c) / FP8_BLOCK * self.k.div_ceil(FP8_BLOCK) + j / FP8_BLOCK;
+        debug_assert!(at < self.scales.len());
+        // SAFETY: `linear_with` checked that the scales cover every row
+        // (`Weights::holds`), and `c`, `j` lie inside the matrix.
+        unsafe { *self.scales.get_unchecked(at) }
     }
 }
 
@@ -158,11 +177,27 @@ pub(crate) struct Fp4Rows<'a> {
 }
 
 impl Fp4Rows<'_> {
+    /// The E8M0 code of the group holding weight `j` of row `c`.
+    #[inline(always)]
+    fn scale_code(&self, c: usize, j: usize) -> usize {
+        let at = c * (self.k / FP4_GROUP) + j / FP4_GROUP;
+        debug_assert!(at < self.scales.len());
+        // SAFETY: `linear_with` checked that there is one scale per group
+        // (`Weights::holds`), and `c`, `j` lie inside the matrix.
+        usize::from(unsafe { *self.scales.get_unchecked(at) })
+    }
+
     /// Half the scale of the group holding weight `j` of row `c` (the
     /// kernels read codes as twice their value: [`E2M1_TWICE`]).
     #[inline(always)]
     pub fn half_scale(&self, c: usize, j: usize) -> f32 {
-        E8M0_HALF[usize::from(self.scales[c * (self.k / FP4_GROUP) + j / FP4_GROUP])]
+        E8M0_HALF[self.scale_code(c, j)]
+    }
+
+    /// The scale of the group holding weight `j` of row `c`.
+    #[inline(always)]
+    pub fn scale(&self, c: usize, j: usize) -> f32 {
+        E8M0[self.scale_code(c, j)]
     }
 }
 

@@ -51,6 +51,8 @@ pub fn linear(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
 /// [`linear`] over weights in any stored format. Every format gives the bits
 /// the same weight values give as f32.
 pub fn linear_with(x: &[f32], rows: usize, w: Weights<'_>, n: usize, k: usize) -> Vec<f32> {
+    // The readers index without bounds checks: the shapes are checked here.
+    assert!(w.holds(n, k), "weights do not hold a [{n}, {k}] matrix");
     match w {
         Weights::F32(w) => linear_in(x, rows, F32Rows { w, k }, n, k),
         Weights::Half { bytes, bf16: true } => linear_in(x, rows, Bf16Rows { bytes, k }, n, k),

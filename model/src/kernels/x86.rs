@@ -201,7 +201,7 @@ impl Load for Fp4Rows<'_> {
                 let s = c * (self.k / FP4_GROUP) + i / FP4_GROUP;
                 _mm_prefetch::<_MM_HINT_T0>(self.scales.as_ptr().wrapping_add(s + 64).cast());
             }
-            let scale = _mm512_set1_ps(2.0 * self.half_scale(c, i));
+            let scale = _mm512_set1_ps(self.scale(c, i));
             let table = _mm512_mul_ps(_mm512_loadu_ps(E2M1_VALUES.as_ptr()), scale);
             let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(self.packed.as_ptr().add(at).cast()));
             let first = _mm512_permutexvar_ps(bytes, table);
