@@ -146,26 +146,29 @@ impl Checkpoint {
             MappedBytes::new(self.shards[e.shard].map.clone(), e.start, e.end - e.start)
                 .ok_or_else(|| ModelError::tensor(name, "lies outside its shard".to_string()))
         };
-        let fp4 = matches!(entry.dtype, Dtype::I8 | Dtype::U8);
         let stored = match entry.dtype {
             Dtype::BF16 | Dtype::F16 => {
                 check_shape(name, entry, &[out, inp])?;
                 Stored::Half { bytes: mapped(entry)?, bf16: entry.dtype == Dtype::BF16 }
             }
             Dtype::F8_E4M3 | Dtype::I8 | Dtype::U8 => {
-                let (scales, scale_entry) = self.scales(name, entry, fp4, out, inp)?;
+                let fp4 = entry.dtype != Dtype::F8_E4M3;
+                let (scale_entry, decoded) = self.scales(name, entry, fp4, out, inp)?;
                 let codes = mapped(entry)?;
-                if fp4 {
-                    let packed = quant::fp4_kernel_order(codes.as_slice());
-                    codes.release();
-                    Stored::Fp4 { packed, scales: mapped(scale_entry)? }
-                } else {
-                    let nan = |c: &u8| c & 0x7F == 0x7F;
-                    if codes.as_slice().chunks(4096).any(|chunk| chunk.iter().fold(false, |any, c| any | nan(c))) {
-                        let k = codes.as_slice().iter().position(nan).unwrap_or_default();
-                        return Err(ModelError::tensor(name, format!("code {k} is NaN")));
+                match decoded {
+                    None => {
+                        let packed = quant::fp4_kernel_order(codes.as_slice());
+                        codes.release();
+                        Stored::Fp4 { packed, scales: mapped(scale_entry)? }
                     }
-                    Stored::Fp8 { codes, scales }
+                    Some(scales) => {
+                        let nan = |c: &u8| c & 0x7F == 0x7F;
+                        if codes.as_slice().chunks(4096).any(|chunk| chunk.iter().fold(false, |any, c| any | nan(c))) {
+                            let k = codes.as_slice().iter().position(nan).unwrap_or_default();
+                            return Err(ModelError::tensor(name, format!("code {k} is NaN")));
+                        }
+                        Stored::Fp8 { codes, scales }
+                    }
                 }
             }
             _ => Stored::F32(self.f32_tensor(name, &[out, inp])?),
@@ -173,9 +176,17 @@ impl Checkpoint {
         Ok(StoredMatrix { stored, out, inp })
     }
 
-    /// The decoded scales of quantized `name` and their entry, after
-    /// checking both shapes and that no scale is NaN.
-    fn scales(&self, name: &str, entry: &Entry, fp4: bool, out: usize, inp: usize) -> Result<(Vec<f32>, &Entry)> {
+    /// The `….scale` sibling of quantized `name`, after checking both
+    /// shapes, the scale dtype and that no scale is NaN; for block-FP8 also
+    /// its scales decoded (MXFP4 keeps its E8M0 bytes as stored).
+    fn scales(
+        &self,
+        name: &str,
+        entry: &Entry,
+        fp4: bool,
+        out: usize,
+        inp: usize,
+    ) -> Result<(&Entry, Option<Vec<f32>>)> {
         let bad = |message: String| ModelError::tensor(name, message);
         let scale_name = format!("{}.scale", name.strip_suffix(".weight").unwrap_or(name));
         let scale = self
@@ -193,22 +204,26 @@ impl Checkpoint {
         check_shape(name, entry, &codes_shape)?;
         check_shape(&scale_name, scale, &scale_shape)?;
         let raw = &self.shards[scale.shard].map[scale.start..scale.end];
-        let scales: Vec<f32> = match scale.dtype {
-            Dtype::F8_E8M0 => raw
-                .iter()
-                .enumerate()
-                .map(|(k, &e)| quant::e8m0(e).ok_or_else(|| bad(format!("scale {k} of `{scale_name}` is NaN (255)"))))
-                .collect::<Result<_>>()?,
+        let decoded: Vec<f32> = match scale.dtype {
+            Dtype::F8_E8M0 => {
+                if let Some(k) = raw.iter().position(|&e| quant::e8m0(e).is_none()) {
+                    return Err(bad(format!("scale {k} of `{scale_name}` is NaN (255)")));
+                }
+                if fp4 {
+                    return Ok((scale, None));
+                }
+                raw.iter().filter_map(|&e| quant::e8m0(e)).collect()
+            }
             Dtype::F32 if !fp4 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             other => {
                 let allowed = if fp4 { "F8_E8M0" } else { "F8_E8M0 or F32" };
                 return Err(bad(format!("scale `{scale_name}` has dtype {other:?}, not {allowed}")));
             }
         };
-        if let Some(k) = scales.iter().position(|s| !s.is_finite()) {
+        if let Some(k) = decoded.iter().position(|s| !s.is_finite()) {
             return Err(bad(format!("scale {k} of `{scale_name}` is not finite")));
         }
-        Ok((scales, scale))
+        Ok((scale, Some(decoded)))
     }
 
     /// An integer table (`tid2eid`) as `i64`, from I64 or I32 storage.

@@ -87,7 +87,7 @@ impl MappedBytes {
     /// `None` when the range is outside the mapping.
     pub fn new(map: Arc<Mmap>, offset: usize, len: usize) -> Option<Self> {
         prefault(map.get(offset..offset.checked_add(len)?)?);
-        (offset.checked_add(len)? <= map.len()).then_some(MappedBytes { map, offset, len })
+        Some(MappedBytes { map, offset, len })
     }
 
     pub fn as_slice(&self) -> &[u8] {

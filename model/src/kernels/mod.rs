@@ -43,9 +43,7 @@ pub fn linear(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
     if n == 0 {
         return Vec::new();
     }
-    let k = w.len() / n;
-    assert_eq!(w.len(), n * k, "weight length");
-    linear_with(x, rows, Weights::F32(w), n, k)
+    linear_with(x, rows, Weights::F32(w), n, w.len() / n)
 }
 
 /// [`linear`] over weights in any stored format. Every format gives the bits
