@@ -12,9 +12,12 @@ experts, BF16 rest; scripts/release_layout.py), run by:
   folder, when --llama-bench and --llama-convert are given.
 
 Prints prefill and decode tokens/s, the weight bytes a decoded token reads,
-and this machine's read bandwidth measured here, with ratios. The greedy
-tokens of the Myriad runs and transformers must agree. Run through
-scripts/bench_quantized.sh.
+and this machine's read bandwidth measured here, with ratios. Myriad,
+llama.cpp and the bandwidth are measured in several interleaved rounds
+(--rounds) and each figure is the median of its rounds, so that a burst of
+load from other tenants of a shared machine falls on every engine alike;
+transformers, far slower, runs once. The greedy tokens of the Myriad runs
+and transformers must agree. Run through scripts/bench_quantized.sh.
 """
 
 import argparse
@@ -85,11 +88,17 @@ def llama_cpp(convert: str, bench: Path, folder: Path, gguf: Path, prompt_len: i
         subprocess.run(convert.split() + [str(folder), "--outfile", str(gguf)], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = subprocess.run([str(bench), "-m", str(gguf), "-p", str(prompt_len), "-n", str(new_tokens),
-                          "-t", str(threads), "-r", "3", "-o", "json"], capture_output=True, text=True, check=True)
+                          "-t", str(threads), "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
     results = json.loads(run.stdout)
     prefill = next(r["avg_ts"] for r in results if r["n_prompt"] > 0)
     decode = next(r["avg_ts"] for r in results if r["n_gen"] > 0)
     return prefill, decode
+
+
+def median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def main():
@@ -97,7 +106,8 @@ def main():
     ap.add_argument("--myriad", required=True)
     ap.add_argument("--dir", default="/tmp/myriad-bench")
     ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are their medians")
     ap.add_argument("--llama-convert", help="scripts/llama_convert.py's command line, as one string")
     ap.add_argument("--llama-bench", help="llama.cpp's llama-bench binary")
     args = ap.parse_args()
@@ -110,29 +120,38 @@ def main():
             shutil.copy(ROOT / "models" / "tiny-v4" / extra, flash / extra)
         dequantized_copy(f32, encoded, flash_f32)
     threads = os.cpu_count()
-    bandwidth = read_bandwidth()
     g = torch.Generator().manual_seed(99)
     prompt = torch.randint(2, LARGER["vocab_size"], (args.prompt_len,), generator=g).tolist()
+    gguf = base / "larger-v4-flash.gguf"
+    with_llama = bool(args.llama_bench and args.llama_convert)
 
-    runs = {}
-    runs["myriad, release layout"] = myriad(args.myriad, flash, prompt, args.new_tokens)
-    runs["myriad, same values f32"] = myriad(args.myriad, flash_f32, prompt, args.new_tokens)
+    samples = {}  # name -> list of (tokens, prefill, decode), one per round
+    bandwidths = []
+    for _ in range(args.rounds):
+        bandwidths.append(read_bandwidth())
+        samples.setdefault("myriad, release layout", []).append(myriad(args.myriad, flash, prompt, args.new_tokens))
+        samples.setdefault("myriad, same values f32", []).append(
+            myriad(args.myriad, flash_f32, prompt, args.new_tokens))
+        if with_llama:
+            prefill, decode = llama_cpp(args.llama_convert, Path(args.llama_bench), flash, gguf,
+                                        args.prompt_len, args.new_tokens, threads)
+            samples.setdefault("llama.cpp (GGUF of it)", []).append((None, prefill, decode))
     # transformers would dequantize the release folder itself into BF16
     # parameters next to f32 ones (and then refuse the f32 forward); its
     # dequantized values are exactly the encoded ones (make_fixtures.py
     # checks that on release-flash), so it runs on the f32 copy.
-    runs["transformers (f32)"] = reference(flash_f32, prompt, args.new_tokens)
-    tokens = {name: r[0] for name, r in runs.items()}
-    if args.llama_bench and args.llama_convert:
-        gguf = base / "larger-v4-flash.gguf"
-        prefill, decode = llama_cpp(args.llama_convert, Path(args.llama_bench), flash, gguf,
-                                    args.prompt_len, args.new_tokens, threads)
-        runs["llama.cpp (GGUF of it)"] = (None, prefill, decode)
+    samples["transformers (f32)"] = [reference(flash_f32, prompt, args.new_tokens)]
+    runs = {name: (rounds[0][0], median([r[1] for r in rounds]), median([r[2] for r in rounds]))
+            for name, rounds in samples.items()}
+    tokens = {f"{name} (round {i + 1})": r[0] for name, rounds in samples.items()
+              for i, r in enumerate(rounds) if r[0] is not None}
+    bandwidth = median(bandwidths)
 
     quantized_bytes, f32_bytes = bytes_per_token(flash), bytes_per_token(flash_f32)
     ours = runs["myriad, release layout"]
     print(f"{threads} cores; read bandwidth {bandwidth:.1f} GB/s (torch sum of 1 GiB); "
-          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
+          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens; "
+          f"medians of {args.rounds} interleaved rounds (transformers: 1)")
     print(f"weights read per decoded token: {quantized_bytes / 1e6:.1f} MB release layout, "
           f"{f32_bytes / 1e6:.1f} MB as f32")
     print(f"{'':26} {'prefill tok/s':>13} {'decode tok/s':>13} {'ours/this prefill':>18} {'ours/this decode':>17}")
@@ -142,7 +161,7 @@ def main():
     print(f"release layout decode reads {used:.1f} GB/s of weights: {100 * used / bandwidth:.0f}% of the read bandwidth")
     if len(set(map(tuple, tokens.values()))) != 1:
         sys.exit(f"greedy tokens differ: {tokens}")
-    print("greedy tokens identical across Myriad (both formats) and transformers")
+    print("greedy tokens identical across Myriad (both formats, every round) and transformers")
 
 
 if __name__ == "__main__":

@@ -223,6 +223,12 @@ impl Checkpoint {
         if let Some(k) = decoded.iter().position(|s| !s.is_finite()) {
             return Err(bad(format!("scale {k} of `{scale_name}` is not finite")));
         }
+        if let Some(k) = decoded.iter().position(|s| s.abs() >= quant::FP8_SCALE_LIMIT) {
+            return Err(bad(format!(
+                "scale {k} of `{scale_name}` is {}: block-FP8 scales must be below 2^120",
+                decoded[k]
+            )));
+        }
         Ok((scale, Some(decoded)))
     }
 

@@ -16,6 +16,10 @@
 
 /// Rows and columns of one block-FP8 scale.
 pub const FP8_BLOCK: usize = 128;
+/// Block-FP8 scales must be smaller than this in magnitude (`2^120`): the
+/// kernels hold a scale times `2^8`, and weights this large would not be
+/// finite in f32 anyway (`448 · 2^120 > f32::MAX`).
+pub const FP8_SCALE_LIMIT: f32 = f32::from_bits((120 + 127) << 23);
 /// Inputs sharing one MXFP4 scale.
 pub const FP4_GROUP: usize = 32;
 

@@ -228,6 +228,11 @@ fn bad_quantized_tensors_are_named() {
     assert!(e.contains("w.weight") && e.contains("NaN"), "{e}");
     let e = err(&[codes(), ("w.scale", Dtype::I32, vec![1, 1], vec![0; 4])], 4, 8);
     assert!(e.contains("F8_E8M0 or F32"), "{e}");
+    // 2^120 and up: out of the block-FP8 range (E8M0 code 247, or F32).
+    let e = err(&[codes(), ("w.scale", Dtype::F8_E8M0, vec![1, 1], vec![247])], 4, 8);
+    assert!(e.contains("w.scale") && e.contains("below 2^120"), "{e}");
+    let e = err(&[codes(), ("w.scale", Dtype::F32, vec![1, 1], (-1e37f32).to_le_bytes().to_vec())], 4, 8);
+    assert!(e.contains("w.scale") && e.contains("below 2^120"), "{e}");
     let nan = ("w.weight", Dtype::F8_E4M3, vec![4, 8], [vec![0x7Fu8], vec![0x38; 31]].concat());
     let e = err(&[nan, ("w.scale", Dtype::F8_E8M0, vec![1, 1], vec![127])], 4, 8);
     assert!(e.contains("code 0 is NaN"), "{e}");

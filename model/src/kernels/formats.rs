@@ -17,8 +17,9 @@ pub enum Weights<'a> {
         bf16: bool,
     },
     /// Block-FP8 codes of these rows, the whole matrix's decoded block
-    /// scales, and the matrix row of this view's first row (it picks the
-    /// block row of scales).
+    /// scales (each of magnitude below [`quant::FP8_SCALE_LIMIT`]), and the
+    /// matrix row of this view's first row (it picks the block row of
+    /// scales).
     Fp8 {
         codes: &'a [u8],
         scales: &'a [f32],
@@ -156,6 +157,15 @@ impl Fp8Rows<'_> {
         // SAFETY: `linear_with` checked that the scales cover every row
         // (`Weights::holds`), and `c`, `j` lie inside the matrix.
         unsafe { *self.scales.get_unchecked(at) }
+    }
+
+    /// [`Self::scale`] times `2^8`, exactly: the SIMD kernels expand codes
+    /// at `2^-8` of their value and take the factor back here (the load
+    /// refuses scales of magnitude [`quant::FP8_SCALE_LIMIT`] and up, which
+    /// this would overflow).
+    #[inline(always)]
+    pub fn kernel_scale(&self, c: usize, j: usize) -> f32 {
+        self.scale(c, j) * 256.0
     }
 }
 

@@ -109,7 +109,11 @@ fn stored(cols: usize, k: usize, seed: u32) -> Stored {
     let half = bits.iter().flat_map(|&b| (((b >> 16) as u16 & 0x83FF) | 0x3800).to_le_bytes()).collect();
     let fp8 = bits.iter().map(|&b| if b as u8 & 0x7F == 0x7F { b as u8 & 0xF0 } else { b as u8 }).collect();
     let blocks = cols.div_ceil(128) * k.div_ceil(128);
-    let fp8_scales = random_bits(blocks, seed + 1).iter().map(|&b| 1.0 + (b % 1000) as f32 / 997.0).collect();
+    // F32 scales (the Base layout) and E8M0 powers of two from 2^-127 to 2^31.
+    let fp8_scales = random_bits(blocks, seed + 1)
+        .iter()
+        .map(|&b| if b % 2 == 0 { 1.0 + (b % 1000) as f32 / 997.0 } else { 2f32.powi((b / 2 % 159) as i32 - 127) })
+        .collect();
     let fp4 = bits[..cols * k / 2].iter().map(|&b| (b >> 8) as u8).collect();
     // Scale codes from the subnormal 2^-127 up to 2^32 (larger ones only overflow the sums).
     let fp4_scales = random_bits(cols * k / 32, seed + 2).iter().map(|&b| (b % 160) as u8).collect();

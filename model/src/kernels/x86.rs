@@ -21,6 +21,14 @@ use crate::quant::{E2M1_TWICE, FP4_GROUP};
 /// The caller runs with AVX-512F (`load512`) or AVX2+FMA+F16C (`load256`),
 /// `c` is a row of the matrix, `i` a multiple of 16 and `i + 16 <= k`.
 pub(crate) trait Load: Rows {
+    /// Inputs of one row per 64-byte line of its stored weights.
+    const LINE_INPUTS: usize;
+
+    /// Asks the cache for the line holding weight `i` of row `c` (and for
+    /// the line of its scales, once per line of them). `c` may lie past
+    /// the matrix: a prefetch never faults and reads nothing.
+    fn prefetch(&self, c: usize, i: usize);
+
     unsafe fn load512(&self, c: usize, i: usize) -> __m512;
     unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256);
 
@@ -33,6 +41,11 @@ pub(crate) trait Load: Rows {
 }
 
 impl Load for F32Rows<'_> {
+    const LINE_INPUTS: usize = 16;
+    #[inline(always)]
+    fn prefetch(&self, c: usize, i: usize) {
+        fetch(self.w.as_ptr().wrapping_add(c * self.k + i).cast());
+    }
     #[inline(always)]
     unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
         unsafe { _mm512_loadu_ps(self.w.as_ptr().add(c * self.k + i)) }
@@ -48,14 +61,15 @@ impl Load for F32Rows<'_> {
 
 /// BF16 is the top half of an f32: widen, shift left 16.
 impl Load for Bf16Rows<'_> {
+    const LINE_INPUTS: usize = 32;
+    #[inline(always)]
+    fn prefetch(&self, c: usize, i: usize) {
+        fetch(self.bytes.as_ptr().wrapping_add(2 * (c * self.k + i)));
+    }
     #[inline(always)]
     unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
         unsafe {
-            let at = 2 * (c * self.k + i);
-            if i.is_multiple_of(32) {
-                _mm_prefetch::<_MM_HINT_T0>(self.bytes.as_ptr().wrapping_add(at + PREFETCH).cast());
-            }
-            let halves = _mm256_loadu_si256(self.bytes.as_ptr().add(at).cast());
+            let halves = _mm256_loadu_si256(self.bytes.as_ptr().add(2 * (c * self.k + i)).cast());
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)))
         }
     }
@@ -71,6 +85,11 @@ impl Load for Bf16Rows<'_> {
 }
 
 impl Load for F16Rows<'_> {
+    const LINE_INPUTS: usize = 32;
+    #[inline(always)]
+    fn prefetch(&self, c: usize, i: usize) {
+        fetch(self.bytes.as_ptr().wrapping_add(2 * (c * self.k + i)));
+    }
     #[inline(always)]
     unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
         unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(self.bytes.as_ptr().add(2 * (c * self.k + i)).cast())) }
@@ -84,62 +103,57 @@ impl Load for F16Rows<'_> {
     }
 }
 
-/// E4M3 codes (widened to 32-bit lanes) to f32 without touching a
-/// subnormal float (which costs a microcode assist per instruction on many
-/// CPUs): the magnitude bits go to the top of an f32's and the exponent is
-/// rebiased by an integer add (7 to 127), exact for every normal code. For
-/// subnormal codes (exponent 0) that reads `2^-7 · (1 + m/8)`, and
-/// `2 · that - 2^-6 = 2^-6 · m/8` is their value, exactly. The sign bit moves
-/// from bit 7 to bit 31. NaN codes never get here (refused at load).
+/// Sixteen E4M3 codes as the F16 bits of their value times `2^-8`: each
+/// code, sign-extended to 16 bits and shifted left by 7, has its exponent
+/// and mantissa bits on an F16's (bias 15 against E4M3's 7: the `2^-8`,
+/// subnormal codes included, as F16 subnormals), its sign on the F16's, and
+/// a copy of the sign on the exponent's top bit, which is cleared. The
+/// conversion to f32 is then exact, and the kernels take the `2^8` back in
+/// the block scale ([`Fp8Rows::kernel_scale`]). NaN codes never get here
+/// (refused at load).
 #[inline(always)]
-unsafe fn e4m3_512(q: __m512i) -> __m512 {
+unsafe fn e4m3_f16(codes: __m128i) -> __m256i {
     unsafe {
-        let bits = _mm512_slli_epi32::<20>(_mm512_and_si512(q, _mm512_set1_epi32(0x7F)));
-        let normal = _mm512_castsi512_ps(_mm512_add_epi32(bits, _mm512_set1_epi32(120 << 23)));
-        let subnormal = _mm512_testn_epi32_mask(q, _mm512_set1_epi32(0x78));
-        let magnitude = _mm512_mask_fmsub_ps(normal, subnormal, _mm512_set1_ps(2.0), _mm512_set1_ps(SUBNORMAL_SHIFT));
-        let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(q, _mm512_set1_epi32(0x80)));
-        _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(magnitude), sign))
-    }
-}
-
-/// `2^-6`, the fix-up of subnormal E4M3 codes in [`e4m3_512`].
-const SUBNORMAL_SHIFT: f32 = 1.0 / 64.0;
-
-/// As [`e4m3_512`], on 8 lanes.
-#[inline(always)]
-unsafe fn e4m3_256(q: __m256i) -> __m256 {
-    unsafe {
-        let bits = _mm256_slli_epi32::<20>(_mm256_and_si256(q, _mm256_set1_epi32(0x7F)));
-        let normal = _mm256_castsi256_ps(_mm256_add_epi32(bits, _mm256_set1_epi32(120 << 23)));
-        let exponent = _mm256_and_si256(q, _mm256_set1_epi32(0x78));
-        let subnormal = _mm256_castsi256_ps(_mm256_cmpeq_epi32(exponent, _mm256_setzero_si256()));
-        let fixed = _mm256_fmsub_ps(normal, _mm256_set1_ps(2.0), _mm256_set1_ps(SUBNORMAL_SHIFT));
-        let magnitude = _mm256_blendv_ps(normal, fixed, subnormal);
-        let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(q, _mm256_set1_epi32(0x80)));
-        _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(magnitude), sign))
+        let words = _mm256_slli_epi16::<7>(_mm256_cvtepi8_epi16(codes));
+        _mm256_and_si256(words, _mm256_set1_epi16(!(1 << 14)))
     }
 }
 
 impl Load for Fp8Rows<'_> {
+    const LINE_INPUTS: usize = 64;
+    #[inline(always)]
+    fn prefetch(&self, c: usize, i: usize) {
+        fetch(self.codes.as_ptr().wrapping_add(c * self.k + i));
+    }
     #[inline(always)]
     unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
         unsafe {
+            let codes = _mm_loadu_si128(self.codes.as_ptr().add(c * self.k + i).cast());
+            _mm512_mul_ps(_mm512_cvtph_ps(e4m3_f16(codes)), _mm512_set1_ps(self.kernel_scale(c, i)))
+        }
+    }
+    /// Both halves lie in one 128-block: one scale.
+    #[inline(always)]
+    unsafe fn load512_pair(&self, c: usize, i: usize) -> (__m512, __m512) {
+        unsafe {
             let at = c * self.k + i;
-            if i.is_multiple_of(64) {
-                _mm_prefetch::<_MM_HINT_T0>(self.codes.as_ptr().wrapping_add(at + PREFETCH).cast());
-            }
-            let codes = _mm_loadu_si128(self.codes.as_ptr().add(at).cast());
-            _mm512_mul_ps(e4m3_512(_mm512_cvtepu8_epi32(codes)), _mm512_set1_ps(self.scale(c, i)))
+            let scale = _mm512_set1_ps(self.kernel_scale(c, i));
+            let first = _mm_loadu_si128(self.codes.as_ptr().add(at).cast());
+            let second = _mm_loadu_si128(self.codes.as_ptr().add(at + LANES).cast());
+            (
+                _mm512_mul_ps(_mm512_cvtph_ps(e4m3_f16(first)), scale),
+                _mm512_mul_ps(_mm512_cvtph_ps(e4m3_f16(second)), scale),
+            )
         }
     }
     #[inline(always)]
     unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256) {
         unsafe {
             let codes = _mm_loadu_si128(self.codes.as_ptr().add(c * self.k + i).cast());
-            let scale = _mm256_set1_ps(self.scale(c, i));
-            let lo = e4m3_256(_mm256_cvtepu8_epi32(codes));
-            let hi = e4m3_256(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes)));
+            let scale = _mm256_set1_ps(self.kernel_scale(c, i));
+            let halves = e4m3_f16(codes);
+            let lo = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
+            let hi = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(halves));
             (_mm256_mul_ps(lo, scale), _mm256_mul_ps(hi, scale))
         }
     }
@@ -160,13 +174,29 @@ unsafe fn e2m1_twice(w: &Fp4Rows<'_>, c: usize, i: usize) -> __m128i {
     }
 }
 
-/// How far ahead of its reads a quantized row is prefetched, in bytes.
-const PREFETCH: usize = 512;
+/// How many tiles ahead a one-row tile fetches its weights: each tile's
+/// rows are a few short streams (a 4-row tile of MXFP4 experts reads 2 KiB)
+/// that the hardware prefetchers do not pick up before they end.
+const PREFETCH_TILES: usize = 2;
+/// Prefetches the cache line at `p` into every cache level.
+#[inline(always)]
+fn fetch(p: *const u8) {
+    // SAFETY: a prefetch is only a hint: it never faults, whatever `p` is.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+}
 
 /// Every e2m1 value as an f32 vector, for `vpermps` lookups.
 const E2M1_VALUES: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
 
 impl Load for Fp4Rows<'_> {
+    const LINE_INPUTS: usize = 128;
+    #[inline(always)]
+    fn prefetch(&self, c: usize, i: usize) {
+        fetch(self.packed.as_ptr().wrapping_add((c * self.k + i) / 2));
+        if i.is_multiple_of(64 * FP4_GROUP) {
+            fetch(self.scales.as_ptr().wrapping_add((c * self.k + i) / FP4_GROUP));
+        }
+    }
     #[inline(always)]
     unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
         unsafe {
@@ -192,15 +222,6 @@ impl Load for Fp4Rows<'_> {
     unsafe fn load512_pair(&self, c: usize, i: usize) -> (__m512, __m512) {
         unsafe {
             let at = (c * self.k + i) / 2;
-            // Several rows' codes and scales stream at once: fetch ahead,
-            // once per 64-byte line of codes.
-            if i.is_multiple_of(128) {
-                _mm_prefetch::<_MM_HINT_T0>(self.packed.as_ptr().wrapping_add(at + PREFETCH).cast());
-            }
-            if i.is_multiple_of(64 * FP4_GROUP) {
-                let s = c * (self.k / FP4_GROUP) + i / FP4_GROUP;
-                _mm_prefetch::<_MM_HINT_T0>(self.scales.as_ptr().wrapping_add(s + 64).cast());
-            }
             let scale = _mm512_set1_ps(self.scale(c, i));
             let table = _mm512_mul_ps(_mm512_loadu_ps(E2M1_VALUES.as_ptr()), scale);
             let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(self.packed.as_ptr().add(at).cast()));
@@ -292,6 +313,13 @@ unsafe fn kernel512<W: Load, const R: usize, const C: usize>(x: &[f32], w: W, at
     // Two steps of 16 per pass, each accumulator still taking them in order.
     let mut wv2 = [_mm512_setzero_ps(); C];
     while i + 2 * LANES <= full {
+        // One input row streams each weight once: fetch the rows of a
+        // tile ahead while this one computes.
+        if R == 1 && i % W::LINE_INPUTS < 2 * LANES {
+            for c in 0..C {
+                (i..i + 2 * LANES).step_by(W::LINE_INPUTS).for_each(|j| w.prefetch(c0 + c + PREFETCH_TILES * C, j));
+            }
+        }
         for c in 0..C {
             // SAFETY: i + 32 <= full <= k, inside weight row c0 + c.
             (wv[c], wv2[c]) = unsafe { w.load512_pair(c0 + c, i) };
@@ -358,6 +386,12 @@ unsafe fn kernel256<W: Load, const R: usize, const C: usize>(x: &[f32], w: W, at
     let mut wh = [_mm256_setzero_ps(); C];
     let mut i = 0;
     while i < full {
+        // As in `kernel512`: one input row fetches a tile ahead.
+        if R == 1 && i % W::LINE_INPUTS < LANES {
+            for c in 0..C {
+                (i..i + LANES).step_by(W::LINE_INPUTS).for_each(|j| w.prefetch(c0 + c + PREFETCH_TILES * C, j));
+            }
+        }
         for c in 0..C {
             // SAFETY: i + 16 <= full <= k: both halves stay in weight row c0 + c.
             (wl[c], wh[c]) = unsafe { w.load256(c0 + c, i) };
