@@ -300,7 +300,19 @@ pub fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// `c1` at most the rows of `w`.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn tile_avx512<W: Load>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize, block: &mut [f32]) {
+    if rows == 1 {
+        fetch_first_tiles(&w, k, c0, c1, 4);
+    }
     walk_tiles!(kernel512, 4, 4, x, rows, k, w, c0, c1, block)
+}
+
+/// Prefetches the rows of the first tiles a one-row task reads: every
+/// later tile has been fetched by the tiles before it.
+#[inline(always)]
+fn fetch_first_tiles<W: Load>(w: &W, k: usize, c0: usize, c1: usize, tile_cols: usize) {
+    for c in c0..c1.min(c0 + PREFETCH_TILES * tile_cols) {
+        (0..k).step_by(W::LINE_INPUTS).for_each(|i| w.prefetch(c, i));
+    }
 }
 
 #[target_feature(enable = "avx512f")]
@@ -373,6 +385,9 @@ const AVX2_COLS: usize = 3;
 /// AVX2, FMA and F16C must be available; shapes as for [`tile_avx512`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn tile_avx2<W: Load>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize, block: &mut [f32]) {
+    if rows == 1 {
+        fetch_first_tiles(&w, k, c0, c1, AVX2_COLS);
+    }
     walk_tiles!(kernel256, AVX2_ROWS, AVX2_COLS, x, rows, k, w, c0, c1, block)
 }
 
