@@ -6,6 +6,10 @@
 //! thorough reasoning). Generated text up to `</think>` is reasoning and is
 //! returned as `reasoning_content`; the rest is the answer.
 
+mod pyjson;
+pub mod v4;
+pub mod v4_parse;
+
 use std::ops::Range;
 use std::path::Path;
 

@@ -1,0 +1,362 @@
+//! DeepSeek-V4's own chat encoding: the prompt its reference encoder
+//! (`encoding_dsv4.py`, shipped with the model instead of a Jinja template)
+//! builds from an OpenAI-style request, and the parse of a completion back
+//! into reasoning, content and tool calls ([`parse`]).
+//!
+//! The prompt is BOS, an optional Think Max preamble, then each turn: a
+//! system prompt as bare text (with the tool schemas appended), a user turn
+//! after `<｜User｜>` (consecutive user and `tool` messages merge into one,
+//! tool results as `<tool_result>…</tool_result>` blocks ordered as the
+//! assistant called them), an assistant turn as `reasoning</think>`,
+//! content and a DSML tool-call block, closed by EOS. A user turn that is
+//! last or followed by an assistant turn ends with `<｜Assistant｜>` and
+//! `<think>` (thinking) or `</think>` (chat). In thinking mode without
+//! tools, assistant turns before the last user turn lose their reasoning;
+//! with tools every turn keeps it.
+//!
+//! `tests/fixtures/v4-chat` holds prompts and parses produced by the
+//! reference encoder; `router/tests/v4_chat.rs` checks every one.
+
+use serde_json::{Map, Value};
+
+use super::Reasoning;
+use super::pyjson;
+
+pub const BOS: &str = "<｜begin▁of▁sentence｜>";
+pub const EOS: &str = "<｜end▁of▁sentence｜>";
+pub const USER: &str = "<｜User｜>";
+pub const ASSISTANT: &str = "<｜Assistant｜>";
+pub const THINK_START: &str = "<think>";
+pub const THINK_END: &str = "</think>";
+/// The marker inside every tool-call tag: `<｜DSML｜invoke name="…">`.
+pub const DSML: &str = "｜DSML｜";
+
+/// What Think Max puts between BOS and the first turn.
+const MAX_EFFORT: &str = "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n\
+You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root cause, \
+rigorously stress-testing your logic against all potential paths, edge cases, and adversarial scenarios.\n\
+Explicitly write out your entire deliberation process, documenting every intermediate step, considered \
+alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n";
+
+/// The text that introduces the tool schemas (`{D}` stands for [`DSML`]).
+const TOOLS_PREAMBLE: &str = "## Tools\n\n\
+You have access to a set of tools to help answer the user's question. You can invoke tools by writing a \
+\"<{D}tool_calls>\" block like the following:\n\n\
+<{D}tool_calls>\n<{D}invoke name=\"$TOOL_NAME\">\n\
+<{D}parameter name=\"$PARAMETER_NAME\" string=\"true|false\">$PARAMETER_VALUE</{D}parameter>\n...\n</{D}invoke>\n\
+<{D}invoke name=\"$TOOL_NAME2\">\n...\n</{D}invoke>\n</{D}tool_calls>\n\n\
+String parameters should be specified as is and set `string=\"true\"`. For all other types (numbers, booleans, \
+arrays, objects), pass the value in JSON format and set `string=\"false\"`.\n\n\
+If thinking_mode is enabled (triggered by <think>), you MUST output your complete reasoning inside \
+<think>...</think> BEFORE any tool calls or final response.\n\n\
+Otherwise, output directly after </think> with tool calls or final response.\n\n\
+### Available Tool Schemas\n\n";
+
+const TOOLS_CLOSING: &str =
+    "\n\nYou MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.\n";
+
+/// One turn after merging `tool` messages into user turns.
+#[derive(Debug, Clone)]
+enum Turn {
+    System {
+        content: String,
+        tools: Vec<Value>,
+    },
+    /// Rendered as a user turn (the reference's `developer` role).
+    Developer {
+        content: String,
+        tools: Vec<Value>,
+    },
+    User {
+        blocks: Vec<Block>,
+    },
+    Assistant {
+        content: String,
+        reasoning: Option<String>,
+        calls: Vec<Call>,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum Block {
+    Text(String),
+    ToolResult { id: String, content: String },
+}
+
+#[derive(Debug, Clone)]
+struct Call {
+    id: String,
+    name: String,
+    arguments: Value,
+}
+
+impl Turn {
+    fn is_user(&self) -> bool {
+        matches!(self, Turn::User { .. } | Turn::Developer { .. })
+    }
+}
+
+/// The prompt for an OpenAI-style chat: `messages` (system, developer,
+/// user, assistant with `reasoning_content` and `tool_calls`, tool) and the
+/// request's `tools`, in `reasoning` mode. Errors name what is wrong.
+pub fn encode(messages: &[Value], tools: &[Value], reasoning: Reasoning) -> Result<String, String> {
+    let mut turns = merge(messages)?;
+    if !tools.is_empty() {
+        let functions = tools
+            .iter()
+            .map(|t| t.get("function").cloned().ok_or_else(|| format!("tool {t} has no `function`")))
+            .collect::<Result<Vec<_>, _>>()?;
+        match turns.first_mut() {
+            Some(Turn::System { tools, .. }) => *tools = functions,
+            _ => turns.insert(0, Turn::System { content: String::new(), tools: functions }),
+        }
+    }
+    order_tool_results(&mut turns);
+    let thinking = reasoning.thinking();
+    let has_tools = turns
+        .iter()
+        .any(|t| matches!(t, Turn::System { tools, .. } | Turn::Developer { tools, .. } if !tools.is_empty()));
+    // Without tools, thinking mode forgets the reasoning of earlier turns.
+    let drop_thinking = !has_tools;
+    if thinking && drop_thinking {
+        turns = drop_earlier_reasoning(turns);
+    }
+    let last_user = turns.iter().rposition(Turn::is_user);
+    let mut prompt = String::from(BOS);
+    for (i, turn) in turns.iter().enumerate() {
+        if i == 0 && reasoning == Reasoning::Max {
+            prompt.push_str(MAX_EFFORT);
+        }
+        render(turn, thinking && (!drop_thinking || Some(i) > last_user), &mut prompt);
+        let next_is_assistant = turns.get(i + 1).is_none_or(|t| matches!(t, Turn::Assistant { .. }));
+        if turn.is_user() && next_is_assistant {
+            prompt.push_str(ASSISTANT);
+            let open = thinking && (!drop_thinking || Some(i) >= last_user);
+            prompt.push_str(if open { THINK_START } else { THINK_END });
+        }
+    }
+    Ok(prompt)
+}
+
+/// Appends one turn; `with_reasoning`: an assistant turn shows its
+/// reasoning (and the `</think>` that closes it).
+fn render(turn: &Turn, with_reasoning: bool, prompt: &mut String) {
+    match turn {
+        Turn::System { content, tools } => {
+            prompt.push_str(content);
+            push_tools(tools, prompt);
+        }
+        Turn::Developer { content, tools } => {
+            prompt.push_str(USER);
+            prompt.push_str(content);
+            push_tools(tools, prompt);
+        }
+        Turn::User { blocks } => {
+            prompt.push_str(USER);
+            let parts: Vec<String> = blocks
+                .iter()
+                .map(|b| match b {
+                    Block::Text(text) => text.clone(),
+                    Block::ToolResult { content, .. } => format!("<tool_result>{content}</tool_result>"),
+                })
+                .collect();
+            prompt.push_str(&parts.join("\n\n"));
+        }
+        Turn::Assistant { content, reasoning, calls } => {
+            if with_reasoning {
+                prompt.push_str(reasoning.as_deref().unwrap_or(""));
+                prompt.push_str(THINK_END);
+            }
+            prompt.push_str(content);
+            if !calls.is_empty() {
+                let invokes: Vec<String> = calls.iter().map(invoke).collect();
+                prompt.push_str(&format!("\n\n<{DSML}tool_calls>\n{}\n</{DSML}tool_calls>", invokes.join("\n")));
+            }
+            prompt.push_str(EOS);
+        }
+    }
+}
+
+fn push_tools(tools: &[Value], prompt: &mut String) {
+    if tools.is_empty() {
+        return;
+    }
+    let schemas: Vec<String> = tools.iter().map(pyjson::dumps).collect();
+    prompt.push_str("\n\n");
+    prompt.push_str(&TOOLS_PREAMBLE.replace("{D}", DSML));
+    prompt.push_str(&schemas.join("\n"));
+    prompt.push_str(TOOLS_CLOSING);
+}
+
+/// One call as DSML: a parameter per argument, strings as they are (no
+/// escaping), other values as JSON.
+fn invoke(call: &Call) -> String {
+    let arguments = match &call.arguments {
+        Value::Object(map) => map.clone(),
+        // Not a JSON object: the reference passes the text as one argument.
+        other => Map::from_iter([("arguments".to_string(), other.clone())]),
+    };
+    let parameters: Vec<String> = arguments
+        .iter()
+        .map(|(key, value)| {
+            let (string, text) = match value {
+                Value::String(s) => ("true", s.clone()),
+                other => ("false", pyjson::dumps(other)),
+            };
+            format!("<{DSML}parameter name=\"{key}\" string=\"{string}\">{text}</{DSML}parameter>")
+        })
+        .collect();
+    format!("<{DSML}invoke name=\"{}\">\n{}\n</{DSML}invoke>", call.name, parameters.join("\n"))
+}
+
+/// Turns the request's messages into [`Turn`]s: consecutive user messages
+/// and `tool` results merge into one user turn.
+fn merge(messages: &[Value]) -> Result<Vec<Turn>, String> {
+    let mut turns: Vec<Turn> = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+        let block = match role {
+            "user" => Block::Text(text(m.get("content"), i)?),
+            "tool" => Block::ToolResult {
+                id: m.get("tool_call_id").and_then(Value::as_str).unwrap_or("").to_string(),
+                content: tool_result(m.get("content"), i)?,
+            },
+            "system" => {
+                turns.push(Turn::System { content: text(m.get("content"), i)?, tools: Vec::new() });
+                continue;
+            }
+            "developer" => {
+                let content = text(m.get("content"), i)?;
+                if content.is_empty() {
+                    return Err(format!("messages[{i}]: a developer message needs content"));
+                }
+                turns.push(Turn::Developer { content, tools: Vec::new() });
+                continue;
+            }
+            "assistant" => {
+                turns.push(assistant(m, i)?);
+                continue;
+            }
+            other => return Err(format!("messages[{i}]: unknown role `{other}`")),
+        };
+        match turns.last_mut() {
+            Some(Turn::User { blocks }) => blocks.push(block),
+            _ => turns.push(Turn::User { blocks: vec![block] }),
+        }
+    }
+    Ok(turns)
+}
+
+fn assistant(m: &Value, i: usize) -> Result<Turn, String> {
+    let reasoning = match m.get("reasoning_content") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(format!("messages[{i}].reasoning_content must be a string")),
+    };
+    let mut calls = Vec::new();
+    for (j, call) in m.get("tool_calls").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        let function =
+            call.get("function").ok_or_else(|| format!("messages[{i}].tool_calls[{j}] has no `function`"))?;
+        let name = function.get("name").and_then(Value::as_str);
+        let name = name.ok_or_else(|| format!("messages[{i}].tool_calls[{j}].function has no `name`"))?;
+        let arguments = match function.get("arguments") {
+            // Arguments are a JSON text; one that does not parse is kept as text.
+            Some(Value::String(s)) => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone())),
+            Some(other) => other.clone(),
+            None => Value::Object(Map::new()),
+        };
+        let id = call.get("id").and_then(Value::as_str).unwrap_or("").to_string();
+        calls.push(Call { id, name: name.to_string(), arguments });
+    }
+    Ok(Turn::Assistant { content: text(m.get("content"), i)?, reasoning, calls })
+}
+
+/// A message's content: a string, nothing, or a list of text parts (joined
+/// by newlines, as vLLM does).
+fn text(content: Option<&Value>, i: usize) -> Result<String, String> {
+    match content {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let texts = parts
+                .iter()
+                .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => Ok(t),
+                    (kind, _) => {
+                        Err(format!("messages[{i}]: content part of type {kind:?} is not supported (text only)"))
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(texts.join("\n"))
+        }
+        Some(_) => Err(format!("messages[{i}].content must be a string or a list of text parts")),
+    }
+}
+
+/// A tool result's content: as [`text`], but parts are joined by blank
+/// lines and other kinds of part become a marker, as the reference does.
+fn tool_result(content: Option<&Value>, i: usize) -> Result<String, String> {
+    match content {
+        Some(Value::Array(parts)) => Ok(parts
+            .iter()
+            .map(|p| match p.get("type").and_then(Value::as_str) {
+                Some("text") => p.get("text").and_then(Value::as_str).unwrap_or("").to_string(),
+                kind => format!("[Unsupported {}]", kind.unwrap_or("None")),
+            })
+            .collect::<Vec<_>>()
+            .join("\n\n")),
+        other => text(other, i),
+    }
+}
+
+/// Within each user turn, tool results follow the order in which the
+/// latest assistant turn called them (results with unknown ids first).
+fn order_tool_results(turns: &mut [Turn]) {
+    let mut order: Vec<String> = Vec::new();
+    for turn in turns.iter_mut() {
+        match turn {
+            Turn::Assistant { calls, .. } if !calls.is_empty() => {
+                order = calls.iter().map(|c| c.id.clone()).collect();
+            }
+            Turn::User { blocks } if !order.is_empty() => {
+                let rank = |id: &str| order.iter().position(|o| !o.is_empty() && o == id).unwrap_or(0);
+                let mut results: Vec<Block> =
+                    blocks.iter().filter(|b| matches!(b, Block::ToolResult { .. })).cloned().collect();
+                if results.len() < 2 {
+                    continue;
+                }
+                results.sort_by_key(|b| match b {
+                    Block::ToolResult { id, .. } => rank(id),
+                    Block::Text(_) => 0,
+                });
+                let mut sorted = results.into_iter();
+                for b in blocks.iter_mut().filter(|b| matches!(b, Block::ToolResult { .. })) {
+                    if let Some(next) = sorted.next() {
+                        *b = next;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Thinking mode without tools: assistant turns before the last user turn
+/// lose their reasoning, and developer turns before it are left out.
+fn drop_earlier_reasoning(turns: Vec<Turn>) -> Vec<Turn> {
+    let last_user = turns.iter().rposition(Turn::is_user);
+    turns
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, turn)| {
+            if Some(i) >= last_user {
+                return Some(turn);
+            }
+            match turn {
+                Turn::Assistant { content, calls, .. } => Some(Turn::Assistant { content, reasoning: None, calls }),
+                Turn::Developer { .. } => None,
+                other => Some(other),
+            }
+        })
+        .collect()
+}

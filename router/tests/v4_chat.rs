@@ -1,0 +1,94 @@
+//! DeepSeek-V4's chat encoding and completion parsing against the golden
+//! data of `tests/fixtures/v4-chat`, produced by DeepSeek's reference
+//! encoder (see its README): every prompt byte for byte, every parse and
+//! every error message.
+
+use myriad_router::chat::Reasoning;
+use myriad_router::chat::v4::encode;
+use myriad_router::chat::v4_parse::parse;
+use serde_json::Value;
+
+fn golden(name: &str) -> Vec<Value> {
+    let path = format!("{}/../tests/fixtures/v4-chat/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn mode(case: &Value) -> Reasoning {
+    match case["mode"].as_str().unwrap() {
+        "chat" => Reasoning::None,
+        "thinking" => Reasoning::High,
+        "thinking_max" => Reasoning::Max,
+        other => panic!("unknown mode {other}"),
+    }
+}
+
+#[test]
+fn every_golden_prompt_is_reproduced() {
+    let cases = golden("encode.json");
+    assert_eq!(cases.len(), 22);
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let messages = case["messages"].as_array().unwrap();
+        let tools = case["tools"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        let prompt = encode(messages, tools, mode(case)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let expected = case["expected_prompt"].as_str().unwrap();
+        if prompt != expected {
+            let at = prompt.bytes().zip(expected.bytes()).position(|(a, b)| a != b).unwrap_or(prompt.len());
+            let from = prompt.floor_char_boundary(at.saturating_sub(60));
+            panic!(
+                "{name}: prompts differ at byte {at}\n ours: {:?}\n gold: {:?}",
+                &prompt[from..prompt.ceil_char_boundary((at + 60).min(prompt.len()))],
+                &expected
+                    [expected.floor_char_boundary(from)..expected.ceil_char_boundary((at + 60).min(expected.len()))]
+            );
+        }
+    }
+}
+
+#[test]
+fn every_golden_completion_parses_as_the_reference_does() {
+    let cases = golden("parse.json");
+    assert_eq!(cases.len(), 13);
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let thinking = case["thinking_mode"].as_str() == Some("thinking");
+        let result = parse(case["completion_text"].as_str().unwrap(), thinking);
+        if case["expected_error"].as_bool().unwrap() {
+            let err = result.expect_err(name);
+            assert_eq!(err, case["error_message"].as_str().unwrap(), "{name}");
+            continue;
+        }
+        let parsed = result.unwrap_or_else(|e| panic!("{name}: {e}"));
+        let expected = &case["expected_message"];
+        assert_eq!(parsed.content, expected["content"].as_str().unwrap(), "{name}: content");
+        assert_eq!(parsed.reasoning, expected["reasoning_content"].as_str().unwrap(), "{name}: reasoning");
+        let calls: Vec<(&str, &str)> = expected["tool_calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["function"]["name"].as_str().unwrap(), c["function"]["arguments"].as_str().unwrap()))
+            .collect();
+        let ours: Vec<(&str, &str)> =
+            parsed.tool_calls.iter().map(|c| (c.name.as_str(), c.arguments.as_str())).collect();
+        assert_eq!(ours, calls, "{name}: tool calls");
+    }
+}
+
+/// What the goldens do not cover: bad requests are errors that say what
+/// is wrong, not panics or silently odd prompts.
+#[test]
+fn bad_messages_are_named() {
+    let err = |messages: Value| encode(messages.as_array().unwrap(), &[], Reasoning::None).unwrap_err();
+    let e = err(serde_json::json!([{"role": "wizard", "content": "hi"}]));
+    assert!(e.contains("messages[0]") && e.contains("wizard"), "{e}");
+    let e = err(serde_json::json!([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]));
+    assert!(e.contains("messages[0]") && e.contains("image_url"), "{e}");
+    let e =
+        err(serde_json::json!([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"id": "x"}]}]));
+    assert!(e.contains("messages[1].tool_calls[0]"), "{e}");
+    // User content as text parts is flattened.
+    let parts = serde_json::json!([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]);
+    let prompt = encode(parts.as_array().unwrap(), &[], Reasoning::None).unwrap();
+    assert!(prompt.ends_with("<｜User｜>a\nb<｜Assistant｜></think>"), "{prompt}");
+}
