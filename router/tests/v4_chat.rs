@@ -31,7 +31,7 @@ fn every_golden_prompt_is_reproduced() {
         let name = case["name"].as_str().unwrap();
         let messages = case["messages"].as_array().unwrap();
         let tools = case["tools"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-        let prompt = encode(messages, tools, mode(case)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let prompt = encode(messages, tools, mode(case)).unwrap_or_else(|e| panic!("{name}: {e}")).text;
         let expected = case["expected_prompt"].as_str().unwrap();
         if prompt != expected {
             let at = prompt.bytes().zip(expected.bytes()).position(|(a, b)| a != b).unwrap_or(prompt.len());
@@ -89,6 +89,32 @@ fn bad_messages_are_named() {
     assert!(e.contains("messages[1].tool_calls[0]"), "{e}");
     // User content as text parts is flattened.
     let parts = serde_json::json!([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]);
-    let prompt = encode(parts.as_array().unwrap(), &[], Reasoning::None).unwrap();
+    let prompt = encode(parts.as_array().unwrap(), &[], Reasoning::None).unwrap().text;
     assert!(prompt.ends_with("<｜User｜>a\nb<｜Assistant｜></think>"), "{prompt}");
+}
+
+/// The client's text is marked for tokenizing as text: special-token
+/// strings inside messages, reasoning, tool results and tool arguments lie
+/// in the client ranges, and every special token the encoder writes lies
+/// outside them.
+#[test]
+fn client_text_is_marked_and_markup_is_not() {
+    for case in golden("encode.json") {
+        let name = case["name"].as_str().unwrap();
+        let tools = case["tools"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        let prompt = encode(case["messages"].as_array().unwrap(), tools, mode(&case)).unwrap();
+        let inside = |at: usize| prompt.client.iter().any(|r| r.contains(&at));
+        assert!(prompt.client.windows(2).all(|w| w[0].end <= w[1].start), "{name}: ranges in order");
+        // A tool argument with special-token strings (one golden case).
+        if let Some(at) = prompt.text.find("</think> <｜User｜> a<b>c ｜") {
+            assert!((at..at + 20).all(inside), "{name}: tool argument not marked");
+        }
+        for message in case["messages"].as_array().unwrap() {
+            if let Some(content) = message["content"].as_str().filter(|c| c.contains("<｜") || c.contains("</think>"))
+            {
+                let at = prompt.text.find(content).unwrap_or_else(|| panic!("{name}: content not in prompt"));
+                assert!((at..at + content.len()).all(inside), "{name}: {content:?} is not marked as client text");
+            }
+        }
+    }
 }

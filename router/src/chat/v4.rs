@@ -17,6 +17,8 @@
 //! `tests/fixtures/v4-chat` holds prompts and parses produced by the
 //! reference encoder; `router/tests/v4_chat.rs` checks every one.
 
+use std::ops::Range;
+
 use serde_json::{Map, Value};
 
 use super::Reasoning;
@@ -96,10 +98,33 @@ impl Turn {
     }
 }
 
+/// A prompt: its text and the byte ranges that hold the client's own text
+/// (contents, reasoning, tool schemas, names and arguments), which must be
+/// tokenized as text: a special token's string there is not the token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prompt {
+    pub text: String,
+    pub client: Vec<Range<usize>>,
+}
+
+impl Prompt {
+    fn markup(&mut self, s: &str) {
+        self.text.push_str(s);
+    }
+
+    fn client(&mut self, s: &str) {
+        if !s.is_empty() {
+            let start = self.text.len();
+            self.text.push_str(s);
+            self.client.push(start..self.text.len());
+        }
+    }
+}
+
 /// The prompt for an OpenAI-style chat: `messages` (system, developer,
 /// user, assistant with `reasoning_content` and `tool_calls`, tool) and the
 /// request's `tools`, in `reasoning` mode. Errors name what is wrong.
-pub fn encode(messages: &[Value], tools: &[Value], reasoning: Reasoning) -> Result<String, String> {
+pub fn encode(messages: &[Value], tools: &[Value], reasoning: Reasoning) -> Result<Prompt, String> {
     let mut turns = merge(messages)?;
     if !tools.is_empty() {
         let functions = tools
@@ -122,17 +147,18 @@ pub fn encode(messages: &[Value], tools: &[Value], reasoning: Reasoning) -> Resu
         turns = drop_earlier_reasoning(turns);
     }
     let last_user = turns.iter().rposition(Turn::is_user);
-    let mut prompt = String::from(BOS);
+    let mut prompt = Prompt::default();
+    prompt.markup(BOS);
     for (i, turn) in turns.iter().enumerate() {
         if i == 0 && reasoning == Reasoning::Max {
-            prompt.push_str(MAX_EFFORT);
+            prompt.markup(MAX_EFFORT);
         }
         render(turn, thinking && (!drop_thinking || Some(i) > last_user), &mut prompt);
         let next_is_assistant = turns.get(i + 1).is_none_or(|t| matches!(t, Turn::Assistant { .. }));
         if turn.is_user() && next_is_assistant {
-            prompt.push_str(ASSISTANT);
+            prompt.markup(ASSISTANT);
             let open = thinking && (!drop_thinking || Some(i) >= last_user);
-            prompt.push_str(if open { THINK_START } else { THINK_END });
+            prompt.markup(if open { THINK_START } else { THINK_END });
         }
     }
     Ok(prompt)
@@ -140,73 +166,95 @@ pub fn encode(messages: &[Value], tools: &[Value], reasoning: Reasoning) -> Resu
 
 /// Appends one turn; `with_reasoning`: an assistant turn shows its
 /// reasoning (and the `</think>` that closes it).
-fn render(turn: &Turn, with_reasoning: bool, prompt: &mut String) {
+fn render(turn: &Turn, with_reasoning: bool, prompt: &mut Prompt) {
     match turn {
         Turn::System { content, tools } => {
-            prompt.push_str(content);
+            prompt.client(content);
             push_tools(tools, prompt);
         }
         Turn::Developer { content, tools } => {
-            prompt.push_str(USER);
-            prompt.push_str(content);
+            prompt.markup(USER);
+            prompt.client(content);
             push_tools(tools, prompt);
         }
         Turn::User { blocks } => {
-            prompt.push_str(USER);
-            let parts: Vec<String> = blocks
-                .iter()
-                .map(|b| match b {
-                    Block::Text(text) => text.clone(),
-                    Block::ToolResult { content, .. } => format!("<tool_result>{content}</tool_result>"),
-                })
-                .collect();
-            prompt.push_str(&parts.join("\n\n"));
+            prompt.markup(USER);
+            for (i, block) in blocks.iter().enumerate() {
+                if i > 0 {
+                    prompt.markup("\n\n");
+                }
+                match block {
+                    Block::Text(text) => prompt.client(text),
+                    Block::ToolResult { content, .. } => {
+                        prompt.markup("<tool_result>");
+                        prompt.client(content);
+                        prompt.markup("</tool_result>");
+                    }
+                }
+            }
         }
         Turn::Assistant { content, reasoning, calls } => {
             if with_reasoning {
-                prompt.push_str(reasoning.as_deref().unwrap_or(""));
-                prompt.push_str(THINK_END);
+                prompt.client(reasoning.as_deref().unwrap_or(""));
+                prompt.markup(THINK_END);
             }
-            prompt.push_str(content);
+            prompt.client(content);
             if !calls.is_empty() {
-                let invokes: Vec<String> = calls.iter().map(invoke).collect();
-                prompt.push_str(&format!("\n\n<{DSML}tool_calls>\n{}\n</{DSML}tool_calls>", invokes.join("\n")));
+                prompt.markup(&format!("\n\n<{DSML}tool_calls>\n"));
+                for (i, call) in calls.iter().enumerate() {
+                    if i > 0 {
+                        prompt.markup("\n");
+                    }
+                    invoke(call, prompt);
+                }
+                prompt.markup(&format!("\n</{DSML}tool_calls>"));
             }
-            prompt.push_str(EOS);
+            prompt.markup(EOS);
         }
     }
 }
 
-fn push_tools(tools: &[Value], prompt: &mut String) {
+fn push_tools(tools: &[Value], prompt: &mut Prompt) {
     if tools.is_empty() {
         return;
     }
-    let schemas: Vec<String> = tools.iter().map(pyjson::dumps).collect();
-    prompt.push_str("\n\n");
-    prompt.push_str(&TOOLS_PREAMBLE.replace("{D}", DSML));
-    prompt.push_str(&schemas.join("\n"));
-    prompt.push_str(TOOLS_CLOSING);
+    prompt.markup("\n\n");
+    prompt.markup(&TOOLS_PREAMBLE.replace("{D}", DSML));
+    for (i, tool) in tools.iter().enumerate() {
+        if i > 0 {
+            prompt.markup("\n");
+        }
+        prompt.client(&pyjson::dumps(tool));
+    }
+    prompt.markup(TOOLS_CLOSING);
 }
 
 /// One call as DSML: a parameter per argument, strings as they are (no
 /// escaping), other values as JSON.
-fn invoke(call: &Call) -> String {
+fn invoke(call: &Call, prompt: &mut Prompt) {
     let arguments = match &call.arguments {
         Value::Object(map) => map.clone(),
         // Not a JSON object: the reference passes the text as one argument.
         other => Map::from_iter([("arguments".to_string(), other.clone())]),
     };
-    let parameters: Vec<String> = arguments
-        .iter()
-        .map(|(key, value)| {
-            let (string, text) = match value {
-                Value::String(s) => ("true", s.clone()),
-                other => ("false", pyjson::dumps(other)),
-            };
-            format!("<{DSML}parameter name=\"{key}\" string=\"{string}\">{text}</{DSML}parameter>")
-        })
-        .collect();
-    format!("<{DSML}invoke name=\"{}\">\n{}\n</{DSML}invoke>", call.name, parameters.join("\n"))
+    prompt.markup(&format!("<{DSML}invoke name=\""));
+    prompt.client(&call.name);
+    prompt.markup("\">\n");
+    for (i, (key, value)) in arguments.iter().enumerate() {
+        if i > 0 {
+            prompt.markup("\n");
+        }
+        let (string, text) = match value {
+            Value::String(s) => ("true", s.clone()),
+            other => ("false", pyjson::dumps(other)),
+        };
+        prompt.markup(&format!("<{DSML}parameter name=\""));
+        prompt.client(key);
+        prompt.markup(&format!("\" string=\"{string}\">"));
+        prompt.client(&text);
+        prompt.markup(&format!("</{DSML}parameter>"));
+    }
+    prompt.markup(&format!("\n</{DSML}invoke>"));
 }
 
 /// Turns the request's messages into [`Turn`]s: consecutive user messages
