@@ -124,6 +124,8 @@ def raw_post(server, path, body, headers=None):
     (b'{"model": "tiny-v4", "prompt": "x", "n": 3}', 400, "n=1"),
     (b'{"model": "tiny-v4", "prompt": [1, 2, 99999]}', 400, "vocabulary"),
     (b'{"model": "gpt-9", "prompt": "x"}', 404, "does not exist"),
+    (b'{"model": "tiny-v4", "prompt": "x", "logprobs": 2}', 400, "`logprobs` is not supported"),
+    (b'{"model": "tiny-v4", "prompt": "x", "presence_penalty": 0.5}', 400, "`presence_penalty`"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, fragment):
     code, err = raw_post(server, "/v1/completions", body)
@@ -136,6 +138,25 @@ def test_errors_through_the_client(client):
         client.completions.create(model="gpt-9", prompt="x")
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="word " * 600_000, max_tokens=4)
+
+
+def test_unsupported_chat_fields_are_refused_not_ignored(client):
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    asks = [
+        {"tools": [weather]},
+        {"tools": [weather], "tool_choice": "required"},
+        {"response_format": {"type": "json_object"}},
+        {"logprobs": True, "top_logprobs": 2},
+        {"logit_bias": {"5": -100}},
+    ]
+    for ask in asks:
+        field = next(iter(ask))
+        with pytest.raises(openai.BadRequestError, match=f"`{field}` is not supported"):
+            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, **ask)
+    # Defaults that ask for nothing are accepted.
+    ok = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, tools=[], presence_penalty=0,
+                                        logprobs=False, response_format={"type": "text"})
+    assert ok.choices[0].message.content is not None
 
 
 def test_oversized_body_is_refused(server):

@@ -1,5 +1,8 @@
-//! OpenAI request bodies, validated into [`Params`]. Unknown fields are
-//! ignored (clients send many); known fields of the wrong type are a 400.
+//! OpenAI request bodies, validated into [`Params`]. Fields nobody has
+//! defined are ignored (clients send extensions of their own); a known
+//! OpenAI or vLLM field this server does not support is a 400 naming it
+//! unless it holds its neutral value ([`refuse_unsupported`]); known
+//! fields of the wrong type are a 400.
 
 use myriad_model::Sampling;
 use serde::Deserialize;
@@ -92,9 +95,94 @@ pub struct Params {
     pub ignore_eos: bool,
 }
 
-/// Parses a JSON body into `T`, with OpenAI-shaped 400s.
+/// Parses a JSON body into `T`, with OpenAI-shaped 400s; a request that
+/// asks for something this server does not do is refused, not half-served.
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}"), None))
+    let invalid = |e: serde_json::Error| ApiError::bad_request(format!("invalid request body: {e}"), None);
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(invalid)?;
+    refuse_unsupported(&value)?;
+    serde_json::from_value(value).map_err(invalid)
+}
+
+/// Whether a field's value asks for nothing.
+type Neutral = fn(&serde_json::Value) -> bool;
+
+/// Known OpenAI and vLLM request fields this server does not support yet,
+/// each with the test for the value that asks for nothing (clients often
+/// send defaults such as `"presence_penalty": 0` or `"tools": []`).
+const UNSUPPORTED: &[(&str, Neutral)] = {
+    use serde_json::Value;
+    fn empty(v: &Value) -> bool {
+        v.as_array().is_some_and(Vec::is_empty) || v.as_object().is_some_and(|o| o.is_empty())
+    }
+    fn zero(v: &Value) -> bool {
+        v.as_f64() == Some(0.0)
+    }
+    fn one(v: &Value) -> bool {
+        v.as_f64() == Some(1.0)
+    }
+    fn no(v: &Value) -> bool {
+        v == &Value::Bool(false)
+    }
+    fn any(_: &Value) -> bool {
+        true
+    }
+    fn none_or_auto(v: &Value) -> bool {
+        matches!(v.as_str(), Some("none" | "auto"))
+    }
+    fn text_format(v: &Value) -> bool {
+        v.get("type").and_then(Value::as_str) == Some("text")
+    }
+    fn text_only(v: &Value) -> bool {
+        v.as_array().is_some_and(|m| m.iter().all(|x| x.as_str() == Some("text")))
+    }
+    fn never(_: &Value) -> bool {
+        false
+    }
+    &[
+        ("tools", empty),
+        ("tool_choice", none_or_auto),
+        ("parallel_tool_calls", any),
+        ("functions", empty),
+        ("function_call", none_or_auto),
+        ("response_format", text_format),
+        ("logprobs", no),
+        ("top_logprobs", zero),
+        ("presence_penalty", zero),
+        ("frequency_penalty", zero),
+        ("repetition_penalty", one),
+        ("logit_bias", empty),
+        ("min_tokens", zero),
+        ("stop_token_ids", empty),
+        ("echo", no),
+        ("best_of", one),
+        ("suffix", never),
+        ("audio", never),
+        ("modalities", text_only),
+        ("prediction", never),
+        ("web_search_options", never),
+        ("guided_json", never),
+        ("guided_regex", never),
+        ("guided_choice", never),
+        ("guided_grammar", never),
+    ]
+};
+
+/// A 400 naming the first field of [`UNSUPPORTED`] that `request` sets to
+/// anything but null or its neutral value.
+pub fn refuse_unsupported(request: &serde_json::Value) -> Result<(), ApiError> {
+    for (field, neutral) in UNSUPPORTED {
+        match request.get(*field) {
+            Some(v) if !v.is_null() && !neutral(v) => {
+                return Err(ApiError::bad_request(
+                    format!("`{field}` is not supported by this server yet; remove it or send its default"),
+                    Some(field),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl Common {
@@ -188,5 +276,49 @@ impl ChatMessage {
             }
         };
         Ok(Message { role, content })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn refused(body: serde_json::Value) -> Option<(String, Option<&'static str>)> {
+        refuse_unsupported(&body).err().map(|e| (e.message, e.param))
+    }
+
+    #[test]
+    fn known_unsupported_fields_are_refused_by_name() {
+        let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+        for (body, field) in [
+            (json!({"tools": tool}), "tools"),
+            (json!({"tool_choice": "required"}), "tool_choice"),
+            (json!({"response_format": {"type": "json_object"}}), "response_format"),
+            (json!({"logprobs": true}), "logprobs"),
+            (json!({"top_logprobs": 3}), "top_logprobs"),
+            (json!({"presence_penalty": 0.5}), "presence_penalty"),
+            (json!({"repetition_penalty": 1.1}), "repetition_penalty"),
+            (json!({"logit_bias": {"5": -100}}), "logit_bias"),
+            (json!({"audio": {"voice": "x"}}), "audio"),
+            (json!({"modalities": ["text", "audio"]}), "modalities"),
+            (json!({"echo": true}), "echo"),
+        ] {
+            let (message, param) = refused(body.clone()).unwrap_or_else(|| panic!("{body} was accepted"));
+            assert!(message.contains(&format!("`{field}`")), "{message}");
+            assert_eq!(param, Some(field));
+        }
+    }
+
+    #[test]
+    fn neutral_values_and_unknown_fields_pass() {
+        let body = json!({
+            "model": "m", "tools": [], "tool_choice": "none", "parallel_tool_calls": true,
+            "response_format": {"type": "text"}, "logprobs": false, "top_logprobs": 0,
+            "presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": {},
+            "min_tokens": 0, "stop_token_ids": [], "modalities": ["text"], "audio": null,
+            "user": "someone", "my_own_extension": 7
+        });
+        assert_eq!(refused(body), None);
     }
 }
