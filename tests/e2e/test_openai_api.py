@@ -27,6 +27,8 @@ def generate_cli(prompt, n):
 
 def test_models_health_ready_metrics(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    with urllib.request.urlopen(server.root_url + "/v1/models") as r:
+        assert json.loads(r.read())["data"][0]["max_model_len"] == 32768  # myriad up's default
     for path, body in [("/health", "ok"), ("/ready", "ready")]:
         with urllib.request.urlopen(server.root_url + path) as r:
             assert r.status == 200 and r.read().decode() == body

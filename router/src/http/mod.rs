@@ -136,7 +136,11 @@ async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respo
     }
     axum::Json(serde_json::json!({
         "object": "list",
-        "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "myriad"}],
+        // `max_model_len` as vLLM reports it: the context a request may fill.
+        "data": [{
+            "id": state.model_name, "object": "model", "created": 0, "owned_by": "myriad",
+            "max_model_len": state.max_context,
+        }],
     }))
     .into_response()
 }
