@@ -161,6 +161,31 @@ def test_unsupported_chat_fields_are_refused_not_ignored(client):
     assert ok.choices[0].message.content is not None
 
 
+def test_tokenize_shows_the_prompt_a_request_sees(server, client):
+    code, text = raw_post(server, "/tokenize", json.dumps({"prompt": "Hello there"}).encode())
+    assert code == 200 and text["count"] == len(text["tokens"]) and text["max_model_len"] == 32768
+    code, back = raw_post(server, "/detokenize", json.dumps({"model": MODEL, "tokens": text["tokens"]}).encode())
+    assert code == 200 and back == {"prompt": "Hello there"}
+    # A chat's messages: the ids are exactly the prompt a chat request runs on.
+    body = {"messages": HELLO, "reasoning_effort": "high"}
+    code, chat = raw_post(server, "/tokenize", json.dumps(body).encode())
+    assert code == 200, chat
+    answer = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0,
+                                            reasoning_effort="high")
+    assert answer.usage.prompt_tokens == chat["count"]
+    same = client.completions.create(model=MODEL, prompt=chat["tokens"], max_tokens=8, temperature=0)
+    assert same.choices[0].text == answer.choices[0].message.reasoning_content + (
+        "</think>" + answer.choices[0].message.content if answer.choices[0].message.content else "")
+    for path, body, status, fragment in [
+        ("/detokenize", {"tokens": [1, 10**6]}, 400, "outside the vocabulary"),
+        ("/tokenize", {"model": "gpt-9", "prompt": "x"}, 404, "does not exist"),
+        ("/tokenize", {"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "`tools`"),
+        ("/tokenize", {"nothing": 1}, 400, "prompt"),
+    ]:
+        code, err = raw_post(server, path, json.dumps(body).encode())
+        assert code == status and fragment in err["error"]["message"], (path, body, err)
+
+
 def test_oversized_body_is_refused(server):
     req = urllib.request.Request(server.root_url + "/v1/completions", method="POST",
                                  data=b'{"model": "tiny-v4", "prompt": "' + b"a" * (5 << 20) + b'"}',

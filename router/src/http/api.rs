@@ -75,11 +75,18 @@ pub struct ChatMessage {
     pub content: Option<Content>,
 }
 
+/// What makes a chat prompt (also what `/tokenize` takes).
 #[derive(Debug, Deserialize)]
-pub struct ChatRequest {
+pub struct ChatInput {
     pub messages: Vec<ChatMessage>,
     pub reasoning_effort: Option<String>,
     pub chat_template_kwargs: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    #[serde(flatten)]
+    pub input: ChatInput,
     #[serde(flatten)]
     pub common: Common,
 }

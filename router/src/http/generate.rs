@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use super::api::{ChatRequest, CompletionRequest, Params, PromptInput, parse};
+use super::api::{ChatInput, ChatRequest, CompletionRequest, Params, PromptInput, parse};
 use super::error::ApiError;
 use super::text::{Delta, Deltas, Detokenizer};
 use super::{AppState, Body, authorized, json_body};
@@ -61,31 +61,8 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
         let request: ChatRequest = parse(&json_body(&headers, body)?)?;
         check_model(&state, &request.common.model)?;
         let params = request.common.params()?;
-        let kwargs = request.chat_template_kwargs.unwrap_or(Value::Null);
-        let effort =
-            request.reasoning_effort.as_deref().or_else(|| kwargs.get("reasoning_effort").and_then(Value::as_str));
-        let reasoning = match (effort, kwargs.get("thinking").and_then(Value::as_bool)) {
-            (Some(e), _) => Reasoning::parse(e).ok_or_else(|| {
-                ApiError::bad_request(
-                    format!("reasoning_effort `{e}` is not one of none, high, max"),
-                    Some("reasoning_effort"),
-                )
-            })?,
-            (None, Some(true)) => Reasoning::High,
-            (None, _) => Reasoning::None,
-        };
-        if request.messages.is_empty() {
-            return Err(ApiError::bad_request("messages must not be empty", Some("messages")));
-        }
-        let messages: Vec<Message> =
-            request.messages.iter().enumerate().map(|(i, m)| m.checked(i)).collect::<Result<_, _>>()?;
-        let template = state
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| ApiError::bad_request("this model has no chat template; use /v1/completions", None))?;
-        let text =
-            template.render(&messages, reasoning, &kwargs).map_err(|e| ApiError::bad_request(e, Some("messages")))?;
-        Ok((encode_chat(&state, &text, &messages)?, params, reasoning.thinking()))
+        let (prompt, reasoning) = chat_prompt(&state, &request.input)?;
+        Ok((prompt, params, reasoning.thinking()))
     })();
     match prepared {
         Ok((prompt, params, thinking)) => respond(state, Ok((prompt, params)), Kind::Chat { thinking }).await,
@@ -93,11 +70,39 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
     }
 }
 
-fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
+/// The token ids of a chat's prompt and its reasoning mode.
+pub(super) fn chat_prompt(state: &AppState, input: &ChatInput) -> Result<(Vec<u32>, Reasoning), ApiError> {
+    let kwargs = input.chat_template_kwargs.clone().unwrap_or(Value::Null);
+    let effort = input.reasoning_effort.as_deref().or_else(|| kwargs.get("reasoning_effort").and_then(Value::as_str));
+    let reasoning = match (effort, kwargs.get("thinking").and_then(Value::as_bool)) {
+        (Some(e), _) => Reasoning::parse(e).ok_or_else(|| {
+            ApiError::bad_request(
+                format!("reasoning_effort `{e}` is not one of none, high, max"),
+                Some("reasoning_effort"),
+            )
+        })?,
+        (None, Some(true)) => Reasoning::High,
+        (None, _) => Reasoning::None,
+    };
+    if input.messages.is_empty() {
+        return Err(ApiError::bad_request("messages must not be empty", Some("messages")));
+    }
+    let messages: Vec<Message> =
+        input.messages.iter().enumerate().map(|(i, m)| m.checked(i)).collect::<Result<_, _>>()?;
+    let template = state
+        .chat_template
+        .as_ref()
+        .ok_or_else(|| ApiError::bad_request("this model has no chat template; use /v1/completions", None))?;
+    let text =
+        template.render(&messages, reasoning, &kwargs).map_err(|e| ApiError::bad_request(e, Some("messages")))?;
+    Ok((encode_chat(state, &text, &messages)?, reasoning))
+}
+
+pub(super) fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
     if model == state.model_name { Ok(()) } else { Err(ApiError::model_not_found(model)) }
 }
 
-fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
+pub(super) fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
     state.tokenizer.encode(text).map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}"), None))
 }
 

@@ -1,8 +1,9 @@
 //! The OpenAI-compatible HTTP API of a router.
 //!
 //! `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream`),
-//! `GET /v1/models`, `GET /health` (alive), `GET /ready` (the data plane can
-//! serve), `GET /metrics` (Prometheus). Bodies are size-limited and parsed by
+//! `GET /v1/models`, `POST /tokenize` and `/detokenize` (vLLM's), `GET
+//! /health` (alive), `GET /ready` (the data plane can serve), `GET
+//! /metrics` (Prometheus). Bodies are size-limited and parsed by
 //! hand so every malformed input gets a 400 in OpenAI's error shape; API keys
 //! are checked when configured.
 
@@ -10,6 +11,7 @@ mod api;
 mod error;
 mod generate;
 mod text;
+mod tokenize;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -64,11 +66,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat_completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(|| async { crate::metrics::render() }))
         .fallback(|| async {
-            ApiError::not_found("no such endpoint; see /v1/models, /v1/completions, /v1/chat/completions")
+            ApiError::not_found(
+                "no such endpoint; see /v1/models, /v1/completions, /v1/chat/completions, /tokenize, /detokenize",
+            )
         })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
