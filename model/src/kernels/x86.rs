@@ -132,20 +132,6 @@ impl Load for Fp8Rows<'_> {
             _mm512_mul_ps(_mm512_cvtph_ps(e4m3_f16(codes)), _mm512_set1_ps(self.kernel_scale(c, i)))
         }
     }
-    /// Both halves lie in one 128-block: one scale.
-    #[inline(always)]
-    unsafe fn load512_pair(&self, c: usize, i: usize) -> (__m512, __m512) {
-        unsafe {
-            let at = c * self.k + i;
-            let scale = _mm512_set1_ps(self.kernel_scale(c, i));
-            let first = _mm_loadu_si128(self.codes.as_ptr().add(at).cast());
-            let second = _mm_loadu_si128(self.codes.as_ptr().add(at + LANES).cast());
-            (
-                _mm512_mul_ps(_mm512_cvtph_ps(e4m3_f16(first)), scale),
-                _mm512_mul_ps(_mm512_cvtph_ps(e4m3_f16(second)), scale),
-            )
-        }
-    }
     #[inline(always)]
     unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256) {
         unsafe {
@@ -315,6 +301,19 @@ fn fetch_first_tiles<W: Load>(w: &W, k: usize, c0: usize, c1: usize, tile_cols: 
     }
 }
 
+/// A one-row tile streams each weight once: while its `cols` rows from
+/// `c0` read inputs `i..i + span`, fetch the same lines of the rows of the
+/// tile [`PREFETCH_TILES`] ahead.
+#[inline(always)]
+fn fetch_ahead<W: Load>(w: &W, c0: usize, cols: usize, i: usize, span: usize) {
+    if i % W::LINE_INPUTS < span {
+        let ahead = c0 + PREFETCH_TILES * cols;
+        for c in ahead..ahead + cols {
+            (i..i + span).step_by(W::LINE_INPUTS).for_each(|j| w.prefetch(c, j));
+        }
+    }
+}
+
 #[target_feature(enable = "avx512f")]
 unsafe fn kernel512<W: Load, const R: usize, const C: usize>(x: &[f32], w: W, at: Tile, block: &mut [f32]) {
     let Tile { r: r0, c: c0, k, .. } = at;
@@ -325,12 +324,8 @@ unsafe fn kernel512<W: Load, const R: usize, const C: usize>(x: &[f32], w: W, at
     // Two steps of 16 per pass, each accumulator still taking them in order.
     let mut wv2 = [_mm512_setzero_ps(); C];
     while i + 2 * LANES <= full {
-        // One input row streams each weight once: fetch the rows of a
-        // tile ahead while this one computes.
-        if R == 1 && i % W::LINE_INPUTS < 2 * LANES {
-            for c in 0..C {
-                (i..i + 2 * LANES).step_by(W::LINE_INPUTS).for_each(|j| w.prefetch(c0 + c + PREFETCH_TILES * C, j));
-            }
+        if R == 1 {
+            fetch_ahead(&w, c0, C, i, 2 * LANES);
         }
         for c in 0..C {
             // SAFETY: i + 32 <= full <= k, inside weight row c0 + c.
@@ -401,11 +396,8 @@ unsafe fn kernel256<W: Load, const R: usize, const C: usize>(x: &[f32], w: W, at
     let mut wh = [_mm256_setzero_ps(); C];
     let mut i = 0;
     while i < full {
-        // As in `kernel512`: one input row fetches a tile ahead.
-        if R == 1 && i % W::LINE_INPUTS < LANES {
-            for c in 0..C {
-                (i..i + LANES).step_by(W::LINE_INPUTS).for_each(|j| w.prefetch(c0 + c + PREFETCH_TILES * C, j));
-            }
+        if R == 1 {
+            fetch_ahead(&w, c0, C, i, LANES);
         }
         for c in 0..C {
             // SAFETY: i + 16 <= full <= k: both halves stay in weight row c0 + c.
