@@ -105,10 +105,18 @@ pub struct Params {
 /// Parses a JSON body into `T`, with OpenAI-shaped 400s; a request that
 /// asks for something this server does not do is refused, not half-served.
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let invalid = |e: serde_json::Error| ApiError::bad_request(format!("invalid request body: {e}"), None);
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(invalid)?;
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(invalid_body)?;
     refuse_unsupported(&value)?;
-    serde_json::from_value(value).map_err(invalid)
+    from_value(value)
+}
+
+/// An already parsed (and checked) body as `T`.
+pub fn from_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_json::from_value(value).map_err(invalid_body)
+}
+
+fn invalid_body(e: serde_json::Error) -> ApiError {
+    ApiError::bad_request(format!("invalid request body: {e}"), None)
 }
 
 /// Whether a field's value asks for nothing.

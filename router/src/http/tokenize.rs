@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::api::{ChatInput, parse};
+use super::api::{ChatInput, from_value, parse};
 use super::error::ApiError;
 use super::generate::{chat_prompt, check_model, encode};
 use super::{AppState, Body, authorized, json_body};
@@ -30,13 +30,10 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, headers: HeaderMap, bo
         authorized(&state, &headers)?;
         let request: Value = parse(&json_body(&headers, body)?)?;
         check_optional_model(&state, &request)?;
-        let invalid = |e: serde_json::Error| ApiError::bad_request(format!("invalid request body: {e}"), None);
         let tokens = if request.get("messages").is_some() {
-            let input: ChatInput = serde_json::from_value(request).map_err(invalid)?;
-            chat_prompt(&state, &input)?.0
+            chat_prompt(&state, &from_value::<ChatInput>(request)?)?.0
         } else {
-            let input: TextInput = serde_json::from_value(request).map_err(invalid)?;
-            encode(&state, &input.prompt)?
+            encode(&state, &from_value::<TextInput>(request)?.prompt)?
         };
         Ok(json!({"count": tokens.len(), "max_model_len": state.max_context, "tokens": tokens}))
     })();
