@@ -119,6 +119,13 @@ RELEASE_FLASH = dict(
 )
 RELEASE_BASE = dict(RELEASE_FLASH, q_lora_rank=320)
 
+# V4's control tokens (never part of decoded text) and the markup tokens of
+# its chat encoding (tests/fixtures/v4-chat/README.md). Like the released
+# V4 folders, the tiny model ships no Jinja chat template: the router
+# renders chats with its own V4 encoder.
+V4_SPECIAL = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
+V4_MARKUP = ["<think>", "</think>", "｜DSML｜", "<tool_result>", "</tool_result>"]
+
 CORPUS = """
 Myriad spreads the experts of a large mixture-of-experts model over many machines.
 A router runs attention and the shared expert, then sends each token to the
@@ -138,7 +145,6 @@ to move between machines.
 
 # DeepSeek-V4-style chat format (written for Myriad): `thinking` opens a
 # <think> block, `reasoning_effort == "max"` adds the Think Max instruction.
-CHAT_TEMPLATE = "{{ bos_token }}{%- if reasoning_effort == 'max' %}Reasoning effort: maximum. Think as long and as carefully as the problem needs before answering.\n{% endif %}{%- for m in messages %}{%- if m.role == 'system' %}{{ m.content }}{%- elif m.role == 'user' %}<｜User｜>{{ m.content }}{%- elif m.role == 'assistant' %}<｜Assistant｜>{{ m.content }}{{ eos_token }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}<｜Assistant｜>{% if thinking %}<think>{% else %}</think>{% endif %}{% endif %}"
 
 
 def randomize(model: DeepseekV4ForCausalLM, seed: int) -> None:
@@ -420,19 +426,22 @@ def make_releases():
 
 
 def make_tiny():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     out = fresh(TINY)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"],
+        vocab_size=512 - len(V4_MARKUP),
+        special_tokens=V4_SPECIAL,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS.strip().splitlines() * 4, trainer=trainer)
+    # The markup the V4 encoder writes and the parser reads back: one token
+    # each, as in the real tokenizer, and kept in decoded text.
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in V4_MARKUP])
     tok.save(str(out / "tokenizer.json"))
     vocab = tok.get_vocab_size()
     model = build(dict(MIXED, vocab_size=vocab, num_hidden_layers=5), seed=7)
@@ -444,7 +453,6 @@ def make_tiny():
                 "eos_token": "<｜end▁of▁sentence｜>",
                 "model_max_length": 1048576,
                 "tokenizer_class": "PreTrainedTokenizerFast",
-                "chat_template": CHAT_TEMPLATE,
             },
             indent=2,
             ensure_ascii=False,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use myriad_model::Model;
 use myriad_model::text::TextTokenizer;
-use myriad_router::chat::ChatTemplate;
+use myriad_router::chat::ChatEncoder;
 use myriad_router::engine::{Engine, EngineConfig, SaveState};
 use myriad_router::http::{self, AppState};
 use myriad_router::kvcache::StateCache;
@@ -30,6 +30,12 @@ pub struct HttpArgs {
     /// Where the HTTP API listens; port 0 picks a free one (printed at start-up).
     #[arg(long, env = "MYRIAD_LISTEN", default_value = "127.0.0.1:8000")]
     listen: String,
+
+    /// How chats become prompts: DeepSeek-V4's own encoding when not given;
+    /// a Jinja file's path; or `folder` for the `chat_template` in the model
+    /// folder's tokenizer_config.json (used only when asked for).
+    #[arg(long, env = "MYRIAD_CHAT_TEMPLATE")]
+    chat_template: Option<PathBuf>,
 
     /// Name clients pass as `model` (default: the model folder's name).
     #[arg(long, env = "MYRIAD_SERVED_MODEL_NAME")]
@@ -195,8 +201,7 @@ fn serve(
         Arc::new(Model::load_dense(&args.model).with_context(|| format!("load model from {}", args.model.display()))?);
     let cfg = &model.config;
     let tokenizer = TextTokenizer::load(&args.model).context("load the tokenizer")?;
-    let chat_template =
-        ChatTemplate::load(&args.model).map_err(anyhow::Error::msg).context("load the chat template")?;
+    let chat = ChatEncoder::choose(&args.model, args.chat_template.as_deref()).map_err(anyhow::Error::msg)?;
     let experts = RemoteExperts::new(
         Arc::new(WorkerPool::empty()),
         runtime.handle().clone(),
@@ -243,10 +248,11 @@ fn serve(
     let save: Option<SaveState> = kvcache.clone().map(|c| Box::new(move |s| c.save(s)) as SaveState);
     let engine = Engine::start(model.clone(), experts.clone(), engine_config, save);
     let model_name = args.served_model_name.clone().unwrap_or_else(|| model_name(&args.model));
+    let chat_name = chat.name();
     let state = Arc::new(AppState {
         engine,
         tokenizer,
-        chat_template,
+        chat,
         model_name: model_name.clone(),
         api_keys: args.api_keys.clone(),
         max_context,
@@ -259,7 +265,7 @@ fn serve(
     });
     tracing::info!(
         model = %model_name, listen = %args.listen, api_keys = args.api_keys.len(), max_batch = args.max_batch,
-        step_tokens = args.step_tokens, max_queue = args.max_queue, max_context, max_prompt, "starting the HTTP API"
+        step_tokens = args.step_tokens, max_queue = args.max_queue, max_context, max_prompt, chat = chat_name, "starting the HTTP API"
     );
     runtime.block_on(async move {
         // Before the banner: a SIGTERM right after it must find the handler.

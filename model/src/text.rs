@@ -1,9 +1,10 @@
 //! Text <-> token ids through the model folder's `tokenizer.json`.
 //!
 //! [`TextTokenizer::encode_protected`] encodes a rendered chat prompt whose
-//! message contents must stay text: a special token's string inside a user
-//! message (an end-of-sequence or role marker) is encoded as ordinary text,
-//! never as the control token, so a user cannot forge turns.
+//! message contents must stay text: an added token's string inside a user
+//! message (an end-of-sequence or role marker, `<think>`, a tool-call tag)
+//! is encoded as ordinary text, never as the token, so a user cannot forge
+//! turns or tool calls.
 
 use std::ops::Range;
 use std::path::Path;
@@ -12,11 +13,12 @@ use crate::error::{ModelError, Result};
 
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
-    /// The same tokenizer with special tokens not matched in the text.
+    /// The same tokenizer with no added token matched in the text.
     plain: tokenizers::Tokenizer,
-    /// Each special token's text and id, longest text first (so a token
-    /// whose text starts with another's wins, as in the tokenizer itself).
-    specials: Vec<(String, u32)>,
+    /// Each added token's text and id (control tokens and markup such as
+    /// `<think>`), longest text first (so a token whose text starts with
+    /// another's wins, as in the tokenizer itself).
+    added: Vec<(String, u32)>,
 }
 
 impl TextTokenizer {
@@ -29,24 +31,28 @@ impl TextTokenizer {
                 dir.display()
             )));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
-        let mut plain = inner.clone();
+        let bad = |e: &dyn std::fmt::Display| ModelError::Tokenizer(format!("{}: {e}", path.display()));
+        let json = std::fs::read_to_string(&path).map_err(|e| bad(&e))?;
+        let inner: tokenizers::Tokenizer = json.parse().map_err(|e| bad(&e))?;
+        // `plain` matches no added token at all: the tokenizer skips only
+        // special ones when asked to, so every added token (`<think>` is
+        // not special, as it must stay in decoded text) is made special.
+        let mut config: serde_json::Value = serde_json::from_str(&json).map_err(|e| bad(&e))?;
+        for token in config.get_mut("added_tokens").and_then(|t| t.as_array_mut()).into_iter().flatten() {
+            token["special"] = serde_json::Value::Bool(true);
+        }
+        let mut plain: tokenizers::Tokenizer = config.to_string().parse().map_err(|e| bad(&e))?;
         plain.set_encode_special_tokens(true);
-        let mut specials: Vec<(String, u32)> = inner
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, t)| (t.content, id))
-            .collect();
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
-        Ok(TextTokenizer { inner, plain, specials })
+        let mut added: Vec<(String, u32)> =
+            inner.get_added_tokens_decoder().into_iter().map(|(id, t)| (t.content, id)).collect();
+        added.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        Ok(TextTokenizer { inner, plain, added })
     }
 
-    /// Encodes `text`, matching special tokens only outside `protected`
-    /// (sorted, disjoint byte ranges): inside them a special token's string
+    /// Encodes `text`, matching added tokens only outside `protected`
+    /// (sorted, disjoint byte ranges): inside them an added token's string
     /// is ordinary text. Without such strings in `protected` the ids equal
-    /// [`Self::encode`]'s: the tokenizer itself splits the text at special
+    /// [`Self::encode`]'s: the tokenizer itself splits the text at added
     /// tokens and encodes the pieces between them independently, as here.
     pub fn encode_protected(&self, text: &str, protected: &[Range<usize>]) -> Result<Vec<u32>> {
         let mut ids = Vec::new();
@@ -62,7 +68,7 @@ impl TextTokenizer {
             }
             let next_protected = ranges.peek().map_or(text.len(), |r| r.start);
             let found = self
-                .specials
+                .added
                 .iter()
                 .find(|(s, _)| !s.is_empty() && text[at..].starts_with(s.as_str()) && at + s.len() <= next_protected);
             match found {
@@ -79,9 +85,9 @@ impl TextTokenizer {
         Ok(ids)
     }
 
-    /// The first special token whose text occurs in `text`.
-    pub fn special_in(&self, text: &str) -> Option<&str> {
-        self.specials.iter().map(|(s, _)| s.as_str()).find(|s| !s.is_empty() && text.contains(s))
+    /// The first added token whose text occurs in `text`.
+    pub fn added_in(&self, text: &str) -> Option<&str> {
+        self.added.iter().map(|(s, _)| s.as_str()).find(|s| !s.is_empty() && text.contains(s))
     }
 
     fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
@@ -97,7 +103,15 @@ impl TextTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// The text of `ids` without control tokens (BOS, EOS, role markers):
+    /// what a completion shows.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
+    /// The text of `ids` with every token, control tokens included: what a
+    /// prompt holds.
+    pub fn decode_all(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 }

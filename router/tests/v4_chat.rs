@@ -69,8 +69,8 @@ fn every_golden_completion_parses_as_the_reference_does() {
             .iter()
             .map(|c| (c["function"]["name"].as_str().unwrap(), c["function"]["arguments"].as_str().unwrap()))
             .collect();
-        let ours: Vec<(&str, &str)> =
-            parsed.tool_calls.iter().map(|c| (c.name.as_str(), c.arguments.as_str())).collect();
+        let ours: Vec<(&str, String)> = parsed.tool_calls.iter().map(|c| (c.name.as_str(), c.arguments())).collect();
+        let calls: Vec<(&str, String)> = calls.into_iter().map(|(n, a)| (n, a.to_string())).collect();
         assert_eq!(ours, calls, "{name}: tool calls");
     }
 }
@@ -117,4 +117,35 @@ fn client_text_is_marked_and_markup_is_not() {
             }
         }
     }
+}
+
+/// The endpoint parses the tool-call block alone, as it streams past: the
+/// calls equal the whole-completion parse's, and the fragments a stream
+/// sends concatenate to the arguments.
+#[test]
+fn the_block_alone_parses_to_the_same_calls() {
+    use myriad_router::chat::v4_parse::{CALLS_END, CALLS_START, tool_calls};
+    let mut seen = 0;
+    for case in golden("parse.json") {
+        let text = case["completion_text"].as_str().unwrap();
+        let (Some(start), Some(end)) = (text.find(CALLS_START), text.find(CALLS_END)) else { continue };
+        let block = &text[start..end + CALLS_END.len()];
+        let thinking = case["thinking_mode"].as_str() == Some("thinking");
+        match parse(text, thinking) {
+            Ok(parsed) => {
+                let calls = tool_calls(block).unwrap();
+                assert_eq!(calls, parsed.tool_calls);
+                for call in &calls {
+                    assert_eq!(call.argument_fragments().concat(), call.arguments());
+                }
+                seen += 1;
+            }
+            // A block the reference rejects for its own form is rejected alone too.
+            Err(e) if e.contains("Tool") || e.contains("Parameter") || e.contains("Duplicate") => {
+                assert!(tool_calls(block).is_err(), "{e}")
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(seen >= 3, "{seen}");
 }

@@ -3,6 +3,8 @@ methods, bodies that are not JSON or too large, messages it cannot honour,
 special-token text in user content, and how each outcome is counted."""
 
 import json
+import shutil
+import subprocess
 import socket
 import time
 import urllib.error
@@ -10,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import Server
+from conftest import BINARY, ROOT, Server
 from test_openai_api import MODEL, metric, raw_post
 
 
@@ -71,7 +73,8 @@ def test_bodies_must_say_they_are_json(server, content_type):
     ([{"role": "wizard", "content": "hi"}], "role `wizard`"),
     ([{"role": "user"}], "messages[0]: has no content"),
     ([{"role": "user", "content": None}], "has no content"),
-    ([{"role": "system", "content": "s"}, {"role": "tool", "content": "42"}], "messages[1]: role `tool`"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"id": "x"}]}],
+     "messages[1].tool_calls[0] has no `function`"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "type `image_url`"),
 ])
 def test_messages_it_cannot_honour_are_refused(server, messages, fragment):
@@ -138,3 +141,42 @@ def test_a_non_streaming_client_that_leaves_is_counted_cancelled(server):
     while metric(server, cancelled) <= before:
         assert time.time() < deadline, "a non-streaming disconnect was not counted"
         time.sleep(0.05)
+
+
+def test_a_jinja_template_is_used_only_when_the_operator_names_one(tmp_path):
+    hello = {"messages": [{"role": "user", "content": "Hello"}], "reasoning_effort": "none"}
+    s = Server("--workers", "1", "--chat-template", "tests/fixtures/chat-template.jinja")
+    try:
+        _, tokens = raw_post(s, "/tokenize", json.dumps(hello).encode())
+        _, text = raw_post(s, "/detokenize", json.dumps({"tokens": tokens["tokens"]}).encode())
+        # The template's own rendering (V4's would be the same here but for
+        # the template's made-up Think Max text, checked below).
+        assert text["prompt"] == "<｜begin▁of▁sentence｜><｜User｜>Hello<｜Assistant｜></think>"
+        _, tokens = raw_post(s, "/tokenize", json.dumps({**hello, "reasoning_effort": "max"}).encode())
+        _, text = raw_post(s, "/detokenize", json.dumps({"tokens": tokens["tokens"]}).encode())
+        assert "Reasoning effort: maximum." in text["prompt"]
+        # Tools need V4's encoding: refused, not dropped.
+        body = {**hello, "model": MODEL, "max_tokens": 1,
+                "tools": [{"type": "function", "function": {"name": "f"}}]}
+        status, err = raw_post(s, "/v1/chat/completions", json.dumps(body).encode())
+        assert status == 400 and "tools need the V4 chat encoding" in err["error"]["message"], err
+    finally:
+        s.stop()
+    # `folder` takes the model folder's template, and says so when it has none.
+    with pytest.raises(RuntimeError):
+        Server("--workers", "1", "--chat-template", "folder")
+    out = subprocess.run([str(BINARY), "up", "--listen", "127.0.0.1:0", "--chat-template", "folder"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "has no chat_template" in out.stderr, out.stderr
+    model = tmp_path / "tiny-v4"
+    shutil.copytree(ROOT / "models" / "tiny-v4", model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ bos_token }}FOLDER{{ messages[0].content }}"
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    s = Server("--workers", "1", "--chat-template", "folder", "--model", str(model))
+    try:
+        _, tokens = raw_post(s, "/tokenize", json.dumps(hello).encode())
+        _, text = raw_post(s, "/detokenize", json.dumps({"tokens": tokens["tokens"]}).encode())
+        assert text["prompt"] == "<｜begin▁of▁sentence｜>FOLDERHello"
+    finally:
+        s.stop()

@@ -145,8 +145,7 @@ def test_errors_through_the_client(client):
 def test_unsupported_chat_fields_are_refused_not_ignored(client):
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
     asks = [
-        {"tools": [weather]},
-        {"tools": [weather], "tool_choice": "required"},
+        {"tool_choice": "required"},
         {"response_format": {"type": "json_object"}},
         {"logprobs": True, "top_logprobs": 2},
         {"logit_bias": {"5": -100}},
@@ -154,7 +153,7 @@ def test_unsupported_chat_fields_are_refused_not_ignored(client):
     for ask in asks:
         field = next(iter(ask))
         with pytest.raises(openai.BadRequestError, match=f"`{field}` is not supported"):
-            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, **ask)
+            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, tools=[weather], **ask)
     # Defaults that ask for nothing are accepted.
     ok = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, tools=[], presence_penalty=0,
                                         logprobs=False, response_format={"type": "text"})
@@ -179,11 +178,28 @@ def test_tokenize_shows_the_prompt_a_request_sees(server, client):
     for path, body, status, fragment in [
         ("/detokenize", {"tokens": [1, 10**6]}, 400, "outside the vocabulary"),
         ("/tokenize", {"model": "gpt-9", "prompt": "x"}, 404, "does not exist"),
-        ("/tokenize", {"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "`tools`"),
+        ("/tokenize", {"messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools[0]: has no `function`"),
         ("/tokenize", {"nothing": 1}, 400, "prompt"),
     ]:
         code, err = raw_post(server, path, json.dumps(body).encode())
         assert code == status and fragment in err["error"]["message"], (path, body, err)
+
+
+def test_tokenize_reproduces_the_reference_encoders_prompts(server):
+    """Every golden prompt of DeepSeek's reference encoder, through the
+    tokenizer and back: the prompt a chat request runs on is V4's own."""
+    cases = json.loads((ROOT / "tests/fixtures/v4-chat/encode.json").read_text())
+    effort = {"chat": "none", "thinking": "high", "thinking_max": "max"}
+    for case in cases:
+        body = {"messages": case["messages"], "reasoning_effort": effort[case["mode"]]}
+        if case["tools"]:
+            body["tools"] = case["tools"]
+        code, tokens = raw_post(server, "/tokenize", json.dumps(body).encode())
+        assert code == 200, (case["name"], tokens)
+        code, text = raw_post(server, "/detokenize", json.dumps({"tokens": tokens["tokens"]}).encode())
+        assert code == 200 and text["prompt"] == case["expected_prompt"], case["name"]
+        # The encoder's markup is one token each; the client's text is text.
+        assert tokens["tokens"][0] == 0 and tokens["tokens"].count(0) == 1, case["name"]
 
 
 def test_oversized_body_is_refused(server):

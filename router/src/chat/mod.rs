@@ -1,5 +1,6 @@
-//! Chat prompts through the model folder's `chat_template` (Jinja, rendered
-//! with minijinja), and DeepSeek-V4's reasoning modes.
+//! Chat prompts: DeepSeek-V4's own encoding ([`v4`], parsed back by
+//! [`v4_parse`]) by default, or a Jinja template the operator names
+//! (rendered with minijinja); and V4's reasoning modes.
 //!
 //! Reasoning modes: `none` renders the non-thinking prompt; `high` and `max`
 //! open a `<think>` block (`max` also tells the template to ask for the most
@@ -15,6 +16,7 @@ use std::path::Path;
 
 use minijinja::Environment;
 use serde::Serialize;
+use serde_json::Value;
 
 pub const THINK_END: &str = "</think>";
 
@@ -52,22 +54,60 @@ pub struct ChatTemplate {
     eos: String,
 }
 
+/// How chat requests become prompts.
+pub enum ChatEncoder {
+    /// DeepSeek-V4's own encoding ([`v4`]): the default, as the released
+    /// V4 folders ship no template.
+    V4,
+    /// A Jinja template the operator chose.
+    Template(Box<ChatTemplate>),
+}
+
+impl ChatEncoder {
+    /// `--chat-template`: none for V4's encoding, `folder` for the
+    /// `chat_template` in the model folder's `tokenizer_config.json`, or
+    /// the path of a Jinja file.
+    pub fn choose(model: &Path, flag: Option<&Path>) -> Result<Self, String> {
+        let Some(flag) = flag else { return Ok(ChatEncoder::V4) };
+        let config = tokenizer_config(model)?;
+        let source = if flag == Path::new("folder") {
+            config.get("chat_template").and_then(Value::as_str).map(str::to_string).ok_or_else(|| {
+                format!(
+                    "--chat-template folder: {} has no chat_template",
+                    model.join("tokenizer_config.json").display()
+                )
+            })?
+        } else {
+            std::fs::read_to_string(flag).map_err(|e| format!("--chat-template {}: {e}", flag.display()))?
+        };
+        ChatTemplate::new(source, &config).map(|t| ChatEncoder::Template(Box::new(t)))
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            ChatEncoder::V4 => "DeepSeek-V4 encoding",
+            ChatEncoder::Template(_) => "Jinja chat template",
+        }
+    }
+}
+
+/// `dir/tokenizer_config.json`, or an empty object when there is none.
+fn tokenizer_config(dir: &Path) -> Result<Value, String> {
+    let path = dir.join("tokenizer_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(Value::Object(Default::default())) };
+    serde_json::from_str(&text).map_err(|e| format!("{}: not valid JSON: {e}", path.display()))
+}
+
 impl ChatTemplate {
-    /// Reads `chat_template`, `bos_token` and `eos_token` from
-    /// `dir/tokenizer_config.json`; `Ok(None)` when the model ships none.
-    pub fn load(dir: &Path) -> Result<Option<Self>, String> {
-        let path = dir.join("tokenizer_config.json");
-        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
-        let config: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| format!("{}: not valid JSON: {e}", path.display()))?;
-        let Some(source) = config.get("chat_template").and_then(|t| t.as_str()) else { return Ok(None) };
+    /// A template from its source, with the BOS and EOS texts of a
+    /// `tokenizer_config.json`.
+    fn new(source: String, config: &Value) -> Result<Self, String> {
         let token = |key: &str| {
             config.get(key).and_then(|v| v.as_str().or_else(|| v.get("content")?.as_str())).unwrap_or("").to_string()
         };
         let mut env = Environment::new();
-        env.add_template_owned("chat", source.to_string())
-            .map_err(|e| format!("{}: chat_template: {e}", path.display()))?;
-        Ok(Some(ChatTemplate { env, bos: token("bos_token"), eos: token("eos_token") }))
+        env.add_template_owned("chat", source).map_err(|e| format!("chat template: {e}"))?;
+        Ok(ChatTemplate { env, bos: token("bos_token"), eos: token("eos_token") })
     }
 
     /// The prompt text for `messages`, ready for the assistant's turn.
@@ -98,6 +138,63 @@ impl ChatTemplate {
         }
         template.render(minijinja::value::Serde(&context)).map_err(|e| format!("chat template: {e}"))
     }
+}
+
+/// A message's content: a string, nothing, or a list of text parts joined
+/// by newlines (as vLLM joins them for V4); any other part is refused.
+pub fn content_text(content: Option<&Value>, i: usize) -> Result<String, String> {
+    match content {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, part) in parts.iter().enumerate() {
+                match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => texts.push(t),
+                    (Some("text"), None) => {
+                        return Err(format!("messages[{i}].content[{j}] of type text has no `text`"));
+                    }
+                    (kind, _) => {
+                        return Err(format!(
+                            "messages[{i}].content[{j}] has type `{}`; this model takes only text",
+                            kind.unwrap_or("none")
+                        ));
+                    }
+                }
+            }
+            Ok(texts.join("\n"))
+        }
+        Some(_) => Err(format!("messages[{i}].content must be a string or a list of text parts")),
+    }
+}
+
+/// The messages as a Jinja template takes them: roles system, developer
+/// (as system), user and assistant, each with text content. Tool messages
+/// need the V4 encoder.
+pub fn template_messages(messages: &[Value]) -> Result<Vec<Message>, String> {
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let role = match m.get("role").and_then(Value::as_str) {
+            Some(r @ ("system" | "user" | "assistant")) => r,
+            Some("developer") => "system",
+            Some(r @ ("tool" | "function")) => {
+                return Err(format!(
+                    "messages[{i}]: role `{r}` needs the V4 chat encoding; this server renders chats with a Jinja template"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "messages[{i}]: role `{}` is not one of system, developer, user, assistant",
+                    other.unwrap_or("(none)")
+                ));
+            }
+        };
+        if m.get("content").is_none_or(Value::is_null) {
+            return Err(format!("messages[{i}]: has no content"));
+        }
+        out.push(Message { role: role.to_string(), content: content_text(m.get("content"), i)? });
+    }
+    Ok(out)
 }
 
 /// Where each message's content appears in `rendered`, searching in

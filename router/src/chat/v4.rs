@@ -21,8 +21,7 @@ use std::ops::Range;
 
 use serde_json::{Map, Value};
 
-use super::Reasoning;
-use super::pyjson;
+use super::{Reasoning, content_text as text, pyjson};
 
 pub const BOS: &str = "<｜begin▁of▁sentence｜>";
 pub const EOS: &str = "<｜end▁of▁sentence｜>";
@@ -263,6 +262,9 @@ fn merge(messages: &[Value]) -> Result<Vec<Turn>, String> {
     let mut turns: Vec<Turn> = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+        if matches!(role, "user" | "system" | "developer" | "tool") && m.get("content").is_none_or(Value::is_null) {
+            return Err(format!("messages[{i}]: has no content"));
+        }
         let block = match role {
             "user" => Block::Text(text(m.get("content"), i)?),
             "tool" => Block::ToolResult {
@@ -274,11 +276,7 @@ fn merge(messages: &[Value]) -> Result<Vec<Turn>, String> {
                 continue;
             }
             "developer" => {
-                let content = text(m.get("content"), i)?;
-                if content.is_empty() {
-                    return Err(format!("messages[{i}]: a developer message needs content"));
-                }
-                turns.push(Turn::Developer { content, tools: Vec::new() });
+                turns.push(Turn::Developer { content: text(m.get("content"), i)?, tools: Vec::new() });
                 continue;
             }
             "assistant" => {
@@ -317,28 +315,6 @@ fn assistant(m: &Value, i: usize) -> Result<Turn, String> {
         calls.push(Call { id, name: name.to_string(), arguments });
     }
     Ok(Turn::Assistant { content: text(m.get("content"), i)?, reasoning, calls })
-}
-
-/// A message's content: a string, nothing, or a list of text parts (joined
-/// by newlines, as vLLM does).
-fn text(content: Option<&Value>, i: usize) -> Result<String, String> {
-    match content {
-        None | Some(Value::Null) => Ok(String::new()),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Array(parts)) => {
-            let texts = parts
-                .iter()
-                .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-                    (Some("text"), Some(t)) => Ok(t),
-                    (kind, _) => {
-                        Err(format!("messages[{i}]: content part of type {kind:?} is not supported (text only)"))
-                    }
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(texts.join("\n"))
-        }
-        Some(_) => Err(format!("messages[{i}].content must be a string or a list of text parts")),
-    }
 }
 
 /// A tool result's content: as [`text`], but parts are joined by blank

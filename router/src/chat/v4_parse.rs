@@ -16,29 +16,52 @@ pub struct Parsed {
     pub tool_calls: Vec<ToolCall>,
 }
 
-/// One call: the function's name and its arguments as a JSON object text.
+/// One call: the function's name and its arguments, each `"key": value`
+/// as JSON text (strings quoted, other values as the model wrote them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToolCall {
     pub name: String,
-    pub arguments: String,
+    pub fields: Vec<String>,
 }
+
+impl ToolCall {
+    /// The arguments as the text of one JSON object.
+    pub fn arguments(&self) -> String {
+        self.argument_fragments().concat()
+    }
+
+    /// The arguments in pieces, one per field, as a stream sends them:
+    /// `{"a": 1`, `, "b": 2`, `}`.
+    pub fn argument_fragments(&self) -> Vec<String> {
+        if self.fields.is_empty() {
+            return vec!["{}".to_string()];
+        }
+        let mut pieces: Vec<String> =
+            self.fields.iter().enumerate().map(|(i, f)| format!("{}{f}", if i == 0 { "{" } else { ", " })).collect();
+        pieces.push("}".to_string());
+        pieces
+    }
+}
+
+/// How a tool-call block opens (after the content) and closes.
+pub const CALLS_START: &str = "\n\n<｜DSML｜tool_calls";
+pub const CALLS_END: &str = "</｜DSML｜tool_calls>";
 
 /// Parses `text`; `thinking` when the prompt opened a `<think>` block.
 pub fn parse(text: &str, thinking: bool) -> Result<Parsed, String> {
-    let calls_start = format!("\n\n<{DSML}tool_calls");
     let mut at = 0;
     let mut reasoning = String::new();
     if thinking {
-        let (next, before, stop) = read_until(text, at, &[THINK_END, &calls_start]);
+        let (next, before, stop) = read_until(text, at, &[THINK_END, CALLS_START]);
         if stop != Some(THINK_END) {
             return Err("Invalid thinking format: missing </think>".into());
         }
         (at, reasoning) = (next, before.to_string());
     }
-    let (next, content, mut stop) = read_until(text, at, &[EOS, &calls_start]);
+    let (next, content, mut stop) = read_until(text, at, &[EOS, CALLS_START]);
     at = next;
     let mut tool_calls = Vec::new();
-    if stop == Some(calls_start.as_str()) {
+    if stop == Some(CALLS_START) {
         (at, tool_calls) = parse_calls(text, at)?;
         let (next, rest, end) = read_until(text, at, &[EOS]);
         if !rest.is_empty() {
@@ -59,21 +82,32 @@ pub fn parse(text: &str, thinking: bool) -> Result<Parsed, String> {
     Ok(Parsed { reasoning, content: content.to_string(), tool_calls })
 }
 
+/// The calls of one tool-call block as the model wrote it, from
+/// [`CALLS_START`] through [`CALLS_END`]; the reference parser's error for
+/// a malformed one.
+pub fn tool_calls(block: &str) -> Result<Vec<ToolCall>, String> {
+    let rest = block.strip_prefix(CALLS_START).ok_or("Tool call block must open with <｜DSML｜tool_calls>")?;
+    let (at, calls) = parse_calls(rest, 0)?;
+    if at != rest.len() {
+        return Err("Unexpected content after tool calls".into());
+    }
+    Ok(calls)
+}
+
 /// The DSML block after its opening `\n\n<｜DSML｜tool_calls`, up to and
 /// including its closing tag: the position after it and the calls.
 fn parse_calls(text: &str, mut at: usize) -> Result<(usize, Vec<ToolCall>), String> {
     let (invoke, invoke_end) = (format!("<{DSML}invoke"), format!("</{DSML}invoke"));
     let (parameter, parameter_end) = (format!("<{DSML}parameter"), format!("/{DSML}parameter"));
-    let block_end = format!("</{DSML}tool_calls>");
     let mut calls = Vec::new();
     while at < text.len() {
-        let (next, between, stop) = read_until(text, at, &[&invoke, &block_end]);
+        let (next, between, stop) = read_until(text, at, &[&invoke, CALLS_END]);
         at = next;
         if between != ">\n" {
             return Err(format!("Tool call format error: expected '>\\n' but got '{between}'"));
         }
         match stop {
-            Some(s) if s == block_end => break,
+            Some(CALLS_END) => break,
             None => return Err("Missing special token in tool calls".into()),
             Some(_) => {}
         }
@@ -99,13 +133,13 @@ fn parse_calls(text: &str, mut at: usize) -> Result<(usize, Vec<ToolCall>), Stri
             }
         }
         // Strings are quoted; other values are taken as the JSON they are.
-        let fields: Vec<String> = arguments
+        let fields = arguments
             .iter()
             .map(|(k, v, string)| {
                 format!("{}: {}", pyjson::quote(k), if *string { pyjson::quote(v) } else { v.clone() })
             })
             .collect();
-        calls.push(ToolCall { name: name.to_string(), arguments: format!("{{{}}}", fields.join(", ")) });
+        calls.push(ToolCall { name: name.to_string(), fields });
     }
     Ok((at, calls))
 }

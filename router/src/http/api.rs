@@ -8,7 +8,6 @@ use myriad_model::Sampling;
 use serde::Deserialize;
 
 use super::error::ApiError;
-use crate::chat::Message;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -55,32 +54,62 @@ pub struct CompletionRequest {
     pub common: Common,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Content {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ContentPart {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub text: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: Option<Content>,
-}
-
-/// What makes a chat prompt (also what `/tokenize` takes).
+/// What makes a chat prompt (also what `/tokenize` takes). Messages stay
+/// JSON: the encoder checks them, naming the message at fault.
 #[derive(Debug, Deserialize)]
 pub struct ChatInput {
-    pub messages: Vec<ChatMessage>,
+    pub messages: Vec<serde_json::Value>,
+    pub tools: Option<Vec<serde_json::Value>>,
+    pub tool_choice: Option<serde_json::Value>,
+    pub parallel_tool_calls: Option<bool>,
     pub reasoning_effort: Option<String>,
     pub chat_template_kwargs: Option<serde_json::Value>,
+}
+
+/// Whether and how the answer may call tools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolUse {
+    /// No tools, or `tool_choice: "none"`: the answer is text.
+    Off,
+    /// The model decides; DSML tool-call blocks become `tool_calls`
+    /// (only the first when `parallel_tool_calls` is false).
+    Auto { parallel: bool },
+}
+
+impl ChatInput {
+    /// The declared tools, each checked to be a function with a name.
+    pub fn tools(&self) -> Result<&[serde_json::Value], ApiError> {
+        let tools = self.tools.as_deref().unwrap_or_default();
+        for (i, tool) in tools.iter().enumerate() {
+            let bad = |what: &str| ApiError::bad_request(format!("tools[{i}]: {what}"), Some("tools"));
+            if tool.get("type").and_then(|t| t.as_str()) != Some("function") {
+                return Err(bad("type must be `function`"));
+            }
+            let function = tool.get("function").filter(|f| f.is_object()).ok_or_else(|| bad("has no `function`"))?;
+            if function.get("name").and_then(|n| n.as_str()).is_none_or(str::is_empty) {
+                return Err(bad("function has no `name`"));
+            }
+            if function.get("parameters").is_some_and(|p| !p.is_object() && !p.is_null()) {
+                return Err(bad("function.parameters must be a JSON schema object"));
+            }
+        }
+        Ok(tools)
+    }
+
+    pub fn tool_use(&self) -> Result<ToolUse, ApiError> {
+        let parallel = self.parallel_tool_calls.unwrap_or(true);
+        let declared = !self.tools()?.is_empty();
+        match self.tool_choice.as_ref().and_then(|c| c.as_str()) {
+            Some("none") => Ok(ToolUse::Off),
+            None | Some("auto") if declared => Ok(ToolUse::Auto { parallel }),
+            None | Some("auto") => Ok(ToolUse::Off),
+            // `refuse_unsupported` has already refused every other choice.
+            Some(other) => Err(ApiError::bad_request(
+                format!("tool_choice `{other}` is not one of none, auto"),
+                Some("tool_choice"),
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,9 +168,6 @@ const UNSUPPORTED: &[(&str, Neutral)] = {
     fn no(v: &Value) -> bool {
         v == &Value::Bool(false)
     }
-    fn any(_: &Value) -> bool {
-        true
-    }
     fn none_or_auto(v: &Value) -> bool {
         matches!(v.as_str(), Some("none" | "auto"))
     }
@@ -155,9 +181,7 @@ const UNSUPPORTED: &[(&str, Neutral)] = {
         false
     }
     &[
-        ("tools", empty),
         ("tool_choice", none_or_auto),
-        ("parallel_tool_calls", any),
         ("functions", empty),
         ("function_call", none_or_auto),
         ("response_format", text_format),
@@ -256,44 +280,6 @@ fn rand_seed() -> u64 {
     h.finish()
 }
 
-impl ChatMessage {
-    /// The message as the chat template takes it, or a 400 naming what is
-    /// wrong with `messages[index]`: nothing a client sends is dropped.
-    pub fn checked(&self, index: usize) -> Result<Message, ApiError> {
-        let bad = |what: String| ApiError::bad_request(format!("messages[{index}]: {what}"), Some("messages"));
-        let role = match self.role.as_str() {
-            "system" | "user" | "assistant" => self.role.clone(),
-            // OpenAI's newer name for system instructions.
-            "developer" => "system".to_string(),
-            "tool" | "function" => {
-                return Err(bad(format!(
-                    "role `{}` needs tool calling, which this server does not support yet",
-                    self.role
-                )));
-            }
-            other => return Err(bad(format!("role `{other}` is not one of system, developer, user, assistant"))),
-        };
-        let content = match &self.content {
-            None => return Err(bad("has no content".to_string())),
-            Some(Content::Text(t)) => t.clone(),
-            Some(Content::Parts(parts)) => {
-                let mut text = String::new();
-                for (j, part) in parts.iter().enumerate() {
-                    match (part.kind.as_str(), &part.text) {
-                        ("text", Some(t)) => text.push_str(t),
-                        ("text", None) => return Err(bad(format!("content[{j}] of type text has no `text`"))),
-                        (other, _) => {
-                            return Err(bad(format!("content[{j}] has type `{other}`; this model takes only text")));
-                        }
-                    }
-                }
-                text
-            }
-        };
-        Ok(Message { role, content })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,9 +291,7 @@ mod tests {
 
     #[test]
     fn known_unsupported_fields_are_refused_by_name() {
-        let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
         for (body, field) in [
-            (json!({"tools": tool}), "tools"),
             (json!({"tool_choice": "required"}), "tool_choice"),
             (json!({"response_format": {"type": "json_object"}}), "response_format"),
             (json!({"logprobs": true}), "logprobs"),

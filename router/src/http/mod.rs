@@ -7,6 +7,7 @@
 //! hand so every malformed input gets a 400 in OpenAI's error shape; API keys
 //! are checked when configured.
 
+mod answer;
 mod api;
 mod error;
 mod generate;
@@ -28,15 +29,15 @@ use tokio::net::TcpListener;
 
 pub use error::ApiError;
 
-use crate::chat::ChatTemplate;
+use crate::chat::ChatEncoder;
 use crate::engine::Engine;
 
 /// What the HTTP layer serves with.
 pub struct AppState {
     pub engine: Engine,
     pub tokenizer: TextTokenizer,
-    /// `None` when the model folder ships no chat template (chat requests then fail with 400).
-    pub chat_template: Option<ChatTemplate>,
+    /// How chat requests become prompts.
+    pub chat: ChatEncoder,
     /// The name clients use as `model`.
     pub model_name: String,
     /// Accepted bearer tokens; empty means no authentication.

@@ -7,6 +7,7 @@
 use myriad_model::text::TextTokenizer;
 
 use crate::chat::THINK_END;
+use crate::chat::v4_parse::{CALLS_END, CALLS_START};
 
 /// The text of a growing id list. Each token decodes the ids from the last
 /// emitted boundary (`prefix`) on, so tokenizers whose output depends on
@@ -67,6 +68,8 @@ impl<'a> Detokenizer<'a> {
 
 pub struct Deltas {
     thinking: bool,
+    /// Whether a DSML tool-call block in the content is a call.
+    calls: bool,
     stops: Vec<String>,
     sent_reasoning: usize,
     sent_content: usize,
@@ -75,6 +78,10 @@ pub struct Deltas {
     /// Where `</think>` is, once seen, and where to look for it next.
     think_end: Option<usize>,
     think_scan: usize,
+    /// Where the tool-call block starts, once seen, and where to look next.
+    block: Option<usize>,
+    block_scan: usize,
+    block_sent: bool,
 }
 
 /// What to send now.
@@ -82,13 +89,31 @@ pub struct Deltas {
 pub struct Delta {
     pub reasoning: String,
     pub content: String,
-    /// A stop string was found: the text ends before it.
+    /// The answer has ended: at a stop string (the text ends before it) or
+    /// after a complete tool-call block.
     pub stopped: bool,
+    /// The tool-call block, from its leading blank line through its closing
+    /// tag; sent once, when it closes or the answer ends without closing it.
+    pub calls: Option<String>,
 }
 
 impl Deltas {
-    pub fn new(thinking: bool, stops: Vec<String>) -> Self {
-        Deltas { thinking, stops, sent_reasoning: 0, sent_content: 0, stop_scan: 0, think_end: None, think_scan: 0 }
+    /// `calls`: cut a DSML tool-call block out of the content (it ends the
+    /// answer) instead of sending it as text.
+    pub fn new(thinking: bool, calls: bool, stops: Vec<String>) -> Self {
+        Deltas {
+            thinking,
+            calls,
+            stops,
+            sent_reasoning: 0,
+            sent_content: 0,
+            stop_scan: 0,
+            think_end: None,
+            think_scan: 0,
+            block: None,
+            block_scan: 0,
+            block_sent: false,
+        }
     }
 
     /// `text` is the decoding of every id so far (each call's text extends
@@ -109,6 +134,26 @@ impl Deltas {
             self.think_end = text[from..].find(THINK_END).map(|i| from + i);
             self.think_scan = text.len().saturating_sub(THINK_END.len() - 1);
         }
+        let content_start = match (self.thinking, self.think_end) {
+            (false, _) => Some(0),
+            (true, Some(i)) => Some(i + THINK_END.len()),
+            (true, None) => None,
+        };
+        if let (true, None, Some(start)) = (self.calls, self.block, content_start)
+            && start <= end
+        {
+            let from = text.floor_char_boundary(self.block_scan.max(start));
+            match text[from..end].find(CALLS_START) {
+                Some(i) => self.block = Some(from + i),
+                None => self.block_scan = end.saturating_sub(CALLS_START.len() - 1),
+            }
+        }
+        if let Some(b) = self.block.filter(|&b| b < end)
+            && let Some(j) = text[b..end].find(CALLS_END)
+        {
+            end = b + j + CALLS_END.len();
+            stopped = true;
+        }
         let mut text = &text[..end];
         if !last && !stopped {
             text = text.trim_end_matches('\u{FFFD}');
@@ -116,19 +161,32 @@ impl Deltas {
             if self.thinking && self.think_end.is_none_or(|i| i + THINK_END.len() > text.len()) {
                 markers.push(THINK_END);
             }
+            if self.calls && self.block.is_none() {
+                markers.push(CALLS_START);
+            }
             let hold = markers.iter().map(|m| partial_suffix(text, m)).max().unwrap_or(0);
             text = &text[..text.len() - hold];
         }
         let think_end = self.think_end.filter(|&i| i + THINK_END.len() <= text.len());
-        let (reasoning, content) = match (self.thinking, think_end) {
+        let (reasoning, mut content) = match (self.thinking, think_end) {
             (false, _) => ("", text),
             (true, Some(i)) => (&text[..i], &text[i + THINK_END.len()..]),
             (true, None) => (text, ""),
         };
+        let mut calls = None;
+        if let Some(b) = self.block.filter(|&b| b < text.len()) {
+            let block = &text[b..];
+            content = &content[..content.len() - block.len()];
+            if (stopped || last) && !self.block_sent {
+                self.block_sent = true;
+                calls = Some(block.to_string());
+            }
+        }
         let delta = Delta {
             reasoning: reasoning.get(self.sent_reasoning..).unwrap_or("").to_string(),
             content: content.get(self.sent_content..).unwrap_or("").to_string(),
             stopped,
+            calls,
         };
         self.sent_reasoning = self.sent_reasoning.max(reasoning.len());
         self.sent_content = self.sent_content.max(content.len());
@@ -150,30 +208,27 @@ mod tests {
 
     #[test]
     fn holds_back_partial_stops_and_cuts_at_them() {
-        let mut d = Deltas::new(false, vec!["END".into()]);
+        let mut d = Deltas::new(false, false, vec!["END".into()]);
         assert_eq!(d.next("hello E", false).content, "hello ");
         assert_eq!(d.next("hello EN", false).content, "");
         let last = d.next("hello ENDING", false);
         assert_eq!((last.content.as_str(), last.stopped), ("", true));
-        let mut d = Deltas::new(false, vec![]);
+        let mut d = Deltas::new(false, false, vec![]);
         assert_eq!(d.next("caf\u{FFFD}", false).content, "caf");
         assert_eq!(d.next("café", false).content, "é");
     }
 
     #[test]
     fn splits_reasoning_across_deltas() {
-        let mut d = Deltas::new(true, vec![]);
-        assert_eq!(d.next("plan </th", false), Delta { reasoning: "plan ".into(), content: "".into(), stopped: false });
-        assert_eq!(
-            d.next("plan </think>ans", false),
-            Delta { reasoning: "".into(), content: "ans".into(), stopped: false }
-        );
+        let mut d = Deltas::new(true, false, vec![]);
+        assert_eq!(d.next("plan </th", false), Delta { reasoning: "plan ".into(), ..Delta::default() });
+        assert_eq!(d.next("plan </think>ans", false), Delta { content: "ans".into(), ..Delta::default() });
         assert_eq!(d.next("plan </think>answer", true).content, "wer");
     }
 
     #[test]
     fn a_stop_string_split_across_many_calls_is_found() {
-        let mut d = Deltas::new(false, vec!["<|stop|>".into()]);
+        let mut d = Deltas::new(false, false, vec!["<|stop|>".into()]);
         let text = "some words then <|stop|> and more";
         let mut sent = String::new();
         let mut stopped = false;
@@ -187,6 +242,45 @@ mod tests {
         }
         assert!(stopped);
         assert_eq!(sent, "some words then ");
+    }
+
+    /// Feeds `text` one character at a time; what was sent as content, the
+    /// block, and whether the answer ended before the text did.
+    fn feed(deltas: &mut Deltas, text: &str) -> (String, Option<String>, bool) {
+        let (mut content, mut calls) = (String::new(), None);
+        let ends: Vec<usize> = text.char_indices().map(|(i, c)| i + c.len_utf8()).collect();
+        for (n, &end) in ends.iter().enumerate() {
+            let delta = deltas.next(&text[..end], n + 1 == ends.len());
+            content.push_str(&delta.content);
+            assert!(calls.is_none() || delta.calls.is_none(), "the block is sent once");
+            calls = calls.or(delta.calls);
+            if delta.stopped {
+                return (content, calls, true);
+            }
+        }
+        (content, calls, false)
+    }
+
+    #[test]
+    fn a_tool_call_block_is_cut_out_of_the_content_and_ends_the_answer() {
+        let block = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
+        let text = format!("Let me look.{block}and more");
+        let (content, calls, stopped) = feed(&mut Deltas::new(false, true, vec![]), &text);
+        assert_eq!((content.as_str(), calls.as_deref(), stopped), ("Let me look.", Some(block), true));
+        // In thinking mode only after the reasoning; without tools it is text.
+        let thought = format!("I could{block}</think>ok{block}");
+        let (content, calls, _) = feed(&mut Deltas::new(true, true, vec![]), &thought);
+        assert_eq!((content.as_str(), calls.as_deref()), ("ok", Some(block)));
+        let (content, calls, stopped) = feed(&mut Deltas::new(false, false, vec![]), &text);
+        assert_eq!((content, calls, stopped), (text.clone(), None, false));
+        // A block the answer never closes comes out at the end, to be
+        // reported as content when it does not parse.
+        let open = "Hi\n\n<｜DSML｜tool_calls>\n<｜DSML｜inv";
+        let (content, calls, stopped) = feed(&mut Deltas::new(false, true, vec![]), open);
+        assert_eq!((content.as_str(), calls.as_deref(), stopped), ("Hi", Some(&open[2..]), false));
+        // Blank lines that start no block are content.
+        let (content, calls, _) = feed(&mut Deltas::new(false, true, vec![]), "a\n\n<b>");
+        assert_eq!((content.as_str(), calls), ("a\n\n<b>", None));
     }
 
     #[test]

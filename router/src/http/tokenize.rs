@@ -1,6 +1,7 @@
 //! vLLM's `POST /tokenize` and `POST /detokenize`: the token ids a prompt
 //! (a text, or a chat's messages with its reasoning fields, rendered as a
-//! chat request would be) becomes, and the text of token ids.
+//! chat request would be) becomes, and the text of token ids (control
+//! tokens included, so a prompt reads back whole).
 
 use std::sync::Arc;
 
@@ -55,7 +56,7 @@ pub async fn detokenize(State(state): State<Arc<AppState>>, headers: HeaderMap, 
         }
         let text = state
             .tokenizer
-            .decode(&request.tokens)
+            .decode_all(&request.tokens)
             .map_err(|e| ApiError::bad_request(format!("cannot detokenize: {e}"), Some("tokens")))?;
         Ok(json!({"prompt": text}))
     })();
