@@ -44,6 +44,12 @@ pub struct Args {
     /// earlier run; the same seed repeats a run.
     #[arg(long)]
     seed: Option<u64>,
+
+    /// A `response_format` for every request, as JSON (e.g.
+    /// '{"type": "json_object"}'): measures constrained decoding's cost
+    /// against a run without it.
+    #[arg(long)]
+    response_format: Option<String>,
 }
 
 /// Prompt `i` of a run: random token ids in 3..203 (clear of the usual
@@ -64,11 +70,15 @@ pub fn run(args: Args) -> Result<()> {
     if args.concurrency == 0 || args.requests == 0 || args.prompt_len == 0 || args.max_tokens == 0 {
         bail!("--concurrency, --requests, --prompt-len and --max-tokens must be at least 1");
     }
+    let format = match &args.response_format {
+        Some(text) => Some(serde_json::from_str::<Value>(text).context("--response-format is not JSON")?),
+        None => None,
+    };
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
-    runtime.block_on(bench(args))
+    runtime.block_on(bench(args, format))
 }
 
-async fn bench(args: Args) -> Result<()> {
+async fn bench(args: Args, format: Option<Value>) -> Result<()> {
     let base = format!("{}/v1", args.url.trim_end_matches('/').trim_end_matches("/v1"));
     let client = reqwest::Client::new();
     let auth = |r: reqwest::RequestBuilder| match &args.api_key {
@@ -86,8 +96,12 @@ async fn bench(args: Args) -> Result<()> {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
     });
     eprintln!(
-        "benchmarking `{model}` at {base}: {} requests, concurrency {}, prompt {} tokens, {} new tokens, seed {seed}",
-        args.requests, args.concurrency, args.prompt_len, args.max_tokens
+        "benchmarking `{model}` at {base}: {} requests, concurrency {}, prompt {} tokens, {} new tokens, seed {seed}{}",
+        args.requests,
+        args.concurrency,
+        args.prompt_len,
+        args.max_tokens,
+        format.as_ref().map_or(String::new(), |f| format!(", response_format {f}"))
     );
 
     let next = Arc::new(AtomicUsize::new(0));
@@ -111,8 +125,8 @@ async fn bench(args: Args) -> Result<()> {
     };
     let workers: Vec<_> = (0..args.concurrency.min(args.requests))
         .map(|_| {
-            let (client, next, done, base, model) =
-                (client.clone(), next.clone(), done.clone(), base.clone(), model.clone());
+            let (client, next, done, base, model, format) =
+                (client.clone(), next.clone(), done.clone(), base.clone(), model.clone(), format.clone());
             let (requests, prompt_len, max_tokens, key) =
                 (args.requests, args.prompt_len, args.max_tokens, args.api_key.clone());
             tokio::spawn(async move {
@@ -124,8 +138,12 @@ async fn bench(args: Args) -> Result<()> {
                     }
                     let prompt = prompt(seed, i, prompt_len);
                     // ignore_eos: every request produces exactly max_tokens, as in vLLM's benchmarks.
-                    let body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                                      "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
+                    let mut body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                          "temperature": 0, "ignore_eos": true, "stream": true,
+                                          "stream_options": {"include_usage": true}});
+                    if let Some(format) = &format {
+                        body["response_format"] = format.clone();
+                    }
                     let mut request = client.post(format!("{base}/completions")).json_body(&body);
                     if let Some(k) = &key {
                         request = request.bearer_auth(k);

@@ -12,6 +12,7 @@ use myriad_router::chat::ChatEncoder;
 use myriad_router::engine::{Engine, EngineConfig, SaveState};
 use myriad_router::http::{self, AppState};
 use myriad_router::kvcache::StateCache;
+use myriad_router::structured::Grammars;
 use myriad_router::{RemoteExperts, Target, WorkerPool};
 use myriad_store::schema::Role;
 use tokio::net::TcpListener;
@@ -200,7 +201,10 @@ fn serve(
     let model =
         Arc::new(Model::load_dense(&args.model).with_context(|| format!("load model from {}", args.model.display()))?);
     let cfg = &model.config;
-    let tokenizer = TextTokenizer::load(&args.model).context("load the tokenizer")?;
+    let tokenizer = Arc::new(TextTokenizer::load(&args.model).context("load the tokenizer")?);
+    let grammars = Grammars::new(tokenizer.clone(), cfg.vocab_size, &cfg.eos_token_ids)
+        .inspect_err(|e| tracing::warn!(error = %e, "structured outputs and forced tool calls are off"))
+        .ok();
     let chat = ChatEncoder::choose(&args.model, args.chat_template.as_deref()).map_err(anyhow::Error::msg)?;
     let experts = RemoteExperts::new(
         Arc::new(WorkerPool::empty()),
@@ -252,6 +256,7 @@ fn serve(
     let state = Arc::new(AppState {
         engine,
         tokenizer,
+        grammars,
         chat,
         model_name: model_name.clone(),
         api_keys: args.api_keys.clone(),

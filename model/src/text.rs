@@ -103,6 +103,38 @@ impl TextTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Each token's bytes, for constrained decoding: what the model writes
+    /// when it picks the token, and whether it is a control token (special:
+    /// never text). Only byte-level BPE tokenizers (DeepSeek's, GPT-2's)
+    /// spell every token as bytes; others are refused.
+    pub fn token_bytes(&self) -> Result<Vec<(Vec<u8>, bool)>> {
+        let byte_level = match self.inner.get_decoder() {
+            Some(tokenizers::DecoderWrapper::ByteLevel(_)) => true,
+            Some(tokenizers::DecoderWrapper::Sequence(seq)) => {
+                seq.get_decoders().iter().any(|d| matches!(d, tokenizers::DecoderWrapper::ByteLevel(_)))
+            }
+            _ => false,
+        };
+        if !byte_level {
+            return Err(ModelError::Tokenizer("constrained decoding needs a byte-level BPE tokenizer".into()));
+        }
+        let unmap = byte_level_chars();
+        let added = self.inner.get_added_tokens_decoder();
+        let size = self.inner.get_vocab_size(true) as u32;
+        (0..size)
+            .map(|id| {
+                if let Some(token) = added.get(&id) {
+                    return Ok((token.content.as_bytes().to_vec(), token.special));
+                }
+                let Some(name) = self.inner.id_to_token(id) else { return Ok((Vec::new(), true)) };
+                let bytes = name.chars().map(|c| unmap.get(&c).copied()).collect::<Option<Vec<u8>>>();
+                bytes.map(|b| (b, false)).ok_or_else(|| {
+                    ModelError::Tokenizer(format!("token {id} ({name:?}) is not spelled in byte-level characters"))
+                })
+            })
+            .collect()
+    }
+
     /// The text of `ids` without control tokens (BOS, EOS, role markers):
     /// what a completion shows.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -114,4 +146,23 @@ impl TextTokenizer {
     pub fn decode_all(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
+}
+
+/// Byte-level BPE spells each byte as one printable character: printable
+/// Latin-1 bytes as themselves, the other 68 bytes as the characters from
+/// U+0100 on, in byte order. The map from those characters to bytes.
+fn byte_level_chars() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 0x100u32;
+    (0..=255u8)
+        .map(|b| {
+            if printable(b) {
+                (char::from(b), b)
+            } else {
+                let c = char::from_u32(next).unwrap_or(char::REPLACEMENT_CHARACTER);
+                next += 1;
+                (c, b)
+            }
+        })
+        .collect()
 }

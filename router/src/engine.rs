@@ -36,6 +36,18 @@ pub enum Event {
     Error(String),
 }
 
+/// What may be sampled next (a grammar for structured outputs and forced
+/// tool calls). The engine asks for the allowed tokens while the step's
+/// forward runs, masks the logits with them, and feeds back the token.
+pub trait Constraint: Send {
+    /// The tokens allowed next, one bit per id (bit `i % 32` of word
+    /// `i / 32`); `None` when any token is.
+    fn allowed(&mut self) -> Result<Option<Vec<u32>>, String>;
+    fn consume(&mut self, token: u32) -> Result<(), String>;
+    /// Nothing may follow: the constrained output is complete.
+    fn finished(&self) -> bool;
+}
+
 pub struct Request {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
@@ -48,6 +60,7 @@ pub struct Request {
     /// The state of a prefix of the prompt, restored from the KV-cache: only
     /// the tokens after it are prefilled.
     pub restored: Option<SequenceState>,
+    pub constraint: Option<Box<dyn Constraint>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -241,16 +254,29 @@ fn step(
         span.follows_from(&active[i].request.span);
     }
     // `plan` is sorted by index: walk `active` once, lending each planned
-    // sequence's state to the batch.
+    // sequence's state to the batch, and the constraint of each that
+    // samples after this step to the mask computation.
     let mut planned = plan.iter().zip(&inputs).peekable();
     let mut chunks = Vec::with_capacity(plan.len());
+    let mut constrained = Vec::new();
     for (i, a) in active.iter_mut().enumerate() {
-        if let Some((_, tokens)) = planned.next_if(|((j, _), _)| *j == i) {
+        if let Some(((_, n), tokens)) = planned.next_if(|((j, _), _)| *j == i) {
+            let samples = a.next.is_some() || a.prefilled + n == a.request.prompt.len();
+            if let (true, Some(c)) = (samples, a.request.constraint.as_mut()) {
+                constrained.push((i, c));
+            }
             chunks.push(Chunk { tokens, state: &mut a.state, want: Logits::Last });
         }
     }
-    let result = span.in_scope(|| model.forward_batch(&mut chunks, experts));
-    drop(chunks);
+    // Masks are computed beside the forward, not after it.
+    let (result, masks) = std::thread::scope(|scope| {
+        let masks = (!constrained.is_empty())
+            .then(|| scope.spawn(move || constrained.into_iter().map(|(i, c)| (i, c.allowed())).collect::<Vec<_>>()));
+        let result = span.in_scope(|| model.forward_batch(&mut chunks, experts));
+        let masks = masks.map(|m| m.join().unwrap_or_else(|_| Vec::new())).unwrap_or_default();
+        (result, masks)
+    });
+    let mut masks = masks.into_iter().peekable();
     let logits = match result {
         Ok(l) => l,
         Err(e) => {
@@ -279,6 +305,18 @@ fn step(
                 continue; // more prompt to run
             }
         }
+        let mut logits = logits;
+        let masked = match masks.next_if(|(j, _)| *j == i) {
+            Some((_, allowed)) => allowed.and_then(|bits| mask_logits(&mut logits, bits.as_deref())),
+            None => Ok(()),
+        };
+        if let Err(e) = masked {
+            // The grammar cannot go on (it never should): end the sequence.
+            tracing::warn!(error = %e, "structured output stopped");
+            let _ = a.request.events.send(Event::Done(FinishReason::Stop));
+            finished.push(i);
+            continue;
+        }
         let token = sample(&logits, &a.request.sampling, &mut a.rng);
         a.generated.push(token);
         metrics::TOKENS.with_label_values(&["completion"]).inc();
@@ -287,7 +325,17 @@ fn step(
             done = Some(FinishReason::Stop);
         } else {
             let _ = a.request.events.send(Event::Token(token));
-            if a.generated.len() >= a.request.max_tokens {
+            let complete = match a.request.constraint.as_mut().map(|c| c.consume(token).map(|()| c.finished())) {
+                Some(Ok(complete)) => complete,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "structured output stopped");
+                    true
+                }
+                None => false,
+            };
+            if complete {
+                done = Some(FinishReason::Stop);
+            } else if a.generated.len() >= a.request.max_tokens {
                 done = Some(FinishReason::Length);
             }
         }
@@ -312,6 +360,20 @@ fn step(
             save(Save { tokens, state: a.state });
         }
     }
+}
+
+/// Disallowed tokens get `-inf`; an error when nothing is allowed.
+fn mask_logits(logits: &mut [f32], allowed: Option<&[u32]>) -> Result<(), String> {
+    let Some(bits) = allowed else { return Ok(()) };
+    let mut any = false;
+    for (id, l) in logits.iter_mut().enumerate() {
+        if bits.get(id / 32).is_some_and(|w| w >> (id % 32) & 1 == 1) {
+            any = true;
+        } else {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+    if any { Ok(()) } else { Err("the grammar allows no token".into()) }
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ pub mod kvcache;
 pub mod membership;
 pub mod metrics;
 pub mod pool;
+pub mod structured;
 
 pub use dispatch::RemoteExperts;
 pub use pool::{PoolError, Target, WorkerPool};

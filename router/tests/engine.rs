@@ -51,6 +51,7 @@ fn concurrent_requests_equal_their_solo_runs() {
                 events: tx,
                 span: tracing::Span::none(),
                 restored: None,
+                constraint: None,
             };
             engine.submit(request).unwrap();
             rx
@@ -81,6 +82,7 @@ fn stop_tokens_end_a_sequence_and_a_full_queue_refuses() {
             events: tx,
             span: tracing::Span::none(),
             restored: None,
+            constraint: None,
         })
         .unwrap();
     let (tokens, end) = collect(rx);
@@ -108,6 +110,7 @@ fn stop_tokens_end_a_sequence_and_a_full_queue_refuses() {
             events: tx,
             span: tracing::Span::none(),
             restored: None,
+            constraint: None,
         };
         if busy.submit(r).is_err() {
             refused += 1;
@@ -138,6 +141,7 @@ fn saved_states_restore_to_the_same_tokens() {
             events: tx,
             span: tracing::Span::none(),
             restored,
+            constraint: None,
         };
         engine.submit(request).unwrap();
         let (tokens, end) = collect(rx);

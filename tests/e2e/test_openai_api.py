@@ -145,8 +145,6 @@ def test_errors_through_the_client(client):
 def test_unsupported_chat_fields_are_refused_not_ignored(client):
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
     asks = [
-        {"tool_choice": "required"},
-        {"response_format": {"type": "json_object"}},
         {"logprobs": True, "top_logprobs": 2},
         {"logit_bias": {"5": -100}},
     ]

@@ -45,6 +45,9 @@ pub struct Common {
     pub stream_options: Option<StreamOptions>,
     /// vLLM's extension: keep generating past end-of-sequence tokens.
     pub ignore_eos: Option<bool>,
+    /// `text`, `json_object` or `json_schema`: enforced by constrained
+    /// decoding ([`crate::structured`]).
+    pub response_format: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,8 +77,10 @@ pub enum ToolUse {
     /// The model decides; DSML tool-call blocks become `tool_calls`
     /// (only the first when `parallel_tool_calls` is false).
     Auto { parallel: bool },
+    /// `required` or a named function: the answer is a tool-call block,
+    /// enforced by constrained decoding.
+    Forced { parallel: bool },
 }
-
 impl ChatInput {
     /// The declared tools, each checked to be a function with a name.
     pub fn tools(&self) -> Result<&[serde_json::Value], ApiError> {
@@ -96,18 +101,42 @@ impl ChatInput {
         Ok(tools)
     }
 
-    pub fn tool_use(&self) -> Result<ToolUse, ApiError> {
+    /// How the answer may call tools, and the tools a forced call may use
+    /// (all for `required`, the one named).
+    pub fn tool_use(&self) -> Result<(ToolUse, Vec<serde_json::Value>), ApiError> {
         let parallel = self.parallel_tool_calls.unwrap_or(true);
-        let declared = !self.tools()?.is_empty();
-        match self.tool_choice.as_ref().and_then(|c| c.as_str()) {
-            Some("none") => Ok(ToolUse::Off),
-            None | Some("auto") if declared => Ok(ToolUse::Auto { parallel }),
-            None | Some("auto") => Ok(ToolUse::Off),
-            // `refuse_unsupported` has already refused every other choice.
-            Some(other) => Err(ApiError::bad_request(
-                format!("tool_choice `{other}` is not one of none, auto"),
-                Some("tool_choice"),
-            )),
+        let tools = self.tools()?;
+        let bad = |what: String| ApiError::bad_request(what, Some("tool_choice"));
+        let need_tools = |choice: &str| {
+            if tools.is_empty() { Err(bad(format!("tool_choice `{choice}` needs `tools`"))) } else { Ok(()) }
+        };
+        let choice = self.tool_choice.as_ref().filter(|c| !c.is_null());
+        match choice.map(|c| (c.as_str(), c)) {
+            None | Some((Some("auto"), _)) if tools.is_empty() => Ok((ToolUse::Off, Vec::new())),
+            None | Some((Some("auto"), _)) => Ok((ToolUse::Auto { parallel }, Vec::new())),
+            Some((Some("none"), _)) => Ok((ToolUse::Off, Vec::new())),
+            Some((Some("required"), _)) => {
+                need_tools("required")?;
+                Ok((ToolUse::Forced { parallel }, tools.to_vec()))
+            }
+            Some((Some(other), _)) => Err(bad(format!("tool_choice `{other}` is not one of none, auto, required"))),
+            Some((None, named)) => {
+                let name = named
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .and_then(|n| n.as_str())
+                    .filter(|_| named.get("type").and_then(|t| t.as_str()) == Some("function"))
+                    .ok_or_else(|| {
+                        bad("tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": …}}".into())
+                    })?;
+                need_tools("function")?;
+                let tool = tools
+                    .iter()
+                    .find(|t| t["function"]["name"].as_str() == Some(name))
+                    .ok_or_else(|| bad(format!("tool_choice names `{name}`, which is not in `tools`")))?;
+                // A named function is called once.
+                Ok((ToolUse::Forced { parallel: false }, vec![tool.clone()]))
+            }
         }
     }
 }
@@ -171,9 +200,6 @@ const UNSUPPORTED: &[(&str, Neutral)] = {
     fn none_or_auto(v: &Value) -> bool {
         matches!(v.as_str(), Some("none" | "auto"))
     }
-    fn text_format(v: &Value) -> bool {
-        v.get("type").and_then(Value::as_str) == Some("text")
-    }
     fn text_only(v: &Value) -> bool {
         v.as_array().is_some_and(|m| m.iter().all(|x| x.as_str() == Some("text")))
     }
@@ -181,10 +207,8 @@ const UNSUPPORTED: &[(&str, Neutral)] = {
         false
     }
     &[
-        ("tool_choice", none_or_auto),
         ("functions", empty),
         ("function_call", none_or_auto),
-        ("response_format", text_format),
         ("logprobs", no),
         ("top_logprobs", zero),
         ("presence_penalty", zero),
@@ -292,8 +316,7 @@ mod tests {
     #[test]
     fn known_unsupported_fields_are_refused_by_name() {
         for (body, field) in [
-            (json!({"tool_choice": "required"}), "tool_choice"),
-            (json!({"response_format": {"type": "json_object"}}), "response_format"),
+            (json!({"function_call": "auto2"}), "function_call"),
             (json!({"logprobs": true}), "logprobs"),
             (json!({"top_logprobs": 3}), "top_logprobs"),
             (json!({"presence_penalty": 0.5}), "presence_penalty"),

@@ -20,8 +20,9 @@ use super::error::ApiError;
 use super::{AppState, Body, authorized, json_body};
 use crate::chat::v4::{self, Prompt};
 use crate::chat::{ChatEncoder, Message, Reasoning, content_spans, template_messages};
-use crate::engine::{Request, SubmitError};
+use crate::engine::{Constraint, Request, SubmitError};
 use crate::metrics;
+use crate::structured;
 
 pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let prepared = (|| {
@@ -35,7 +36,9 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
             PromptInput::Texts(_) => return Err(ApiError::bad_request("send one prompt per request", Some("prompt"))),
             PromptInput::Tokens(ids) => ids,
         };
-        Ok((prompt, params))
+        let format = request.common.response_format.as_ref();
+        let constraint = constrain(&state, format, None, false)?;
+        Ok(Prepared { prompt, params, constraint })
     })();
     respond(state, prepared, Kind::Completion).await
 }
@@ -46,17 +49,65 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
         let request: ChatRequest = parse(&json_body(&headers, body)?)?;
         check_model(&state, &request.common.model)?;
         let params = request.common.params()?;
-        let (prompt, reasoning, tools) = chat_prompt(&state, &request.input)?;
-        Ok((prompt, params, Kind::Chat { thinking: reasoning.thinking(), tools }))
+        let (prompt, reasoning) = chat_prompt(&state, &request.input)?;
+        let (tools, forced_tools) = request.input.tool_use()?;
+        let thinking = reasoning.thinking();
+        let forced = match tools {
+            ToolUse::Forced { parallel } => Some((&forced_tools[..], parallel)),
+            _ => None,
+        };
+        let constraint = constrain(&state, request.common.response_format.as_ref(), forced, thinking)?;
+        Ok((Prepared { prompt, params, constraint }, Kind::Chat { thinking, tools }))
     })();
     match prepared {
-        Ok((prompt, params, kind)) => respond(state, Ok((prompt, params)), kind).await,
+        Ok((prepared, kind)) => respond(state, Ok(prepared), kind).await,
         Err(e) => respond(state, Err(e), Kind::Chat { thinking: false, tools: ToolUse::Off }).await,
     }
 }
 
-/// The token ids of a chat's prompt, its reasoning mode and its tool use.
-pub(super) fn chat_prompt(state: &AppState, input: &ChatInput) -> Result<(Vec<u32>, Reasoning, ToolUse), ApiError> {
+/// What a generation request asks for, checked.
+struct Prepared {
+    prompt: Vec<u32>,
+    params: Params,
+    constraint: Option<Box<dyn Constraint>>,
+}
+
+/// The grammar a request's output must follow, if any: its
+/// `response_format`, or a forced call of `tools` (one or, `parallel`,
+/// several).
+fn constrain(
+    state: &AppState,
+    format: Option<&Value>,
+    forced: Option<(&[Value], bool)>,
+    thinking: bool,
+) -> Result<Option<Box<dyn Constraint>>, ApiError> {
+    let bad = |field: &'static str| move |e: String| ApiError::bad_request(format!("{field}: {e}"), Some(field));
+    let format = format.filter(|f| !f.is_null());
+    let (grammar, field) = match (
+        format.map(structured::response_format).transpose().map_err(bad("response_format"))?.flatten(),
+        forced,
+    ) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "response_format cannot be combined with a required or named tool_choice",
+                Some("response_format"),
+            ));
+        }
+        (Some(grammar), None) => (grammar, "response_format"),
+        (None, Some((tools, parallel))) => (structured::tool_calls(tools, parallel).map_err(bad("tools"))?, "tools"),
+        (None, None) => return Ok(None),
+    };
+    let grammars = state.grammars.as_ref().ok_or_else(|| {
+        ApiError::bad_request(
+            format!("{field} needs constrained decoding, which this model's tokenizer does not support"),
+            Some(field),
+        )
+    })?;
+    grammars.constraint(grammar, thinking).map(Some).map_err(bad(field))
+}
+
+/// The token ids of a chat's prompt and its reasoning mode.
+pub(super) fn chat_prompt(state: &AppState, input: &ChatInput) -> Result<(Vec<u32>, Reasoning), ApiError> {
     let kwargs = input.chat_template_kwargs.clone().unwrap_or(Value::Null);
     let effort = input.reasoning_effort.as_deref().or_else(|| kwargs.get("reasoning_effort").and_then(Value::as_str));
     let reasoning = match (effort, kwargs.get("thinking").and_then(Value::as_bool)) {
@@ -92,7 +143,7 @@ pub(super) fn chat_prompt(state: &AppState, input: &ChatInput) -> Result<(Vec<u3
         .tokenizer
         .encode_protected(&prompt.text, &prompt.client)
         .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}"), None))?;
-    Ok((ids, reasoning, input.tool_use()?))
+    Ok((ids, reasoning))
 }
 
 pub(super) fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
@@ -123,10 +174,11 @@ fn template_prompt(state: &AppState, text: String, messages: &[Message]) -> Resu
 }
 
 /// Everything after parsing: limits, admission, then the answer.
-async fn respond(state: Arc<AppState>, prepared: Result<(Vec<u32>, Params), ApiError>, kind: Kind) -> Response {
+async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kind: Kind) -> Response {
     let endpoint = kind.endpoint();
     let outcome = |o: &str| metrics::REQUESTS.with_label_values(&[endpoint, o]).inc();
-    let (prompt, params) = match prepared.and_then(|(prompt, params)| admit(&state, prompt, params)) {
+    let admitted = prepared.and_then(|p| Ok((admit(&state, p.prompt, p.params)?, p.constraint)));
+    let ((prompt, params), constraint) = match admitted {
         Ok(p) => p,
         Err(e) => {
             outcome(if e.status.is_server_error() { "server_error" } else { "client_error" });
@@ -151,6 +203,7 @@ async fn respond(state: Arc<AppState>, prepared: Result<(Vec<u32>, Params), ApiE
         events: tx,
         span: span.clone(),
         restored,
+        constraint,
     };
     if let Err(e) = run.state().engine.submit(request) {
         outcome("server_error");

@@ -35,7 +35,11 @@ use crate::engine::Engine;
 /// What the HTTP layer serves with.
 pub struct AppState {
     pub engine: Engine,
-    pub tokenizer: TextTokenizer,
+    pub tokenizer: Arc<TextTokenizer>,
+    /// Grammars for structured outputs and forced tool calls; `None` when
+    /// the tokenizer cannot spell its tokens as bytes (such requests get a
+    /// 400).
+    pub grammars: Option<crate::structured::Grammars>,
     /// How chat requests become prompts.
     pub chat: ChatEncoder,
     /// The name clients use as `model`.

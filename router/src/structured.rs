@@ -1,0 +1,354 @@
+//! Constrained decoding with llguidance: `response_format` JSON schemas and
+//! forced tool calls become a grammar, and each step the grammar's matcher
+//! gives the set of tokens that keep the output inside it.
+//!
+//! A tool call is forced as V4 writes one: the DSML block its encoder puts
+//! in the prompt (`chat::v4`), with each parameter's value constrained by
+//! its schema (strings as raw text with `string="true"`, everything else
+//! as JSON). In thinking mode the grammar starts after `</think>`: the
+//! reasoning is free.
+
+use std::sync::Arc;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+use myriad_model::text::TextTokenizer;
+use serde_json::{Map, Value, json};
+
+use crate::chat::v4::{DSML, THINK_END};
+use crate::engine::Constraint;
+
+/// Compiles grammars over one tokenizer; shared by every request.
+pub struct Grammars {
+    factory: Arc<ParserFactory>,
+    /// The `</think>` token: a thinking answer's grammar starts after it.
+    think_end: Option<TokenId>,
+}
+
+/// The tokenizer as llguidance sees it: each token's bytes in a trie.
+struct Vocabulary {
+    trie: TokTrie,
+    tokenizer: Arc<TextTokenizer>,
+}
+
+impl TokenizerEnv for Vocabulary {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        self.trie.tokenize_with_greedy_fallback(s, |text| self.tokenizer.encode(text).unwrap_or_default())
+    }
+}
+
+impl Grammars {
+    /// `vocab_size`: the model's (at least the tokenizer's; ids past the
+    /// tokenizer's are never allowed); `eos`: the end-of-sequence ids.
+    pub fn new(tokenizer: Arc<TextTokenizer>, vocab_size: usize, eos: &[u32]) -> Result<Self, String> {
+        let mut words: Vec<Vec<u8>> = Vec::with_capacity(vocab_size);
+        let mut think_end = None;
+        for (id, (bytes, special)) in tokenizer.token_bytes().map_err(|e| e.to_string())?.into_iter().enumerate() {
+            if bytes == THINK_END.as_bytes() {
+                think_end = Some(id as TokenId);
+            }
+            // Control tokens are marked so no grammar text can match them.
+            words.push(if special { [&[TokTrie::SPECIAL_TOKEN_MARKER], &bytes[..]].concat() } else { bytes });
+        }
+        if words.len() > vocab_size {
+            return Err(format!("the tokenizer has {} tokens, the model {vocab_size}", words.len()));
+        }
+        while words.len() < vocab_size {
+            words.push(vec![TokTrie::SPECIAL_TOKEN_MARKER, b'#']);
+        }
+        let &first_eos = eos.first().ok_or("the model has no end-of-sequence token")?;
+        let info = TokRxInfo::new(vocab_size as u32, first_eos);
+        let mut trie = TokTrie::from(&info, &words);
+        if eos.len() > 1 {
+            trie = trie.with_eos_tokens(eos);
+        }
+        let env: TokEnv = Arc::new(Vocabulary { trie, tokenizer });
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+        factory.quiet();
+        Ok(Grammars { factory: Arc::new(factory), think_end })
+    }
+
+    /// A constraint for `grammar`; in thinking mode it starts after
+    /// `</think>`. Errors (an invalid or unsatisfiable schema) name the
+    /// problem.
+    pub fn constraint(&self, grammar: TopLevelGrammar, thinking: bool) -> Result<Box<dyn Constraint>, String> {
+        let gate = match (thinking, self.think_end) {
+            (false, _) => None,
+            (true, Some(t)) => Some(t),
+            (true, None) => return Err("thinking mode needs a `</think>` token to start the grammar after".into()),
+        };
+        let parser = self.factory.create_parser(grammar).map_err(|e| e.to_string())?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(e);
+        }
+        Ok(Box::new(Guided { matcher, gate }))
+    }
+}
+
+/// A grammar's matcher, closed until its gate token (if any) is sampled.
+struct Guided {
+    matcher: Matcher,
+    gate: Option<TokenId>,
+}
+
+impl Constraint for Guided {
+    fn allowed(&mut self) -> Result<Option<Vec<u32>>, String> {
+        if self.gate.is_some() {
+            return Ok(None);
+        }
+        let mask: SimpleVob = self.matcher.compute_mask_or_eos().map_err(|e| e.to_string())?;
+        Ok(Some(mask.as_slice().to_vec()))
+    }
+
+    fn consume(&mut self, token: u32) -> Result<(), String> {
+        match self.gate {
+            Some(gate) => {
+                if token == gate {
+                    self.gate = None;
+                }
+                Ok(())
+            }
+            None => self.matcher.consume_token(token).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.gate.is_none() && self.matcher.is_stopped()
+    }
+}
+
+/// JSON as the model's prompts write it (`", "` and `": "`), with no
+/// other whitespace: a random or weak model cannot pad it forever.
+fn compact(schema: &Value) -> Value {
+    let mut schema = match schema {
+        Value::Object(o) => o.clone(),
+        // `true` (anything) or a schema llguidance will judge.
+        other => return other.clone(),
+    };
+    schema.insert(
+        "x-guidance".into(),
+        json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+    );
+    Value::Object(schema)
+}
+
+/// `response_format`: `json_object` (any object) or `json_schema`.
+pub fn response_format(format: &Value) -> Result<Option<TopLevelGrammar>, String> {
+    match format.get("type").and_then(Value::as_str) {
+        None | Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(TopLevelGrammar::from_json_schema(compact(&json!({"type": "object"}))))),
+        Some("json_schema") => {
+            let spec = format.get("json_schema").ok_or("response_format json_schema needs a `json_schema` object")?;
+            let schema = spec.get("schema").cloned().unwrap_or(json!({}));
+            if !schema.is_object() && !schema.is_boolean() {
+                return Err("response_format.json_schema.schema must be a JSON schema object".into());
+            }
+            Ok(Some(TopLevelGrammar::from_json_schema(compact(&schema))))
+        }
+        Some(other) => Err(format!("response_format type `{other}` is not one of text, json_object, json_schema")),
+    }
+}
+
+/// A string parameter V4 writes as raw text (`string="true"`, as its
+/// prompt asks): the Lark expression for its value, when the schema's
+/// constraints are ones raw text can follow (`enum`, `minLength`,
+/// `maxLength`). `None` for everything else, written as JSON with the
+/// whole schema enforced (a string with a `pattern` or `format` too).
+fn raw_text(schema: &Value) -> Option<Result<String, String>> {
+    let o = schema.as_object()?;
+    if o.get("type").and_then(Value::as_str) != Some("string")
+        || o.keys()
+            .any(|k| !matches!(k.as_str(), "type" | "enum" | "minLength" | "maxLength" | "description" | "title"))
+    {
+        return None;
+    }
+    if let Some(options) = o.get("enum").and_then(Value::as_array) {
+        let options: Vec<String> = options.iter().filter_map(Value::as_str).map(|v| json!(v).to_string()).collect();
+        return Some(if options.is_empty() {
+            Err("a string enum needs string values".to_string())
+        } else {
+            Ok(format!("({})", options.join(" | ")))
+        });
+    }
+    let min = o.get("minLength").and_then(Value::as_u64).unwrap_or(0);
+    // Up to the closing tag, which starts with `<`.
+    Some(Ok(match o.get("maxLength").and_then(Value::as_u64) {
+        Some(max) if max < min => return Some(Err(format!("minLength {min} exceeds maxLength {max}"))),
+        Some(max) => format!("/[^<]{{{min},{max}}}/"),
+        None => format!("/[^<]{{{min},}}/"),
+    }))
+}
+
+/// The DSML block of one or more calls (`parallel`) of `tools` (OpenAI
+/// function tools, already checked to have names), as a Lark grammar.
+pub fn tool_calls(tools: &[Value], parallel: bool) -> Result<TopLevelGrammar, String> {
+    let lit = |s: &str| Value::String(s.to_string()).to_string();
+    let mut rules = Vec::new();
+    let mut calls = Vec::new();
+    for (t, tool) in tools.iter().enumerate() {
+        let function = &tool["function"];
+        let name = function["name"].as_str().unwrap_or_default();
+        let empty = Map::new();
+        let parameters = function.get("parameters").and_then(Value::as_object).unwrap_or(&empty);
+        let properties = parameters.get("properties").and_then(Value::as_object).unwrap_or(&empty);
+        let required: Vec<&str> = parameters
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if let Some(missing) = required.iter().find(|r| !properties.contains_key(**r)) {
+            return Err(format!("tool `{name}`: required parameter `{missing}` has no schema in `properties`"));
+        }
+        if let Some(bad) = properties.keys().find(|k| k.contains(['"', '<', '>'])) {
+            return Err(format!("tool `{name}`: parameter name `{bad}` cannot be written in a tool call"));
+        }
+        // Definitions a parameter's `$ref` may point at.
+        let defs: Map<String, Value> = ["$defs", "definitions"]
+            .iter()
+            .filter_map(|k| parameters.get(*k).map(|v| (k.to_string(), v.clone())))
+            .collect();
+        let mut body = String::new();
+        for (p, (key, schema)) in properties.iter().enumerate() {
+            let rule = format!("param{t}_{p}");
+            let (string, value) = match raw_text(schema) {
+                Some(value) => (true, value.map_err(|e| format!("tool `{name}`: parameter `{key}`: {e}"))?),
+                None => {
+                    let mut schema = schema.clone();
+                    if let Value::Object(o) = &mut schema {
+                        o.extend(defs.clone());
+                    }
+                    (false, format!("%json {}", compact(&schema)))
+                }
+            };
+            let open = format!("<{DSML}parameter name=\"{key}\" string=\"{string}\">");
+            rules.push(format!("{rule}: {} {value} {}", lit(&open), lit(&format!("</{DSML}parameter>\n"))));
+            body.push_str(&if required.contains(&key.as_str()) { format!(" {rule}") } else { format!(" {rule}?") });
+        }
+        // Lexemes are matched greedily, so the newline between two calls
+        // belongs to the second one's opening tag: a lone "\n" lexeme
+        // would always be taken as the start of the block's closing tag.
+        let head = format!("<{DSML}invoke name=\"{name}\">\n");
+        // As the encoder writes it: a call without arguments has an empty line.
+        let close = lit(&format!("{}</{DSML}invoke>", if body.is_empty() { "\n" } else { "" }));
+        rules.push(format!("call{t}: {}{body} {close}", lit(&head)));
+        rules.push(format!("next{t}: {}{body} {close}", lit(&format!("\n{head}"))));
+        calls.push(t);
+    }
+    if calls.is_empty() {
+        return Err("a forced tool call needs at least one tool".into());
+    }
+    let alternatives = |rule: &str| calls.iter().map(|t| format!("{rule}{t}")).collect::<Vec<_>>().join(" | ");
+    let grammar = format!(
+        "start: {} call{} {}\ncall: {}\nnext: {}\n{}\n",
+        lit(&format!("\n\n<{DSML}tool_calls>\n")),
+        if parallel { " next*" } else { "" },
+        lit(&format!("\n</{DSML}tool_calls>")),
+        alternatives("call"),
+        alternatives("next"),
+        rules.join("\n"),
+    );
+    Ok(TopLevelGrammar::from_lark(grammar))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::Reasoning;
+    use crate::chat::v4_parse::{CALLS_END, CALLS_START};
+
+    fn tiny() -> (Arc<TextTokenizer>, Grammars) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v4");
+        let tokenizer = Arc::new(TextTokenizer::load(&dir).unwrap());
+        let grammars = Grammars::new(tokenizer.clone(), 512, &[1]).unwrap();
+        (tokenizer, grammars)
+    }
+
+    fn allows(c: &mut Box<dyn Constraint>, token: u32) -> bool {
+        c.allowed().unwrap().is_none_or(|m| m[token as usize / 32] >> (token % 32) & 1 == 1)
+    }
+
+    #[test]
+    fn every_token_is_spelled_as_the_tokenizer_decodes_it() {
+        let (tokenizer, _) = tiny();
+        for (id, (bytes, special)) in tokenizer.token_bytes().unwrap().into_iter().enumerate() {
+            if let (Ok(text), false) = (String::from_utf8(bytes), special) {
+                assert_eq!(text, tokenizer.decode_all(&[id as u32]).unwrap(), "token {id}");
+            }
+        }
+    }
+
+    /// The block V4's encoder writes for two calls (as in the prompt's
+    /// history) is one the grammar allows, token by token, and it ends there.
+    #[test]
+    fn the_grammar_allows_what_the_encoder_writes() {
+        let (tokenizer, grammars) = tiny();
+        let tools = vec![
+            json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}, "days": {"type": "integer"},
+                               "unit": {"type": "string", "enum": ["c", "f"]}},
+                "required": ["city"]}}}),
+            json!({"type": "function", "function": {"name": "now"}}),
+        ];
+        let calls = json!([
+            {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"days\": 3}"}},
+            {"id": "b", "type": "function", "function": {"name": "now", "arguments": "{}"}},
+        ]);
+        let messages =
+            json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": calls}]);
+        let prompt = crate::chat::v4::encode(messages.as_array().unwrap(), &[], Reasoning::None).unwrap().text;
+        let block = &prompt[prompt.find(CALLS_START).unwrap()..prompt.find(CALLS_END).unwrap() + CALLS_END.len()];
+        for (parallel, fits) in [(true, true), (false, false)] {
+            let mut c = grammars.constraint(tool_calls(&tools, parallel).unwrap(), false).unwrap();
+            let mut all = true;
+            for t in tokenizer.encode(block).unwrap() {
+                all &= allows(&mut c, t);
+                if !all {
+                    break;
+                }
+                c.consume(t).unwrap();
+            }
+            assert_eq!(all, fits, "parallel {parallel}");
+            if fits {
+                assert!(c.finished() || allows(&mut c, 1), "the block is complete");
+            }
+        }
+    }
+
+    #[test]
+    fn thinking_opens_the_grammar_after_the_end_of_thinking() {
+        let (tokenizer, grammars) = tiny();
+        let grammar = response_format(&json!({"type": "json_object"})).unwrap().unwrap();
+        let mut c = grammars.constraint(grammar, true).unwrap();
+        let free = tokenizer.encode("no json here").unwrap();
+        for &t in &free {
+            assert!(c.allowed().unwrap().is_none());
+            c.consume(t).unwrap();
+        }
+        c.consume(tokenizer.encode(THINK_END).unwrap()[0]).unwrap();
+        assert!(!allows(&mut c, free[0]) && allows(&mut c, tokenizer.encode("{").unwrap()[0]));
+    }
+
+    #[test]
+    fn bad_schemas_are_errors() {
+        let (_, grammars) = tiny();
+        let schema = |s: Value| json!({"type": "json_schema", "json_schema": {"name": "x", "schema": s}});
+        for bad in [json!({"type": "string", "minLength": 3, "maxLength": 1}), json!({"$ref": "#/nowhere"})] {
+            let grammar = response_format(&schema(bad.clone())).unwrap().unwrap();
+            assert!(grammars.constraint(grammar, false).is_err(), "{bad}");
+        }
+        assert!(response_format(&json!({"type": "yaml"})).is_err());
+        let tool = |p: Value| vec![json!({"type": "function", "function": {"name": "f", "parameters": p}})];
+        let missing = tool(json!({"type": "object", "properties": {}, "required": ["x"]}));
+        assert!(tool_calls(&missing, true).unwrap_err().contains("`x`"));
+        let quoted = tool(json!({"type": "object", "properties": {"a\"b": {"type": "string"}}}));
+        assert!(tool_calls(&quoted, true).is_err());
+    }
+}
