@@ -205,6 +205,13 @@ fn serve(
     let grammars = Grammars::new(tokenizer.clone(), cfg.vocab_size, &cfg.eos_token_ids)
         .inspect_err(|e| tracing::warn!(error = %e, "structured outputs and forced tool calls are off"))
         .ok();
+    let token_bytes = match tokenizer.token_bytes() {
+        Ok(pieces) => pieces.into_iter().map(|(bytes, _)| bytes).collect(),
+        // Not byte-level: each token's own decoding.
+        Err(_) => {
+            (0..cfg.vocab_size as u32).map(|id| tokenizer.decode_all(&[id]).unwrap_or_default().into_bytes()).collect()
+        }
+    };
     let chat = ChatEncoder::choose(&args.model, args.chat_template.as_deref()).map_err(anyhow::Error::msg)?;
     let experts = RemoteExperts::new(
         Arc::new(WorkerPool::empty()),
@@ -257,6 +264,7 @@ fn serve(
         engine,
         tokenizer,
         grammars,
+        token_bytes,
         chat,
         model_name: model_name.clone(),
         api_keys: args.api_keys.clone(),

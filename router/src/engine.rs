@@ -17,6 +17,7 @@ use myriad_model::{Logits, Model, Sampling, SequenceState};
 use tokio::sync::mpsc;
 
 pub use crate::kvcache::Save;
+use crate::logits::{LogitsParams, TokenLogprobs, logprobs};
 use crate::metrics;
 
 /// Why a sequence stopped.
@@ -31,7 +32,8 @@ pub enum FinishReason {
 /// What the engine sends back for one request, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Token(u32),
+    /// A token, with its log-probabilities when the request asked for them.
+    Token(u32, Option<TokenLogprobs>),
     Done(FinishReason),
     Error(String),
 }
@@ -61,6 +63,8 @@ pub struct Request {
     /// the tokens after it are prefilled.
     pub restored: Option<SequenceState>,
     pub constraint: Option<Box<dyn Constraint>>,
+    /// Penalties, bias, minimum length and log-probabilities.
+    pub logits: LogitsParams,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -306,6 +310,11 @@ fn step(
             }
         }
         let mut logits = logits;
+        let params = &a.request.logits;
+        let raw = params.logprobs.map(|k| (k, logits.clone()));
+        if !params.changes_nothing() {
+            params.apply(&mut logits, &a.request.prompt, &a.generated, &a.request.stop_tokens);
+        }
         let masked = match masks.next_if(|(j, _)| *j == i) {
             Some((_, allowed)) => allowed.and_then(|bits| mask_logits(&mut logits, bits.as_deref())),
             None => Ok(()),
@@ -318,13 +327,14 @@ fn step(
             continue;
         }
         let token = sample(&logits, &a.request.sampling, &mut a.rng);
+        let token_logprobs = raw.map(|(k, raw)| logprobs(&raw, token, k));
         a.generated.push(token);
         metrics::TOKENS.with_label_values(&["completion"]).inc();
         let mut done = None;
         if a.request.stop_tokens.contains(&token) {
             done = Some(FinishReason::Stop);
         } else {
-            let _ = a.request.events.send(Event::Token(token));
+            let _ = a.request.events.send(Event::Token(token, token_logprobs));
             let complete = match a.request.constraint.as_mut().map(|c| c.consume(token).map(|()| c.finished())) {
                 Some(Ok(complete)) => complete,
                 Some(Err(e)) => {

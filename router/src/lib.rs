@@ -24,6 +24,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod http;
 pub mod kvcache;
+pub mod logits;
 pub mod membership;
 pub mod metrics;
 pub mod pool;

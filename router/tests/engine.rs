@@ -16,7 +16,7 @@ fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, Event) {
     let mut tokens = Vec::new();
     loop {
         match rx.blocking_recv().expect("engine dropped the request") {
-            Event::Token(t) => tokens.push(t),
+            Event::Token(t, _) => tokens.push(t),
             other => return (tokens, other),
         }
     }
@@ -52,6 +52,7 @@ fn concurrent_requests_equal_their_solo_runs() {
                 span: tracing::Span::none(),
                 restored: None,
                 constraint: None,
+                logits: Default::default(),
             };
             engine.submit(request).unwrap();
             rx
@@ -83,6 +84,7 @@ fn stop_tokens_end_a_sequence_and_a_full_queue_refuses() {
             span: tracing::Span::none(),
             restored: None,
             constraint: None,
+            logits: Default::default(),
         })
         .unwrap();
     let (tokens, end) = collect(rx);
@@ -111,6 +113,7 @@ fn stop_tokens_end_a_sequence_and_a_full_queue_refuses() {
             span: tracing::Span::none(),
             restored: None,
             constraint: None,
+            logits: Default::default(),
         };
         if busy.submit(r).is_err() {
             refused += 1;
@@ -142,6 +145,7 @@ fn saved_states_restore_to_the_same_tokens() {
             span: tracing::Span::none(),
             restored,
             constraint: None,
+            logits: Default::default(),
         };
         engine.submit(request).unwrap();
         let (tokens, end) = collect(rx);

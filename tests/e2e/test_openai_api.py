@@ -123,11 +123,13 @@ def raw_post(server, path, body, headers=None):
     (b'{"model": "tiny-v4", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
     (b'{"model": "tiny-v4", "prompt": "x", "max_tokens": 99999999}', 400, "context"),
     (b'{"model": "tiny-v4", "prompt": "x", "temperature": 7}', 400, "temperature"),
-    (b'{"model": "tiny-v4", "prompt": "x", "n": 3}', 400, "n=1"),
+    (b'{"model": "tiny-v4", "prompt": "x", "n": 17}', 400, "n must be between 1 and 16"),
     (b'{"model": "tiny-v4", "prompt": [1, 2, 99999]}', 400, "vocabulary"),
     (b'{"model": "gpt-9", "prompt": "x"}', 404, "does not exist"),
-    (b'{"model": "tiny-v4", "prompt": "x", "logprobs": 2}', 400, "`logprobs` is not supported"),
-    (b'{"model": "tiny-v4", "prompt": "x", "presence_penalty": 0.5}', 400, "`presence_penalty`"),
+    (b'{"model": "tiny-v4", "prompt": "x", "logprobs": true}', 400, "logprobs must be a number"),
+    (b'{"model": "tiny-v4", "prompt": "x", "presence_penalty": 2.5}', 400, "presence_penalty 2.5 is not in"),
+    (b'{"model": "tiny-v4", "prompt": "x", "logit_bias": {"99999": 1}}', 400, "outside the vocabulary"),
+    (b'{"model": "tiny-v4", "prompt": "x", "echo": true}', 400, "`echo` is not supported"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, fragment):
     code, err = raw_post(server, "/v1/completions", body)
@@ -143,18 +145,21 @@ def test_errors_through_the_client(client):
 
 
 def test_unsupported_chat_fields_are_refused_not_ignored(client):
-    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
     asks = [
-        {"logprobs": True, "top_logprobs": 2},
-        {"logit_bias": {"5": -100}},
+        {"audio": {"voice": "alloy", "format": "wav"}},
+        {"modalities": ["text", "audio"]},
+        {"prediction": {"type": "content", "content": "x"}},
+        {"functions": [{"name": "f"}]},
+        {"web_search_options": {}},
+        {"guided_regex": "a+"},
     ]
     for ask in asks:
         field = next(iter(ask))
         with pytest.raises(openai.BadRequestError, match=f"`{field}` is not supported"):
-            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, tools=[weather], **ask)
+            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, extra_body=ask)
     # Defaults that ask for nothing are accepted.
     ok = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, tools=[], presence_penalty=0,
-                                        logprobs=False, response_format={"type": "text"})
+                                        logprobs=False, response_format={"type": "text"}, modalities=["text"])
     assert ok.choices[0].message.content is not None
 
 

@@ -1,5 +1,6 @@
-//! Answering one admitted request from the engine's token events: whole, or
-//! as server-sent events ending in `data: [DONE]`. Text is split into
+//! Answering one admitted request from the engine's token events, one
+//! stream of events per choice (`n`): whole, or as server-sent events
+//! ending in `data: [DONE]`. Text is split into
 //! reasoning and content, cut at stop strings, and a DSML tool-call block
 //! becomes OpenAI `tool_calls` (streamed as each call's name, then its
 //! arguments in fragments that concatenate to the whole answer's).
@@ -20,6 +21,7 @@ use super::error::ApiError;
 use super::text::{Delta, Deltas, Detokenizer};
 use crate::chat::v4_parse::{self, ToolCall};
 use crate::engine::{Event, FinishReason};
+use crate::logits::TokenLogprobs;
 use crate::metrics;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -81,14 +83,6 @@ impl Run {
         &self.state
     }
 
-    fn deltas(&self) -> Deltas {
-        let (thinking, calls) = match self.kind {
-            Kind::Completion => (false, false),
-            Kind::Chat { thinking, tools } => (thinking, tools != ToolUse::Off),
-        };
-        Deltas::new(thinking, calls, self.params.stop.clone())
-    }
-
     fn usage(&self, completion: usize) -> Value {
         json!({
             "prompt_tokens": self.prompt_tokens,
@@ -115,18 +109,44 @@ impl Run {
         }
     }
 
-    fn call_id(&self, index: usize) -> String {
-        format!("call-{}-{index}", self.id.rsplit('-').next().unwrap_or(""))
+    /// Call `call` of choice `choice`.
+    fn call_id(&self, choice: usize, call: usize) -> String {
+        format!("call-{}-{choice}-{call}", self.id.rsplit('-').next().unwrap_or(""))
     }
 
-    /// Collects the whole answer.
-    pub(super) async fn whole(self, mut rx: mpsc::UnboundedReceiver<Event>) -> Response {
+    /// Collects every choice's whole answer.
+    pub(super) async fn whole(self, receivers: Vec<mpsc::UnboundedReceiver<Event>>) -> Response {
         // Dropped unset when the client goes away before the answer.
         let mut outcome = Outcome::new(self.kind.endpoint());
-        let mut text = Detokenizer::new(&self.state.tokenizer);
-        let mut deltas = self.deltas();
+        let answers =
+            futures::future::join_all(receivers.into_iter().enumerate().map(|(i, rx)| self.collect(i, rx))).await;
+        let mut choices = Vec::with_capacity(answers.len());
+        let mut tokens = 0;
+        for answer in answers {
+            match answer {
+                Ok((choice, n)) => {
+                    choices.push(choice);
+                    tokens += n;
+                }
+                Err(e) => {
+                    outcome.set("server_error");
+                    return e.into_response();
+                }
+            }
+        }
+        outcome.set("ok");
+        let object = if self.kind == Kind::Completion { "text_completion" } else { "chat.completion" };
+        axum::Json(json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.state.model_name,
+            "choices": choices, "usage": self.usage(tokens),
+        }))
+        .into_response()
+    }
+
+    /// One choice's whole answer and its number of tokens.
+    async fn collect(&self, index: usize, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<(Value, usize), ApiError> {
+        let mut choice = Choice::new(self, index);
         let mut answer = Delta::default();
-        let mut last = Instant::now();
         let add = |delta: Delta, answer: &mut Delta| {
             answer.reasoning.push_str(&delta.reasoning);
             answer.content.push_str(&delta.content);
@@ -135,27 +155,20 @@ impl Run {
         };
         let reason = loop {
             match rx.recv().await {
-                Some(Event::Token(t)) => {
-                    observe_token(&self, text.ids().is_empty(), &mut last);
-                    add(deltas.next(text.push(t), false), &mut answer);
+                Some(Event::Token(t, logprobs)) => {
+                    add(choice.push(t, logprobs), &mut answer);
                     if answer.stopped {
                         break None;
                     }
                 }
                 Some(Event::Done(r)) => break Some(r),
-                Some(Event::Error(e)) => {
-                    outcome.set("server_error");
-                    return ApiError::unavailable(e).into_response();
-                }
-                None => {
-                    outcome.set("server_error");
-                    return ApiError::unavailable("the engine dropped the request").into_response();
-                }
+                Some(Event::Error(e)) => return Err(ApiError::unavailable(e)),
+                None => return Err(ApiError::unavailable("the engine dropped the request")),
             }
         };
-        let tokens = text.ids().len();
+        let tokens = choice.text.ids().len();
         if !answer.stopped {
-            add(deltas.next(text.finish(), true), &mut answer);
+            add(choice.deltas.next(choice.text.finish(), true), &mut answer);
         }
         let calls = match answer.calls.as_deref().map(|b| self.calls(b)) {
             Some(Ok(calls)) => calls,
@@ -166,12 +179,10 @@ impl Run {
             None => Vec::new(),
         };
         let end = End { reason, stopped: answer.stopped, calls };
-        outcome.set("ok");
-        let (object, choice) = match self.kind {
-            Kind::Completion => (
-                "text_completion",
-                json!({"index": 0, "text": answer.content, "finish_reason": end.finish_reason(), "logprobs": null}),
-            ),
+        let logprobs = choice.take_logprobs();
+        let choice = match self.kind {
+            Kind::Completion => json!({"index": index, "text": answer.content,
+                                       "finish_reason": end.finish_reason(), "logprobs": logprobs}),
             Kind::Chat { thinking, .. } => {
                 let content = if answer.content.is_empty() && !end.calls.is_empty() {
                     Value::Null
@@ -188,154 +199,252 @@ impl Run {
                         .iter()
                         .enumerate()
                         .map(|(i, c)| {
-                            json!({"id": self.call_id(i), "type": "function",
+                            json!({"id": self.call_id(index, i), "type": "function",
                                    "function": {"name": c.name, "arguments": c.arguments()}})
                         })
                         .collect();
                     message["tool_calls"] = json!(calls);
                 }
-                ("chat.completion", json!({"index": 0, "message": message, "finish_reason": end.finish_reason()}))
+                json!({"index": index, "message": message, "finish_reason": end.finish_reason(), "logprobs": logprobs})
             }
         };
-        axum::Json(json!({
-            "id": self.id, "object": object, "created": self.created, "model": self.state.model_name,
-            "choices": [choice], "usage": self.usage(tokens),
-        }))
-        .into_response()
+        Ok((choice, tokens))
     }
 
-    /// A chunk: for chat, `delta` holds the delta's fields (role, reasoning,
-    /// content, tool calls); for completions, its `content` is the text.
-    fn chunk(&self, delta: Map<String, Value>, finish: Option<&str>) -> Value {
-        let (object, choice) = match self.kind {
+    /// A chunk for choice `index`: for chat, `delta` holds the delta's
+    /// fields (role, reasoning, content, tool calls); for completions, its
+    /// `content` is the text.
+    fn chunk(&self, index: usize, delta: Map<String, Value>, finish: Option<&str>, logprobs: Value) -> Value {
+        let choice = match self.kind {
             Kind::Completion => {
                 let text = delta.get("content").cloned().unwrap_or(json!(""));
-                ("text_completion", json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null}))
+                json!({"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs})
             }
-            Kind::Chat { .. } => {
-                ("chat.completion.chunk", json!({"index": 0, "delta": delta, "finish_reason": finish}))
-            }
+            Kind::Chat { .. } => json!({"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}),
         };
-        json!({"id": self.id, "object": object, "created": self.created, "model": self.state.model_name, "choices": [choice]})
+        let object = if self.kind == Kind::Completion { "text_completion" } else { "chat.completion.chunk" };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.state.model_name,
+               "choices": [choice]})
     }
 
-    /// The chunks of one text delta (none when it holds no text).
-    fn text_chunk(&self, delta: &Delta) -> Option<Value> {
-        let mut d = Map::new();
+    /// The chunks of one delta of choice `index`: its text, then its tool
+    /// calls (each call's id and name, then one chunk per fragment of its
+    /// arguments). The first carries the log-probabilities not yet sent.
+    fn delta_chunks(&self, choice: &mut Choice, delta: Delta, calls: &mut Vec<ToolCall>) -> Vec<Value> {
+        let mut delta = delta;
+        let mut found = Vec::new();
+        if let Some(block) = delta.calls.take() {
+            match self.calls(&block) {
+                Ok(c) => found = c,
+                Err(block) => delta.content.push_str(&block),
+            }
+        }
+        let index = choice.index;
+        let mut deltas = Vec::new();
+        let mut text = Map::new();
         if !delta.reasoning.is_empty() {
-            d.insert("reasoning_content".into(), json!(delta.reasoning));
+            text.insert("reasoning_content".into(), json!(delta.reasoning));
         }
         if !delta.content.is_empty() {
-            d.insert("content".into(), json!(delta.content));
+            text.insert("content".into(), json!(delta.content));
         }
-        (!d.is_empty()).then(|| self.chunk(d, None))
-    }
-
-    /// Each call as a chunk with its id and name, then one chunk per
-    /// fragment of its arguments.
-    fn call_chunks(&self, calls: &[ToolCall]) -> Vec<Value> {
-        let mut chunks = Vec::new();
+        if !text.is_empty() {
+            deltas.push(text);
+        }
         let tool_calls = |v: Value| Map::from_iter([("tool_calls".to_string(), json!([v]))]);
-        for (i, call) in calls.iter().enumerate() {
-            chunks.push(self.chunk(
-                tool_calls(json!({"index": i, "id": self.call_id(i), "type": "function",
-                                  "function": {"name": call.name, "arguments": ""}})),
-                None,
-            ));
+        for (i, call) in found.iter().enumerate() {
+            deltas.push(tool_calls(json!({"index": i, "id": self.call_id(index, i), "type": "function",
+                                          "function": {"name": call.name, "arguments": ""}})));
             for fragment in call.argument_fragments() {
-                chunks.push(self.chunk(tool_calls(json!({"index": i, "function": {"arguments": fragment}})), None));
+                deltas.push(tool_calls(json!({"index": i, "function": {"arguments": fragment}})));
             }
         }
-        chunks
+        calls.extend(found);
+        deltas
+            .into_iter()
+            .enumerate()
+            .map(|(k, d)| self.chunk(index, d, None, if k == 0 { choice.take_logprobs() } else { Value::Null }))
+            .collect()
     }
 
-    /// Streams the answer as SSE; stops (and so cancels the sequence) as soon
-    /// as the client goes away.
+    /// Streams every choice as SSE; stops (and so cancels the sequences) as
+    /// soon as the client goes away.
     pub(super) async fn stream(
         self,
-        mut rx: mpsc::UnboundedReceiver<Event>,
+        receivers: Vec<mpsc::UnboundedReceiver<Event>>,
         out: mpsc::Sender<Result<SseEvent, Infallible>>,
     ) {
         // Left unset (counted as cancelled) on every early return below: the
         // client went away.
         let mut outcome = Outcome::new(self.kind.endpoint());
-        let send = |v: Value| {
-            let out = out.clone();
-            async move { out.send(Ok(SseEvent::default().data(v.to_string()))).await.is_ok() }
-        };
-        if matches!(self.kind, Kind::Chat { .. })
-            && !send(self.chunk(Map::from_iter([("role".into(), json!("assistant"))]), None)).await
-        {
-            return;
-        }
-        let mut deltas = self.deltas();
-        let mut text = Detokenizer::new(&self.state.tokenizer);
-        let mut last = Instant::now();
-        let mut calls = Vec::new();
-        // Sends a delta's text, or its tool calls (a malformed block as text).
-        let mut pending = Vec::new();
-        let mut take = |delta: Delta, pending: &mut Vec<Value>| {
-            let mut delta = delta;
-            if let Some(block) = delta.calls.take() {
-                match self.calls(&block) {
-                    Ok(c) => calls = c,
-                    Err(block) => delta.content.push_str(&block),
+        let ended = futures::future::join_all(
+            receivers.into_iter().enumerate().map(|(i, rx)| self.stream_choice(i, rx, out.clone())),
+        )
+        .await;
+        let mut tokens = 0;
+        for end in ended {
+            match end {
+                Ok(n) => tokens += n,
+                Err(Some(error)) => {
+                    outcome.set("server_error");
+                    let _ = out.send(Ok(SseEvent::default().data(error.body().to_string()))).await;
+                    return;
                 }
-                pending.extend(self.text_chunk(&delta));
-                pending.extend(self.call_chunks(&calls));
-            } else {
-                pending.extend(self.text_chunk(&delta));
+                Err(None) => return,
+            }
+        }
+        if self.params.include_usage {
+            let mut usage = self.chunk(0, Map::new(), None, Value::Null);
+            usage["choices"] = json!([]);
+            usage["usage"] = self.usage(tokens);
+            let _ = out.send(Ok(SseEvent::default().data(usage.to_string()))).await;
+        }
+        if out.send(Ok(SseEvent::default().data("[DONE]"))).await.is_ok() {
+            outcome.set("ok");
+        }
+    }
+
+    /// Streams choice `index` to its finish chunk: its number of tokens, or
+    /// the engine's error (`None`: the client went away).
+    async fn stream_choice(
+        &self,
+        index: usize,
+        mut rx: mpsc::UnboundedReceiver<Event>,
+        out: mpsc::Sender<Result<SseEvent, Infallible>>,
+    ) -> Result<usize, Option<ApiError>> {
+        let send = |chunks: Vec<Value>| {
+            let out = out.clone();
+            async move {
+                for chunk in chunks {
+                    if out.send(Ok(SseEvent::default().data(chunk.to_string()))).await.is_err() {
+                        return Err(None);
+                    }
+                }
+                Ok(())
             }
         };
-        let (reason, stopped) = loop {
+        if matches!(self.kind, Kind::Chat { .. }) {
+            send(vec![self.chunk(index, Map::from_iter([("role".into(), json!("assistant"))]), None, Value::Null)])
+                .await?;
+        }
+        let mut choice = Choice::new(self, index);
+        let mut calls = Vec::new();
+        let (reason, mut stopped) = loop {
             match rx.recv().await {
-                Some(Event::Token(t)) => {
-                    observe_token(&self, text.ids().is_empty(), &mut last);
-                    let delta = deltas.next(text.push(t), false);
+                Some(Event::Token(t, logprobs)) => {
+                    let delta = choice.push(t, logprobs);
                     let stopped = delta.stopped;
-                    take(delta, &mut pending);
-                    for chunk in pending.drain(..) {
-                        if !send(chunk).await {
-                            return;
-                        }
-                    }
+                    let chunks = self.delta_chunks(&mut choice, delta, &mut calls);
+                    send(chunks).await?;
                     if stopped {
                         break (None, true);
                     }
                 }
                 Some(Event::Done(r)) => break (Some(r), false),
-                Some(Event::Error(e)) => {
-                    outcome.set("server_error");
-                    send(ApiError::unavailable(e).body()).await;
-                    return;
-                }
-                None => {
-                    outcome.set("server_error");
-                    send(ApiError::unavailable("the engine dropped the request").body()).await;
-                    return;
-                }
+                Some(Event::Error(e)) => return Err(Some(ApiError::unavailable(e))),
+                None => return Err(Some(ApiError::unavailable("the engine dropped the request"))),
             }
         };
-        let tokens = text.ids().len();
-        let mut stopped = stopped;
+        let tokens = choice.text.ids().len();
         if !stopped {
-            let tail = deltas.next(text.finish(), true);
+            let tail = choice.deltas.next(choice.text.finish(), true);
             stopped = tail.stopped;
-            take(tail, &mut pending);
-        }
-        for chunk in pending.drain(..) {
-            send(chunk).await;
+            let chunks = self.delta_chunks(&mut choice, tail, &mut calls);
+            send(chunks).await?;
         }
         let end = End { reason, stopped, calls };
-        send(self.chunk(Map::new(), Some(end.finish_reason()))).await;
-        if self.params.include_usage {
-            let mut usage = self.chunk(Map::new(), None);
-            usage["choices"] = json!([]);
-            usage["usage"] = self.usage(tokens);
-            send(usage).await;
+        let logprobs = choice.take_logprobs();
+        send(vec![self.chunk(index, Map::new(), Some(end.finish_reason()), logprobs)]).await?;
+        Ok(tokens)
+    }
+}
+
+/// One choice being answered: its text, its deltas, and the
+/// log-probabilities of its tokens not yet sent.
+struct Choice<'a> {
+    run: &'a Run,
+    index: usize,
+    text: Detokenizer<'a>,
+    deltas: Deltas,
+    logprobs: Vec<(u32, TokenLogprobs)>,
+    /// Where the next token's text starts in the completion (completions'
+    /// `text_offset`).
+    offset: usize,
+    last: Instant,
+}
+
+impl<'a> Choice<'a> {
+    fn new(run: &'a Run, index: usize) -> Self {
+        let (thinking, calls) = match run.kind {
+            Kind::Completion => (false, false),
+            Kind::Chat { thinking, tools } => (thinking, tools != ToolUse::Off),
+        };
+        Choice {
+            run,
+            index,
+            text: Detokenizer::new(&run.state.tokenizer),
+            deltas: Deltas::new(thinking, calls, run.params.stop.clone()),
+            logprobs: Vec::new(),
+            offset: 0,
+            last: Instant::now(),
         }
-        if out.send(Ok(SseEvent::default().data("[DONE]"))).await.is_ok() {
-            outcome.set("ok");
+    }
+
+    fn push(&mut self, token: u32, logprobs: Option<TokenLogprobs>) -> Delta {
+        if self.text.ids().is_empty() {
+            metrics::TIME_TO_FIRST_TOKEN.observe(self.run.started.elapsed().as_secs_f64());
+        } else {
+            metrics::INTER_TOKEN_LATENCY.observe(self.last.elapsed().as_secs_f64());
+        }
+        self.last = Instant::now();
+        if let Some(l) = logprobs {
+            self.logprobs.push((token, l));
+        }
+        self.deltas.next(self.text.push(token), false)
+    }
+
+    /// The log-probabilities gathered since the last call, in the
+    /// endpoint's shape; `null` when the request asked for none.
+    fn take_logprobs(&mut self) -> Value {
+        if self.run.params.logits.logprobs.is_none() {
+            return Value::Null;
+        }
+        let entries = std::mem::take(&mut self.logprobs);
+        let state = &self.run.state;
+        let as_ids = self.run.params.tokens_as_ids;
+        let piece =
+            |t: u32| if as_ids { (format!("token_id:{t}"), state.token_piece(t).1) } else { state.token_piece(t) };
+        match self.run.kind {
+            Kind::Chat { .. } => {
+                let entry = |t: u32, lp: f32| {
+                    let (text, bytes) = piece(t);
+                    json!({"token": text, "logprob": lp, "bytes": bytes})
+                };
+                let content: Vec<Value> = entries
+                    .iter()
+                    .map(|(t, l)| {
+                        let mut e = entry(*t, l.logprob);
+                        e["top_logprobs"] = l.top.iter().map(|&(t, lp)| entry(t, lp)).collect();
+                        e
+                    })
+                    .collect();
+                json!({"content": content})
+            }
+            Kind::Completion => {
+                let (mut tokens, mut token_logprobs, mut top, mut offsets) = (vec![], vec![], vec![], vec![]);
+                for (t, l) in &entries {
+                    let (text, bytes) = piece(*t);
+                    offsets.push(self.offset);
+                    self.offset += String::from_utf8_lossy(&bytes).len();
+                    tokens.push(text);
+                    token_logprobs.push(l.logprob);
+                    let alternatives: Map<String, Value> =
+                        l.top.iter().map(|&(t, lp)| (piece(t).0, json!(lp))).collect();
+                    top.push(alternatives);
+                }
+                json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
+                       "text_offset": offsets})
+            }
         }
     }
 }
@@ -362,13 +471,4 @@ impl Drop for Outcome {
     fn drop(&mut self) {
         metrics::REQUESTS.with_label_values(&[self.endpoint, self.outcome.unwrap_or("cancelled")]).inc();
     }
-}
-
-fn observe_token(run: &Run, first: bool, last: &mut Instant) {
-    if first {
-        metrics::TIME_TO_FIRST_TOKEN.observe(run.started.elapsed().as_secs_f64());
-    } else {
-        metrics::INTER_TOKEN_LATENCY.observe(last.elapsed().as_secs_f64());
-    }
-    *last = Instant::now();
 }

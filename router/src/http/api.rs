@@ -8,6 +8,7 @@ use myriad_model::Sampling;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use crate::logits::LogitsParams;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -48,6 +49,21 @@ pub struct Common {
     /// `text`, `json_object` or `json_schema`: enforced by constrained
     /// decoding ([`crate::structured`]).
     pub response_format: Option<serde_json::Value>,
+    /// Chat: `true`/`false`; completions: how many alternatives (0–20).
+    pub logprobs: Option<serde_json::Value>,
+    /// Chat: alternatives per token (0–20), with `logprobs: true`.
+    pub top_logprobs: Option<u32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// vLLM's: above 1 discourages tokens of the prompt and the output.
+    pub repetition_penalty: Option<f32>,
+    /// Token id (as a string, OpenAI's shape) to a bias in [-100, 100].
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    pub min_tokens: Option<u32>,
+    /// More token ids that end the answer (with the model's EOS).
+    pub stop_token_ids: Option<Vec<u32>>,
+    /// vLLM's: log-probability tokens as `token_id:ID` instead of text.
+    pub return_tokens_as_token_ids: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,11 +165,22 @@ pub struct ChatRequest {
     pub common: Common,
 }
 
+/// Most choices one request may ask for (`n`).
+pub const MAX_CHOICES: u32 = 16;
+/// Most alternatives per token (`top_logprobs`).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
 /// What the generation needs, checked.
 #[derive(Debug, Clone)]
 pub struct Params {
     pub max_tokens: Option<usize>,
     pub sampling: Sampling,
+    /// Choices; choice `i` samples with seed `sampling.seed + i`, so it is
+    /// the same answer a request with that seed and `n = 1` gets.
+    pub n: usize,
+    pub logits: LogitsParams,
+    pub stop_token_ids: Vec<u32>,
+    pub tokens_as_ids: bool,
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
@@ -188,9 +215,6 @@ const UNSUPPORTED: &[(&str, Neutral)] = {
     fn empty(v: &Value) -> bool {
         v.as_array().is_some_and(Vec::is_empty) || v.as_object().is_some_and(|o| o.is_empty())
     }
-    fn zero(v: &Value) -> bool {
-        v.as_f64() == Some(0.0)
-    }
     fn one(v: &Value) -> bool {
         v.as_f64() == Some(1.0)
     }
@@ -209,14 +233,6 @@ const UNSUPPORTED: &[(&str, Neutral)] = {
     &[
         ("functions", empty),
         ("function_call", none_or_auto),
-        ("logprobs", no),
-        ("top_logprobs", zero),
-        ("presence_penalty", zero),
-        ("frequency_penalty", zero),
-        ("repetition_penalty", one),
-        ("logit_bias", empty),
-        ("min_tokens", zero),
-        ("stop_token_ids", empty),
         ("echo", no),
         ("best_of", one),
         ("suffix", never),
@@ -249,10 +265,15 @@ pub fn refuse_unsupported(request: &serde_json::Value) -> Result<(), ApiError> {
 }
 
 impl Common {
-    pub fn params(&self) -> Result<Params, ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::bad_request("only n=1 is supported", Some("n")));
+    /// The checked parameters; `chat` for the chat endpoint, whose
+    /// `logprobs` is a switch (with `top_logprobs`) where completions' is a
+    /// count.
+    pub fn params(&self, chat: bool) -> Result<Params, ApiError> {
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_CHOICES).contains(&n) {
+            return Err(ApiError::bad_request(format!("n must be between 1 and {MAX_CHOICES}"), Some("n")));
         }
+        let logits = self.logits(chat)?;
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
             return Err(ApiError::bad_request(
@@ -287,10 +308,62 @@ impl Common {
                 top_k: self.top_k.map(|k| k as usize),
                 seed: self.seed.unwrap_or_else(rand_seed),
             },
+            n: n as usize,
+            logits,
+            stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+            tokens_as_ids: self.return_tokens_as_token_ids.unwrap_or(false),
             stop,
             stream: self.stream.unwrap_or(false),
             include_usage: self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+        })
+    }
+}
+
+impl Common {
+    fn logits(&self, chat: bool) -> Result<LogitsParams, ApiError> {
+        fn bad<T>(field: &'static str, what: String) -> Result<T, ApiError> {
+            Err(ApiError::bad_request(what, Some(field)))
+        }
+        let top = self.top_logprobs.unwrap_or(0);
+        let logprobs = match (&self.logprobs, chat) {
+            (None | Some(serde_json::Value::Null), _) if self.top_logprobs.is_some_and(|t| t > 0) => {
+                return bad("top_logprobs", "top_logprobs needs logprobs: true".into());
+            }
+            (None | Some(serde_json::Value::Null), _) => None,
+            (Some(serde_json::Value::Bool(on)), true) => on.then_some(top as usize),
+            (Some(v), false) if v.as_u64().is_some() => Some(v.as_u64().unwrap_or(0) as usize),
+            (Some(_), true) => return bad("logprobs", "logprobs must be true or false".into()),
+            (Some(_), false) => return bad("logprobs", "logprobs must be a number of alternatives (0 to 20)".into()),
+        };
+        if top > MAX_TOP_LOGPROBS || logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS as usize) {
+            return bad("top_logprobs", format!("at most {MAX_TOP_LOGPROBS} alternatives per token"));
+        }
+        let penalty = |v: Option<f32>, field: &'static str| match v.unwrap_or(0.0) {
+            p if (-2.0..=2.0).contains(&p) => Ok(p),
+            p => bad(field, format!("{field} {p} is not in [-2, 2]")),
+        };
+        let repetition_penalty = self.repetition_penalty.unwrap_or(1.0);
+        if !(repetition_penalty > 0.0 && repetition_penalty.is_finite()) {
+            return bad("repetition_penalty", format!("repetition_penalty {repetition_penalty} must be above 0"));
+        }
+        let mut bias = Vec::new();
+        for (token, &b) in self.logit_bias.iter().flatten() {
+            let Ok(id) = token.parse::<u32>() else {
+                return bad("logit_bias", format!("logit_bias key `{token}` is not a token id"));
+            };
+            if !(-100.0..=100.0).contains(&b) {
+                return bad("logit_bias", format!("logit_bias {b} for token {id} is not in [-100, 100]"));
+            }
+            bias.push((id, b));
+        }
+        Ok(LogitsParams {
+            bias,
+            presence_penalty: penalty(self.presence_penalty, "presence_penalty")?,
+            frequency_penalty: penalty(self.frequency_penalty, "frequency_penalty")?,
+            repetition_penalty,
+            min_tokens: self.min_tokens.unwrap_or(0) as usize,
+            logprobs,
         })
     }
 }
@@ -317,14 +390,12 @@ mod tests {
     fn known_unsupported_fields_are_refused_by_name() {
         for (body, field) in [
             (json!({"function_call": "auto2"}), "function_call"),
-            (json!({"logprobs": true}), "logprobs"),
-            (json!({"top_logprobs": 3}), "top_logprobs"),
-            (json!({"presence_penalty": 0.5}), "presence_penalty"),
-            (json!({"repetition_penalty": 1.1}), "repetition_penalty"),
-            (json!({"logit_bias": {"5": -100}}), "logit_bias"),
+            (json!({"functions": [{"name": "f"}]}), "functions"),
             (json!({"audio": {"voice": "x"}}), "audio"),
             (json!({"modalities": ["text", "audio"]}), "modalities"),
             (json!({"echo": true}), "echo"),
+            (json!({"best_of": 3}), "best_of"),
+            (json!({"guided_json": {}}), "guided_json"),
         ] {
             let (message, param) = refused(body.clone()).unwrap_or_else(|| panic!("{body} was accepted"));
             assert!(message.contains(&format!("`{field}`")), "{message}");
@@ -335,12 +406,44 @@ mod tests {
     #[test]
     fn neutral_values_and_unknown_fields_pass() {
         let body = json!({
-            "model": "m", "tools": [], "tool_choice": "none", "parallel_tool_calls": true,
-            "response_format": {"type": "text"}, "logprobs": false, "top_logprobs": 0,
-            "presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": {},
-            "min_tokens": 0, "stop_token_ids": [], "modalities": ["text"], "audio": null,
-            "user": "someone", "my_own_extension": 7
+            "model": "m", "functions": [], "function_call": "none", "echo": false, "best_of": 1,
+            "modalities": ["text"], "audio": null, "user": "someone", "my_own_extension": 7
         });
         assert_eq!(refused(body), None);
+    }
+
+    fn common(fields: serde_json::Value) -> Common {
+        let mut body = json!({"model": "m"});
+        body.as_object_mut().unwrap().extend(fields.as_object().unwrap().clone());
+        serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    fn sampling_fields_are_checked() {
+        let p = common(json!({"n": 3, "logprobs": true, "top_logprobs": 5, "presence_penalty": 0.5,
+                              "repetition_penalty": 1.2, "logit_bias": {"7": -100}, "min_tokens": 4,
+                              "stop_token_ids": [9]}))
+        .params(true)
+        .unwrap();
+        assert_eq!(
+            (p.n, p.logits.logprobs, p.logits.bias.clone(), p.stop_token_ids.clone()),
+            (3, Some(5), vec![(7, -100.0)], vec![9])
+        );
+        assert_eq!(common(json!({"logprobs": 2})).params(false).unwrap().logits.logprobs, Some(2));
+        for (fields, chat, param) in [
+            (json!({"n": 17}), true, "n"),
+            (json!({"n": 0}), true, "n"),
+            (json!({"logprobs": 3}), true, "logprobs"),
+            (json!({"logprobs": true}), false, "logprobs"),
+            (json!({"top_logprobs": 2}), true, "top_logprobs"),
+            (json!({"logprobs": true, "top_logprobs": 21}), true, "top_logprobs"),
+            (json!({"presence_penalty": 3}), true, "presence_penalty"),
+            (json!({"repetition_penalty": 0}), true, "repetition_penalty"),
+            (json!({"logit_bias": {"x": 1}}), true, "logit_bias"),
+            (json!({"logit_bias": {"1": 101}}), true, "logit_bias"),
+        ] {
+            let e = common(fields.clone()).params(chat).unwrap_err();
+            assert_eq!(e.param, Some(param), "{fields}: {}", e.message);
+        }
     }
 }

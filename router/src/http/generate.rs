@@ -29,7 +29,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
         authorized(&state, &headers)?;
         let request: CompletionRequest = parse(&json_body(&headers, body)?)?;
         check_model(&state, &request.common.model)?;
-        let params = request.common.params()?;
+        let params = request.common.params(false)?;
         let prompt = match request.prompt {
             PromptInput::Text(t) => encode(&state, &t)?,
             PromptInput::Texts(mut v) if v.len() == 1 => encode(&state, &v.remove(0))?,
@@ -37,8 +37,8 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
             PromptInput::Tokens(ids) => ids,
         };
         let format = request.common.response_format.as_ref();
-        let constraint = constrain(&state, format, None, false)?;
-        Ok(Prepared { prompt, params, constraint })
+        let constraints = (0..params.n).map(|_| constrain(&state, format, None, false)).collect::<Result<_, _>>()?;
+        Ok(Prepared { prompt, params, constraints })
     })();
     respond(state, prepared, Kind::Completion).await
 }
@@ -48,7 +48,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
         authorized(&state, &headers)?;
         let request: ChatRequest = parse(&json_body(&headers, body)?)?;
         check_model(&state, &request.common.model)?;
-        let params = request.common.params()?;
+        let params = request.common.params(true)?;
         let (prompt, reasoning) = chat_prompt(&state, &request.input)?;
         let (tools, forced_tools) = request.input.tool_use()?;
         let thinking = reasoning.thinking();
@@ -56,8 +56,10 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             ToolUse::Forced { parallel } => Some((&forced_tools[..], parallel)),
             _ => None,
         };
-        let constraint = constrain(&state, request.common.response_format.as_ref(), forced, thinking)?;
-        Ok((Prepared { prompt, params, constraint }, Kind::Chat { thinking, tools }))
+        let format = request.common.response_format.as_ref();
+        let constraints =
+            (0..params.n).map(|_| constrain(&state, format, forced, thinking)).collect::<Result<_, _>>()?;
+        Ok((Prepared { prompt, params, constraints }, Kind::Chat { thinking, tools }))
     })();
     match prepared {
         Ok((prepared, kind)) => respond(state, Ok(prepared), kind).await,
@@ -69,7 +71,8 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
 struct Prepared {
     prompt: Vec<u32>,
     params: Params,
-    constraint: Option<Box<dyn Constraint>>,
+    /// One per choice.
+    constraints: Vec<Option<Box<dyn Constraint>>>,
 }
 
 /// The grammar a request's output must follow, if any: its
@@ -177,8 +180,8 @@ fn template_prompt(state: &AppState, text: String, messages: &[Message]) -> Resu
 async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kind: Kind) -> Response {
     let endpoint = kind.endpoint();
     let outcome = |o: &str| metrics::REQUESTS.with_label_values(&[endpoint, o]).inc();
-    let admitted = prepared.and_then(|p| Ok((admit(&state, p.prompt, p.params)?, p.constraint)));
-    let ((prompt, params), constraint) = match admitted {
+    let admitted = prepared.and_then(|p| Ok((admit(&state, p.prompt, p.params)?, p.constraints)));
+    let ((prompt, params), constraints) = match admitted {
         Ok(p) => p,
         Err(e) => {
             outcome(if e.status.is_server_error() { "server_error" } else { "client_error" });
@@ -194,31 +197,42 @@ async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kin
         None => None,
     };
     run.cached_tokens = restored.as_ref().map_or(0, |s| s.position);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let request = Request {
-        prompt: prompt.clone(),
-        max_tokens,
-        sampling: run.params.sampling.clone(),
-        stop_tokens: if run.params.ignore_eos { Vec::new() } else { run.state().eos_token_ids.clone() },
-        events: tx,
-        span: span.clone(),
-        restored,
-        constraint,
-    };
-    if let Err(e) = run.state().engine.submit(request) {
-        outcome("server_error");
-        return match e {
-            SubmitError::QueueFull => ApiError::overloaded(),
-            SubmitError::Stopped => ApiError::unavailable("the engine has stopped"),
+    let mut stop_tokens = if run.params.ignore_eos { Vec::new() } else { run.state().eos_token_ids.clone() };
+    stop_tokens.extend(&run.params.stop_token_ids);
+    let mut receivers = Vec::with_capacity(constraints.len());
+    for (i, constraint) in constraints.into_iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut sampling = run.params.sampling.clone();
+        sampling.seed = sampling.seed.wrapping_add(i as u64);
+        let request = Request {
+            prompt: prompt.clone(),
+            max_tokens,
+            sampling,
+            stop_tokens: stop_tokens.clone(),
+            events: tx,
+            span: span.clone(),
+            restored: restored.clone(),
+            constraint,
+            logits: run.params.logits.clone(),
+        };
+        // Choices already queued stop when their receivers drop with this
+        // early return.
+        if let Err(e) = run.state().engine.submit(request) {
+            outcome("server_error");
+            return match e {
+                SubmitError::QueueFull => ApiError::overloaded(),
+                SubmitError::Stopped => ApiError::unavailable("the engine has stopped"),
+            }
+            .into_response();
         }
-        .into_response();
+        receivers.push(rx);
     }
     if run.params.stream {
         let (events_tx, events_rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
-        tokio::spawn(run.stream(rx, events_tx).instrument(span));
+        tokio::spawn(run.stream(receivers, events_tx).instrument(span));
         Sse::new(ReceiverStream::new(events_rx)).into_response()
     } else {
-        run.whole(rx).instrument(span).await
+        run.whole(receivers).instrument(span).await
     }
 }
 
@@ -229,6 +243,19 @@ fn admit(state: &AppState, prompt: Vec<u32>, mut params: Params) -> Result<(Vec<
     }
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= state.vocab_size) {
         return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary"), Some("prompt")));
+    }
+    let outside = |ids: Vec<u32>| ids.into_iter().find(|&t| t as usize >= state.vocab_size);
+    if let Some(bad) = outside(params.logits.bias.iter().map(|b| b.0).collect()) {
+        return Err(ApiError::bad_request(
+            format!("logit_bias token {bad} is outside the vocabulary"),
+            Some("logit_bias"),
+        ));
+    }
+    if let Some(bad) = outside(params.stop_token_ids.clone()) {
+        return Err(ApiError::bad_request(
+            format!("stop token {bad} is outside the vocabulary"),
+            Some("stop_token_ids"),
+        ));
     }
     if prompt.len() > state.max_prompt {
         return Err(ApiError::context_length(format!(

@@ -40,6 +40,8 @@ pub struct AppState {
     /// the tokenizer cannot spell its tokens as bytes (such requests get a
     /// 400).
     pub grammars: Option<crate::structured::Grammars>,
+    /// Each token's bytes (as the model writes it), for log-probabilities.
+    pub token_bytes: Vec<Vec<u8>>,
     /// How chat requests become prompts.
     pub chat: ChatEncoder,
     /// The name clients use as `model`.
@@ -61,6 +63,14 @@ pub struct AppState {
     pub kvcache: Option<crate::kvcache::StateCache>,
     /// Whether the data plane can serve (placement loaded, workers reachable).
     pub ready: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl AppState {
+    /// A token's text (lossy where it holds part of a character) and bytes.
+    pub fn token_piece(&self, id: u32) -> (String, Vec<u8>) {
+        let bytes = self.token_bytes.get(id as usize).cloned().unwrap_or_default();
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    }
 }
 
 /// Largest request body accepted.

@@ -1,0 +1,125 @@
+"""The sampling and output fields vLLM users send: logprobs, n, penalties,
+logit_bias, min_tokens, stop_token_ids; against `myriad up` on the tiny
+model, through the official client."""
+
+import json
+import math
+
+from test_openai_api import MODEL, raw_post
+
+PROMPT = [5, 17, 42, 300, 7, 99, 8, 250]
+ASK = [{"role": "user", "content": "Tell me a story."}]
+
+
+def ids_of(choice):
+    """The sampled token ids, through `return_tokens_as_token_ids`."""
+    return [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]
+
+
+def greedy(client, **extra):
+    body = dict(ignore_eos=True, return_tokens_as_token_ids=True, **extra)
+    choice = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=0,
+                                       extra_body=body).choices[0]
+    return ids_of(choice), choice
+
+
+def test_chat_logprobs_describe_the_returned_tokens(client):
+    answer = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=16, temperature=0,
+                                            logprobs=True, top_logprobs=3)
+    choice = answer.choices[0]
+    entries = choice.logprobs.content
+    assert len(entries) == answer.usage.completion_tokens
+    # The tokens' bytes are the answer's text.
+    assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace") == choice.message.content
+    for e in entries:
+        top = [t.logprob for t in e.top_logprobs]
+        assert len(top) == 3 and top == sorted(top, reverse=True)
+        # Greedy: the chosen token is the most likely one.
+        assert math.isclose(e.logprob, top[0], abs_tol=1e-6)
+        assert sum(math.exp(t) for t in top) <= 1 + 1e-5 and e.logprob <= 0
+    # Streamed, the same entries arrive spread over the chunks.
+    stream = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=16, temperature=0,
+                                            logprobs=True, top_logprobs=3, stream=True)
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+
+
+def test_completion_logprobs(client):
+    choice = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0.8, seed=4,
+                                       logprobs=2, extra_body={"ignore_eos": True}).choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 10
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert chosen <= 0 and 1 <= len(top) <= 2 and chosen <= max(top.values()) + 1e-6
+
+
+def test_n_choices_are_seeded_and_reproducible(client):
+    kwargs = dict(model=MODEL, messages=ASK, max_tokens=12, temperature=1.0, seed=5, n=3)
+    first = client.chat.completions.create(**kwargs)
+    again = client.chat.completions.create(**kwargs)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in again.choices]
+    assert len(set(texts)) > 1, texts
+    # Choice i is the answer a request with seed 5 + i gets alone.
+    for i in range(3):
+        alone = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=1.0, seed=5 + i)
+        assert alone.choices[0].message.content == texts[i]
+    assert first.usage.completion_tokens == sum(
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=1.0, seed=5 + i)
+        .usage.completion_tokens for i in range(3))
+    # Streamed, each choice reassembles to the same text.
+    parts = {}
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            parts[c.index] = parts.get(c.index, "") + (c.delta.content or "")
+    assert [parts[i] for i in range(3)] == texts
+
+
+def test_logit_bias_penalties_and_stop_tokens(client):
+    plain, _ = greedy(client)
+    # A strong bias picks the token every time; a ban removes it.
+    favourite = 77
+    biased, _ = greedy(client, logit_bias={str(favourite): 100})
+    assert biased == [favourite] * 12
+    banned, _ = greedy(client, logit_bias={str(plain[0]): -100})
+    assert banned[0] != plain[0]
+    # A strong repetition penalty: no token of the prompt or the output twice.
+    fresh, _ = greedy(client, repetition_penalty=50.0)
+    assert len(set(fresh)) == len(fresh) and not set(fresh) & set(PROMPT), fresh
+    # A token favoured enough to fill the answer: frequency and presence
+    # penalties make it step aside once it has been used.
+    favoured = {str(favourite): 5}
+    assert greedy(client, logit_bias=favoured)[0] == [favourite] * 12
+    for penalty in ["frequency_penalty", "presence_penalty"]:
+        penalised, _ = greedy(client, logit_bias=favoured, **{penalty: 2.0})
+        assert penalised[0] == favourite and penalised.count(favourite) < 6, (penalty, penalised)
+    # stop_token_ids end the answer at that token (not shown); min_tokens
+    # holds stop tokens back until that many tokens were generated.
+    stop_at = plain[5]
+    first = plain.index(stop_at)
+    body = {"stop_token_ids": [stop_at], "return_tokens_as_token_ids": True}
+    stopped = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=0,
+                                        extra_body=body).choices[0]
+    assert ids_of(stopped) == plain[:first] and stopped.finish_reason == "stop"
+    held = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=0,
+                                     extra_body={**body, "min_tokens": first + 2}).choices[0]
+    assert len(ids_of(held)) >= first + 2 and stop_at not in ids_of(held)[:first + 2]
+
+
+def test_batch_invariance_holds_with_every_field(server, client):
+    """A request with penalties, bias and logprobs, alone and beside others:
+    the same tokens and the same log-probabilities."""
+    import concurrent.futures
+    body = dict(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0.9, seed=11, logprobs=3,
+                presence_penalty=0.7, frequency_penalty=0.3, extra_body={"repetition_penalty": 1.3,
+                "logit_bias": {"9": 3}, "ignore_eos": True})
+    alone = client.completions.create(**body).choices[0]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        crowd = list(pool.map(lambda _: client.completions.create(**body).choices[0], range(6)))
+    for c in crowd:
+        assert c.text == alone.text and c.logprobs.token_logprobs == alone.logprobs.token_logprobs
+    status, err = raw_post(server, "/v1/completions", json.dumps(
+        {"model": MODEL, "prompt": "x", "stop_token_ids": [10**6]}).encode())
+    assert status == 400 and "stop_token_ids" in json.dumps(err)
