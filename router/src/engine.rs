@@ -272,14 +272,18 @@ fn step(
             chunks.push(Chunk { tokens, state: &mut a.state, want: Logits::Last });
         }
     }
-    // Masks are computed beside the forward, not after it.
-    let (result, masks) = std::thread::scope(|scope| {
-        let masks = (!constrained.is_empty())
-            .then(|| scope.spawn(move || constrained.into_iter().map(|(i, c)| (i, c.allowed())).collect::<Vec<_>>()));
-        let result = span.in_scope(|| model.forward_batch(&mut chunks, experts));
-        let masks = masks.map(|m| m.join().unwrap_or_else(|_| Vec::new())).unwrap_or_default();
-        (result, masks)
-    });
+    // Masks are computed beside the forward, not after it: as tasks of the
+    // same pool, so they fill the forward's idle time (waiting on experts,
+    // its serial parts) instead of competing with its threads.
+    let mut forward = || span.in_scope(|| model.forward_batch(&mut chunks, experts));
+    let (result, masks) = if constrained.is_empty() {
+        (forward(), Vec::new())
+    } else {
+        rayon::join(forward, move || {
+            use rayon::prelude::*;
+            constrained.into_par_iter().map(|(i, c)| (i, c.allowed())).collect::<Vec<_>>()
+        })
+    };
     let mut masks = masks.into_iter().peekable();
     let logits = match result {
         Ok(l) => l,

@@ -123,3 +123,36 @@ def test_batch_invariance_holds_with_every_field(server, client):
     status, err = raw_post(server, "/v1/completions", json.dumps(
         {"model": MODEL, "prompt": "x", "stop_token_ids": [10**6]}).encode())
     assert status == 400 and "stop_token_ids" in json.dumps(err)
+
+
+def test_cached_tokens_over_a_three_turn_thinking_conversation(client):
+    """V4 drops earlier reasoning (no tools), so a thinking conversation's
+    prompt is not append-only: each turn reuses the state the KV-cache
+    stored for the previous prompt up to its generation prompt, and no
+    more (the earlier answer's state began with `<think>`, which the new
+    prompt replaces by `</think>`)."""
+    def converse(effort):
+        messages, usage = [], []
+        for turn in ["Hello.", "Tell me more.", "Thanks!"]:
+            messages.append({"role": "user", "content": turn})
+            answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                                    reasoning_effort=effort)
+            msg = answer.choices[0].message
+            usage.append((answer.usage.prompt_tokens, answer.usage.prompt_tokens_details.cached_tokens))
+            messages.append({"role": "assistant", "content": msg.content,
+                             "reasoning_content": getattr(msg, "reasoning_content", None)})
+        return usage
+
+    thinking = converse("high")
+    print("thinking (prompt, cached):", thinking)
+    # Turn n's prompt shares with turn n-1's everything before that turn's
+    # closing `<think>`: the state the cache stored after prefilling it.
+    assert thinking[0][1] == 0
+    assert thinking[1][1] == thinking[0][0] - 1 and thinking[2][1] == thinking[1][0] - 1
+    chat = converse("none")
+    print("chat (prompt, cached):", chat)
+    # Append-only: the earlier prompt is reused, and the earlier answer too
+    # where its text tokenizes back to the ids the model sampled (the random
+    # model often samples a character's token where the tokenizer spells the
+    # character in bytes, so here it mostly does not).
+    assert chat[1][1] >= chat[0][0] - 1 and chat[2][1] >= chat[1][0] - 1
