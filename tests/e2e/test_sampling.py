@@ -115,11 +115,20 @@ def test_batch_invariance_holds_with_every_field(server, client):
     body = dict(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0.9, seed=11, logprobs=3,
                 presence_penalty=0.7, frequency_penalty=0.3, extra_body={"repetition_penalty": 1.3,
                 "logit_bias": {"9": 3}, "ignore_eos": True})
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string", "maxLength": 5}},
+              "required": ["a", "b"], "additionalProperties": False}
+    constrained = dict(model=MODEL, messages=ASK, max_tokens=60, temperature=1.0, seed=3, n=2,
+                       response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
     alone = client.completions.create(**body).choices[0]
+    structured = [c.message.content for c in client.chat.completions.create(**constrained).choices]
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        crowd = list(pool.map(lambda _: client.completions.create(**body).choices[0], range(6)))
+        crowd = [pool.submit(client.completions.create, **body) for _ in range(4)]
+        shaped = [pool.submit(client.chat.completions.create, **constrained) for _ in range(2)]
     for c in crowd:
+        c = c.result().choices[0]
         assert c.text == alone.text and c.logprobs.token_logprobs == alone.logprobs.token_logprobs
+    for s in shaped:
+        assert [c.message.content for c in s.result().choices] == structured
     status, err = raw_post(server, "/v1/completions", json.dumps(
         {"model": MODEL, "prompt": "x", "stop_token_ids": [10**6]}).encode())
     assert status == 400 and "stop_token_ids" in json.dumps(err)

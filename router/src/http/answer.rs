@@ -392,7 +392,10 @@ impl<'a> Choice<'a> {
 
     fn push(&mut self, token: u32, logprobs: Option<TokenLogprobs>) -> Delta {
         if self.text.ids().is_empty() {
-            metrics::TIME_TO_FIRST_TOKEN.observe(self.run.started.elapsed().as_secs_f64());
+            // One first token per request: the first choice's.
+            if self.index == 0 {
+                metrics::TIME_TO_FIRST_TOKEN.observe(self.run.started.elapsed().as_secs_f64());
+            }
         } else {
             metrics::INTER_TOKEN_LATENCY.observe(self.last.elapsed().as_secs_f64());
         }
