@@ -48,18 +48,25 @@ impl Grammars {
     pub fn new(tokenizer: Arc<TextTokenizer>, vocab_size: usize, eos: &[u32]) -> Result<Self, String> {
         let mut words: Vec<Vec<u8>> = Vec::with_capacity(vocab_size);
         let mut think_end = None;
+        // Control tokens are marked so no grammar text can match them; ids
+        // without a spelling (gaps, the model's ids past the tokenizer's)
+        // get a unique marked name, never sampled under a grammar.
+        let unnamed = |id: usize| [&[TokTrie::SPECIAL_TOKEN_MARKER][..], format!("<[{id}]>").as_bytes()].concat();
         for (id, (bytes, special)) in tokenizer.token_bytes().map_err(|e| e.to_string())?.into_iter().enumerate() {
             if bytes == THINK_END.as_bytes() {
                 think_end = Some(id as TokenId);
             }
-            // Control tokens are marked so no grammar text can match them.
-            words.push(if special { [&[TokTrie::SPECIAL_TOKEN_MARKER], &bytes[..]].concat() } else { bytes });
+            words.push(match (special, bytes.is_empty()) {
+                (_, true) => unnamed(id),
+                (true, false) => [&[TokTrie::SPECIAL_TOKEN_MARKER][..], &bytes].concat(),
+                (false, false) => bytes,
+            });
         }
         if words.len() > vocab_size {
             return Err(format!("the tokenizer has {} tokens, the model {vocab_size}", words.len()));
         }
         while words.len() < vocab_size {
-            words.push(vec![TokTrie::SPECIAL_TOKEN_MARKER, b'#']);
+            words.push(unnamed(words.len()));
         }
         let &first_eos = eos.first().ok_or("the model has no end-of-sequence token")?;
         let info = TokRxInfo::new(vocab_size as u32, first_eos);
@@ -334,6 +341,16 @@ mod tests {
         }
         c.consume(tokenizer.encode(THINK_END).unwrap()[0]).unwrap();
         assert!(!allows(&mut c, free[0]) && allows(&mut c, tokenizer.encode("{").unwrap()[0]));
+    }
+
+    #[test]
+    fn ids_past_the_tokenizer_are_never_allowed() {
+        let (tokenizer, _) = tiny();
+        let grammars = Grammars::new(tokenizer, 600, &[1]).unwrap();
+        let grammar = response_format(&json!({"type": "json_object"})).unwrap().unwrap();
+        let mask = grammars.constraint(grammar, false).unwrap().allowed().unwrap().unwrap();
+        assert!((0..512).any(|t| mask[t / 32] >> (t % 32) & 1 == 1));
+        assert!((512..600).all(|t| mask.get(t / 32).is_none_or(|w| w >> (t % 32) & 1 == 0)));
     }
 
     #[test]
