@@ -2,8 +2,10 @@
 //! (local experts, no HTTP), 8 requests at once of 128 prompt tokens and 64
 //! new tokens each, with no grammar and with JSON-schema grammars that
 //! cannot finish within 64 tokens, in interleaved rounds; prints decode
-//! throughput and each grammar's ratio to no grammar measured in the same
-//! rounds.
+//! throughput and the CPU time the process spent per token (all threads,
+//! from /proc; unlike wall time it does not count time a shared machine
+//! gave to others), each as a ratio to no grammar in the same rounds; and
+//! what each grammar's masks cost on their own, serially, per token.
 //!
 //! `cargo run --release -p myriad-router --example constrained [ROUNDS]`
 
@@ -47,9 +49,11 @@ fn main() {
         ),
     ];
     let mut rates = vec![Vec::new(); schemas.len()];
+    let mut cpu = vec![Vec::new(); schemas.len()];
     for round in 0..=rounds {
         for (k, (_, schema)) in schemas.iter().enumerate() {
             let started = Instant::now();
+            let cpu_before = cpu_ns();
             let receivers: Vec<_> = (0..CONCURRENCY)
                 .map(|i| {
                     let constraint = schema.as_ref().map(|s| {
@@ -89,6 +93,7 @@ fn main() {
             // Round 0 warms up.
             if round > 0 {
                 rates[k].push(tokens as f64 / started.elapsed().as_secs_f64());
+                cpu[k].push((cpu_ns() - cpu_before) as f64 / 1e3 / tokens as f64);
             }
         }
     }
@@ -97,9 +102,51 @@ fn main() {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let base = median(&rates[0]);
-    println!("{CONCURRENCY} requests at once, {PROMPT} prompt + {NEW} new tokens each, {rounds} rounds (medians):");
-    for ((name, _), r) in schemas.iter().zip(&rates) {
-        println!("  {name:<18} {:>8.1} tokens/s   {:.3}× no grammar", median(r), median(r) / base);
+    // The grammar work alone, on one thread: a mask and a token per step,
+    // the token drawn among the allowed ones.
+    let mut alone = vec![0.0; schemas.len()];
+    for (k, (_, schema)) in schemas.iter().enumerate().skip(1) {
+        let format = json!({"type": "json_schema", "json_schema": {"name": "b", "schema": schema}});
+        let mut c = grammars.constraint(response_format(&format).unwrap().unwrap(), false).unwrap();
+        let mut state = 0x2545_F491u32;
+        let started = Instant::now();
+        for _ in 0..CONCURRENCY * NEW {
+            let mask = c.allowed().unwrap().unwrap();
+            let allowed: Vec<u32> =
+                (0..mask.len() as u32 * 32).filter(|&t| mask[t as usize / 32] >> (t % 32) & 1 == 1).collect();
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            c.consume(allowed[state as usize % allowed.len()]).unwrap();
+        }
+        alone[k] = started.elapsed().as_secs_f64() * 1e6 / (CONCURRENCY * NEW) as f64;
     }
+    let (base, base_cpu) = (median(&rates[0]), median(&cpu[0]));
+    println!("{CONCURRENCY} requests at once, {PROMPT} prompt + {NEW} new tokens each, {rounds} rounds (medians):");
+    for (((name, _), r), c) in schemas.iter().zip(&rates).zip(&cpu) {
+        println!(
+            "  {name:<18} {:>8.1} tokens/s ({:.3}×)   {:>6.1} µs CPU per token ({:.3}×)",
+            median(r),
+            median(r) / base,
+            median(c),
+            median(c) / base_cpu
+        );
+    }
+    for ((name, _), a) in schemas.iter().zip(&alone).skip(1) {
+        println!(
+            "  {name}: mask and token alone {a:.1} µs per token, {:.3} of no grammar's CPU per token",
+            a / base_cpu
+        );
+    }
+}
+
+/// CPU time of every thread of this process so far, in nanoseconds (the
+/// first field of each thread's /proc schedstat).
+fn cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
