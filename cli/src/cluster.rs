@@ -1,14 +1,16 @@
 //! A whole cluster in this process, for `myriad up` and `myriad generate
-//! --workers N`: an in-memory store, a coordinator, N expert workers on
-//! loopback gRPC ports, and routers that join it. Everything but the store
-//! talks exactly as separate processes do.
+//! --workers N`: an in-memory store, a coordinator (with its admin API for
+//! `myriad ctl`, when asked), N expert workers on loopback gRPC ports, and
+//! routers that join it. Everything but the store talks exactly as
+//! separate processes do.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use myriad_coordinator::CoordinatorConfig;
+use myriad_coordinator::admin::{self, AdminService};
+use myriad_coordinator::{CoordinatorConfig, Shared};
 use myriad_model::ModelConfig;
 use myriad_router::RemoteExperts;
 use myriad_store::schema::{Keys, NodeRecord, Role};
@@ -21,6 +23,9 @@ use tokio::net::TcpListener;
 /// Node lease TTL inside one process: only a crash of the whole process
 /// ends it, so it only bounds how long a dropped node lingers.
 const LEASE_TTL: Duration = Duration::from_secs(10);
+/// How often the coordinator collects the workers' per-expert load: often,
+/// since in one process it costs a loopback call per worker.
+const LOAD_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait for the first placement to be loaded and served.
 const FIRST_PLACEMENT: Duration = Duration::from_secs(300);
 
@@ -28,13 +33,21 @@ pub struct LocalCluster {
     store: Arc<dyn Store>,
     keys: Keys,
     model_id: String,
+    /// Where the coordinator's admin API (`myriad ctl`) listens, if served.
+    pub admin: Option<String>,
+}
+
+/// The coordinator's admin API for a local cluster: its listener and token.
+pub struct Admin {
+    pub listener: TcpListener,
+    pub token: Option<String>,
 }
 
 impl LocalCluster {
     /// Starts the store, the coordinator and `workers` workers on the
     /// current runtime. The coordinator places every expert on `replicas`
     /// workers once all have registered.
-    pub async fn start(model: &Path, workers: usize, replicas: usize) -> Result<Self> {
+    pub async fn start(model: &Path, workers: usize, replicas: usize, admin: Option<Admin>) -> Result<Self> {
         if workers == 0 || replicas == 0 || replicas > workers {
             bail!("--replicas must be between 1 and --workers ({workers}), got {replicas}");
         }
@@ -42,9 +55,13 @@ impl LocalCluster {
             .with_context(|| format!("read the model in {}", model.display()))?;
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let keys = Keys::new("local");
+        let admin_addr = match &admin {
+            Some(a) => Some(a.listener.local_addr().context("read the admin address")?.to_string()),
+            None => None,
+        };
         let config = CoordinatorConfig {
             id: node_id("coordinator-0")?,
-            addr: String::new(),
+            addr: admin_addr.clone().unwrap_or_default(),
             model_id: shape.model_id.clone(),
             layers: shape.num_layers,
             experts: shape.num_experts,
@@ -55,15 +72,14 @@ impl LocalCluster {
             settle: Duration::from_millis(100),
             lease_ttl: LEASE_TTL,
             rollout_timeout: FIRST_PLACEMENT,
-            load_interval: Duration::from_secs(10),
+            load_interval: LOAD_INTERVAL,
         };
-        tokio::spawn(myriad_coordinator::run(
-            store.clone(),
-            keys.clone(),
-            config,
-            Default::default(),
-            std::future::pending(),
-        ));
+        let shared = Arc::new(Shared::default());
+        if let Some(Admin { listener, token }) = admin {
+            let service = AdminService::new(store.clone(), keys.clone(), config.clone(), shared.clone());
+            tokio::spawn(admin::serve(listener, service, token));
+        }
+        tokio::spawn(myriad_coordinator::run(store.clone(), keys.clone(), config, shared, std::future::pending()));
         for i in 0..workers {
             let listener = TcpListener::bind("127.0.0.1:0").await.context("bind a loopback port")?;
             let addr = listener.local_addr().context("read the bound address")?.to_string();
@@ -93,7 +109,7 @@ impl LocalCluster {
                 }
             });
         }
-        Ok(LocalCluster { store, keys, model_id: shape.model_id })
+        Ok(LocalCluster { store, keys, model_id: shape.model_id, admin: admin_addr })
     }
 
     /// Joins `experts` to the cluster as router `id` and waits until it

@@ -1,6 +1,7 @@
 //! `myriad ctl`: the admin CLI. Talks to the leading coordinator's admin
-//! API, found through etcd (`--etcd`) or given (`--coordinator`). Tables for
-//! people, `--json` for scripts.
+//! API: given (`--coordinator`), found through etcd (`--etcd`), or the
+//! running `myriad up`'s. Tables for people, `--json` for scripts. Every
+//! error names the address tried, how it was found, and what went wrong.
 
 use anyhow::{Context, Result, anyhow, bail};
 use myriad_proto::admin::admin_client::AdminClient;
@@ -14,10 +15,12 @@ use serde_json::json;
 use tonic::transport::Channel;
 
 use crate::membership::ClusterArgs;
+use crate::up::DEFAULT_ADMIN;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The coordinator's admin address (default: the leader, found through --etcd).
+    /// The coordinator's admin address. Default: the leader found through
+    /// --etcd; without it, the running `myriad up` (or 127.0.0.1:7200).
     #[arg(long, env = "MYRIAD_COORDINATOR")]
     coordinator: Option<String>,
 
@@ -63,36 +66,103 @@ enum Ctl {
     Uncordon { node: String },
     /// Usage, hits and evictions of a KV-cache service.
     Kvcache {
-        /// The service's address (`myriad kvcache --listen`).
+        /// The service's address (`myriad kvcache --listen`; default: the
+        /// running `myriad up`'s).
         #[arg(long, env = "MYRIAD_KVCACHE")]
-        kvcache: String,
+        kvcache: Option<String>,
     },
 }
 
-async fn connect(args: &Args) -> Result<AdminClient<Channel>> {
-    let addr = match (&args.coordinator, args.cluster.enabled()) {
-        (Some(addr), _) => addr.clone(),
+/// A service `ctl` talks to, for errors that say what was tried.
+struct Peer {
+    /// `coordinator` or `KV-cache`.
+    what: &'static str,
+    addr: String,
+    /// How the address was found.
+    source: String,
+    token_given: bool,
+}
+
+/// How long `ctl` waits to connect, and for an answer.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Peer {
+    /// An error for a failed call, never empty: what answered wrongly, how.
+    fn error(&self, status: tonic::Status) -> anyhow::Error {
+        use tonic::Code;
+        let Peer { what, addr, .. } = self;
+        let message = status.message().trim();
+        let detail = if message.is_empty() { format!("{:?}", status.code()) } else { message.to_string() };
+        let not_ours = || {
+            anyhow!(
+                "{addr} ({}) did not answer as a Myriad {what} API ({detail}); is it another service's port?",
+                self.source
+            )
+        };
+        match status.code() {
+            Code::Unauthenticated if self.token_given => {
+                anyhow!("the {what} at {addr} refused the token ({detail}); check --token or MYRIAD_ADMIN_TOKEN")
+            }
+            Code::Unauthenticated => {
+                anyhow!("the {what} at {addr} wants a token ({detail}): give --token or set MYRIAD_ADMIN_TOKEN")
+            }
+            Code::DeadlineExceeded | Code::Cancelled => {
+                anyhow!("the {what} at {addr} did not answer within {} s ({detail})", CALL_TIMEOUT.as_secs())
+            }
+            // Our services implement every call and always say why they
+            // fail: a bare error comes from something else on that port.
+            Code::Unimplemented => not_ours(),
+            Code::Unknown | Code::Internal
+                if message.is_empty()
+                    || ["protocol error", "content-type", "while receiving response with status"]
+                        .iter()
+                        .any(|m| message.contains(m)) =>
+            {
+                not_ours()
+            }
+            _ => anyhow!("the {what} at {addr} failed the request: {detail}"),
+        }
+    }
+}
+
+async fn connect(args: &Args) -> Result<(AdminClient<Channel>, Peer)> {
+    let (addr, source) = match (&args.coordinator, args.cluster.enabled()) {
+        (Some(addr), _) => (addr.clone(), "from --coordinator".to_string()),
         (None, true) => {
             let store = args.cluster.store()?;
             let keys = args.cluster.keys()?;
             let kv = store.get(&keys.leader()).await.context("read the leader from etcd")?;
             let kv = kv.ok_or_else(|| anyhow!("cluster `{}` has no leading coordinator", args.cluster.cluster))?;
             let leader: Leader = schema::decode(&keys.leader(), &kv.value)?;
-            leader.addr
+            (leader.addr, format!("the leader of cluster `{}`", args.cluster.cluster))
         }
-        (None, false) => bail!("give --coordinator ADDR or --etcd URLS"),
+        (None, false) => match crate::up::running() {
+            Some(state) => (
+                state["admin"].as_str().unwrap_or(DEFAULT_ADMIN).to_string(),
+                format!("the running `myriad up`, pid {}, from {}", state["pid"], crate::up::state_path().display()),
+            ),
+            None => (
+                DEFAULT_ADMIN.to_string(),
+                "the default of `myriad up`; for another cluster give --coordinator ADDR or --etcd URLS".to_string(),
+            ),
+        },
     };
-    Ok(AdminClient::new(channel(&addr, "coordinator").await?))
+    let peer = Peer { what: "coordinator", addr, source, token_given: args.token.is_some() };
+    Ok((AdminClient::new(channel(&peer).await?), peer))
 }
 
-/// A connection to `addr` (`host:port` or a URL) of the `what` service.
-async fn channel(addr: &str, what: &str) -> Result<Channel> {
+/// A connection to `peer`'s address (`host:port` or a URL).
+async fn channel(peer: &Peer) -> Result<Channel> {
+    let Peer { what, addr, source, .. } = peer;
     let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
     tonic::transport::Endpoint::from_shared(url)
-        .with_context(|| format!("bad {what} address `{addr}`"))?
+        .with_context(|| format!("bad {what} address `{addr}` ({source})"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
         .connect()
         .await
-        .with_context(|| format!("connect to the {what} at {addr}"))
+        .with_context(|| format!("cannot reach the {what} at {addr} ({source})"))
 }
 
 fn request<T>(args: &Args, message: T) -> Result<tonic::Request<T>> {
@@ -104,10 +174,6 @@ fn request<T>(args: &Args, message: T) -> Result<tonic::Request<T>> {
     Ok(request)
 }
 
-fn call_error(status: tonic::Status) -> anyhow::Error {
-    anyhow!("{}", status.message())
-}
-
 pub fn run(args: Args) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     runtime.block_on(run_async(args))
@@ -115,12 +181,12 @@ pub fn run(args: Args) -> Result<()> {
 
 async fn run_async(args: Args) -> Result<()> {
     if let Ctl::Kvcache { kvcache } = &args.command {
-        return kvcache_stats(kvcache, args.json).await;
+        return kvcache_stats(kvcache.as_deref(), args.json).await;
     }
-    let mut client = connect(&args).await?;
+    let (mut client, peer) = connect(&args).await?;
     match &args.command {
         Ctl::Status | Ctl::Nodes => {
-            let s = client.status(request(&args, StatusRequest {})?).await.map_err(call_error)?.into_inner();
+            let s = client.status(request(&args, StatusRequest {})?).await.map_err(|s| peer.error(s))?.into_inner();
             if args.json {
                 let nodes: Vec<_> = s.nodes.iter().map(|n| json!({"id": n.id, "role": n.role, "addr": n.addr,
                     "capacity_bytes": n.capacity_bytes, "placement_version": n.placement_version, "cordoned": n.cordoned})).collect();
@@ -155,14 +221,15 @@ async fn run_async(args: Args) -> Result<()> {
             }
         }
         Ctl::Placement => {
-            let p = client.placement(request(&args, PlacementRequest {})?).await.map_err(call_error)?.into_inner();
+            let p =
+                client.placement(request(&args, PlacementRequest {})?).await.map_err(|s| peer.error(s))?.into_inner();
             print_placement(&p, args.json)?;
         }
         Ctl::TopExperts { limit } => {
             let t = client
                 .top_experts(request(&args, TopExpertsRequest { limit: *limit })?)
                 .await
-                .map_err(call_error)?
+                .map_err(|s| peer.error(s))?
                 .into_inner();
             if args.json {
                 let experts: Vec<_> = t
@@ -191,7 +258,7 @@ async fn run_async(args: Args) -> Result<()> {
             let r = client
                 .rebalance(request(&args, RebalanceRequest { dry_run: *dry_run })?)
                 .await
-                .map_err(call_error)?
+                .map_err(|s| peer.error(s))?
                 .into_inner();
             if args.json {
                 println!(
@@ -211,7 +278,7 @@ async fn run_async(args: Args) -> Result<()> {
             let d = client
                 .drain(request(&args, DrainRequest { node: node.clone() })?)
                 .await
-                .map_err(call_error)?
+                .map_err(|s| peer.error(s))?
                 .into_inner();
             if args.json {
                 println!("{}", json!({"node": node, "placement_version": d.version}));
@@ -221,7 +288,10 @@ async fn run_async(args: Args) -> Result<()> {
         }
         Ctl::Cordon { node } | Ctl::Uncordon { node } => {
             let cordon = matches!(args.command, Ctl::Cordon { .. });
-            client.cordon(request(&args, CordonRequest { node: node.clone(), cordon })?).await.map_err(call_error)?;
+            client
+                .cordon(request(&args, CordonRequest { node: node.clone(), cordon })?)
+                .await
+                .map_err(|s| peer.error(s))?;
             if args.json {
                 println!("{}", json!({"node": node, "cordoned": cordon}));
             } else {
@@ -280,16 +350,26 @@ fn print_placement(p: &PlacementResponse, json_out: bool) -> Result<()> {
     Ok(())
 }
 
-async fn kvcache_stats(addr: &str, json: bool) -> Result<()> {
+async fn kvcache_stats(addr: Option<&str>, json: bool) -> Result<()> {
     use myriad_coordinator::placement::human;
     use myriad_proto::kvcache::StatsRequest;
     use myriad_proto::kvcache::kv_cache_client::KvCacheClient;
 
-    let s = KvCacheClient::new(channel(addr, "KV-cache").await?)
-        .stats(StatsRequest {})
-        .await
-        .map_err(call_error)?
-        .into_inner();
+    let recorded = crate::up::running();
+    let peer = match (addr, recorded.as_ref().and_then(|s| s["kvcache"].as_str())) {
+        (Some(addr), _) => {
+            Peer { what: "KV-cache", addr: addr.into(), source: "from --kvcache".into(), token_given: false }
+        }
+        (None, Some(addr)) => Peer {
+            what: "KV-cache",
+            addr: addr.into(),
+            source: format!("the running `myriad up`, from {}", crate::up::state_path().display()),
+            token_given: false,
+        },
+        (None, None) => bail!("give --kvcache ADDR: no running `myriad up` recorded a KV-cache"),
+    };
+    let s =
+        KvCacheClient::new(channel(&peer).await?).stats(StatsRequest {}).await.map_err(|s| peer.error(s))?.into_inner();
     if json {
         let out = json!({
             "memory": {"bytes": s.memory_bytes, "capacity": s.memory_capacity, "hits": s.hits_memory, "evictions": s.evictions_memory},

@@ -116,7 +116,7 @@ pub fn run(args: Args) -> Result<()> {
         runtime.block_on(async {
             match args.workers {
                 Some(n) => {
-                    let cluster = LocalCluster::start(&args.model, n, args.replicas).await?;
+                    let cluster = LocalCluster::start(&args.model, n, args.replicas, None).await?;
                     cluster.attach_router("generate", &experts, cfg).await
                 }
                 None => {

@@ -16,11 +16,14 @@ mod plan;
 mod serve;
 mod shutdown;
 mod telemetry;
+mod up;
 mod worker;
 
 /// Myriad: a distributed, expert-parallel inference runtime for DeepSeek-V4.
+/// One binary for every role of a cluster, its admin CLI and a load
+/// generator; `myriad up` runs a whole cluster in one process.
 #[derive(Parser)]
-#[command(name = "myriad", version, about)]
+#[command(name = "myriad", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,19 +31,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate from a prompt: in this process, or through expert workers.
+    /// Generate from a prompt or token ids: in this process, over N in-process workers, or through running ones.
     Generate(generate::Args),
     /// Serve routed experts to routers over gRPC.
     Worker(worker::Args),
-    /// Lead a cluster on etcd: membership and versioned expert placement.
+    /// Lead a cluster on etcd: membership, versioned expert placement and the admin API for `myriad ctl`.
     Coordinator(coordinator::Args),
-    /// Run a whole local cluster (expert workers + router with the OpenAI API) in one process.
-    Up(serve::UpArgs),
-    /// Serve the OpenAI API over running expert workers.
+    /// Run a whole cluster in one process: coordinator (admin API), expert workers, KV-cache and the OpenAI API.
+    Up(up::UpArgs),
+    /// Serve the OpenAI API over expert workers: fixed addresses, or a cluster's placement from etcd.
     Router(serve::RouterArgs),
     /// Serve conversation state (the compressed KV-cache) by token prefix.
     Kvcache(kvcache::Args),
-    /// Administer a cluster through its leading coordinator.
+    /// Administer a cluster through its coordinator: status, nodes, placement, rebalance, drain, KV-cache stats.
     Ctl(ctl::Args),
     /// Print the memory plan of a model config over N workers (no weights needed).
     Plan(plan::Args),
@@ -78,7 +81,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Coordinator(args) => coordinator::run(args),
-        Command::Up(args) => serve::up(args),
+        Command::Up(args) => up::up(args),
         Command::Router(args) => serve::router(args),
         Command::Bench(args) => bench::run(args),
         Command::Plan(args) => plan::run(args),

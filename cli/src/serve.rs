@@ -18,15 +18,14 @@ use myriad_store::schema::Role;
 use tokio::net::TcpListener;
 
 use crate::cluster::LocalCluster;
-use crate::kvcache::CacheArgs;
-use crate::membership::{ClusterArgs, join_router, parse_bytes, require_one};
+use crate::membership::{ClusterArgs, join_router, require_one};
 
 /// Options of the HTTP front end, shared by `up` and `router`.
 #[derive(clap::Args)]
 pub struct HttpArgs {
     /// Model folder (config, weights, tokenizer.json, tokenizer_config.json).
     #[arg(long, env = "MYRIAD_MODEL", default_value = "models/tiny-v4")]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
 
     /// Where the HTTP API listens; port 0 picks a free one (printed at start-up).
     #[arg(long, env = "MYRIAD_LISTEN", default_value = "127.0.0.1:8000")]
@@ -61,7 +60,7 @@ pub struct HttpArgs {
     /// Longest prompt plus completion in tokens (default: the model's
     /// context; `myriad up`: at most 32768).
     #[arg(long, env = "MYRIAD_MAX_MODEL_LEN")]
-    max_model_len: Option<usize>,
+    pub(crate) max_model_len: Option<usize>,
 
     /// Longest prompt one request may send, in tokens; longer ones get a
     /// 400 before any work is spent (default: the max model len less one).
@@ -87,36 +86,6 @@ pub struct HttpArgs {
 }
 
 #[derive(clap::Args)]
-pub struct UpArgs {
-    #[command(flatten)]
-    http: HttpArgs,
-
-    /// Expert workers to start in this process (reached over loopback gRPC).
-    #[arg(long, env = "MYRIAD_WORKERS", default_value_t = 2)]
-    workers: usize,
-
-    /// How many workers host each expert.
-    #[arg(long, env = "MYRIAD_REPLICAS", default_value_t = 1)]
-    replicas: usize,
-
-    /// Run without the in-process KV-cache (every prompt is computed in full).
-    #[arg(long)]
-    no_kvcache: bool,
-
-    /// Memory of the in-process KV-cache.
-    #[arg(long, env = "MYRIAD_KVCACHE_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
-    kvcache_memory: u64,
-
-    /// Disk directory of the in-process KV-cache (none: memory only).
-    #[arg(long, env = "MYRIAD_KVCACHE_DISK")]
-    kvcache_disk: Option<PathBuf>,
-
-    /// Capacity of that directory.
-    #[arg(long, env = "MYRIAD_KVCACHE_DISK_CAPACITY", default_value = "10GiB", value_parser = parse_bytes)]
-    kvcache_disk_capacity: u64,
-}
-
-#[derive(clap::Args)]
 pub struct RouterArgs {
     #[command(flatten)]
     http: HttpArgs,
@@ -136,7 +105,7 @@ pub struct RouterArgs {
 }
 
 /// Where the router learns which worker hosts which experts.
-enum Placement {
+pub(crate) enum Placement {
     /// The current version in this process's own cluster (`myriad up`):
     /// serve only once it is loaded.
     Local(LocalCluster),
@@ -148,29 +117,7 @@ enum Placement {
 
 /// `myriad up`'s context limit when none is given: a one-machine cluster
 /// on CPUs prefills a prompt this long in tens of seconds, not minutes.
-const UP_MAX_MODEL_LEN: usize = 32768;
-
-pub fn up(mut args: UpArgs) -> Result<()> {
-    args.http.max_model_len.get_or_insert(UP_MAX_MODEL_LEN);
-    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
-    let cluster = runtime.block_on(LocalCluster::start(&args.http.model, args.workers, args.replicas))?;
-    let kvcache = if args.no_kvcache {
-        None
-    } else {
-        let cache = CacheArgs {
-            memory: args.kvcache_memory,
-            disk: args.kvcache_disk.clone(),
-            disk_capacity: args.kvcache_disk_capacity,
-        };
-        Some(runtime.block_on(crate::kvcache::start_local(&cache))?)
-    };
-    let what = format!(
-        "coordinator, {} expert workers{} in this process",
-        args.workers,
-        if kvcache.is_some() { " and a KV-cache" } else { "" }
-    );
-    serve(runtime, args.http, Placement::Local(cluster), kvcache, &what)
-}
+pub(crate) const UP_MAX_MODEL_LEN: usize = 32768;
 
 pub fn router(args: RouterArgs) -> Result<()> {
     require_one(!args.worker_addrs.is_empty(), &args.cluster, "--worker-addr")?;
@@ -191,13 +138,17 @@ fn model_name(dir: &Path) -> String {
         .unwrap_or_else(|| "myriad".into())
 }
 
-fn serve(
+pub(crate) fn serve(
     runtime: tokio::runtime::Runtime,
     args: HttpArgs,
     placement: Placement,
     kvcache: Option<String>,
     what: &str,
 ) -> Result<()> {
+    let admin = match &placement {
+        Placement::Local(cluster) => cluster.admin.clone(),
+        _ => None,
+    };
     let model =
         Arc::new(Model::load_dense(&args.model).with_context(|| format!("load model from {}", args.model.display()))?);
     let cfg = &model.config;
@@ -246,6 +197,7 @@ fn serve(
     }
     let engine_config =
         EngineConfig { max_batch: args.max_batch, step_tokens: args.step_tokens, queue: args.max_queue };
+    let kvcache_addr = kvcache.clone();
     let kvcache = match &kvcache {
         Some(addr) => {
             let _guard = runtime.enter();
@@ -290,6 +242,10 @@ fn serve(
         // first line must not take the server down.
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "Myriad is up: http://{addr}/v1 (model `{model_name}`, {what})");
+        let recorded = admin.as_deref().and_then(|admin| {
+            let _ = writeln!(out, "Admin API: {admin} (try: myriad ctl status)");
+            crate::up::StateFile::write(admin, &format!("http://{addr}/v1"), kvcache_addr.as_deref())
+        });
         let _ = writeln!(out, "Try: curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\");
         if !args.api_keys.is_empty() {
             let _ = writeln!(out, "       -H 'Authorization: Bearer YOUR_API_KEY' \\");
@@ -300,6 +256,8 @@ fn serve(
         );
         let _ = out.flush();
         drop(out);
-        http::serve(listener, state, shutdown).await.context("serve HTTP")
+        let served = http::serve(listener, state, shutdown).await.context("serve HTTP");
+        drop(recorded);
+        served
     })
 }
