@@ -79,7 +79,9 @@ pub fn forward(
             }
             LayerType::Sliding => {}
         }
-        let mut logits: Vec<f32> = ids.iter().map(|k| kernels::dot(qh, k) * scale).collect();
+        let mut logits = vec![0.0; ids.len()];
+        kernels::dots(qh, &ids, &mut logits);
+        logits.iter_mut().for_each(|l| *l *= scale);
         let max = logits.iter().copied().fold(sinks[h], f32::max);
         let mut denom = 0.0;
         for l in logits.iter_mut() {

@@ -9,6 +9,8 @@
 //! have weight zero. A query at position `t` may see entry `w` only if
 //! `w < (t + 1) / rate`.
 
+use rayon::prelude::*;
+
 use crate::config::ModelConfig;
 use crate::kernels::{self, rms_norm};
 use crate::rope::RopeParams;
@@ -105,26 +107,28 @@ pub fn select(
     let weights_scale = (heads as f32).powf(-0.5);
     let entries = state.entry_count();
     let topk = cfg.index_topk.min(entries);
-    (0..rows)
-        .map(|r| {
+    // Rows are independent: scored in parallel, each score summed over the
+    // heads in order, as one row at a time would.
+    q.par_chunks_mut(heads * dim)
+        .enumerate()
+        .map(|(r, qr)| {
             let position = first_position + r;
-            let qr = &mut q[r * heads * dim..(r + 1) * heads * dim];
             rope.apply(qr, dim, position, false);
             let visible = visible_entries(position, cfg.csa_rate, entries);
             if visible <= topk {
                 return (0..visible).collect();
             }
             let hw: Vec<f32> = (0..heads).map(|h| head_weights[r * heads + h] * weights_scale).collect();
-            let mut scored: Vec<(f32, usize)> = (0..visible)
-                .map(|s| {
-                    let key = &state.entries[s * dim..(s + 1) * dim];
-                    let score = (0..heads).fold(0.0, |acc, h| {
-                        let logit = kernels::dot(&qr[h * dim..(h + 1) * dim], key);
-                        acc + logit.max(0.0) * softmax_scale * hw[h]
-                    });
-                    (score, s)
-                })
-                .collect();
+            let keys: Vec<&[f32]> = state.entries[..visible * dim].chunks_exact(dim).collect();
+            let mut scores = vec![0.0f32; visible];
+            let mut logits = vec![0.0f32; visible];
+            for h in 0..heads {
+                kernels::dots(&qr[h * dim..(h + 1) * dim], &keys, &mut logits);
+                for (score, logit) in scores.iter_mut().zip(&logits) {
+                    *score += logit.max(0.0) * softmax_scale * hw[h];
+                }
+            }
+            let mut scored: Vec<(f32, usize)> = scores.into_iter().zip(0..).collect();
             scored.select_nth_unstable_by(topk - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
             let mut chosen: Vec<usize> = scored[..topk].iter().map(|&(_, s)| s).collect();
             chosen.sort_unstable();

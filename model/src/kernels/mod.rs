@@ -207,6 +207,27 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_generic(a, b)
 }
 
+/// `out[i] = dot(q, keys[i])` for every key (attention scores), each with
+/// [`dot`]'s bits, choosing the instruction set once for all of them
+/// instead of once per score.
+pub fn dots(q: &[f32], keys: &[&[f32]], out: &mut [f32]) {
+    assert_eq!(keys.len(), out.len(), "one output per key");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { x86::dots_avx512(q, keys, out) };
+        }
+        if avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { x86::dots_avx2(q, keys, out) };
+        }
+    }
+    for (o, k) in out.iter_mut().zip(keys) {
+        *o = dot_generic(q, k);
+    }
+}
+
 /// The canonical order: lane `l` accumulates `a[i]·b[i]` for `i ≡ l (mod 16)`
 /// in increasing `i` with a fused multiply-add, then the lanes are added as a
 /// fixed binary tree ([`reduce`]).

@@ -279,6 +279,22 @@ pub fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_generic(a, b)
 }
 
+/// [`super::dots`] compiled with AVX-512: every dot inlined, no dispatch.
+#[target_feature(enable = "avx512f")]
+pub fn dots_avx512(q: &[f32], keys: &[&[f32]], out: &mut [f32]) {
+    for (o, k) in out.iter_mut().zip(keys) {
+        *o = dot_generic(q, k);
+    }
+}
+
+/// [`super::dots`] compiled with AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub fn dots_avx2(q: &[f32], keys: &[&[f32]], out: &mut [f32]) {
+    for (o, k) in out.iter_mut().zip(keys) {
+        *o = dot_generic(q, k);
+    }
+}
+
 /// `block[r][c - c0] = dot(x[r], w[c])` for weight rows `c0..c1`.
 ///
 /// # Safety
