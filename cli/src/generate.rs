@@ -21,8 +21,14 @@ pub struct Args {
     model: PathBuf,
 
     /// Prompt as comma-separated token ids, e.g. `5,17,42`.
-    #[arg(long, value_delimiter = ',', conflicts_with = "prompt", required_unless_present = "prompt")]
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["prompt", "prompt_ids_file"],
+          required_unless_present_any = ["prompt", "prompt_ids_file"])]
     prompt_ids: Option<Vec<u32>>,
+
+    /// Prompt as token ids read from a file (separated by commas or
+    /// whitespace): for prompts longer than a command line may be.
+    #[arg(long, conflicts_with = "prompt")]
+    prompt_ids_file: Option<PathBuf>,
 
     /// Prompt as text, encoded with the model folder's tokenizer.json.
     #[arg(long)]
@@ -91,13 +97,20 @@ pub fn run(args: Args) -> Result<()> {
         (Some(_), _) | (None, false) => TextTokenizer::load(&args.model).ok(),
         (None, true) => None,
     };
-    let prompt = match (&args.prompt_ids, &args.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(text)) => {
+    let prompt = match (&args.prompt_ids, &args.prompt_ids_file, &args.prompt) {
+        (Some(ids), _, _) => ids.clone(),
+        (None, Some(path), _) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+            text.split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|t| !t.is_empty())
+                .map(|t| t.parse::<u32>().with_context(|| format!("{}: `{t}` is not a token id", path.display())))
+                .collect::<Result<Vec<_>>>()?
+        }
+        (None, None, Some(text)) => {
             let tokenizer = TextTokenizer::load(&args.model).context("encode --prompt")?;
             tokenizer.encode(text).context("encode --prompt")?
         }
-        (None, None) => bail!("give a prompt with --prompt-ids or --prompt"),
+        (None, None, None) => bail!("give a prompt with --prompt-ids, --prompt-ids-file or --prompt"),
     };
     if prompt.is_empty() {
         bail!("the prompt is empty");

@@ -130,3 +130,18 @@ def test_tokens_and_errors_are_named():
         out = subprocess.run([str(BINARY), *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
                              env={**s.env, "MYRIAD_UP_STATE": str(s.state_file) + ".none"})
         failure(out)
+
+
+def test_generate_reads_long_prompts_from_a_file(tmp_path):
+    """A prompt longer than a command line may be: ids from a file give the
+    same output as the same ids given inline."""
+    ids = [5, 17, 42, 300, 7, 99, 8, 250]
+    path = tmp_path / "ids.txt"
+    path.write_text(" ".join(map(str, ids[:4])) + "\n" + ",".join(map(str, ids[4:])) + "\n")
+    run = lambda *a: subprocess.run([str(BINARY), "generate", "--max-new-tokens", "8", *a], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=120)
+    inline, from_file = run("--prompt-ids", ",".join(map(str, ids))), run("--prompt-ids-file", str(path))
+    assert inline.returncode == 0 and from_file.stdout == inline.stdout, (inline.stderr, from_file.stderr)
+    path.write_text("5,x")
+    assert "`x` is not a token id" in failure(run("--prompt-ids-file", str(path)))
+    assert "nonexistent" in failure(run("--prompt-ids-file", "/nonexistent"))
