@@ -26,6 +26,13 @@ if [ ! -x "$E2E_VENV/bin/python" ]; then
 fi
 "$E2E_VENV/bin/pip" install -q --disable-pip-version-check -r tests/requirements.txt
 
+# A clean build needs a few GB under target/; a full disk shows up as the
+# linker dying with SIGBUS, so say up front how much there is.
+echo "== disk free under target/: $(df -h --output=avail . | tail -1 | tr -d ' ')"
+# Incremental caches only pay off when rebuilding; on a clean checkout they
+# would double the disk the build takes.
+if [ "${CI:-}" = "true" ]; then export CARGO_INCREMENTAL=0; fi
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
