@@ -153,10 +153,12 @@ pub(crate) fn serve(
         Arc::new(Model::load_dense(&args.model).with_context(|| format!("load model from {}", args.model.display()))?);
     let cfg = &model.config;
     let tokenizer = Arc::new(TextTokenizer::load(&args.model).context("load the tokenizer")?);
-    let grammars = Grammars::new(tokenizer.clone(), cfg.vocab_size, &cfg.eos_token_ids)
+    let pieces = tokenizer.token_bytes();
+    let grammars = (pieces.as_ref().map_err(ToString::to_string))
+        .and_then(|pieces| Grammars::new(tokenizer.clone(), pieces, cfg.vocab_size, &cfg.eos_token_ids))
         .inspect_err(|e| tracing::warn!(error = %e, "structured outputs and forced tool calls are off"))
         .ok();
-    let token_bytes = match tokenizer.token_bytes() {
+    let token_bytes = match pieces {
         Ok(pieces) => pieces.into_iter().map(|(bytes, _)| bytes).collect(),
         // Not byte-level: each token's own decoding.
         Err(_) => {

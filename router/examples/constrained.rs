@@ -16,7 +16,7 @@ use std::time::Instant;
 use myriad_model::moe::SharedLocalExperts;
 use myriad_model::text::TextTokenizer;
 use myriad_model::{Model, Sampling};
-use myriad_router::engine::{Engine, EngineConfig, Event, Request};
+use myriad_router::engine::{Engine, EngineConfig, Event, Request, mask_allows};
 use myriad_router::structured::{Grammars, response_format};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -30,7 +30,9 @@ fn main() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v4");
     let model = Arc::new(Model::load(&dir).expect("load the tiny model"));
     let tokenizer = Arc::new(TextTokenizer::load(&dir).expect("load its tokenizer"));
-    let grammars = Grammars::new(tokenizer, model.config.vocab_size, &model.config.eos_token_ids).expect("grammars");
+    let pieces = tokenizer.token_bytes().expect("a byte-level tokenizer");
+    let grammars =
+        Grammars::new(tokenizer, &pieces, model.config.vocab_size, &model.config.eos_token_ids).expect("grammars");
     let engine = Engine::start(
         model.clone(),
         SharedLocalExperts(model.clone()),
@@ -112,8 +114,7 @@ fn main() {
         let started = Instant::now();
         for _ in 0..CONCURRENCY * NEW {
             let mask = c.allowed().unwrap().unwrap();
-            let allowed: Vec<u32> =
-                (0..mask.len() as u32 * 32).filter(|&t| mask[t as usize / 32] >> (t % 32) & 1 == 1).collect();
+            let allowed: Vec<u32> = (0..mask.len() as u32 * 32).filter(|&t| mask_allows(&mask, t as usize)).collect();
             state ^= state << 13;
             state ^= state >> 17;
             state ^= state << 5;

@@ -50,6 +50,12 @@ pub trait Constraint: Send {
     fn finished(&self) -> bool;
 }
 
+/// Whether `mask` (as [`Constraint::allowed`] gives it) allows `token`; ids
+/// past the mask's end are not allowed.
+pub fn mask_allows(mask: &[u32], token: usize) -> bool {
+    mask.get(token / 32).is_some_and(|w| w >> (token % 32) & 1 == 1)
+}
+
 pub struct Request {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
@@ -381,7 +387,7 @@ fn mask_logits(logits: &mut [f32], allowed: Option<&[u32]>) -> Result<(), String
     let Some(bits) = allowed else { return Ok(()) };
     let mut any = false;
     for (id, l) in logits.iter_mut().enumerate() {
-        if bits.get(id / 32).is_some_and(|w| w >> (id % 32) & 1 == 1) {
+        if mask_allows(bits, id) {
             any = true;
         } else {
             *l = f32::NEG_INFINITY;

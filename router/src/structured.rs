@@ -43,23 +43,30 @@ impl TokenizerEnv for Vocabulary {
 }
 
 impl Grammars {
-    /// `vocab_size`: the model's (at least the tokenizer's; ids past the
-    /// tokenizer's are never allowed); `eos`: the end-of-sequence ids.
-    pub fn new(tokenizer: Arc<TextTokenizer>, vocab_size: usize, eos: &[u32]) -> Result<Self, String> {
+    /// `pieces`: each token's bytes and whether it is a control token, as
+    /// [`TextTokenizer::token_bytes`] gives them; `vocab_size`: the model's
+    /// (at least the tokenizer's; ids past the tokenizer's are never
+    /// allowed); `eos`: the end-of-sequence ids.
+    pub fn new(
+        tokenizer: Arc<TextTokenizer>,
+        pieces: &[(Vec<u8>, bool)],
+        vocab_size: usize,
+        eos: &[u32],
+    ) -> Result<Self, String> {
         let mut words: Vec<Vec<u8>> = Vec::with_capacity(vocab_size);
         let mut think_end = None;
         // Control tokens are marked so no grammar text can match them; ids
         // without a spelling (gaps, the model's ids past the tokenizer's)
         // get a unique marked name, never sampled under a grammar.
         let unnamed = |id: usize| [&[TokTrie::SPECIAL_TOKEN_MARKER][..], format!("<[{id}]>").as_bytes()].concat();
-        for (id, (bytes, special)) in tokenizer.token_bytes().map_err(|e| e.to_string())?.into_iter().enumerate() {
+        for (id, (bytes, special)) in pieces.iter().enumerate() {
             if bytes == THINK_END.as_bytes() {
                 think_end = Some(id as TokenId);
             }
             words.push(match (special, bytes.is_empty()) {
                 (_, true) => unnamed(id),
-                (true, false) => [&[TokTrie::SPECIAL_TOKEN_MARKER][..], &bytes].concat(),
-                (false, false) => bytes,
+                (true, false) => [&[TokTrie::SPECIAL_TOKEN_MARKER][..], bytes].concat(),
+                (false, false) => bytes.clone(),
             });
         }
         if words.len() > vocab_size {
@@ -84,6 +91,17 @@ impl Grammars {
     /// `</think>`. Errors (an invalid or unsatisfiable schema) name the
     /// problem.
     pub fn constraint(&self, grammar: TopLevelGrammar, thinking: bool) -> Result<Box<dyn Constraint>, String> {
+        Ok(self.constraints(grammar, thinking, 1)?.remove(0))
+    }
+
+    /// `count` independent constraints for `grammar` (one per choice of a
+    /// request), compiled once.
+    pub fn constraints(
+        &self,
+        grammar: TopLevelGrammar,
+        thinking: bool,
+        count: usize,
+    ) -> Result<Vec<Box<dyn Constraint>>, String> {
         let gate = match (thinking, self.think_end) {
             (false, _) => None,
             (true, Some(t)) => Some(t),
@@ -94,7 +112,12 @@ impl Grammars {
         if let Some(e) = matcher.get_error() {
             return Err(e);
         }
-        Ok(Box::new(Guided { matcher, gate }))
+        let mut all: Vec<Box<dyn Constraint>> = Vec::with_capacity(count.max(1));
+        for _ in 1..count {
+            all.push(Box::new(Guided { matcher: matcher.deep_clone(), gate }));
+        }
+        all.push(Box::new(Guided { matcher, gate }));
+        Ok(all)
     }
 }
 
@@ -270,16 +293,17 @@ mod tests {
     use super::*;
     use crate::chat::Reasoning;
     use crate::chat::v4_parse::{CALLS_END, CALLS_START};
+    use crate::engine::mask_allows;
 
     fn tiny() -> (Arc<TextTokenizer>, Grammars) {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v4");
         let tokenizer = Arc::new(TextTokenizer::load(&dir).unwrap());
-        let grammars = Grammars::new(tokenizer.clone(), 512, &[1]).unwrap();
+        let grammars = Grammars::new(tokenizer.clone(), &tokenizer.token_bytes().unwrap(), 512, &[1]).unwrap();
         (tokenizer, grammars)
     }
 
     fn allows(c: &mut Box<dyn Constraint>, token: u32) -> bool {
-        c.allowed().unwrap().is_none_or(|m| m[token as usize / 32] >> (token % 32) & 1 == 1)
+        c.allowed().unwrap().is_none_or(|m| mask_allows(&m, token as usize))
     }
 
     #[test]
@@ -346,11 +370,11 @@ mod tests {
     #[test]
     fn ids_past_the_tokenizer_are_never_allowed() {
         let (tokenizer, _) = tiny();
-        let grammars = Grammars::new(tokenizer, 600, &[1]).unwrap();
+        let grammars = Grammars::new(tokenizer.clone(), &tokenizer.token_bytes().unwrap(), 600, &[1]).unwrap();
         let grammar = response_format(&json!({"type": "json_object"})).unwrap().unwrap();
         let mask = grammars.constraint(grammar, false).unwrap().allowed().unwrap().unwrap();
-        assert!((0..512).any(|t| mask[t / 32] >> (t % 32) & 1 == 1));
-        assert!((512..600).all(|t| mask.get(t / 32).is_none_or(|w| w >> (t % 32) & 1 == 0)));
+        assert!((0..512).any(|t| mask_allows(&mask, t)));
+        assert!((512..600).all(|t| !mask_allows(&mask, t)));
     }
 
     #[test]

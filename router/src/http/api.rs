@@ -117,11 +117,11 @@ impl ChatInput {
         Ok(tools)
     }
 
-    /// How the answer may call tools, and the tools a forced call may use
-    /// (all for `required`, the one named).
-    pub fn tool_use(&self) -> Result<(ToolUse, Vec<serde_json::Value>), ApiError> {
+    /// How the answer may call `tools` (as [`Self::tools`] checked them),
+    /// and the tools a forced call may use (all for `required`, the one
+    /// named).
+    pub fn tool_use(&self, tools: &[serde_json::Value]) -> Result<(ToolUse, Vec<serde_json::Value>), ApiError> {
         let parallel = self.parallel_tool_calls.unwrap_or(true);
-        let tools = self.tools()?;
         let bad = |what: String| ApiError::bad_request(what, Some("tool_choice"));
         let need_tools = |choice: &str| {
             if tools.is_empty() { Err(bad(format!("tool_choice `{choice}` needs `tools`"))) } else { Ok(()) }

@@ -37,7 +37,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
             PromptInput::Tokens(ids) => ids,
         };
         let format = request.common.response_format.as_ref();
-        let constraints = (0..params.n).map(|_| constrain(&state, format, None, false)).collect::<Result<_, _>>()?;
+        let constraints = constrain(&state, params.n, format, None, false)?;
         Ok(Prepared { prompt, params, constraints })
     })();
     respond(state, prepared, Kind::Completion).await
@@ -49,16 +49,15 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
         let request: ChatRequest = parse(&json_body(&headers, body)?)?;
         check_model(&state, &request.common.model)?;
         let params = request.common.params(true)?;
-        let (prompt, reasoning) = chat_prompt(&state, &request.input)?;
-        let (tools, forced_tools) = request.input.tool_use()?;
+        let (prompt, reasoning, tools) = chat_prompt(&state, &request.input)?;
+        let (tools, forced_tools) = request.input.tool_use(tools)?;
         let thinking = reasoning.thinking();
         let forced = match tools {
             ToolUse::Forced { parallel } => Some((&forced_tools[..], parallel)),
             _ => None,
         };
         let format = request.common.response_format.as_ref();
-        let constraints =
-            (0..params.n).map(|_| constrain(&state, format, forced, thinking)).collect::<Result<_, _>>()?;
+        let constraints = constrain(&state, params.n, format, forced, thinking)?;
         Ok((Prepared { prompt, params, constraints }, Kind::Chat { thinking, tools }))
     })();
     match prepared {
@@ -75,15 +74,16 @@ struct Prepared {
     constraints: Vec<Option<Box<dyn Constraint>>>,
 }
 
-/// The grammar a request's output must follow, if any: its
+/// The grammar each of a request's `n` choices must follow, if any: its
 /// `response_format`, or a forced call of `tools` (one or, `parallel`,
 /// several).
 fn constrain(
     state: &AppState,
+    n: usize,
     format: Option<&Value>,
     forced: Option<(&[Value], bool)>,
     thinking: bool,
-) -> Result<Option<Box<dyn Constraint>>, ApiError> {
+) -> Result<Vec<Option<Box<dyn Constraint>>>, ApiError> {
     let bad = |field: &'static str| move |e: String| ApiError::bad_request(format!("{field}: {e}"), Some(field));
     let format = format.filter(|f| !f.is_null());
     let (grammar, field) = match (
@@ -98,7 +98,7 @@ fn constrain(
         }
         (Some(grammar), None) => (grammar, "response_format"),
         (None, Some((tools, parallel))) => (structured::tool_calls(tools, parallel).map_err(bad("tools"))?, "tools"),
-        (None, None) => return Ok(None),
+        (None, None) => return Ok((0..n).map(|_| None).collect()),
     };
     let grammars = state.grammars.as_ref().ok_or_else(|| {
         ApiError::bad_request(
@@ -106,11 +106,16 @@ fn constrain(
             Some(field),
         )
     })?;
-    grammars.constraint(grammar, thinking).map(Some).map_err(bad(field))
+    let all = grammars.constraints(grammar, thinking, n).map_err(bad(field))?;
+    Ok(all.into_iter().map(Some).collect())
 }
 
-/// The token ids of a chat's prompt and its reasoning mode.
-pub(super) fn chat_prompt(state: &AppState, input: &ChatInput) -> Result<(Vec<u32>, Reasoning), ApiError> {
+/// The token ids of a chat's prompt, its reasoning mode and its tools
+/// (checked).
+pub(super) fn chat_prompt<'a>(
+    state: &AppState,
+    input: &'a ChatInput,
+) -> Result<(Vec<u32>, Reasoning, &'a [Value]), ApiError> {
     let kwargs = input.chat_template_kwargs.clone().unwrap_or(Value::Null);
     let effort = input.reasoning_effort.as_deref().or_else(|| kwargs.get("reasoning_effort").and_then(Value::as_str));
     let reasoning = match (effort, kwargs.get("thinking").and_then(Value::as_bool)) {
@@ -146,7 +151,7 @@ pub(super) fn chat_prompt(state: &AppState, input: &ChatInput) -> Result<(Vec<u3
         .tokenizer
         .encode_protected(&prompt.text, &prompt.client)
         .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}"), None))?;
-    Ok((ids, reasoning))
+    Ok((ids, reasoning, tools))
 }
 
 pub(super) fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
