@@ -11,7 +11,9 @@ use rayon::prelude::*;
 
 use crate::compressor::{self, visible_entries};
 use crate::config::{LayerType, ModelConfig};
-use crate::kernels::{self, rms_norm};
+use crate::indexer;
+use crate::kernels::{self, KeyBlocks, Span, rms_norm};
+use crate::profile::{self, Part};
 use crate::state::LayerState;
 use crate::weights::AttentionWeights;
 
@@ -50,64 +52,109 @@ pub fn forward(
     }
     if let (Some(iw), Some(is)) = (&w.indexer, state.indexer.as_mut()) {
         compressor::compress(&iw.compressor, is, x, rows, &cfg.rope_compress, eps);
-        selected = Some(compressor::select(iw, cfg, is, x, &q_residual, rows, first_position, &cfg.rope_compress));
+        selected = Some(indexer::select(iw, cfg, is, x, &q_residual, rows, first_position, &cfg.rope_compress));
     }
     let compressed: &[f32] = state.compressor.as_ref().map_or(&[], |c| &c.entries);
 
     // Keys: the cached window (oldest first) followed by this chunk's tokens.
     let cached = state.window.len() / hd;
     let keys: Vec<f32> = state.window.iter().chain(&kv).copied().collect();
-    let scale = (hd as f32).powf(-0.5);
-    let sinks = w.sinks.data();
-    let window = cfg.sliding_window;
     let layer_type = cfg.layer_types[layer];
-
+    // HCA queries see a prefix of the entries: laid out for scoring once.
+    let hca = match layer_type {
+        LayerType::Hca => KeyBlocks::from_rows(compressed, hd),
+        _ => KeyBlocks::new(hd),
+    };
+    let sight = Sight {
+        keys: &keys,
+        cached,
+        window: cfg.sliding_window,
+        compressed,
+        selected: selected.as_deref(),
+        hca: (layer_type == LayerType::Hca).then_some((&hca, cfg.hca_rate)),
+        hd,
+    };
+    let sinks = w.sinks.data();
+    let scale = (hd as f32).powf(-0.5);
+    let group = heads.min(HEAD_GROUP);
+    let groups = heads.div_ceil(group);
     let mut out = vec![0.0; rows * heads * hd];
     let task = |(i, o): (usize, &mut [f32])| {
-        let (r, h) = (i / heads, i % heads);
-        let position = first_position + r;
-        let qh = &q[(r * heads + h) * hd..(r * heads + h + 1) * hd];
-        // Window keys: positions max(0, position - window + 1) ..= position.
-        let last = cached + r;
-        let first = (last + 1).saturating_sub(window);
-        let mut ids: Vec<&[f32]> = (first..=last).map(|k| &keys[k * hd..(k + 1) * hd]).collect();
-        let entry = |e: usize| &compressed[e * hd..(e + 1) * hd];
-        match layer_type {
-            LayerType::Csa => ids.extend(selected.as_ref().map_or(&[][..], |s| &s[r][..]).iter().map(|&e| entry(e))),
-            LayerType::Hca => {
-                ids.extend((0..visible_entries(position, cfg.hca_rate, compressed.len() / hd)).map(entry))
-            }
-            LayerType::Sliding => {}
+        let (r, h0) = (i / groups, i % groups * group);
+        let qs = &q[(r * heads + h0) * hd..(r * heads + h0) * hd + o.len()];
+        sight.attend(qs, scale, r, first_position + r, &sinks[h0..h0 + o.len() / hd], o);
+        for oh in o.chunks_exact_mut(hd) {
+            rope.apply(oh, hd, first_position + r, true);
         }
-        let mut logits = vec![0.0; ids.len()];
-        kernels::dots(qh, &ids, &mut logits);
-        logits.iter_mut().for_each(|l| *l *= scale);
-        let max = logits.iter().copied().fold(sinks[h], f32::max);
-        let mut denom = 0.0;
-        for l in logits.iter_mut() {
-            *l = (*l - max).exp();
-            denom += *l;
-        }
-        denom += (sinks[h] - max).exp();
-        for (p, v) in logits.iter().zip(&ids) {
-            let p = p / denom;
-            for (o, v) in o.iter_mut().zip(v.iter()) {
-                *o += p * v;
-            }
-        }
-        rope.apply(o, hd, position, true);
     };
-    if rows * heads > 1 {
-        out.par_chunks_mut(hd).enumerate().for_each(task);
+    // A task per token and group of its heads (which share its keys).
+    let parts: Vec<&mut [f32]> = out.chunks_mut(heads * hd).flat_map(|row| row.chunks_mut(group * hd)).collect();
+    if parts.len() > 1 {
+        parts.into_par_iter().enumerate().for_each(task);
     } else {
-        out.chunks_mut(hd).enumerate().for_each(task);
+        parts.into_iter().enumerate().for_each(task);
     }
 
     // Keep the last `window - 1` keys: the next token completes its window.
-    let keep = (cached + rows).min(window.saturating_sub(1));
+    let keep = (cached + rows).min(cfg.sliding_window.saturating_sub(1));
     state.window = keys[(cached + rows - keep) * hd..].to_vec();
 
     output_projection(w, cfg, &out, rows)
+}
+
+/// Heads scored together against a token's keys.
+const HEAD_GROUP: usize = 16;
+
+/// What the queries of one chunk may see.
+struct Sight<'a> {
+    /// The cached window's keys (`cached` of them, oldest first), then the
+    /// chunk's own, `[_, hd]`.
+    keys: &'a [f32],
+    cached: usize,
+    window: usize,
+    /// Compressed entries `[_, hd]`.
+    compressed: &'a [f32],
+    /// CSA: each query's chosen entries.
+    selected: Option<&'a [Vec<usize>]>,
+    /// HCA: the entries laid out for scoring, and the compression rate.
+    hca: Option<(&'a KeyBlocks, usize)>,
+    hd: usize,
+}
+
+impl Sight<'_> {
+    /// Attention of the query heads `qs: [g, hd]` of the chunk's token `r`
+    /// (at `position`) into `o: [g, hd]`: its window keys, then its chosen
+    /// or visible entries, and each head's sink in the denominator.
+    fn attend(&self, qs: &[f32], scale: f32, r: usize, position: usize, sinks: &[f32], o: &mut [f32]) {
+        let _span = profile::span(Part::Attention);
+        let hd = self.hd;
+        // Window keys: positions max(0, position - window + 1) ..= position;
+        // then CSA's chosen entries. They are also the values.
+        let last = self.cached + r;
+        let first = (last + 1).saturating_sub(self.window);
+        let mut own = self.keys[first * hd..(last + 1) * hd].to_vec();
+        for &e in self.selected.map_or(&[][..], |s| &s[r][..]) {
+            own.extend_from_slice(&self.compressed[e * hd..(e + 1) * hd]);
+        }
+        let local = KeyBlocks::from_rows(&own, hd);
+        let visible = self.hca.map_or(0, |(entries, rate)| visible_entries(position, rate, entries.len()));
+        let n = local.len() + visible;
+        // Scores and weighted values: a multiply and an add each.
+        profile::flops(Part::Attention, 4 * sinks.len() * n * hd);
+
+        let mut logits = vec![0.0; sinks.len() * n];
+        kernels::scores(qs, &local, Span { first: 0, n: local.len(), stride: n }, &mut logits);
+        if let Some((entries, _)) = self.hca.filter(|_| visible > 0) {
+            kernels::scores(qs, entries, Span { first: 0, n: visible, stride: n }, &mut logits[local.len()..]);
+        }
+        for (l, &sink) in logits.chunks_exact_mut(n).zip(sinks) {
+            kernels::softmax_with_sink(l, scale, sink);
+        }
+        kernels::mix(o, &logits, n, &own);
+        if visible > 0 {
+            kernels::mix(o, &logits[local.len()..], n, &self.compressed[..visible * hd]);
+        }
+    }
 }
 
 /// Grouped low-rank output: heads split into `o_groups` groups, each projected

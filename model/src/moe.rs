@@ -11,6 +11,7 @@
 use crate::config::{MlpType, ModelConfig, ScoringFunc};
 use crate::error::Result;
 use crate::kernels::{sigmoid, silu, softmax, softplus};
+use crate::profile::{self, Part};
 use crate::weights::{ExpertWeights, MoeWeights};
 use rayon::prelude::*;
 
@@ -73,6 +74,7 @@ impl ExpertExecutor for LocalExperts<'_> {
 
 /// The experts and weights each of `rows` tokens is sent to.
 pub fn route(w: &MoeWeights, cfg: &ModelConfig, layer: usize, x: &[f32], tokens: &[u32], rows: usize) -> Vec<Route> {
+    let _span = profile::span(Part::Moe);
     let e = cfg.n_routed_experts;
     let k = cfg.num_experts_per_tok;
     let mut scores = w.gate.forward(x, rows);
@@ -113,6 +115,7 @@ pub fn top_k(scores: &[f32], bias: Option<&[f32]>, k: usize) -> Vec<usize> {
 
 /// Clamped SwiGLU expert over `rows` tokens: `w2 · (silu(min(w1·x, L)) ⊙ clamp(w3·x, ±L))`.
 pub fn expert_ffn(w: &ExpertWeights, x: &[f32], rows: usize, limit: f32) -> Vec<f32> {
+    let _span = profile::span(Part::Moe);
     let gate = w.w1.forward(x, rows);
     let up = w.w3.forward(x, rows);
     let act: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| silu(g.min(limit)) * u.clamp(-limit, limit)).collect();
@@ -173,6 +176,7 @@ pub fn contributions<'a>(
 /// Adds each token's contributions in increasing expert id, starting from
 /// zero: the one combine order of every execution path.
 pub fn combine(routes: &[Route], contributions: &[f32], hidden: usize) -> Vec<f32> {
+    let _span = profile::span(Part::Moe);
     let mut out = vec![0.0; routes.len() * hidden];
     let mut slot = 0;
     for (r, route) in routes.iter().enumerate() {

@@ -12,7 +12,11 @@
 
 use rayon::prelude::*;
 
+use crate::profile::{self, Part};
+
 mod formats;
+mod scores;
+mod sink;
 #[cfg(test)]
 mod tests;
 #[cfg(target_arch = "x86_64")]
@@ -20,6 +24,8 @@ mod x86;
 
 pub use formats::Weights;
 use formats::{Bf16Rows, F16Rows, F32Rows, Fp4Rows, Fp8Rows, Rows};
+pub use scores::{KeyBlocks, Span, mix, scores};
+pub use sink::{exp, softmax_with_sink};
 
 #[cfg(not(target_arch = "x86_64"))]
 use formats::Rows as Source;
@@ -49,6 +55,7 @@ pub fn linear(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
 /// [`linear`] over weights in any stored format. Every format gives the bits
 /// the same weight values give as f32.
 pub fn linear_with(x: &[f32], rows: usize, w: Weights<'_>, n: usize, k: usize) -> Vec<f32> {
+    profile::flops(Part::Matmul, 2 * rows * n * k);
     // The readers index without bounds checks: the shapes are checked here.
     assert!(w.holds(n, k), "weights do not hold a [{n}, {k}] matrix");
     match w {
@@ -112,6 +119,7 @@ fn linear_in<W: Source>(x: &[f32], rows: usize, w: W, n: usize, k: usize) -> Vec
 /// Many input rows share one expansion of the weights to f32; few have
 /// them expanded in registers.
 fn task<W: Source>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize, block: &mut [f32]) {
+    let _span = profile::span(Part::Matmul);
     if W::F32 || rows < EXPAND_FROM_ROWS {
         return tile(x, rows, k, w, c0, c1, block);
     }
@@ -205,27 +213,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     dot_generic(a, b)
-}
-
-/// `out[i] = dot(q, keys[i])` for every key (attention scores), each with
-/// [`dot`]'s bits, choosing the instruction set once for all of them
-/// instead of once per score.
-pub fn dots(q: &[f32], keys: &[&[f32]], out: &mut [f32]) {
-    assert_eq!(keys.len(), out.len(), "one output per key");
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { x86::dots_avx512(q, keys, out) };
-        }
-        if avx2() {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            return unsafe { x86::dots_avx2(q, keys, out) };
-        }
-    }
-    for (o, k) in out.iter_mut().zip(keys) {
-        *o = dot_generic(q, k);
-    }
 }
 
 /// The canonical order: lane `l` accumulates `a[i]·b[i]` for `i ≡ l (mod 16)`

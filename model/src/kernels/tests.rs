@@ -1,6 +1,6 @@
 use super::*;
 
-fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+pub(super) fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
     random_bits(n, seed).into_iter().map(|s| (s as f32 / u32::MAX as f32) - 0.5).collect()
 }
 
@@ -170,36 +170,5 @@ fn stored_formats_compute_their_expanded_values() {
         // A group of rows as a matrix of its own.
         let group = linear_with(&batch, 13, w.rows(k, 130, 170), 40, k);
         assert_eq!(group, linear(&batch, 13, &values[130 * k..170 * k], 40), "{name} rows 130..170");
-    }
-}
-
-/// Attention scores batched through `dots` have exactly `dot`'s bits, on
-/// every instruction set, tails included.
-#[test]
-fn batched_dots_equal_single_dots() {
-    for dim in [16, 32, 37, 64, 128] {
-        let q = pseudo_random(dim, 1);
-        // Three blocks of sixteen keys and a remainder.
-        let flat = pseudo_random(dim * 53, 2);
-        let keys: Vec<&[f32]> = flat.chunks_exact(dim).collect();
-        let single: Vec<f32> = keys.iter().map(|k| dot(&q, k)).collect();
-        let generic: Vec<f32> = keys.iter().map(|k| dot_generic(&q, k)).collect();
-        let mut batched = vec![0.0; keys.len()];
-        dots(&q, &keys, &mut batched);
-        assert!(bits_equal(&batched, &single) && bits_equal(&single, &generic), "dim {dim}");
-        #[cfg(target_arch = "x86_64")]
-        {
-            let mut out = vec![0.0; keys.len()];
-            if avx2() {
-                // SAFETY: AVX2 and FMA are present (checked).
-                unsafe { x86::dots_avx2(&q, &keys, &mut out) };
-                assert!(bits_equal(&out, &generic), "avx2, dim {dim}");
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: AVX-512F is present (checked).
-                unsafe { x86::dots_avx512(&q, &keys, &mut out) };
-                assert!(bits_equal(&out, &generic), "avx512, dim {dim}");
-            }
-        }
     }
 }
