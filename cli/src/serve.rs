@@ -50,7 +50,7 @@ pub struct HttpArgs {
     max_batch: usize,
 
     /// Most tokens one step runs; long prompts are prefilled in chunks of what is left.
-    #[arg(long, env = "MYRIAD_STEP_TOKENS", default_value_t = 512)]
+    #[arg(long, env = "MYRIAD_STEP_TOKENS", default_value_t = myriad_model::generate::PREFILL_CHUNK)]
     step_tokens: usize,
 
     /// Requests that may wait for a place in the batch before new ones get 429.

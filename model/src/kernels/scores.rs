@@ -101,11 +101,25 @@ pub fn scores(queries: &[f32], keys: &KeyBlocks, span: Span, out: &mut [f32]) {
         // SAFETY: AVX-512F checked; shapes checked above.
         return unsafe { avx512::scores(queries, keys, span, out) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2() {
+        // SAFETY: AVX2 and FMA checked just above.
+        return unsafe { scores_avx2(queries, keys, span, out) };
+    }
+    scores_generic(queries, keys, span, out);
+}
+
+/// [`scores_generic`] with hardware FMA (same bits, far fewer cycles than
+/// `mul_add` in software).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn scores_avx2(queries: &[f32], keys: &KeyBlocks, span: Span, out: &mut [f32]) {
     scores_generic(queries, keys, span, out);
 }
 
 /// One key at a time through [`dot_generic`] (the portable path, and the
 /// reference the fast one must equal bit for bit).
+#[inline(always)]
 fn scores_generic(queries: &[f32], keys: &KeyBlocks, span: Span, out: &mut [f32]) {
     let d = keys.d;
     let mut key = vec![0.0; d];
@@ -135,9 +149,22 @@ pub fn mix(out: &mut [f32], weights: &[f32], stride: usize, values: &[f32]) {
         // SAFETY: AVX-512F checked; shapes checked above.
         return unsafe { avx512::mix(out, weights, stride, values) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2() {
+        // SAFETY: AVX2 and FMA checked just above.
+        return unsafe { mix_avx2(out, weights, stride, values) };
+    }
     mix_generic(out, weights, stride, values)
 }
 
+/// [`mix_generic`] with hardware FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn mix_avx2(out: &mut [f32], weights: &[f32], stride: usize, values: &[f32]) {
+    mix_generic(out, weights, stride, values)
+}
+
+#[inline(always)]
 fn mix_generic(out: &mut [f32], weights: &[f32], stride: usize, values: &[f32]) {
     let d = out.len() / weights.len().div_ceil(stride);
     for (j, v) in values.chunks_exact(d).enumerate() {
@@ -371,6 +398,13 @@ mod tests {
                 let span = Span { first, n: m, stride: m };
                 scores(&queries, &keys, span, &mut fast);
                 scores_generic(&queries, &keys, span, &mut portable);
+                #[cfg(target_arch = "x86_64")]
+                if crate::kernels::avx2() {
+                    let mut avx2 = vec![0.0; q * m];
+                    // SAFETY: AVX2 and FMA checked just above.
+                    unsafe { scores_avx2(&queries, &keys, span, &mut avx2) };
+                    assert!(avx2.iter().zip(&portable).all(|(a, b)| a.to_bits() == b.to_bits()), "avx2, d {d}");
+                }
                 for r in 0..q {
                     for j in 0..m {
                         let want = dot(&queries[r * d..(r + 1) * d], &rows[(first + j) * d..(first + j + 1) * d]);
@@ -383,7 +417,8 @@ mod tests {
         }
     }
 
-    /// The weighted sum has the portable bits and continues across calls.
+    /// The weighted sum has the same bits on every variant and continues
+    /// across calls.
     #[test]
     fn mix_equals_fused_chains_in_value_order() {
         for (rows, d, n) in [(4, 32, 37), (9, 16, 5), (3, 48, 1), (2, 20, 7)] {
@@ -394,6 +429,16 @@ mod tests {
             let split = n / 2;
             mix(&mut fast, &weights, n + 3, &rows_of_values[..split * d]);
             mix(&mut fast, &weights[split..], n + 3, &rows_of_values[split * d..]);
+            let mut portable = start.clone();
+            mix_generic(&mut portable, &weights, n + 3, &rows_of_values);
+            assert!(fast.iter().zip(&portable).all(|(a, b)| a.to_bits() == b.to_bits()), "portable, d {d}");
+            #[cfg(target_arch = "x86_64")]
+            if crate::kernels::avx2() {
+                let mut avx2 = start.clone();
+                // SAFETY: AVX2 and FMA checked just above.
+                unsafe { mix_avx2(&mut avx2, &weights, n + 3, &rows_of_values) };
+                assert!(avx2.iter().zip(&portable).all(|(a, b)| a.to_bits() == b.to_bits()), "avx2, d {d}");
+            }
             for h in 0..rows {
                 for x in 0..d {
                     let mut want = start[h * d + x];
