@@ -46,12 +46,19 @@ pub fn forward(
 
     // Compressed entries first: windows closed by this chunk's own tokens are
     // masked per query by the causality rule.
+    // Entries every query scores (the indexer's, HCA's) are kept laid out
+    // for scoring in the state, extended by each step.
+    let layer_type = cfg.layer_types[layer];
     let mut selected: Option<Vec<Vec<usize>>> = None;
     if let (Some(cw), Some(cs)) = (&w.compressor, state.compressor.as_mut()) {
         compressor::compress(cw, cs, x, rows, &cfg.rope_compress, eps);
+        if layer_type == LayerType::Hca {
+            cs.lay_out();
+        }
     }
     if let (Some(iw), Some(is)) = (&w.indexer, state.indexer.as_mut()) {
         compressor::compress(&iw.compressor, is, x, rows, &cfg.rope_compress, eps);
+        is.lay_out();
         selected = Some(indexer::select(iw, cfg, is, x, &q_residual, rows, first_position, &cfg.rope_compress));
     }
     let compressed: &[f32] = state.compressor.as_ref().map_or(&[], |c| &c.entries);
@@ -59,19 +66,14 @@ pub fn forward(
     // Keys: the cached window (oldest first) followed by this chunk's tokens.
     let cached = state.window.len() / hd;
     let keys: Vec<f32> = state.window.iter().chain(&kv).copied().collect();
-    let layer_type = cfg.layer_types[layer];
-    // HCA queries see a prefix of the entries: laid out for scoring once.
-    let hca = match layer_type {
-        LayerType::Hca => KeyBlocks::from_rows(compressed, hd),
-        _ => KeyBlocks::new(hd),
-    };
+    let hca = state.compressor.as_ref().filter(|_| layer_type == LayerType::Hca).map(|c| c.laid_out());
     let sight = Sight {
         keys: &keys,
         cached,
         window: cfg.sliding_window,
         compressed,
         selected: selected.as_deref(),
-        hca: (layer_type == LayerType::Hca).then_some((&hca, cfg.hca_rate)),
+        hca: hca.map(|entries| (entries, cfg.hca_rate)),
         hd,
     };
     let sinks = w.sinks.data();

@@ -26,7 +26,8 @@ const CHUNK: usize = 512;
 
 /// The indexer's choice for each of `rows` queries (`x: [rows, hidden]` and
 /// their query residual): the indices of the (at most `index_topk`) visible
-/// entries with the highest scores, ascending.
+/// entries with the highest scores, ascending. `state`'s entries must be
+/// laid out ([`CompressorState::lay_out`]).
 ///
 /// Tie rule: a higher score wins; equal scores go to the lower entry index.
 /// Only set membership matters downstream, so this fixes the result whenever
@@ -49,8 +50,9 @@ pub fn select(
     let weights_scale = (heads as f32).powf(-0.5);
     let entries = state.entry_count();
     let topk = cfg.index_topk.min(entries);
-    let keys = KeyBlocks::from_rows(&state.entries, dim);
-    let scorer = Scorer { keys: &keys, heads, softmax_scale: (dim as f32).powf(-0.5) };
+    let keys = state.laid_out();
+    debug_assert_eq!(keys.len(), entries, "the caller lays the entries out");
+    let scorer = Scorer { keys, heads, softmax_scale: (dim as f32).powf(-0.5) };
     q.par_chunks_mut(heads * dim)
         .enumerate()
         .map(|(r, qr)| {
@@ -102,17 +104,19 @@ impl Scorer<'_> {
         let mut logits = vec![0.0f32; self.heads * n];
         kernels::scores(qr, self.keys, Span { first: range.start, n, stride: n }, &mut logits);
         let mut scores = vec![0.0f32; n];
-        for (h, logits) in logits.chunks_exact(n).enumerate() {
-            for (score, logit) in scores.iter_mut().zip(logits) {
-                *score += logit.max(0.0) * self.softmax_scale * hw[h];
-            }
-        }
-        // Most entries fall below the bar: a plain comparison first.
+        kernels::relu_weighted(&logits, self.softmax_scale, hw, &mut scores);
+        // Most entries fall below the bar: sixteen plain comparisons at a
+        // time first (NaN goes through to the full rule too).
         let _span = profile::span(Part::TopK);
         let bar = best.floor.map_or(f32::NEG_INFINITY, |f| f.0);
-        for (s, e) in scores.into_iter().zip(range) {
-            if s >= bar || s.is_nan() {
-                best.offer(s, e);
+        let may_enter = |s: f32| s >= bar || s.is_nan();
+        for (group, first) in scores.chunks(16).zip(range.clone().step_by(16)) {
+            if group.iter().fold(false, |any, &s| any | may_enter(s)) {
+                for (&s, e) in group.iter().zip(first..) {
+                    if may_enter(s) {
+                        best.offer(s, e);
+                    }
+                }
             }
         }
     }

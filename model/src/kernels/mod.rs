@@ -24,7 +24,7 @@ mod x86;
 
 pub use formats::Weights;
 use formats::{Bf16Rows, F16Rows, F32Rows, Fp4Rows, Fp8Rows, Rows};
-pub use scores::{KeyBlocks, Span, mix, scores};
+pub use scores::{KeyBlocks, Span, mix, relu_weighted, scores};
 pub use sink::{exp, softmax_with_sink};
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -15,7 +15,7 @@ use super::{LANES, dot_generic};
 /// Keys in blocks of sixteen: block `b` holds keys `16b..16b + 16` as
 /// `[d][16]` (dimension `i` of key `16b + j` at `b·16d + 16i + j`); the
 /// last block is padded with zero keys.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct KeyBlocks {
     data: Vec<f32>,
     d: usize,
@@ -173,6 +173,50 @@ fn mix_generic(out: &mut [f32], weights: &[f32], stride: usize, values: &[f32]) 
             for (o, v) in o.iter_mut().zip(v) {
                 *o = p.mul_add(*v, *o);
             }
+        }
+    }
+}
+
+/// The lightning indexer's score of each key from its heads' logits
+/// `logits: [heads, n]`: `out[j] = Σ_h (max(logit, 0)·scale)·weights[h]`,
+/// summed from zero in head order; same bits on every instruction set.
+pub fn relu_weighted(logits: &[f32], scale: f32, weights: &[f32], out: &mut [f32]) {
+    assert_eq!(logits.len(), weights.len() * out.len(), "a logit per head and key");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { relu_weighted_avx512(logits, scale, weights, out) };
+        }
+        if super::avx2() {
+            // SAFETY: AVX2 and FMA checked just above.
+            return unsafe { relu_weighted_avx2(logits, scale, weights, out) };
+        }
+    }
+    relu_weighted_generic(logits, scale, weights, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn relu_weighted_avx512(logits: &[f32], scale: f32, weights: &[f32], out: &mut [f32]) {
+    relu_weighted_generic(logits, scale, weights, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn relu_weighted_avx2(logits: &[f32], scale: f32, weights: &[f32], out: &mut [f32]) {
+    relu_weighted_generic(logits, scale, weights, out)
+}
+
+#[inline(always)]
+fn relu_weighted_generic(logits: &[f32], scale: f32, weights: &[f32], out: &mut [f32]) {
+    out.fill(0.0);
+    if out.is_empty() {
+        return;
+    }
+    for (logits, w) in logits.chunks_exact(out.len()).zip(weights) {
+        for (o, l) in out.iter_mut().zip(logits) {
+            *o += l.max(0.0) * scale * w;
         }
     }
 }
@@ -448,6 +492,30 @@ mod tests {
                     assert_eq!(fast[h * d + x].to_bits(), want.to_bits(), "rows {rows}, d {d}: ({h}, {x})");
                 }
             }
+        }
+    }
+
+    /// The indexer's head sum: the scalar rule's bits on every variant.
+    #[test]
+    fn relu_weighted_sums_heads_in_order() {
+        let (heads, n) = (8, 37);
+        let logits = values(heads * n, 21);
+        let weights = values(heads, 22);
+        let mut fast = vec![1.0; n];
+        relu_weighted(&logits, 0.25, &weights, &mut fast);
+        for j in 0..n {
+            let mut want = 0.0f32;
+            for h in 0..heads {
+                want += logits[h * n + j].max(0.0) * 0.25 * weights[h];
+            }
+            assert_eq!(fast[j].to_bits(), want.to_bits(), "key {j}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::avx2() {
+            let mut avx2 = vec![0.0; n];
+            // SAFETY: AVX2 and FMA checked just above.
+            unsafe { relu_weighted_avx2(&logits, 0.25, &weights, &mut avx2) };
+            assert!(avx2.iter().zip(&fast).all(|(a, b)| a.to_bits() == b.to_bits()));
         }
     }
 

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use blocks::{StateCodecError, block_bytes, block_tokens, shaped};
 
 use crate::config::{LayerType, ModelConfig};
+use crate::kernels::KeyBlocks;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SequenceState {
@@ -50,6 +51,28 @@ pub struct CompressorState {
     pub overlap_gate: Vec<f32>,
     /// `[entries, dim]` compressed entries (normed, RoPE applied), append-only.
     pub entries: Vec<f32>,
+    /// `entries` laid out for [`crate::kernels::scores`], extended as entries are
+    /// appended ([`CompressorState::lay_out`]) so a decode step does not
+    /// lay out every entry again. Derived: not stored, not compared.
+    #[serde(skip)]
+    pub layout: Layout,
+}
+
+/// A cache of [`CompressorState::entries`] as [`KeyBlocks`]; equal to any
+/// other (it is determined by the entries, which are compared).
+#[derive(Clone, Default)]
+pub struct Layout(KeyBlocks);
+
+impl PartialEq for Layout {
+    fn eq(&self, _: &Layout) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Layout({} entries)", self.0.len())
+    }
 }
 
 impl CompressorState {
@@ -62,7 +85,23 @@ impl CompressorState {
             overlap_kv: Vec::new(),
             overlap_gate: Vec::new(),
             entries: Vec::new(),
+            layout: Layout::default(),
         }
+    }
+
+    /// Lays out the entries appended since the last call (all of them if
+    /// the entries were replaced by fewer).
+    pub fn lay_out(&mut self) {
+        let keys = &mut self.layout.0;
+        if keys.dim() != self.dim || keys.len() > self.entries.len() / self.dim {
+            *keys = KeyBlocks::new(self.dim);
+        }
+        keys.extend(&self.entries[keys.len() * self.dim..]);
+    }
+
+    /// The entries as [`lay_out`](Self::lay_out) last laid them out.
+    pub fn laid_out(&self) -> &KeyBlocks {
+        &self.layout.0
     }
 
     pub fn entry_count(&self) -> usize {
