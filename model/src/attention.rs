@@ -44,10 +44,9 @@ pub fn forward(
         rope.apply(&mut kv[r * hd..(r + 1) * hd], hd, first_position + r, false);
     }
 
-    // Compressed entries first: windows closed by this chunk's own tokens are
-    // masked per query by the causality rule.
-    // Entries every query scores (the indexer's, HCA's) are kept laid out
-    // for scoring in the state, extended by each step.
+    // Compressed entries first (windows closed by this chunk's own tokens
+    // are masked per query by the causality rule). The entries every query
+    // scores (the indexer's, HCA's) stay laid out for scoring in the state.
     let layer_type = cfg.layer_types[layer];
     let mut selected: Option<Vec<Vec<usize>>> = None;
     if let (Some(cw), Some(cs)) = (&w.compressor, state.compressor.as_mut()) {
