@@ -65,9 +65,12 @@ pub fn forward(
     // Keys: the cached window (oldest first) followed by this chunk's tokens.
     let cached = state.window.len() / hd;
     let keys: Vec<f32> = state.window.iter().chain(&kv).copied().collect();
+    // Consecutive tokens' windows overlap: all keys laid out once.
+    let key_blocks = KeyBlocks::from_rows(&keys, hd);
     let hca = state.compressor.as_ref().filter(|_| layer_type == LayerType::Hca).map(|c| c.laid_out());
     let sight = Sight {
         keys: &keys,
+        key_blocks: &key_blocks,
         cached,
         window: cfg.sliding_window,
         compressed,
@@ -109,8 +112,9 @@ const HEAD_GROUP: usize = 16;
 /// What the queries of one chunk may see.
 struct Sight<'a> {
     /// The cached window's keys (`cached` of them, oldest first), then the
-    /// chunk's own, `[_, hd]`.
+    /// chunk's own, `[_, hd]`; and the same laid out for scoring.
     keys: &'a [f32],
+    key_blocks: &'a KeyBlocks,
     cached: usize,
     window: usize,
     /// Compressed entries `[_, hd]`.
@@ -129,32 +133,52 @@ impl Sight<'_> {
     fn attend(&self, qs: &[f32], scale: f32, r: usize, position: usize, sinks: &[f32], o: &mut [f32]) {
         let _span = profile::span(Part::Attention);
         let hd = self.hd;
+        let g = sinks.len();
         // Window keys: positions max(0, position - window + 1) ..= position;
-        // then CSA's chosen entries. They are also the values.
+        // then CSA's chosen entries; then HCA's visible ones. Keys are also
+        // the values.
         let last = self.cached + r;
         let first = (last + 1).saturating_sub(self.window);
-        let mut own = self.keys[first * hd..(last + 1) * hd].to_vec();
-        for &e in self.selected.map_or(&[][..], |s| &s[r][..]) {
-            own.extend_from_slice(&self.compressed[e * hd..(e + 1) * hd]);
+        let windowed = last + 1 - first;
+        let chosen_ids = self.selected.map_or(&[][..], |s| &s[r][..]);
+        let mut chosen = Vec::with_capacity(chosen_ids.len() * hd);
+        for &e in chosen_ids {
+            chosen.extend_from_slice(&self.compressed[e * hd..(e + 1) * hd]);
         }
-        let local = KeyBlocks::from_rows(&own, hd);
         let visible = self.hca.map_or(0, |(entries, rate)| visible_entries(position, rate, entries.len()));
-        let n = local.len() + visible;
+        let n = windowed + chosen_ids.len() + visible;
         // Scores and weighted values: a multiply and an add each.
-        profile::flops(Part::Attention, 4 * sinks.len() * n * hd);
+        profile::flops(Part::Attention, 4 * g * n * hd);
 
-        let mut logits = vec![0.0; sinks.len() * n];
-        kernels::scores(qs, &local, Span { first: 0, n: local.len(), stride: n }, &mut logits);
+        let mut logits = vec![0.0; g * n];
+        // The window's scores start at its block's first key: the keys
+        // before `first` in that block are scored and dropped.
+        let start = first / KeyBlocks::BLOCK * KeyBlocks::BLOCK;
+        let lead = first - start;
+        if lead == 0 {
+            kernels::scores(qs, self.key_blocks, Span { first, n: windowed, stride: n }, &mut logits);
+        } else {
+            let m = lead + windowed;
+            let mut block = vec![0.0; g * m];
+            kernels::scores(qs, self.key_blocks, Span { first: start, n: m, stride: m }, &mut block);
+            for (l, b) in logits.chunks_exact_mut(n).zip(block.chunks_exact(m)) {
+                l[..windowed].copy_from_slice(&b[lead..]);
+            }
+        }
+        if !chosen_ids.is_empty() {
+            let span = Span { first: 0, n: chosen_ids.len(), stride: n };
+            kernels::scores(qs, &KeyBlocks::from_rows(&chosen, hd), span, &mut logits[windowed..]);
+        }
         if let Some((entries, _)) = self.hca.filter(|_| visible > 0) {
-            kernels::scores(qs, entries, Span { first: 0, n: visible, stride: n }, &mut logits[local.len()..]);
+            let span = Span { first: 0, n: visible, stride: n };
+            kernels::scores(qs, entries, span, &mut logits[windowed + chosen_ids.len()..]);
         }
         for (l, &sink) in logits.chunks_exact_mut(n).zip(sinks) {
             kernels::softmax_with_sink(l, scale, sink);
         }
-        kernels::mix(o, &logits, n, &own);
-        if visible > 0 {
-            kernels::mix(o, &logits[local.len()..], n, &self.compressed[..visible * hd]);
-        }
+        kernels::mix(o, &logits, n, &self.keys[first * hd..(last + 1) * hd]);
+        kernels::mix(o, &logits[windowed..], n, &chosen);
+        kernels::mix(o, &logits[windowed + chosen_ids.len()..], n, &self.compressed[..visible * hd]);
     }
 }
 

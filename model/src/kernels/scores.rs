@@ -23,6 +23,9 @@ pub struct KeyBlocks {
 }
 
 impl KeyBlocks {
+    /// Keys per block: a [`Span`] starts at a multiple of this.
+    pub const BLOCK: usize = LANES;
+
     /// No keys yet, each `d` wide.
     pub fn new(d: usize) -> Self {
         KeyBlocks { data: Vec::new(), d, len: 0 }
