@@ -93,7 +93,32 @@ pub fn router(state: Arc<AppState>) -> Router {
         })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(refuse_declared_oversize))
         .with_state(state)
+}
+
+/// Most bytes of a refused body read and dropped before answering (see
+/// [`refuse_declared_oversize`]).
+const DRAIN_BYTES: u64 = 64 << 20;
+
+/// A body whose `Content-Length` is over [`MAX_BODY_BYTES`] is refused
+/// before it is read. A client that waits for `Expect: 100-continue` gets
+/// the 413 without sending it. Most others (urllib, requests) send the whole
+/// body before reading any reply: if the connection closed under them they
+/// would see a reset instead of the 413, so a body of up to
+/// [`DRAIN_BYTES`] is read and dropped first.
+async fn refuse_declared_oversize(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let length = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let Some(length) = length.filter(|&n| n > MAX_BODY_BYTES as u64) else {
+        return next.run(request).await;
+    };
+    let waits =
+        request.headers().get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if !waits && length <= DRAIN_BYTES {
+        let mut body = request.into_body().into_data_stream();
+        while let Some(Ok(_)) = futures::StreamExt::next(&mut body).await {}
+    }
+    ApiError::too_large(format!("the request body is larger than {} MiB", MAX_BODY_BYTES >> 20)).into_response()
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
