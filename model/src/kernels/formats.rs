@@ -4,7 +4,7 @@
 //! Every reader gives exactly the f32 values [`crate::quant`] and
 //! [`crate::tensor::widen_half`] define.
 
-use crate::quant::{self, E2M1_TWICE, E4M3, E8M0, E8M0_HALF, FP4_GROUP, FP8_BLOCK};
+use crate::quant::{self, E2M1_TWICE, E4M3, E8M0_HALF, FP4_GROUP, FP8_BLOCK};
 use crate::tensor::widen_half;
 
 /// A weight matrix `[n, k]` in its stored format, as the matmul reads it.
@@ -82,6 +82,11 @@ pub(crate) trait Rows: Copy + Send + Sync {
     fn value(&self, c: usize, j: usize) -> f32;
     /// Row `c` as f32: borrowed when stored so, else expanded into `scratch`.
     fn row<'s>(&'s self, c: usize, k: usize, scratch: &'s mut Vec<f32>) -> &'s [f32];
+    /// These rows as block-FP8, whose scales a task of few input rows may
+    /// move onto its inputs (`super::fp8_few_rows`).
+    fn as_fp8(&self) -> Option<Fp8Rows<'_>> {
+        None
+    }
 }
 
 /// Expands row `c` of `w` through [`Weights::expand`].
@@ -158,15 +163,6 @@ impl Fp8Rows<'_> {
         // (`Weights::holds`), and `c`, `j` lie inside the matrix.
         unsafe { *self.scales.get_unchecked(at) }
     }
-
-    /// [`Self::scale`] times `2^8`, exactly: the SIMD kernels expand codes
-    /// at `2^-8` of their value and take the factor back here (the load
-    /// refuses scales of magnitude [`quant::FP8_SCALE_LIMIT`] and up, which
-    /// this would overflow).
-    #[inline(always)]
-    pub fn kernel_scale(&self, c: usize, j: usize) -> f32 {
-        self.scale(c, j) * 256.0
-    }
 }
 
 impl Rows for Fp8Rows<'_> {
@@ -176,6 +172,29 @@ impl Rows for Fp8Rows<'_> {
     fn row<'s>(&'s self, c: usize, k: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
         let w = Weights::Fp8 { codes: self.codes, scales: self.scales, first: self.first };
         expanded(w, c, k, scratch)
+    }
+    fn as_fp8(&self) -> Option<Fp8Rows<'_>> {
+        Some(*self)
+    }
+}
+
+/// Block-FP8 codes without their scales, each read as its E4M3 value times
+/// `2^-8` (exact, subnormal codes included): what a task reads once it has
+/// moved each block's scale, times `2^8`, onto its inputs.
+#[derive(Clone, Copy)]
+pub(crate) struct Fp8Codes<'a> {
+    pub codes: &'a [u8],
+    pub k: usize,
+}
+
+impl Rows for Fp8Codes<'_> {
+    fn value(&self, c: usize, j: usize) -> f32 {
+        E4M3[usize::from(self.codes[c * self.k + j])] / 256.0
+    }
+    fn row<'s>(&'s self, c: usize, k: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        scratch.clear();
+        scratch.extend((0..k).map(|j| self.value(c, j)));
+        scratch
     }
 }
 
@@ -202,12 +221,6 @@ impl Fp4Rows<'_> {
     #[inline(always)]
     pub fn half_scale(&self, c: usize, j: usize) -> f32 {
         E8M0_HALF[self.scale_code(c, j)]
-    }
-
-    /// The scale of the group holding weight `j` of row `c`.
-    #[inline(always)]
-    pub fn scale(&self, c: usize, j: usize) -> f32 {
-        E8M0[self.scale_code(c, j)]
     }
 }
 

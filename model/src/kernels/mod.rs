@@ -13,6 +13,7 @@
 use rayon::prelude::*;
 
 use crate::profile::{self, Part};
+use crate::quant;
 
 mod formats;
 mod scores;
@@ -23,7 +24,7 @@ mod tests;
 mod x86;
 
 pub use formats::Weights;
-use formats::{Bf16Rows, F16Rows, F32Rows, Fp4Rows, Fp8Rows, Rows};
+use formats::{Bf16Rows, F16Rows, F32Rows, Fp4Rows, Fp8Codes, Fp8Rows, Rows};
 pub use scores::{KeyBlocks, Span, mix, relu_weighted, scores};
 pub use sink::{exp, softmax_with_sink};
 
@@ -121,6 +122,9 @@ fn linear_in<W: Source>(x: &[f32], rows: usize, w: W, n: usize, k: usize) -> Vec
 fn task<W: Source>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize, block: &mut [f32]) {
     let _span = profile::span(Part::Matmul);
     if W::F32 || rows < EXPAND_FROM_ROWS {
+        if let Some(fp8) = w.as_fp8() {
+            return fp8_few_rows(x, rows, k, fp8, c0, c1, block);
+        }
         return tile(x, rows, k, w, c0, c1, block);
     }
     let mut expanded = vec![0.0; (c1 - c0) * k];
@@ -128,14 +132,74 @@ fn task<W: Source>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize,
     tile(x, rows, k, F32Rows { w: &expanded, k }, 0, c1 - c0, block)
 }
 
+/// [`task`] for few input rows against block-FP8 weights. Where a block
+/// row's scales are powers of two, each one, times `2^8`, moves onto the
+/// inputs it multiplies, and the kernels read the bare codes ([`Fp8Codes`]):
+/// `(x·s·2^8)·(q·2^-8)` is the same real number as `x·(q·s)`, so every
+/// fused multiply-add, and the result, keeps its bits, and each weight
+/// costs no multiply by its scale. That holds while `x·s·2^8` and `q·s` are
+/// exact in f32, which is checked (a block row where it fails reads its
+/// scaled weights as before).
+fn fp8_few_rows(x: &[f32], rows: usize, k: usize, w: Fp8Rows<'_>, c0: usize, c1: usize, block: &mut [f32]) {
+    let blocks = k.div_ceil(quant::FP8_BLOCK);
+    let codes = Fp8Codes { codes: w.codes, k };
+    let mut scaled = vec![0.0; rows * k];
+    let mut part = Vec::new();
+    let mut c = c0;
+    while c < c1 {
+        let block_row = (w.first + c) / quant::FP8_BLOCK;
+        let end = ((block_row + 1) * quant::FP8_BLOCK - w.first).min(c1);
+        let scales = &w.scales[block_row * blocks..(block_row + 1) * blocks];
+        let out = if rows == 1 {
+            &mut block[c - c0..end - c0]
+        } else {
+            part.resize(rows * (end - c), 0.0);
+            &mut part[..]
+        };
+        if scale_inputs(x, k, scales, &mut scaled) {
+            tile(&scaled, rows, k, codes, c, end, out);
+        } else {
+            tile(x, rows, k, w, c, end, out);
+        }
+        if rows > 1 {
+            for r in 0..rows {
+                block[r * (c1 - c0) + c - c0..][..end - c].copy_from_slice(&part[r * (end - c)..][..end - c]);
+            }
+        }
+        c = end;
+    }
+}
+
+/// `out = x · s · 2^8`, each input times the scale of its 128-block, when
+/// every scale is a normal power of two (so every `q·s` is exact: E4M3
+/// values are multiples of `2^-9` with 4 significant bits) and every
+/// product is exact; false otherwise.
+fn scale_inputs(x: &[f32], k: usize, scales: &[f32], out: &mut [f32]) -> bool {
+    if !scales.iter().all(|&s| s.is_normal() && s.to_bits() & 0x007F_FFFF == 0) {
+        return false;
+    }
+    let mut exact = true;
+    for (xr, outr) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+        for ((xb, ob), &s) in xr.chunks(quant::FP8_BLOCK).zip(outr.chunks_mut(quant::FP8_BLOCK)).zip(scales) {
+            let s = s * 256.0;
+            for (&v, o) in xb.iter().zip(ob.iter_mut()) {
+                *o = v * s;
+                exact &= f64::from(v) * f64::from(s) == f64::from(*o);
+            }
+        }
+    }
+    exact
+}
+
 /// Computes `block[r][c - c0] = dot(x[r], w[c])` with the best instruction
 /// set the CPU has; all variants produce identical bits.
 fn tile<W: Source>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize, block: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above); `x` is
-            // `[rows, k]`, `block` `[rows, c1 - c0]`, `c1` at most `w`'s rows.
+        if avx512() {
+            // SAFETY: the CPU supports AVX-512F and BW (checked just above);
+            // `x` is `[rows, k]`, `block` `[rows, c1 - c0]`, `c1` at most
+            // `w`'s rows.
             return unsafe { x86::tile_avx512(x, rows, k, w, c0, c1, block) };
         }
         if avx2() {
@@ -150,8 +214,8 @@ fn tile<W: Source>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize,
 fn expand<W: Source>(w: W, k: usize, c0: usize, c1: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F checked; `c1` is at most `w`'s rows.
+        if avx512() {
+            // SAFETY: AVX-512F and BW checked; `c1` is at most `w`'s rows.
             return unsafe { x86::expand_avx512(w, k, c0, c1, out) };
         }
         if avx2() {
@@ -163,6 +227,12 @@ fn expand<W: Source>(w: W, k: usize, c0: usize, c1: usize, out: &mut [f32]) {
     for (row, c) in out.chunks_exact_mut(k).zip(c0..c1) {
         row.copy_from_slice(w.row(c, k, &mut scratch));
     }
+}
+
+/// Whether the matmul's AVX-512 path (AVX-512F and BW) runs here.
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")
 }
 
 /// Whether the AVX2 path (AVX2, FMA and F16C) runs here.

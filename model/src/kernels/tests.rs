@@ -136,6 +136,7 @@ fn stored_formats_agree_across_variants() {
             let fp8 = Fp8Rows { codes: &s.fp8, scales: &s.fp8_scales, first, k };
             assert_variants_agree(&x, rows, k, fp8, cols, &what(&format!("fp8 from {first}")));
         }
+        assert_variants_agree(&x, rows, k, Fp8Codes { codes: &s.fp8, k }, cols, &what("fp8 codes"));
         if k % 32 == 0 {
             let fp4 = Fp4Rows { packed: &s.fp4, scales: &s.fp4_scales, k };
             assert_variants_agree(&x, rows, k, fp4, cols, &what("fp4"));
@@ -170,5 +171,36 @@ fn stored_formats_compute_their_expanded_values() {
         // A group of rows as a matrix of its own.
         let group = linear_with(&batch, 13, w.rows(k, 130, 170), 40, k);
         assert_eq!(group, linear(&batch, 13, &values[130 * k..170 * k], 40), "{name} rows 130..170");
+    }
+}
+
+/// A task of few input rows moves block-FP8 scales onto its inputs where
+/// that is exact, and keeps them on the weights where it is not: either
+/// way each output is the bits the expanded weights give. The inputs are
+/// powers of two but one, so only these blocks need the scales kept on the
+/// weights: one whose scale pushes an input out of f32's range
+/// (`2^100 · 2^31 · 2^8`), one that pushes the other input into its
+/// subnormals, losing bits (`(1 + 2^-20) · 2^-30 · 2^-110 · 2^8`), and a
+/// block row of F32 scales `1 + 2^-23`, which make `q·s` inexact.
+#[test]
+fn fp8_scales_move_onto_inputs_only_when_exact() {
+    let (k, n) = (300, 260);
+    let s = stored(n, k, 11);
+    let blocks = k.div_ceil(128);
+    let mut scales: Vec<f32> = (0..s.fp8_scales.len()).map(|b| 2f32.powi(b as i32 % 7 - 4)).collect();
+    scales[1] = 2f32.powi(31);
+    scales[blocks] = 2f32.powi(-110);
+    scales[2 * blocks..3 * blocks].iter_mut().for_each(|s| *s = 1.0 + f32::EPSILON);
+    let w = Weights::Fp8 { codes: &s.fp8, scales: &scales, first: 0 };
+    let mut values = Vec::new();
+    w.expand(k, &mut values);
+    for rows in 1..=7 {
+        let mut x: Vec<f32> =
+            random_bits(rows * k, 12 + rows as u32).iter().map(|&b| (b as i32 % 9 - 4) as f32).map(f32::exp2).collect();
+        x.iter_mut().step_by(3).for_each(|v| *v = -*v);
+        x[130] = 2f32.powi(100); // row 0, block 1
+        x[(rows - 1) * k + 5] = (1.0 + 2f32.powi(-20)) * 2f32.powi(-30); // the last row, block 0
+        let got = linear_with(&x, rows, w, n, k);
+        assert!(bits_equal(&got, &linear(&x, rows, &values, n)), "{rows} rows");
     }
 }

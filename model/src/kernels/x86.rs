@@ -11,72 +11,89 @@
 
 use std::arch::x86_64::*;
 
-use super::formats::{Bf16Rows, F16Rows, F32Rows, Fp4Rows, Fp8Rows, Rows};
+use super::formats::{Bf16Rows, F16Rows, F32Rows, Fp4Rows, Fp8Codes, Fp8Rows, Rows};
 use super::{LANES, dot_generic, reduce};
-use crate::quant::{E2M1_TWICE, FP4_GROUP};
+use crate::quant::{E2M1_TWICE, E8M0, E8M0_HALF, FP4_GROUP, FP8_BLOCK};
 
-/// Loads weights `i..i + 16` of row `c` as f32 vectors.
+/// Loads weights `i..i + 16` of one weight row as f32 vectors. A kernel
+/// takes each of its rows once ([`Load::row_at`]: pointers to the row's
+/// weights and scales) and steps through them by input index, so the inner
+/// loop does no row arithmetic.
 ///
 /// # Safety
-/// The caller runs with AVX-512F (`load512`) or AVX2+FMA+F16C (`load256`),
-/// `c` is a row of the matrix, `i` a multiple of 16 and `i + 16 <= k`.
+/// The caller runs with AVX-512F and BW (`load512`, `load512_pair`) or
+/// AVX2+FMA+F16C (`load256`),
+/// the row lies inside the matrix, `i` is a multiple of 16 and `i + 16 <= k`.
 pub(crate) trait Load: Rows {
+    /// Where one weight row's data starts.
+    type Row: Copy;
     /// Inputs of one row per 64-byte line of its stored weights.
     const LINE_INPUTS: usize;
 
-    /// Asks the cache for the line holding weight `i` of row `c` (and for
-    /// the line of its scales, once per line of them). `c` may lie past
-    /// the matrix: a prefetch never faults and reads nothing.
-    fn prefetch(&self, c: usize, i: usize);
+    /// Row `c` of the matrix.
+    fn row_at(&self, c: usize) -> Self::Row;
 
-    unsafe fn load512(&self, c: usize, i: usize) -> __m512;
-    unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256);
+    /// Asks the cache for the line holding weight `i` of `row` (and for
+    /// the line of its scales, once per line of them). `i` may lie past the
+    /// row (`i + m·k` is weight `i` of the row `m` on) and past the matrix:
+    /// a prefetch never faults and reads nothing.
+    fn prefetch(row: Self::Row, i: usize);
 
-    /// Weights `i..i + 32` of row `c` as two vectors (`i + 32 <= k`), for
+    unsafe fn load512(row: Self::Row, i: usize) -> __m512;
+    unsafe fn load256(row: Self::Row, i: usize) -> (__m256, __m256);
+
+    /// Weights `i..i + 32` of `row` as two vectors (`i + 32 <= k`), for
     /// formats that decode 32 at a time more cheaply than twice 16.
     #[inline(always)]
-    unsafe fn load512_pair(&self, c: usize, i: usize) -> (__m512, __m512) {
-        unsafe { (self.load512(c, i), self.load512(c, i + LANES)) }
+    unsafe fn load512_pair(row: Self::Row, i: usize) -> (__m512, __m512) {
+        unsafe { (Self::load512(row, i), Self::load512(row, i + LANES)) }
     }
 }
 
 impl Load for F32Rows<'_> {
+    type Row = *const f32;
     const LINE_INPUTS: usize = 16;
     #[inline(always)]
-    fn prefetch(&self, c: usize, i: usize) {
-        fetch(self.w.as_ptr().wrapping_add(c * self.k + i).cast());
+    fn row_at(&self, c: usize) -> *const f32 {
+        self.w.as_ptr().wrapping_add(c * self.k)
     }
     #[inline(always)]
-    unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
-        unsafe { _mm512_loadu_ps(self.w.as_ptr().add(c * self.k + i)) }
+    fn prefetch(row: *const f32, i: usize) {
+        fetch(row.wrapping_add(i).cast());
     }
     #[inline(always)]
-    unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256) {
-        unsafe {
-            let p = self.w.as_ptr().add(c * self.k + i);
-            (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
-        }
+    unsafe fn load512(row: *const f32, i: usize) -> __m512 {
+        unsafe { _mm512_loadu_ps(row.add(i)) }
+    }
+    #[inline(always)]
+    unsafe fn load256(row: *const f32, i: usize) -> (__m256, __m256) {
+        unsafe { (_mm256_loadu_ps(row.add(i)), _mm256_loadu_ps(row.add(i + 8))) }
     }
 }
 
 /// BF16 is the top half of an f32: widen, shift left 16.
 impl Load for Bf16Rows<'_> {
+    type Row = *const u8;
     const LINE_INPUTS: usize = 32;
     #[inline(always)]
-    fn prefetch(&self, c: usize, i: usize) {
-        fetch(self.bytes.as_ptr().wrapping_add(2 * (c * self.k + i)));
+    fn row_at(&self, c: usize) -> *const u8 {
+        self.bytes.as_ptr().wrapping_add(2 * c * self.k)
     }
     #[inline(always)]
-    unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
+    fn prefetch(row: *const u8, i: usize) {
+        fetch(row.wrapping_add(2 * i));
+    }
+    #[inline(always)]
+    unsafe fn load512(row: *const u8, i: usize) -> __m512 {
         unsafe {
-            let halves = _mm256_loadu_si256(self.bytes.as_ptr().add(2 * (c * self.k + i)).cast());
+            let halves = _mm256_loadu_si256(row.add(2 * i).cast());
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)))
         }
     }
     #[inline(always)]
-    unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256) {
+    unsafe fn load256(row: *const u8, i: usize) -> (__m256, __m256) {
         unsafe {
-            let p = self.bytes.as_ptr().add(2 * (c * self.k + i));
+            let p = row.add(2 * i);
             let lo = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
             let hi = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(16).cast()));
             (_mm256_castsi256_ps(_mm256_slli_epi32::<16>(lo)), _mm256_castsi256_ps(_mm256_slli_epi32::<16>(hi)))
@@ -85,19 +102,24 @@ impl Load for Bf16Rows<'_> {
 }
 
 impl Load for F16Rows<'_> {
+    type Row = *const u8;
     const LINE_INPUTS: usize = 32;
     #[inline(always)]
-    fn prefetch(&self, c: usize, i: usize) {
-        fetch(self.bytes.as_ptr().wrapping_add(2 * (c * self.k + i)));
+    fn row_at(&self, c: usize) -> *const u8 {
+        self.bytes.as_ptr().wrapping_add(2 * c * self.k)
     }
     #[inline(always)]
-    unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(self.bytes.as_ptr().add(2 * (c * self.k + i)).cast())) }
+    fn prefetch(row: *const u8, i: usize) {
+        fetch(row.wrapping_add(2 * i));
     }
     #[inline(always)]
-    unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256) {
+    unsafe fn load512(row: *const u8, i: usize) -> __m512 {
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(row.add(2 * i).cast())) }
+    }
+    #[inline(always)]
+    unsafe fn load256(row: *const u8, i: usize) -> (__m256, __m256) {
         unsafe {
-            let p = self.bytes.as_ptr().add(2 * (c * self.k + i));
+            let p = row.add(2 * i);
             (_mm256_cvtph_ps(_mm_loadu_si128(p.cast())), _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast())))
         }
     }
@@ -109,7 +131,7 @@ impl Load for F16Rows<'_> {
 /// subnormal codes included, as F16 subnormals), its sign on the F16's, and
 /// a copy of the sign on the exponent's top bit, which is cleared. The
 /// conversion to f32 is then exact, and the kernels take the `2^8` back in
-/// the block scale ([`Fp8Rows::kernel_scale`]). NaN codes never get here
+/// the block scale ([`Fp8Row::scale`]). NaN codes never get here
 /// (refused at load).
 #[inline(always)]
 unsafe fn e4m3_f16(codes: __m128i) -> __m256i {
@@ -119,24 +141,71 @@ unsafe fn e4m3_f16(codes: __m128i) -> __m256i {
     }
 }
 
+/// One block-FP8 row: its codes, and the scales of its block row, one per
+/// 128 inputs.
+#[derive(Clone, Copy)]
+pub(crate) struct Fp8Row {
+    codes: *const u8,
+    scales: *const f32,
+}
+
+impl Fp8Row {
+    /// The scale of the block holding input `i`, times `2^8` exactly: the
+    /// codes are expanded at `2^-8` of their value ([`e4m3_f16`]). The load
+    /// refuses scales of magnitude [`crate::quant::FP8_SCALE_LIMIT`] and up,
+    /// which this would overflow.
+    #[inline(always)]
+    unsafe fn scale(self, i: usize) -> f32 {
+        unsafe { *self.scales.add(i / FP8_BLOCK) * 256.0 }
+    }
+}
+
+/// [`e4m3_f16`] for 32 codes at once (AVX-512BW), as two f32 vectors.
+#[inline(always)]
+unsafe fn e4m3_pair(codes: *const u8) -> (__m512, __m512) {
+    unsafe {
+        let words = _mm512_slli_epi16::<7>(_mm512_cvtepi8_epi16(_mm256_loadu_si256(codes.cast())));
+        let halves = _mm512_and_si512(words, _mm512_set1_epi16(!(1 << 14)));
+        (_mm512_cvtph_ps(_mm512_castsi512_si256(halves)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(halves)))
+    }
+}
+
 impl Load for Fp8Rows<'_> {
+    type Row = Fp8Row;
     const LINE_INPUTS: usize = 64;
     #[inline(always)]
-    fn prefetch(&self, c: usize, i: usize) {
-        fetch(self.codes.as_ptr().wrapping_add(c * self.k + i));
-    }
-    #[inline(always)]
-    unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
-        unsafe {
-            let codes = _mm_loadu_si128(self.codes.as_ptr().add(c * self.k + i).cast());
-            _mm512_mul_ps(_mm512_cvtph_ps(e4m3_f16(codes)), _mm512_set1_ps(self.kernel_scale(c, i)))
+    fn row_at(&self, c: usize) -> Fp8Row {
+        let block_row = (self.first + c) / FP8_BLOCK * self.k.div_ceil(FP8_BLOCK);
+        Fp8Row {
+            codes: self.codes.as_ptr().wrapping_add(c * self.k),
+            scales: self.scales.as_ptr().wrapping_add(block_row),
         }
     }
     #[inline(always)]
-    unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256) {
+    fn prefetch(row: Fp8Row, i: usize) {
+        fetch(row.codes.wrapping_add(i));
+    }
+    #[inline(always)]
+    unsafe fn load512(row: Fp8Row, i: usize) -> __m512 {
         unsafe {
-            let codes = _mm_loadu_si128(self.codes.as_ptr().add(c * self.k + i).cast());
-            let scale = _mm256_set1_ps(self.kernel_scale(c, i));
+            let codes = _mm_loadu_si128(row.codes.add(i).cast());
+            _mm512_mul_ps(_mm512_cvtph_ps(e4m3_f16(codes)), _mm512_set1_ps(row.scale(i)))
+        }
+    }
+    #[inline(always)]
+    unsafe fn load512_pair(row: Fp8Row, i: usize) -> (__m512, __m512) {
+        unsafe {
+            // Inputs i..i + 32 lie in one 128-block: i is a multiple of 32.
+            let scale = _mm512_set1_ps(row.scale(i));
+            let (first, second) = e4m3_pair(row.codes.add(i));
+            (_mm512_mul_ps(first, scale), _mm512_mul_ps(second, scale))
+        }
+    }
+    #[inline(always)]
+    unsafe fn load256(row: Fp8Row, i: usize) -> (__m256, __m256) {
+        unsafe {
+            let codes = _mm_loadu_si128(row.codes.add(i).cast());
+            let scale = _mm256_set1_ps(row.scale(i));
             let halves = e4m3_f16(codes);
             let lo = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
             let hi = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(halves));
@@ -145,18 +214,115 @@ impl Load for Fp8Rows<'_> {
     }
 }
 
-/// The 16 MXFP4 codes of inputs `i..i + 16` (`i` a multiple of 16) of row
-/// `c`, in input order, as twice their value in signed bytes. Kernel order
-/// ([`crate::quant::fp4_kernel_order`]): the group's 16 bytes hold the
-/// first 16 inputs in their low nibbles, the next 16 in the high ones.
-#[inline(always)]
-unsafe fn e2m1_twice(w: &Fp4Rows<'_>, c: usize, i: usize) -> __m128i {
-    unsafe {
-        let group = (c * w.k + i / FP4_GROUP * FP4_GROUP) / 2;
-        let bytes = _mm_loadu_si128(w.packed.as_ptr().add(group).cast());
-        let shifted = if i.is_multiple_of(FP4_GROUP) { bytes } else { _mm_srli_epi16::<4>(bytes) };
-        let codes = _mm_and_si128(shifted, _mm_set1_epi8(0x0F));
-        _mm_shuffle_epi8(_mm_loadu_si128(E2M1_TWICE.as_ptr().cast()), codes)
+impl Load for Fp8Codes<'_> {
+    type Row = *const u8;
+    const LINE_INPUTS: usize = 64;
+    #[inline(always)]
+    fn row_at(&self, c: usize) -> *const u8 {
+        self.codes.as_ptr().wrapping_add(c * self.k)
+    }
+    #[inline(always)]
+    fn prefetch(row: *const u8, i: usize) {
+        fetch(row.wrapping_add(i));
+    }
+    #[inline(always)]
+    unsafe fn load512(row: *const u8, i: usize) -> __m512 {
+        unsafe { _mm512_cvtph_ps(e4m3_f16(_mm_loadu_si128(row.add(i).cast()))) }
+    }
+    #[inline(always)]
+    unsafe fn load512_pair(row: *const u8, i: usize) -> (__m512, __m512) {
+        unsafe { e4m3_pair(row.add(i)) }
+    }
+    #[inline(always)]
+    unsafe fn load256(row: *const u8, i: usize) -> (__m256, __m256) {
+        unsafe {
+            let halves = e4m3_f16(_mm_loadu_si128(row.add(i).cast()));
+            (_mm256_cvtph_ps(_mm256_castsi256_si128(halves)), _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(halves)))
+        }
+    }
+}
+
+/// One MXFP4 row: its bytes in kernel order
+/// ([`crate::quant::fp4_kernel_order`]: a group's 16 bytes hold its first
+/// 16 inputs in their low nibbles, the next 16 in the high ones) and the
+/// E8M0 codes of its groups.
+#[derive(Clone, Copy)]
+pub(crate) struct Fp4Row {
+    packed: *const u8,
+    scales: *const u8,
+}
+
+impl Fp4Row {
+    /// The 16 codes of inputs `i..i + 16` (`i` a multiple of 16), in input
+    /// order, as twice their value in signed bytes.
+    #[inline(always)]
+    unsafe fn e2m1_twice(self, i: usize) -> __m128i {
+        unsafe {
+            let bytes = _mm_loadu_si128(self.packed.add(i / FP4_GROUP * FP4_GROUP / 2).cast());
+            let shifted = if i.is_multiple_of(FP4_GROUP) { bytes } else { _mm_srli_epi16::<4>(bytes) };
+            let codes = _mm_and_si128(shifted, _mm_set1_epi8(0x0F));
+            _mm_shuffle_epi8(_mm_loadu_si128(E2M1_TWICE.as_ptr().cast()), codes)
+        }
+    }
+
+    /// The E8M0 code of the group holding input `i`.
+    #[inline(always)]
+    unsafe fn scale_code(self, i: usize) -> usize {
+        usize::from(unsafe { *self.scales.add(i / FP4_GROUP) })
+    }
+}
+
+/// Every e2m1 value as an f32 vector, for `vpermps` lookups.
+const E2M1_VALUES: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+
+impl Load for Fp4Rows<'_> {
+    type Row = Fp4Row;
+    const LINE_INPUTS: usize = 128;
+    #[inline(always)]
+    fn row_at(&self, c: usize) -> Fp4Row {
+        Fp4Row {
+            packed: self.packed.as_ptr().wrapping_add(c * self.k / 2),
+            scales: self.scales.as_ptr().wrapping_add(c * (self.k / FP4_GROUP)),
+        }
+    }
+    #[inline(always)]
+    fn prefetch(row: Fp4Row, i: usize) {
+        fetch(row.packed.wrapping_add(i / 2));
+        if i.is_multiple_of(64 * FP4_GROUP) {
+            fetch(row.scales.wrapping_add(i / FP4_GROUP));
+        }
+    }
+    #[inline(always)]
+    unsafe fn load512(row: Fp4Row, i: usize) -> __m512 {
+        unsafe {
+            let twice = row.e2m1_twice(i);
+            let scale = _mm512_set1_ps(E8M0_HALF[row.scale_code(i)]);
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(twice)), scale)
+        }
+    }
+    #[inline(always)]
+    unsafe fn load256(row: Fp4Row, i: usize) -> (__m256, __m256) {
+        unsafe {
+            let twice = row.e2m1_twice(i);
+            let scale = _mm256_set1_ps(E8M0_HALF[row.scale_code(i)]);
+            let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(twice));
+            let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(twice)));
+            (_mm256_mul_ps(lo, scale), _mm256_mul_ps(hi, scale))
+        }
+    }
+    /// One 32-input group: its 16 bytes widened to 16 lanes, whose low four
+    /// bits are the first 16 inputs' codes and, shifted by 4, the next 16's
+    /// (`vpermps` reads only the low four bits of an index), looked up in
+    /// the group's 16 values times its scale (exact).
+    #[inline(always)]
+    unsafe fn load512_pair(row: Fp4Row, i: usize) -> (__m512, __m512) {
+        unsafe {
+            let scale = _mm512_set1_ps(E8M0[row.scale_code(i)]);
+            let table = _mm512_mul_ps(_mm512_loadu_ps(E2M1_VALUES.as_ptr()), scale);
+            let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.packed.add(i / 2).cast()));
+            let first = _mm512_permutexvar_ps(bytes, table);
+            (first, _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), table))
+        }
     }
 }
 
@@ -169,52 +335,6 @@ const PREFETCH_TILES: usize = 2;
 fn fetch(p: *const u8) {
     // SAFETY: a prefetch is only a hint: it never faults, whatever `p` is.
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
-}
-
-/// Every e2m1 value as an f32 vector, for `vpermps` lookups.
-const E2M1_VALUES: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
-
-impl Load for Fp4Rows<'_> {
-    const LINE_INPUTS: usize = 128;
-    #[inline(always)]
-    fn prefetch(&self, c: usize, i: usize) {
-        fetch(self.packed.as_ptr().wrapping_add((c * self.k + i) / 2));
-        if i.is_multiple_of(64 * FP4_GROUP) {
-            fetch(self.scales.as_ptr().wrapping_add((c * self.k + i) / FP4_GROUP));
-        }
-    }
-    #[inline(always)]
-    unsafe fn load512(&self, c: usize, i: usize) -> __m512 {
-        unsafe {
-            let twice = e2m1_twice(self, c, i);
-            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(twice)), _mm512_set1_ps(self.half_scale(c, i)))
-        }
-    }
-    #[inline(always)]
-    unsafe fn load256(&self, c: usize, i: usize) -> (__m256, __m256) {
-        unsafe {
-            let twice = e2m1_twice(self, c, i);
-            let scale = _mm256_set1_ps(self.half_scale(c, i));
-            let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(twice));
-            let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(twice)));
-            (_mm256_mul_ps(lo, scale), _mm256_mul_ps(hi, scale))
-        }
-    }
-    /// One 32-input group: its 16 bytes widened to 16 lanes, whose low four
-    /// bits are the first 16 inputs' codes and, shifted by 4, the next 16's
-    /// (`vpermps` reads only the low four bits of an index), looked up in
-    /// the group's 16 values times its scale (exact).
-    #[inline(always)]
-    unsafe fn load512_pair(&self, c: usize, i: usize) -> (__m512, __m512) {
-        unsafe {
-            let at = (c * self.k + i) / 2;
-            let scale = _mm512_set1_ps(self.scale(c, i));
-            let table = _mm512_mul_ps(_mm512_loadu_ps(E2M1_VALUES.as_ptr()), scale);
-            let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(self.packed.as_ptr().add(at).cast()));
-            let first = _mm512_permutexvar_ps(bytes, table);
-            (first, _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), table))
-        }
-    }
 }
 
 /// Walks the `[rows, c1 - c0]` output in `$r × $c` register tiles with
@@ -282,9 +402,9 @@ pub fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// `block[r][c - c0] = dot(x[r], w[c])` for weight rows `c0..c1`.
 ///
 /// # Safety
-/// AVX-512F must be available; `x: [rows, k]`, `block: [rows, c1 - c0]`,
+/// AVX-512F and BW must be available; `x: [rows, k]`, `block: [rows, c1 - c0]`,
 /// `c1` at most the rows of `w`.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 pub unsafe fn tile_avx512<W: Load>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize, block: &mut [f32]) {
     if rows == 1 {
         fetch_first_tiles(&w, k, c0, c1, 4);
@@ -297,27 +417,50 @@ pub unsafe fn tile_avx512<W: Load>(x: &[f32], rows: usize, k: usize, w: W, c0: u
 #[inline(always)]
 fn fetch_first_tiles<W: Load>(w: &W, k: usize, c0: usize, c1: usize, tile_cols: usize) {
     for c in c0..c1.min(c0 + PREFETCH_TILES * tile_cols) {
-        (0..k).step_by(W::LINE_INPUTS).for_each(|i| w.prefetch(c, i));
+        let row = w.row_at(c);
+        (0..k).step_by(W::LINE_INPUTS).for_each(|i| W::prefetch(row, i));
     }
 }
 
-/// A one-row tile streams each weight once: while its `cols` rows from
-/// `c0` read inputs `i..i + span`, fetch the same lines of the rows of the
-/// tile [`PREFETCH_TILES`] ahead.
+/// A one-row tile streams each weight once: while its rows read inputs
+/// `i..i + span` (`i` a multiple of `span`; both powers of two, as are the
+/// formats' line widths), fetch the same lines of the rows of the tile
+/// [`PREFETCH_TILES`] ahead: rows lie `k` inputs apart in every format, so
+/// those lines are at input `i` plus a whole number of rows.
 #[inline(always)]
-fn fetch_ahead<W: Load>(w: &W, c0: usize, cols: usize, i: usize, span: usize) {
-    if i % W::LINE_INPUTS < span {
-        let ahead = c0 + PREFETCH_TILES * cols;
-        for c in ahead..ahead + cols {
-            (i..i + span).step_by(W::LINE_INPUTS).for_each(|j| w.prefetch(c, j));
+fn fetch_ahead<W: Load, const C: usize>(rows: &[W::Row; C], i: usize, k: usize, span: usize) {
+    let ahead = i + PREFETCH_TILES * C * k;
+    if W::LINE_INPUTS >= span {
+        if i.is_multiple_of(W::LINE_INPUTS) {
+            for &row in rows {
+                W::prefetch(row, ahead);
+            }
+        }
+    } else {
+        for &row in rows {
+            for line in 0..span / W::LINE_INPUTS {
+                W::prefetch(row, ahead + line * W::LINE_INPUTS);
+            }
         }
     }
 }
 
-#[target_feature(enable = "avx512f")]
+/// The rows `c..c + C` of `w` (plain loops: a closure inside a
+/// `#[target_feature]` function need not be inlined).
+#[inline(always)]
+fn rows_at<W: Load, const C: usize>(w: &W, c: usize) -> [W::Row; C] {
+    let mut rows = [w.row_at(c); C];
+    for (n, row) in rows.iter_mut().enumerate().skip(1) {
+        *row = w.row_at(c + n);
+    }
+    rows
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn kernel512<W: Load, const R: usize, const C: usize>(x: &[f32], w: W, at: Tile, block: &mut [f32]) {
     let Tile { r: r0, c: c0, k, .. } = at;
     let full = k / LANES * LANES;
+    let rows = rows_at::<W, C>(&w, c0);
     let mut acc = [[_mm512_setzero_ps(); C]; R];
     let mut wv = [_mm512_setzero_ps(); C];
     let mut i = 0;
@@ -325,11 +468,11 @@ unsafe fn kernel512<W: Load, const R: usize, const C: usize>(x: &[f32], w: W, at
     let mut wv2 = [_mm512_setzero_ps(); C];
     while i + 2 * LANES <= full {
         if R == 1 {
-            fetch_ahead(&w, c0, C, i, 2 * LANES);
+            fetch_ahead::<W, C>(&rows, i, k, 2 * LANES);
         }
         for c in 0..C {
             // SAFETY: i + 32 <= full <= k, inside weight row c0 + c.
-            (wv[c], wv2[c]) = unsafe { w.load512_pair(c0 + c, i) };
+            (wv[c], wv2[c]) = unsafe { W::load512_pair(rows[c], i) };
         }
         for r in 0..R {
             // SAFETY: as above, inside input row r0 + r.
@@ -347,7 +490,7 @@ unsafe fn kernel512<W: Load, const R: usize, const C: usize>(x: &[f32], w: W, at
     while i < full {
         for c in 0..C {
             // SAFETY: i + 16 <= full <= k, inside weight row c0 + c.
-            wv[c] = unsafe { w.load512(c0 + c, i) };
+            wv[c] = unsafe { W::load512(rows[c], i) };
         }
         for r in 0..R {
             // SAFETY: as above, inside input row r0 + r.
@@ -390,6 +533,7 @@ pub unsafe fn tile_avx2<W: Load>(x: &[f32], rows: usize, k: usize, w: W, c0: usi
 unsafe fn kernel256<W: Load, const R: usize, const C: usize>(x: &[f32], w: W, at: Tile, block: &mut [f32]) {
     let Tile { r: r0, c: c0, k, .. } = at;
     let full = k / LANES * LANES;
+    let rows = rows_at::<W, C>(&w, c0);
     let mut lo = [[_mm256_setzero_ps(); C]; R];
     let mut hi = [[_mm256_setzero_ps(); C]; R];
     let mut wl = [_mm256_setzero_ps(); C];
@@ -397,11 +541,11 @@ unsafe fn kernel256<W: Load, const R: usize, const C: usize>(x: &[f32], w: W, at
     let mut i = 0;
     while i < full {
         if R == 1 {
-            fetch_ahead(&w, c0, C, i, LANES);
+            fetch_ahead::<W, C>(&rows, i, k, LANES);
         }
         for c in 0..C {
             // SAFETY: i + 16 <= full <= k: both halves stay in weight row c0 + c.
-            (wl[c], wh[c]) = unsafe { w.load256(c0 + c, i) };
+            (wl[c], wh[c]) = unsafe { W::load256(rows[c], i) };
         }
         for r in 0..R {
             // SAFETY: as above, inside input row r0 + r.
@@ -433,14 +577,15 @@ unsafe fn kernel256<W: Load, const R: usize, const C: usize>(x: &[f32], w: W, at
 /// Weight rows `c0..c1` of `w` as f32 into `out` (`[c1 - c0, k]`).
 ///
 /// # Safety
-/// AVX-512F must be available; `c1` at most the rows of `w`.
-#[target_feature(enable = "avx512f")]
+/// AVX-512F and BW must be available; `c1` at most the rows of `w`.
+#[target_feature(enable = "avx512f,avx512bw")]
 pub unsafe fn expand_avx512<W: Load>(w: W, k: usize, c0: usize, c1: usize, out: &mut [f32]) {
     let full = k / LANES * LANES;
     for (row, c) in out.chunks_exact_mut(k).zip(c0..c1) {
+        let from = w.row_at(c);
         for i in (0..full).step_by(LANES) {
             // SAFETY: i + 16 <= full <= k, inside row c of `w` and of `out`.
-            unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(i), w.load512(c, i)) };
+            unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(i), W::load512(from, i)) };
         }
         (full..k).for_each(|j| row[j] = w.value(c, j));
     }
@@ -454,10 +599,11 @@ pub unsafe fn expand_avx512<W: Load>(w: W, k: usize, c0: usize, c1: usize, out: 
 pub unsafe fn expand_avx2<W: Load>(w: W, k: usize, c0: usize, c1: usize, out: &mut [f32]) {
     let full = k / LANES * LANES;
     for (row, c) in out.chunks_exact_mut(k).zip(c0..c1) {
+        let from = w.row_at(c);
         for i in (0..full).step_by(LANES) {
             // SAFETY: as above, both halves inside row c.
             unsafe {
-                let (lo, hi) = w.load256(c, i);
+                let (lo, hi) = W::load256(from, i);
                 _mm256_storeu_ps(row.as_mut_ptr().add(i), lo);
                 _mm256_storeu_ps(row.as_mut_ptr().add(i + 8), hi);
             }
