@@ -2,6 +2,8 @@
 //! one sequence through every layer, return logits.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
@@ -102,7 +104,16 @@ impl Model {
     /// parallel matmuls of one step start and end there instead of each
     /// handing its work over from (and back to) the calling thread.
     pub fn forward_batch(&self, batch: &mut [Chunk<'_>], experts: &impl ExpertExecutor) -> Result<Vec<Vec<f32>>> {
-        rayon::scope(|_| self.step(batch, experts))
+        let done = AtomicBool::new(false);
+        rayon::scope(|s| {
+            let (home, done) = (rayon::current_thread_index(), &done);
+            for _ in 1..rayon::current_num_threads() {
+                s.spawn(move |_| keep_awake(done, home));
+            }
+            let out = self.step(batch, experts);
+            done.store(true, Ordering::Release);
+            out
+        })
     }
 
     fn step(&self, batch: &mut [Chunk<'_>], experts: &impl ExpertExecutor) -> Result<Vec<Vec<f32>>> {
@@ -201,3 +212,30 @@ impl Model {
         Ok(())
     }
 }
+
+/// Keeps a pool thread taking work until `done`, instead of falling asleep
+/// between the step's parallel parts: waking a sleeping thread is a system
+/// call for the waker and a scheduling delay before the work starts, and a
+/// decode step has a few dozen such gaps. Returns at once on the step's own
+/// thread, and after [`AWAKE_WHILE_IDLE`] without work, so a spinner that
+/// starts inside another task (possible with three threads or more) only
+/// delays it, and a step waiting on the network stops spinning.
+fn keep_awake(done: &AtomicBool, home: Option<usize>) {
+    if rayon::current_thread_index() == home {
+        return;
+    }
+    let mut idle_since = None;
+    while !done.load(Ordering::Acquire) {
+        if let Some(rayon::Yield::Executed) = rayon::yield_now() {
+            idle_since = None;
+            continue;
+        }
+        if idle_since.get_or_insert_with(Instant::now).elapsed() > AWAKE_WHILE_IDLE {
+            return;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// How long [`keep_awake`] waits for work before it lets its thread sleep.
+const AWAKE_WHILE_IDLE: Duration = Duration::from_millis(1);
