@@ -126,16 +126,18 @@ pub fn post(mix: &Mix, cfg: &ModelConfig, streams: &mut [f32], out: &[f32], rows
             let r = t * ROWS_PER_TASK + i;
             let o = &out[r * hidden..(r + 1) * hidden];
             let c = &mix.comb[r * hc * hc..(r + 1) * hc * hc];
-            for i in 0..hc {
-                let p = mix.post[r * hc + i];
-                let dst = &mut next[i * hidden..(i + 1) * hidden];
-                for d in 0..hidden {
-                    let mut acc = 0.0;
-                    for j in 0..hc {
-                        acc += c[j * hc + i] * s[j * hidden + d];
-                    }
-                    dst[d] = p * o[d] + acc;
+            // Per element: `acc = Σ_j comb[j][i] · s_j` in increasing j,
+            // then `acc + post_i · out` (the same sum either way round),
+            // one stream at a time so that it vectorises over the hidden
+            // dimension.
+            for (i, dst) in next.chunks_exact_mut(hidden).enumerate() {
+                dst.fill(0.0);
+                for (j, sj) in s.chunks_exact(hidden).enumerate() {
+                    let cji = c[j * hc + i];
+                    dst.iter_mut().zip(sj).for_each(|(acc, v)| *acc += cji * v);
                 }
+                let p = mix.post[r * hc + i];
+                dst.iter_mut().zip(o).for_each(|(acc, v)| *acc += p * v);
             }
             s.copy_from_slice(&next);
         }
