@@ -145,16 +145,15 @@ pub fn generate_with(
     experts: &impl ExpertExecutor,
 ) -> Result<Generation> {
     sampling.validate()?;
+    if prompt.is_empty() {
+        return Err(ModelError::InvalidInput("no tokens to run".into()));
+    }
     let mut state = model.new_state();
     let mut rng = Rng::new(sampling.seed);
     let start = Instant::now();
     let mut prompt_last_logits = Vec::new();
     for chunk in prompt.chunks(PREFILL_CHUNK) {
         prompt_last_logits = model.forward_with(chunk, &mut state, Logits::Last, experts)?;
-    }
-    if prompt.is_empty() {
-        // The model's own error for an empty input.
-        model.forward_with(prompt, &mut state, Logits::Last, experts)?;
     }
     let prefill_time = start.elapsed();
     let start = Instant::now();
@@ -220,5 +219,13 @@ mod tests {
         ] {
             assert!(s.validate().is_err(), "{s:?}");
         }
+    }
+
+    #[test]
+    fn an_empty_prompt_is_refused() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v4");
+        let model = Model::load(&dir).expect("tiny-v4");
+        let err = generate(&model, &[], 3, &Sampling::greedy(), false).expect_err("refused");
+        assert!(matches!(&err, ModelError::InvalidInput(m) if m == "no tokens to run"), "{err}");
     }
 }
