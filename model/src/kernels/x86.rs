@@ -170,9 +170,11 @@ unsafe fn e4m3_pair(codes: *const u8) -> (__m512, __m512) {
     }
 }
 
+/// Block-FP8 weights are their bare codes ([`Fp8Codes`]) times the block's
+/// scale.
 impl Load for Fp8Rows<'_> {
     type Row = Fp8Row;
-    const LINE_INPUTS: usize = 64;
+    const LINE_INPUTS: usize = Fp8Codes::LINE_INPUTS;
     #[inline(always)]
     fn row_at(&self, c: usize) -> Fp8Row {
         let block_row = (self.first + c) / FP8_BLOCK * self.k.div_ceil(FP8_BLOCK);
@@ -183,32 +185,26 @@ impl Load for Fp8Rows<'_> {
     }
     #[inline(always)]
     fn prefetch(row: Fp8Row, i: usize) {
-        fetch(row.codes.wrapping_add(i));
+        Fp8Codes::prefetch(row.codes, i);
     }
     #[inline(always)]
     unsafe fn load512(row: Fp8Row, i: usize) -> __m512 {
-        unsafe {
-            let codes = _mm_loadu_si128(row.codes.add(i).cast());
-            _mm512_mul_ps(_mm512_cvtph_ps(e4m3_f16(codes)), _mm512_set1_ps(row.scale(i)))
-        }
+        unsafe { _mm512_mul_ps(Fp8Codes::load512(row.codes, i), _mm512_set1_ps(row.scale(i))) }
     }
     #[inline(always)]
     unsafe fn load512_pair(row: Fp8Row, i: usize) -> (__m512, __m512) {
         unsafe {
             // Inputs i..i + 32 lie in one 128-block: i is a multiple of 32.
             let scale = _mm512_set1_ps(row.scale(i));
-            let (first, second) = e4m3_pair(row.codes.add(i));
+            let (first, second) = Fp8Codes::load512_pair(row.codes, i);
             (_mm512_mul_ps(first, scale), _mm512_mul_ps(second, scale))
         }
     }
     #[inline(always)]
     unsafe fn load256(row: Fp8Row, i: usize) -> (__m256, __m256) {
         unsafe {
-            let codes = _mm_loadu_si128(row.codes.add(i).cast());
             let scale = _mm256_set1_ps(row.scale(i));
-            let halves = e4m3_f16(codes);
-            let lo = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
-            let hi = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(halves));
+            let (lo, hi) = Fp8Codes::load256(row.codes, i);
             (_mm256_mul_ps(lo, scale), _mm256_mul_ps(hi, scale))
         }
     }
