@@ -33,11 +33,31 @@ pub fn forward(
     let rope = cfg.attention_rope(layer);
     let eps = cfg.rms_norm_eps;
 
-    let mut q_residual = w.wq_a.forward(x, rows);
+    // Every projection of the block input runs as one parallel group, then
+    // both of the query residual: decode's matrices are small, and each
+    // group pays for one start and one join.
+    let layer_type = cfg.layer_types[layer];
+    let compressor = w.compressor.as_ref().filter(|_| state.compressor.is_some());
+    let indexer = w.indexer.as_ref().filter(|_| state.indexer.is_some());
+    let mut of_x = vec![w.wq_a.of(x, rows), w.wkv.of(x, rows)];
+    of_x.extend(compressor.into_iter().flat_map(|cw| cw.projections(x, rows)));
+    if let Some(iw) = indexer {
+        of_x.extend(iw.compressor.projections(x, rows));
+        of_x.push(iw.weights_proj.of(x, rows));
+    }
+    let mut of_x = kernels::linear_group(&of_x).into_iter();
+    let mut next = || of_x.next().expect("one output per projection");
+    let (mut q_residual, mut kv) = (next(), next());
+    let compressor = compressor.map(|cw| (cw, next(), next()));
+    let indexer = indexer.map(|iw| (iw, next(), next(), next()));
+
     rms_norm(&mut q_residual, cfg.q_lora_rank, Some(w.q_norm.data()), eps);
-    let mut q = w.wq_b.forward(&q_residual, rows);
+    let mut of_q = vec![w.wq_b.of(&q_residual, rows)];
+    of_q.extend(indexer.as_ref().map(|(iw, ..)| iw.wq_b.of(&q_residual, rows)));
+    let mut of_q = kernels::linear_group(&of_q).into_iter();
+    let mut q = of_q.next().expect("the query projection");
+    let index_q = of_q.next();
     rms_norm(&mut q, hd, None, eps);
-    let mut kv = w.wkv.forward(x, rows);
     rms_norm(&mut kv, hd, Some(w.kv_norm.data()), eps);
     for r in 0..rows {
         rope.apply(&mut q[r * heads * hd..(r + 1) * heads * hd], hd, first_position + r, false);
@@ -47,18 +67,17 @@ pub fn forward(
     // Compressed entries first (windows closed by this chunk's own tokens
     // are masked per query by the causality rule). The entries every query
     // scores (the indexer's, HCA's) stay laid out for scoring in the state.
-    let layer_type = cfg.layer_types[layer];
     let mut selected: Option<Vec<Vec<usize>>> = None;
-    if let (Some(cw), Some(cs)) = (&w.compressor, state.compressor.as_mut()) {
-        compressor::compress(cw, cs, x, rows, &cfg.rope_compress, eps);
+    if let (Some((cw, ckv, cgate)), Some(cs)) = (compressor, state.compressor.as_mut()) {
+        compressor::compress(cw, cs, &ckv, &cgate, &cfg.rope_compress, eps);
         if layer_type == LayerType::Hca {
             cs.lay_out();
         }
     }
-    if let (Some(iw), Some(is)) = (&w.indexer, state.indexer.as_mut()) {
-        compressor::compress(&iw.compressor, is, x, rows, &cfg.rope_compress, eps);
+    if let (Some((iw, ikv, igate, head_weights)), Some(is), Some(iq)) = (indexer, state.indexer.as_mut(), index_q) {
+        compressor::compress(&iw.compressor, is, &ikv, &igate, &cfg.rope_compress, eps);
         is.lay_out();
-        selected = Some(indexer::select(iw, cfg, is, x, &q_residual, rows, first_position, &cfg.rope_compress));
+        selected = Some(indexer::select(cfg, is, iq, &head_weights, first_position, &cfg.rope_compress));
     }
     let compressed: &[f32] = state.compressor.as_ref().map_or(&[], |c| &c.entries);
 
@@ -188,17 +207,18 @@ fn output_projection(w: &AttentionWeights, cfg: &ModelConfig, attn: &[f32], rows
     let groups = cfg.o_groups;
     let rank = cfg.o_lora_rank;
     let group_in = cfg.num_attention_heads * cfg.head_dim / groups;
+    let inputs: Vec<Vec<f32>> = (0..groups)
+        .map(|g| {
+            (0..rows).flat_map(|r| attn[r * groups * group_in + g * group_in..][..group_in].iter().copied()).collect()
+        })
+        .collect();
+    let projections: Vec<_> =
+        inputs.iter().enumerate().map(|(g, xg)| w.wo_a.rows_of(xg, rows, g * rank, rank)).collect();
+    let outputs = kernels::linear_group(&projections);
     let mut mixed = vec![0.0; rows * groups * rank];
-    for g in 0..groups {
-        let xg: Vec<f32> = (0..rows)
-            .flat_map(|r| {
-                attn[r * groups * group_in + g * group_in..r * groups * group_in + (g + 1) * group_in].iter().copied()
-            })
-            .collect();
-        let yg = w.wo_a.forward_rows(&xg, rows, g * rank, rank);
+    for (g, yg) in outputs.iter().enumerate() {
         for r in 0..rows {
-            mixed[r * groups * rank + g * rank..r * groups * rank + (g + 1) * rank]
-                .copy_from_slice(&yg[r * rank..(r + 1) * rank]);
+            mixed[r * groups * rank + g * rank..][..rank].copy_from_slice(&yg[r * rank..(r + 1) * rank]);
         }
     }
     w.wo_b.forward(&mixed, rows)

@@ -15,20 +15,21 @@ use crate::rope::RopeParams;
 use crate::state::CompressorState;
 use crate::weights::CompressorWeights;
 
-/// Projects `rows` new tokens (`x: [rows, hidden]`), closes every window that
-/// is now full and appends its entry to `state.entries`.
+/// Takes `rows` new tokens' kv and gate projections
+/// ([`CompressorWeights::projections`]), closes every window that is now
+/// full and appends its entry to `state.entries`.
 pub fn compress(
     w: &CompressorWeights,
     state: &mut CompressorState,
-    x: &[f32],
-    rows: usize,
+    kv: &[f32],
+    gate: &[f32],
     rope: &RopeParams,
     eps: f32,
 ) {
     let _span = profile::span(Part::Compressor);
     let width = state.width;
-    state.pending_kv.extend(w.wkv.forward(x, rows));
-    state.pending_gate.extend(w.wgate.forward(x, rows));
+    state.pending_kv.extend_from_slice(kv);
+    state.pending_gate.extend_from_slice(gate);
     let rate = w.rate;
     let dim = w.dim;
     let ape = w.ape.data();

@@ -19,34 +19,30 @@ use crate::kernels::{self, KeyBlocks, Span};
 use crate::profile::{self, Part};
 use crate::rope::RopeParams;
 use crate::state::CompressorState;
-use crate::weights::IndexerWeights;
 
 /// Entries scored per task: all heads' scores of a chunk stay in L1/L2.
 const CHUNK: usize = 512;
 
-/// The indexer's choice for each of `rows` queries (`x: [rows, hidden]` and
-/// their query residual): the indices of the (at most `index_topk`) visible
-/// entries with the highest scores, ascending. `state`'s entries must be
-/// laid out ([`CompressorState::lay_out`]).
+/// The indexer's choice for each query, given their indexer
+/// queries `q` (`wq_b` of the query residual) and head weights
+/// (`weights_proj` of the block input): the indices of the (at most
+/// `index_topk`) visible entries with the highest scores, ascending.
+/// `state`'s entries must be laid out ([`CompressorState::lay_out`]).
 ///
 /// Tie rule: a higher score wins; equal scores go to the lower entry index.
 /// Only set membership matters downstream, so this fixes the result whenever
 /// the reference's own choice is well defined.
-#[allow(clippy::too_many_arguments)]
 pub fn select(
-    w: &IndexerWeights,
     cfg: &ModelConfig,
     state: &CompressorState,
-    x: &[f32],
-    q_residual: &[f32],
-    rows: usize,
+    mut q: Vec<f32>,
+    head_weights: &[f32],
     first_position: usize,
     rope: &RopeParams,
 ) -> Vec<Vec<usize>> {
     let heads = cfg.index_n_heads;
     let dim = cfg.index_head_dim;
-    let mut q = w.wq_b.forward(q_residual, rows);
-    let head_weights = w.weights_proj.forward(x, rows);
+    let rows = q.len() / (heads * dim);
     let weights_scale = (heads as f32).powf(-0.5);
     let entries = state.entry_count();
     let topk = cfg.index_topk.min(entries);

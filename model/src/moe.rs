@@ -10,7 +10,7 @@
 
 use crate::config::{MlpType, ModelConfig, ScoringFunc};
 use crate::error::Result;
-use crate::kernels::{sigmoid, silu, softmax, softplus};
+use crate::kernels::{Projection, linear_group, sigmoid, silu, softmax, softplus};
 use crate::profile::{self, Part};
 use crate::weights::{ExpertWeights, MoeWeights};
 use rayon::prelude::*;
@@ -115,12 +115,31 @@ pub fn top_k(scores: &[f32], bias: Option<&[f32]>, k: usize) -> Vec<usize> {
 
 /// Clamped SwiGLU expert over `rows` tokens: `w2 · (silu(min(w1·x, L)) ⊙ clamp(w3·x, ±L))`.
 pub fn expert_ffn(w: &ExpertWeights, x: &[f32], rows: usize, limit: f32) -> Vec<f32> {
-    let _span = profile::span(Part::Moe);
-    let gate = w.w1.forward(x, rows);
-    let up = w.w3.forward(x, rows);
-    let act: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| silu(g.min(limit)) * u.clamp(-limit, limit)).collect();
-    w.w2.forward(&act, rows)
+    experts_ffn(&[(w, x, rows)], limit).pop().unwrap_or_default()
 }
+
+/// [`expert_ffn`] for several experts, each on its own tokens `(weights,
+/// x, rows)`: every gate and up projection runs as one parallel group, then
+/// every down projection, so a decode step's small expert matrices keep the
+/// threads streaming instead of waiting on each other's joins.
+pub fn experts_ffn(work: &[(&ExpertWeights, &[f32], usize)], limit: f32) -> Vec<Vec<f32>> {
+    let gate_up: Vec<Projection<'_>> =
+        work.iter().flat_map(|&(w, x, rows)| [w.w1.of(x, rows), w.w3.of(x, rows)]).collect();
+    let gate_up = linear_group(&gate_up);
+    let acts: Vec<Vec<f32>> = gate_up
+        .par_chunks_exact(2)
+        .map(|pair| {
+            let _span = profile::span(Part::Moe);
+            pair[0].iter().zip(&pair[1]).map(|(g, u)| silu(g.min(limit)) * u.clamp(-limit, limit)).collect()
+        })
+        .collect();
+    let down: Vec<Projection<'_>> = work.iter().zip(&acts).map(|(&(w, _, rows), act)| w.w2.of(act, rows)).collect();
+    linear_group(&down)
+}
+
+/// Up to this many (token, expert) pairs, a step's experts run as one
+/// group of projections ([`experts_ffn`]).
+const GROUPED_ROWS: usize = 64;
 
 /// One token routed to an expert: its row, its contribution's slot, its weight.
 type Member = (usize, usize, f32);
@@ -150,20 +169,30 @@ pub fn contributions<'a>(
         }
     }
     let work: Vec<(usize, Vec<Member>)> = by_expert.into_iter().collect();
-    let results: Vec<Result<Vec<f32>>> = rayon::scope(|_| {
-        work.par_iter()
-            .map(|(e, members)| {
-                let w = expert(*e)
-                    .ok_or_else(|| crate::ModelError::InvalidInput(format!("expert {e} is not hosted here")))?;
-                let gathered: Vec<f32> =
-                    members.iter().flat_map(|&(r, _, _)| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
-                Ok(expert_ffn(w, &gathered, members.len(), cfg.swiglu_limit))
-            })
-            .collect()
-    });
+    let weights: Vec<&ExpertWeights> = work
+        .iter()
+        .map(|(e, _)| {
+            expert(*e).ok_or_else(|| crate::ModelError::InvalidInput(format!("expert {e} is not hosted here")))
+        })
+        .collect::<Result<_>>()?;
+    let gather = |members: &[Member]| -> Vec<f32> {
+        members.iter().flat_map(|&(r, _, _)| x[r * hidden..(r + 1) * hidden].iter().copied()).collect()
+    };
+    let limit = cfg.swiglu_limit;
+    // Few tokens (decode): the experts' matrices are too small to keep the
+    // threads streaming one at a time, so they run as one group. Many
+    // (prefill): each expert on its own, in parallel, so that its inputs
+    // and intermediates stay in cache instead of all experts' at once.
+    let results: Vec<Vec<f32>> = if routes.iter().map(Vec::len).sum::<usize>() <= GROUPED_ROWS {
+        let inputs: Vec<Vec<f32>> = work.iter().map(|(_, members)| gather(members)).collect();
+        let calls: Vec<_> =
+            weights.iter().zip(&work).zip(&inputs).map(|((&w, (_, m)), x)| (w, &x[..], m.len())).collect();
+        experts_ffn(&calls, limit)
+    } else {
+        weights.par_iter().zip(&work).map(|(w, (_, m))| expert_ffn(w, &gather(m), m.len(), limit)).collect()
+    };
     let mut out = vec![0.0; slots * hidden];
     for ((_, members), y) in work.iter().zip(results) {
-        let y = y?;
         for (i, &(_, slot, weight)) in members.iter().enumerate() {
             for (o, v) in out[slot * hidden..(slot + 1) * hidden].iter_mut().zip(&y[i * hidden..(i + 1) * hidden]) {
                 *o = v * weight;

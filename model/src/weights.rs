@@ -4,7 +4,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::{LayerType, MlpType, ModelConfig};
 use crate::error::{ModelError, Result};
-use crate::kernels;
+use crate::kernels::{self, Projection};
 use crate::stored::{Stored, StoredMatrix};
 use crate::tensor::Tensor;
 
@@ -29,11 +29,16 @@ impl Linear {
         kernels::linear_with(x, rows, self.w.weights(), self.w.out, self.w.inp)
     }
 
+    /// This projection of `x: [rows, inp]`, for [`kernels::linear_group`].
+    pub fn of<'a>(&'a self, x: &'a [f32], rows: usize) -> Projection<'a> {
+        Projection { x, rows, w: self.w.weights(), n: self.w.out, k: self.w.inp }
+    }
+
     /// The projection by weight rows `first..first + count` only (one group
-    /// of a grouped projection).
-    pub fn forward_rows(&self, x: &[f32], rows: usize, first: usize, count: usize) -> Vec<f32> {
+    /// of a grouped projection), for [`kernels::linear_group`].
+    pub fn rows_of<'a>(&'a self, x: &'a [f32], rows: usize, first: usize, count: usize) -> Projection<'a> {
         let k = self.w.inp;
-        kernels::linear_with(x, rows, self.w.weights().rows(k, first, first + count), count, k)
+        Projection { x, rows, w: self.w.weights().rows(k, first, first + count), n: count, k }
     }
 }
 
@@ -65,6 +70,14 @@ pub struct CompressorWeights {
     /// Learned position bias `[rate, width]` added to the gate logits.
     pub ape: Tensor,
     pub norm: Tensor,
+}
+
+impl CompressorWeights {
+    /// The kv and gate projections of `x: [rows, hidden]`, for
+    /// [`kernels::linear_group`].
+    pub fn projections<'a>(&'a self, x: &'a [f32], rows: usize) -> [Projection<'a>; 2] {
+        [self.wkv.of(x, rows), self.wgate.of(x, rows)]
+    }
 }
 
 /// The lightning indexer of a CSA layer.

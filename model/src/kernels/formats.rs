@@ -63,6 +63,16 @@ impl<'a> Weights<'a> {
         }
     }
 
+    /// Bytes of one `k`-wide row's weights, scales aside.
+    pub fn row_bytes(self, k: usize) -> usize {
+        match self {
+            Weights::F32(_) => 4 * k,
+            Weights::Half { .. } => 2 * k,
+            Weights::Fp8 { .. } => k,
+            Weights::Fp4 { .. } => k / 2,
+        }
+    }
+
     /// Appends every row, as f32, to `out` (exact).
     pub fn expand(self, k: usize, out: &mut Vec<f32>) {
         match self {

@@ -56,64 +56,138 @@ pub fn linear(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
 /// [`linear`] over weights in any stored format. Every format gives the bits
 /// the same weight values give as f32.
 pub fn linear_with(x: &[f32], rows: usize, w: Weights<'_>, n: usize, k: usize) -> Vec<f32> {
-    profile::flops(Part::Matmul, 2 * rows * n * k);
-    // The readers index without bounds checks: the shapes are checked here.
-    assert!(w.holds(n, k), "weights do not hold a [{n}, {k}] matrix");
-    match w {
-        Weights::F32(w) => linear_in(x, rows, F32Rows { w, k }, n, k),
-        Weights::Half { bytes, bf16: true } => linear_in(x, rows, Bf16Rows { bytes, k }, n, k),
-        Weights::Half { bytes, bf16: false } => linear_in(x, rows, F16Rows { bytes, k }, n, k),
-        Weights::Fp8 { codes, scales, first } => linear_in(x, rows, Fp8Rows { codes, scales, first, k }, n, k),
-        Weights::Fp4 { packed, scales } => linear_in(x, rows, Fp4Rows { packed, scales, k }, n, k),
-    }
+    linear_group(&[Projection { x, rows, w, n, k }]).pop().unwrap_or_default()
 }
 
-fn linear_in<W: Source>(x: &[f32], rows: usize, w: W, n: usize, k: usize) -> Vec<f32> {
-    let mut y = vec![0.0; rows * n];
-    if rows == 0 || n == 0 {
-        return y;
+/// One projection of a [`linear_group`]: `x: [rows, k]` through `w: [n, k]`.
+#[derive(Clone, Copy)]
+pub struct Projection<'a> {
+    pub x: &'a [f32],
+    pub rows: usize,
+    pub w: Weights<'a>,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// Several independent projections as one parallel region: their tasks are
+/// split and run together, so projections too small to keep the threads
+/// streaming on their own (an expert's gate and up projections, all of a
+/// layer's experts at decode) pay for one start and one join between them
+/// instead of one each. Each output has the bits [`linear_with`] gives it
+/// alone: how work is split never changes a result (ADR 0001).
+pub fn linear_group(projections: &[Projection<'_>]) -> Vec<Vec<f32>> {
+    let mut outputs = Vec::with_capacity(projections.len());
+    for p in projections {
+        profile::flops(Part::Matmul, 2 * p.rows * p.n * p.k);
+        // The readers index without bounds checks: the shapes are checked here.
+        assert!(p.w.holds(p.n, p.k), "weights do not hold a [{}, {}] matrix", p.n, p.k);
+        assert_eq!(p.x.len(), p.rows * p.k, "input length");
+        outputs.push(vec![0.0; p.rows * p.n]);
     }
-    assert_eq!(x.len(), rows * k, "input length");
-    // Work is split into tiles of up to ROWS_PER_TASK inputs x cols_per_task
-    // weight rows, small enough that a tile's inputs and weights stay in
-    // cache. Each task fills its own block; blocks are then copied into place.
-    // A few rows (decode) stream the weights once: they are split into a few
-    // tasks per thread only, as each task costs a hand-off between threads.
-    let cols_per_task = if rows <= ROWS_PER_TASK / 4 {
-        n.div_ceil(TASKS_PER_THREAD * rayon::current_num_threads()).next_multiple_of(16)
-    } else {
-        64
-    };
-    let (row_tiles, col_tiles) = (rows.div_ceil(ROWS_PER_TASK), n.div_ceil(cols_per_task));
-    if row_tiles * col_tiles == 1 || rows * n * k < 1 << 15 {
-        task(x, rows, k, w, 0, n, &mut y);
-        return y;
+    let tasks = split(projections);
+    let work: usize = projections.iter().map(|p| p.rows * p.n * p.k).sum();
+    if tasks.len() <= 1 || work < 1 << 15 {
+        for (p, y) in projections.iter().zip(&mut outputs) {
+            run(p, p.x, p.rows, 0, p.n, y);
+        }
+        return outputs;
     }
-    if rows == 1 {
-        // One row: each task's columns are a slice of the output already.
-        y.par_chunks_mut(cols_per_task).enumerate().for_each(|(t, out)| {
-            let c0 = t * cols_per_task;
-            task(x, 1, k, w, c0, c0 + out.len(), out);
-        });
-        return y;
-    }
-    let blocks: Vec<(usize, usize, usize, Vec<f32>)> = (0..row_tiles * col_tiles)
-        .into_par_iter()
-        .map(|t| {
-            let (r0, c0) = ((t / col_tiles) * ROWS_PER_TASK, (t % col_tiles) * cols_per_task);
-            let (r1, c1) = ((r0 + ROWS_PER_TASK).min(rows), (c0 + cols_per_task).min(n));
-            let mut block = vec![0.0; (r1 - r0) * (c1 - c0)];
-            task(&x[r0 * k..r1 * k], r1 - r0, k, w, c0, c1, &mut block);
-            (r0, r1, c0, block)
-        })
-        .collect();
-    for (r0, r1, c0, block) in blocks {
-        let cols = block.len() / (r1 - r0);
-        for (i, r) in (r0..r1).enumerate() {
-            y[r * n + c0..r * n + c0 + cols].copy_from_slice(&block[i * cols..(i + 1) * cols]);
+    // A task of one input row fills a slice of its output directly; the
+    // others fill blocks of their own, copied into place afterwards.
+    let mut slices: Vec<Option<&mut [f32]>> = Vec::with_capacity(tasks.len());
+    {
+        let mut rest: Vec<&mut [f32]> = outputs.iter_mut().map(|y| &mut y[..]).collect();
+        for t in &tasks {
+            slices.push(if projections[t.p].rows == 1 {
+                let (head, tail) = std::mem::take(&mut rest[t.p]).split_at_mut(t.c1 - t.c0);
+                rest[t.p] = tail;
+                Some(head)
+            } else {
+                None
+            });
         }
     }
-    y
+    // Every task is a unit of its own for the threads to take: rayon's
+    // default splits a few tasks into runs of several, which one thread
+    // takes whole while the other waits.
+    let blocks: Vec<Option<Vec<f32>>> = tasks
+        .par_iter()
+        .with_max_len(1)
+        .zip(slices)
+        .map(|(t, slice)| {
+            let p = &projections[t.p];
+            let x = &p.x[t.r0 * p.k..t.r1 * p.k];
+            match slice {
+                Some(out) => {
+                    run(p, x, 1, t.c0, t.c1, out);
+                    None
+                }
+                None => {
+                    let mut block = vec![0.0; (t.r1 - t.r0) * (t.c1 - t.c0)];
+                    run(p, x, t.r1 - t.r0, t.c0, t.c1, &mut block);
+                    Some(block)
+                }
+            }
+        })
+        .collect();
+    for (t, block) in tasks.iter().zip(blocks) {
+        let Some(block) = block else { continue };
+        let (n, cols) = (projections[t.p].n, t.c1 - t.c0);
+        for (i, r) in (t.r0..t.r1).enumerate() {
+            outputs[t.p][r * n + t.c0..r * n + t.c1].copy_from_slice(&block[i * cols..(i + 1) * cols]);
+        }
+    }
+    outputs
+}
+
+/// One task of a [`linear_group`]: input rows `r0..r1` of projection `p`
+/// against its weight rows `c0..c1`.
+struct Task {
+    p: usize,
+    r0: usize,
+    r1: usize,
+    c0: usize,
+    c1: usize,
+}
+
+/// Splits a group's work into tasks. Many input rows: tiles of up to
+/// [`ROWS_PER_TASK`] inputs × 64 weight rows, small enough that a tile's
+/// inputs and weights stay in cache. A few rows (decode) stream the weights
+/// once: the group's weight bytes are split into a few tasks per thread
+/// only, as each task costs a hand-off between threads, in whole runs of 16
+/// weight rows.
+fn split(projections: &[Projection<'_>]) -> Vec<Task> {
+    let few = |p: &Projection<'_>| p.rows <= ROWS_PER_TASK / 4;
+    let streamed: usize = projections.iter().filter(|p| few(p)).map(|p| p.n * p.w.row_bytes(p.k)).sum();
+    let task_bytes = streamed.div_ceil(TASKS_PER_THREAD * rayon::current_num_threads()).max(1);
+    let mut tasks = Vec::new();
+    for (i, p) in projections.iter().enumerate() {
+        if p.rows == 0 || p.n == 0 {
+            continue;
+        }
+        let cols = if few(p) { task_bytes.div_ceil(p.w.row_bytes(p.k).max(1)).next_multiple_of(16) } else { 64 };
+        for r0 in (0..p.rows).step_by(ROWS_PER_TASK) {
+            for c0 in (0..p.n).step_by(cols) {
+                tasks.push(Task { p: i, r0, r1: (r0 + ROWS_PER_TASK).min(p.rows), c0, c1: (c0 + cols).min(p.n) });
+            }
+        }
+    }
+    tasks
+}
+
+/// [`task`] with the reader of `p`'s format.
+fn run(p: &Projection<'_>, x: &[f32], rows: usize, c0: usize, c1: usize, block: &mut [f32]) {
+    if rows == 0 || c0 == c1 {
+        return;
+    }
+    let k = p.k;
+    match p.w {
+        Weights::F32(w) => task(x, rows, k, F32Rows { w, k }, c0, c1, block),
+        Weights::Half { bytes, bf16: true } => task(x, rows, k, Bf16Rows { bytes, k }, c0, c1, block),
+        Weights::Half { bytes, bf16: false } => task(x, rows, k, F16Rows { bytes, k }, c0, c1, block),
+        Weights::Fp8 { codes, scales, first } => task(x, rows, k, Fp8Rows { codes, scales, first, k }, c0, c1, block),
+        Weights::Fp4 { packed, scales } => task(x, rows, k, Fp4Rows { packed, scales, k }, c0, c1, block),
+    }
 }
 
 /// One task: `block[r][c - c0] = dot(x[r], w[c])` for weight rows `c0..c1`.

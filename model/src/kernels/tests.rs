@@ -204,3 +204,42 @@ fn fp8_scales_move_onto_inputs_only_when_exact() {
         assert!(bits_equal(&got, &linear(&x, rows, &values, n)), "{rows} rows");
     }
 }
+
+/// Projections run as one group give each the bits it gives alone, in
+/// every format, for one input row (decode: tasks split by bytes across
+/// the group), a few and many (prefill tiles), on pools of 1 to 3 threads.
+#[test]
+fn grouped_projections_keep_their_own_bits() {
+    let (k, n) = (320, 200);
+    let s = stored(n, k, 11);
+    let f32s = pseudo_random(n * k, 12);
+    let formats = [
+        Weights::F32(&f32s),
+        Weights::Half { bytes: &s.half, bf16: true },
+        Weights::Half { bytes: &s.half, bf16: false },
+        Weights::Fp8 { codes: &s.fp8, scales: &s.fp8_scales, first: 0 },
+        Weights::Fp4 { packed: &s.fp4, scales: &s.fp4_scales },
+        // A slice of rows, as a grouped output projection takes.
+        Weights::Fp8 { codes: &s.fp8, scales: &s.fp8_scales, first: 0 }.rows(k, 130, 170),
+    ];
+    let inputs = pseudo_random(76 * k, 13);
+    for rows in [&[1usize, 1, 1, 1, 1, 1][..], &[1, 3, 0, 70, 1, 2]] {
+        let group: Vec<Projection<'_>> = formats
+            .iter()
+            .zip(rows)
+            .enumerate()
+            .map(|(i, (&w, &rows))| {
+                let x = &inputs[i * k..][..rows * k];
+                Projection { x, rows, w, n: if i == 5 { 40 } else { n }, k }
+            })
+            .collect();
+        let alone: Vec<Vec<f32>> = group.iter().map(|p| linear_with(p.x, p.rows, p.w, p.n, p.k)).collect();
+        for threads in 1..=3 {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let together = pool.install(|| linear_group(&group));
+            for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+                assert!(bits_equal(a, t), "projection {i} of rows {rows:?} on {threads} threads");
+            }
+        }
+    }
+}
