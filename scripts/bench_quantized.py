@@ -14,9 +14,12 @@ experts, BF16 rest; scripts/release_layout.py), run by:
 Prints prefill and decode tokens/s, the weight bytes a decoded token reads,
 and this machine's read bandwidth measured here, with ratios. Myriad,
 llama.cpp and the bandwidth are measured in several interleaved rounds
-(--rounds) and each figure is the median of its rounds, so that a burst of
-load from other tenants of a shared machine falls on every engine alike;
-transformers, far slower, runs once. The greedy tokens of the Myriad runs
+(--rounds, the two Myriad runs in alternating order). Each speed is the
+median of its rounds; each ratio, and the share of the bandwidth, is the
+median of the per-round ratios, which compare runs seconds apart, so that a
+burst of load from other tenants of a shared machine does not fall on one
+side of a ratio only. Every round is printed too. Transformers, far slower,
+runs once. The greedy tokens of the Myriad runs
 and transformers must agree. Run through scripts/bench_quantized.sh.
 """
 
@@ -127,11 +130,12 @@ def main():
 
     samples = {}  # name -> list of (tokens, prefill, decode), one per round
     bandwidths = []
-    for _ in range(args.rounds):
+    ours_name, f32_name = "myriad, release layout", "myriad, same values f32"
+    for round in range(args.rounds):
         bandwidths.append(read_bandwidth())
-        samples.setdefault("myriad, release layout", []).append(myriad(args.myriad, flash, prompt, args.new_tokens))
-        samples.setdefault("myriad, same values f32", []).append(
-            myriad(args.myriad, flash_f32, prompt, args.new_tokens))
+        for name in ([ours_name, f32_name] if round % 2 == 0 else [f32_name, ours_name]):
+            folder = flash if name == ours_name else flash_f32
+            samples.setdefault(name, []).append(myriad(args.myriad, folder, prompt, args.new_tokens))
         if with_llama:
             prefill, decode = llama_cpp(args.llama_convert, Path(args.llama_bench), flash, gguf,
                                         args.prompt_len, args.new_tokens, threads)
@@ -141,24 +145,32 @@ def main():
     # dequantized values are exactly the encoded ones (make_fixtures.py
     # checks that on release-flash), so it runs on the f32 copy.
     samples["transformers (f32)"] = [reference(flash_f32, prompt, args.new_tokens)]
-    runs = {name: (rounds[0][0], median([r[1] for r in rounds]), median([r[2] for r in rounds]))
-            for name, rounds in samples.items()}
+    runs = {name: (median([r[1] for r in rounds]), median([r[2] for r in rounds])) for name, rounds in samples.items()}
     tokens = {f"{name} (round {i + 1})": r[0] for name, rounds in samples.items()
               for i, r in enumerate(rounds) if r[0] is not None}
-    bandwidth = median(bandwidths)
+    ours = samples[ours_name]
+
+    def ratio(rounds, i):
+        """Median of our per-round speed over theirs (transformers: its one run)."""
+        return median([ours[r][i] / rounds[min(r, len(rounds) - 1)][i] for r in range(len(ours))])
 
     quantized_bytes, f32_bytes = bytes_per_token(flash), bytes_per_token(flash_f32)
-    ours = runs["myriad, release layout"]
-    print(f"{threads} cores; read bandwidth {bandwidth:.1f} GB/s (torch sum of 1 GiB); "
-          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens; "
-          f"medians of {args.rounds} interleaved rounds (transformers: 1)")
+    shares = [quantized_bytes * r[2] / 1e9 / b for r, b in zip(ours, bandwidths)]
+    print(f"{threads} cores; read bandwidth {median(bandwidths):.1f} GB/s (torch sum of 1 GiB); "
+          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens; {args.rounds} interleaved rounds "
+          f"(transformers: 1): speeds are medians, ratios medians of per-round ratios")
     print(f"weights read per decoded token: {quantized_bytes / 1e6:.1f} MB release layout, "
           f"{f32_bytes / 1e6:.1f} MB as f32")
+    for r, (bandwidth, q, f) in enumerate(zip(bandwidths, ours, samples[f32_name])):
+        print(f"  round {r + 1}: bandwidth {bandwidth:.1f} GB/s; decode {q[2]:.1f} release layout, {f[2]:.1f} f32 "
+              f"({q[2] / f[2]:.2f}x); release layout reads {100 * shares[r]:.0f}% of the bandwidth")
     print(f"{'':26} {'prefill tok/s':>13} {'decode tok/s':>13} {'ours/this prefill':>18} {'ours/this decode':>17}")
-    for name, (_, prefill, decode) in runs.items():
-        print(f"{name:26} {prefill:13.1f} {decode:13.1f} {ours[1] / prefill:17.2f}x {ours[2] / decode:16.2f}x")
-    used = quantized_bytes * ours[2] / 1e9
-    print(f"release layout decode reads {used:.1f} GB/s of weights: {100 * used / bandwidth:.0f}% of the read bandwidth")
+    for name, (prefill, decode) in runs.items():
+        print(f"{name:26} {prefill:13.1f} {decode:13.1f} {ratio(samples[name], 1):17.2f}x "
+              f"{ratio(samples[name], 2):16.2f}x")
+    used = quantized_bytes * runs[ours_name][1] / 1e9
+    print(f"release layout decode reads {used:.1f} GB/s of weights (median speed); median per-round share "
+          f"of the read bandwidth: {100 * median(shares):.0f}%")
     if len(set(map(tuple, tokens.values()))) != 1:
         sys.exit(f"greedy tokens differ: {tokens}")
     print("greedy tokens identical across Myriad (both formats, every round) and transformers")
