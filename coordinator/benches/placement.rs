@@ -8,6 +8,8 @@
 //!
 //! Run: `cargo bench -p myriad-coordinator --bench placement`
 
+use std::time::Instant;
+
 use myriad_coordinator::placement::{Load, Plan, Problem, eplb, round_robin};
 
 /// SplitMix64: a small deterministic generator, so every run sees the same traces.
@@ -76,32 +78,32 @@ fn deepseek_eplb(load: &Load, workers: usize, redundant: usize) -> Plan {
     Plan { workers, holders }
 }
 
+/// One copy of every expert plus `redundant` per layer, no memory limit.
+fn problem(layers: usize, experts: usize, workers: usize, redundant: usize) -> Problem {
+    Problem { layers, experts, expert_bytes: 1, capacities: vec![None; workers], replicas: 1, redundant }
+}
+
 fn main() {
     let mut rng = Rng(42);
     println!(
-        "| experts | workers | redundant/layer | skew | round robin | DeepSeek EPLB | Myriad eplb | Myriad / EPLB |"
+        "| experts | workers | redundant/layer | skew | round robin | DeepSeek EPLB | Myriad eplb | Myriad / EPLB | Myriad ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let (mut sum_ratio, mut cases) = (0.0, 0);
     for (experts, workers) in [(64, 8), (256, 16), (256, 32), (384, 64)] {
         for redundant in [0, workers] {
             for skew in [0.6, 1.0, 1.4] {
                 let layers = 8;
                 let load = trace(layers, experts, skew, &mut rng);
-                let problem = Problem {
-                    layers,
-                    experts,
-                    expert_bytes: 1,
-                    capacities: vec![None; workers],
-                    replicas: 1,
-                    redundant,
-                };
+                let problem = problem(layers, experts, workers, redundant);
                 let rr =
                     round_robin(&Problem { redundant: 0, ..problem.clone() }).expect("round robin").balancedness(&load);
                 let reference = deepseek_eplb(&load, workers, redundant).balancedness(&load);
+                let start = Instant::now();
                 let ours = eplb(&problem, &load).expect("eplb").balancedness(&load);
+                let ms = start.elapsed().as_secs_f64() * 1e3;
                 println!(
-                    "| {experts} | {workers} | {redundant} | {skew} | {rr:.3} | {reference:.3} | {ours:.3} | {:.3} |",
+                    "| {experts} | {workers} | {redundant} | {skew} | {rr:.3} | {reference:.3} | {ours:.3} | {:.3} | {ms:.0} |",
                     ours / reference
                 );
                 sum_ratio += ours / reference;
@@ -110,4 +112,18 @@ fn main() {
         }
     }
     println!("mean Myriad / DeepSeek EPLB balancedness over {cases} traces: {:.3}", sum_ratio / cases as f64);
+    // The whole V4-Pro shape, as the coordinator places it.
+    for skew in [1.0, 1.4] {
+        let (layers, experts, workers) = (61, 384, 64);
+        let load = trace(layers, experts, skew, &mut rng);
+        let problem = problem(layers, experts, workers, workers);
+        let start = Instant::now();
+        let ours = eplb(&problem, &load).expect("eplb").balancedness(&load);
+        let secs = start.elapsed().as_secs_f64();
+        let reference = deepseek_eplb(&load, workers, workers).balancedness(&load);
+        println!(
+            "V4-Pro shape ({layers} layers x {experts} experts, {workers} workers + {workers} redundant), skew {skew}: \
+             DeepSeek EPLB {reference:.3}, Myriad {ours:.3}, placed in {secs:.2} s"
+        );
+    }
 }

@@ -5,10 +5,17 @@
 //! expert with the highest load per replica), then the replicas are packed
 //! heaviest first onto the worker with the least load so far in that layer,
 //! among those that do not hold the expert yet, have not reached their
-//! share of the layer's replicas and still have memory. [`round_robin`] is
-//! the load-blind baseline; [`eplb`] keeps whichever candidate balances best.
+//! share of the layer's replicas and still have memory. A local search
+//! (`refine`) then swaps copies between workers and moves redundant copies
+//! between experts while that lowers the most loaded worker: EPLB's greedy
+//! copy counts leave copies in sizes that equal slot counts cannot balance
+//! (0.82 against 0.999 on a skewed V4-Pro-like trace, `benches/placement.rs`).
+//! [`round_robin`] is the load-blind baseline; [`eplb`] keeps whichever
+//! candidate balances best.
 
 use myriad_proto::spec::ExpertSpec;
+
+mod refine;
 
 /// Tokens routed to each `(layer, expert)` over some window.
 #[derive(Debug, Clone)]
@@ -319,7 +326,7 @@ fn pack(p: &Problem, load: &Load) -> Result<Plan, PlanError> {
         }
         let weight = |e: usize| load.get(l, e) / count[e] as f64;
         let quota = quotas(p, count.iter().sum(), &free, &held);
-        let mut layer = match pack_by_load(p, &count, &weight, &quota, &held) {
+        let layer = match pack_by_load(p, &count, &weight, &quota, &held) {
             Some(layer) => layer,
             // Memory is too tight for the load-first order: place the
             // experts with the most copies first, each on the workers with
@@ -327,6 +334,11 @@ fn pack(p: &Problem, load: &Load) -> Result<Plan, PlanError> {
             // one exists for this layer).
             None => pack_by_memory(p, l, &count, &weight, &quota, &held)?,
         };
+        // Then rebalance the copies and their counts by local search.
+        let tokens = &load.tokens[l * p.experts..(l + 1) * p.experts];
+        let mut search = refine::Layer::new(tokens, p.replicas, workers, layer);
+        search.refine();
+        let mut layer = search.holders;
         for &w in layer.iter().flatten() {
             held[w] += 1;
             if let Some(f) = free[w].as_mut() {
@@ -370,6 +382,18 @@ mod tests {
         let plan = eplb(&problem(1, 8, 4, 1, 2), &load).unwrap();
         assert_eq!(plan.holders[0][3].len(), 3, "{:?}", plan.holders);
         assert!(plan.balancedness(&load) > round_robin(&problem(1, 8, 4, 1, 0)).unwrap().balancedness(&load));
+    }
+
+    /// A V4-Flash-like layer (256 experts on 32 workers, 32 redundant
+    /// copies) under a steep Zipf load: greedy copy counts and packing
+    /// (DeepSeek's EPLB) reach about 0.87 there; the search reaches 0.99.
+    #[test]
+    fn skewed_layers_balance_beyond_greedy_counts() {
+        let experts = 256;
+        let tokens = (0..experts).map(|e| 1e4 / (((e * 97) % experts + 1) as f64).powf(1.4)).collect();
+        let load = Load { layers: 1, experts, tokens };
+        let plan = eplb(&problem(1, experts, 32, 1, 32), &load).unwrap();
+        assert!(plan.balancedness(&load) >= 0.99, "{}", plan.balancedness(&load));
     }
 
     #[test]
