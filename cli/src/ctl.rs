@@ -49,9 +49,14 @@ enum Ctl {
     Placement,
     /// The hottest experts and how balanced the workers are.
     TopExperts {
+        /// How many experts to list (0: every expert of every layer).
         #[arg(long, default_value_t = 10)]
         limit: u32,
     },
+    /// Tokens routed to every expert of every layer, as the coordinator
+    /// measures them: JSON `{"layers", "experts", "tokens": [[per expert] per
+    /// layer]}`, the file `myriad plan --load` reads.
+    Load,
     /// Place the experts for the measured load.
     Rebalance {
         /// Only predict: balancedness after, and how many expert copies would move.
@@ -253,6 +258,20 @@ async fn run_async(args: Args) -> Result<()> {
                 println!("{:<24} {:>12.1}", w.node, w.tokens);
             }
             println!("\nbalancedness (mean/max load per worker): {:.3}", t.balancedness);
+        }
+        Ctl::Load => {
+            let t = client
+                .top_experts(request(&args, TopExpertsRequest { limit: 0 })?)
+                .await
+                .map_err(|s| peer.error(s))?
+                .into_inner();
+            let layers = t.experts.iter().map(|e| e.layer as usize + 1).max().unwrap_or(0);
+            let experts = t.experts.iter().map(|e| e.expert as usize + 1).max().unwrap_or(0);
+            let mut tokens = vec![vec![0.0f64; experts]; layers];
+            for e in &t.experts {
+                tokens[e.layer as usize][e.expert as usize] = e.tokens;
+            }
+            println!("{}", json!({"layers": layers, "experts": experts, "tokens": tokens}));
         }
         Ctl::Rebalance { dry_run } => {
             let r = client

@@ -63,6 +63,53 @@ pub struct Args {
     /// `expert_dtype`, else `torch_dtype`, else f32).
     #[arg(long, value_enum)]
     expert_dtype: Option<ExpertDtype>,
+
+    /// A recorded load to place for (`myriad ctl load > FILE`: tokens per
+    /// expert per layer): prints the balance of the load-aware placement
+    /// next to round robin's, and the copies it gives the hottest experts.
+    #[arg(long)]
+    load: Option<PathBuf>,
+}
+
+/// A recorded load matrix, as `myriad ctl load` writes it.
+#[derive(serde::Deserialize)]
+struct Recorded {
+    layers: usize,
+    experts: usize,
+    tokens: Vec<Vec<f64>>,
+}
+
+/// Reads a recorded load and checks it against the model's shape.
+fn read_load(path: &Path, shape: &Shape) -> Result<Load> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let r: Recorded = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a load record ({{\"layers\", \"experts\", \"tokens\"}}, as `myriad ctl load` writes)",
+            path.display()
+        )
+    })?;
+    if (r.layers, r.experts) != (shape.num_hidden_layers, shape.n_routed_experts) {
+        bail!(
+            "{} records {} layers x {} experts; the config has {} x {}",
+            path.display(),
+            r.layers,
+            r.experts,
+            shape.num_hidden_layers,
+            shape.n_routed_experts
+        );
+    }
+    if r.tokens.len() != r.layers || r.tokens.iter().any(|row| row.len() != r.experts) {
+        bail!("{}: `tokens` must be {} rows of {} counts", path.display(), r.layers, r.experts);
+    }
+    if let Some((l, e)) = r
+        .tokens
+        .iter()
+        .enumerate()
+        .find_map(|(l, row)| row.iter().position(|t| !t.is_finite() || *t < 0.0).map(|e| (l, e)))
+    {
+        bail!("{}: layer {l}, expert {e}: a token count must be a finite number, at least 0", path.display());
+    }
+    Ok(Load { layers: r.layers, experts: r.experts, tokens: r.tokens.concat() })
 }
 
 /// The shape fields of a config.json, read leniently so that any
@@ -106,6 +153,10 @@ pub fn run(args: Args) -> Result<()> {
         None => ExpertDtype::of_config(&config)?,
     };
     let each = expert_bytes(shape.hidden_size, shape.moe_intermediate_size, dtype);
+    let load = match &args.load {
+        Some(path) => Some(read_load(path, &shape)?),
+        None => None,
+    };
     let problem = Problem {
         layers: shape.num_hidden_layers,
         experts: shape.n_routed_experts,
@@ -129,7 +180,8 @@ pub fn run(args: Args) -> Result<()> {
         human(args.capacity),
         human(args.capacity.saturating_mul(args.workers as u64))
     );
-    let plan = match placement::eplb(&problem, &Load::uniform(problem.layers, problem.experts)) {
+    let uniform = Load::uniform(problem.layers, problem.experts);
+    let plan = match placement::eplb(&problem, load.as_ref().unwrap_or(&uniform)) {
         Ok(plan) => plan,
         Err(e) => bail!("{e}; add workers or capacity, or use fewer replicas or a smaller --expert-dtype"),
     };
@@ -139,8 +191,8 @@ pub fn run(args: Args) -> Result<()> {
     let base = (problem.layers * problem.experts * args.replicas) as u64;
     let extra = if total > base {
         format!(", plus {} redundant per layer", (total - base) / problem.layers.max(1) as u64)
-    } else if args.redundant > 0 {
-        ", no redundant copies: with no load reports every expert is equally hot".to_string()
+    } else if args.redundant > 0 && load.is_none() {
+        ", no redundant copies: with no load reports every expert is equally hot (give --load)".to_string()
     } else {
         String::new()
     };
@@ -151,7 +203,36 @@ pub fn run(args: Args) -> Result<()> {
         (max * each) as f64 / args.capacity as f64 * 100.0
     );
     println!("the plan fits");
+    if let Some(load) = &load {
+        print_balance(&problem, &plan, load);
+    }
     Ok(())
+}
+
+/// Balance of `plan` on the recorded load next to round robin's, and the
+/// experts it gives the most copies.
+fn print_balance(problem: &Problem, plan: &placement::Plan, load: &Load) {
+    let baseline = placement::round_robin(&Problem { redundant: 0, ..problem.clone() });
+    let baseline = baseline.map_or("does not fit".to_string(), |b| format!("{:.3}", b.balancedness(load)));
+    println!(
+        "on the recorded load, balancedness (mean / max worker load, 1 = even): {:.3} load-aware, {baseline} round robin",
+        plan.balancedness(load)
+    );
+    let mut most: Vec<(usize, usize, usize)> = plan
+        .holders
+        .iter()
+        .enumerate()
+        .flat_map(|(l, layer)| layer.iter().enumerate().map(move |(e, h)| (h.len(), l, e)))
+        .filter(|&(copies, ..)| copies > problem.replicas)
+        .collect();
+    most.sort_by(|a, b| b.0.cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+    if most.is_empty() {
+        println!("no expert gets more than {} copies", problem.replicas);
+        return;
+    }
+    let listed: Vec<String> =
+        most.iter().take(8).map(|(copies, l, e)| format!("layer {l} expert {e}: {copies}")).collect();
+    println!("most copies: {}{}", listed.join(", "), if most.len() > 8 { ", ..." } else { "" });
 }
 
 #[cfg(test)]

@@ -38,3 +38,45 @@ fn a_v4_pro_shaped_plan_fits_in_fp4_and_not_in_f32() {
         "{text}"
     );
 }
+
+/// A recorded load in `myriad ctl load`'s format: Zipf-skewed per layer,
+/// each layer's hot experts in a different place.
+fn zipf_load(layers: usize, experts: usize, skew: f64) -> String {
+    let tokens: Vec<Vec<f64>> = (0..layers)
+        .map(|l| (0..experts).map(|e| (1e4 / (((e * 97 + l * 31) % experts + 1) as f64).powf(skew)).round()).collect())
+        .collect();
+    serde_json::json!({"layers": layers, "experts": experts, "tokens": tokens}).to_string()
+}
+
+fn plan_with_load(load: &str, extra: &[&str]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("load.json");
+    std::fs::write(&path, load).unwrap();
+    let mut args = vec!["--expert-dtype", "fp4", "--load", path.to_str().unwrap()];
+    args.extend(extra);
+    plan(&args)
+}
+
+#[test]
+fn a_recorded_load_is_placed_and_compared_with_round_robin() {
+    let (ok, text) = plan_with_load(&zipf_load(61, 384, 1.2), &["--redundant", "64"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("plus 64 redundant per layer"), "{text}");
+    let line = text.lines().find(|l| l.starts_with("on the recorded load")).expect(&text);
+    let numbers: Vec<f64> = line.split(' ').filter_map(|w| w.trim_end_matches(',').parse().ok()).collect();
+    let (ours, round_robin) = (numbers[numbers.len() - 2], numbers[numbers.len() - 1]);
+    assert!(ours >= 0.99 && round_robin < 0.5, "{line}");
+    assert!(text.contains("most copies: layer"), "{text}");
+}
+
+#[test]
+fn a_load_of_another_shape_or_with_bad_counts_is_refused() {
+    let (ok, text) = plan_with_load(&zipf_load(8, 64, 1.0), &[]);
+    assert!(!ok && text.contains("records 8 layers x 64 experts; the config has 61 x 384"), "{text}");
+    let mut bad = zipf_load(61, 384, 1.0);
+    bad = bad.replacen("10000.0", "-1.0", 1);
+    let (ok, text) = plan_with_load(&bad, &[]);
+    assert!(!ok && text.contains("a token count must be a finite number, at least 0"), "{text}");
+    let (ok, text) = plan_with_load("{\"tokens\": []}", &[]);
+    assert!(!ok && text.contains("is not a load record"), "{text}");
+}

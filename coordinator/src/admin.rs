@@ -185,7 +185,11 @@ impl Admin for AdminService {
 
     async fn top_experts(&self, request: Request<TopExpertsRequest>) -> Result<Response<TopExpertsResponse>, Status> {
         self.leading().await?;
-        let limit = request.into_inner().limit.clamp(1, 10_000) as usize;
+        // 0: every expert (the whole load matrix, `myriad ctl load`).
+        let limit = match request.into_inner().limit {
+            0 => usize::MAX,
+            n => n as usize,
+        };
         let view = self.view().await?;
         let Some(p) = view.current() else { return Err(Status::not_found("no current placement yet")) };
         let load = current_load(&self.config, &self.shared);

@@ -62,6 +62,17 @@ def test_every_ctl_command_works_on_myriad_up():
             time.sleep(0.5)
         assert len(top["experts"]) == 3 and sum(e["tokens"] for e in top["experts"]) > 0, top
         assert "LAYER EXPERT" in ok(s, "top-experts", "--limit", "3")
+        # The whole load matrix, which `myriad plan --load` places offline.
+        config = json.loads((ROOT / "models" / MODEL / "config.json").read_text())
+        load = json.loads(ok(s, "load"))
+        assert (load["layers"], load["experts"]) == (config["num_hidden_layers"], config["n_routed_experts"])
+        assert len(load["tokens"]) == load["layers"] and sum(map(sum, load["tokens"])) > 0, load
+        load_file = s.state_file.parent / "load.json"
+        load_file.write_text(json.dumps(load))
+        planned = subprocess.run([str(BINARY), "plan", "--config", str(ROOT / "models" / MODEL / "config.json"),
+                                  "--workers", "2", "--capacity", "1GiB", "--redundant", "2", "--load",
+                                  str(load_file)], capture_output=True, text=True, timeout=120)
+        assert planned.returncode == 0 and "load-aware" in planned.stdout, planned.stderr
         assert "balancedness" in ok(s, "rebalance", "--dry-run").lower()
         # A rebalance while a request streams: a new placement version, and
         # the stream's answer is the same as before it.
