@@ -10,10 +10,8 @@ use myriad_coordinator::admin::{self, AdminService};
 use myriad_coordinator::{CoordinatorConfig, Shared};
 use myriad_store::schema::Role;
 
-use myriad_model::ModelConfig;
-
-use crate::membership::ClusterArgs;
-use crate::plan::{ExpertDtype, expert_bytes};
+use crate::membership::{ClusterArgs, parse_bound};
+use crate::plan::model_expert_bytes;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,6 +26,18 @@ pub struct Args {
     /// Extra copies per layer for the hottest experts.
     #[arg(long, env = "MYRIAD_REDUNDANT", default_value_t = 0)]
     redundant: usize,
+
+    /// The most bytes of experts one worker may load in a rebalance (e.g.
+    /// `20GiB`), beyond restoring copies lost with departed workers.
+    /// Default: no bound.
+    #[arg(long, env = "MYRIAD_MAX_MOVE", value_parser = parse_bound)]
+    max_move: Option<u64>,
+
+    /// Balancedness (0 to 1) a rebalance leaves unclaimed in each layer to
+    /// move fewer experts: a layer within this of what a fresh plan reaches
+    /// stays as it is.
+    #[arg(long, env = "MYRIAD_MOVE_TOLERANCE", default_value_t = 0.01)]
+    move_tolerance: f64,
 
     /// Live workers needed before the first placement.
     #[arg(long, env = "MYRIAD_MIN_WORKERS", default_value_t = 1)]
@@ -68,13 +78,13 @@ pub fn run(args: Args) -> Result<()> {
     if args.replicas == 0 {
         bail!("--replicas must be at least 1");
     }
+    if !(0.0..=1.0).contains(&args.move_tolerance) {
+        bail!("--move-tolerance must be between 0 and 1, got {}", args.move_tolerance);
+    }
     let shape = myriad_worker::backend::model_shape(&args.model)
         .with_context(|| format!("read the model in {}", args.model.display()))?;
-    let (model_config, config_bytes) = ModelConfig::read(&args.model).context("read the model config")?;
     // Workers hold experts as the checkpoint stores them.
-    let config_json: serde_json::Value = serde_json::from_slice(&config_bytes).context("parse the model config")?;
-    let dtype = ExpertDtype::of_config(&config_json)?;
-    let expert_bytes = expert_bytes(model_config.hidden_size, model_config.moe_intermediate_size, dtype);
+    let expert_bytes = model_expert_bytes(&args.model)?;
     let id = args.cluster.node_id(Role::Coordinator)?;
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     let listener = runtime
@@ -90,6 +100,8 @@ pub fn run(args: Args) -> Result<()> {
         expert_bytes,
         replicas: args.replicas,
         redundant: args.redundant,
+        max_move: args.max_move,
+        move_tolerance: args.move_tolerance,
         min_workers: args.min_workers,
         settle: *args.settle,
         lease_ttl: *args.cluster.lease_ttl,

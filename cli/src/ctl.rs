@@ -59,9 +59,14 @@ enum Ctl {
     Load,
     /// Place the experts for the measured load.
     Rebalance {
-        /// Only predict: balancedness after, and how many expert copies would move.
+        /// Only predict: balancedness after, and the expert copies and bytes
+        /// each worker would load.
         #[arg(long)]
         dry_run: bool,
+        /// The most bytes of experts one worker may load (e.g. `2GiB`),
+        /// beyond restoring lost copies. Default: the coordinator's --max-move.
+        #[arg(long, value_parser = crate::membership::parse_bound)]
+        max_move: Option<u64>,
     },
     /// Move a worker's experts away, then leave it unschedulable.
     Drain { node: String },
@@ -273,25 +278,55 @@ async fn run_async(args: Args) -> Result<()> {
             }
             println!("{}", json!({"layers": layers, "experts": experts, "tokens": tokens}));
         }
-        Ctl::Rebalance { dry_run } => {
+        Ctl::Rebalance { dry_run, max_move } => {
             let r = client
-                .rebalance(request(&args, RebalanceRequest { dry_run: *dry_run })?)
+                .rebalance(request(&args, RebalanceRequest { dry_run: *dry_run, max_move_bytes: *max_move })?)
                 .await
                 .map_err(|s| peer.error(s))?
                 .into_inner();
             if args.json {
+                let workers: Vec<_> = r
+                    .workers
+                    .iter()
+                    .map(|w| {
+                        json!({"node": w.node, "copies_before": w.copies_before, "copies_after": w.copies_after,
+                            "loads": w.loads, "bytes": w.bytes})
+                    })
+                    .collect();
                 println!(
                     "{}",
                     json!({"current_balancedness": r.current_balancedness, "predicted_balancedness": r.predicted_balancedness,
-                        "moves": r.moves, "started": r.started})
+                        "moves": r.moves, "bytes": r.bytes, "workers": workers, "started": r.started})
                 );
                 return Ok(());
             }
+            use myriad_coordinator::placement::human;
             println!(
-                "balancedness {:.3} -> {:.3}; {} expert copies to load",
-                r.current_balancedness, r.predicted_balancedness, r.moves
+                "balancedness {:.3} -> {:.3}; {} expert copies to load ({})",
+                r.current_balancedness,
+                r.predicted_balancedness,
+                r.moves,
+                human(r.bytes)
             );
-            println!("{}", if r.started { "rollout started" } else { "dry run: nothing changed" });
+            println!("{:<24} {:>7} {:>7} {:>6} {:>10}", "WORKER", "COPIES", "AFTER", "LOADS", "BYTES");
+            for w in &r.workers {
+                println!(
+                    "{:<24} {:>7} {:>7} {:>6} {:>10}",
+                    w.node,
+                    w.copies_before,
+                    w.copies_after,
+                    w.loads,
+                    human(w.bytes)
+                );
+            }
+            println!(
+                "{}",
+                match (r.started, dry_run) {
+                    (true, _) => "rollout started",
+                    (false, true) => "dry run: nothing changed",
+                    (false, false) => "nothing worth moving: the current placement stays",
+                }
+            );
         }
         Ctl::Drain { node } => {
             let d = client

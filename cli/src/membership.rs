@@ -98,6 +98,15 @@ pub async fn wait_serving(experts: &RemoteExperts, timeout: Duration) -> Result<
 
 /// Parses sizes such as `24GiB`, `512MB`, `1.5TiB` or a plain byte count.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    parse_size(text, 1.0)
+}
+
+/// [`parse_bytes`] for bounds, where zero is a size too.
+pub fn parse_bound(text: &str) -> Result<u64, String> {
+    parse_size(text, 0.0)
+}
+
+fn parse_size(text: &str, least: f64) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
@@ -115,7 +124,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         other => return Err(format!("unknown unit `{other}` in `{text}` (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")),
     };
     let bytes = number * scale;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+    if !bytes.is_finite() || bytes < least || bytes > u64::MAX as f64 {
         return Err(format!("`{text}` is not a usable size"));
     }
     Ok(bytes as u64)

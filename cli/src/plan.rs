@@ -146,6 +146,13 @@ pub fn expert_bytes(hidden: usize, intermediate: usize, dtype: ExpertDtype) -> u
     }
 }
 
+/// Bytes one routed expert of the model in folder `model` holds in a
+/// worker, in the format its config.json names.
+pub fn model_expert_bytes(model: &Path) -> Result<u64> {
+    let (shape, config) = read_config(&model.join("config.json"))?;
+    Ok(expert_bytes(shape.hidden_size, shape.moe_intermediate_size, ExpertDtype::of_config(&config)?))
+}
+
 pub fn run(args: Args) -> Result<()> {
     let (shape, config) = read_config(&args.config)?;
     let dtype = match args.expert_dtype {

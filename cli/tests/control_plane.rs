@@ -75,6 +75,43 @@ impl TestWorker {
     }
 }
 
+/// A coordinator of the model in `model`: one replica, no redundancy or
+/// move bound, quick to settle.
+fn coordinator_config(model: &Path) -> CoordinatorConfig {
+    let shape = myriad_worker::backend::model_shape(model).unwrap();
+    CoordinatorConfig {
+        id: "coordinator-0".parse().unwrap(),
+        addr: String::new(),
+        model_id: shape.model_id,
+        layers: shape.num_layers,
+        experts: shape.num_experts,
+        expert_bytes: 1,
+        replicas: 1,
+        redundant: 0,
+        max_move: None,
+        move_tolerance: 0.01,
+        min_workers: 1,
+        settle: Duration::from_millis(50),
+        lease_ttl: TTL,
+        rollout_timeout: Duration::from_secs(30),
+        load_interval: Duration::from_secs(10),
+    }
+}
+
+/// An in-memory store, a coordinator with `config` and `workers` workers
+/// (`worker-0`, …).
+async fn start(config: CoordinatorConfig, workers: usize, model: &Path) -> (Arc<dyn Store>, Keys, Vec<TestWorker>) {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let keys = Keys::new("test");
+    let run = myriad_coordinator::run(store.clone(), keys.clone(), config, Default::default(), std::future::pending());
+    tokio::spawn(run);
+    let mut started = Vec::new();
+    for i in 0..workers {
+        started.push(TestWorker::start(&format!("worker-{i}"), &store, &keys, model).await);
+    }
+    (store, keys, started)
+}
+
 async fn wait_for_current(placements: &Mirror, keys: &Keys, want: impl Fn(&PlacementView) -> bool) -> PlacementView {
     let mut changes = placements.subscribe();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -118,34 +155,8 @@ async fn a_dead_worker_is_replaced_by_a_new_version_without_changing_outputs() {
         myriad_model::generate(&Model::load(&model_dir).unwrap(), &[5, 17, 42, 300, 7], 10, &Sampling::greedy(), true)
             .unwrap()
             .generated;
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let keys = Keys::new("test");
-    let config = CoordinatorConfig {
-        id: "coordinator-0".parse().unwrap(),
-        addr: String::new(),
-        model_id: model.fingerprint.clone(),
-        layers: model.config.num_hidden_layers,
-        experts: model.config.n_routed_experts,
-        expert_bytes: 0,
-        replicas: 2,
-        redundant: 0,
-        min_workers: 3,
-        settle: Duration::from_millis(50),
-        lease_ttl: TTL,
-        rollout_timeout: Duration::from_secs(30),
-        load_interval: Duration::from_secs(10),
-    };
-    tokio::spawn(myriad_coordinator::run(
-        store.clone(),
-        keys.clone(),
-        config,
-        Default::default(),
-        std::future::pending(),
-    ));
-    let mut workers = Vec::new();
-    for i in 0..3 {
-        workers.push(TestWorker::start(&format!("worker-{i}"), &store, &keys, &model_dir).await);
-    }
+    let config = CoordinatorConfig { replicas: 2, min_workers: 3, ..coordinator_config(&model_dir) };
+    let (store, keys, mut workers) = start(config, 3, &model_dir).await;
 
     let experts = RemoteExperts::new(
         Arc::new(WorkerPool::empty()),
@@ -211,4 +222,34 @@ async fn a_dead_worker_is_replaced_by_a_new_version_without_changing_outputs() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(generate(&model, &experts).await, solo, "after the join");
+}
+
+/// With a move bound of zero, a worker's death costs only its own experts:
+/// every survivor keeps every copy it held, and only the dead worker's
+/// copies are loaded again, spread over the survivors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_experts_are_all_that_moves() {
+    let model_dir = tiny();
+    let config = CoordinatorConfig { max_move: Some(0), min_workers: 4, ..coordinator_config(&model_dir) };
+    let (store, keys, mut workers) = start(config, 4, &model_dir).await;
+    let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
+    let view = wait_for_current(&placements, &keys, |v| v.current().is_some_and(|p| p.assignments.len() == 4)).await;
+    let first = view.current().unwrap().clone();
+    workers.remove(2).kill();
+    let view = wait_for_current(&placements, &keys, |v| v.current().is_some_and(|p| p.assignments.len() == 3)).await;
+    let second = view.current().unwrap();
+    let copies = |p: &myriad_store::schema::Placement, node: &str| -> Vec<(u32, u32)> {
+        let a = p.assignment(&node.parse().unwrap()).expect("placed");
+        (0..p.layers)
+            .flat_map(|l| (0..p.experts).map(move |e| (l, e)))
+            .filter(|&(l, e)| a.experts.contains(l, e))
+            .collect()
+    };
+    let mut loaded = 0;
+    for node in ["worker-0", "worker-1", "worker-3"] {
+        let (before, after) = (copies(&first, node), copies(second, node));
+        assert!(before.iter().all(|c| after.contains(c)), "{node} lost experts it held");
+        loaded += after.len() - before.len();
+    }
+    assert_eq!(loaded, copies(&first, "worker-2").len(), "loaded exactly the dead worker's experts");
 }

@@ -163,6 +163,14 @@ async fn failures_of_workers_coordinators_and_etcd_cost_no_request() {
     assert!(balance > 0.0 && balance <= 1.0, "{top}");
     let dry = ctl_json(&e, &["rebalance", "--dry-run"]);
     assert_eq!(dry["started"], false, "{dry}");
+    // Every live worker, what it would load, adding up to the totals.
+    let moves = dry["workers"].as_array().unwrap();
+    assert_eq!(moves.len(), 3, "{dry}");
+    let sum = |key: &str| moves.iter().map(|w| w[key].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((sum("loads"), sum("bytes")), (dry["moves"].as_u64().unwrap(), dry["bytes"].as_u64().unwrap()));
+    // No copy is missing, so a bound of zero moves nothing.
+    let bounded = ctl_json(&e, &["rebalance", "--dry-run", "--max-move", "0"]);
+    assert_eq!(bounded["moves"], 0, "{bounded}");
     let table = ctl(&e, &["--token", "secret", "placement"]).unwrap();
     assert!(table.contains("heat map") && table.contains("w4"), "{table}");
 

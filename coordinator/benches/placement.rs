@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use myriad_coordinator::placement::{Load, Plan, Problem, eplb, round_robin};
+use myriad_coordinator::placement::{Load, Migration, Plan, Problem, eplb, rebalance, round_robin};
 
 /// SplitMix64: a small deterministic generator, so every run sees the same traces.
 struct Rng(u64);
@@ -43,6 +43,20 @@ fn trace(layers: usize, experts: usize, skew: f64, rng: &mut Rng) -> Load {
         }
     }
     Load { layers, experts, tokens }
+}
+
+/// `load` after a drift: every expert's tokens times e^(σ·N(0,1)).
+fn drifted(load: &Load, sigma: f64, rng: &mut Rng) -> Load {
+    let tokens = load
+        .tokens
+        .iter()
+        .map(|t| {
+            // Box-Muller: one standard normal from two uniforms.
+            let (u, v) = (rng.unit().max(1e-12), rng.unit());
+            t * (sigma * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()).exp()
+        })
+        .collect();
+    Load { tokens, ..load.clone() }
 }
 
 /// DeepSeek's EPLB for one layer group (no node hierarchy).
@@ -125,5 +139,48 @@ fn main() {
             "V4-Pro shape ({layers} layers x {experts} experts, {workers} workers + {workers} redundant), skew {skew}: \
              DeepSeek EPLB {reference:.3}, Myriad {ours:.3}, placed in {secs:.2} s"
         );
+    }
+    migration(&mut rng);
+}
+
+/// A serving cluster whose load drifts: the fresh plan for the new load
+/// against [`rebalance`] from the current placement (tolerance 0.01, then
+/// also at most two experts loaded per worker). Moved bytes at the shape's
+/// expert size in MXFP4 (V4-Flash 4096 x 2048, V4-Pro 7168 x 3072).
+fn migration(rng: &mut Rng) {
+    println!(
+        "\n| experts | workers | drift σ | current | fresh | fresh moves | rebalance | moves | ≤2/worker | moves | ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for (experts, workers, hidden, inter) in [(256, 32, 4096u64, 2048u64), (384, 64, 7168, 3072)] {
+        let expert_gib = (3 * hidden * inter) as f64 * (0.5 + 1.0 / 32.0) / (1u64 << 30) as f64;
+        for sigma in [0.1, 0.3, 0.6] {
+            let layers = 8;
+            let before = trace(layers, experts, 1.0, rng);
+            let after = drifted(&before, sigma, rng);
+            let p = problem(layers, experts, workers, workers);
+            let current = eplb(&p, &before).expect("eplb");
+            let fresh = eplb(&p, &after).expect("eplb");
+            let start = Instant::now();
+            let loose = Migration { current: &current, max_move: None, tolerance: 0.01 };
+            let ours = rebalance(&p, &after, &loose).expect("rebalance");
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            let bounded = Migration { max_move: Some(2), ..loose };
+            let tight = rebalance(&p, &after, &bounded).expect("rebalance");
+            let moved = |plan: &Plan| {
+                let copies: usize = plan.moved(&current).iter().sum();
+                format!("{copies} ({:.1} GiB)", copies as f64 * expert_gib)
+            };
+            println!(
+                "| {experts} | {workers} | {sigma} | {:.3} | {:.3} | {} | {:.3} | {} | {:.3} | {} | {ms:.0} |",
+                current.balancedness(&after),
+                fresh.balancedness(&after),
+                moved(&fresh),
+                ours.balancedness(&after),
+                moved(&ours),
+                tight.balancedness(&after),
+                moved(&tight)
+            );
+        }
     }
 }

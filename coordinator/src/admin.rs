@@ -3,7 +3,6 @@
 //! the leader answers: a follower says who leads. With a token configured,
 //! every call must carry `authorization: Bearer <token>`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,9 +16,9 @@ use myriad_store::schema::{self, Keys, Leader, NodeId, Placement, PlacementView,
 use tonic::{Request, Response, Status};
 
 use crate::health;
-use crate::leader::{cordoned, current_load, live_workers, plan};
+use crate::leader::{cordoned, current_load, live_workers, plan, plan_over};
 use crate::placement::{Load, Plan};
-use crate::{CoordinatorConfig, Shared};
+use crate::{CoordinatorConfig, Forced, Shared};
 
 pub struct AdminService {
     store: Arc<dyn Store>,
@@ -216,7 +215,8 @@ impl Admin for AdminService {
 
     async fn rebalance(&self, request: Request<RebalanceRequest>) -> Result<Response<RebalanceResponse>, Status> {
         self.leading().await?;
-        let dry_run = request.into_inner().dry_run;
+        let request = request.into_inner();
+        let max_move = request.max_move_bytes.or(self.config.max_move);
         let view = self.view().await?;
         let listing = self.store.list(&self.keys.nodes(Role::Worker)).await.map_err(unavailable)?;
         let snapshot = Arc::new(listing.kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect());
@@ -224,42 +224,42 @@ impl Admin for AdminService {
         let live: Vec<_> =
             live_workers(&snapshot, &self.config.model_id).into_iter().filter(|w| !cordons.contains(&w.id)).collect();
         let load = current_load(&self.config, &self.shared);
-        let next = plan(&self.config, schema::PlacementVersion(0), &live, &load)
+        let next = plan(&self.config, schema::PlacementVersion(0), &live, &load, view.current(), max_move)
             .ok_or_else(|| Status::failed_precondition("the experts do not fit on the schedulable workers"))?;
         let current_balance = view.current().map_or(0.0, |p| as_plan(p).balancedness(&load));
         let predicted = as_plan(&next).balancedness(&load);
-        // Copies the new placement puts where the current one has none.
-        let mut held: HashMap<(u32, u32), Vec<&NodeId>> = HashMap::new();
-        if let Some(p) = view.current() {
-            for a in &p.assignments {
-                for l in 0..p.layers {
-                    for e in 0..p.experts {
-                        if a.experts.contains(l, e) {
-                            held.entry((l, e)).or_default().push(&a.node);
-                        }
-                    }
-                }
-            }
-        }
-        let mut moves = 0u64;
-        for a in &next.assignments {
-            for l in 0..next.layers {
-                for e in 0..next.experts {
-                    if a.experts.contains(l, e) && !held.get(&(l, e)).is_some_and(|h| h.contains(&&a.node)) {
-                        moves += 1;
-                    }
-                }
-            }
-        }
-        if !dry_run {
-            self.shared.lock().rebalance = true;
+        // What each live worker holds now and would load.
+        let before =
+            view.current().map_or_else(|| Plan { workers: live.len(), holders: Vec::new() }, |c| plan_over(c, &live));
+        let after = plan_over(&next, &live);
+        let loads = after.moved(&before);
+        let bytes = |copies: usize| copies as u64 * self.config.expert_bytes;
+        let workers = live
+            .iter()
+            .enumerate()
+            .map(|(i, w)| pb::WorkerMove {
+                node: w.id.to_string(),
+                copies_before: before.copies()[i],
+                copies_after: after.copies()[i],
+                loads: loads[i] as u64,
+                bytes: bytes(loads[i]),
+            })
+            .collect();
+        let moves: usize = loads.iter().sum();
+        // Nothing to roll out when the plan is the current placement.
+        let changes = view.current().is_none_or(|c| c.assignments != next.assignments);
+        let started = !request.dry_run && changes;
+        if started {
+            self.shared.lock().rebalance = Some(Forced { max_move });
             self.shared.wake.notify_one();
         }
         Ok(Response::new(RebalanceResponse {
             current_balancedness: current_balance,
             predicted_balancedness: predicted,
-            moves,
-            started: !dry_run,
+            moves: moves as u64,
+            started,
+            bytes: bytes(moves),
+            workers,
         }))
     }
 

@@ -55,13 +55,27 @@ pub(crate) fn current_load(config: &CoordinatorConfig, shared: &Shared) -> place
     shared.lock().load.clone().unwrap_or_else(|| placement::Load::uniform(config.layers, config.experts))
 }
 
+/// The next placement for `workers`: moved as little as the config allows
+/// from `current` (see [`placement::rebalance`]), or fresh without one.
 pub(crate) fn plan(
     config: &CoordinatorConfig,
     version: PlacementVersion,
     workers: &[NodeRecord],
     load: &placement::Load,
+    current: Option<&Placement>,
+    max_move: Option<u64>,
 ) -> Option<Placement> {
-    let plan = match placement::eplb(&problem(config, workers), load) {
+    let problem = problem(config, workers);
+    let same_shape = |c: &&Placement| c.layers as usize == config.layers && c.experts as usize == config.experts;
+    let planned = match current.filter(same_shape) {
+        Some(current) => {
+            let now = plan_over(current, workers);
+            let migration = placement::Migration { current: &now, max_move, tolerance: config.move_tolerance };
+            placement::rebalance(&problem, load, &migration)
+        }
+        None => placement::eplb(&problem, load),
+    };
+    let plan = match planned {
         Ok(plan) => plan,
         Err(e) => {
             tracing::error!(workers = workers.len(), error = %e, "cannot place the experts on the live workers");
@@ -81,6 +95,24 @@ pub(crate) fn plan(
         experts: config.experts as u32,
         assignments,
     })
+}
+
+/// `placement` over `workers`, by index: a worker holds what the
+/// placement assigns to its id at its address (one that came back at
+/// another address restarted, and holds nothing).
+pub(crate) fn plan_over(placement: &Placement, workers: &[NodeRecord]) -> placement::Plan {
+    let assigned: Vec<Option<&Assignment>> =
+        workers.iter().map(|w| placement.assignment(&w.id).filter(|a| a.addr == w.addr)).collect();
+    let holders = (0..placement.layers)
+        .map(|l| {
+            (0..placement.experts)
+                .map(|e| {
+                    (0..workers.len()).filter(|&w| assigned[w].is_some_and(|a| a.experts.contains(l, e))).collect()
+                })
+                .collect()
+        })
+        .collect();
+    placement::Plan { workers: workers.len(), holders }
 }
 
 pub(crate) async fn lead(
@@ -112,7 +144,7 @@ pub(crate) async fn lead(
             // `min_workers` only gates the first placement; afterwards
             // survivors take over whatever is left.
             let enough = !live.is_empty() && (view.current.is_some() || live.len() >= config.min_workers);
-            let forced = shared.lock().rebalance && !live.is_empty();
+            let forced = shared.lock().rebalance.is_some() && !live.is_empty();
             forced || (enough && view.current().is_none_or(|p| !matches(p, live)))
         };
         let (live, view) = read();
@@ -126,15 +158,21 @@ pub(crate) async fn lead(
             }
             let (live, view) = read();
             if stale(&live, &view) {
-                let forced = std::mem::take(&mut shared.lock().rebalance);
+                let forced = shared.lock().rebalance.take();
                 let newest = view.versions.keys().copied().chain(view.current).max().unwrap_or(PlacementVersion(0));
                 let load = current_load(config, shared);
-                let Some(next) = plan(config, PlacementVersion(newest.0 + 1), &live, &load) else {
+                let max_move = forced.map_or(config.max_move, |f| f.max_move);
+                let version = PlacementVersion(newest.0 + 1);
+                let Some(next) = plan(config, version, &live, &load, view.current(), max_move) else {
                     // Wait for membership to change (more workers, more memory).
                     worker_changes.changed().await.ok();
                     continue;
                 };
-                log_decision(&next, view.current(), &live, forced);
+                if view.current().is_some_and(|c| c.assignments == next.assignments) {
+                    tracing::info!("rebalance requested; the current placement stays (nothing worth moving)");
+                    continue;
+                }
+                log_decision(&next, view.current(), &live, forced.is_some());
                 let proposed = next.version;
                 shared.lock().rollout = Some((proposed, std::time::Instant::now()));
                 let outcome = roll_out(store, keys, config, next, &mut worker_changes).await;

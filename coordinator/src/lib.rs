@@ -55,12 +55,19 @@ struct SharedState {
     /// Decayed per-expert token counts from the workers' load windows.
     load: Option<placement::Load>,
     /// A rebalance was asked for: plan for the measured load even though
-    /// membership did not change.
-    rebalance: bool,
+    /// membership did not change, with this move bound.
+    rebalance: Option<Forced>,
     /// The version being rolled out and since when.
     rollout: Option<(schema::PlacementVersion, std::time::Instant)>,
     /// Rollouts abandoned in a row, and why the last one was.
     abandoned: Option<(usize, String)>,
+}
+
+/// A rebalance asked for through the admin API.
+#[derive(Debug, Clone, Copy)]
+struct Forced {
+    /// Its move bound, in place of [`CoordinatorConfig::max_move`].
+    max_move: Option<u64>,
 }
 
 impl SharedState {
@@ -94,6 +101,11 @@ pub struct CoordinatorConfig {
     pub replicas: usize,
     /// Extra copies per layer for the hottest experts.
     pub redundant: usize,
+    /// The most bytes of experts one worker may load in a rebalance,
+    /// beyond restoring copies lost with departed workers; `None`: no bound.
+    pub max_move: Option<u64>,
+    /// Balancedness per layer a rebalance may leave unclaimed to move less.
+    pub move_tolerance: f64,
     /// Live workers needed before the first placement.
     pub min_workers: usize,
     /// Membership must stay unchanged this long before a new placement, so

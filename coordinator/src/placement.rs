@@ -15,7 +15,10 @@
 
 use myriad_proto::spec::ExpertSpec;
 
+mod migrate;
 mod refine;
+
+pub use migrate::{Migration, rebalance};
 
 /// Tokens routed to each `(layer, expert)` over some window.
 #[derive(Debug, Clone)]
@@ -117,36 +120,23 @@ impl Plan {
     /// Mean over layers of (mean worker load / max worker load), an expert's
     /// load split evenly over its copies: 1 is perfect balance.
     pub fn balancedness(&self, load: &Load) -> f64 {
-        let mut sum = 0.0;
-        let mut layers = 0;
-        for (l, layer) in self.holders.iter().enumerate() {
-            let mut per_worker = vec![0.0; self.workers];
-            for (e, holders) in layer.iter().enumerate() {
-                for &w in holders {
-                    per_worker[w] += load.get(l, e) / holders.len() as f64;
-                }
-            }
-            let max = per_worker.iter().copied().fold(0.0, f64::max);
-            if max > 0.0 {
-                sum += per_worker.iter().sum::<f64>() / self.workers as f64 / max;
-                layers += 1;
-            }
-        }
-        if layers == 0 { 1.0 } else { sum / layers as f64 }
+        let per_layer: Vec<f64> =
+            self.holders.iter().enumerate().filter_map(|(l, h)| layer_balance(h, load, l, self.workers)).collect();
+        if per_layer.is_empty() { 1.0 } else { per_layer.iter().sum::<f64>() / per_layer.len() as f64 }
     }
+}
 
-    /// Expert copies in `self` that `before` does not have on the same
-    /// worker: what a switch from `before` must load.
-    pub fn moves_from(&self, before: &Plan) -> usize {
-        let mut moves = 0;
-        for (l, layer) in self.holders.iter().enumerate() {
-            for (e, holders) in layer.iter().enumerate() {
-                let old = before.holders.get(l).and_then(|layer| layer.get(e));
-                moves += holders.iter().filter(|w| old.is_none_or(|o| !o.contains(w))).count();
-            }
+/// One layer's mean worker load over its largest; `None` for a layer
+/// without load.
+fn layer_balance(layer: &[Vec<usize>], load: &Load, l: usize, workers: usize) -> Option<f64> {
+    let mut per_worker = vec![0.0; workers];
+    for (e, holders) in layer.iter().enumerate() {
+        for &w in holders {
+            per_worker[w] += load.get(l, e) / holders.len() as f64;
         }
-        moves
     }
+    let max = per_worker.iter().copied().fold(0.0, f64::max);
+    (max > 0.0).then(|| per_worker.iter().sum::<f64>() / workers as f64 / max)
 }
 
 fn check(p: &Problem) -> Result<(), PlanError> {

@@ -28,7 +28,7 @@ GPU = yaml.safe_load((CHART / "values-gpu.yaml").read_text())
 EVERYTHING = {
     "etcd": {"endpoints": ["http://etcd-a.infra:2379", "http://etcd-b.infra:2379"]},
     "model": {"source": "pvc", "claimName": "models", "path": "/models/tiny-v4"},
-    "coordinator": {"adminToken": {"value": "s3cret"}, "config": {"redundant": 4}},
+    "coordinator": {"adminToken": {"value": "s3cret"}, "config": {"redundant": 4, "maxMove": "20GiB"}},
     "router": {
         "config": {"servedModelName": "deepseek-v4", "maxModelLen": 131072},
         "apiKeys": {"values": ["key-a", "key-b"]},
@@ -164,6 +164,7 @@ def test_config_values_become_flags():
     assert not [a for a in container(render(), "Deployment", "prod-myriad-router")["args"] if "max-model-len" in a]
     coordinator = container(docs, "Deployment", "prod-myriad-coordinator")["args"]
     assert "--redundant=4" in coordinator and "--admin-advertise=$(POD_IP):7200" in coordinator
+    assert "--max-move=20GiB" in coordinator and "--move-tolerance=0.01" in coordinator
     # Every expert on two workers by default, so one worker's restart costs no request.
     assert "--replicas=2" in container(render(), "Deployment", "prod-myriad-coordinator")["args"]
     worker = container(render(GPU), "StatefulSet", "prod-myriad-worker")["args"]

@@ -37,13 +37,69 @@ pub(super) struct Layer<'a> {
     replicas: usize,
     pub holders: Vec<Vec<usize>>,
     worker_load: Vec<f64>,
+    /// Balancedness at which the search stops.
+    good_enough: f64,
+    budget: Option<Budget<'a>>,
+}
+
+/// What a search on a serving layer may load: `held[e]` the workers that
+/// hold expert `e` now (a copy placed back there is free), `left[w]` the
+/// copies worker `w` may still load.
+pub(super) struct Budget<'a> {
+    pub held: &'a [Vec<usize>],
+    pub left: &'a mut [usize],
+}
+
+impl Budget<'_> {
+    /// Copies worker `w` loads when it takes a copy of `gains` in place of
+    /// one of `loses` (negative: a load it no longer needs).
+    fn cost(&self, w: usize, gains: usize, loses: usize) -> isize {
+        let new = |e: usize| isize::from(!self.held.get(e).is_some_and(|h| h.contains(&w)));
+        new(gains) - new(loses)
+    }
+
+    fn affords(&self, changes: &[(usize, isize)]) -> bool {
+        changes.iter().all(|&(w, c)| c <= 0 || self.left[w] as isize >= c)
+    }
+
+    fn spend(&mut self, changes: &[(usize, isize)]) {
+        for &(w, c) in changes {
+            self.left[w] = (self.left[w] as isize - c) as usize;
+        }
+    }
 }
 
 impl<'a> Layer<'a> {
     pub fn new(tokens: &'a [f64], replicas: usize, workers: usize, holders: Vec<Vec<usize>>) -> Self {
-        let mut layer = Layer { tokens, replicas, holders, worker_load: vec![0.0; workers] };
+        let worker_load = vec![0.0; workers];
+        let mut layer = Layer { tokens, replicas, holders, worker_load, good_enough: GOOD_ENOUGH, budget: None };
         layer.recount();
         layer
+    }
+
+    /// A search that stops at balancedness `good_enough` and loads only
+    /// what `budget` allows.
+    pub fn bounded(mut self, good_enough: f64, budget: Budget<'a>) -> Self {
+        self.good_enough = good_enough.min(GOOD_ENOUGH);
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Whether the budget (if any) allows worker changes `changes`.
+    fn affords(&self, changes: &[(usize, isize)]) -> bool {
+        self.budget.as_ref().is_none_or(|b| b.affords(changes))
+    }
+
+    /// The budget changes of a copy of `gains` taking the place of one of
+    /// `loses` on worker `w`.
+    fn cost(&self, w: usize, gains: usize, loses: usize) -> (usize, isize) {
+        (w, self.budget.as_ref().map_or(0, |b| b.cost(w, gains, loses)))
+    }
+
+    fn spend(&mut self, changes: &[(usize, isize)]) {
+        if let Some(b) = self.budget.as_mut() {
+            b.spend(changes);
+        }
     }
 
     fn weight(&self, e: usize) -> f64 {
@@ -72,13 +128,16 @@ impl<'a> Layer<'a> {
     }
 
     /// Runs the search to a local optimum, its move budget, or a layer
-    /// within [`GOOD_ENOUGH`] of perfect balance.
+    /// within [`GOOD_ENOUGH`] (or the bound's target) of perfect balance.
     pub fn refine(&mut self) {
         let workers = self.worker_load.len();
         let mean = self.worker_load.iter().sum::<f64>() / workers as f64;
+        if self.heaviest().1 <= mean / self.good_enough {
+            return;
+        }
         let mut tries = MOVE_TRIES;
         self.swap_down();
-        while tries > 0 && self.heaviest().1 > mean / GOOD_ENOUGH && self.move_a_copy(workers, &mut tries) {}
+        while tries > 0 && self.heaviest().1 > mean / self.good_enough && self.move_a_copy(workers, &mut tries) {}
     }
 
     /// Swaps copies off the most loaded worker while one lowers it without
@@ -91,8 +150,12 @@ impl<'a> Layer<'a> {
             self.holders.iter().enumerate().flat_map(|(e, h)| h.iter().map(move |&w| (e, w))).collect();
         let mut on_a = vec![false; self.holders.len()];
         let mut holds_e = vec![false; self.worker_load.len()];
+        let mean = self.worker_load.iter().sum::<f64>() / self.worker_load.len() as f64;
         for _ in 0..SWAPS_PER_WORKER * self.worker_load.len() {
             let (a, load_a) = self.heaviest();
+            if load_a <= mean / self.good_enough {
+                return;
+            }
             on_a.iter_mut().for_each(|o| *o = false);
             copies.iter().filter(|c| c.1 == a).for_each(|c| on_a[c.0] = true);
             // (new larger load, index of the copy on a, index of the other)
@@ -107,13 +170,17 @@ impl<'a> Layer<'a> {
                         continue;
                     }
                     let peak = (load_a - we + wf).max(self.worker_load[b] - wf + we);
-                    if peak < load_a * (1.0 - 1e-12) && best.is_none_or(|x| peak < x.0) {
+                    if peak < load_a * (1.0 - 1e-12)
+                        && best.is_none_or(|x| peak < x.0)
+                        && self.affords(&[self.cost(a, f, e), self.cost(b, e, f)])
+                    {
                         best = Some((peak, i, j));
                     }
                 }
             }
             let Some((_, i, j)) = best else { return };
             let ((e, a), (f, b)) = (copies[i], copies[j]);
+            self.spend(&[self.cost(a, f, e), self.cost(b, e, f)]);
             replace(&mut self.holders[e], a, b);
             replace(&mut self.holders[f], b, a);
             (copies[i].1, copies[j].1) = (b, a);
@@ -143,7 +210,7 @@ impl<'a> Layer<'a> {
                 let Some(slot) = self.holders[d]
                     .iter()
                     .copied()
-                    .filter(|w| !self.holders[e].contains(w))
+                    .filter(|&w| !self.holders[e].contains(&w) && self.affords(&[self.cost(w, e, d)]))
                     .max_by(|&x, &y| self.worker_load[x].total_cmp(&self.worker_load[y]))
                 else {
                     continue;
@@ -152,7 +219,8 @@ impl<'a> Layer<'a> {
                     return false;
                 }
                 *tries -= 1;
-                let saved = self.holders.clone();
+                let saved = (self.holders.clone(), self.budget.as_ref().map(|b| b.left.to_vec()));
+                self.spend(&[self.cost(slot, e, d)]);
                 self.holders[d].retain(|&w| w != slot);
                 self.holders[e].push(slot);
                 self.recount();
@@ -160,7 +228,10 @@ impl<'a> Layer<'a> {
                 if lexically_less(self.score(), before) {
                     return true;
                 }
-                self.holders = saved;
+                self.holders = saved.0;
+                if let (Some(b), Some(left)) = (self.budget.as_mut(), saved.1) {
+                    b.left.copy_from_slice(&left);
+                }
                 self.recount();
             }
         }

@@ -59,7 +59,8 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/*
 A role's `config` as command-line flags, one list item each: camelCase keys
-become --kebab-case flags; null leaves a flag out; true gives a bare flag.
+become --kebab-case flags; null leaves a flag out; true gives a bare flag;
+whole numbers print without a decimal point (YAML numbers are floats).
 */}}
 {{- define "myriad.flags" -}}
 {{- range $key, $value := . }}
@@ -67,7 +68,7 @@ become --kebab-case flags; null leaves a flag out; true gives a bare flag.
 {{- if $value }}
 - {{ printf "--%s" (kebabcase $key) | quote }}
 {{- end }}
-{{- else if kindIs "float64" $value }}
+{{- else if and (kindIs "float64" $value) (eq $value (float64 (int64 $value))) }}
 - {{ printf "--%s=%d" (kebabcase $key) (int64 $value) | quote }}
 {{- else if not (kindIs "invalid" $value) }}
 - {{ printf "--%s=%v" (kebabcase $key) $value | quote }}
