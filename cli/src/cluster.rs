@@ -94,6 +94,8 @@ impl LocalCluster {
                 capacity_bytes: None,
                 placement_version: None,
                 dispatch: None,
+                host: None,
+                zone: None,
             };
             let membership = myriad_worker::membership::Membership {
                 store: store.clone(),

@@ -199,7 +199,8 @@ async fn run_async(args: Args) -> Result<()> {
             let s = client.status(request(&args, StatusRequest {})?).await.map_err(|s| peer.error(s))?.into_inner();
             if args.json {
                 let nodes: Vec<_> = s.nodes.iter().map(|n| json!({"id": n.id, "role": n.role, "addr": n.addr,
-                    "capacity_bytes": n.capacity_bytes, "placement_version": n.placement_version, "cordoned": n.cordoned})).collect();
+                    "capacity_bytes": n.capacity_bytes, "placement_version": n.placement_version, "cordoned": n.cordoned,
+                    "host": n.host, "zone": n.zone})).collect();
                 let out = json!({"leader": s.leader, "placement_version": s.placement_version, "problems": s.problems, "nodes": nodes});
                 println!("{out}");
                 return Ok(());
@@ -217,7 +218,10 @@ async fn run_async(args: Args) -> Result<()> {
                     println!();
                 }
             }
-            println!("{:<24} {:<12} {:<22} {:>10} {:>8} CORDONED", "NODE", "ROLE", "ADDR", "CAPACITY", "VERSION");
+            println!(
+                "{:<24} {:<12} {:<22} {:<16} {:>10} {:>8} CORDONED",
+                "NODE", "ROLE", "ADDR", "HOST/ZONE", "CAPACITY", "VERSION"
+            );
             for n in &s.nodes {
                 let capacity = if n.capacity_bytes == 0 {
                     "-".to_string()
@@ -227,7 +231,15 @@ async fn run_async(args: Args) -> Result<()> {
                 let version =
                     if n.placement_version == 0 { "-".to_string() } else { format!("v{}", n.placement_version) };
                 let cordoned = if n.cordoned { "yes" } else { "" };
-                println!("{:<24} {:<12} {:<22} {:>10} {:>8} {cordoned}", n.id, n.role, n.addr, capacity, version);
+                let place = match (n.host.as_str(), n.zone.as_str()) {
+                    ("", "") => "-".to_string(),
+                    (host, "") => host.to_string(),
+                    (host, zone) => format!("{host}/{zone}"),
+                };
+                println!(
+                    "{:<24} {:<12} {:<22} {:<16} {:>10} {:>8} {cordoned}",
+                    n.id, n.role, n.addr, place, capacity, version
+                );
             }
         }
         Ctl::Placement => {

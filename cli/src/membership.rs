@@ -48,8 +48,8 @@ impl ClusterArgs {
         let id = match &self.node_id {
             Some(id) => id.clone(),
             None => {
-                let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-                let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+                let host = hostname().unwrap_or_default();
+                let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
                 let host = if host.is_empty() { "node".to_string() } else { host };
                 format!("{}-{host}-{}", role.as_str(), std::process::id())
             }
@@ -77,6 +77,8 @@ pub async fn join_router(
         capacity_bytes: None,
         placement_version: None,
         dispatch: None,
+        host: None,
+        zone: None,
     };
     let membership = myriad_router::membership::Membership { store, keys, record, lease_ttl };
     let follow = myriad_router::membership::join(membership, experts.clone(), config.clone())
@@ -94,6 +96,15 @@ pub async fn wait_serving(experts: &RemoteExperts, timeout: Duration) -> Result<
         }
     });
     waited.await.map_err(|_| anyhow::anyhow!("no placement was served within {timeout:?}"))
+}
+
+/// This machine's name, if it has one.
+pub fn hostname() -> Option<String> {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .map(|name| name.trim().to_string())
+        .find(|name| !name.is_empty())
 }
 
 /// Parses sizes such as `24GiB`, `512MB`, `1.5TiB` or a plain byte count.

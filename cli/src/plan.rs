@@ -59,6 +59,11 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     redundant: usize,
 
+    /// Workers per machine: copies of one expert go to different machines
+    /// where there are enough (workers `0..K` on the first, and so on).
+    #[arg(long, default_value_t = 1)]
+    workers_per_node: usize,
+
     /// Format experts are held in (default: the one `config.json` names:
     /// `expert_dtype`, else `torch_dtype`, else f32).
     #[arg(long, value_enum)]
@@ -171,6 +176,8 @@ pub fn run(args: Args) -> Result<()> {
         capacities: vec![Some(args.capacity); args.workers],
         replicas: args.replicas,
         redundant: args.redundant,
+        nodes: (0..args.workers).map(|w| w / args.workers_per_node.max(1)).collect(),
+        zones: Vec::new(),
     };
     println!(
         "model: {} layers x {} routed experts; one expert = 3 x {} x {} params = {} ({:?})",
@@ -209,6 +216,21 @@ pub fn run(args: Args) -> Result<()> {
         human(max * each),
         (max * each) as f64 / args.capacity as f64 * 100.0
     );
+    if args.workers_per_node > 1 {
+        let nodes = args.workers.div_ceil(args.workers_per_node);
+        // Experts on fewer nodes than their copies could be on.
+        let crowded = plan
+            .holders
+            .iter()
+            .flatten()
+            .filter(|h| {
+                let mut on: Vec<usize> = h.iter().map(|w| w / args.workers_per_node).collect();
+                on.dedup();
+                on.len() < h.len().min(nodes)
+            })
+            .count();
+        println!("nodes: {nodes}; experts with two copies on one node that could be on two: {crowded}");
+    }
     println!("the plan fits");
     if let Some(load) = &load {
         print_balance(&problem, &plan, load);

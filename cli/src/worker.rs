@@ -11,7 +11,7 @@ use myriad_store::schema::{NodeRecord, Role};
 use myriad_worker::{CpuBackend, Worker};
 use tokio::net::TcpListener;
 
-use crate::membership::{ClusterArgs, parse_bytes, require_one};
+use crate::membership::{ClusterArgs, hostname, parse_bytes, require_one};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,6 +31,17 @@ pub struct Args {
     /// each `*`, `N` or `A-B`. Example: `0-3:0-15,4:7`; `*:*` hosts all.
     #[arg(long, env = "MYRIAD_EXPERTS")]
     experts: Option<ExpertSpec>,
+
+    /// The machine it runs on, published for placement: copies of one
+    /// expert go to workers on different machines where there are enough.
+    /// Default: the hostname (the chart passes the Kubernetes node name).
+    #[arg(long, env = "MYRIAD_NODE")]
+    node: Option<String>,
+
+    /// Its failure zone (a rack, a cloud zone): copies spread over zones
+    /// before machines.
+    #[arg(long, env = "MYRIAD_ZONE")]
+    zone: Option<String>,
 
     /// Memory for experts, published for placement (e.g. `24GiB`).
     #[arg(long, env = "MYRIAD_CAPACITY", value_parser = parse_bytes)]
@@ -73,6 +84,8 @@ pub fn run(args: Args) -> Result<()> {
                     capacity_bytes: args.capacity,
                     placement_version: None,
                     dispatch: None,
+                    host: args.node.clone().or_else(hostname),
+                    zone: args.zone.clone(),
                 };
                 let membership = myriad_worker::membership::Membership {
                     store: args.cluster.store()?,

@@ -33,6 +33,8 @@ fn record(id: &str, role: Role, addr: String, model_id: &str) -> NodeRecord {
         capacity_bytes: None,
         placement_version: None,
         dispatch: None,
+        host: None,
+        zone: None,
     }
 }
 
@@ -43,7 +45,7 @@ struct TestWorker {
 }
 
 impl TestWorker {
-    async fn start(id: &str, store: &Arc<dyn Store>, keys: &Keys, model: &Path) -> Self {
+    async fn start(id: &str, host: Option<&str>, store: &Arc<dyn Store>, keys: &Keys, model: &Path) -> Self {
         let shape = myriad_worker::backend::model_shape(model).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -51,7 +53,7 @@ impl TestWorker {
         let membership = myriad_worker::membership::Membership {
             store: store.clone(),
             keys: keys.clone(),
-            record: record(id, Role::Worker, addr, &shape.model_id),
+            record: NodeRecord { host: host.map(String::from), ..record(id, Role::Worker, addr, &shape.model_id) },
             model: model.to_path_buf(),
             lease_ttl: TTL,
         };
@@ -98,16 +100,20 @@ fn coordinator_config(model: &Path) -> CoordinatorConfig {
     }
 }
 
-/// An in-memory store, a coordinator with `config` and `workers` workers
-/// (`worker-0`, …).
-async fn start(config: CoordinatorConfig, workers: usize, model: &Path) -> (Arc<dyn Store>, Keys, Vec<TestWorker>) {
+/// An in-memory store, a coordinator with `config` and a worker per entry
+/// of `hosts` (`worker-0`, … on that machine).
+async fn start(
+    config: CoordinatorConfig,
+    hosts: &[Option<&str>],
+    model: &Path,
+) -> (Arc<dyn Store>, Keys, Vec<TestWorker>) {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let keys = Keys::new("test");
     let run = myriad_coordinator::run(store.clone(), keys.clone(), config, Default::default(), std::future::pending());
     tokio::spawn(run);
     let mut started = Vec::new();
-    for i in 0..workers {
-        started.push(TestWorker::start(&format!("worker-{i}"), &store, &keys, model).await);
+    for (i, host) in hosts.iter().enumerate() {
+        started.push(TestWorker::start(&format!("worker-{i}"), *host, &store, &keys, model).await);
     }
     (store, keys, started)
 }
@@ -156,7 +162,7 @@ async fn a_dead_worker_is_replaced_by_a_new_version_without_changing_outputs() {
             .unwrap()
             .generated;
     let config = CoordinatorConfig { replicas: 2, min_workers: 3, ..coordinator_config(&model_dir) };
-    let (store, keys, mut workers) = start(config, 3, &model_dir).await;
+    let (store, keys, mut workers) = start(config, &[None; 3], &model_dir).await;
 
     let experts = RemoteExperts::new(
         Arc::new(WorkerPool::empty()),
@@ -213,7 +219,7 @@ async fn a_dead_worker_is_replaced_by_a_new_version_without_changing_outputs() {
     assert_eq!(generate(&model, &experts).await, solo, "2 survivors");
 
     // A new worker joins: a version with all three.
-    workers.push(TestWorker::start("worker-3", &store, &keys, &model_dir).await);
+    workers.push(TestWorker::start("worker-3", None, &store, &keys, &model_dir).await);
     let view = wait_for_current(&placements, &keys, |v| v.current().is_some_and(|p| p.assignments.len() == 3)).await;
     assert!(view.current().unwrap().assignment(&"worker-3".parse().unwrap()).is_some());
     // Ready (its gRPC health) once it serves the current version.
@@ -231,7 +237,7 @@ async fn a_dead_worker_is_replaced_by_a_new_version_without_changing_outputs() {
 async fn a_dead_workers_experts_are_all_that_moves() {
     let model_dir = tiny();
     let config = CoordinatorConfig { max_move: Some(0), min_workers: 4, ..coordinator_config(&model_dir) };
-    let (store, keys, mut workers) = start(config, 4, &model_dir).await;
+    let (store, keys, mut workers) = start(config, &[None; 4], &model_dir).await;
     let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
     let view = wait_for_current(&placements, &keys, |v| v.current().is_some_and(|p| p.assignments.len() == 4)).await;
     let first = view.current().unwrap().clone();
@@ -252,4 +258,24 @@ async fn a_dead_workers_experts_are_all_that_moves() {
         loaded += after.len() - before.len();
     }
     assert_eq!(loaded, copies(&first, "worker-2").len(), "loaded exactly the dead worker's experts");
+}
+
+/// Four workers on two machines, two copies of every expert: the copies
+/// are on different machines, so losing a machine loses no expert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_experts_copies_are_on_different_machines() {
+    let model_dir = tiny();
+    let config = CoordinatorConfig { replicas: 2, min_workers: 4, ..coordinator_config(&model_dir) };
+    let hosts = [Some("m1"), Some("m1"), Some("m2"), Some("m2")];
+    let (store, keys, _workers) = start(config, &hosts, &model_dir).await;
+    let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
+    let view = wait_for_current(&placements, &keys, |v| v.current().is_some_and(|p| p.assignments.len() == 4)).await;
+    let p = view.current().unwrap();
+    let machine = |node: &str| if node < "worker-2" { "m1" } else { "m2" };
+    for (l, e) in (0..p.layers).flat_map(|l| (0..p.experts).map(move |e| (l, e))) {
+        let on: Vec<&str> =
+            p.assignments.iter().filter(|a| a.experts.contains(l, e)).map(|a| machine(a.node.as_str())).collect();
+        assert_eq!(on.len(), 2);
+        assert_ne!(on[0], on[1], "layer {l} expert {e}: both copies on {}", on[0]);
+    }
 }

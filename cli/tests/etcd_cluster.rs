@@ -23,9 +23,14 @@ fn coordinator(etcd: &str, id: &str) -> Proc {
     Proc::start(&[&args[..], &["--replicas", "2", "--min-workers", "3", "--settle", "300ms"], &admin[..]].concat())
 }
 
+/// A worker on machine `host(id)`, which `ctl status` reports.
 fn worker(etcd: &str, id: &str) -> Proc {
     let args = ["worker", "--etcd", etcd, "--cluster", "t", "--node-id", id, "--lease-ttl", TTL];
-    Proc::start(&[&args[..], &["--listen", "127.0.0.1:0"]].concat())
+    Proc::start(&[&args[..], &["--listen", "127.0.0.1:0", "--node", host(id)]].concat())
+}
+
+fn host(worker: &str) -> &'static str {
+    if worker == "w1" || worker == "w2" { "m1" } else { "m2" }
 }
 
 const PROMPT: &str =
@@ -154,6 +159,8 @@ async fn failures_of_workers_coordinators_and_etcd_cost_no_request() {
     .await;
     assert_eq!(status["leader"], other);
     assert_eq!(status["nodes"].as_array().unwrap().len(), 4, "{status}");
+    let w4 = status["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "w4").expect("w4 listed");
+    assert_eq!(w4["host"], "m2", "{status}");
     let top = until("load reports", Duration::from_secs(30), async || {
         let t = ctl_json(&e, &["top-experts", "--limit", "3"]);
         (t["experts"][0]["tokens"].as_f64().unwrap_or(0.0) > 0.0).then_some(t)

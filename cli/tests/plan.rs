@@ -67,6 +67,10 @@ fn a_recorded_load_is_placed_and_compared_with_round_robin() {
     let (ours, round_robin) = (numbers[numbers.len() - 2], numbers[numbers.len() - 1]);
     assert!(ours >= 0.99 && round_robin < 0.5, "{line}");
     assert!(text.contains("most copies: layer"), "{text}");
+    // Eight workers a machine: no expert left with two copies on one
+    // machine that could be on two.
+    let (ok, text) = plan_with_load(&zipf_load(61, 384, 1.2), &["--redundant", "64", "--workers-per-node", "8"]);
+    assert!(ok && text.contains("nodes: 8; experts with two copies on one node that could be on two: 0"), "{text}");
 }
 
 #[test]

@@ -94,7 +94,16 @@ fn deepseek_eplb(load: &Load, workers: usize, redundant: usize) -> Plan {
 
 /// One copy of every expert plus `redundant` per layer, no memory limit.
 fn problem(layers: usize, experts: usize, workers: usize, redundant: usize) -> Problem {
-    Problem { layers, experts, expert_bytes: 1, capacities: vec![None; workers], replicas: 1, redundant }
+    Problem {
+        layers,
+        experts,
+        expert_bytes: 1,
+        capacities: vec![None; workers],
+        replicas: 1,
+        redundant,
+        nodes: vec![],
+        zones: vec![],
+    }
 }
 
 fn main() {
@@ -141,6 +150,49 @@ fn main() {
         );
     }
     migration(&mut rng);
+    spread(&mut rng);
+}
+
+/// Workers eight to a machine: balance with and without the machine
+/// labels, and the experts with two copies on one machine that could be
+/// on two.
+fn spread(rng: &mut Rng) {
+    println!(
+        "\n| experts | workers | machines | skew | balance, no labels | crowded | balance, labelled | crowded | machine balance |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (experts, workers) in [(256, 32), (384, 64)] {
+        for skew in [1.0, 1.4] {
+            let layers = 8;
+            let load = trace(layers, experts, skew, rng);
+            let flat = problem(layers, experts, workers, workers);
+            let labelled = Problem { nodes: (0..workers).map(|w| w / 8).collect(), ..flat.clone() };
+            // Experts on fewer machines than they could be (copies beyond
+            // the number of machines must share).
+            let crowded = |plan: &Plan| {
+                plan.holders
+                    .iter()
+                    .flatten()
+                    .filter(|h| {
+                        let mut machines: Vec<usize> = h.iter().map(|w| w / 8).collect();
+                        machines.sort_unstable();
+                        machines.dedup();
+                        machines.len() < h.len().min(workers / 8)
+                    })
+                    .count()
+            };
+            let (a, b) = (eplb(&flat, &load).expect("eplb"), eplb(&labelled, &load).expect("eplb"));
+            println!(
+                "| {experts} | {workers} | {} | {skew} | {:.3} | {} | {:.3} | {} | {:.4} |",
+                workers / 8,
+                a.balancedness(&load),
+                crowded(&a),
+                b.balancedness(&load),
+                crowded(&b),
+                machine_balance(&b, &load, 8)
+            );
+        }
+    }
 }
 
 /// A serving cluster whose load drifts: the fresh plan for the new load
@@ -183,4 +235,22 @@ fn migration(rng: &mut Rng) {
             );
         }
     }
+}
+
+/// Mean over layers of mean / max load per machine of `per` workers, an
+/// expert's load split evenly over its copies.
+fn machine_balance(plan: &Plan, load: &Load, per: usize) -> f64 {
+    let machines = plan.workers.div_ceil(per);
+    let mut sum = 0.0;
+    for (l, layer) in plan.holders.iter().enumerate() {
+        let mut on = vec![0.0; machines];
+        for (e, h) in layer.iter().enumerate() {
+            for &w in h {
+                on[w / per] += load.tokens[l * load.experts + e] / h.len() as f64;
+            }
+        }
+        let max = on.iter().copied().fold(0.0, f64::max);
+        sum += on.iter().sum::<f64>() / machines as f64 / max;
+    }
+    sum / plan.holders.len() as f64
 }

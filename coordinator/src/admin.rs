@@ -150,6 +150,8 @@ impl Admin for AdminService {
                 addr: n.addr,
                 capacity_bytes: n.capacity_bytes.unwrap_or(0),
                 placement_version: n.placement_version.map_or(0, |v| v.0),
+                host: n.host.unwrap_or_default(),
+                zone: n.zone.unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(StatusResponse {

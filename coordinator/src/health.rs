@@ -146,6 +146,8 @@ mod tests {
             capacity_bytes: None,
             placement_version: version.map(PlacementVersion),
             dispatch: None,
+            host: None,
+            zone: None,
         }
     }
 

@@ -47,6 +47,12 @@ pub(crate) fn problem(config: &CoordinatorConfig, workers: &[NodeRecord]) -> pla
         capacities: workers.iter().map(|w| w.capacity_bytes).collect(),
         replicas: config.replicas.clamp(1, workers.len().max(1)),
         redundant: config.redundant,
+        nodes: placement::domain_indices(workers.iter().map(|w| w.host.as_deref())),
+        zones: if workers.iter().any(|w| w.zone.is_some()) {
+            placement::domain_indices(workers.iter().map(|w| w.zone.as_deref()))
+        } else {
+            Vec::new()
+        },
     }
 }
 

@@ -53,6 +53,86 @@ pub struct Problem {
     pub replicas: usize,
     /// Extra copies per layer, given to the hottest experts.
     pub redundant: usize,
+    /// The machine each worker runs on, as an index (workers on one node
+    /// share it); copies of one expert go to distinct nodes where there
+    /// are enough. Empty: every worker on a node of its own.
+    pub nodes: Vec<usize>,
+    /// The same for failure zones (a rack, a datacenter zone), spread
+    /// before nodes. Empty: one zone.
+    pub zones: Vec<usize>,
+}
+
+/// Where the workers run, for spreading copies: levels of failure domains,
+/// widest first (zones, then nodes), each a domain index per worker and
+/// the number of domains.
+#[derive(Debug, Clone)]
+pub(crate) struct Domains(Vec<(Vec<usize>, usize)>);
+
+impl Domains {
+    fn of(p: &Problem) -> Self {
+        let workers = p.capacities.len();
+        let levels = [&p.zones, &p.nodes]
+            .into_iter()
+            .filter(|level| level.len() == workers)
+            .map(|level| {
+                let mut distinct = level.clone();
+                distinct.sort_unstable();
+                distinct.dedup();
+                (level.clone(), distinct.len())
+            })
+            // A level where every worker is alone, or all share one domain,
+            // constrains nothing beyond distinct workers.
+            .filter(|&(_, n)| n > 1 && n < workers)
+            .collect();
+        Domains(levels)
+    }
+
+    /// Per level, copies of an expert on `holders` that share a domain with
+    /// another of its copies beyond what too few domains force.
+    pub(crate) fn crowding(&self, holders: &[usize]) -> Vec<usize> {
+        self.0
+            .iter()
+            .map(|(domain, count)| {
+                let distinct = holders
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, &w)| holders[..i].iter().all(|&v| domain[v] != domain[w]))
+                    .count();
+                holders.len().min(*count) - distinct
+            })
+            .collect()
+    }
+
+    /// Among `candidates` for another copy of an expert on `holders`, those
+    /// on the widest new domains: a new zone if any candidate offers one,
+    /// then among those a new node likewise.
+    fn widest(&self, holders: &[usize], mut candidates: Vec<usize>) -> Vec<usize> {
+        for (domain, _) in &self.0 {
+            let new_domain = |w: usize| holders.iter().all(|&h| domain[h] != domain[w]);
+            let fresh: Vec<usize> = candidates.iter().copied().filter(|&w| new_domain(w)).collect();
+            if !fresh.is_empty() {
+                candidates = fresh;
+            }
+        }
+        candidates
+    }
+}
+
+/// Domain indices (for [`Problem::nodes`] and [`Problem::zones`]) of
+/// workers labelled `labels`: equal labels share one, and a worker without
+/// a label is alone in its own.
+pub fn domain_indices<'a>(labels: impl IntoIterator<Item = Option<&'a str>>) -> Vec<usize> {
+    let mut seen: Vec<Option<&str>> = Vec::new();
+    labels
+        .into_iter()
+        .map(|label| match seen.iter().position(|s| s.is_some() && *s == label) {
+            Some(i) => i,
+            None => {
+                seen.push(label);
+                seen.len() - 1
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -214,6 +294,7 @@ fn quotas(p: &Problem, copies: usize, free: &[Option<u64>], held: &[usize]) -> V
 /// has quota and does not hold the expert; `None` if that order gets stuck.
 fn pack_by_load(
     p: &Problem,
+    domains: &Domains,
     count: &[usize],
     weight: &dyn Fn(usize) -> f64,
     quota: &[usize],
@@ -226,7 +307,9 @@ fn pack_by_load(
     let mut layer_count = vec![0usize; workers];
     let mut layer: Vec<Vec<usize>> = vec![Vec::new(); p.experts];
     for e in items {
-        let w = (0..workers).filter(|&w| layer_count[w] < quota[w] && !layer[e].contains(&w)).min_by(|&a, &b| {
+        // A zone, then a node, without a copy of `e` yet first.
+        let open = (0..workers).filter(|&w| layer_count[w] < quota[w] && !layer[e].contains(&w)).collect();
+        let w = domains.widest(&layer[e], open).into_iter().min_by(|&a, &b| {
             layer_load[a]
                 .total_cmp(&layer_load[b])
                 .then(layer_count[a].cmp(&layer_count[b]))
@@ -245,6 +328,7 @@ fn pack_by_load(
 /// which fills the quotas whenever any assignment can.
 fn pack_by_memory(
     p: &Problem,
+    domains: &Domains,
     l: usize,
     count: &[usize],
     weight: &dyn Fn(usize) -> f64,
@@ -269,7 +353,13 @@ fn pack_by_memory(
         if candidates.len() < count[e] {
             return Err(PlanError::NoRoom { layer: l, expert: e });
         }
-        for &w in &candidates[..count[e]] {
+        // In that order, but among workers with as much room, one on a
+        // zone or node `e` is not on yet first.
+        for _ in 0..count[e] {
+            let most = left[candidates[0]];
+            let roomiest = candidates.iter().copied().take_while(|&w| left[w] == most).collect();
+            let pick = domains.widest(&layer[e], roomiest)[0];
+            let w = candidates.remove(candidates.iter().position(|&c| c == pick).unwrap_or(0));
             layer[e].push(w);
             layer_load[w] += weight(e);
             left[w] -= 1;
@@ -287,8 +377,12 @@ pub fn eplb(p: &Problem, load: &Load) -> Result<Plan, PlanError> {
     let mut best = pack(p, load)?;
     let plain = Problem { redundant: 0, ..p.clone() };
     let others = [pack(&plain, load), round_robin(&plain)];
+    // Spread over zones and nodes comes first, then balance.
+    let domains = Domains::of(p);
+    let crowding = |plan: &Plan| -> usize { plan.holders.iter().flatten().flat_map(|h| domains.crowding(h)).sum() };
     for candidate in others.into_iter().flatten() {
-        if candidate.balancedness(load) > best.balancedness(load) + 1e-12 {
+        let (ours, theirs) = (crowding(&candidate), crowding(&best));
+        if ours < theirs || (ours == theirs && candidate.balancedness(load) > best.balancedness(load) + 1e-12) {
             best = candidate;
         }
     }
@@ -298,6 +392,7 @@ pub fn eplb(p: &Problem, load: &Load) -> Result<Plan, PlanError> {
 fn pack(p: &Problem, load: &Load) -> Result<Plan, PlanError> {
     check(p)?;
     let workers = p.capacities.len();
+    let domains = Domains::of(p);
     let mut free: Vec<Option<u64>> = p.capacities.clone();
     let mut held = vec![0usize; workers];
     let mut holders = Vec::with_capacity(p.layers);
@@ -316,17 +411,17 @@ fn pack(p: &Problem, load: &Load) -> Result<Plan, PlanError> {
         }
         let weight = |e: usize| load.get(l, e) / count[e] as f64;
         let quota = quotas(p, count.iter().sum(), &free, &held);
-        let layer = match pack_by_load(p, &count, &weight, &quota, &held) {
+        let layer = match pack_by_load(p, &domains, &count, &weight, &quota, &held) {
             Some(layer) => layer,
             // Memory is too tight for the load-first order: place the
             // experts with the most copies first, each on the workers with
             // the most memory left (the order that finds a fit whenever
             // one exists for this layer).
-            None => pack_by_memory(p, l, &count, &weight, &quota, &held)?,
+            None => pack_by_memory(p, &domains, l, &count, &weight, &quota, &held)?,
         };
         // Then rebalance the copies and their counts by local search.
         let tokens = &load.tokens[l * p.experts..(l + 1) * p.experts];
-        let mut search = refine::Layer::new(tokens, p.replicas, workers, layer);
+        let mut search = refine::Layer::new(tokens, p.replicas, workers, &domains, layer);
         search.refine();
         let mut layer = search.holders;
         for &w in layer.iter().flatten() {
@@ -348,8 +443,18 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn problem(layers: usize, experts: usize, workers: usize, replicas: usize, redundant: usize) -> Problem {
-        Problem { layers, experts, expert_bytes: 10, capacities: vec![None; workers], replicas, redundant }
+    /// A problem without memory limits or labels, 10 bytes an expert.
+    pub(super) fn problem(layers: usize, experts: usize, workers: usize, replicas: usize, redundant: usize) -> Problem {
+        Problem {
+            layers,
+            experts,
+            expert_bytes: 10,
+            capacities: vec![None; workers],
+            replicas,
+            redundant,
+            nodes: vec![],
+            zones: vec![],
+        }
     }
 
     #[test]
@@ -386,6 +491,36 @@ mod tests {
         assert!(plan.balancedness(&load) >= 0.99, "{}", plan.balancedness(&load));
     }
 
+    /// Eight workers, two per machine, machines in two zones: every
+    /// expert's two copies land in different zones (so on different
+    /// machines), and the hot ones' extra copies on machines of their own
+    /// while there are machines left; balance stays high.
+    #[test]
+    fn copies_spread_over_zones_then_machines() {
+        let experts = 64;
+        let tokens = (0..2 * experts).map(|i| 1e4 / (((i * 37) % experts + 1) as f64)).collect();
+        let load = Load { layers: 2, experts, tokens };
+        let mut p = problem(2, experts, 8, 2, 8);
+        p.nodes = (0..8).map(|w| w / 2).collect();
+        p.zones = (0..8).map(|w| w / 4).collect();
+        let plan = eplb(&p, &load).unwrap();
+        let domains = Domains::of(&p);
+        for h in plan.holders.iter().flatten() {
+            assert_eq!(domains.crowding(h), vec![0, 0], "copies on {h:?}");
+            assert!(h.iter().any(|&w| w < 4) && h.iter().any(|&w| w >= 4), "both zones: {h:?}");
+        }
+        assert!(plan.balancedness(&load) > 0.95, "{}", plan.balancedness(&load));
+        // Without labels the same load packs at least as well: spreading
+        // costs little.
+        let flat = eplb(&problem(2, experts, 8, 2, 8), &load).unwrap();
+        assert!(plan.balancedness(&load) >= flat.balancedness(&load) - 0.03);
+    }
+
+    #[test]
+    fn unlabelled_workers_are_each_alone() {
+        assert_eq!(domain_indices([Some("a"), None, Some("b"), Some("a"), None]), vec![0, 1, 2, 0, 3]);
+    }
+
     #[test]
     fn plans_that_do_not_fit_are_refused_with_the_numbers() {
         let mut p = problem(2, 8, 2, 2, 0);
@@ -412,7 +547,16 @@ mod tests {
                 // Capacities just large enough for an even share, plus slack.
                 let each = (copies.div_ceil(workers) as u64 + slack) * 10;
                 let capacities = vec![capped.then_some(each); workers];
-                let p = Problem { layers, experts, expert_bytes: 10, capacities, replicas, redundant };
+                let p = Problem {
+                    layers,
+                    experts,
+                    expert_bytes: 10,
+                    capacities,
+                    replicas,
+                    redundant,
+                    nodes: vec![],
+                    zones: vec![],
+                };
                 (p, Load { layers, experts, tokens })
             })
     }

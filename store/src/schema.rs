@@ -111,6 +111,13 @@ pub struct NodeRecord {
     /// records of other roles and of older builds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dispatch: Option<DispatchHealth>,
+    /// The machine it runs on (workers: `--node`, the hostname or the
+    /// Kubernetes node), and its failure zone: placement spreads each
+    /// expert's copies over them. Absent in records of older builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 /// What a router reports of the workers it dispatches to.

@@ -171,6 +171,13 @@ def test_config_values_become_flags():
     assert "--capacity=70GiB" in worker and "--advertise-addr=$(POD_IP):7100" in worker
 
 
+def test_workers_report_their_node_and_zone_for_placement():
+    worker = container(render({"worker": {"config": {"zone": "rack-a"}}}), "StatefulSet", "prod-myriad-worker")
+    assert env(worker)["MYRIAD_NODE"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert "--zone=rack-a" in worker["args"]
+    assert not [a for a in container(render(), "StatefulSet", "prod-myriad-worker")["args"] if "zone" in a]
+
+
 @pytest.mark.parametrize(
     "values, complaint",
     [

@@ -15,7 +15,7 @@
 //! set of copies is arbitrary to the packing, but not to what moves.
 
 use super::refine::{Budget, Layer};
-use super::{Load, Plan, PlanError, Problem, eplb, layer_balance};
+use super::{Domains, Load, Plan, PlanError, Problem, eplb, layer_balance};
 
 /// What a new plan may change of the current one.
 #[derive(Debug, Clone)]
@@ -37,7 +37,7 @@ pub fn rebalance(p: &Problem, load: &Load, m: &Migration<'_>) -> Result<Plan, Pl
     let Some(mut plan) = current_fits.then(|| repair(p, load, m.current)).flatten() else {
         return Ok(fresh);
     };
-    let workers = fresh.workers;
+    let (workers, domains) = (fresh.workers, Domains::of(p));
     // Copies each worker may still load: the bound less what the repair
     // already needs (a worker past it loads nothing more).
     let bound = m.max_move.map_or(UNBOUNDED, |b| (b / p.expert_bytes.max(1)) as usize);
@@ -54,7 +54,7 @@ pub fn rebalance(p: &Problem, load: &Load, m: &Migration<'_>) -> Result<Plan, Pl
     for (l, _, best) in gaps {
         let (held, target) = (&m.current.holders[l], best - m.tolerance);
         let tokens = &load.tokens[l * p.experts..(l + 1) * p.experts];
-        let mut search = Layer::new(tokens, p.replicas, workers, plan.holders[l].clone())
+        let mut search = Layer::new(tokens, p.replicas, workers, &domains, plan.holders[l].clone())
             .bounded(target, Budget { held, left: &mut left });
         search.refine();
         let mut refined = search.holders;
@@ -119,7 +119,7 @@ impl Plan {
 /// not hold it and has memory left. `None` if one does not fit, or the
 /// current placement already does not.
 fn repair(p: &Problem, load: &Load, current: &Plan) -> Option<Plan> {
-    let workers = current.workers;
+    let (workers, domains) = (current.workers, Domains::of(p));
     let mut plan = current.clone();
     let mut copies = plan.copies_per_worker();
     let room =
@@ -141,7 +141,8 @@ fn repair(p: &Problem, load: &Load, current: &Plan) -> Option<Plan> {
         for (e, holders) in layer.iter_mut().enumerate() {
             let tokens = load.get(l, e);
             while holders.len() < p.replicas {
-                let w = (0..workers).filter(|&w| !holders.contains(&w) && room(w, &copies)).min_by(|&a, &b| {
+                let open = (0..workers).filter(|&w| !holders.contains(&w) && room(w, &copies)).collect();
+                let w = domains.widest(holders, open).into_iter().min_by(|&a, &b| {
                     per_worker[a].total_cmp(&per_worker[b]).then(copies[a].cmp(&copies[b])).then(a.cmp(&b))
                 })?;
                 // The expert's load spreads over one more copy.
@@ -210,11 +211,8 @@ fn renumber(fresh: Plan, current: &Plan, capacities: &[Option<u64>]) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::placement::tests::problem;
     use proptest::prelude::*;
-
-    fn problem(layers: usize, experts: usize, workers: usize, replicas: usize, redundant: usize) -> Problem {
-        Problem { layers, experts, expert_bytes: 10, capacities: vec![None; workers], replicas, redundant }
-    }
 
     /// Zipf-like tokens, the ranks of each layer's experts set by `seed`.
     fn skewed(layers: usize, experts: usize, seed: usize) -> Load {
@@ -275,6 +273,24 @@ mod tests {
         assert!(next.balancedness(&load) >= fresh.balancedness(&load) - 0.01);
         let (ours, theirs) = (next.moved(&current).iter().sum::<usize>(), fresh.moved(&current).iter().sum::<usize>());
         assert!(ours < theirs, "moved {ours}, a fresh plan {theirs}");
+    }
+
+    /// Copies lost with a worker come back on machines the expert is not
+    /// on yet.
+    #[test]
+    fn restored_copies_go_to_other_machines() {
+        let load = skewed(2, 24, 0);
+        let mut p = problem(2, 24, 6, 2, 0);
+        p.nodes = vec![0, 0, 1, 1, 2, 2];
+        let before = eplb(&p, &load).unwrap();
+        let current = without(&before, 1);
+        let mut p5 = problem(2, 24, 5, 2, 0);
+        p5.nodes = vec![0, 1, 1, 2, 2];
+        let next = rebalance(&p5, &load, &Migration { current: &current, max_move: Some(0), tolerance: 0.0 }).unwrap();
+        let domains = Domains::of(&p5);
+        for h in next.holders.iter().flatten() {
+            assert_eq!(domains.crowding(h), vec![0], "copies on {h:?}");
+        }
     }
 
     #[test]

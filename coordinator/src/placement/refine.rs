@@ -18,6 +18,8 @@
 //! Only improvements are kept, so the result is never less balanced than
 //! the packing it starts from.
 
+use super::Domains;
+
 /// Copy moves tried per layer (kept or not) before the search stops: the
 /// bound on its time (the V4-Pro shape, 61 layers, places in under a
 /// second).
@@ -37,6 +39,9 @@ pub(super) struct Layer<'a> {
     replicas: usize,
     pub holders: Vec<Vec<usize>>,
     worker_load: Vec<f64>,
+    /// Where the workers run: no step crowds an expert's copies onto
+    /// fewer zones or nodes ([`Domains::crowding`]).
+    domains: &'a Domains,
     /// Balancedness at which the search stops.
     good_enough: f64,
     budget: Option<Budget<'a>>,
@@ -70,11 +75,30 @@ impl Budget<'_> {
 }
 
 impl<'a> Layer<'a> {
-    pub fn new(tokens: &'a [f64], replicas: usize, workers: usize, holders: Vec<Vec<usize>>) -> Self {
+    /// A layer over `workers` workers in `domains`.
+    pub fn new(
+        tokens: &'a [f64],
+        replicas: usize,
+        workers: usize,
+        domains: &'a Domains,
+        holders: Vec<Vec<usize>>,
+    ) -> Self {
         let worker_load = vec![0.0; workers];
-        let mut layer = Layer { tokens, replicas, holders, worker_load, good_enough: GOOD_ENOUGH, budget: None };
+        let good_enough = GOOD_ENOUGH;
+        let mut layer = Layer { tokens, replicas, holders, worker_load, domains, good_enough, budget: None };
         layer.recount();
         layer
+    }
+
+    /// Whether expert `e`, its copy on worker `from` moved to `to` (none:
+    /// dropped or added), is crowded no more than now at any level.
+    fn spread_kept(&self, e: usize, from: Option<usize>, to: Option<usize>) -> bool {
+        if self.domains.0.is_empty() {
+            return true;
+        }
+        let now = &self.holders[e];
+        let after: Vec<usize> = now.iter().copied().filter(|&w| Some(w) != from).chain(to).collect();
+        self.domains.crowding(&after).iter().zip(self.domains.crowding(now)).all(|(a, b)| *a <= b)
     }
 
     /// A search that stops at balancedness `good_enough` and loads only
@@ -173,6 +197,8 @@ impl<'a> Layer<'a> {
                     if peak < load_a * (1.0 - 1e-12)
                         && best.is_none_or(|x| peak < x.0)
                         && self.affords(&[self.cost(a, f, e), self.cost(b, e, f)])
+                        && self.spread_kept(e, Some(a), Some(b))
+                        && self.spread_kept(f, Some(b), Some(a))
                     {
                         best = Some((peak, i, j));
                     }
@@ -210,7 +236,12 @@ impl<'a> Layer<'a> {
                 let Some(slot) = self.holders[d]
                     .iter()
                     .copied()
-                    .filter(|&w| !self.holders[e].contains(&w) && self.affords(&[self.cost(w, e, d)]))
+                    .filter(|&w| {
+                        !self.holders[e].contains(&w)
+                            && self.affords(&[self.cost(w, e, d)])
+                            && self.spread_kept(e, None, Some(w))
+                            && self.spread_kept(d, Some(w), None)
+                    })
                     .max_by(|&x, &y| self.worker_load[x].total_cmp(&self.worker_load[y]))
                 else {
                     continue;
@@ -266,6 +297,7 @@ mod tests {
         /// replicas) and never raises the largest worker load.
         #[test]
         fn refining_keeps_the_constraints_and_never_worsens(
+            per_node in 1usize..4,
             (workers, tokens, start) in (2usize..9, 2usize..40).prop_flat_map(|(workers, experts)| {
                 let tokens = prop::collection::vec(prop_oneof![Just(0.0), 0.0f64..10.0, 10.0f64..1000.0], experts);
                 // One copy each on a worker of its own, plus extra copies.
@@ -281,9 +313,17 @@ mod tests {
                 (workers, tokens, holders)
             })
         ) {
-            let before = Layer::new(&tokens, 1, workers, start.clone());
-            let mut layer = Layer::new(&tokens, 1, workers, start.clone());
+            // Workers `per_node` to a machine.
+            let node: Vec<usize> = (0..workers).map(|w| w / per_node).collect();
+            let domains = Domains(vec![(node, workers.div_ceil(per_node))]);
+            let before = Layer::new(&tokens, 1, workers, &domains, start.clone());
+            let mut layer = Layer::new(&tokens, 1, workers, &domains, start.clone());
             layer.refine();
+            for (now, was) in layer.holders.iter().zip(&start) {
+                if now.len() == was.len() {
+                    prop_assert!(domains.crowding(now) <= domains.crowding(was), "{:?} crowded from {:?}", now, was);
+                }
+            }
             prop_assert_eq!(per_worker(&layer.holders, workers), per_worker(&start, workers));
             for h in &layer.holders {
                 prop_assert!(!h.is_empty());
