@@ -1,7 +1,10 @@
 //! `myriad bench`: a load generator for any OpenAI-compatible endpoint.
 //! Streams completions with prompts of exactly `--prompt-len` tokens at a
 //! fixed concurrency and reports throughput, time to first token and
-//! inter-token latency (p50/p99), and failures.
+//! inter-token latency (p50/p99), and failures. With `--shared-prefixes`,
+//! prompts start with one of a few shared prefixes (system prompts), and it
+//! reports how much of the prompts the server restored from its KV-cache,
+//! per KV-cache instance with `--kvcache`.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -11,6 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use myriad_model::generate::Rng;
+use myriad_proto::kvcache::kv_cache_client::KvCacheClient;
+use myriad_proto::kvcache::{StatsReply, StatsRequest};
 use serde_json::{Value, json};
 
 #[derive(clap::Args)]
@@ -50,6 +55,26 @@ pub struct Args {
     /// against a run without it.
     #[arg(long)]
     response_format: Option<String>,
+
+    /// Shared prefixes (system prompts): request `i` starts with prefix
+    /// `i mod N`, then its own `--prompt-len` tokens. 0: none.
+    #[arg(long, default_value_t = 0)]
+    shared_prefixes: usize,
+
+    /// Tokens of each shared prefix.
+    #[arg(long, default_value_t = 512)]
+    prefix_len: usize,
+
+    /// KV-cache instances (comma-separated) to report on after the run:
+    /// lookups, hits and bytes held by each.
+    #[arg(long, value_delimiter = ',')]
+    kvcache: Vec<String>,
+}
+
+/// Shared prefix `p` of a run: drawn from a stream of its own, so no
+/// request's own tokens repeat it.
+fn shared_prefix(seed: u64, p: usize, len: usize) -> Vec<u32> {
+    prompt(seed ^ 0x5EED_F00D_5A4E_D000, p, len)
 }
 
 /// Prompt `i` of a run: random token ids in 3..203 (clear of the usual
@@ -64,6 +89,9 @@ struct Sample {
     ttft: Duration,
     gaps: Vec<Duration>,
     tokens: usize,
+    /// Prompt tokens, and those the server restored instead of computing.
+    prompt_tokens: usize,
+    cached: usize,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -74,11 +102,53 @@ pub fn run(args: Args) -> Result<()> {
         Some(text) => Some(serde_json::from_str::<Value>(text).context("--response-format is not JSON")?),
         None => None,
     };
+    if args.shared_prefixes > 0 && args.prefix_len == 0 {
+        bail!("--prefix-len must be at least 1 with --shared-prefixes");
+    }
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
-    runtime.block_on(bench(args, format))
+    runtime.block_on(async {
+        let before = instance_stats(&args.kvcache).await?;
+        bench(&args, format).await?;
+        if !args.kvcache.is_empty() {
+            report_instances(&args.kvcache, &before, &instance_stats(&args.kvcache).await?);
+        }
+        Ok(())
+    })
 }
 
-async fn bench(args: Args, format: Option<Value>) -> Result<()> {
+/// Each KV-cache instance's counters.
+async fn instance_stats(addrs: &[String]) -> Result<Vec<StatsReply>> {
+    let mut all = Vec::new();
+    for addr in addrs {
+        let url = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
+        let mut client =
+            KvCacheClient::connect(url).await.with_context(|| format!("connect to the KV-cache at {addr}"))?;
+        let stats = client.stats(StatsRequest {}).await.with_context(|| format!("read the stats of {addr}"))?;
+        all.push(stats.into_inner());
+    }
+    Ok(all)
+}
+
+/// What each instance served during the run, and what it holds after it.
+fn report_instances(addrs: &[String], before: &[StatsReply], after: &[StatsReply]) {
+    println!(
+        "{:<22} {:>8} {:>8} {:>8} {:>14} {:>10} {:>12}",
+        "KV-CACHE", "LOOKUPS", "HITS", "HIT%", "TOKENS SERVED", "SNAPSHOTS", "BYTES"
+    );
+    for ((addr, b), a) in addrs.iter().zip(before).zip(after) {
+        let hits = (a.hits_memory + a.hits_disk).saturating_sub(b.hits_memory + b.hits_disk);
+        let lookups = hits + a.misses.saturating_sub(b.misses);
+        let rate = if lookups == 0 { 0.0 } else { 100.0 * hits as f64 / lookups as f64 };
+        println!(
+            "{addr:<22} {lookups:>8} {hits:>8} {rate:>7.1}% {:>14} {:>10} {:>12}",
+            a.tokens_served.saturating_sub(b.tokens_served),
+            a.snapshots,
+            a.memory_bytes.max(a.disk_bytes)
+        );
+    }
+}
+
+async fn bench(args: &Args, format: Option<Value>) -> Result<()> {
     let base = format!("{}/v1", args.url.trim_end_matches('/').trim_end_matches("/v1"));
     let client = reqwest::Client::new();
     let auth = |r: reqwest::RequestBuilder| match &args.api_key {
@@ -129,6 +199,7 @@ async fn bench(args: Args, format: Option<Value>) -> Result<()> {
                 (client.clone(), next.clone(), done.clone(), base.clone(), model.clone(), format.clone());
             let (requests, prompt_len, max_tokens, key) =
                 (args.requests, args.prompt_len, args.max_tokens, args.api_key.clone());
+            let (prefixes, prefix_len) = (args.shared_prefixes, args.prefix_len);
             tokio::spawn(async move {
                 let mut results = Vec::new();
                 loop {
@@ -136,7 +207,10 @@ async fn bench(args: Args, format: Option<Value>) -> Result<()> {
                     if i >= requests {
                         return results;
                     }
-                    let prompt = prompt(seed, i, prompt_len);
+                    let mut prompt = prompt(seed, i, prompt_len);
+                    if prefixes > 0 {
+                        prompt.splice(0..0, shared_prefix(seed, i % prefixes, prefix_len));
+                    }
                     // ignore_eos: every request produces exactly max_tokens, as in vLLM's benchmarks.
                     let mut body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens,
                                           "temperature": 0, "ignore_eos": true, "stream": true,
@@ -185,6 +259,7 @@ async fn one(request: reqwest::RequestBuilder) -> Result<Sample> {
     let mut stream = response.bytes_stream();
     let mut buffer = Vec::new();
     let (mut first, mut last, mut gaps, mut tokens) = (None, None::<Instant>, Vec::new(), 0);
+    let (mut prompt_tokens, mut cached) = (0, 0);
     while let Some(chunk) = stream.next().await {
         buffer.extend_from_slice(&chunk.context("read the stream")?);
         while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
@@ -201,6 +276,8 @@ async fn one(request: reqwest::RequestBuilder) -> Result<Sample> {
             }
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 tokens = n as usize;
+                prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+                cached = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0) as usize;
             }
             if v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) {
                 let now = Instant::now();
@@ -212,7 +289,7 @@ async fn one(request: reqwest::RequestBuilder) -> Result<Sample> {
             }
         }
     }
-    Ok(Sample { ttft: first.unwrap_or_else(|| start.elapsed()), gaps, tokens })
+    Ok(Sample { ttft: first.unwrap_or_else(|| start.elapsed()), gaps, tokens, prompt_tokens, cached })
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -239,6 +316,13 @@ fn report(samples: &[Sample], failures: &[String], elapsed: Duration) {
     println!("throughput: {:.1} completion tokens/s ({tokens} tokens)", tokens as f64 / secs);
     println!("time to first token: p50 {:.1} ms, p99 {:.1} ms", percentile(&ttft, 0.5), percentile(&ttft, 0.99));
     println!("inter-token latency: p50 {:.2} ms, p99 {:.2} ms", percentile(&itl, 0.5), percentile(&itl, 0.99));
+    let (prompt, cached): (usize, usize) = samples.iter().fold((0, 0), |(p, c), s| (p + s.prompt_tokens, c + s.cached));
+    let restored = samples.iter().filter(|s| s.cached > 0).count();
+    println!(
+        "prompt tokens restored from the KV-cache: {cached} of {prompt} ({:.1}%); requests restoring some: {restored} of {}",
+        if prompt == 0 { 0.0 } else { 100.0 * cached as f64 / prompt as f64 },
+        samples.len()
+    );
     if let Some(first) = failures.first() {
         println!("first failure: {first}");
     }

@@ -74,10 +74,11 @@ enum Ctl {
     Cordon { node: String },
     /// Make a worker schedulable again.
     Uncordon { node: String },
-    /// Usage, hits and evictions of a KV-cache service.
+    /// Usage, hits and evictions of a KV-cache service; with --etcd and no
+    /// --kvcache, of every instance registered in the cluster.
     Kvcache {
         /// The service's address (`myriad kvcache --listen`; default: the
-        /// running `myriad up`'s).
+        /// registered instances with --etcd, else the running `myriad up`'s).
         #[arg(long, env = "MYRIAD_KVCACHE")]
         kvcache: Option<String>,
     },
@@ -191,6 +192,9 @@ pub fn run(args: Args) -> Result<()> {
 
 async fn run_async(args: Args) -> Result<()> {
     if let Ctl::Kvcache { kvcache } = &args.command {
+        if kvcache.is_none() && args.cluster.enabled() {
+            return kvcache_instances(&args).await;
+        }
         return kvcache_stats(kvcache.as_deref(), args.json).await;
     }
     let (mut client, peer) = connect(&args).await?;
@@ -412,6 +416,68 @@ fn print_placement(p: &PlacementResponse, json_out: bool) -> Result<()> {
         let cells: String =
             row.iter().map(|&v| SHADES[if max > 0.0 { (v / max * 8.0).round() as usize } else { 0 }]).collect();
         println!("{:<24} |{cells}|", a.node);
+    }
+    Ok(())
+}
+
+/// Every KV-cache instance registered in the cluster store, a line each.
+async fn kvcache_instances(args: &Args) -> Result<()> {
+    use myriad_coordinator::placement::human;
+    use myriad_proto::kvcache::StatsRequest;
+    use myriad_proto::kvcache::kv_cache_client::KvCacheClient;
+
+    let (store, keys) = (args.cluster.store()?, args.cluster.keys()?);
+    let listing =
+        store.list(&keys.nodes(schema::Role::Kvcache)).await.context("list the KV-cache instances in etcd")?;
+    let mut rows = Vec::new();
+    for kv in listing.kvs {
+        let record: schema::NodeRecord = schema::decode(&kv.key, &kv.value).context("read a KV-cache record")?;
+        let peer = Peer {
+            what: "KV-cache",
+            addr: record.addr.clone(),
+            source: format!("registered as {}", record.id),
+            token_given: false,
+        };
+        let stats = match channel(&peer).await {
+            Ok(channel) => KvCacheClient::new(channel).stats(StatsRequest {}).await.map_err(|s| peer.error(s)),
+            Err(e) => Err(e),
+        };
+        rows.push((record, stats.map(|s| s.into_inner())));
+    }
+    if args.json {
+        let out: Vec<_> = rows
+            .iter()
+            .map(|(r, s)| match s {
+                Ok(s) => json!({"id": r.id.as_str(), "addr": r.addr, "memory_bytes": s.memory_bytes, "disk_bytes": s.disk_bytes,
+                    "hits": s.hits_memory + s.hits_disk, "misses": s.misses, "snapshots": s.snapshots,
+                    "tokens_served": s.tokens_served}),
+                Err(e) => json!({"id": r.id.as_str(), "addr": r.addr, "error": format!("{e:#}")}),
+            })
+            .collect();
+        println!("{}", json!({"instances": out}));
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<22} {:>10} {:>10} {:>8} {:>8} {:>10}",
+        "INSTANCE", "ADDR", "MEMORY", "DISK", "HITS", "MISSES", "SNAPSHOTS"
+    );
+    for (r, s) in &rows {
+        match s {
+            Ok(s) => println!(
+                "{:<24} {:<22} {:>10} {:>10} {:>8} {:>8} {:>10}",
+                r.id.as_str(),
+                r.addr,
+                human(s.memory_bytes),
+                human(s.disk_bytes),
+                s.hits_memory + s.hits_disk,
+                s.misses,
+                s.snapshots
+            ),
+            Err(e) => println!("{:<24} {:<22} unreachable: {e:#}", r.id.as_str(), r.addr),
+        }
+    }
+    if rows.is_empty() {
+        println!("no KV-cache instance is registered (run `myriad kvcache --etcd ...`)");
     }
     Ok(())
 }

@@ -7,7 +7,10 @@ use anyhow::{Context, Result, bail};
 use myriad_kvcache::{Cache, KvCacheService};
 use tokio::net::TcpListener;
 
-use crate::membership::parse_bytes;
+use myriad_store::lease::Registration;
+use myriad_store::schema::{self, NodeRecord, Role};
+
+use crate::membership::{ClusterArgs, hostname, parse_bytes};
 
 /// Sizes of the cache's tiers, shared by `kvcache` and `up`.
 #[derive(clap::Args, Clone)]
@@ -44,8 +47,19 @@ pub struct Args {
     #[arg(long, env = "MYRIAD_LISTEN", default_value = "127.0.0.1:7300")]
     listen: String,
 
+    /// Address routers reach this instance at (default: the bound address),
+    /// registered in the cluster store with --etcd.
+    #[arg(long, env = "MYRIAD_ADVERTISE_ADDR")]
+    advertise_addr: Option<String>,
+
     #[command(flatten)]
     cache: CacheArgs,
+
+    /// With --etcd, the instance registers under a lease, and routers
+    /// started with --kvcache-from-store spread conversations over every
+    /// registered instance.
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -56,11 +70,39 @@ pub fn run(args: Args) -> Result<()> {
         let shutdown = crate::shutdown::signal();
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let bound = listener.local_addr().context("read the bound address")?;
+        let _registration = match args.cluster.enabled() {
+            true => Some(register(&args, &bound.to_string()).await?),
+            false => None,
+        };
         let stats = service.stats();
         // Tests and scripts read this line to find an ephemeral port.
         println!("kvcache listening on {bound} ({} snapshots, {} bytes on disk)", stats.snapshots, stats.disk_bytes);
         myriad_kvcache::serve(listener, service, shutdown).await.context("serve")
     })
+}
+
+/// Registers the instance in the cluster store, under a lease kept while
+/// the returned registration lives.
+async fn register(args: &Args, bound: &str) -> Result<Registration> {
+    let id = args.cluster.node_id(Role::Kvcache)?;
+    let record = NodeRecord {
+        id: id.clone(),
+        role: Role::Kvcache,
+        addr: args.advertise_addr.clone().unwrap_or_else(|| bound.to_string()),
+        // One instance serves every model: its keys name the model.
+        model_id: String::new(),
+        capacity_bytes: Some(args.cache.memory),
+        placement_version: None,
+        dispatch: None,
+        host: hostname(),
+        zone: None,
+    };
+    let (store, keys) = (args.cluster.store()?, args.cluster.keys()?);
+    let key = keys.node(Role::Kvcache, &id);
+    let ttl = *args.cluster.lease_ttl;
+    Registration::start(store, key, schema::encode(&record), ttl)
+        .await
+        .context("register the KV-cache instance in the cluster store")
 }
 
 /// Starts the service in this process on a free loopback port; returns its address.

@@ -95,13 +95,38 @@ pub struct RouterArgs {
     #[arg(long = "worker-addr", env = "MYRIAD_WORKER_ADDRS", value_delimiter = ',')]
     worker_addrs: Vec<String>,
 
-    /// The KV-cache service (`myriad kvcache`) to restore and store
-    /// conversation state in; none computes every prompt in full.
-    #[arg(long, env = "MYRIAD_KVCACHE")]
-    kvcache: Option<String>,
+    /// KV-cache instances (`myriad kvcache`) to restore and store
+    /// conversation state in, comma-separated: each conversation lives on
+    /// one, chosen by its first block. None computes every prompt in full.
+    #[arg(long, env = "MYRIAD_KVCACHE", value_delimiter = ',')]
+    kvcache: Vec<String>,
+
+    /// Use the KV-cache instances registered in the cluster store
+    /// (`myriad kvcache --etcd`), followed as they come and go.
+    #[arg(long, env = "MYRIAD_KVCACHE_FROM_STORE")]
+    kvcache_from_store: bool,
+
+    /// Instances holding each conversation's state: with 2, a conversation
+    /// survives the loss of its home instance.
+    #[arg(long, env = "MYRIAD_KVCACHE_REPLICAS", default_value_t = 1)]
+    kvcache_replicas: usize,
 
     #[command(flatten)]
     cluster: ClusterArgs,
+}
+
+/// Where a router keeps conversation state.
+pub(crate) enum Caches {
+    None,
+    /// These instances.
+    Fixed {
+        addrs: Vec<String>,
+        replicas: usize,
+    },
+    /// The instances registered in the router's cluster store.
+    Registered {
+        replicas: usize,
+    },
 }
 
 /// Where the router learns which worker hosts which experts.
@@ -121,14 +146,25 @@ pub(crate) const UP_MAX_MODEL_LEN: usize = 32768;
 
 pub fn router(args: RouterArgs) -> Result<()> {
     require_one(!args.worker_addrs.is_empty(), &args.cluster, "--worker-addr")?;
+    let replicas = args.kvcache_replicas;
+    if replicas == 0 {
+        bail!("--kvcache-replicas must be at least 1");
+    }
+    let caches = match (args.kvcache_from_store, args.kvcache.is_empty()) {
+        (true, false) => bail!("give either --kvcache or --kvcache-from-store, not both"),
+        (true, true) if !args.cluster.enabled() => bail!("--kvcache-from-store needs --etcd"),
+        (true, true) => Caches::Registered { replicas },
+        (false, false) => Caches::Fixed { addrs: args.kvcache, replicas },
+        (false, true) => Caches::None,
+    };
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     if args.cluster.enabled() {
         let what = format!("placement from cluster {}", args.cluster.cluster);
-        return serve(runtime, args.http, Placement::Store(args.cluster), args.kvcache, &what);
+        return serve(runtime, args.http, Placement::Store(args.cluster), caches, &what);
     }
     let what = format!("{} expert workers", args.worker_addrs.len());
     let targets = args.worker_addrs.iter().map(Target::addr).collect();
-    serve(runtime, args.http, Placement::Static(targets), args.kvcache, &what)
+    serve(runtime, args.http, Placement::Static(targets), caches, &what)
 }
 
 fn model_name(dir: &Path) -> String {
@@ -142,11 +178,19 @@ pub(crate) fn serve(
     runtime: tokio::runtime::Runtime,
     args: HttpArgs,
     placement: Placement,
-    kvcache: Option<String>,
+    caches: Caches,
     what: &str,
 ) -> Result<()> {
     let admin = match &placement {
         Placement::Local(cluster) => cluster.admin.clone(),
+        _ => None,
+    };
+    // The registered KV-cache instances live in the placement's store.
+    let cache_store = match (&placement, &caches) {
+        (Placement::Store(cluster), Caches::Registered { .. }) => {
+            let _guard = runtime.enter();
+            Some((cluster.store()?, cluster.keys()?))
+        }
         _ => None,
     };
     let model =
@@ -199,16 +243,29 @@ pub(crate) fn serve(
     }
     let engine_config =
         EngineConfig { max_batch: args.max_batch, step_tokens: args.step_tokens, queue: args.max_queue };
-    let kvcache_addr = kvcache.clone();
-    let kvcache = match &kvcache {
-        Some(addr) => {
+    // What `myriad up` records for `ctl kvcache`: its one instance.
+    let kvcache_addr = match &caches {
+        Caches::Fixed { addrs, .. } => addrs.first().cloned(),
+        _ => None,
+    };
+    let timeout = *args.kvcache_timeout;
+    let kvcache = match caches {
+        Caches::None => None,
+        Caches::Fixed { addrs, replicas } => {
             let _guard = runtime.enter();
-            let cache = StateCache::connect(addr, &model.fingerprint, cfg.clone(), *args.kvcache_timeout)
+            let cache = StateCache::connect(&addrs, &model.fingerprint, cfg.clone(), timeout, replicas)
                 .map_err(anyhow::Error::msg)?;
-            tracing::info!(addr, "conversation state goes to the KV-cache");
+            tracing::info!(?addrs, replicas, "conversation state goes to the KV-cache");
             Some(cache)
         }
-        None => None,
+        Caches::Registered { replicas } => {
+            let (store, keys) = cache_store.context("registered KV-cache instances need a cluster store")?;
+            let cache = runtime
+                .block_on(StateCache::registered(store, &keys, &model.fingerprint, cfg.clone(), timeout, replicas))
+                .context("follow the KV-cache instances in the cluster store")?;
+            tracing::info!(replicas, "conversation state goes to the KV-cache instances in the cluster store");
+            Some(cache)
+        }
     };
     let save: Option<SaveState> = kvcache.clone().map(|c| Box::new(move |s| c.save(s)) as SaveState);
     let engine = Engine::start(model.clone(), experts.clone(), engine_config, save);

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use crate::cluster::{Admin, LocalCluster};
 use crate::kvcache::CacheArgs;
 use crate::membership::parse_bytes;
-use crate::serve::{HttpArgs, Placement, UP_MAX_MODEL_LEN, serve};
+use crate::serve::{Caches, HttpArgs, Placement, UP_MAX_MODEL_LEN, serve};
 
 /// The admin address `myriad up` takes when given none, and where `myriad
 /// ctl` looks when nothing else says where to.
@@ -81,7 +81,11 @@ pub fn up(mut args: UpArgs) -> Result<()> {
         args.workers,
         if kvcache.is_some() { " and a KV-cache" } else { "" }
     );
-    serve(runtime, args.http, Placement::Local(cluster), kvcache, &what)
+    let caches = match kvcache {
+        Some(addr) => Caches::Fixed { addrs: vec![addr], replicas: 1 },
+        None => Caches::None,
+    };
+    serve(runtime, args.http, Placement::Local(cluster), caches, &what)
 }
 
 /// The admin API's listener: the address given, or [`DEFAULT_ADMIN`] and,

@@ -150,3 +150,94 @@ fn model_text(ids: &[u32]) -> String {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v4");
     myriad_model::text::TextTokenizer::load(&dir).unwrap().decode(ids).unwrap()
 }
+
+/// Three KV-cache instances registered in etcd, a router that spreads
+/// conversations over them with two copies each. One instance is SIGKILLed
+/// between turns: every second turn still restores its first turn (from
+/// the other copy) and answers exactly as from scratch; once its lease
+/// expires the router stops asking it, and the conversations it was home to
+/// move to the survivors, recomputed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_spread_over_instances_and_survive_one_of_them() {
+    let model = model();
+    let etcd = myriad_store::etcd_server::EtcdServer::start().await;
+    let e = etcd.endpoint.clone();
+    let member = |role: &str, id: &str| -> Vec<String> {
+        let args = [role, "--etcd", &e, "--cluster", "kv", "--node-id", id, "--lease-ttl", "2s"];
+        args.iter().map(|a| a.to_string()).collect()
+    };
+    let start = |args: Vec<String>, extra: &[&str]| {
+        let all: Vec<&str> = args.iter().map(String::as_str).chain(extra.iter().copied()).collect();
+        Proc::start(&all)
+    };
+    let listen = ["--listen", "127.0.0.1:0"];
+    let mut instances: Vec<Proc> = ["kv-1", "kv-2", "kv-3"]
+        .iter()
+        .map(|id| start(member("kvcache", id), &[&listen[..], &["--memory", "64MiB"]].concat()))
+        .collect();
+    let addrs: Vec<String> = instances.iter().map(|p| p.word(3)).collect();
+    let _coordinator = start(member("coordinator", "c1"), &["--admin-listen", "127.0.0.1:0", "--settle", "200ms"]);
+    let _worker = start(member("worker", "w1"), &listen);
+    let router =
+        start(member("router", "r1"), &[&listen[..], &["--kvcache-from-store", "--kvcache-replicas", "2"]].concat());
+    let b = base(&router);
+    let ready = format!("{}/ready", b.trim_end_matches("/v1"));
+    common::until("router ready", Duration::from_secs(60), async || {
+        reqwest::get(&ready).await.ok()?.status().is_success().then_some(())
+    })
+    .await;
+
+    // Six conversations, each with a first block of its own.
+    let firsts: Vec<Vec<u32>> =
+        (0..6u32).map(|c| (0..300u32).map(|i| (i * 7919 + c * 131) % 500 + 2).collect()).collect();
+    let mut replies = Vec::new();
+    for (n, turn1) in firsts.iter().enumerate() {
+        complete(&b, turn1, 8).await;
+        // At the first block's end, before the prompt's last token and
+        // after the turn, each to two instances.
+        wait_for_saves(&b, 6 * (n as u64 + 1)).await;
+        replies.push(myriad_model::generate(&model, turn1, 8, &Sampling::greedy(), true).unwrap().generated);
+    }
+    // Two copies of each of the eighteen states, on more than one instance.
+    let held: Vec<u64> = addrs.iter().map(|a| kvcache_stats(a)["snapshots"].as_u64().unwrap()).collect();
+    assert_eq!(held.iter().sum::<u64>(), 36, "{held:?}");
+    assert!(held.iter().filter(|&&n| n > 0).count() >= 2, "all on one instance: {held:?}");
+
+    // SIGKILL one instance that holds some; then each conversation's turn 2.
+    let victim = held.iter().position(|&n| n > 0).unwrap();
+    instances[victim].kill();
+    let turn2 = |c: usize| -> Vec<u32> {
+        let mut t = [&firsts[c][..], &replies[c][..]].concat();
+        t.extend((0..10u32).map(|i| (i * 31 + c as u32) % 500 + 2));
+        t
+    };
+    for c in 0..firsts.len() {
+        let prompt = turn2(c);
+        let scratch = myriad_model::generate(&model, &prompt, 8, &Sampling::greedy(), true).unwrap().generated;
+        let answer = complete(&b, &prompt, 8).await;
+        assert_eq!(answer["choices"][0]["text"], model_text(&scratch), "conversation {c} changed");
+        assert_eq!(cached(&answer), firsts[c].len() + replies[c].len() - 1, "conversation {c} lost its state");
+    }
+
+    // After its lease expires the ring has two instances; new states go there.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let survivors: Vec<&String> = addrs.iter().enumerate().filter(|&(i, _)| i != victim).map(|(_, a)| a).collect();
+    let before: u64 = survivors.iter().map(|a| kvcache_stats(a)["snapshots"].as_u64().unwrap()).sum();
+    let fresh: Vec<u32> = (0..300u32).map(|i| (i * 17 + 5) % 500 + 2).collect();
+    let saves = metric(&b, "myriad_router_kvcache_saves_total{result=\"ok\"}").await;
+    let failed = metric(&b, "myriad_router_kvcache_saves_total{result=\"error\"}").await;
+    assert!(failed > 0, "saves to the dead instance before its lease expired fail");
+    let answer = complete(&b, &fresh, 8).await;
+    let scratch = myriad_model::generate(&model, &fresh, 8, &Sampling::greedy(), true).unwrap().generated;
+    assert_eq!(answer["choices"][0]["text"], model_text(&scratch));
+    wait_for_saves(&b, saves + 6).await;
+    let after: u64 = survivors.iter().map(|a| kvcache_stats(a)["snapshots"].as_u64().unwrap()).sum();
+    assert_eq!(after, before + 6, "both copies of its three states on the survivors");
+    // `ctl kvcache` lists the registered instances: the two survivors.
+    let listed = common::ctl_json(&e, "kv", &["kvcache"]);
+    let ids: Vec<&str> = listed["instances"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 2, "{listed}");
+    assert!(listed["instances"].as_array().unwrap().iter().all(|i| i["snapshots"].as_u64().unwrap() > 0), "{listed}");
+    let now_failed = metric(&b, "myriad_router_kvcache_saves_total{result=\"error\"}").await;
+    assert_eq!(now_failed, failed, "a save went to the dead instance after its lease expired");
+}

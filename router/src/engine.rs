@@ -13,6 +13,7 @@ use std::sync::Arc;
 use myriad_model::generate::{Rng, sample};
 use myriad_model::model::Chunk;
 use myriad_model::moe::ExpertExecutor;
+use myriad_model::state::block_tokens;
 use myriad_model::{Logits, Model, Sampling, SequenceState};
 use tokio::sync::mpsc;
 
@@ -190,6 +191,16 @@ fn admit(model: &Model, mut request: Request) -> Active {
     Active { prefilled: state.position, state, generated: Vec::new(), next: None, rng, request }
 }
 
+/// The last block boundary strictly inside `a`'s prompt, before its last
+/// token: the state there is stored beside the whole prompt's, so that
+/// later prompts sharing the prefix up to it restore it. `None` when the
+/// prompt does not pass a boundary before its last token.
+fn save_point(model: &Model, a: &Active) -> Option<usize> {
+    let block = block_tokens(&model.config).max(1);
+    let point = (a.request.prompt.len().saturating_sub(2)) / block * block;
+    (point > 0).then_some(point)
+}
+
 /// Splits `budget` prompt tokens between prompts wanting `(index, tokens)`,
 /// max-min fair: each gets an equal share, and what a short prompt does not
 /// need goes to the longer ones. A short prompt arriving beside a long one
@@ -239,7 +250,14 @@ fn step(
             // With a KV-cache, the prompt's last token runs in a step of its
             // own: the state before it is the one worth storing, since a
             // request for the same prompt must run that token for its logits.
-            (i, if save.is_some() && left > 1 { left - 1 } else { left })
+            // A chunk also stops at the prompt's last block boundary, stored
+            // too: what prompts sharing a prefix (a system prompt) restore.
+            let want = match (save.is_some(), save_point(model, a)) {
+                (true, Some(point)) if a.prefilled < point => point - a.prefilled,
+                (true, _) if left > 1 => left - 1,
+                _ => left,
+            };
+            (i, want)
         })
         .filter(|&(_, want)| want > 0)
         .collect();
@@ -310,9 +328,8 @@ fn step(
         if a.next.is_none() {
             a.prefilled += n;
             metrics::TOKENS.with_label_values(&["prompt"]).inc_by(n as u64);
-            if a.prefilled + 1 == a.request.prompt.len()
-                && let Some(save) = save
-            {
+            let stored = a.prefilled + 1 == a.request.prompt.len() || Some(a.prefilled) == save_point(model, a);
+            if stored && let Some(save) = save {
                 save(Save { tokens: a.request.prompt[..a.prefilled].to_vec(), state: a.state.clone() });
             }
             if a.prefilled < a.request.prompt.len() {

@@ -122,9 +122,10 @@ fn stop_tokens_end_a_sequence_and_a_full_queue_refuses() {
     assert!(refused >= 1, "a full queue must refuse");
 }
 
-/// The engine hands out the state after the prompt and after the turn; a
-/// request restored from either continues exactly like one run from scratch,
-/// prefilling only what the restored state lacks.
+/// The engine hands out the state at the prompt's last block boundary,
+/// after the prompt and after the turn; a request restored from any of them
+/// continues exactly like one run from scratch, prefilling only what the
+/// restored state lacks.
 #[test]
 fn saved_states_restore_to_the_same_tokens() {
     let model = tiny();
@@ -154,6 +155,10 @@ fn saved_states_restore_to_the_same_tokens() {
     };
     let prompt: Vec<u32> = (0..300).map(|j| (j * 37 % 500 + 2) as u32).collect();
     let first = run(&prompt, None);
+    // First the state at the prompt's last block boundary (256 tokens).
+    let at_boundary = saved_rx.recv().unwrap();
+    assert_eq!(at_boundary.tokens, prompt[..256]);
+    assert_eq!(at_boundary.state.position, 256);
     let after_prompt = saved_rx.recv().unwrap();
     let after_turn = saved_rx.recv().unwrap();
     assert_eq!(after_prompt.tokens, prompt[..299]);
@@ -169,6 +174,12 @@ fn saved_states_restore_to_the_same_tokens() {
     assert_eq!(run(&turn2, Some(after_turn.state)), scratch);
     // The same prompt again runs only its last token on the stored state.
     assert_eq!(run(&prompt, Some(after_prompt.state)), first);
+    // Another prompt sharing the first block (a system prompt) continues
+    // from the boundary state exactly like a run from scratch.
+    let mut sibling = prompt[..256].to_vec();
+    sibling.extend((0..40).map(|j| (j * 11 % 500 + 2) as u32));
+    let scratch = generate(&model, &sibling, 12, &Sampling::greedy(), true).unwrap().generated;
+    assert_eq!(run(&sibling, Some(at_boundary.state)), scratch);
     // A state covering the whole prompt leaves no token to give logits: the
     // engine drops it and computes everything.
     let mut whole = model.new_state();

@@ -70,6 +70,9 @@ pub enum Role {
     Coordinator,
     Worker,
     Router,
+    /// A KV-cache instance: routers spread conversations over those
+    /// registered.
+    Kvcache,
 }
 
 impl Role {
@@ -78,6 +81,7 @@ impl Role {
             Role::Coordinator => "coordinator",
             Role::Worker => "worker",
             Role::Router => "router",
+            Role::Kvcache => "kvcache",
         }
     }
 }

@@ -171,6 +171,19 @@ def test_config_values_become_flags():
     assert "--capacity=70GiB" in worker and "--advertise-addr=$(POD_IP):7100" in worker
 
 
+def test_kvcache_instances_register_and_routers_spread_conversations_over_them():
+    docs = render({"kvcache": {"replicas": 3, "copies": 2}})
+    kvcache = find(docs, "StatefulSet", "prod-myriad-kvcache")
+    assert kvcache["spec"]["replicas"] == 3
+    args = kvcache["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--advertise-addr=$(POD_IP):7300" in args
+    assert "MYRIAD_ETCD" in env(kvcache["spec"]["template"]["spec"]["containers"][0])
+    router = container(docs, "Deployment", "prod-myriad-router")["args"]
+    assert "--kvcache-from-store" in router and "--kvcache-replicas=2" in router
+    with pytest.raises(Exception, match="kvcache.copies"):
+        render({"kvcache": {"replicas": 1, "copies": 2}})
+
+
 def test_workers_report_their_node_and_zone_for_placement():
     worker = container(render({"worker": {"config": {"zone": "rack-a"}}}), "StatefulSet", "prod-myriad-worker")
     assert env(worker)["MYRIAD_NODE"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
@@ -318,7 +331,7 @@ def test_network_policies_let_each_role_reach_only_what_it_needs():
     assert ingress("router") == [("http", None)]
     assert ingress("coordinator") == [("admin", {"coordinator", "admin-client"})]
     assert ingress("kvcache") == [("kvcache", {"router", "coordinator", "admin-client"})]
-    assert ingress("etcd")[0] == ("client", {"coordinator", "worker", "router", "admin-client"})
+    assert ingress("etcd")[0] == ("client", {"coordinator", "worker", "router", "kvcache", "admin-client"})
     assert ingress("etcd")[1] == ("peer", {"etcd"})
 
     def egress(role):
@@ -327,7 +340,8 @@ def test_network_policies_let_each_role_reach_only_what_it_needs():
     assert egress("worker") == {53: None, 2379: {"etcd"}}
     assert egress("router") == {53: None, 2379: {"etcd"}, 7100: {"worker"}, 7300: {"kvcache"}}
     assert egress("coordinator") == {53: None, 2379: {"etcd"}, 7100: {"worker"}, 7200: {"coordinator"}, 7300: {"kvcache"}}
-    assert egress("kvcache") == {53: None}
+    # KV-cache instances register in etcd.
+    assert egress("kvcache") == {53: None, 2379: {"etcd"}}
     # Limiting who may call the API.
     only = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
     docs = render({"networkPolicy": {"routerFrom": only}})
