@@ -70,6 +70,7 @@ impl LocalCluster {
             redundant: 0,
             max_move: None,
             move_tolerance: 0.01,
+            hierarchical: false,
             min_workers: workers,
             settle: Duration::from_millis(100),
             lease_ttl: LEASE_TTL,

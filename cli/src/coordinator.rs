@@ -39,6 +39,12 @@ pub struct Args {
     #[arg(long, env = "MYRIAD_MOVE_TOLERANCE", default_value_t = 0.01)]
     move_tolerance: f64,
 
+    /// Balance each layer across nodes (workers' --node) first, then across
+    /// the workers of each node: EPLB's hierarchical step, for clusters
+    /// where traffic inside a node is cheaper than between nodes.
+    #[arg(long, env = "MYRIAD_HIERARCHICAL")]
+    hierarchical: bool,
+
     /// Live workers needed before the first placement.
     #[arg(long, env = "MYRIAD_MIN_WORKERS", default_value_t = 1)]
     min_workers: usize,
@@ -102,6 +108,7 @@ pub fn run(args: Args) -> Result<()> {
         redundant: args.redundant,
         max_move: args.max_move,
         move_tolerance: args.move_tolerance,
+        hierarchical: args.hierarchical,
         min_workers: args.min_workers,
         settle: *args.settle,
         lease_ttl: *args.cluster.lease_ttl,

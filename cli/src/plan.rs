@@ -64,6 +64,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     workers_per_node: usize,
 
+    /// Balance across nodes first, then within each (EPLB's hierarchical
+    /// step); needs --workers-per-node.
+    #[arg(long)]
+    hierarchical: bool,
+
     /// Format experts are held in (default: the one `config.json` names:
     /// `expert_dtype`, else `torch_dtype`, else f32).
     #[arg(long, value_enum)]
@@ -178,6 +183,7 @@ pub fn run(args: Args) -> Result<()> {
         redundant: args.redundant,
         nodes: (0..args.workers).map(|w| w / args.workers_per_node.max(1)).collect(),
         zones: Vec::new(),
+        hierarchical: args.hierarchical,
     };
     println!(
         "model: {} layers x {} routed experts; one expert = 3 x {} x {} params = {} ({:?})",

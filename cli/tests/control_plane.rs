@@ -92,6 +92,7 @@ fn coordinator_config(model: &Path) -> CoordinatorConfig {
         redundant: 0,
         max_move: None,
         move_tolerance: 0.01,
+        hierarchical: false,
         min_workers: 1,
         settle: Duration::from_millis(50),
         lease_ttl: TTL,

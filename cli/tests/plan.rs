@@ -71,6 +71,10 @@ fn a_recorded_load_is_placed_and_compared_with_round_robin() {
     // machine that could be on two.
     let (ok, text) = plan_with_load(&zipf_load(61, 384, 1.2), &["--redundant", "64", "--workers-per-node", "8"]);
     assert!(ok && text.contains("nodes: 8; experts with two copies on one node that could be on two: 0"), "{text}");
+    // Node first (EPLB's hierarchical step): still a plan that fits.
+    let extra = ["--redundant", "64", "--workers-per-node", "8", "--hierarchical"];
+    let (ok, text) = plan_with_load(&zipf_load(61, 384, 1.2), &extra);
+    assert!(ok && text.contains("the plan fits") && text.contains("load-aware"), "{text}");
 }
 
 #[test]

@@ -103,6 +103,7 @@ fn problem(layers: usize, experts: usize, workers: usize, redundant: usize) -> P
         redundant,
         nodes: vec![],
         zones: vec![],
+        hierarchical: false,
     }
 }
 
@@ -154,13 +155,13 @@ fn main() {
 }
 
 /// Workers eight to a machine: balance with and without the machine
-/// labels, and the experts with two copies on one machine that could be
-/// on two.
+/// labels, the experts with two copies on one machine that could be on
+/// two, and the hierarchical mode (machines first, then their workers).
 fn spread(rng: &mut Rng) {
     println!(
-        "\n| experts | workers | machines | skew | balance, no labels | crowded | balance, labelled | crowded | machine balance |"
+        "\n| experts | workers | machines | skew | balance, no labels | crowded | balance, labelled | crowded | machine balance | hierarchical: balance | machine balance |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (experts, workers) in [(256, 32), (384, 64)] {
         for skew in [1.0, 1.4] {
             let layers = 8;
@@ -182,14 +183,17 @@ fn spread(rng: &mut Rng) {
                     .count()
             };
             let (a, b) = (eplb(&flat, &load).expect("eplb"), eplb(&labelled, &load).expect("eplb"));
+            let c = eplb(&Problem { hierarchical: true, ..labelled.clone() }, &load).expect("eplb");
             println!(
-                "| {experts} | {workers} | {} | {skew} | {:.3} | {} | {:.3} | {} | {:.4} |",
+                "| {experts} | {workers} | {} | {skew} | {:.3} | {} | {:.3} | {} | {:.4} | {:.3} | {:.4} |",
                 workers / 8,
                 a.balancedness(&load),
                 crowded(&a),
                 b.balancedness(&load),
                 crowded(&b),
-                machine_balance(&b, &load, 8)
+                machine_balance(&b, &load, 8),
+                c.balancedness(&load),
+                machine_balance(&c, &load, 8)
             );
         }
     }

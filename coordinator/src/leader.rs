@@ -53,6 +53,7 @@ pub(crate) fn problem(config: &CoordinatorConfig, workers: &[NodeRecord]) -> pla
         } else {
             Vec::new()
         },
+        hierarchical: config.hierarchical,
     }
 }
 

@@ -106,6 +106,8 @@ pub struct CoordinatorConfig {
     pub max_move: Option<u64>,
     /// Balancedness per layer a rebalance may leave unclaimed to move less.
     pub move_tolerance: f64,
+    /// Balance across nodes first, then within each (EPLB's hierarchical step).
+    pub hierarchical: bool,
     /// Live workers needed before the first placement.
     pub min_workers: usize,
     /// Membership must stay unchanged this long before a new placement, so
