@@ -81,10 +81,15 @@ pub async fn join_router(
         zone: None,
     };
     let membership = myriad_router::membership::Membership { store, keys, record, lease_ttl };
-    let follow = myriad_router::membership::join(membership, experts.clone(), config.clone())
-        .await
-        .context("register the router in the cluster store")?;
-    tokio::spawn(follow);
+    // Joins once the store answers: the router serves meanwhile, not ready.
+    let (experts, config) = (experts.clone(), config.clone());
+    tokio::spawn(async move {
+        let follow = myriad_store::retry::until_joined("register the router", || {
+            myriad_router::membership::join(membership.clone(), experts.clone(), config.clone())
+        })
+        .await;
+        follow.await
+    });
     Ok(())
 }
 

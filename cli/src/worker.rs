@@ -10,6 +10,7 @@ use myriad_proto::spec::ExpertSpec;
 use myriad_store::schema::{NodeRecord, Role};
 use myriad_worker::{CpuBackend, Worker};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::membership::{ClusterArgs, hostname, parse_bytes, require_one};
 
@@ -42,6 +43,12 @@ pub struct Args {
     /// before machines.
     #[arg(long, env = "MYRIAD_ZONE")]
     zone: Option<String>,
+
+    /// On SIGTERM, how long a worker in a cluster keeps serving while its
+    /// experts move to others (it leaves the cluster at once and stops as
+    /// soon as no placement names it).
+    #[arg(long, env = "MYRIAD_DRAIN_TIMEOUT", default_value = "20s")]
+    drain_timeout: humantime::Duration,
 
     /// Memory for experts, published for placement (e.g. `24GiB`).
     #[arg(long, env = "MYRIAD_CAPACITY", value_parser = parse_bytes)]
@@ -94,12 +101,24 @@ pub fn run(args: Args) -> Result<()> {
                     model: args.model.clone(),
                     lease_ttl: *args.cluster.lease_ttl,
                 };
-                let follow = myriad_worker::membership::join(membership, worker.clone())
-                    .await
-                    .context("register in the cluster store")?;
-                tokio::spawn(follow);
+                // Serve at once (unready until placed); join when the store answers.
+                let (leave, leaving) = watch::channel(false);
+                let member = tokio::spawn(myriad_worker::membership::run(membership, worker.clone(), leaving));
                 println!("worker listening on {bound} as node {id} of cluster {}", args.cluster.cluster);
-                worker
+                tracing::info!(addr = %bound, "worker started");
+                // On SIGTERM: leave the cluster, serve until no placement
+                // names this worker (or the drain timeout), then stop.
+                let drain = *args.drain_timeout;
+                let drained = async move {
+                    shutdown.await;
+                    leave.send_replace(true);
+                    let started = std::time::Instant::now();
+                    match tokio::time::timeout(drain, member).await {
+                        Ok(_) => tracing::info!(after = ?started.elapsed(), "no placement uses this worker; stopping"),
+                        Err(_) => tracing::warn!(?drain, "still placed after the drain timeout; stopping anyway"),
+                    }
+                };
+                return myriad_worker::serve(listener, worker, drained).await.context("serve");
             }
         };
         tracing::info!(addr = %bound, "worker started");

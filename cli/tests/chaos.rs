@@ -100,6 +100,16 @@ impl Cluster {
         self.workers.get_mut(id).unwrap().1 = Some(w);
     }
 
+    /// Waits until worker `id` is registered (a worker serves, and prints
+    /// its banner, before the store has its record).
+    async fn registered(&self, id: &str) {
+        let key = self.keys.node(Role::Worker, &id.parse().unwrap());
+        until(&format!("{id} registered"), Duration::from_secs(30), async || {
+            self.store.get(&key).await.ok().flatten().map(|_| ())
+        })
+        .await;
+    }
+
     fn worker(&mut self, id: &str) -> &mut Proc {
         self.workers.get_mut(id).and_then(|w| w.1.as_mut()).unwrap_or_else(|| panic!("{id} is not running"))
     }
@@ -357,6 +367,7 @@ async fn correlated_failures_cost_no_request_while_a_copy_lives() {
     // (SIGSTOP) so the rollout cannot finish before the kill.
     let load = Load::start(&c.bases);
     c.start_worker("w4");
+    c.registered("w4").await;
     c.worker("w4").signal("STOP");
     let proposed = proposal(&c).await;
     let led = leader(&*c.store, &c.keys).await.expect("a leader");
@@ -376,6 +387,7 @@ async fn correlated_failures_cost_no_request_while_a_copy_lives() {
     // and back after more than a lease TTL.
     let load = Load::start(&c.bases);
     c.start_worker("w5");
+    c.registered("w5").await;
     c.worker("w5").signal("STOP");
     proposal(&c).await;
     c.etcd.kill();

@@ -20,6 +20,7 @@ const RETRY: Duration = Duration::from_secs(1);
 /// How often the router looks at its pool's health to publish changes.
 const HEALTH_EVERY: Duration = Duration::from_millis(500);
 
+#[derive(Clone)]
 pub struct Membership {
     pub store: Arc<dyn Store>,
     pub keys: Keys,

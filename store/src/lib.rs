@@ -30,6 +30,7 @@ pub mod etcd_server;
 pub mod lease;
 pub mod memory;
 pub mod mirror;
+pub mod retry;
 pub mod schema;
 #[cfg(any(test, feature = "testing"))]
 pub mod suite;

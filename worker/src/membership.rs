@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use myriad_store::lease::Registration;
 use myriad_store::mirror::Mirror;
-use myriad_store::schema::{self, Keys, NodeRecord, PlacementVersion, PlacementView};
+use myriad_store::schema::{self, Keys, NodeRecord, Placement, PlacementVersion, PlacementView};
 use myriad_store::{Store, StoreError};
+use tokio::sync::watch;
 
 use crate::backend::CpuBackend;
 use crate::worker::Worker;
 
 /// How a worker joins the cluster.
+#[derive(Clone)]
 pub struct Membership {
     pub store: Arc<dyn Store>,
     pub keys: Keys,
@@ -33,15 +35,63 @@ pub async fn join(m: Membership, worker: Arc<Worker>) -> Result<impl Future<Outp
     let mirror = Mirror::follow(m.store.clone(), m.keys.placements()).await?;
     let key = m.keys.node(m.record.role, &m.record.id);
     let registration = Registration::start(m.store.clone(), key, schema::encode(&m.record), m.lease_ttl).await?;
-    Ok(apply_placements(m, worker, mirror, registration))
+    Ok(apply_placements(m, worker, mirror, registration, None))
 }
 
-async fn apply_placements(m: Membership, worker: Arc<Worker>, mirror: Mirror, registration: Registration) {
+/// A worker's whole membership: registers once the store answers (the
+/// worker serves meanwhile, unready), applies placements, and when `leave`
+/// fires revokes its registration (so the coordinator moves its experts at
+/// once instead of after the lease TTL) and returns once no placement
+/// version names it any more: from then on no router sends it work.
+pub async fn run(m: Membership, worker: Arc<Worker>, leave: watch::Receiver<bool>) {
+    let joined = myriad_store::retry::until_joined("register the worker", || {
+        let (m, store) = (m.clone(), m.store.clone());
+        async move {
+            let mirror = Mirror::follow(store.clone(), m.keys.placements()).await?;
+            let key = m.keys.node(m.record.role, &m.record.id);
+            let registration = Registration::start(store, key, schema::encode(&m.record), m.lease_ttl).await?;
+            Ok((mirror, registration))
+        }
+    });
+    let mut stop = leave.clone();
+    let (mirror, registration) = tokio::select! {
+        joined = joined => joined,
+        // Asked to leave before it ever joined: nothing to hand over.
+        _ = stop.wait_for(|leave| *leave) => return,
+    };
+    apply_placements(m, worker, mirror, registration, Some(leave)).await
+}
+
+async fn apply_placements(
+    m: Membership,
+    worker: Arc<Worker>,
+    mirror: Mirror,
+    registration: Registration,
+    mut leave: Option<watch::Receiver<bool>>,
+) {
     let mut record = m.record;
+    let mut registration = Some(registration);
     let mut changes = mirror.subscribe();
     // Backends by version, for sharing experts between versions.
     let mut loaded: Vec<(PlacementVersion, Arc<CpuBackend>)> = Vec::new();
     loop {
+        if leave.as_ref().is_some_and(|l| *l.borrow()) {
+            if let Some(r) = registration.take() {
+                r.close().await;
+                tracing::info!(node = %record.id, "left the cluster; serving until the placement moves on");
+            }
+            // Done once no version names it: the coordinator releases old
+            // versions only when every router dispatches with a newer one.
+            let view = PlacementView::read(&m.keys, &changes.borrow_and_update());
+            let named = |p: &Placement| p.assignment(&record.id).is_some_and(|a| a.addr == record.addr);
+            if !view.versions.values().any(named) {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
         let view = PlacementView::read(&m.keys, &changes.borrow_and_update());
         let mine = view.versions.values().rev().find_map(|p| {
             let a = p.assignment(&record.id)?;
@@ -57,7 +107,9 @@ async fn apply_placements(m: Membership, worker: Arc<Worker>, mirror: Mirror, re
                     worker.install(Some(version.0), backend.clone());
                     loaded.push((version, backend));
                     record.placement_version = Some(version);
-                    registration.update(schema::encode(&record));
+                    if let Some(r) = &registration {
+                        r.update(schema::encode(&record));
+                    }
                     tracing::info!(%version, "placement loaded");
                 }
                 Ok(Err(e)) => tracing::error!(%version, error = %e, "cannot load this placement's experts"),
@@ -74,8 +126,15 @@ async fn apply_placements(m: Membership, worker: Arc<Worker>, mirror: Mirror, re
         // (at this address) and it serves that version.
         let current = view.current().filter(|p| p.assignment(&record.id).is_some_and(|a| a.addr == record.addr));
         worker.set_ready(current.is_some_and(|p| worker.versions().contains(&Some(p.version.0))));
-        if changes.changed().await.is_err() {
-            return;
+        let asked = async {
+            match leave.as_mut() {
+                Some(l) => drop(l.wait_for(|leave| *leave).await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = asked => {}
         }
     }
 }

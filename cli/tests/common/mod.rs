@@ -42,12 +42,22 @@ impl Proc {
     pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
         let sent = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("run kill");
         assert!(sent.success(), "kill -TERM failed");
+        self.wait(limit)
+    }
+
+    /// Whether it has not exited yet.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("wait for myriad").is_none()
+    }
+
+    /// Waits at most `limit` for it to exit (after a signal sent earlier).
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for myriad") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "myriad did not exit within {limit:?} of SIGTERM");
+            assert!(Instant::now() < deadline, "myriad did not exit within {limit:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }

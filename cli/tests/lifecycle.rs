@@ -1,0 +1,98 @@
+//! A node's life at the edges, as separate processes on a real etcd:
+//! nodes started while etcd is down wait for it (serving, unready) instead
+//! of exiting; a worker SIGTERMed under load leaves the cluster at once,
+//! keeps serving until no placement names it, then exits, and no request
+//! fails.
+
+use std::time::{Duration, Instant};
+
+use myriad_store::etcd_server::EtcdServer;
+use myriad_store::mirror::Mirror;
+use myriad_store::schema::{Keys, PlacementView};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+mod common;
+use common::{Proc, health, until};
+
+/// Far longer than the test's patience: a worker that only left when its
+/// lease expired would fail the timing below.
+const TTL: &str = "15s";
+
+fn member(etcd: &str, role: &str, id: &str) -> Vec<String> {
+    [role, "--etcd", etcd, "--cluster", "life", "--node-id", id, "--lease-ttl", TTL]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn start(args: Vec<String>, extra: &[&str]) -> Proc {
+    let all: Vec<&str> = args.iter().map(String::as_str).chain(extra.iter().copied()).collect();
+    Proc::start(&all)
+}
+
+const PROMPT: &str = r#""prompt": "A node's life", "max_tokens": 200, "temperature": 0, "ignore_eos": true"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_wait_for_etcd_and_a_sigtermed_worker_hands_over_at_once() {
+    let mut etcd = EtcdServer::start().await;
+    let e = etcd.endpoint.clone();
+    etcd.kill();
+    // Everything starts while etcd is down: banners, no exits.
+    let listen = ["--listen", "127.0.0.1:0"];
+    let mut workers = [start(member(&e, "worker", "w1"), &listen), start(member(&e, "worker", "w2"), &listen)];
+    let router = start(member(&e, "router", "r1"), &listen);
+    let kvcache = start(member(&e, "kvcache", "kv1"), &listen);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for w in &mut workers {
+        assert!(w.running(), "a worker exited while etcd was down");
+        assert_eq!(health(&w.word(3)).await, Some(ServingStatus::NotServing as i32), "unplaced yet ready");
+    }
+    let mut router = router;
+    assert!(
+        router.running() && {
+            let mut k = kvcache;
+            k.running()
+        },
+        "a router or KV-cache exited"
+    );
+    let base = router.word(3);
+    let ready = format!("{}/ready", base.trim_end_matches("/v1"));
+    assert!(!reqwest::get(&ready).await.unwrap().status().is_success(), "ready without a placement");
+
+    // etcd comes up, then a coordinator: the cluster forms by itself.
+    etcd.restart().await;
+    let _coordinator = start(
+        member(&e, "coordinator", "c1"),
+        &["--admin-listen", "127.0.0.1:0", "--min-workers", "2", "--settle", "300ms"],
+    );
+    until("router ready", Duration::from_secs(60), async || {
+        reqwest::get(&ready).await.ok()?.status().is_success().then_some(())
+    })
+    .await;
+    let expected = common::complete(&base, PROMPT).await.unwrap();
+
+    // SIGTERM w1 in the middle of a stream: the stream's answer is the
+    // same, and a placement without w1 is current long before its lease
+    // would have expired.
+    let store: std::sync::Arc<dyn myriad_store::Store> = std::sync::Arc::new(etcd.store());
+    let keys = Keys::new("life");
+    let placements = Mirror::follow(store, keys.placements()).await.unwrap();
+    let mut sent = None;
+    let text = common::stream(&base, PROMPT, 4, || {
+        workers[0].signal("TERM");
+        sent = Some(Instant::now());
+    })
+    .await;
+    assert_eq!(text, expected, "a SIGTERMed worker changed or broke the answer");
+    let sent = sent.unwrap();
+    let moved = until("a current placement without w1", Duration::from_secs(10), async || {
+        let view = PlacementView::read(&keys, &placements.snapshot());
+        view.current().filter(|p| p.assignment(&"w1".parse().unwrap()).is_none()).map(|_| sent.elapsed())
+    })
+    .await;
+    eprintln!("SIGTERM of a worker -> placement without it current: {moved:?} (lease TTL {TTL})");
+    let status = workers[0].wait(Duration::from_secs(20));
+    eprintln!("SIGTERM of a worker -> it exited: {:?} ({status})", sent.elapsed());
+    assert!(status.success(), "the worker did not stop cleanly: {status}");
+    assert_eq!(common::complete(&base, PROMPT).await.unwrap(), expected, "after w1 left");
+}
