@@ -56,16 +56,16 @@ VALUE_SETS = {
 NOTES = "myriad/templates/NOTES.txt"
 
 
-def rendered(values=None):
-    """Each template's output for `values`, by path, as Helm installs release `prod` in `ml`."""
+def rendered(values=None, release="prod"):
+    """Each template's output for `values`, by path, as Helm installs `release` in `ml`."""
     chart = helm.Chart.load(str(CHART))
-    return chart.render(copy.deepcopy(values) if values else None, name="prod", namespace="ml", is_install=True)
+    return chart.render(copy.deepcopy(values) if values else None, name=release, namespace="ml", is_install=True)
 
 
-def render(values=None):
+def render(values=None, release="prod"):
     """The chart's manifests for `values`, as parsed documents."""
     docs = []
-    for path, text in sorted(rendered(values).items()):
+    for path, text in sorted(rendered(values, release).items()):
         if path != NOTES:
             docs.extend(d for d in yaml.safe_load_all(text) if d)
     return docs
@@ -96,6 +96,21 @@ def test_the_chart_lints_without_warnings():
         assert not problems and not report["errors"], report
 
 
+def for_version(doc, version):
+    """`doc` as the chart renders it for Kubernetes `version`: fields gated on
+    `.Capabilities.KubeVersion` go below the version that introduced them
+    (the renderer here reports a recent one)."""
+    if doc["kind"] == "PodDisruptionBudget" and tuple(map(int, version.split(".")[:2])) < (1, 27):
+        doc = copy.deepcopy(doc)
+        doc["spec"].pop("unhealthyPodEvictionPolicy", None)
+    return doc
+
+
+def test_fields_of_newer_kubernetes_are_gated_on_its_version():
+    worker = (CHART / "templates" / "worker.yaml").read_text()
+    assert 'semverCompare ">=1.27-0" .Capabilities.KubeVersion.Version' in worker
+
+
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_every_manifest_validates_against_the_kubernetes_schemas(name):
     docs = render(VALUE_SETS[name])
@@ -105,7 +120,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(name):
             # A CRD: not in the Kubernetes schemas; checked in its own test.
             continue
         for version in KUBE_VERSIONS:
-            kubernetes_validate.validate(doc, version, strict=True)
+            kubernetes_validate.validate(for_version(doc, version), version, strict=True)
 
 
 def test_the_default_install_has_every_role():
@@ -210,6 +225,21 @@ def test_the_schema_rejects_typos_and_bad_values(values, complaint):
     assert complaint in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "values, complaint",
+    [
+        ({"worker": {"replicas": 2}, "coordinator": {"config": {"minWorkers": 3}}}, "minWorkers (3) exceeds worker.replicas (2)"),
+        ({"worker": {"replicas": 1}}, "coordinator.config.replicas (2) exceeds worker.replicas (1)"),
+        ({"router": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}}}, "minReplicas (5) exceeds maxReplicas (3)"),
+        ({"worker": {"resources": {"limits": {"gpu": 1}}}}, "worker.resources.limits.gpu: extended resources need"),
+    ],
+)
+def test_mistakes_between_fields_fail_at_render_time(values, complaint):
+    with pytest.raises(helm.HelmError) as error:
+        render(values)
+    assert complaint in str(error.value)
+
+
 def test_required_companions_are_demanded():
     with pytest.raises(helm.HelmError, match="model.claimName"):
         render({"model": {"source": "pvc"}})
@@ -259,6 +289,8 @@ def test_a_three_member_etcd_names_each_member():
     assert members == [f"prod-myriad-etcd-{i}=http://prod-myriad-etcd-{i}.{domain}:2380" for i in range(3)]
     assert find(docs, "Service", "prod-myriad-etcd-peers")["spec"]["clusterIP"] == "None"
     assert find(docs, "PodDisruptionBudget", "prod-myriad-etcd")["spec"]["maxUnavailable"] == 1
+    # Drained (unready) workers never hold up `kubectl drain`.
+    assert find(docs, "PodDisruptionBudget", "prod-myriad-worker")["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
 
 def test_secrets_reach_the_roles_that_need_them():
@@ -346,7 +378,30 @@ def test_network_policies_let_each_role_reach_only_what_it_needs():
     only = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
     docs = render({"networkPolicy": {"routerFrom": only}})
     router = find(docs, "NetworkPolicy", "prod-myriad-router")["spec"]
-    assert router["ingress"][0]["from"] == only
+    assert router["ingress"][0]["from"][0] == only[0]
+
+
+def test_the_longest_release_name_gives_names_kubernetes_accepts():
+    release = "a" * 53  # Helm's limit
+    docs = render(EVERYTHING, release)
+    names = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert len(set(names)) == len(names), "two objects of a kind share a name"
+    for kind, name in names:
+        assert len(name) <= 63, f"{kind} {name}: {len(name)} characters"
+        if kind == "StatefulSet":
+            assert len(name) <= 52, f"{kind} {name}: no room for the revision hash label"
+    for d in docs:
+        for value in d["metadata"].get("labels", {}).values():
+            assert len(str(value)) <= 63, f"label value {value}"
+
+
+def test_a_limited_router_api_still_lets_this_release_and_prometheus_in():
+    only = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    scrapers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    docs = render({"networkPolicy": {"routerFrom": only, "metricsFrom": scrapers}})
+    allowed = find(docs, "NetworkPolicy", "prod-myriad-router")["spec"]["ingress"][0]["from"]
+    release = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "myriad", "app.kubernetes.io/instance": "prod"}}}
+    assert allowed == only + [release] + scrapers
 
 
 def test_containers_run_unprivileged():

@@ -1,13 +1,15 @@
-{{/* Names: <release>-myriad, and <release>-myriad-<component> for each role. */}}
+{{/* Names: <release>-myriad, and <release>-myriad-<component> for each role.
+At most 44 characters, so that the longest StatefulSet (`-kvcache`) stays
+within 52: its pods' controller-revision-hash label adds 11 to reach 63. */}}
 {{- define "myriad.fullname" -}}
 {{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 45 | trimSuffix "-" -}}
+{{- .Values.fullnameOverride | trunc 44 | trimSuffix "-" -}}
 {{- else -}}
 {{- $name := default .Chart.Name .Values.nameOverride -}}
 {{- if contains $name .Release.Name -}}
-{{- .Release.Name | trunc 45 | trimSuffix "-" -}}
+{{- .Release.Name | trunc 44 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name $name | trunc 45 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 44 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
