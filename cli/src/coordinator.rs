@@ -11,6 +11,7 @@ use myriad_coordinator::{CoordinatorConfig, Shared};
 use myriad_store::schema::Role;
 
 use crate::membership::{ClusterArgs, parse_bound};
+use crate::metrics_http::MetricsArgs;
 use crate::plan::model_expert_bytes;
 
 #[derive(clap::Args)]
@@ -75,6 +76,9 @@ pub struct Args {
 
     #[command(flatten)]
     cluster: ClusterArgs,
+
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -118,6 +122,7 @@ pub fn run(args: Args) -> Result<()> {
     runtime.block_on(async move {
         // Before the banner: a SIGTERM right after it must find the handler.
         let shutdown = crate::shutdown::signal();
+        args.metrics.start().await?;
         let store = args.cluster.store()?;
         let keys = args.cluster.keys()?;
         let shared = Arc::new(Shared::default());

@@ -14,6 +14,7 @@ use myriad_store::lease::Registration;
 use myriad_store::schema::{self, NodeRecord, Role};
 
 use crate::membership::{ClusterArgs, hostname, parse_bytes};
+use crate::metrics_http::MetricsArgs;
 
 /// Sizes of the cache's tiers, shared by `kvcache` and `up`.
 #[derive(clap::Args, Clone)]
@@ -63,6 +64,9 @@ pub struct Args {
     /// registered instance.
     #[command(flatten)]
     cluster: ClusterArgs,
+
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -73,6 +77,7 @@ pub fn run(args: Args) -> Result<()> {
         let shutdown = crate::shutdown::signal();
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let bound = listener.local_addr().context("read the bound address")?;
+        args.metrics.start().await?;
         let stats = service.stats();
         // Tests and scripts read this line to find an ephemeral port.
         println!("kvcache listening on {bound} ({} snapshots, {} bytes on disk)", stats.snapshots, stats.disk_bytes);

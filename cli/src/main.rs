@@ -12,6 +12,7 @@ mod ctl;
 mod generate;
 mod kvcache;
 mod membership;
+mod metrics_http;
 mod plan;
 mod serve;
 mod shutdown;

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::membership::{ClusterArgs, hostname, parse_bytes, require_one};
+use crate::metrics_http::MetricsArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -56,6 +57,9 @@ pub struct Args {
 
     #[command(flatten)]
     cluster: ClusterArgs,
+
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -66,6 +70,7 @@ pub fn run(args: Args) -> Result<()> {
         let shutdown = crate::shutdown::signal();
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let bound = listener.local_addr().context("read the bound address")?.to_string();
+        args.metrics.start().await?;
         let worker = match &args.experts {
             Some(spec) => {
                 let backend = CpuBackend::load(&args.model, spec)

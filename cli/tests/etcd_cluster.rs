@@ -17,16 +17,42 @@ use common::{Proc, health, leader, until};
 
 const TTL: &str = "2s";
 
+/// Where node `id` serves its metrics: a port of its own.
+fn metrics_addr(id: &str) -> String {
+    use std::sync::{LazyLock, Mutex};
+    static PORTS: LazyLock<Mutex<Vec<(String, u16)>>> = LazyLock::new(|| Mutex::new(Vec::new()));
+    let mut ports = PORTS.lock().unwrap();
+    let port = match ports.iter().find(|(i, _)| i == id) {
+        Some(&(_, p)) => p,
+        None => {
+            let p = common::free_port();
+            ports.push((id.to_string(), p));
+            p
+        }
+    };
+    format!("127.0.0.1:{port}")
+}
+
 fn coordinator(etcd: &str, id: &str) -> Proc {
     let args = ["coordinator", "--etcd", etcd, "--cluster", "t", "--node-id", id, "--lease-ttl", TTL];
     let admin = ["--admin-listen", "127.0.0.1:0", "--admin-token", "secret", "--load-interval", "300ms"];
-    Proc::start(&[&args[..], &["--replicas", "2", "--min-workers", "3", "--settle", "300ms"], &admin[..]].concat())
+    let metrics = ["--metrics-listen", &metrics_addr(id)];
+    Proc::start(
+        &[&args[..], &["--replicas", "2", "--min-workers", "3", "--settle", "300ms"], &admin[..], &metrics].concat(),
+    )
 }
 
 /// A worker on machine `host(id)`, which `ctl status` reports.
 fn worker(etcd: &str, id: &str) -> Proc {
     let args = ["worker", "--etcd", etcd, "--cluster", "t", "--node-id", id, "--lease-ttl", TTL];
-    Proc::start(&[&args[..], &["--listen", "127.0.0.1:0", "--node", host(id)]].concat())
+    let metrics = ["--metrics-listen", &metrics_addr(id)];
+    Proc::start(&[&args[..], &["--listen", "127.0.0.1:0", "--node", host(id)], &metrics].concat())
+}
+
+/// A sample's value from node `id`'s /metrics (`None`: not there).
+async fn metric(id: &str, sample: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{}/metrics", metrics_addr(id))).await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
 }
 
 fn host(worker: &str) -> &'static str {
@@ -167,6 +193,14 @@ async fn failures_of_workers_coordinators_and_etcd_cost_no_request() {
     })
     .await;
     let balance = top["balancedness"].as_f64().unwrap();
+    // Workers and the leader serve their own metrics.
+    assert!(metric("w1", "myriad_worker_batches_total{result=\"ok\"}").await.unwrap() > 0.0);
+    assert!(metric("w1", "myriad_worker_pairs_total").await.unwrap() > 0.0);
+    assert_eq!(metric("w1", "myriad_worker_ready").await, Some(1.0));
+    assert_eq!(metric(other, "myriad_coordinator_leading").await, Some(1.0));
+    assert!(metric(other, "myriad_coordinator_rollouts_total{outcome=\"current\"}").await.unwrap() >= 1.0);
+    let version = metric(other, "myriad_coordinator_placement_version").await.unwrap();
+    assert_eq!(metric("w1", "myriad_worker_placement_version").await, Some(version));
     assert!(balance > 0.0 && balance <= 1.0, "{top}");
     let dry = ctl_json(&e, &["rebalance", "--dry-run"]);
     assert_eq!(dry["started"], false, "{dry}");

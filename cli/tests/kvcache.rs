@@ -171,9 +171,13 @@ async fn conversations_spread_over_instances_and_survive_one_of_them() {
         Proc::start(&all)
     };
     let listen = ["--listen", "127.0.0.1:0"];
+    let metrics: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", common::free_port())).collect();
     let mut instances: Vec<Proc> = ["kv-1", "kv-2", "kv-3"]
         .iter()
-        .map(|id| start(member("kvcache", id), &[&listen[..], &["--memory", "64MiB"]].concat()))
+        .zip(&metrics)
+        .map(|(id, m)| {
+            start(member("kvcache", id), &[&listen[..], &["--memory", "64MiB", "--metrics-listen", m]].concat())
+        })
         .collect();
     let addrs: Vec<String> = instances.iter().map(|p| p.word(3)).collect();
     let _coordinator = start(member("coordinator", "c1"), &["--admin-listen", "127.0.0.1:0", "--settle", "200ms"]);
@@ -197,6 +201,14 @@ async fn conversations_spread_over_instances_and_survive_one_of_them() {
         // after the turn, each to two instances.
         wait_for_saves(&b, 6 * (n as u64 + 1)).await;
         replies.push(myriad_model::generate(&model, turn1, 8, &Sampling::greedy(), true).unwrap().generated);
+    }
+    // Each instance serves its own metrics: the bytes it holds.
+    for (m, addr) in metrics.iter().zip(&addrs) {
+        let text = reqwest::get(format!("http://{m}/metrics")).await.unwrap().text().await.unwrap();
+        let bytes = text
+            .lines()
+            .find_map(|l| l.strip_prefix("myriad_kvcache_bytes{tier=\"memory\"}")?.trim().parse::<u64>().ok());
+        assert_eq!(bytes, kvcache_stats(addr)["memory"]["bytes"].as_u64(), "{text}");
     }
     // Two copies of each of the eighteen states, on more than one instance.
     let held: Vec<u64> = addrs.iter().map(|a| kvcache_stats(a)["snapshots"].as_u64().unwrap()).collect();

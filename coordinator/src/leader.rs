@@ -13,7 +13,7 @@ use myriad_store::schema::{
 use myriad_store::{Store, StoreError};
 use tokio::sync::watch;
 
-use crate::{CoordinatorConfig, Shared, load, placement};
+use crate::{CoordinatorConfig, Shared, load, metrics, placement};
 
 /// The live workers of this model, by id.
 pub(crate) fn live_workers(snapshot: &Snapshot, model_id: &str) -> Vec<NodeRecord> {
@@ -83,7 +83,10 @@ pub(crate) fn plan(
         None => placement::eplb(&problem, load),
     };
     let plan = match planned {
-        Ok(plan) => plan,
+        Ok(plan) => {
+            metrics::BALANCEDNESS.set(plan.balancedness(load));
+            plan
+        }
         Err(e) => {
             tracing::error!(workers = workers.len(), error = %e, "cannot place the experts on the live workers");
             return None;
@@ -182,7 +185,17 @@ pub(crate) async fn lead(
                 log_decision(&next, view.current(), &live, forced.is_some());
                 let proposed = next.version;
                 shared.lock().rollout = Some((proposed, std::time::Instant::now()));
+                let timer = metrics::ROLLOUT_SECONDS.start_timer();
                 let outcome = roll_out(store, keys, config, next, &mut worker_changes).await;
+                match &outcome {
+                    Ok(Ok(version)) => {
+                        timer.observe_duration();
+                        metrics::ROLLOUTS.with_label_values(&["current"]).inc();
+                        metrics::PLACEMENT_VERSION.set(version.0 as i64);
+                    }
+                    Ok(Err(_)) => metrics::ROLLOUTS.with_label_values(&["abandoned"]).inc(),
+                    Err(_) => {}
+                }
                 let current = {
                     let mut state = shared.lock();
                     state.rollout = None;

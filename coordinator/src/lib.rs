@@ -39,6 +39,7 @@ pub mod admin;
 pub mod health;
 mod leader;
 mod load;
+pub mod metrics;
 pub mod placement;
 
 /// What the leader's loop shares with the admin API.
@@ -140,16 +141,19 @@ pub async fn run(
         };
         tracing::info!(id = %config.id, "leading the cluster");
         shared.lock().leading = true;
+        metrics::LEADING.set(1);
         let result = tokio::select! {
             r = leader::lead(&store, &keys, &config, &shared) => r,
             _ = leadership.lost() => Ok(()),
             _ = &mut shutdown => {
                 shared.lock().leading = false;
+                metrics::LEADING.set(0);
                 leadership.resign().await;
                 return;
             }
         };
         shared.lock().leading = false;
+        metrics::LEADING.set(0);
         if let Err(e) = result {
             tracing::warn!(error = %e, "leading failed; campaigning again");
         }

@@ -116,7 +116,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(name):
     docs = render(VALUE_SETS[name])
     assert len(docs) >= 10
     for doc in docs:
-        if doc["kind"] == "ServiceMonitor":
+        if doc["kind"] in ("ServiceMonitor", "PodMonitor"):
             # A CRD: not in the Kubernetes schemas; checked in its own test.
             continue
         for version in KUBE_VERSIONS:
@@ -322,6 +322,14 @@ def test_ingress_tls_autoscaling_and_service_monitor():
     monitor = find(docs, "ServiceMonitor", "prod-myriad-router")
     assert monitor["spec"]["endpoints"][0]["port"] == "http" and monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     assert monitor["spec"]["selector"]["matchLabels"] == find(docs, "Service", "prod-myriad-router")["spec"]["selector"]
+    # The other roles serve /metrics on a port of their own, scraped per pod.
+    pods = find(docs, "PodMonitor", "prod-myriad")["spec"]
+    assert pods["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert pods["selector"]["matchExpressions"][0]["values"] == ["worker", "coordinator", "kvcache"]
+    for kind, role in [("StatefulSet", "worker"), ("Deployment", "coordinator"), ("StatefulSet", "kvcache")]:
+        c = find(docs, kind, f"prod-myriad-{role}")["spec"]["template"]["spec"]["containers"][0]
+        assert "--metrics-listen=0.0.0.0:9400" in c["args"], role
+        assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in c["ports"], role
     assert "https://myriad.example.com/v1" in notes(EVERYTHING)
 
 
@@ -359,10 +367,11 @@ def test_network_policies_let_each_role_reach_only_what_it_needs():
     def ingress(role):
         return [(r["ports"][0]["port"], peers(r)) for r in policy[role]["ingress"]]
 
-    assert ingress("worker") == [("experts", {"router", "coordinator"})]
+    # Prometheus scrapes the other roles on their metrics port.
+    assert ingress("worker") == [("experts", {"router", "coordinator"}), ("metrics", None)]
     assert ingress("router") == [("http", None)]
-    assert ingress("coordinator") == [("admin", {"coordinator", "admin-client"})]
-    assert ingress("kvcache") == [("kvcache", {"router", "coordinator", "admin-client"})]
+    assert ingress("coordinator") == [("admin", {"coordinator", "admin-client"}), ("metrics", None)]
+    assert ingress("kvcache") == [("kvcache", {"router", "coordinator", "admin-client"}), ("metrics", None)]
     assert ingress("etcd")[0] == ("client", {"coordinator", "worker", "router", "kvcache", "admin-client"})
     assert ingress("etcd")[1] == ("peer", {"etcd"})
 
@@ -402,6 +411,9 @@ def test_a_limited_router_api_still_lets_this_release_and_prometheus_in():
     allowed = find(docs, "NetworkPolicy", "prod-myriad-router")["spec"]["ingress"][0]["from"]
     release = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "myriad", "app.kubernetes.io/instance": "prod"}}}
     assert allowed == only + [release] + scrapers
+    for role in ("worker", "coordinator", "kvcache"):
+        rules = find(docs, "NetworkPolicy", f"prod-myriad-{role}")["spec"]["ingress"]
+        assert {"ports": [{"port": "metrics", "protocol": "TCP"}], "from": scrapers} in rules, role
 
 
 def test_containers_run_unprivileged():

@@ -17,6 +17,7 @@
 pub mod backend;
 pub mod error;
 pub mod membership;
+pub mod metrics;
 pub mod service;
 pub mod worker;
 

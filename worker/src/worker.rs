@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::backend::{ExpertBackend, Hosted};
 use crate::error::WorkerError;
+use crate::metrics;
 
 /// A backend and the placement version it was loaded for (`None`: a static
 /// `--experts` worker outside any placement).
@@ -49,6 +50,7 @@ impl Worker {
     }
 
     pub fn set_ready(&self, ready: bool) {
+        metrics::READY.set(i64::from(ready));
         self.ready.send_if_modified(|r| std::mem::replace(r, ready) != ready);
     }
 
@@ -62,6 +64,7 @@ impl Worker {
         let mut installed = self.installed.write().unwrap_or_else(|p| p.into_inner());
         installed.push(Installed { version, backend });
         installed.sort_by_key(|i| i.version);
+        metrics::PLACEMENT_VERSION.set(installed.last().and_then(|i| i.version).unwrap_or(0) as i64);
     }
 
     /// Releases the backends of versions `keep` rejects.
@@ -109,13 +112,17 @@ impl Worker {
             }));
         };
         let (width, pairs) = (batch.width, batch.pairs());
+        let timer = metrics::BATCH_SECONDS.start_timer();
         let (batch, data) = tokio::task::spawn_blocking(move || {
             let data = backend.run(&batch);
             (batch, data)
         })
         .await
         .map_err(|e| WorkerError::Internal(e.to_string()))?;
+        timer.observe_duration();
+        metrics::BATCHES.with_label_values(&[if data.is_ok() { "ok" } else { "error" }]).inc();
         let data = data?;
+        metrics::PAIRS.inc_by(pairs as u64);
         if let Ok(mut load) = self.load.lock() {
             for (e, _) in batch.routes.iter().flatten() {
                 *load.entry((batch.layer, *e)).or_default() += 1;

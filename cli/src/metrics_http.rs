@@ -1,0 +1,48 @@
+//! `--metrics-listen`: Prometheus' default registry as text on `GET
+//! /metrics`, for the roles whose own port speaks gRPC (worker,
+//! coordinator, KV-cache).
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+#[derive(clap::Args)]
+pub struct MetricsArgs {
+    /// Where to serve Prometheus metrics on `/metrics` (e.g. `0.0.0.0:9400`);
+    /// none: not served.
+    #[arg(long, env = "MYRIAD_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+}
+
+impl MetricsArgs {
+    /// Starts the endpoint, when one is asked for.
+    pub async fn start(&self) -> Result<()> {
+        if let Some(addr) = &self.metrics_listen {
+            serve(addr).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts serving on `addr`; returns the bound address.
+async fn serve(addr: &str) -> Result<String> {
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("listen for metrics on {addr}"))?;
+    let bound = listener.local_addr().context("read the metrics address")?.to_string();
+    let app = Router::new().route("/metrics", get(|| async { render() }));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics endpoint stopped");
+        }
+    });
+    tracing::info!(addr = %bound, "metrics on /metrics");
+    Ok(bound)
+}
+
+fn render() -> String {
+    let mut out = String::new();
+    if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&prometheus::gather(), &mut out) {
+        out = format!("# encoding metrics failed: {e}\n");
+    }
+    out
+}
