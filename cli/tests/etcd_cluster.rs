@@ -201,6 +201,9 @@ async fn failures_of_workers_coordinators_and_etcd_cost_no_request() {
     assert!(metric(other, "myriad_coordinator_rollouts_total{outcome=\"current\"}").await.unwrap() >= 1.0);
     let version = metric(other, "myriad_coordinator_placement_version").await.unwrap();
     assert_eq!(metric("w1", "myriad_worker_placement_version").await, Some(version));
+    let router_metrics =
+        reqwest::get(format!("{}/metrics", base.trim_end_matches("/v1"))).await.unwrap().text().await.unwrap();
+    assert!(router_metrics.lines().any(|l| l == "myriad_router_serving 1"), "{router_metrics}");
     assert!(balance > 0.0 && balance <= 1.0, "{top}");
     let dry = ctl_json(&e, &["rebalance", "--dry-run"]);
     assert_eq!(dry["started"], false, "{dry}");

@@ -87,7 +87,10 @@ async fn follow(
 
 fn dispatch_health(experts: &RemoteExperts) -> DispatchHealth {
     let pool = experts.pool();
-    DispatchHealth { ready: pool.serving(), down: pool.down() }
+    let health = DispatchHealth { ready: pool.serving(), down: pool.down() };
+    crate::metrics::SERVING.set(i64::from(health.ready));
+    crate::metrics::WORKERS_DOWN.set(health.down.len() as i64);
+    health
 }
 
 async fn switch(

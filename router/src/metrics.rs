@@ -107,6 +107,15 @@ pub static KVCACHE_SAVES: LazyLock<IntCounterVec> =
 pub static KVCACHE_BYTES: LazyLock<IntCounterVec> =
     LazyLock::new(|| counter_vec("myriad_router_kvcache_bytes_total", "state bytes moved", &["direction"]));
 
+/// 1 while every routed expert has a live copy in the pool dispatched with
+/// (routers in a cluster).
+pub static SERVING: LazyLock<IntGauge> =
+    LazyLock::new(|| register(IntGauge::new("myriad_router_serving", "1 while every routed expert has a live copy")));
+
+/// Workers of that pool marked down after a failed call.
+pub static WORKERS_DOWN: LazyLock<IntGauge> =
+    LazyLock::new(|| register(IntGauge::new("myriad_router_workers_down", "workers marked down")));
+
 /// The registry in Prometheus' text format, followed by Prometheus' default
 /// registry: components embedded in this process (the KV-cache in `myriad
 /// up`) register there.

@@ -1,13 +1,23 @@
 //! Keys that live as long as their owner: node registrations and the
 //! coordinator election.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::{Event, LeaseId, Store, StoreError};
+
+/// Refreshes of a registration's lease that failed (the store away or slow),
+/// in Prometheus' default registry.
+static RENEWAL_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
+    let c = IntCounter::new("myriad_lease_renewal_failures_total", "failed refreshes of a registration's lease")
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+    let _ = prometheus::register(Box::new(c.clone()));
+    c
+});
 
 /// Pause between attempts when the store is unreachable.
 const RETRY: Duration = Duration::from_millis(250);
@@ -98,10 +108,14 @@ async fn keep(
                 failing = false;
             }
             Err(e) if !failing => {
+                RENEWAL_FAILURES.inc();
                 failing = true;
                 tracing::warn!(key, error = %e, "cannot refresh the registration; retrying quietly");
             }
-            Err(e) => tracing::debug!(key, error = %e, "cannot refresh the registration"),
+            Err(e) => {
+                RENEWAL_FAILURES.inc();
+                tracing::debug!(key, error = %e, "cannot refresh the registration");
+            }
         }
     }
 }

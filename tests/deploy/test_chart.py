@@ -8,6 +8,7 @@ no `helm` binary and no cluster are needed.
 """
 
 import copy
+import json
 import pathlib
 import re
 import subprocess
@@ -116,7 +117,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(name):
     docs = render(VALUE_SETS[name])
     assert len(docs) >= 10
     for doc in docs:
-        if doc["kind"] in ("ServiceMonitor", "PodMonitor"):
+        if doc["kind"] in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
             # A CRD: not in the Kubernetes schemas; checked in its own test.
             continue
         for version in KUBE_VERSIONS:
@@ -331,6 +332,36 @@ def test_ingress_tls_autoscaling_and_service_monitor():
         assert "--metrics-listen=0.0.0.0:9400" in c["args"], role
         assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in c["ports"], role
     assert "https://myriad.example.com/v1" in notes(EVERYTHING)
+
+
+def metric_names_in_the_code():
+    """Every metric name a Rust source of the project defines."""
+    names = set()
+    for path in (ROOT).glob("*/src/**/*.rs"):
+        names.update(re.findall(r'"(myriad_[a-z_]+)"', path.read_text()))
+    return names
+
+
+def used_metrics(expr):
+    """Metric names in a PromQL expression (histogram series by family)."""
+    return {re.sub(r"_(bucket|sum|count)$", "", m) for m in re.findall(r"\b(myriad_[a-z_]+)", expr)}
+
+
+def test_alerts_and_dashboard_use_metrics_that_exist():
+    defined = metric_names_in_the_code()
+    docs = render(EVERYTHING)
+    rules = find(docs, "PrometheusRule", "prod-myriad")["spec"]["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} >= {"MyriadNoReadyRouter", "MyriadExpertWithoutLiveCopy", "MyriadRolloutStuck",
+                                          "MyriadKvcacheCorruptReads", "MyriadLeaseRenewalFailures", "MyriadQueueNearlyFull"}
+    for rule in rules:
+        assert used_metrics(rule["expr"]) <= defined, rule
+        assert 'namespace="ml"' in rule["expr"], rule
+    assert "> 204" in next(r["expr"] for r in rules if r["alert"] == "MyriadQueueNearlyFull"), "80% of maxQueue"
+    dashboard = json.loads(find(docs, "ConfigMap", "prod-myriad-dashboard")["data"]["myriad.json"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 12
+    for expr in exprs:
+        assert used_metrics(expr) <= defined, expr
 
 
 def test_gpu_workers_ask_for_gpus_on_gpu_nodes():
