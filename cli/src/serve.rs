@@ -217,11 +217,16 @@ pub(crate) fn serve(
         *args.expert_timeout,
         *args.expert_wait,
     );
+    // A router in a cluster store leaves it after its last request: a record
+    // left to expire would hold up the release of old placement versions
+    // (and so the drain of workers) for a lease TTL.
+    let mut registered = None;
     runtime.block_on(async {
         match placement {
             Placement::Local(cluster) => cluster.attach_router("router-0", &experts, cfg).await,
             Placement::Store(cluster) => {
                 let (store, keys, id) = (cluster.store()?, cluster.keys()?, cluster.node_id(Role::Router)?);
+                registered = Some((store.clone(), keys.node(Role::Router, &id)));
                 join_router(store, keys, id, *cluster.lease_ttl, &experts, cfg, &model.fingerprint).await
             }
             Placement::Static(targets) => {
@@ -317,6 +322,12 @@ pub(crate) fn serve(
         drop(out);
         let served = http::serve(listener, state, shutdown).await.context("serve HTTP");
         drop(recorded);
+        if let Some((store, key)) = registered {
+            match tokio::time::timeout(std::time::Duration::from_secs(2), store.delete(&key)).await {
+                Ok(Ok(_)) => tracing::info!("left the cluster"),
+                _ => tracing::warn!("could not unregister; the record expires with its lease"),
+            }
+        }
         served
     })
 }

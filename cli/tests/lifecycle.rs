@@ -95,4 +95,17 @@ async fn nodes_wait_for_etcd_and_a_sigtermed_worker_hands_over_at_once() {
     eprintln!("SIGTERM of a worker -> it exited: {:?} ({status})", sent.elapsed());
     assert!(status.success(), "the worker did not stop cleanly: {status}");
     assert_eq!(common::complete(&base, PROMPT).await.unwrap(), expected, "after w1 left");
+
+    // A SIGTERMed router leaves the cluster too, not a lease TTL later.
+    router.signal("TERM");
+    let stopped = Instant::now();
+    assert!(router.wait(Duration::from_secs(20)).success());
+    let store = etcd.store();
+    let key = keys.node(myriad_store::schema::Role::Router, &"r1".parse().unwrap());
+    until("the router's record gone", Duration::from_secs(5), async || {
+        use myriad_store::Store;
+        store.get(&key).await.ok().filter(Option::is_none).map(|_| ())
+    })
+    .await;
+    eprintln!("SIGTERM of a router -> its record gone: {:?} (lease TTL {TTL})", stopped.elapsed());
 }
