@@ -224,17 +224,7 @@ pub fn run(args: Args) -> Result<()> {
     );
     if args.workers_per_node > 1 {
         let nodes = args.workers.div_ceil(args.workers_per_node);
-        // Experts on fewer nodes than their copies could be on.
-        let crowded = plan
-            .holders
-            .iter()
-            .flatten()
-            .filter(|h| {
-                let mut on: Vec<usize> = h.iter().map(|w| w / args.workers_per_node).collect();
-                on.dedup();
-                on.len() < h.len().min(nodes)
-            })
-            .count();
+        let crowded = plan.crowded_experts(&problem);
         println!("nodes: {nodes}; experts with two copies on one node that could be on two: {crowded}");
     }
     println!("the plan fits");

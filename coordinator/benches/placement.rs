@@ -168,29 +168,15 @@ fn spread(rng: &mut Rng) {
             let load = trace(layers, experts, skew, rng);
             let flat = problem(layers, experts, workers, workers);
             let labelled = Problem { nodes: (0..workers).map(|w| w / 8).collect(), ..flat.clone() };
-            // Experts on fewer machines than they could be (copies beyond
-            // the number of machines must share).
-            let crowded = |plan: &Plan| {
-                plan.holders
-                    .iter()
-                    .flatten()
-                    .filter(|h| {
-                        let mut machines: Vec<usize> = h.iter().map(|w| w / 8).collect();
-                        machines.sort_unstable();
-                        machines.dedup();
-                        machines.len() < h.len().min(workers / 8)
-                    })
-                    .count()
-            };
             let (a, b) = (eplb(&flat, &load).expect("eplb"), eplb(&labelled, &load).expect("eplb"));
             let c = eplb(&Problem { hierarchical: true, ..labelled.clone() }, &load).expect("eplb");
             println!(
                 "| {experts} | {workers} | {} | {skew} | {:.3} | {} | {:.3} | {} | {:.4} | {:.3} | {:.4} |",
                 workers / 8,
                 a.balancedness(&load),
-                crowded(&a),
+                a.crowded_experts(&labelled),
                 b.balancedness(&load),
-                crowded(&b),
+                b.crowded_experts(&labelled),
                 machine_balance(&b, &load, 8),
                 c.balancedness(&load),
                 machine_balance(&c, &load, 8)

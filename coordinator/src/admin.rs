@@ -235,14 +235,15 @@ impl Admin for AdminService {
             view.current().map_or_else(|| Plan { workers: live.len(), holders: Vec::new() }, |c| plan_over(c, &live));
         let after = plan_over(&next, &live);
         let loads = after.moved(&before);
+        let (held, will_hold) = (before.copies(), after.copies());
         let bytes = |copies: usize| copies as u64 * self.config.expert_bytes;
         let workers = live
             .iter()
             .enumerate()
             .map(|(i, w)| pb::WorkerMove {
                 node: w.id.to_string(),
-                copies_before: before.copies()[i],
-                copies_after: after.copies()[i],
+                copies_before: held[i],
+                copies_after: will_hold[i],
                 loads: loads[i] as u64,
                 bytes: bytes(loads[i]),
             })

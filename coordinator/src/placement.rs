@@ -211,6 +211,20 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// Copies sharing a zone or node with another copy of their expert,
+    /// beyond what too few domains force, summed over levels.
+    fn crowding(&self, domains: &Domains) -> usize {
+        self.holders.iter().flatten().flat_map(|h| domains.crowding(h)).sum()
+    }
+
+    /// Experts whose copies share a zone or node that they need not share.
+    pub fn crowded_experts(&self, p: &Problem) -> usize {
+        let domains = Domains::of(p);
+        self.holders.iter().flatten().filter(|h| domains.crowding(h).iter().any(|&c| c > 0)).count()
+    }
+}
+
 /// One layer's mean worker load over its largest; `None` for a layer
 /// without load.
 fn layer_balance(layer: &[Vec<usize>], load: &Load, l: usize, workers: usize) -> Option<f64> {
@@ -384,9 +398,8 @@ pub fn eplb(p: &Problem, load: &Load) -> Result<Plan, PlanError> {
     let others = [pack(&plain, load), round_robin(&plain)];
     // Spread over zones and nodes comes first, then balance.
     let domains = Domains::of(p);
-    let crowding = |plan: &Plan| -> usize { plan.holders.iter().flatten().flat_map(|h| domains.crowding(h)).sum() };
     for candidate in others.into_iter().flatten() {
-        let (ours, theirs) = (crowding(&candidate), crowding(&best));
+        let (ours, theirs) = (candidate.crowding(&domains), best.crowding(&domains));
         if ours < theirs || (ours == theirs && candidate.balancedness(load) > best.balancedness(load) + 1e-12) {
             best = candidate;
         }
@@ -639,8 +652,7 @@ mod tests {
             let plan = eplb(&p, &load).unwrap();
             if let Ok(baseline) = baseline {
                 let domains = Domains::of(&p);
-                let crowding = |plan: &Plan| -> usize { plan.holders.iter().flatten().flat_map(|h| domains.crowding(h)).sum() };
-                let (ours, theirs) = (crowding(&plan), crowding(&baseline));
+                let (ours, theirs) = (plan.crowding(&domains), baseline.crowding(&domains));
                 prop_assert!(ours <= theirs, "eplb crowds {ours} copies, round robin {theirs}");
                 if ours == theirs {
                     let (ours, theirs) = (plan.balancedness(&load), baseline.balancedness(&load));

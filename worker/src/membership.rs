@@ -32,10 +32,16 @@ pub struct Membership {
 /// Registers the worker (failing if the store is unreachable) and returns
 /// the loop that applies placements; it runs until dropped.
 pub async fn join(m: Membership, worker: Arc<Worker>) -> Result<impl Future<Output = ()>, StoreError> {
+    let (mirror, registration) = register(&m).await?;
+    Ok(apply_placements(m, worker, mirror, registration, None))
+}
+
+/// Follows the placements and writes the worker's record under a lease.
+async fn register(m: &Membership) -> Result<(Mirror, Registration), StoreError> {
     let mirror = Mirror::follow(m.store.clone(), m.keys.placements()).await?;
     let key = m.keys.node(m.record.role, &m.record.id);
     let registration = Registration::start(m.store.clone(), key, schema::encode(&m.record), m.lease_ttl).await?;
-    Ok(apply_placements(m, worker, mirror, registration, None))
+    Ok((mirror, registration))
 }
 
 /// A worker's whole membership: registers once the store answers (the
@@ -44,15 +50,7 @@ pub async fn join(m: Membership, worker: Arc<Worker>) -> Result<impl Future<Outp
 /// once instead of after the lease TTL) and returns once no placement
 /// version names it any more: from then on no router sends it work.
 pub async fn run(m: Membership, worker: Arc<Worker>, leave: watch::Receiver<bool>) {
-    let joined = myriad_store::retry::until_joined("register the worker", || {
-        let (m, store) = (m.clone(), m.store.clone());
-        async move {
-            let mirror = Mirror::follow(store.clone(), m.keys.placements()).await?;
-            let key = m.keys.node(m.record.role, &m.record.id);
-            let registration = Registration::start(store, key, schema::encode(&m.record), m.lease_ttl).await?;
-            Ok((mirror, registration))
-        }
-    });
+    let joined = myriad_store::retry::until_joined("register the worker", || register(&m));
     let mut stop = leave.clone();
     let (mirror, registration) = tokio::select! {
         joined = joined => joined,

@@ -64,6 +64,7 @@ impl Machines {
         let machines = self.members.len();
         let sum = |of: &[usize], m: &[usize]| m.iter().map(|&w| of[w]).sum::<usize>();
         let room: Vec<usize> = self.members.iter().map(|m| sum(quota, m)).collect();
+        let machine_held: Vec<usize> = self.members.iter().map(|m| sum(held, m)).collect();
         let weight = |e: usize| tokens[e] / count[e] as f64;
         // Machines as bins, heaviest copy first onto the least loaded one
         // with room, an expert's copies spread evenly over machines (as
@@ -79,10 +80,7 @@ impl Machines {
             let holders: Vec<usize> = (0..machines).filter(|&m| on[e][m] > 0).collect();
             let even = open.into_iter().filter(|&m| on[e][m] == fewest).collect();
             let m = self.zones.widest(&holders, even).into_iter().min_by(|&a, &b| {
-                load[a]
-                    .total_cmp(&load[b])
-                    .then(sum(held, &self.members[a]).cmp(&sum(held, &self.members[b])))
-                    .then(a.cmp(&b))
+                load[a].total_cmp(&load[b]).then(machine_held[a].cmp(&machine_held[b])).then(a.cmp(&b))
             })?;
             on[e][m] += 1;
             taken[m] += 1;
