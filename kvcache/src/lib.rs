@@ -9,7 +9,8 @@
 //! # Layout
 //!
 //! - [`key`]: content addresses (a SHA-256 chain over model, block size and
-//!   tokens).
+//!   tokens), from `myriad_proto::kvkey`: routers place conversations by
+//!   them too.
 //! - [`objects`]: immutable objects in a memory tier over a disk tier, LRU,
 //!   checksummed.
 //! - [`cache`]: states as blocks plus snapshots, and the longest-prefix
@@ -18,10 +19,10 @@
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod cache;
-pub mod key;
 pub mod metrics;
 pub mod objects;
 pub mod service;
 
 pub use cache::Cache;
+pub use myriad_proto::kvkey as key;
 pub use service::{KvCacheService, serve};

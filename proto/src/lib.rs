@@ -17,6 +17,7 @@
 
 pub mod error;
 pub mod expert;
+pub mod kvkey;
 pub mod spec;
 pub mod tensor;
 

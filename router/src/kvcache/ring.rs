@@ -1,5 +1,5 @@
 //! Which KV-cache instance holds a conversation: consistent hashing of the
-//! key of the conversation's first block (`myriad_kvcache::key::chain`)
+//! key of the conversation's first block (`myriad_proto::kvkey::chain`)
 //! onto a ring where every instance sits at [`POINTS`] places. All of a
 //! conversation's blocks and snapshots share that key, so they live
 //! together and a lookup asks one instance; conversations that share a
@@ -7,8 +7,8 @@
 //! common prefix. When an instance joins or leaves, only the keys on its
 //! arcs move: theirs are recomputed once, the others stay where they are.
 
-use myriad_kvcache::key::{self, Key};
 use myriad_proto::kvcache::kv_cache_client::KvCacheClient;
+use myriad_proto::kvkey::{self as key, Key};
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 

@@ -1,4 +1,6 @@
-//! Content addresses. A block's key is a SHA-256 chain over the model, the
+//! KV-cache content addresses, shared by the service (which files state
+//! under them) and routers (which place conversations by them). A block's
+//! key is a SHA-256 chain over the model, the
 //! block size and the tokens: `h_0 = H(model, B)`, `h_{i+1} = H(h_i, tokens of
 //! block i)`, so a key names the whole prefix up to the end of its block and
 //! two conversations share a block exactly when they share those tokens. A
