@@ -99,7 +99,10 @@ pub fn forward(
     };
     let sinks = w.sinks.data();
     let scale = (hd as f32).powf(-0.5);
-    let group = heads.min(HEAD_GROUP);
+    // Fewer tokens than threads (decode): each token's heads split over
+    // the threads instead of one thread taking them all.
+    let threads = rayon::current_num_threads();
+    let group = if rows < threads { heads.div_ceil(threads.div_ceil(rows)) } else { heads }.min(HEAD_GROUP);
     let groups = heads.div_ceil(group);
     let mut out = vec![0.0; rows * heads * hd];
     let task = |(i, o): (usize, &mut [f32])| {

@@ -154,8 +154,9 @@ struct Task {
 /// [`ROWS_PER_TASK`] inputs × 64 weight rows, small enough that a tile's
 /// inputs and weights stay in cache. A few rows (decode) stream the weights
 /// once: the group's weight bytes are split into a few tasks per thread
-/// only, as each task costs a hand-off between threads, in whole runs of 16
-/// weight rows.
+/// only, as each task costs a hand-off between threads, in whole runs of 4
+/// weight rows (the register tile's width): coarser runs split a small
+/// projection, such as mHC's 24 rows, unevenly between the threads.
 fn split(projections: &[Projection<'_>]) -> Vec<Task> {
     let few = |p: &Projection<'_>| p.rows <= ROWS_PER_TASK / 4;
     let streamed: usize = projections.iter().filter(|p| few(p)).map(|p| p.n * p.w.row_bytes(p.k)).sum();
@@ -165,7 +166,7 @@ fn split(projections: &[Projection<'_>]) -> Vec<Task> {
         if p.rows == 0 || p.n == 0 {
             continue;
         }
-        let cols = if few(p) { task_bytes.div_ceil(p.w.row_bytes(p.k).max(1)).next_multiple_of(16) } else { 64 };
+        let cols = if few(p) { task_bytes.div_ceil(p.w.row_bytes(p.k).max(1)).next_multiple_of(4) } else { 64 };
         for r0 in (0..p.rows).step_by(ROWS_PER_TASK) {
             for c0 in (0..p.n).step_by(cols) {
                 tasks.push(Task { p: i, r0, r1: (r0 + ROWS_PER_TASK).min(p.rows), c0, c1: (c0 + cols).min(p.n) });
