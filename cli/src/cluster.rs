@@ -15,7 +15,8 @@ use myriad_model::ModelConfig;
 use myriad_router::RemoteExperts;
 use myriad_store::schema::{Keys, NodeRecord, Role};
 
-use crate::membership::{join_router, wait_serving};
+use crate::membership::{join_router, router_record, wait_serving};
+use myriad_router::membership::Membership;
 use myriad_store::{MemoryStore, Store};
 use myriad_worker::Worker;
 use tokio::net::TcpListener;
@@ -76,11 +77,12 @@ impl LocalCluster {
             lease_ttl: LEASE_TTL,
             rollout_timeout: FIRST_PLACEMENT,
             load_interval: LOAD_INTERVAL,
+            tls: None,
         };
         let shared = Arc::new(Shared::default());
         if let Some(Admin { listener, token }) = admin {
             let service = AdminService::new(store.clone(), keys.clone(), config.clone(), shared.clone());
-            tokio::spawn(admin::serve(listener, service, token));
+            tokio::spawn(admin::serve(listener, service, token, None));
         }
         tokio::spawn(myriad_coordinator::run(store.clone(), keys.clone(), config, shared, std::future::pending()));
         for i in 0..workers {
@@ -109,7 +111,7 @@ impl LocalCluster {
                 myriad_worker::membership::join(membership, worker.clone()).await.context("register a worker")?,
             );
             tokio::spawn(async move {
-                if let Err(e) = myriad_worker::serve(listener, worker, std::future::pending()).await {
+                if let Err(e) = myriad_worker::serve(listener, worker, None, std::future::pending()).await {
                     tracing::error!(worker = i, error = %e, "in-process worker stopped");
                 }
             });
@@ -120,8 +122,9 @@ impl LocalCluster {
     /// Joins `experts` to the cluster as router `id` and waits until it
     /// dispatches with the first placement.
     pub async fn attach_router(&self, id: &str, experts: &RemoteExperts, config: &ModelConfig) -> Result<()> {
-        let (store, keys) = (self.store.clone(), self.keys.clone());
-        join_router(store, keys, node_id(id)?, LEASE_TTL, experts, config, &self.model_id).await?;
+        let (store, keys, record) =
+            (self.store.clone(), self.keys.clone(), router_record(node_id(id)?, &self.model_id));
+        join_router(Membership { store, keys, record, lease_ttl: LEASE_TTL, tls: None }, experts, config);
         wait_serving(experts, FIRST_PLACEMENT).await
     }
 }

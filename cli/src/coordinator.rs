@@ -13,6 +13,7 @@ use myriad_store::schema::Role;
 use crate::membership::{ClusterArgs, parse_bound};
 use crate::metrics_http::MetricsArgs;
 use crate::plan::model_expert_bytes;
+use crate::tls::TlsArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -79,6 +80,9 @@ pub struct Args {
 
     #[command(flatten)]
     metrics: MetricsArgs,
+
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -101,6 +105,9 @@ pub fn run(args: Args) -> Result<()> {
         .block_on(tokio::net::TcpListener::bind(&args.admin_listen))
         .with_context(|| format!("listen on {}", args.admin_listen))?;
     let bound = listener.local_addr().context("read the bound address")?.to_string();
+    // On the runtime: TLS files are watched from a task of it.
+    let _runtime = runtime.enter();
+    let (server_tls, client_tls) = (args.tls.server()?, args.tls.client()?);
     let config = CoordinatorConfig {
         id: id.clone(),
         addr: args.admin_advertise.clone().unwrap_or_else(|| bound.clone()),
@@ -118,6 +125,7 @@ pub fn run(args: Args) -> Result<()> {
         lease_ttl: *args.cluster.lease_ttl,
         rollout_timeout: *args.rollout_timeout,
         load_interval: *args.load_interval,
+        tls: client_tls,
     };
     runtime.block_on(async move {
         // Before the banner: a SIGTERM right after it must find the handler.
@@ -127,7 +135,7 @@ pub fn run(args: Args) -> Result<()> {
         let keys = args.cluster.keys()?;
         let shared = Arc::new(Shared::default());
         let service = AdminService::new(store.clone(), keys.clone(), config.clone(), shared.clone());
-        tokio::spawn(admin::serve(listener, service, args.admin_token.clone()));
+        tokio::spawn(admin::serve(listener, service, args.admin_token.clone(), server_tls));
         println!("coordinator {id} of cluster {} campaigning; admin API on {bound}", args.cluster.cluster);
         tracing::info!(%id, replicas = args.replicas, min_workers = args.min_workers, "coordinator started");
         myriad_coordinator::run(store, keys, config, shared, shutdown).await;

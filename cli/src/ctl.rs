@@ -3,6 +3,9 @@
 //! running `myriad up`'s. Tables for people, `--json` for scripts. Every
 //! error names the address tried, how it was found, and what went wrong.
 
+use myriad_tls::ClientTls;
+
+use crate::tls::TlsArgs;
 use anyhow::{Context, Result, anyhow, bail};
 use myriad_proto::admin::admin_client::AdminClient;
 use myriad_proto::admin::{
@@ -34,6 +37,9 @@ pub struct Args {
 
     #[command(flatten)]
     cluster: ClusterArgs,
+
+    #[command(flatten)]
+    tls: TlsArgs,
 
     #[command(subcommand)]
     command: Ctl,
@@ -160,20 +166,19 @@ async fn connect(args: &Args) -> Result<(AdminClient<Channel>, Peer)> {
         },
     };
     let peer = Peer { what: "coordinator", addr, source, token_given: args.token.is_some() };
-    Ok((AdminClient::new(channel(&peer).await?), peer))
+    Ok((AdminClient::new(channel(&peer, args.tls.client()?.as_ref()).await?), peer))
 }
 
-/// A connection to `peer`'s address (`host:port` or a URL).
-async fn channel(peer: &Peer) -> Result<Channel> {
+/// A connection to `peer`'s address (`host:port` or a URL), over TLS
+/// through `tls` when set.
+async fn channel(peer: &Peer, tls: Option<&ClientTls>) -> Result<Channel> {
     let Peer { what, addr, source, .. } = peer;
     let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    tonic::transport::Endpoint::from_shared(url)
+    let endpoint = tonic::transport::Endpoint::from_shared(url)
         .with_context(|| format!("bad {what} address `{addr}` ({source})"))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(CALL_TIMEOUT)
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the {what} at {addr} ({source})"))
+        .timeout(CALL_TIMEOUT);
+    myriad_tls::connect(endpoint, tls).await.with_context(|| format!("cannot reach the {what} at {addr} ({source})"))
 }
 
 fn request<T>(args: &Args, message: T) -> Result<tonic::Request<T>> {
@@ -195,7 +200,7 @@ async fn run_async(args: Args) -> Result<()> {
         if kvcache.is_none() && args.cluster.enabled() {
             return kvcache_instances(&args).await;
         }
-        return kvcache_stats(kvcache.as_deref(), args.json).await;
+        return kvcache_stats(kvcache.as_deref(), args.json, args.tls.client()?.as_ref()).await;
     }
     let (mut client, peer) = connect(&args).await?;
     match &args.command {
@@ -427,6 +432,7 @@ async fn kvcache_instances(args: &Args) -> Result<()> {
     use myriad_proto::kvcache::kv_cache_client::KvCacheClient;
 
     let (store, keys) = (args.cluster.store()?, args.cluster.keys()?);
+    let tls = args.tls.client()?;
     let listing =
         store.list(&keys.nodes(schema::Role::Kvcache)).await.context("list the KV-cache instances in etcd")?;
     let mut rows = Vec::new();
@@ -438,7 +444,7 @@ async fn kvcache_instances(args: &Args) -> Result<()> {
             source: format!("registered as {}", record.id),
             token_given: false,
         };
-        let stats = match channel(&peer).await {
+        let stats = match channel(&peer, tls.as_ref()).await {
             Ok(channel) => KvCacheClient::new(channel).stats(StatsRequest {}).await.map_err(|s| peer.error(s)),
             Err(e) => Err(e),
         };
@@ -482,7 +488,7 @@ async fn kvcache_instances(args: &Args) -> Result<()> {
     Ok(())
 }
 
-async fn kvcache_stats(addr: Option<&str>, json: bool) -> Result<()> {
+async fn kvcache_stats(addr: Option<&str>, json: bool, tls: Option<&ClientTls>) -> Result<()> {
     use myriad_coordinator::placement::human;
     use myriad_proto::kvcache::StatsRequest;
     use myriad_proto::kvcache::kv_cache_client::KvCacheClient;
@@ -500,8 +506,11 @@ async fn kvcache_stats(addr: Option<&str>, json: bool) -> Result<()> {
         },
         (None, None) => bail!("give --kvcache ADDR: no running `myriad up` recorded a KV-cache"),
     };
-    let s =
-        KvCacheClient::new(channel(&peer).await?).stats(StatsRequest {}).await.map_err(|s| peer.error(s))?.into_inner();
+    let s = KvCacheClient::new(channel(&peer, tls).await?)
+        .stats(StatsRequest {})
+        .await
+        .map_err(|s| peer.error(s))?
+        .into_inner();
     if json {
         let out = json!({
             "memory": {"bytes": s.memory_bytes, "capacity": s.memory_capacity, "hits": s.hits_memory, "evictions": s.evictions_memory},

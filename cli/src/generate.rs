@@ -13,6 +13,7 @@ use myriad_router::dispatch::DispatchStats;
 use myriad_router::{RemoteExperts, Target, WorkerPool};
 
 use crate::cluster::LocalCluster;
+use crate::tls::TlsArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -79,6 +80,9 @@ pub struct Args {
     /// Longest wait for one expert call before trying another replica.
     #[arg(long, default_value = "30s")]
     expert_timeout: humantime::Duration,
+
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(serde::Serialize)]
@@ -134,7 +138,8 @@ pub fn run(args: Args) -> Result<()> {
                 }
                 None => {
                     let targets: Vec<Target> = args.worker_addr.iter().map(Target::addr).collect();
-                    let pool = WorkerPool::connect(&targets, cfg, &model.fingerprint)
+                    let tls = args.tls.client()?;
+                    let pool = WorkerPool::connect(&targets, cfg, &model.fingerprint, tls.as_ref())
                         .await
                         .context("connect to the expert workers")?;
                     experts.set_pool(Arc::new(pool));

@@ -15,6 +15,7 @@ use myriad_store::schema::{self, NodeRecord, Role};
 
 use crate::membership::{ClusterArgs, hostname, parse_bytes};
 use crate::metrics_http::MetricsArgs;
+use crate::tls::TlsArgs;
 
 /// Sizes of the cache's tiers, shared by `kvcache` and `up`.
 #[derive(clap::Args, Clone)]
@@ -67,6 +68,9 @@ pub struct Args {
 
     #[command(flatten)]
     metrics: MetricsArgs,
+
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -78,11 +82,12 @@ pub fn run(args: Args) -> Result<()> {
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let bound = listener.local_addr().context("read the bound address")?;
         args.metrics.start().await?;
+        let tls = args.tls.server()?;
         let stats = service.stats();
         // Tests and scripts read this line to find an ephemeral port.
         println!("kvcache listening on {bound} ({} snapshots, {} bytes on disk)", stats.snapshots, stats.disk_bytes);
         if !args.cluster.enabled() {
-            return myriad_kvcache::serve(listener, service, shutdown).await.context("serve");
+            return myriad_kvcache::serve(listener, service, tls, shutdown).await.context("serve");
         }
         // Registers once the store answers; on SIGTERM, unregisters first,
         // so routers stop sending it conversations before it goes.
@@ -100,7 +105,7 @@ pub fn run(args: Args) -> Result<()> {
                 registration.close().await;
             }
         };
-        myriad_kvcache::serve(listener, service, leave).await.context("serve")
+        myriad_kvcache::serve(listener, service, tls, leave).await.context("serve")
     })
 }
 
@@ -140,7 +145,7 @@ pub async fn start_local(cache: &CacheArgs) -> Result<String> {
     let listener = TcpListener::bind("127.0.0.1:0").await.context("listen for the KV-cache")?;
     let addr = listener.local_addr().context("read the bound address")?.to_string();
     tokio::spawn(async move {
-        if let Err(e) = myriad_kvcache::serve(listener, service, std::future::pending()).await {
+        if let Err(e) = myriad_kvcache::serve(listener, service, None, std::future::pending()).await {
             tracing::error!(error = %e, "the in-process KV-cache stopped");
         }
     });

@@ -17,6 +17,7 @@ mod plan;
 mod serve;
 mod shutdown;
 mod telemetry;
+mod tls;
 mod up;
 mod worker;
 

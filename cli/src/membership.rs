@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use myriad_model::ModelConfig;
 use myriad_router::RemoteExperts;
+use myriad_router::membership::Membership;
 use myriad_store::schema::{Keys, NodeId, NodeRecord, Role};
 use myriad_store::{EtcdStore, Store};
 
@@ -58,18 +59,9 @@ impl ClusterArgs {
     }
 }
 
-/// A router's registration and placement-following, started on the
-/// current runtime.
-pub async fn join_router(
-    store: Arc<dyn Store>,
-    keys: Keys,
-    id: NodeId,
-    lease_ttl: Duration,
-    experts: &RemoteExperts,
-    config: &ModelConfig,
-    model_id: &str,
-) -> Result<()> {
-    let record = NodeRecord {
+/// A router's record in the cluster store: serving no placement yet.
+pub fn router_record(id: NodeId, model_id: &str) -> NodeRecord {
+    NodeRecord {
         id,
         role: Role::Router,
         addr: String::new(),
@@ -79,9 +71,13 @@ pub async fn join_router(
         dispatch: None,
         host: None,
         zone: None,
-    };
-    let membership = myriad_router::membership::Membership { store, keys, record, lease_ttl };
-    // Joins once the store answers: the router serves meanwhile, not ready.
+    }
+}
+
+/// Starts a router's registration and placement-following on the current
+/// runtime: it joins once the store answers, and serves meanwhile, not
+/// ready.
+pub fn join_router(membership: Membership, experts: &RemoteExperts, config: &ModelConfig) {
     let (experts, config) = (experts.clone(), config.clone());
     tokio::spawn(async move {
         let follow = myriad_store::retry::until_joined("register the router", || {
@@ -90,7 +86,6 @@ pub async fn join_router(
         .await;
         follow.await
     });
-    Ok(())
 }
 
 /// Waits until `experts` dispatches with a complete placement.

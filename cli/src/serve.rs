@@ -1,6 +1,8 @@
 //! `myriad up` and `myriad router`: the OpenAI-compatible endpoint over
 //! expert workers (started in this process, or already running).
 
+use myriad_router::membership::Membership;
+use myriad_tls::ClientTls;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +20,8 @@ use myriad_store::schema::Role;
 use tokio::net::TcpListener;
 
 use crate::cluster::LocalCluster;
-use crate::membership::{ClusterArgs, join_router, require_one};
+use crate::membership::{ClusterArgs, join_router, require_one, router_record};
+use crate::tls::TlsArgs;
 
 /// Options of the HTTP front end, shared by `up` and `router`.
 #[derive(clap::Args)]
@@ -113,6 +116,9 @@ pub struct RouterArgs {
 
     #[command(flatten)]
     cluster: ClusterArgs,
+
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 /// Where a router keeps conversation state.
@@ -158,13 +164,18 @@ pub fn router(args: RouterArgs) -> Result<()> {
         (false, true) => Caches::None,
     };
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    let tls = {
+        // On the runtime: TLS files are watched from a task of it.
+        let _runtime = runtime.enter();
+        args.tls.client()?
+    };
     if args.cluster.enabled() {
         let what = format!("placement from cluster {}", args.cluster.cluster);
-        return serve(runtime, args.http, Placement::Store(args.cluster), caches, &what);
+        return serve(runtime, args.http, Placement::Store(args.cluster), caches, tls, &what);
     }
     let what = format!("{} expert workers", args.worker_addrs.len());
     let targets = args.worker_addrs.iter().map(Target::addr).collect();
-    serve(runtime, args.http, Placement::Static(targets), caches, &what)
+    serve(runtime, args.http, Placement::Static(targets), caches, tls, &what)
 }
 
 fn model_name(dir: &Path) -> String {
@@ -179,6 +190,7 @@ pub(crate) fn serve(
     args: HttpArgs,
     placement: Placement,
     caches: Caches,
+    tls: Option<ClientTls>,
     what: &str,
 ) -> Result<()> {
     let admin = match &placement {
@@ -227,10 +239,13 @@ pub(crate) fn serve(
             Placement::Store(cluster) => {
                 let (store, keys, id) = (cluster.store()?, cluster.keys()?, cluster.node_id(Role::Router)?);
                 registered = Some((store.clone(), keys.node(Role::Router, &id)));
-                join_router(store, keys, id, *cluster.lease_ttl, &experts, cfg, &model.fingerprint).await
+                let record = router_record(id, &model.fingerprint);
+                let membership = Membership { store, keys, record, lease_ttl: *cluster.lease_ttl, tls: tls.clone() };
+                join_router(membership, &experts, cfg);
+                Ok(())
             }
             Placement::Static(targets) => {
-                let pool = WorkerPool::connect(&targets, cfg, &model.fingerprint)
+                let pool = WorkerPool::connect(&targets, cfg, &model.fingerprint, tls.as_ref())
                     .await
                     .context("connect to the expert workers")?;
                 experts.set_pool(Arc::new(pool));
@@ -258,7 +273,7 @@ pub(crate) fn serve(
         Caches::None => None,
         Caches::Fixed { addrs, replicas } => {
             let _guard = runtime.enter();
-            let cache = StateCache::connect(&addrs, &model.fingerprint, cfg.clone(), timeout, replicas)
+            let cache = StateCache::connect(&addrs, &model.fingerprint, cfg.clone(), timeout, replicas, tls.as_ref())
                 .map_err(anyhow::Error::msg)?;
             tracing::info!(?addrs, replicas, "conversation state goes to the KV-cache");
             Some(cache)
@@ -266,7 +281,7 @@ pub(crate) fn serve(
         Caches::Registered { replicas } => {
             let (store, keys) = cache_store.context("registered KV-cache instances need a cluster store")?;
             let cache = runtime
-                .block_on(StateCache::registered(store, &keys, &model.fingerprint, cfg.clone(), timeout, replicas))
+                .block_on(StateCache::registered(store, &keys, &model.fingerprint, cfg.clone(), timeout, replicas, tls))
                 .context("follow the KV-cache instances in the cluster store")?;
             tracing::info!(replicas, "conversation state goes to the KV-cache instances in the cluster store");
             Some(cache)

@@ -85,7 +85,7 @@ pub fn up(mut args: UpArgs) -> Result<()> {
         Some(addr) => Caches::Fixed { addrs: vec![addr], replicas: 1 },
         None => Caches::None,
     };
-    serve(runtime, args.http, Placement::Local(cluster), caches, &what)
+    serve(runtime, args.http, Placement::Local(cluster), caches, None, &what)
 }
 
 /// The admin API's listener: the address given, or [`DEFAULT_ADMIN`] and,

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::membership::{ClusterArgs, hostname, parse_bytes, require_one};
 use crate::metrics_http::MetricsArgs;
+use crate::tls::TlsArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -60,6 +61,9 @@ pub struct Args {
 
     #[command(flatten)]
     metrics: MetricsArgs,
+
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -71,6 +75,7 @@ pub fn run(args: Args) -> Result<()> {
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let bound = listener.local_addr().context("read the bound address")?.to_string();
         args.metrics.start().await?;
+        let tls = args.tls.server()?;
         let worker = match &args.experts {
             Some(spec) => {
                 let backend = CpuBackend::load(&args.model, spec)
@@ -123,10 +128,10 @@ pub fn run(args: Args) -> Result<()> {
                         Err(_) => tracing::warn!(?drain, "still placed after the drain timeout; stopping anyway"),
                     }
                 };
-                return myriad_worker::serve(listener, worker, drained).await.context("serve");
+                return myriad_worker::serve(listener, worker, tls, drained).await.context("serve");
             }
         };
         tracing::info!(addr = %bound, "worker started");
-        myriad_worker::serve(listener, worker, shutdown).await.context("serve")
+        myriad_worker::serve(listener, worker, tls, shutdown).await.context("serve")
     })
 }

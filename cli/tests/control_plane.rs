@@ -62,7 +62,7 @@ impl TestWorker {
         let tasks = vec![
             tokio::spawn(follow),
             tokio::spawn(async move {
-                let _ = myriad_worker::serve(listener, served, std::future::pending()).await;
+                let _ = myriad_worker::serve(listener, served, None, std::future::pending()).await;
             }),
         ];
         TestWorker { worker, tasks }
@@ -98,6 +98,7 @@ fn coordinator_config(model: &Path) -> CoordinatorConfig {
         lease_ttl: TTL,
         rollout_timeout: Duration::from_secs(30),
         load_interval: Duration::from_secs(10),
+        tls: None,
     }
 }
 
@@ -177,6 +178,7 @@ async fn a_dead_worker_is_replaced_by_a_new_version_without_changing_outputs() {
         keys: keys.clone(),
         record: record("router-0", Role::Router, String::new(), &model.fingerprint),
         lease_ttl: TTL,
+        tls: None,
     };
     tokio::spawn(myriad_router::membership::join(membership, experts.clone(), model.config.clone()).await.unwrap());
 

@@ -296,9 +296,15 @@ impl Admin for AdminService {
     }
 }
 
-/// Serves the admin API on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, service: AdminService, token: Option<String>) {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+/// Serves the admin API on `listener`, over TLS through `tls` when set,
+/// until the process ends.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: AdminService,
+    token: Option<String>,
+    tls: Option<myriad_tls::ServerTls>,
+) {
+    let incoming = myriad_tls::incoming(listener, tls);
     let server = tonic::transport::Server::builder().add_service(service.into_server(token));
     if let Err(e) = server.serve_with_incoming(incoming).await {
         tracing::error!(error = %e, "the admin API stopped");

@@ -120,6 +120,8 @@ pub struct CoordinatorConfig {
     pub rollout_timeout: Duration,
     /// How often the leader collects the workers' load windows.
     pub load_interval: Duration,
+    /// TLS of its calls to workers (None: plaintext).
+    pub tls: Option<myriad_tls::ClientTls>,
 }
 
 /// Campaigns for leadership and leads until `shutdown` resolves; loses and

@@ -49,7 +49,8 @@ pub(crate) fn collect(
                     Some(c) => c.clone(),
                     None => match Endpoint::from_shared(format!("http://{}", w.addr)) {
                         Ok(e) => {
-                            let c = ExpertWorkerClient::new(e.connect_timeout(Duration::from_secs(2)).connect_lazy());
+                            let endpoint = e.connect_timeout(Duration::from_secs(2));
+                            let c = ExpertWorkerClient::new(myriad_tls::lazy_channel(endpoint, config.tls.as_ref()));
                             clients.insert(w.addr.clone(), c.clone());
                             c
                         }

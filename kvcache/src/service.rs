@@ -13,8 +13,8 @@ use myriad_proto::kvcache::{
     MissingBlocks, Prefix as PbPrefix, PutChunk, PutReply, StateChunk, StateHead, StatsReply, StatsRequest, put_chunk,
     state_chunk,
 };
+use myriad_tls::ServerTls;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::cache::{Cache, Prefix, PutError};
@@ -177,13 +177,15 @@ impl KvCache for KvCacheService {
     }
 }
 
-/// Serves `service` on `listener` until `shutdown` resolves.
+/// Serves `service` on `listener`, over TLS through `tls` when set, until
+/// `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     service: KvCacheService,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = myriad_tls::incoming(listener, tls);
     tonic::transport::Server::builder()
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -27,6 +27,8 @@ pub struct Membership {
     /// What it publishes; `placement_version` is kept up to date here.
     pub record: NodeRecord,
     pub lease_ttl: Duration,
+    /// TLS of its calls to workers (None: plaintext).
+    pub tls: Option<myriad_tls::ClientTls>,
 }
 
 /// Registers the router and returns the loop that switches `experts` to
@@ -58,7 +60,7 @@ async fn follow(
         let wanted = view.current().filter(|p| Some(p.version) != record.placement_version);
         let mut pending = false;
         if let Some(placement) = wanted {
-            match switch(placement, &experts, &config, &record.model_id).await {
+            match switch(placement, &experts, &config, &record.model_id, m.tls.as_ref()).await {
                 Ok(()) => {
                     record.placement_version = Some(placement.version);
                     record.dispatch = Some(dispatch_health(&experts));
@@ -98,6 +100,7 @@ async fn switch(
     experts: &RemoteExperts,
     config: &ModelConfig,
     model_id: &str,
+    tls: Option<&myriad_tls::ClientTls>,
 ) -> Result<(), String> {
     if placement.model_id != model_id {
         return Err(format!("it places model {}, this router runs {model_id}", placement.model_id));
@@ -107,7 +110,7 @@ async fn switch(
         .iter()
         .map(|a| Target { addr: a.addr.clone(), experts: Some(a.experts.clone()) })
         .collect();
-    let pool = WorkerPool::connect(&targets, config, model_id).await.map_err(|e| e.to_string())?;
+    let pool = WorkerPool::connect(&targets, config, model_id, tls).await.map_err(|e| e.to_string())?;
     experts.set_pool(Arc::new(pool));
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! placement version replaces this pool: without the probe it would stay
 //! unused for good.
 
+use myriad_tls::ClientTls;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,8 +83,14 @@ impl WorkerPool {
     /// Connects to every target, asks each worker what it hosts (checking
     /// it has at least what its target names), and checks that together
     /// they serve every routed expert of `config`. `model_id` is the
-    /// router's own [`myriad_model::Model::fingerprint`].
-    pub async fn connect(targets: &[Target], config: &ModelConfig, model_id: &str) -> Result<Self, PoolError> {
+    /// router's own [`myriad_model::Model::fingerprint`]. Over TLS through
+    /// `tls` when set.
+    pub async fn connect(
+        targets: &[Target],
+        config: &ModelConfig,
+        model_id: &str,
+        tls: Option<&ClientTls>,
+    ) -> Result<Self, PoolError> {
         if targets.is_empty() {
             return Err(PoolError::Empty);
         }
@@ -95,7 +102,7 @@ impl WorkerPool {
                 .map_err(|e| fail(format!("bad address: {e}")))?
                 .connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true);
-            let channel = endpoint.connect().await.map_err(|e| fail(format!("connect: {e}")))?;
+            let channel = myriad_tls::connect(endpoint, tls).await.map_err(|e| fail(format!("connect: {e}")))?;
             let mut client = ExpertWorkerClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -10,9 +10,9 @@ use myriad_proto::pb::{
     DescribeRequest, DescribeResponse, ExpertLoad, ExpertRef, RunExpertsRequest, RunExpertsResponse, TakeLoadRequest,
     TakeLoadResponse,
 };
+use myriad_tls::ServerTls;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -56,10 +56,12 @@ impl ExpertWorker for Service {
     }
 }
 
-/// Serves `worker` on `listener` until `shutdown` resolves.
+/// Serves `worker` on `listener`, over TLS through `tls` when set, until
+/// `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     worker: Arc<Worker>,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -67,9 +69,7 @@ pub async fn serve(
     let service = ExpertWorkerServer::new(Service { worker })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    // Small request/response pairs: without TCP_NODELAY on the accepted
-    // sockets, Nagle meets delayed ACKs and every call waits ~40 ms.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = myriad_tls::incoming(listener, tls);
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(service)

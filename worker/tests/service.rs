@@ -22,7 +22,7 @@ async fn start(dir: &std::path::Path, spec: &str) -> ExpertWorkerClient<Channel>
     let worker = Arc::new(Worker::new(Arc::new(backend)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(myriad_worker::serve(listener, worker, std::future::pending()));
+    tokio::spawn(myriad_worker::serve(listener, worker, None, std::future::pending()));
     ExpertWorkerClient::connect(format!("http://{addr}")).await.unwrap()
 }
 
@@ -148,7 +148,7 @@ async fn the_health_service_reports_readiness() {
     for worker in [ready, idle.clone()] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         addrs.push(listener.local_addr().unwrap());
-        tokio::spawn(myriad_worker::serve(listener, worker, std::future::pending()));
+        tokio::spawn(myriad_worker::serve(listener, worker, None, std::future::pending()));
     }
     assert_eq!(health(addrs[0]).await, ServingStatus::Serving as i32, "a static worker serves its experts");
     assert_eq!(health(addrs[1]).await, ServingStatus::NotServing as i32, "an idle worker serves nothing yet");

@@ -13,6 +13,7 @@
 //! that dies, or a conversation whose home moved, costs recomputation,
 //! never a wrong answer.
 
+use myriad_tls::ClientTls;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -55,11 +56,12 @@ pub struct StateCache {
     saves: mpsc::Sender<Save>,
 }
 
-/// A lazily connected client of the instance at `addr` (`host:port` or a URL).
-fn client(addr: &str, timeout: Duration) -> Result<KvCacheClient<Channel>, String> {
+/// A lazily connected client of the instance at `addr` (`host:port` or a
+/// URL), over TLS through `tls` when set.
+fn client(addr: &str, timeout: Duration, tls: Option<&ClientTls>) -> Result<KvCacheClient<Channel>, String> {
     let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
     let endpoint = Endpoint::from_shared(url).map_err(|e| format!("bad KV-cache address `{addr}`: {e}"))?;
-    let channel = endpoint.connect_timeout(timeout).tcp_nodelay(true).connect_lazy();
+    let channel = myriad_tls::lazy_channel(endpoint.connect_timeout(timeout).tcp_nodelay(true), tls);
     Ok(KvCacheClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -74,10 +76,11 @@ impl StateCache {
         config: ModelConfig,
         timeout: Duration,
         replicas: usize,
+        tls: Option<&ClientTls>,
     ) -> Result<Self, String> {
         let instances = addrs
             .iter()
-            .map(|addr| Ok(Instance { id: addr.clone(), addr: addr.clone(), client: client(addr, timeout)? }))
+            .map(|addr| Ok(Instance { id: addr.clone(), addr: addr.clone(), client: client(addr, timeout, tls)? }))
             .collect::<Result<Vec<_>, String>>()?;
         Ok(Self::start(Ring::new(instances), model_id, config, timeout, replicas))
     }
@@ -91,6 +94,7 @@ impl StateCache {
         config: ModelConfig,
         timeout: Duration,
         replicas: usize,
+        tls: Option<ClientTls>,
     ) -> Result<Self, StoreError> {
         let mirror = Mirror::follow(store, keys.nodes(Role::Kvcache)).await?;
         let cache = Self::start(Ring::default(), model_id, config, timeout, replicas);
@@ -108,7 +112,7 @@ impl StateCache {
                         let known = old.instances().iter().find(|i| i.id == r.id.as_str() && i.addr == r.addr);
                         let client = match known {
                             Some(i) => i.client.clone(),
-                            None => client(&r.addr, timeout)
+                            None => client(&r.addr, timeout, tls.as_ref())
                                 .inspect_err(
                                     |e| tracing::warn!(node = %r.id, error = %e, "skipping a KV-cache instance"),
                                 )
