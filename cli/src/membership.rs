@@ -1,6 +1,7 @@
 //! Joining a cluster from the command line: `--etcd`, `--cluster`,
 //! `--node-id`, `--lease-ttl`, shared by every role.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,8 +9,10 @@ use anyhow::{Context, Result, bail};
 use myriad_model::ModelConfig;
 use myriad_router::RemoteExperts;
 use myriad_router::membership::Membership;
+use myriad_store::etcd::{Credentials, EtcdOptions};
 use myriad_store::schema::{Keys, NodeId, NodeRecord, Role};
 use myriad_store::{EtcdStore, Store};
+use myriad_tls::TlsOptions;
 
 #[derive(clap::Args, Clone)]
 pub struct ClusterArgs {
@@ -28,6 +31,28 @@ pub struct ClusterArgs {
     /// TTL of this node's lease: how long after it dies the cluster notices.
     #[arg(long, env = "MYRIAD_LEASE_TTL", default_value = "10s")]
     pub lease_ttl: humantime::Duration,
+
+    /// PEM CA bundle etcd's certificate chains to (for `https://` endpoints).
+    #[arg(long, env = "MYRIAD_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// PEM client certificate for an etcd that requires one
+    /// (`--client-cert-auth`), with `--etcd-key`.
+    #[arg(long, env = "MYRIAD_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// PEM private key of `--etcd-cert`.
+    #[arg(long, env = "MYRIAD_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// etcd user, for an etcd with authentication on (with `--etcd-password`).
+    #[arg(long, env = "MYRIAD_ETCD_USER")]
+    pub etcd_user: Option<String>,
+
+    /// Password of `--etcd-user` (best from the environment: a flag shows
+    /// in the process list).
+    #[arg(long, env = "MYRIAD_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
 }
 
 impl ClusterArgs {
@@ -36,7 +61,26 @@ impl ClusterArgs {
     }
 
     pub fn store(&self) -> Result<Arc<dyn Store>> {
-        Ok(Arc::new(EtcdStore::connect(&self.etcd).context("set up the etcd client")?))
+        Ok(Arc::new(EtcdStore::connect_with(&self.etcd, &self.etcd_options()?).context("set up the etcd client")?))
+    }
+
+    fn etcd_options(&self) -> Result<EtcdOptions> {
+        let tls = TlsOptions {
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            ca: self.etcd_ca.clone(),
+            ..TlsOptions::default()
+        };
+        let tls = tls.client().map_err(|e| {
+            // The TLS crate names the gRPC flags; these are etcd's.
+            anyhow::anyhow!("{}", e.to_string().replace("--tls-", "--etcd-"))
+        })?;
+        let credentials = match (&self.etcd_user, &self.etcd_password) {
+            (Some(user), Some(password)) => Some(Credentials { user: user.clone(), password: password.clone() }),
+            (None, None) => None,
+            _ => bail!("--etcd-user and --etcd-password (MYRIAD_ETCD_PASSWORD) go together"),
+        };
+        Ok(EtcdOptions { tls, credentials })
     }
 
     pub fn keys(&self) -> Result<Keys> {

@@ -152,3 +152,66 @@ async fn a_cluster_on_mutual_tls_serves_and_every_port_refuses_strangers() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("connect to the expert workers"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_on_a_tls_etcd_with_authentication_forms_and_serves() {
+    use myriad_store::etcd::EtcdOptions;
+    use myriad_store::etcd_server::{EtcdServer, ServerTls};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("etcd");
+    let ca_file = ca.write(dir.path(), "ca");
+    let server = ca.sign(dir.path(), "etcd", &["127.0.0.1"]);
+    let client = ca.sign(dir.path(), "client", &["myriad"]);
+    let etcd_tls = TlsOptions { server_name: None, ..options(Some(&client), &ca_file) };
+    let harness = EtcdOptions { tls: etcd_tls.client().unwrap(), credentials: None };
+    let tls = ServerTls { cert: server.0, key: server.1, client_ca: ca_file.clone() };
+    let mut etcd = EtcdServer::start_tls(tls, harness, &[]).await;
+    etcd.enable_auth("root-secret", "myriad", "secret", "/myriad/").await;
+
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let secure = [
+        "--etcd-ca".to_string(),
+        path(&ca_file),
+        "--etcd-cert".into(),
+        path(&client.0),
+        "--etcd-key".into(),
+        path(&client.1),
+        "--etcd-user".into(),
+        "myriad".into(),
+    ];
+    let member = |role: &'static str, id: &'static str| -> Vec<&str> {
+        vec![role, "--etcd", &etcd.endpoint, "--cluster", "sealed", "--node-id", id, "--lease-ttl", "3s"]
+    };
+    let start = |args: Vec<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_myriad"));
+        command.args(args).args(&secure).env("MYRIAD_ETCD_PASSWORD", "secret");
+        command
+    };
+    let spawn = |mut command: Command| Proc::spawn(&mut command);
+    let _coordinator = spawn(start(
+        [member("coordinator", "c1"), vec!["--admin-listen", "127.0.0.1:0", "--min-workers", "1", "--settle", "300ms"]]
+            .concat(),
+    ));
+    let _worker = spawn(start([member("worker", "w1"), vec!["--listen", "127.0.0.1:0"]].concat()));
+    let router = spawn(start([member("router", "r1"), vec!["--listen", "127.0.0.1:0"]].concat()));
+    let base = router.word(3);
+    let ready = format!("{}/ready", base.trim_end_matches("/v1"));
+    until("router ready on a TLS etcd with auth", Duration::from_secs(60), async || {
+        reqwest::get(&ready).await.ok()?.status().is_success().then_some(())
+    })
+    .await;
+    let prompt = r#""prompt": "Sealed", "max_tokens": 8, "temperature": 0, "ignore_eos": true"#;
+    common::complete(&base, prompt).await.expect("a completion on a TLS etcd with auth");
+
+    // ctl reads the cluster with the same settings; a wrong password is refused.
+    let ctl = |password: &str| {
+        let mut command = start(vec!["ctl", "--etcd", &etcd.endpoint, "--cluster", "sealed"]);
+        command.env("MYRIAD_ETCD_PASSWORD", password).arg("status").current_dir(dir.path()).output().unwrap()
+    };
+    let ok = ctl("secret");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let refused = ctl("wrong");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("authentication failed"), "{stderr}");
+}

@@ -7,14 +7,28 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::etcd::pb::auth_client::AuthClient;
+use crate::etcd::{Credentials, EtcdOptions, pb};
 use crate::{EtcdStore, Store};
 
 pub struct EtcdServer {
     child: Option<Child>,
-    /// `http://127.0.0.1:PORT`, for clients.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS), for clients.
     pub endpoint: String,
     peer: String,
     dir: tempfile::TempDir,
+    /// etcd's own flags beyond ports and data.
+    flags: Vec<String>,
+    /// What the harness's own client uses (root's login once auth is on).
+    options: EtcdOptions,
+}
+
+/// A TLS etcd: its certificate and key, and the CA that clients'
+/// certificates must chain to (`--client-cert-auth`).
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 fn free_port() -> u16 {
@@ -26,15 +40,68 @@ impl EtcdServer {
     /// Starts etcd and waits until it answers. Panics with a hint when the
     /// `etcd` binary is missing (scripts/test.sh installs it).
     pub async fn start() -> Self {
+        Self::start_with(None, EtcdOptions::default(), &[]).await
+    }
+
+    /// [`EtcdServer::start`] serving clients over TLS with `tls`, checked
+    /// by the harness with `client` (its TLS: the CA of the server's
+    /// certificate, and a client certificate); `extra` are more of etcd's
+    /// flags.
+    pub async fn start_tls(tls: ServerTls, client: EtcdOptions, extra: &[&str]) -> Self {
+        Self::start_with(Some(tls), client, extra).await
+    }
+
+    async fn start_with(tls: Option<ServerTls>, options: EtcdOptions, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("create etcd's data dir");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let flags = match tls {
+            Some(t) => vec![
+                "--cert-file".into(),
+                t.cert.display().to_string(),
+                "--key-file".into(),
+                t.key.display().to_string(),
+                "--trusted-ca-file".into(),
+                t.client_ca.display().to_string(),
+                "--client-cert-auth".into(),
+            ],
+            None => Vec::new(),
+        };
+        let flags = flags.into_iter().chain(extra.iter().map(|f| f.to_string())).collect();
         let mut server = EtcdServer {
             child: None,
-            endpoint: format!("http://127.0.0.1:{}", free_port()),
+            endpoint: format!("{scheme}://127.0.0.1:{}", free_port()),
             peer: format!("http://127.0.0.1:{}", free_port()),
             dir,
+            flags,
+            options,
         };
         server.restart().await;
         server
+    }
+
+    /// Turns on etcd's password authentication: a `root` user (password
+    /// `root_password`), and `user` with `password`, allowed to read and
+    /// write the keys under `prefix` only. The harness logs in as root.
+    pub async fn enable_auth(&mut self, root_password: &str, user: &str, password: &str, prefix: &str) {
+        let channel = crate::etcd::link::channel(std::slice::from_ref(&self.endpoint), self.options.tls.as_ref())
+            .expect("endpoint");
+        let mut auth = AuthClient::new(channel);
+        let add = |name: &str, password: &str| pb::AuthUserAddRequest { name: name.into(), password: password.into() };
+        let grant = |user: &str, role: &str| pb::AuthUserGrantRoleRequest { user: user.into(), role: role.into() };
+        auth.user_add(add("root", root_password)).await.expect("add root");
+        auth.user_grant_role(grant("root", "root")).await.expect("make root root");
+        auth.role_add(pb::AuthRoleAddRequest { name: user.into() }).await.expect("add a role");
+        let perm = pb::Permission {
+            perm_type: pb::permission::Type::Readwrite as i32,
+            key: prefix.as_bytes().to_vec(),
+            range_end: crate::etcd::prefix_end(prefix.as_bytes()),
+        };
+        let permit = pb::AuthRoleGrantPermissionRequest { name: user.into(), perm: Some(perm) };
+        auth.role_grant_permission(permit).await.expect("grant the prefix");
+        auth.user_add(add(user, password)).await.expect("add the user");
+        auth.user_grant_role(grant(user, user)).await.expect("grant the role");
+        auth.auth_enable(pb::AuthEnableRequest {}).await.expect("enable auth");
+        self.options.credentials = Some(Credentials { user: "root".into(), password: root_password.into() });
     }
 
     fn binary() -> PathBuf {
@@ -50,12 +117,13 @@ impl EtcdServer {
             .args(["--listen-client-urls", &self.endpoint, "--advertise-client-urls", &self.endpoint])
             .args(["--listen-peer-urls", &self.peer, "--initial-advertise-peer-urls", &self.peer])
             .args(["--initial-cluster", &format!("test={}", self.peer)])
+            .args(&self.flags)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start etcd ({e}); install it with `apt-get install etcd-server`"));
         self.child = Some(child);
-        let store = EtcdStore::connect(std::slice::from_ref(&self.endpoint)).expect("endpoint");
+        let store = self.store();
         for _ in 0..200 {
             if store.list("/").await.is_ok() {
                 return;
@@ -74,8 +142,9 @@ impl EtcdServer {
         }
     }
 
+    /// A client as the harness connects (root, once auth is on).
     pub fn store(&self) -> EtcdStore {
-        EtcdStore::connect(std::slice::from_ref(&self.endpoint)).expect("endpoint")
+        EtcdStore::connect_with(std::slice::from_ref(&self.endpoint), &self.options).expect("endpoint")
     }
 }
 

@@ -42,6 +42,25 @@ impl ClientTls {
         Ok(Self { config: Reloading::new(files)?, server_name })
     }
 
+    /// A TLS connection to `host:port`, checked against the CA and the
+    /// server name (default: `host`).
+    pub async fn dial(&self, host: &str, port: u16) -> io::Result<TlsIo> {
+        // `[::1]` in a URI is `::1` to a resolver and a certificate.
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = match &self.server_name {
+            Some(name) => name.clone(),
+            None => ServerName::try_from(host.to_string()).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("`{host}` names no server to check a certificate of"),
+                )
+            })?,
+        };
+        let stream = TcpStream::connect((host, port)).await?;
+        stream.set_nodelay(true)?;
+        Ok(TokioIo::new(TlsConnector::from(self.config.get()).connect(name, stream).await?))
+    }
+
     /// A channel on `endpoint` that connects when first used.
     pub fn channel(&self, endpoint: Endpoint) -> Channel {
         endpoint.connect_with_connector_lazy(self.clone())
@@ -70,8 +89,11 @@ pub async fn connect(endpoint: Endpoint, tls: Option<&ClientTls>) -> Result<Chan
     }
 }
 
+/// A client's TLS connection, as tonic's connectors hand it over.
+pub type TlsIo = TokioIo<TlsStream<TcpStream>>;
+
 impl tower::Service<Uri> for ClientTls {
-    type Response = TokioIo<TlsStream<TcpStream>>;
+    type Response = TlsIo;
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -80,21 +102,12 @@ impl tower::Service<Uri> for ClientTls {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let connector = TlsConnector::from(self.config.get());
-        let name = self.server_name.clone();
+        let tls = self.clone();
         Box::pin(async move {
             let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{what} in `{uri}`"));
             let host = uri.host().ok_or_else(|| invalid("no host"))?;
             let port = uri.port_u16().ok_or_else(|| invalid("no port"))?;
-            // `[::1]` in a URI is `::1` to a resolver and a certificate.
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let name = match name {
-                Some(name) => name,
-                None => ServerName::try_from(host.to_string()).map_err(|_| invalid("a host that names no server"))?,
-            };
-            let stream = TcpStream::connect((host, port)).await?;
-            stream.set_nodelay(true)?;
-            Ok(TokioIo::new(connector.connect(name, stream).await?))
+            tls.dial(host, port).await
         })
     }
 }

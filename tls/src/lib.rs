@@ -19,7 +19,7 @@ mod server;
 
 use std::path::PathBuf;
 
-pub use client::{ClientTls, connect, lazy_channel};
+pub use client::{ClientTls, TlsIo, connect, lazy_channel};
 pub use server::{Conn, ServerTls, incoming};
 
 /// A process's TLS material, as its flags name it. Nothing set: plaintext.

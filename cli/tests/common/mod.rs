@@ -20,16 +20,16 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_myriad"))
-            .args(args)
-            .current_dir(root())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start myriad");
+        Self::spawn(Command::new(env!("CARGO_BIN_EXE_myriad")).args(args))
+    }
+
+    /// [`Proc::start`] of a command set up by the caller (environment).
+    pub fn spawn(command: &mut Command) -> Self {
+        let mut child =
+            command.current_dir(root()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start myriad");
         let mut banner = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut banner).unwrap();
-        assert!(!banner.is_empty(), "{args:?} exited before its banner");
+        assert!(!banner.is_empty(), "{:?} exited before its banner", command.get_args().collect::<Vec<_>>());
         Proc { child, banner }
     }
 

@@ -5,17 +5,23 @@
 //! `Unavailable` errors rather than hangs; the channel connects lazily and
 //! reconnects by itself when etcd comes back.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
 
 use crate::{Event, KeyValue, LeaseId, Listing, Revision, Store, StoreError, Watch};
 
+pub(crate) mod link;
+
+use link::{Auth, Authed, Token};
+pub use link::{Credentials, EtcdOptions};
+
 #[allow(clippy::all, clippy::pedantic)]
-mod pb {
+pub(crate) mod pb {
     tonic::include_proto!("etcdserverpb");
 }
 
@@ -24,39 +30,66 @@ use pb::kv_client::KvClient;
 use pb::lease_client::LeaseClient;
 use pb::watch_client::WatchClient;
 
+/// `self.call` of one client method on a clone of `request`.
+macro_rules! rpc {
+    ($store:expr, $client:ident, $method:ident, $request:expr) => {
+        $store.call(|| {
+            let (mut client, request) = ($store.$client.clone(), $request.clone());
+            async move { client.$method(request).await }
+        })
+    };
+}
+
 /// Deadline of every unary call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct EtcdStore {
-    kv: KvClient<Channel>,
-    lease: LeaseClient<Channel>,
-    watch: WatchClient<Channel>,
+    kv: KvClient<Authed>,
+    lease: LeaseClient<Authed>,
+    watch: WatchClient<Authed>,
+    /// With credentials: the login whose token every call carries.
+    auth: Option<Arc<Auth>>,
 }
 
 impl EtcdStore {
     /// A store on the etcd members at `endpoints` (`http://host:port` or
-    /// `host:port`). Connects lazily: an unreachable etcd shows up as
-    /// `Unavailable` on the first call.
+    /// `host:port`), in plaintext and without authentication.
     pub fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
-        if endpoints.is_empty() {
-            return Err(StoreError::Invalid("no etcd endpoints given".into()));
-        }
-        let endpoints = endpoints
-            .iter()
-            .map(|e| {
-                let url = if e.contains("://") { e.clone() } else { format!("http://{e}") };
-                Endpoint::from_shared(url.clone())
-                    .map(|ep| ep.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true))
-                    .map_err(|err| StoreError::Invalid(format!("bad etcd endpoint `{url}`: {err}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let channel = Channel::balance_list(endpoints.into_iter());
+        Self::connect_with(endpoints, &EtcdOptions::default())
+    }
+
+    /// A store on the etcd members at `endpoints`: `https://` ones over
+    /// TLS through `options.tls`, as `options.credentials`' user when set.
+    /// Connects (and logs in) lazily: an unreachable etcd shows up as
+    /// `Unavailable` on the first call.
+    pub fn connect_with(endpoints: &[String], options: &EtcdOptions) -> Result<Self, StoreError> {
+        let channel = link::channel(endpoints, options.tls.as_ref())?;
+        let token = Token::default();
+        let authed = InterceptedService::new(channel.clone(), token.clone());
         Ok(EtcdStore {
-            kv: KvClient::new(channel.clone()),
-            lease: LeaseClient::new(channel.clone()),
-            watch: WatchClient::new(channel),
+            kv: KvClient::new(authed.clone()),
+            lease: LeaseClient::new(authed.clone()),
+            watch: WatchClient::new(authed),
+            auth: options.credentials.clone().map(|c| Arc::new(Auth::new(channel, c, token))),
         })
+    }
+
+    /// One unary call, with its deadline and, when logged in, its token:
+    /// a token etcd no longer knows is renewed and the call tried again.
+    async fn call<T, F: Future<Output = Result<tonic::Response<T>, tonic::Status>>>(
+        &self,
+        call: impl Fn() -> F,
+    ) -> Result<T, tonic::Status> {
+        let Some(auth) = &self.auth else { return deadline(call()).await.map(tonic::Response::into_inner) };
+        auth.ensure().await?;
+        match deadline(call()).await {
+            Err(status) if Auth::rejected(&status) => {
+                auth.renew().await?;
+                deadline(call()).await.map(tonic::Response::into_inner)
+            }
+            other => other.map(tonic::Response::into_inner),
+        }
     }
 }
 
@@ -89,7 +122,7 @@ async fn deadline<T>(call: impl Future<Output = Result<T, tonic::Status>>) -> Re
 }
 
 /// The exclusive end of the range of keys starting with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -133,22 +166,22 @@ fn put_request(key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> pb::PutRequ
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let request = pb::RangeRequest { key: key.as_bytes().to_vec(), range_end: Vec::new() };
-        let response = deadline(self.kv.clone().range(request)).await.map_err(unavailable)?.into_inner();
+        let response = rpc!(self, kv, range, request).await.map_err(unavailable)?;
         response.kvs.into_iter().next().map(key_value).transpose()
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
         let request = pb::RangeRequest { key: prefix.as_bytes().to_vec(), range_end: prefix_end(prefix.as_bytes()) };
-        let response = deadline(self.kv.clone().range(request)).await.map_err(unavailable)?.into_inner();
+        let response = rpc!(self, kv, range, request).await.map_err(unavailable)?;
         let kvs = response.kvs.into_iter().map(key_value).collect::<Result<Vec<_>, _>>()?;
         Ok(Listing { kvs, revision: revision(response.header) })
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
         check_key(key)?;
-        let call = deadline(self.kv.clone().put(put_request(key, value, lease))).await;
-        let response = call.map_err(|s| write_error(s, lease))?;
-        Ok(revision(response.into_inner().header))
+        let request = put_request(key, value, lease);
+        let response = rpc!(self, kv, put, request).await.map_err(|s| write_error(s, lease))?;
+        Ok(revision(response.header))
     }
 
     async fn put_if(
@@ -168,15 +201,14 @@ impl Store for EtcdStore {
         };
         let put = pb::RequestOp { request: Some(pb::request_op::Request::RequestPut(put_request(key, value, lease))) };
         let request = pb::TxnRequest { compare: vec![compare], success: vec![put], failure: Vec::new() };
-        let call = deadline(self.kv.clone().txn(request)).await;
-        let response = call.map_err(|s| write_error(s, lease))?;
-        Ok(response.into_inner().succeeded)
+        let response = rpc!(self, kv, txn, request).await.map_err(|s| write_error(s, lease))?;
+        Ok(response.succeeded)
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let request = pb::DeleteRangeRequest { key: key.as_bytes().to_vec(), range_end: Vec::new() };
-        let response = deadline(self.kv.clone().delete_range(request)).await.map_err(unavailable)?;
-        Ok(response.into_inner().deleted > 0)
+        let response = rpc!(self, kv, delete_range, request).await.map_err(unavailable)?;
+        Ok(response.deleted > 0)
     }
 
     async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
@@ -186,7 +218,7 @@ impl Store for EtcdStore {
         // etcd counts in whole seconds; round up so the lease never ends early.
         let seconds = ttl.as_secs() as i64 + i64::from(ttl.subsec_nanos() > 0);
         let request = pb::LeaseGrantRequest { ttl: seconds, id: 0 };
-        let response = deadline(self.lease.clone().lease_grant(request)).await.map_err(unavailable)?.into_inner();
+        let response = rpc!(self, lease, lease_grant, request).await.map_err(unavailable)?;
         if !response.error.is_empty() {
             return Err(StoreError::Unavailable(format!("etcd refused a lease: {}", response.error)));
         }
@@ -194,13 +226,13 @@ impl Store for EtcdStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let requests = tokio_stream::once(pb::LeaseKeepAliveRequest { id: lease.0 });
-        let answer = deadline(async {
-            let mut responses = self.lease.clone().lease_keep_alive(requests).await?.into_inner();
-            responses.message().await
-        })
-        .await
-        .map_err(|s| lease_error(s, lease))?;
+        let request = pb::LeaseKeepAliveRequest { id: lease.0 };
+        let open = || {
+            let mut lease = self.lease.clone();
+            async move { lease.lease_keep_alive(tokio_stream::once(request)).await }
+        };
+        let mut responses = self.call(open).await.map_err(|s| lease_error(s, lease))?;
+        let answer = deadline(responses.message()).await.map_err(|s| lease_error(s, lease))?;
         match answer {
             Some(r) if r.ttl > 0 => Ok(()),
             Some(_) => Err(StoreError::LeaseExpired(lease)),
@@ -210,7 +242,7 @@ impl Store for EtcdStore {
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         let request = pb::LeaseRevokeRequest { id: lease.0 };
-        deadline(self.lease.clone().lease_revoke(request)).await.map_err(|s| lease_error(s, lease))?;
+        rpc!(self, lease, lease_revoke, request).await.map_err(|s| lease_error(s, lease))?;
         Ok(())
     }
 
@@ -225,10 +257,20 @@ impl Store for EtcdStore {
         let (requests, request_rx) = mpsc::channel(1);
         let request = pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) };
         requests.send(request).await.map_err(|_| StoreError::Unavailable("watch request channel closed".into()))?;
-        let mut responses = deadline(self.watch.clone().watch(tokio_stream::wrappers::ReceiverStream::new(request_rx)))
-            .await
-            .map_err(unavailable)?
-            .into_inner();
+        if let Some(auth) = &self.auth {
+            auth.ensure().await.map_err(unavailable)?;
+        }
+        let opened = deadline(self.watch.clone().watch(tokio_stream::wrappers::ReceiverStream::new(request_rx))).await;
+        let mut responses = match opened {
+            Ok(responses) => responses.into_inner(),
+            Err(status) => {
+                // A stale token: log in again for the caller's next try.
+                if let Some(auth) = self.auth.as_ref().filter(|_| Auth::rejected(&status)) {
+                    let _ = auth.renew().await;
+                }
+                return Err(unavailable(status));
+            }
+        };
         // Wait for the creation, so events after this call are not missed.
         let created = deadline(responses.message()).await.map_err(unavailable)?;
         match created {
