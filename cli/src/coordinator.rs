@@ -130,7 +130,7 @@ pub fn run(args: Args) -> Result<()> {
     runtime.block_on(async move {
         // Before the banner: a SIGTERM right after it must find the handler.
         let shutdown = crate::shutdown::signal();
-        args.metrics.start().await?;
+        args.metrics.start(None).await?;
         let store = args.cluster.store()?;
         let keys = args.cluster.keys()?;
         let shared = Arc::new(Shared::default());

@@ -81,7 +81,7 @@ pub fn run(args: Args) -> Result<()> {
         let shutdown = crate::shutdown::signal();
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let bound = listener.local_addr().context("read the bound address")?;
-        args.metrics.start().await?;
+        args.metrics.start(None).await?;
         let tls = args.tls.server()?;
         let stats = service.stats();
         // Tests and scripts read this line to find an ephemeral port.

@@ -74,7 +74,6 @@ pub fn run(args: Args) -> Result<()> {
         let shutdown = crate::shutdown::signal();
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let bound = listener.local_addr().context("read the bound address")?.to_string();
-        args.metrics.start().await?;
         let tls = args.tls.server()?;
         let worker = match &args.experts {
             Some(spec) => {
@@ -86,12 +85,15 @@ pub fn run(args: Args) -> Result<()> {
                     backend.hosted_count(),
                     myriad_coordinator::placement::human(backend.bytes() as u64)
                 );
-                Arc::new(Worker::new(Arc::new(backend)))
+                let worker = Arc::new(Worker::new(Arc::new(backend)));
+                args.metrics.start(Some(worker.readiness())).await?;
+                worker
             }
             None => {
                 let shape = myriad_worker::backend::model_shape(&args.model)
                     .with_context(|| format!("read the model in {}", args.model.display()))?;
                 let worker = Arc::new(Worker::idle(shape.clone()));
+                args.metrics.start(Some(worker.readiness())).await?;
                 let id = args.cluster.node_id(Role::Worker)?;
                 let record = NodeRecord {
                     id: id.clone(),

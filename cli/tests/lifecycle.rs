@@ -39,7 +39,13 @@ async fn nodes_wait_for_etcd_and_a_sigtermed_worker_hands_over_at_once() {
     etcd.kill();
     // Everything starts while etcd is down: banners, no exits.
     let listen = ["--listen", "127.0.0.1:0"];
-    let mut workers = [start(member(&e, "worker", "w1"), &listen), start(member(&e, "worker", "w2"), &listen)];
+    // w1's readiness also on HTTP, for probes that cannot speak gRPC.
+    let w1_ready = format!("http://127.0.0.1:{}/ready", common::free_port());
+    let w1_metrics = format!("--metrics-listen={}", w1_ready.trim_start_matches("http://").trim_end_matches("/ready"));
+    let mut workers = [
+        start(member(&e, "worker", "w1"), &["--listen", "127.0.0.1:0", &w1_metrics]),
+        start(member(&e, "worker", "w2"), &listen),
+    ];
     let router = start(member(&e, "router", "r1"), &listen);
     let kvcache = start(member(&e, "kvcache", "kv1"), &listen);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -47,6 +53,7 @@ async fn nodes_wait_for_etcd_and_a_sigtermed_worker_hands_over_at_once() {
         assert!(w.running(), "a worker exited while etcd was down");
         assert_eq!(health(&w.word(3)).await, Some(ServingStatus::NotServing as i32), "unplaced yet ready");
     }
+    assert_eq!(reqwest::get(&w1_ready).await.unwrap().status(), 503, "unplaced yet ready on HTTP");
     let mut router = router;
     assert!(
         router.running() && {
@@ -70,6 +77,7 @@ async fn nodes_wait_for_etcd_and_a_sigtermed_worker_hands_over_at_once() {
     })
     .await;
     let expected = common::complete(&base, PROMPT).await.unwrap();
+    assert_eq!(reqwest::get(&w1_ready).await.unwrap().status(), 200, "placed, serving, yet not ready on HTTP");
 
     // SIGTERM w1 in the middle of a stream: the stream's answer is the
     // same, and a placement without w1 is current long before its lease

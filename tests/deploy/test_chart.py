@@ -46,8 +46,17 @@ EVERYTHING = {
     "otel": {"endpoint": "http://otel-collector:4317"},
     "serviceMonitor": {"create": "always"},
 }
+SECURED = {
+    "tls": {"enabled": True, "certManager": {"enabled": True, "issuerRef": {"name": "myriad-ca", "kind": "ClusterIssuer"}}},
+    "etcd": {
+        "endpoints": ["https://etcd-a.infra:2379"],
+        "tls": {"secret": "etcd-client"},
+        "auth": {"user": "myriad", "passwordSecret": {"name": "etcd-login"}},
+    },
+}
 VALUE_SETS = {
     "default": {},
+    "secured": SECURED,
     "gpu": GPU,
     "everything": EVERYTHING,
     "no-kvcache-host-model": {"kvcache": {"enabled": False}, "model": {"source": "hostPath", "hostPath": "/srv/models"}},
@@ -117,7 +126,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(name):
     docs = render(VALUE_SETS[name])
     assert len(docs) >= 10
     for doc in docs:
-        if doc["kind"] in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
+        if doc["kind"] in ("ServiceMonitor", "PodMonitor", "PrometheusRule", "Certificate"):
             # A CRD: not in the Kubernetes schemas; checked in its own test.
             continue
         for version in KUBE_VERSIONS:
@@ -233,6 +242,11 @@ def test_the_schema_rejects_typos_and_bad_values(values, complaint):
         ({"worker": {"replicas": 1}}, "coordinator.config.replicas (2) exceeds worker.replicas (1)"),
         ({"router": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}}}, "minReplicas (5) exceeds maxReplicas (3)"),
         ({"worker": {"resources": {"limits": {"gpu": 1}}}}, "worker.resources.limits.gpu: extended resources need"),
+        ({"etcd": {"endpoints": ["https://etcd:2379"]}}, "set etcd.tls.secret"),
+        ({"etcd": {"tls": {"secret": "etcd-client"}}}, "every etcd.endpoints entry must be https://"),
+        ({"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}}, "turn that on too"),
+        ({"tls": {"enabled": True, "certManager": {"enabled": True}}}, "tls.certManager.issuerRef.name is required"),
+        ({"etcd": {"auth": {"user": "myriad"}}}, "etcd.auth.passwordSecret.name is required"),
     ],
 )
 def test_mistakes_between_fields_fail_at_render_time(values, complaint):
@@ -466,3 +480,55 @@ def test_notes_say_how_to_reach_the_endpoint_and_run_ctl():
     assert "kubectl exec -n ml deploy/prod-myriad-coordinator -- myriad ctl status" in text
     assert "No API keys are configured" in text
     assert "No API keys" not in notes(EVERYTHING)
+
+
+ROLES = [("Deployment", "coordinator"), ("StatefulSet", "worker"), ("Deployment", "router"), ("StatefulSet", "kvcache")]
+
+
+def test_tls_gives_every_role_its_certificate_and_etcd_its_login():
+    docs = render(SECURED)
+    for kind, role in ROLES:
+        spec = find(docs, kind, f"prod-myriad-{role}")["spec"]["template"]["spec"]
+        c = spec["containers"][0]
+        variables = env(c)
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        # Its own Secret, mounted where the variables point.
+        assert volumes["tls"]["secret"]["secretName"] == f"prod-myriad-{role}-tls", role
+        for name, file in [("MYRIAD_TLS_CERT", "tls.crt"), ("MYRIAD_TLS_KEY", "tls.key"), ("MYRIAD_TLS_CA", "ca.crt")]:
+            assert variables[name]["value"] == f"{mounts['tls']}/{file}", (role, name)
+        assert variables["MYRIAD_TLS_REQUIRE_CLIENT_CERT"]["value"] == "true"
+        assert variables["MYRIAD_TLS_SERVER_NAME"]["value"] == "prod-myriad-internal"
+        # etcd: its CA and client certificate from the given Secret, the password from its Secret.
+        assert volumes["etcd-tls"]["secret"]["secretName"] == "etcd-client"
+        assert variables["MYRIAD_ETCD_CA"]["value"] == f"{mounts['etcd-tls']}/ca.crt"
+        assert variables["MYRIAD_ETCD_CERT"]["value"] == f"{mounts['etcd-tls']}/tls.crt"
+        assert variables["MYRIAD_ETCD_USER"]["value"] == "myriad"
+        ref = variables["MYRIAD_ETCD_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "etcd-login", "key": "password"}
+        # cert-manager issues it: the checked name, both usages.
+        cert = find(docs, "Certificate", f"prod-myriad-{role}")["spec"]
+        assert cert["secretName"] == f"prod-myriad-{role}-tls"
+        assert cert["dnsNames"][0] == "prod-myriad-internal"
+        assert {"server auth", "client auth"} <= set(cert["usages"])
+        assert cert["issuerRef"] == {"name": "myriad-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    # The kubelet's gRPC probe speaks no TLS: workers are probed on HTTP.
+    probe = container(docs, "StatefulSet", "prod-myriad-worker")["readinessProbe"]
+    assert probe["httpGet"] == {"path": "/ready", "port": "metrics"}
+    # A Secret given for a role is used as it is, and not issued.
+    given = copy.deepcopy(SECURED)
+    given["tls"]["secrets"] = {"worker": "worker-cert"}
+    docs = render(given)
+    assert find(docs, "StatefulSet", "prod-myriad-worker")["spec"]["template"]["spec"]["volumes"][-2]["secret"] == {
+        "secretName": "worker-cert"
+    }
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "Certificate"} == {
+        "prod-myriad-coordinator",
+        "prod-myriad-router",
+        "prod-myriad-kvcache",
+    }
+    # Off: no certificates, no TLS variables, the gRPC probe.
+    docs = render()
+    assert not [d for d in docs if d["kind"] == "Certificate"]
+    assert not [n for n in env(container(docs, "StatefulSet", "prod-myriad-worker")) if "TLS" in n]
+    assert "grpc" in container(docs, "StatefulSet", "prod-myriad-worker")["readinessProbe"]

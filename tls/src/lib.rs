@@ -51,9 +51,14 @@ pub enum TlsError {
 }
 
 impl TlsOptions {
-    /// Whether any TLS file is set.
+    /// Whether any TLS setting is given (one alone is an error, not
+    /// ignored).
     pub fn enabled(&self) -> bool {
-        self.cert.is_some() || self.key.is_some() || self.ca.is_some()
+        self.cert.is_some()
+            || self.key.is_some()
+            || self.ca.is_some()
+            || self.require_client_cert
+            || self.server_name.is_some()
     }
 
     /// The server side: `None` when TLS is off. Needs a certificate and

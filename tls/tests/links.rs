@@ -152,6 +152,11 @@ async fn bad_settings_name_the_file_or_flag() {
     assert!(message(client_without_ca.client().map(|_| ())).contains("--tls-ca"));
     let bad_ca = options(None, Some(&garbage));
     assert!(message(bad_ca.client().map(|_| ())).contains("garbage.pem"));
+    // A setting alone is refused, not ignored.
+    let alone = TlsOptions { require_client_cert: true, ..TlsOptions::default() };
+    assert!(message(alone.server().map(|_| ())).contains("--tls-cert"));
+    let alone = TlsOptions { server_name: Some("myriad".into()), ..TlsOptions::default() };
+    assert!(message(alone.client().map(|_| ())).contains("--tls-ca"));
     let missing = options(None, Some(&dir.path().join("absent.pem")));
     assert!(message(missing.client().map(|_| ())).contains("absent.pem"));
 }

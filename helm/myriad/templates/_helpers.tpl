@@ -94,6 +94,7 @@ whole numbers print without a decimal point (YAML numbers are floats).
   value: {{ .Values.model.path | quote }}
 - name: RUST_LOG
   value: {{ .Values.logLevel | quote }}
+{{- include "myriad.securityEnv" . }}
 {{- if .Values.otel.endpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ .Values.otel.endpoint | quote }}
@@ -101,6 +102,78 @@ whole numbers print without a decimal point (YAML numbers are floats).
 {{- if .Values.otel.traceFilter }}
 - name: MYRIAD_TRACE_FILTER
   value: {{ .Values.otel.traceFilter | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The name on every role's certificate, which clients check. */}}
+{{- define "myriad.tlsServerName" -}}
+{{- default (include "myriad.component" (dict "root" . "component" "internal")) .Values.tls.serverName -}}
+{{- end -}}
+
+{{/* A role's TLS Secret; call with (dict "root" $ "component" "worker"). */}}
+{{- define "myriad.tlsSecret" -}}
+{{- default (printf "%s-tls" (include "myriad.component" .)) (index .root.Values.tls.secrets .component) -}}
+{{- end -}}
+
+{{/* TLS and etcd login settings, as files mounted by myriad.tlsMount. */}}
+{{- define "myriad.securityEnv" -}}
+{{- if .Values.tls.enabled }}
+- name: MYRIAD_TLS_CERT
+  value: /etc/myriad/tls/tls.crt
+- name: MYRIAD_TLS_KEY
+  value: /etc/myriad/tls/tls.key
+- name: MYRIAD_TLS_CA
+  value: /etc/myriad/tls/ca.crt
+- name: MYRIAD_TLS_SERVER_NAME
+  value: {{ include "myriad.tlsServerName" . | quote }}
+{{- if .Values.tls.requireClientCert }}
+- name: MYRIAD_TLS_REQUIRE_CLIENT_CERT
+  value: "true"
+{{- end }}
+{{- end }}
+{{- if .Values.etcd.tls.secret }}
+- name: MYRIAD_ETCD_CA
+  value: /etc/myriad/etcd-tls/ca.crt
+{{- if .Values.etcd.tls.clientCert }}
+- name: MYRIAD_ETCD_CERT
+  value: /etc/myriad/etcd-tls/tls.crt
+- name: MYRIAD_ETCD_KEY
+  value: /etc/myriad/etcd-tls/tls.key
+{{- end }}
+{{- end }}
+{{- with .Values.etcd.auth.user }}
+- name: MYRIAD_ETCD_USER
+  value: {{ . | quote }}
+- name: MYRIAD_ETCD_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "etcd.auth.passwordSecret.name is required with etcd.auth.user" $.Values.etcd.auth.passwordSecret.name | quote }}
+      key: {{ $.Values.etcd.auth.passwordSecret.key | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The volumes of myriad.securityEnv's files; call with (dict "root" $ "component" "worker"). */}}
+{{- define "myriad.tlsVolume" -}}
+{{- if .root.Values.tls.enabled }}
+- name: tls
+  secret: {secretName: {{ include "myriad.tlsSecret" . | quote }}}
+{{- end }}
+{{- with .root.Values.etcd.tls.secret }}
+- name: etcd-tls
+  secret: {secretName: {{ . | quote }}}
+{{- end }}
+{{- end -}}
+
+{{- define "myriad.tlsMount" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/myriad/tls
+  readOnly: true
+{{- end }}
+{{- if .Values.etcd.tls.secret }}
+- name: etcd-tls
+  mountPath: /etc/myriad/etcd-tls
+  readOnly: true
 {{- end }}
 {{- end -}}
 
