@@ -1,6 +1,7 @@
-//! `--metrics-listen`: Prometheus' default registry as text on `GET
+//! `--metrics-listen`: the process's metrics as Prometheus text on `GET
 //! /metrics`, for the roles whose own port speaks gRPC (worker,
-//! coordinator, KV-cache); and `GET /ready`, for probes that cannot ask
+//! coordinator, KV-cache) and for routers whose API port faces clients;
+//! and `GET /ready`, for probes that cannot ask
 //! the gRPC health service (the kubelet's gRPC probe speaks no TLS).
 
 use anyhow::{Context, Result};
@@ -19,6 +20,11 @@ pub struct MetricsArgs {
 }
 
 impl MetricsArgs {
+    /// Whether a metrics port is asked for.
+    pub fn enabled(&self) -> bool {
+        self.metrics_listen.is_some()
+    }
+
     /// Starts the endpoint, when one is asked for; `/ready` follows
     /// `ready` (none: ready while the process runs).
     pub async fn start(&self, ready: Option<watch::Receiver<bool>>) -> Result<()> {
@@ -37,7 +43,9 @@ async fn serve(addr: &str, ready: Option<watch::Receiver<bool>>) -> Result<Strin
         let ready = ready.as_ref().is_none_or(|r| *r.borrow());
         async move { if ready { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") } }
     };
-    let app = Router::new().route("/metrics", get(|| async { render() })).route("/ready", get(readiness));
+    let app = Router::new()
+        .route("/metrics", get(|| async { myriad_router::metrics::render() }))
+        .route("/ready", get(readiness));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the metrics endpoint stopped");
@@ -45,12 +53,4 @@ async fn serve(addr: &str, ready: Option<watch::Receiver<bool>>) -> Result<Strin
     });
     tracing::info!(addr = %bound, "metrics on /metrics");
     Ok(bound)
-}
-
-fn render() -> String {
-    let mut out = String::new();
-    if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&prometheus::gather(), &mut out) {
-        out = format!("# encoding metrics failed: {e}\n");
-    }
-    out
 }

@@ -21,11 +21,17 @@ use tokio::net::TcpListener;
 
 use crate::cluster::LocalCluster;
 use crate::membership::{ClusterArgs, join_router, require_one, router_record};
+use crate::metrics_http::MetricsArgs;
 use crate::tls::TlsArgs;
 
 /// Options of the HTTP front end, shared by `up` and `router`.
 #[derive(clap::Args)]
 pub struct HttpArgs {
+    /// `/metrics` on a port of its own (e.g. `0.0.0.0:9400`) instead of
+    /// the API's, so that whatever exposes the API does not expose it.
+    #[command(flatten)]
+    metrics: MetricsArgs,
+
     /// Model folder (config, weights, tokenizer.json, tokenizer_config.json).
     #[arg(long, env = "MYRIAD_MODEL", default_value = "models/tiny-v4")]
     pub(crate) model: PathBuf,
@@ -306,6 +312,7 @@ pub(crate) fn serve(
         vocab_size: cfg.vocab_size,
         kvcache,
         ready: Box::new(move || experts.pool().serving()),
+        metrics_here: !args.metrics.enabled(),
     });
     tracing::info!(
         model = %model_name, listen = %args.listen, api_keys = args.api_keys.len(), max_batch = args.max_batch,
@@ -316,6 +323,7 @@ pub(crate) fn serve(
         let shutdown = crate::shutdown::signal();
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let addr = listener.local_addr().context("read the bound address")?;
+        args.metrics.start(None).await?;
         // Tests and scripts read this first line to find the port.
         // Written, not println!: a reader that closed stdout after the
         // first line must not take the server down.

@@ -59,7 +59,10 @@ VALUE_SETS = {
     "secured": SECURED,
     "gpu": GPU,
     "everything": EVERYTHING,
-    "no-kvcache-host-model": {"kvcache": {"enabled": False}, "model": {"source": "hostPath", "hostPath": "/srv/models"}},
+    "no-kvcache-host-model": {
+        "kvcache": {"enabled": False},
+        "model": {"source": "hostPath", "hostPath": "/srv/models", "path": "/models/tiny-v4"},
+    },
 }
 
 
@@ -126,7 +129,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(name):
     docs = render(VALUE_SETS[name])
     assert len(docs) >= 10
     for doc in docs:
-        if doc["kind"] in ("ServiceMonitor", "PodMonitor", "PrometheusRule", "Certificate"):
+        if doc["kind"] in ("ServiceMonitor", "PodMonitor", "PrometheusRule", "Certificate", "ScaledObject"):
             # A CRD: not in the Kubernetes schemas; checked in its own test.
             continue
         for version in KUBE_VERSIONS:
@@ -224,6 +227,8 @@ def test_workers_report_their_node_and_zone_for_placement():
         ({"router": {"config": {"maxBatch": 0}}}, "maxBatch"),
         ({"coordinator": {"config": {"settle": "two seconds"}}}, "settle"),
         ({"worker": {"config": {"capacity": "lots"}}}, "capacity"),
+        # `24G` reads as giga-what to the binary: refused here, not at start-up.
+        ({"worker": {"config": {"capacity": "24G"}}}, "capacity"),
         ({"etcd": {"replicas": 2}}, "replicas"),
         ({"model": {"source": "s3"}}, "source"),
         ({"serviceMonitor": {"create": "yes"}}, "create"),
@@ -247,6 +252,13 @@ def test_the_schema_rejects_typos_and_bad_values(values, complaint):
         ({"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}}, "turn that on too"),
         ({"tls": {"enabled": True, "certManager": {"enabled": True}}}, "tls.certManager.issuerRef.name is required"),
         ({"etcd": {"auth": {"user": "myriad"}}}, "etcd.auth.passwordSecret.name is required"),
+        ({"router": {"keda": {"enabled": True}}}, "router.keda.serverAddress is required"),
+        ({"router": {"autoscaling": {"enabled": True}, "keda": {"enabled": True, "serverAddress": "http://p:9090"}}}, "enable one"),
+        ({"worker": {"config": {"capacity": "4GiB"}}}, "worker.config.capacity (4GiB) exceeds worker.resources.limits.memory (3Gi)"),
+        ({"kvcache": {"config": {"memory": "3GB"}}}, "kvcache.config.memory (3GB) exceeds kvcache.resources.limits.memory (2Gi)"),
+        ({"kvcache": {"config": {"diskCapacity": "20GiB"}}}, "kvcache.config.diskCapacity (20GiB) exceeds kvcache.persistence.size (10Gi)"),
+        ({"model": {"source": "pvc", "claimName": "m", "path": "/opt/models/x"}}, "model.path (/opt/models/x) is outside model.mountPath (/models)"),
+        ({"router": {"resources": {"limits": {"memory": "4GiB"}}}}, "router.resources.limits.memory: `4GiB` is not a Kubernetes quantity"),
     ],
 )
 def test_mistakes_between_fields_fail_at_render_time(values, complaint):
@@ -266,7 +278,10 @@ def test_router_probes_use_health_and_ready():
     c = container(render(), "Deployment", "prod-myriad-router")
     assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
-    assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert c["ports"] == [
+        {"name": "http", "containerPort": 8000, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 9400, "protocol": "TCP"},
+    ]
     service = find(render(), "Service", "prod-myriad-router")
     assert service["spec"]["ports"][0]["targetPort"] == "http"
 
@@ -325,7 +340,7 @@ def test_secrets_reach_the_roles_that_need_them():
     assert "MYRIAD_API_KEYS" not in env(container(render(), "Deployment", "prod-myriad-router"))
 
 
-def test_ingress_tls_autoscaling_and_service_monitor():
+def test_ingress_tls_autoscaling_and_pod_monitor():
     docs = render(EVERYTHING)
     ingress = find(docs, "Ingress", "prod-myriad-router")
     assert ingress["spec"]["tls"] == [{"secretName": "myriad-tls", "hosts": ["myriad.example.com"]}]
@@ -334,17 +349,18 @@ def test_ingress_tls_autoscaling_and_service_monitor():
     hpa = find(docs, "HorizontalPodAutoscaler", "prod-myriad-router")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "prod-myriad-router"
     assert "replicas" not in find(docs, "Deployment", "prod-myriad-router")["spec"], "the HPA owns the count"
-    monitor = find(docs, "ServiceMonitor", "prod-myriad-router")
-    assert monitor["spec"]["endpoints"][0]["port"] == "http" and monitor["spec"]["endpoints"][0]["path"] == "/metrics"
-    assert monitor["spec"]["selector"]["matchLabels"] == find(docs, "Service", "prod-myriad-router")["spec"]["selector"]
-    # The other roles serve /metrics on a port of their own, scraped per pod.
+    # Every role serves /metrics on a port of its own, scraped per pod; the
+    # router's API port (behind the Service and Ingress) does not.
+    assert not [d for d in docs if d["kind"] == "ServiceMonitor"]
     pods = find(docs, "PodMonitor", "prod-myriad")["spec"]
     assert pods["podMetricsEndpoints"][0]["port"] == "metrics"
-    assert pods["selector"]["matchExpressions"][0]["values"] == ["worker", "coordinator", "kvcache"]
-    for kind, role in [("StatefulSet", "worker"), ("Deployment", "coordinator"), ("StatefulSet", "kvcache")]:
+    assert pods["selector"]["matchExpressions"][0]["values"] == ["router", "worker", "coordinator", "kvcache"]
+    for kind, role in [("Deployment", "router"), ("StatefulSet", "worker"), ("Deployment", "coordinator"), ("StatefulSet", "kvcache")]:
         c = find(docs, kind, f"prod-myriad-{role}")["spec"]["template"]["spec"]["containers"][0]
         assert "--metrics-listen=0.0.0.0:9400" in c["args"], role
         assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in c["ports"], role
+    service_ports = find(docs, "Service", "prod-myriad-router")["spec"]["ports"]
+    assert [p["targetPort"] for p in service_ports] == ["http"], "the router Service exposes the API port only"
     assert "https://myriad.example.com/v1" in notes(EVERYTHING)
 
 
@@ -412,9 +428,9 @@ def test_network_policies_let_each_role_reach_only_what_it_needs():
     def ingress(role):
         return [(r["ports"][0]["port"], peers(r)) for r in policy[role]["ingress"]]
 
-    # Prometheus scrapes the other roles on their metrics port.
+    # Prometheus scrapes every role on its metrics port.
     assert ingress("worker") == [("experts", {"router", "coordinator"}), ("metrics", None)]
-    assert ingress("router") == [("http", None)]
+    assert ingress("router") == [("http", None), ("metrics", None)]
     assert ingress("coordinator") == [("admin", {"coordinator", "admin-client"}), ("metrics", None)]
     assert ingress("kvcache") == [("kvcache", {"router", "coordinator", "admin-client"}), ("metrics", None)]
     assert ingress("etcd")[0] == ("client", {"coordinator", "worker", "router", "kvcache", "admin-client"})
@@ -455,8 +471,8 @@ def test_a_limited_router_api_still_lets_this_release_and_prometheus_in():
     docs = render({"networkPolicy": {"routerFrom": only, "metricsFrom": scrapers}})
     allowed = find(docs, "NetworkPolicy", "prod-myriad-router")["spec"]["ingress"][0]["from"]
     release = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "myriad", "app.kubernetes.io/instance": "prod"}}}
-    assert allowed == only + [release] + scrapers
-    for role in ("worker", "coordinator", "kvcache"):
+    assert allowed == only + [release]
+    for role in ("router", "worker", "coordinator", "kvcache"):
         rules = find(docs, "NetworkPolicy", f"prod-myriad-{role}")["spec"]["ingress"]
         assert {"ports": [{"port": "metrics", "protocol": "TCP"}], "from": scrapers} in rules, role
 
@@ -532,3 +548,46 @@ def test_tls_gives_every_role_its_certificate_and_etcd_its_login():
     assert not [d for d in docs if d["kind"] == "Certificate"]
     assert not [n for n in env(container(docs, "StatefulSet", "prod-myriad-worker")) if "TLS" in n]
     assert "grpc" in container(docs, "StatefulSet", "prod-myriad-worker")["readinessProbe"]
+
+
+def test_grace_periods_update_strategies_and_startup_probes_are_tunable():
+    docs = render()
+    # Defaults: a worker's grace outlasts its 20 s drain; routers finish responses.
+    for kind, role, grace in [("StatefulSet", "worker", 30), ("Deployment", "router", 60)]:
+        assert find(docs, kind, f"prod-myriad-{role}")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == grace
+    assert "updateStrategy" not in find(docs, "StatefulSet", "prod-myriad-worker")["spec"]
+    values = {
+        "worker": {
+            "terminationGracePeriodSeconds": 120,
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 2}},
+            "startupProbe": {"failureThreshold": 720},
+        },
+        "router": {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}},
+        "coordinator": {"updateStrategy": {"type": "Recreate"}},
+    }
+    docs = render(values)
+    worker = find(docs, "StatefulSet", "prod-myriad-worker")["spec"]
+    assert worker["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+    assert worker["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"partition": 2}}
+    assert worker["template"]["spec"]["containers"][0]["startupProbe"]["failureThreshold"] == 720
+    assert find(docs, "Deployment", "prod-myriad-router")["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert find(docs, "Deployment", "prod-myriad-coordinator")["spec"]["strategy"] == {"type": "Recreate"}
+    for doc in docs:
+        if doc["kind"] not in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
+            kubernetes_validate.validate(doc, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_keda_scales_routers_on_queued_requests():
+    values = {"router": {"keda": {"enabled": True, "serverAddress": "http://prometheus-operated.monitoring:9090", "queueDepth": 4}}}
+    docs = render(values)
+    scaled = find(docs, "ScaledObject", "prod-myriad-router")["spec"]
+    assert scaled["scaleTargetRef"] == {"name": "prod-myriad-router"}
+    trigger = scaled["triggers"][0]
+    assert trigger["type"] == "prometheus" and trigger["metadata"]["threshold"] == "4"
+    assert trigger["metadata"]["query"] == 'sum(myriad_router_queue_depth{namespace="ml", pod=~"prod-myriad-router-.*"})'
+    # The metric it reads is one the router exports.
+    source = (ROOT / "router" / "src" / "metrics.rs").read_text()
+    assert '"myriad_router_queue_depth"' in source
+    # KEDA owns the replica count.
+    assert "replicas" not in find(docs, "Deployment", "prod-myriad-router")["spec"]
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]

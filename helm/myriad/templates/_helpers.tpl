@@ -229,4 +229,7 @@ tolerations: {{- toYaml . | nindent 2 }}
 {{- with .role.affinity }}
 affinity: {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- if not (kindIs "invalid" .role.terminationGracePeriodSeconds) }}
+terminationGracePeriodSeconds: {{ int .role.terminationGracePeriodSeconds }}
+{{- end }}
 {{- end -}}

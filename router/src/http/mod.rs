@@ -3,7 +3,8 @@
 //! `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream`),
 //! `GET /v1/models`, `POST /tokenize` and `/detokenize` (vLLM's), `GET
 //! /health` (alive), `GET /ready` (the data plane can serve), `GET
-//! /metrics` (Prometheus). Bodies are size-limited and parsed by
+//! /metrics` (Prometheus; unless a port of its own serves it, so an
+//! Ingress in front of the API cannot expose it). Bodies are size-limited and parsed by
 //! hand so every malformed input gets a 400 in OpenAI's error shape; API keys
 //! are checked when configured.
 
@@ -63,6 +64,8 @@ pub struct AppState {
     pub kvcache: Option<crate::kvcache::StateCache>,
     /// Whether the data plane can serve (placement loaded, workers reachable).
     pub ready: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Whether `/metrics` is served on the API's port.
+    pub metrics_here: bool,
 }
 
 impl AppState {
@@ -77,24 +80,25 @@ impl AppState {
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let metrics_here = state.metrics_here;
+    let api = Router::new()
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat_completions))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route("/health", get(|| async { "ok" }))
-        .route("/ready", get(ready))
-        .route("/metrics", get(|| async { crate::metrics::render() }))
-        .fallback(|| async {
-            ApiError::not_found(
-                "no such endpoint; see /v1/models, /v1/completions, /v1/chat/completions, /tokenize, /detokenize",
-            )
-        })
-        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(refuse_declared_oversize))
-        .with_state(state)
+        .route("/ready", get(ready));
+    let api = if metrics_here { api.route("/metrics", get(|| async { crate::metrics::render() })) } else { api };
+    api.fallback(|| async {
+        ApiError::not_found(
+            "no such endpoint; see /v1/models, /v1/completions, /v1/chat/completions, /tokenize, /detokenize",
+        )
+    })
+    .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+    .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+    .layer(axum::middleware::from_fn(refuse_declared_oversize))
+    .with_state(state)
 }
 
 /// Most bytes of a refused body read and dropped before answering (see
