@@ -54,8 +54,17 @@ SECURED = {
         "auth": {"user": "myriad", "passwordSecret": {"name": "etcd-login"}},
     },
 }
+DOWNLOADED = {
+    "model": {
+        "source": "pvc",
+        "claimName": "models",
+        "path": "/models/DeepSeek-V4-Flash",
+        "download": {"enabled": True, "repository": "deepseek-ai/DeepSeek-V4-Flash", "secret": "hf"},
+    }
+}
 VALUE_SETS = {
     "default": {},
+    "downloaded": DOWNLOADED,
     "secured": SECURED,
     "gpu": GPU,
     "everything": EVERYTHING,
@@ -253,6 +262,9 @@ def test_the_schema_rejects_typos_and_bad_values(values, complaint):
         ({"tls": {"enabled": True, "certManager": {"enabled": True}}}, "tls.certManager.issuerRef.name is required"),
         ({"etcd": {"auth": {"user": "myriad"}}}, "etcd.auth.passwordSecret.name is required"),
         ({"router": {"keda": {"enabled": True}}}, "router.keda.serverAddress is required"),
+        ({"model": {"download": {"enabled": True, "repository": "a/b"}}}, "set model.source to pvc"),
+        ({"model": {"source": "pvc", "claimName": "m", "path": "/models/x", "download": {"enabled": True}}}, "model.download.repository is required"),
+        ({"model": {"source": "pvc", "claimName": "m", "path": "/models/x", "download": {"enabled": True, "from": "s3", "repository": "bucket/x"}}}, "must be an s3:// URL"),
         ({"router": {"autoscaling": {"enabled": True}, "keda": {"enabled": True, "serverAddress": "http://p:9090"}}}, "enable one"),
         ({"worker": {"config": {"capacity": "4GiB"}}}, "worker.config.capacity (4GiB) exceeds worker.resources.limits.memory (3Gi)"),
         ({"kvcache": {"config": {"memory": "3GB"}}}, "kvcache.config.memory (3GB) exceeds kvcache.resources.limits.memory (2Gi)"),
@@ -591,3 +603,28 @@ def test_keda_scales_routers_on_queued_requests():
     # KEDA owns the replica count.
     assert "replicas" not in find(docs, "Deployment", "prod-myriad-router")["spec"]
     assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+
+
+def test_a_hook_job_fills_the_model_claim_from_hugging_face_or_s3():
+    docs = render(DOWNLOADED)
+    job = find(docs, "Job", "prod-myriad-model-download")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    variables = env(c)
+    assert variables["REPOSITORY"]["value"] == "deepseek-ai/DeepSeek-V4-Flash"
+    assert variables["DEST"]["value"] == "/models/DeepSeek-V4-Flash"
+    assert variables["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+    assert "snapshot_download" in c["args"][0] and "REPOSITORY" in c["args"][0]
+    # It writes the claim the roles mount read-only.
+    assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "models"}
+    assert {"name": "model", "mountPath": "/models"} in c["volumeMounts"]
+    worker = find(docs, "StatefulSet", "prod-myriad-worker")["spec"]["template"]["spec"]
+    assert worker["volumes"][0]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    # S3: aws s3 sync with the Secret's keys as its environment.
+    s3 = copy.deepcopy(DOWNLOADED)
+    s3["model"]["download"].update({"from": "s3", "repository": "s3://models/v4-flash/", "secret": "aws"})
+    c = find(render(s3), "Job", "prod-myriad-model-download")["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"].startswith("amazon/aws-cli") and "aws s3 sync" in c["args"][0]
+    assert c["envFrom"] == [{"secretRef": {"name": "aws"}}]
+    assert not [d for d in render() if d["kind"] == "Job"]

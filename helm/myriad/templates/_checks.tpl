@@ -64,6 +64,12 @@ with what to change (included once, from coordinator.yaml).
 {{- end -}}
 {{- end -}}
 {{- $m := .Values.model -}}
+{{- if and $m.download.enabled (ne $m.source "pvc") -}}
+{{- fail (printf "model.download fills a claim: set model.source to pvc (it is %s)" $m.source) -}}
+{{- end -}}
+{{- if and $m.download.enabled (eq $m.download.from "s3") (not (hasPrefix "s3://" $m.download.repository)) -}}
+{{- fail (printf "model.download.repository (%s) must be an s3:// URL when model.download.from is s3" $m.download.repository) -}}
+{{- end -}}
 {{- if and (ne $m.source "image") (not (hasPrefix (printf "%s/" (trimSuffix "/" $m.mountPath)) $m.path)) -}}
 {{- fail (printf "model.path (%s) is outside model.mountPath (%s), where the %s is mounted" $m.path $m.mountPath $m.source) -}}
 {{- end -}}
