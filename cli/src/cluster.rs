@@ -74,6 +74,7 @@ impl LocalCluster {
             hierarchical: false,
             min_workers: workers,
             settle: Duration::from_millis(100),
+            settle_departures: Duration::from_millis(100),
             lease_ttl: LEASE_TTL,
             rollout_timeout: FIRST_PLACEMENT,
             load_interval: LOAD_INTERVAL,

@@ -51,9 +51,15 @@ pub struct Args {
     #[arg(long, env = "MYRIAD_MIN_WORKERS", default_value_t = 1)]
     min_workers: usize,
 
-    /// Membership must stay unchanged this long before a new placement.
+    /// Membership must stay unchanged this long before a new placement
+    /// (a burst of joins, as in a rolling update, makes one version).
     #[arg(long, env = "MYRIAD_SETTLE", default_value = "2s")]
     settle: humantime::Duration,
+
+    /// The pause when workers only left: their experts need a new home at
+    /// once, and a worker stopped with SIGTERM serves until it has one.
+    #[arg(long, env = "MYRIAD_SETTLE_DEPARTURES", default_value = "250ms")]
+    settle_departures: humantime::Duration,
 
     /// Longest wait for workers to load a new placement before abandoning it.
     #[arg(long, env = "MYRIAD_ROLLOUT_TIMEOUT", default_value = "5m")]
@@ -122,6 +128,7 @@ pub fn run(args: Args) -> Result<()> {
         hierarchical: args.hierarchical,
         min_workers: args.min_workers,
         settle: *args.settle,
+        settle_departures: *args.settle_departures,
         lease_ttl: *args.cluster.lease_ttl,
         rollout_timeout: *args.rollout_timeout,
         load_interval: *args.load_interval,

@@ -95,6 +95,7 @@ fn coordinator_config(model: &Path) -> CoordinatorConfig {
         hierarchical: false,
         min_workers: 1,
         settle: Duration::from_millis(50),
+        settle_departures: Duration::from_millis(50),
         lease_ttl: TTL,
         rollout_timeout: Duration::from_secs(30),
         load_interval: Duration::from_secs(10),

@@ -70,7 +70,8 @@ async fn nodes_wait_for_etcd_and_a_sigtermed_worker_hands_over_at_once() {
     etcd.restart().await;
     let _coordinator = start(
         member(&e, "coordinator", "c1"),
-        &["--admin-listen", "127.0.0.1:0", "--min-workers", "2", "--settle", "300ms"],
+        // Default settle times: a departure re-places within the second.
+        &["--admin-listen", "127.0.0.1:0", "--min-workers", "2"],
     );
     until("router ready", Duration::from_secs(60), async || {
         reqwest::get(&ready).await.ok()?.status().is_success().then_some(())
@@ -85,6 +86,19 @@ async fn nodes_wait_for_etcd_and_a_sigtermed_worker_hands_over_at_once() {
     let store: std::sync::Arc<dyn myriad_store::Store> = std::sync::Arc::new(etcd.store());
     let keys = Keys::new("life");
     let placements = Mirror::follow(store, keys.placements()).await.unwrap();
+    // Watched while the stream runs: the stream may outlast the handover.
+    let watched = keys.clone();
+    let handed_over = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let view = PlacementView::read(&watched, &placements.snapshot());
+            if view.current().is_some_and(|p| p.assignment(&"w1".parse().unwrap()).is_none()) {
+                return Instant::now();
+            }
+            assert!(Instant::now() < deadline, "no current placement without w1 within 10 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
     let mut sent = None;
     let text = common::stream(&base, PROMPT, 4, || {
         workers[0].signal("TERM");
@@ -93,12 +107,9 @@ async fn nodes_wait_for_etcd_and_a_sigtermed_worker_hands_over_at_once() {
     .await;
     assert_eq!(text, expected, "a SIGTERMed worker changed or broke the answer");
     let sent = sent.unwrap();
-    let moved = until("a current placement without w1", Duration::from_secs(10), async || {
-        let view = PlacementView::read(&keys, &placements.snapshot());
-        view.current().filter(|p| p.assignment(&"w1".parse().unwrap()).is_none()).map(|_| sent.elapsed())
-    })
-    .await;
+    let moved = handed_over.await.unwrap().duration_since(sent);
     eprintln!("SIGTERM of a worker -> placement without it current: {moved:?} (lease TTL {TTL})");
+    assert!(moved < Duration::from_secs(1), "a departure took {moved:?} to re-place");
     let status = workers[0].wait(Duration::from_secs(20));
     eprintln!("SIGTERM of a worker -> it exited: {:?} ({status})", sent.elapsed());
     assert!(status.success(), "the worker did not stop cleanly: {status}");

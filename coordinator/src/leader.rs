@@ -163,7 +163,13 @@ pub(crate) async fn lead(
             // `settled` consumed that change, so waiting for the next one
             // below would sleep through this one (a burst of two kills
             // stalled re-placement for minutes that way).
-            if !settled(&mut worker_changes, config.settle).await {
+            // Only departures (every live worker already placed as it is):
+            // the shorter pause; joins wait for the burst to end.
+            let departures = view
+                .current()
+                .is_some_and(|p| live.iter().all(|w| p.assignment(&w.id).is_some_and(|a| a.addr == w.addr)));
+            let settle = if departures { config.settle_departures } else { config.settle };
+            if !settled(&mut worker_changes, settle).await {
                 continue;
             }
             let (live, view) = read();

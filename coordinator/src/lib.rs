@@ -114,6 +114,10 @@ pub struct CoordinatorConfig {
     /// Membership must stay unchanged this long before a new placement, so
     /// a burst of joins (or a rolling restart) makes one version, not many.
     pub settle: Duration,
+    /// The same pause when workers only left (none joined): their experts
+    /// need a home now, and a draining worker waits for that placement
+    /// before it exits.
+    pub settle_departures: Duration,
     /// TTL of the leader lease: a dead leader is replaced within it.
     pub lease_ttl: Duration,
     /// Longest wait for workers to load a new version before it is abandoned.
