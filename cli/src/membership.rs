@@ -1,5 +1,7 @@
 //! Joining a cluster from the command line: `--etcd`, `--cluster`,
-//! `--node-id`, `--lease-ttl`, shared by every role.
+//! `--node-id`, `--lease-ttl` and etcd's TLS and login (`--etcd-ca`,
+//! `--etcd-cert`, `--etcd-key`, `--etcd-user`, `MYRIAD_ETCD_PASSWORD`),
+//! shared by every role.
 
 use std::path::PathBuf;
 use std::sync::Arc;
