@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use myriad_coordinator::admin::{self, AdminService};
-use myriad_coordinator::{CoordinatorConfig, Shared};
+use myriad_coordinator::CoordinatorConfig;
+use myriad_coordinator::node::AdminApi;
 use myriad_model::ModelConfig;
 use myriad_router::RemoteExperts;
 use myriad_store::schema::{Keys, NodeRecord, Role};
@@ -18,7 +18,7 @@ use myriad_store::schema::{Keys, NodeRecord, Role};
 use crate::membership::{join_router, router_record, wait_serving};
 use myriad_router::membership::Membership;
 use myriad_store::{MemoryStore, Store};
-use myriad_worker::Worker;
+use myriad_worker::{Node, Worker};
 use tokio::net::TcpListener;
 
 /// Node lease TTL inside one process: only a crash of the whole process
@@ -80,12 +80,9 @@ impl LocalCluster {
             load_interval: LOAD_INTERVAL,
             tls: None,
         };
-        let shared = Arc::new(Shared::default());
-        if let Some(Admin { listener, token }) = admin {
-            let service = AdminService::new(store.clone(), keys.clone(), config.clone(), shared.clone());
-            tokio::spawn(admin::serve(listener, service, token, None));
-        }
-        tokio::spawn(myriad_coordinator::run(store.clone(), keys.clone(), config, shared, std::future::pending()));
+        let admin = admin.map(|Admin { listener, token }| AdminApi { listener, token, tls: None });
+        let coordinator = myriad_coordinator::node::Node { store: store.clone(), keys: keys.clone(), config, admin };
+        tokio::spawn(coordinator.run(std::future::pending()));
         for i in 0..workers {
             let listener = TcpListener::bind("127.0.0.1:0").await.context("bind a loopback port")?;
             let addr = listener.local_addr().context("read the bound address")?.to_string();
@@ -108,11 +105,10 @@ impl LocalCluster {
                 model: model.to_path_buf(),
                 lease_ttl: LEASE_TTL,
             };
-            tokio::spawn(
-                myriad_worker::membership::join(membership, worker.clone()).await.context("register a worker")?,
-            );
+            let node =
+                Node { listener, tls: None, worker, membership: Some(membership), drain_timeout: Duration::ZERO };
             tokio::spawn(async move {
-                if let Err(e) = myriad_worker::serve(listener, worker, None, std::future::pending()).await {
+                if let Err(e) = node.run(std::future::pending()).await {
                     tracing::error!(worker = i, error = %e, "in-process worker stopped");
                 }
             });

@@ -2,12 +2,11 @@
 //! while leading, places the model's experts on its workers.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use myriad_coordinator::admin::{self, AdminService};
-use myriad_coordinator::{CoordinatorConfig, Shared};
+use myriad_coordinator::CoordinatorConfig;
+use myriad_coordinator::node::{AdminApi, Node};
 use myriad_store::schema::Role;
 
 use crate::membership::{ClusterArgs, parse_bound};
@@ -138,14 +137,11 @@ pub fn run(args: Args) -> Result<()> {
         // Before the banner: a SIGTERM right after it must find the handler.
         let shutdown = crate::shutdown::signal();
         args.metrics.start(None).await?;
-        let store = args.cluster.store()?;
-        let keys = args.cluster.keys()?;
-        let shared = Arc::new(Shared::default());
-        let service = AdminService::new(store.clone(), keys.clone(), config.clone(), shared.clone());
-        tokio::spawn(admin::serve(listener, service, args.admin_token.clone(), server_tls));
+        let (store, keys) = (args.cluster.store()?, args.cluster.keys()?);
+        let admin = AdminApi { listener, token: args.admin_token.clone(), tls: server_tls };
         println!("coordinator {id} of cluster {} campaigning; admin API on {bound}", args.cluster.cluster);
         tracing::info!(%id, replicas = args.replicas, min_workers = args.min_workers, "coordinator started");
-        myriad_coordinator::run(store, keys, config, shared, shutdown).await;
+        Node { store, keys, config, admin: Some(admin) }.run(shutdown).await;
         anyhow::Ok(())
     })?;
     // Give the resignation a moment to reach etcd before the process ends.

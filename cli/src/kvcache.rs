@@ -2,16 +2,13 @@
 //! in memory over an optional disk directory that survives restarts.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use myriad_kvcache::{Cache, KvCacheService};
+use myriad_kvcache::node::Presence;
+use myriad_kvcache::{Cache, KvCacheService, Node};
 use tokio::net::TcpListener;
 
-use myriad_store::Store;
-use myriad_store::lease::Registration;
-use myriad_store::schema::{self, NodeRecord, Role};
+use myriad_store::schema::{NodeRecord, Role};
 
 use crate::membership::{ClusterArgs, hostname, parse_bytes};
 use crate::metrics_http::MetricsArgs;
@@ -83,60 +80,34 @@ pub fn run(args: Args) -> Result<()> {
         let bound = listener.local_addr().context("read the bound address")?;
         args.metrics.start(None).await?;
         let tls = args.tls.server()?;
+        let presence = if args.cluster.enabled() { Some(presence(&args, &bound.to_string())?) } else { None };
         let stats = service.stats();
         // Tests and scripts read this line to find an ephemeral port.
         println!("kvcache listening on {bound} ({} snapshots, {} bytes on disk)", stats.snapshots, stats.disk_bytes);
-        if !args.cluster.enabled() {
-            return myriad_kvcache::serve(listener, service, tls, shutdown).await.context("serve");
-        }
-        // Registers once the store answers; on SIGTERM, unregisters first,
-        // so routers stop sending it conversations before it goes.
-        let presence = Presence::of(&args, &bound.to_string())?;
-        let registered = tokio::spawn(async move {
-            myriad_store::retry::until_joined("register the KV-cache instance", || {
-                Registration::start(presence.store.clone(), presence.key.clone(), presence.record.clone(), presence.ttl)
-            })
-            .await
-        });
-        let leave = async move {
-            shutdown.await;
-            registered.abort();
-            if let Ok(registration) = registered.await {
-                registration.close().await;
-            }
-        };
-        myriad_kvcache::serve(listener, service, tls, leave).await.context("serve")
+        Node { listener, tls, service, presence }.run(shutdown).await.context("serve")
     })
 }
 
-/// This instance's registration: the store, its key, the record and the
-/// lease TTL.
-struct Presence {
-    store: Arc<dyn Store>,
-    key: String,
-    record: Vec<u8>,
-    ttl: Duration,
-}
-
-impl Presence {
-    fn of(args: &Args, bound: &str) -> Result<Self> {
-        let id = args.cluster.node_id(Role::Kvcache)?;
-        let record = NodeRecord {
-            id: id.clone(),
-            role: Role::Kvcache,
-            addr: args.advertise_addr.clone().unwrap_or_else(|| bound.to_string()),
-            // One instance serves every model: its keys name the model.
-            model_id: String::new(),
-            capacity_bytes: Some(args.cache.memory),
-            placement_version: None,
-            dispatch: None,
-            host: hostname(),
-            zone: None,
-        };
-        let (store, keys) = (args.cluster.store()?, args.cluster.keys()?);
-        let (key, ttl) = (keys.node(Role::Kvcache, &id), *args.cluster.lease_ttl);
-        Ok(Presence { store, key, record: schema::encode(&record), ttl })
-    }
+/// This instance's registration, from its flags.
+fn presence(args: &Args, bound: &str) -> Result<Presence> {
+    let record = NodeRecord {
+        id: args.cluster.node_id(Role::Kvcache)?,
+        role: Role::Kvcache,
+        addr: args.advertise_addr.clone().unwrap_or_else(|| bound.to_string()),
+        // One instance serves every model: its keys name the model.
+        model_id: String::new(),
+        capacity_bytes: Some(args.cache.memory),
+        placement_version: None,
+        dispatch: None,
+        host: hostname(),
+        zone: None,
+    };
+    Ok(Presence {
+        store: args.cluster.store()?,
+        keys: args.cluster.keys()?,
+        record,
+        lease_ttl: *args.cluster.lease_ttl,
+    })
 }
 
 /// Starts the service in this process on a free loopback port; returns its address.

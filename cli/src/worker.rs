@@ -8,9 +8,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use myriad_proto::spec::ExpertSpec;
 use myriad_store::schema::{NodeRecord, Role};
-use myriad_worker::{CpuBackend, Worker};
+use myriad_worker::membership::Membership;
+use myriad_worker::{CpuBackend, Node, Worker};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::membership::{ClusterArgs, hostname, parse_bytes, require_one};
 use crate::metrics_http::MetricsArgs;
@@ -75,7 +75,7 @@ pub fn run(args: Args) -> Result<()> {
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let bound = listener.local_addr().context("read the bound address")?.to_string();
         let tls = args.tls.server()?;
-        let worker = match &args.experts {
+        let (worker, membership) = match &args.experts {
             Some(spec) => {
                 let backend = CpuBackend::load(&args.model, spec)
                     .with_context(|| format!("load experts `{spec}` from {}", args.model.display()))?;
@@ -85,55 +85,37 @@ pub fn run(args: Args) -> Result<()> {
                     backend.hosted_count(),
                     myriad_coordinator::placement::human(backend.bytes() as u64)
                 );
-                let worker = Arc::new(Worker::new(Arc::new(backend)));
-                args.metrics.start(Some(worker.readiness())).await?;
-                worker
+                (Arc::new(Worker::new(Arc::new(backend))), None)
             }
             None => {
                 let shape = myriad_worker::backend::model_shape(&args.model)
                     .with_context(|| format!("read the model in {}", args.model.display()))?;
-                let worker = Arc::new(Worker::idle(shape.clone()));
-                args.metrics.start(Some(worker.readiness())).await?;
                 let id = args.cluster.node_id(Role::Worker)?;
                 let record = NodeRecord {
                     id: id.clone(),
                     role: Role::Worker,
                     addr: args.advertise_addr.clone().unwrap_or_else(|| bound.clone()),
-                    model_id: shape.model_id,
+                    model_id: shape.model_id.clone(),
                     capacity_bytes: args.capacity,
                     placement_version: None,
                     dispatch: None,
                     host: args.node.clone().or_else(hostname),
                     zone: args.zone.clone(),
                 };
-                let membership = myriad_worker::membership::Membership {
+                let membership = Membership {
                     store: args.cluster.store()?,
                     keys: args.cluster.keys()?,
                     record,
                     model: args.model.clone(),
                     lease_ttl: *args.cluster.lease_ttl,
                 };
-                // Serve at once (unready until placed); join when the store answers.
-                let (leave, leaving) = watch::channel(false);
-                let member = tokio::spawn(myriad_worker::membership::run(membership, worker.clone(), leaving));
                 println!("worker listening on {bound} as node {id} of cluster {}", args.cluster.cluster);
-                tracing::info!(addr = %bound, "worker started");
-                // On SIGTERM: leave the cluster, serve until no placement
-                // names this worker (or the drain timeout), then stop.
-                let drain = *args.drain_timeout;
-                let drained = async move {
-                    shutdown.await;
-                    leave.send_replace(true);
-                    let started = std::time::Instant::now();
-                    match tokio::time::timeout(drain, member).await {
-                        Ok(_) => tracing::info!(after = ?started.elapsed(), "no placement uses this worker; stopping"),
-                        Err(_) => tracing::warn!(?drain, "still placed after the drain timeout; stopping anyway"),
-                    }
-                };
-                return myriad_worker::serve(listener, worker, tls, drained).await.context("serve");
+                (Arc::new(Worker::idle(shape)), Some(membership))
             }
         };
+        args.metrics.start(Some(worker.readiness())).await?;
         tracing::info!(addr = %bound, "worker started");
-        myriad_worker::serve(listener, worker, tls, shutdown).await.context("serve")
+        let node = Node { listener, tls, worker, membership, drain_timeout: *args.drain_timeout };
+        node.run(shutdown).await.context("serve")
     })
 }

@@ -25,6 +25,7 @@
 //! - [`admin`]: the admin gRPC API `myriad ctl` talks to.
 //! - [`health`]: the problems `ctl status` lists, derived from the records.
 //! - [`run`]: campaigning and leading.
+//! - [`node`]: a running coordinator: its admin API and its campaign.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -40,6 +41,7 @@ pub mod health;
 mod leader;
 mod load;
 pub mod metrics;
+pub mod node;
 pub mod placement;
 
 /// What the leader's loop shares with the admin API.

@@ -17,12 +17,15 @@
 //!   lookup.
 //! - [`service`]: the gRPC service (`myriad.kvcache.v1.KvCache`).
 //! - [`metrics`]: Prometheus metrics.
+//! - [`node`]: a running instance, with its registration in a cluster.
 
 pub mod cache;
 pub mod metrics;
+pub mod node;
 pub mod objects;
 pub mod service;
 
 pub use cache::Cache;
 pub use myriad_proto::kvkey as key;
+pub use node::Node;
 pub use service::{KvCacheService, serve};

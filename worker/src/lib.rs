@@ -12,16 +12,20 @@
 //! - [`service`]: the thin tonic adapter and [`serve`].
 //! - [`membership`]: registering in the cluster store and following its
 //!   placement versions.
+//! - [`node`]: a running node, from start to its phased stop (leave,
+//!   drain, stop).
 //! - [`error`]: [`WorkerError`] and its kind.
 
 pub mod backend;
 pub mod error;
 pub mod membership;
 pub mod metrics;
+pub mod node;
 pub mod service;
 pub mod worker;
 
 pub use backend::{CpuBackend, ExpertBackend};
 pub use error::WorkerError;
+pub use node::Node;
 pub use service::serve;
 pub use worker::Worker;
