@@ -15,7 +15,7 @@ use myriad_model::ModelConfig;
 use myriad_router::RemoteExperts;
 use myriad_store::schema::{Keys, NodeRecord, Role};
 
-use crate::membership::{join_router, router_record, wait_serving};
+use crate::membership::{router_record, wait_serving};
 use myriad_router::membership::Membership;
 use myriad_store::{MemoryStore, Store};
 use myriad_worker::{Node, Worker};
@@ -121,7 +121,10 @@ impl LocalCluster {
     pub async fn attach_router(&self, id: &str, experts: &RemoteExperts, config: &ModelConfig) -> Result<()> {
         let (store, keys, record) =
             (self.store.clone(), self.keys.clone(), router_record(node_id(id)?, &self.model_id));
-        join_router(Membership { store, keys, record, lease_ttl: LEASE_TTL, tls: None }, experts, config);
+        // The handle is dropped: the router stays a member for the life of
+        // the process (a dropped handle neither stops nor unregisters it).
+        let membership = Membership { store, keys, record, lease_ttl: LEASE_TTL, tls: None };
+        let _ = myriad_router::membership::start(membership, experts, config);
         wait_serving(experts, FIRST_PLACEMENT).await
     }
 }

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use myriad_model::ModelConfig;
 use myriad_router::RemoteExperts;
-use myriad_router::membership::Membership;
 use myriad_store::etcd::{Credentials, EtcdOptions};
 use myriad_store::schema::{Keys, NodeId, NodeRecord, Role};
 use myriad_store::{EtcdStore, Store};
@@ -118,20 +116,6 @@ pub fn router_record(id: NodeId, model_id: &str) -> NodeRecord {
         host: None,
         zone: None,
     }
-}
-
-/// Starts a router's registration and placement-following on the current
-/// runtime: it joins once the store answers, and serves meanwhile, not
-/// ready.
-pub fn join_router(membership: Membership, experts: &RemoteExperts, config: &ModelConfig) {
-    let (experts, config) = (experts.clone(), config.clone());
-    tokio::spawn(async move {
-        let follow = myriad_store::retry::until_joined("register the router", || {
-            myriad_router::membership::join(membership.clone(), experts.clone(), config.clone())
-        })
-        .await;
-        follow.await
-    });
 }
 
 /// Waits until `experts` dispatches with a complete placement.

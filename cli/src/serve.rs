@@ -20,7 +20,7 @@ use myriad_store::schema::Role;
 use tokio::net::TcpListener;
 
 use crate::cluster::LocalCluster;
-use crate::membership::{ClusterArgs, join_router, require_one, router_record};
+use crate::membership::{ClusterArgs, require_one, router_record};
 use crate::metrics_http::MetricsArgs;
 use crate::tls::TlsArgs;
 
@@ -238,16 +238,15 @@ pub(crate) fn serve(
     // A router in a cluster store leaves it after its last request: a record
     // left to expire would hold up the release of old placement versions
     // (and so the drain of workers) for a lease TTL.
-    let mut registered = None;
+    let mut member = None;
     runtime.block_on(async {
         match placement {
             Placement::Local(cluster) => cluster.attach_router("router-0", &experts, cfg).await,
             Placement::Store(cluster) => {
                 let (store, keys, id) = (cluster.store()?, cluster.keys()?, cluster.node_id(Role::Router)?);
-                registered = Some((store.clone(), keys.node(Role::Router, &id)));
                 let record = router_record(id, &model.fingerprint);
                 let membership = Membership { store, keys, record, lease_ttl: *cluster.lease_ttl, tls: tls.clone() };
-                join_router(membership, &experts, cfg);
+                member = Some(myriad_router::membership::start(membership, &experts, cfg));
                 Ok(())
             }
             Placement::Static(targets) => {
@@ -345,11 +344,8 @@ pub(crate) fn serve(
         drop(out);
         let served = http::serve(listener, state, shutdown).await.context("serve HTTP");
         drop(recorded);
-        if let Some((store, key)) = registered {
-            match tokio::time::timeout(std::time::Duration::from_secs(2), store.delete(&key)).await {
-                Ok(Ok(_)) => tracing::info!("left the cluster"),
-                _ => tracing::warn!("could not unregister; the record expires with its lease"),
-            }
+        if let Some(member) = member {
+            member.leave(std::time::Duration::from_secs(2)).await;
         }
         served
     })

@@ -181,7 +181,9 @@ async fn a_dead_worker_is_replaced_by_a_new_version_without_changing_outputs() {
         lease_ttl: TTL,
         tls: None,
     };
-    tokio::spawn(myriad_router::membership::join(membership, experts.clone(), model.config.clone()).await.unwrap());
+    let (_stay, stay) = tokio::sync::watch::channel(false);
+    let follow = myriad_router::membership::join(membership, experts.clone(), model.config.clone(), stay);
+    tokio::spawn(follow.await.unwrap());
 
     let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
     let view = wait_for_current(&placements, &keys, |v| v.current.is_some()).await;

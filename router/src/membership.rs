@@ -11,6 +11,7 @@ use myriad_store::lease::Registration;
 use myriad_store::mirror::Mirror;
 use myriad_store::schema::{self, DispatchHealth, Keys, NodeRecord, Placement, PlacementView};
 use myriad_store::{Store, StoreError};
+use tokio::sync::watch;
 
 use crate::dispatch::RemoteExperts;
 use crate::pool::{Target, WorkerPool};
@@ -32,16 +33,58 @@ pub struct Membership {
 }
 
 /// Registers the router and returns the loop that switches `experts` to
-/// each new current placement; it runs until dropped.
+/// each new current placement; it runs until dropped, or until `leave`
+/// turns true: then it unregisters (revoking its lease) and ends.
 pub async fn join(
     m: Membership,
     experts: RemoteExperts,
     config: ModelConfig,
+    leave: watch::Receiver<bool>,
 ) -> Result<impl Future<Output = ()>, StoreError> {
     let mirror = Mirror::follow(m.store.clone(), m.keys.placements()).await?;
     let key = m.keys.node(m.record.role, &m.record.id);
     let registration = Registration::start(m.store.clone(), key, schema::encode(&m.record), m.lease_ttl).await?;
-    Ok(follow(m, experts, config, mirror, registration))
+    Ok(follow(m, experts, config, mirror, registration, leave))
+}
+
+/// A router's membership started by [`start`]: joins once the store
+/// answers, follows placement, and leaves when asked.
+pub struct Member {
+    leave: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts `m`'s registration and placement-following on the current
+/// runtime: it joins once the store answers, and the router serves
+/// meanwhile, not ready.
+pub fn start(m: Membership, experts: &RemoteExperts, config: &ModelConfig) -> Member {
+    let (leave, leaving) = watch::channel(false);
+    let (experts, config) = (experts.clone(), config.clone());
+    let task = tokio::spawn(async move {
+        let follow = myriad_store::retry::until_joined("register the router", || {
+            join(m.clone(), experts.clone(), config.clone(), leaving.clone())
+        })
+        .await;
+        follow.await
+    });
+    Member { leave, task }
+}
+
+impl Member {
+    /// Leaves the cluster: its record goes with its lease, at once, so the
+    /// coordinator need not wait a lease TTL to release old placement
+    /// versions (and so to let workers drain). Waits at most `limit`.
+    pub async fn leave(self, limit: Duration) {
+        self.leave.send_replace(true);
+        let Member { mut task, .. } = self;
+        match tokio::time::timeout(limit, &mut task).await {
+            Ok(_) => tracing::info!("left the cluster"),
+            Err(_) => {
+                task.abort();
+                tracing::warn!("could not unregister; the record expires with its lease");
+            }
+        }
+    }
 }
 
 async fn follow(
@@ -50,6 +93,7 @@ async fn follow(
     config: ModelConfig,
     mirror: Mirror,
     registration: Registration,
+    mut leave: watch::Receiver<bool>,
 ) {
     let mut record = m.record;
     let mut changes = mirror.subscribe();
@@ -74,6 +118,11 @@ async fn follow(
             }
         }
         tokio::select! {
+            // A dropped sender never asks to leave.
+            true = async { leave.wait_for(|leave| *leave).await.is_ok() } => {
+                registration.close().await;
+                return;
+            }
             changed = changes.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep(RETRY), if pending => {}
             _ = health.tick() => {
