@@ -3,9 +3,6 @@
 //! running `myriad up`'s. Tables for people, `--json` for scripts. Every
 //! error names the address tried, how it was found, and what went wrong.
 
-use myriad_tls::ClientTls;
-
-use crate::tls::TlsArgs;
 use anyhow::{Context, Result, anyhow, bail};
 use myriad_proto::admin::admin_client::AdminClient;
 use myriad_proto::admin::{
@@ -14,10 +11,12 @@ use myriad_proto::admin::{
 };
 use myriad_proto::spec::ExpertSpec;
 use myriad_store::schema::{self, Leader};
+use myriad_tls::ClientTls;
 use serde_json::json;
 use tonic::transport::Channel;
 
 use crate::membership::ClusterArgs;
+use crate::tls::TlsArgs;
 use crate::up::DEFAULT_ADMIN;
 
 #[derive(clap::Args)]

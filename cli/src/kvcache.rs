@@ -116,7 +116,8 @@ pub async fn start_local(cache: &CacheArgs) -> Result<String> {
     let listener = TcpListener::bind("127.0.0.1:0").await.context("listen for the KV-cache")?;
     let addr = listener.local_addr().context("read the bound address")?.to_string();
     tokio::spawn(async move {
-        if let Err(e) = myriad_kvcache::serve(listener, service, None, std::future::pending()).await {
+        let node = Node { listener, tls: None, service, presence: None };
+        if let Err(e) = node.run(std::future::pending()).await {
             tracing::error!(error = %e, "the in-process KV-cache stopped");
         }
     });

@@ -1,8 +1,6 @@
 //! `myriad up` and `myriad router`: the OpenAI-compatible endpoint over
 //! expert workers (started in this process, or already running).
 
-use myriad_router::membership::Membership;
-use myriad_tls::ClientTls;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,9 +12,11 @@ use myriad_router::chat::ChatEncoder;
 use myriad_router::engine::{Engine, EngineConfig, SaveState};
 use myriad_router::http::{self, AppState};
 use myriad_router::kvcache::StateCache;
+use myriad_router::membership::Membership;
 use myriad_router::structured::Grammars;
 use myriad_router::{RemoteExperts, Target, WorkerPool};
 use myriad_store::schema::Role;
+use myriad_tls::ClientTls;
 use tokio::net::TcpListener;
 
 use crate::cluster::LocalCluster;

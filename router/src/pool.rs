@@ -7,7 +7,6 @@
 //! placement version replaces this pool: without the probe it would stay
 //! unused for good.
 
-use myriad_tls::ClientTls;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +17,7 @@ use myriad_proto::MAX_MESSAGE_BYTES;
 use myriad_proto::pb::DescribeRequest;
 use myriad_proto::pb::expert_worker_client::ExpertWorkerClient;
 use myriad_proto::spec::ExpertSpec;
+use myriad_tls::ClientTls;
 use tonic::transport::{Channel, Endpoint};
 
 /// First pause before probing a worker marked down; doubles up to [`PROBE_MAX`].

@@ -13,7 +13,6 @@
 //! that dies, or a conversation whose home moved, costs recomputation,
 //! never a wrong answer.
 
-use myriad_tls::ClientTls;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -26,6 +25,7 @@ use myriad_proto::kvcache::{Block, Prefix, PutChunk, put_chunk, state_chunk};
 use myriad_store::mirror::Mirror;
 use myriad_store::schema::{self, Keys, Role};
 use myriad_store::{Store, StoreError};
+use myriad_tls::ClientTls;
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
