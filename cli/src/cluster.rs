@@ -15,8 +15,8 @@ use myriad_model::ModelConfig;
 use myriad_router::RemoteExperts;
 use myriad_store::schema::{Keys, NodeRecord, Role};
 
-use crate::membership::{router_record, wait_serving};
-use myriad_router::membership::Membership;
+use myriad_router::membership::{Membership, record, wait_serving};
+use myriad_router::node::Experts;
 use myriad_store::{MemoryStore, Store};
 use myriad_worker::{Node, Worker};
 use tokio::net::TcpListener;
@@ -28,7 +28,7 @@ const LEASE_TTL: Duration = Duration::from_secs(10);
 /// since in one process it costs a loopback call per worker.
 const LOAD_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait for the first placement to be loaded and served.
-const FIRST_PLACEMENT: Duration = Duration::from_secs(300);
+pub const FIRST_PLACEMENT: Duration = Duration::from_secs(300);
 
 pub struct LocalCluster {
     store: Arc<dyn Store>,
@@ -116,16 +116,25 @@ impl LocalCluster {
         Ok(LocalCluster { store, keys, model_id: shape.model_id, admin: admin_addr })
     }
 
+    /// Where a router node that joins this cluster as `id` learns placement.
+    pub fn router(&self, id: &str) -> Result<Experts> {
+        Ok(Experts::Cluster {
+            store: self.store.clone(),
+            keys: self.keys.clone(),
+            id: node_id(id)?,
+            lease_ttl: LEASE_TTL,
+        })
+    }
+
     /// Joins `experts` to the cluster as router `id` and waits until it
     /// dispatches with the first placement.
     pub async fn attach_router(&self, id: &str, experts: &RemoteExperts, config: &ModelConfig) -> Result<()> {
-        let (store, keys, record) =
-            (self.store.clone(), self.keys.clone(), router_record(node_id(id)?, &self.model_id));
+        let (store, keys, record) = (self.store.clone(), self.keys.clone(), record(node_id(id)?, &self.model_id));
         // The handle is dropped: the router stays a member for the life of
         // the process (a dropped handle neither stops nor unregisters it).
         let membership = Membership { store, keys, record, lease_ttl: LEASE_TTL, tls: None };
         let _ = myriad_router::membership::start(membership, experts, config);
-        wait_serving(experts, FIRST_PLACEMENT).await
+        wait_serving(experts, FIRST_PLACEMENT).await.map_err(anyhow::Error::msg)
     }
 }
 

@@ -5,12 +5,10 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use myriad_router::RemoteExperts;
 use myriad_store::etcd::{Credentials, EtcdOptions};
-use myriad_store::schema::{Keys, NodeId, NodeRecord, Role};
+use myriad_store::schema::{Keys, NodeId, Role};
 use myriad_store::{EtcdStore, Store};
 use myriad_tls::TlsOptions;
 
@@ -101,31 +99,6 @@ impl ClusterArgs {
         };
         id.parse().map_err(|e| anyhow::anyhow!("--node-id: {e}"))
     }
-}
-
-/// A router's record in the cluster store: serving no placement yet.
-pub fn router_record(id: NodeId, model_id: &str) -> NodeRecord {
-    NodeRecord {
-        id,
-        role: Role::Router,
-        addr: String::new(),
-        model_id: model_id.to_string(),
-        capacity_bytes: None,
-        placement_version: None,
-        dispatch: None,
-        host: None,
-        zone: None,
-    }
-}
-
-/// Waits until `experts` dispatches with a complete placement.
-pub async fn wait_serving(experts: &RemoteExperts, timeout: Duration) -> Result<()> {
-    let waited = tokio::time::timeout(timeout, async {
-        while !experts.pool().serving() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
-    waited.await.map_err(|_| anyhow::anyhow!("no placement was served within {timeout:?}"))
 }
 
 /// This machine's name, if it has one.

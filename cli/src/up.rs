@@ -11,10 +11,12 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::cluster::{Admin, LocalCluster};
+use myriad_router::node::{Caches, Node};
+
+use crate::cluster::{Admin, FIRST_PLACEMENT, LocalCluster};
 use crate::kvcache::CacheArgs;
 use crate::membership::parse_bytes;
-use crate::serve::{Caches, HttpArgs, Placement, UP_MAX_MODEL_LEN, serve};
+use crate::serve::{HttpArgs, UP_MAX_MODEL_LEN, UpAddresses, serve};
 
 /// The admin address `myriad up` takes when given none, and where `myriad
 /// ctl` looks when nothing else says where to.
@@ -63,29 +65,39 @@ pub struct UpArgs {
 pub fn up(mut args: UpArgs) -> Result<()> {
     args.http.max_model_len.get_or_insert(UP_MAX_MODEL_LEN);
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
-    let listener = runtime.block_on(bind_admin(args.admin_listen.as_deref()))?;
-    let admin = Admin { listener, token: args.admin_token.clone() };
-    let cluster = runtime.block_on(LocalCluster::start(&args.http.model, args.workers, args.replicas, Some(admin)))?;
-    let kvcache = if args.no_kvcache {
-        None
-    } else {
-        let cache = CacheArgs {
-            memory: args.kvcache_memory,
-            disk: args.kvcache_disk.clone(),
-            disk_capacity: args.kvcache_disk_capacity,
+    runtime.block_on(async move {
+        // Before anything slow: a SIGTERM during start-up must find the handler.
+        let shutdown = crate::shutdown::signal();
+        let listener = bind_admin(args.admin_listen.as_deref()).await?;
+        let admin = Admin { listener, token: args.admin_token.clone() };
+        let cluster = LocalCluster::start(&args.http.model, args.workers, args.replicas, Some(admin)).await?;
+        let kvcache = if args.no_kvcache {
+            None
+        } else {
+            let cache = CacheArgs {
+                memory: args.kvcache_memory,
+                disk: args.kvcache_disk.clone(),
+                disk_capacity: args.kvcache_disk_capacity,
+            };
+            Some(crate::kvcache::start_local(&cache).await?)
         };
-        Some(runtime.block_on(crate::kvcache::start_local(&cache))?)
-    };
-    let what = format!(
-        "coordinator, {} expert workers{} in this process",
-        args.workers,
-        if kvcache.is_some() { " and a KV-cache" } else { "" }
-    );
-    let caches = match kvcache {
-        Some(addr) => Caches::Fixed { addrs: vec![addr], replicas: 1 },
-        None => Caches::None,
-    };
-    serve(runtime, args.http, Placement::Local(cluster), caches, None, &what)
+        let what = format!(
+            "coordinator, {} expert workers{} in this process",
+            args.workers,
+            if kvcache.is_some() { " and a KV-cache" } else { "" }
+        );
+        let caches = match &kvcache {
+            Some(addr) => Caches::Fixed { addrs: vec![addr.clone()], replicas: 1 },
+            None => Caches::None,
+        };
+        let node = Node::start(args.http.config(cluster.router("router-0")?, caches, None))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        // Serve only once the first placement is loaded.
+        node.wait_serving(FIRST_PLACEMENT).await.map_err(anyhow::Error::msg)?;
+        let addresses = cluster.admin.clone().map(|admin| UpAddresses { admin, kvcache });
+        serve(node, &args.http, &what, addresses, shutdown).await
+    })
 }
 
 /// The admin API's listener: the address given, or [`DEFAULT_ADMIN`] and,

@@ -2,7 +2,8 @@
 //! nodes started while etcd is down wait for it (serving, unready) instead
 //! of exiting; a worker SIGTERMed under load leaves the cluster at once,
 //! keeps serving until no placement names it, then exits, and no request
-//! fails.
+//! fails; a SIGTERMed router turns unready, keeps answering for its
+//! shutdown delay, finishes what is in flight and leaves.
 
 use std::time::{Duration, Instant};
 
@@ -46,7 +47,10 @@ async fn nodes_wait_for_etcd_and_a_sigtermed_worker_hands_over_at_once() {
         start(member(&e, "worker", "w1"), &["--listen", "127.0.0.1:0", &w1_metrics]),
         start(member(&e, "worker", "w2"), &listen),
     ];
-    let router = start(member(&e, "router", "r1"), &listen);
+    // Unready but answering for a second after SIGTERM (see the end); its
+    // KV-cache instances come from the store too.
+    let router_flags = ["--listen", "127.0.0.1:0", "--shutdown-delay", "1s", "--kvcache-from-store"];
+    let router = start(member(&e, "router", "r1"), &router_flags);
     let kvcache = start(member(&e, "kvcache", "kv1"), &listen);
     tokio::time::sleep(Duration::from_secs(2)).await;
     for w in &mut workers {
@@ -115,10 +119,31 @@ async fn nodes_wait_for_etcd_and_a_sigtermed_worker_hands_over_at_once() {
     assert!(status.success(), "the worker did not stop cleanly: {status}");
     assert_eq!(common::complete(&base, PROMPT).await.unwrap(), expected, "after w1 left");
 
-    // A SIGTERMed router leaves the cluster too, not a lease TTL later.
-    router.signal("TERM");
-    let stopped = Instant::now();
-    assert!(router.wait(Duration::from_secs(20)).success());
+    // A SIGTERMed router reports not ready at once but answers through its
+    // shutdown delay (load balancers take it out meanwhile), finishes what
+    // is in flight, and leaves the cluster, not a lease TTL later.
+    let (signalled, on_signal) = tokio::sync::oneshot::channel();
+    let during = async {
+        on_signal.await.unwrap();
+        // The signal takes a moment to arrive.
+        let unready = async || (reqwest::get(&ready).await.ok()?.status() == 503).then_some(Instant::now());
+        let unready = until("the router unready", Duration::from_secs(1), unready).await;
+        (unready, common::complete(&base, PROMPT).await)
+    };
+    let mut stopped = None;
+    let streamed = common::stream(&base, PROMPT, 4, || {
+        router.signal("TERM");
+        stopped = Some(Instant::now());
+        signalled.send(()).unwrap();
+    });
+    let (text, (unready, answer)) = tokio::join!(streamed, during);
+    assert_eq!(text, expected, "a stream in flight through a SIGTERMed router changed or broke");
+    let stopped = stopped.unwrap();
+    eprintln!("SIGTERM of a router -> not ready: {:?}", unready.duration_since(stopped));
+    assert_eq!(answer.as_deref(), Ok(expected.as_str()), "a request in the shutdown delay failed");
+    let status = router.wait(Duration::from_secs(20));
+    eprintln!("SIGTERM of a router -> it exited: {:?} ({status})", stopped.elapsed());
+    assert!(status.success(), "the router did not stop cleanly: {status}");
     let store = etcd.store();
     let key = keys.node(myriad_store::schema::Role::Router, &"r1".parse().unwrap());
     until("the router's record gone", Duration::from_secs(5), async || {

@@ -52,3 +52,33 @@ async fn a_coordinator_stopped_with_sigterm_hands_over_leadership_at_once() {
     .await;
     eprintln!("SIGTERM of the leading coordinator -> the standby leads: {:?}", stopped.elapsed());
 }
+
+/// A router lets the responses in flight finish within its drain timeout,
+/// and cuts the rest then: a generation far longer than that cannot hold
+/// the process past it (and so past the pod's grace period).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_cuts_what_is_still_open_at_its_drain_timeout() {
+    let args = ["up", "--listen", "127.0.0.1:0", "--workers", "1", "--no-kvcache", "--drain-timeout", "500ms"];
+    let mut up = Proc::start(&args);
+    let base = up.word(3);
+    // Minutes of tokens on this model: it cannot finish within the test.
+    let body = r#"{"model": "tiny-v4", "prompt": "Long", "max_tokens": 30000, "ignore_eos": true, "stream": true}"#;
+    let client = reqwest::Client::new();
+    let request = client.post(format!("{base}/completions")).header("content-type", "application/json").body(body);
+    let mut response = request.send().await.expect("send");
+    assert_eq!(response.status(), 200);
+    let mut seen = String::new();
+    while !seen.contains("\n\n") {
+        seen.push_str(&String::from_utf8_lossy(&response.chunk().await.expect("read").expect("a first event")));
+    }
+    let sent = Instant::now();
+    up.signal("TERM");
+    // The process exits while the stream is still open, then the stream ends unfinished.
+    let status = tokio::task::spawn_blocking(move || up.wait(EXIT_LIMIT)).await.unwrap();
+    assert!(status.success(), "`myriad up` ended with {status} on SIGTERM");
+    eprintln!("SIGTERM with a long stream open, drain timeout 500ms -> exited: {:?}", sent.elapsed());
+    while let Ok(Some(bytes)) = response.chunk().await {
+        seen.push_str(&String::from_utf8_lossy(&bytes));
+    }
+    assert!(!seen.contains("[DONE]"), "the stream finished: {} bytes", seen.len());
+}

@@ -65,19 +65,17 @@ fn main() {
                     });
                     let prompt = (0..PROMPT).map(|j| (3 + (j * 131 + i * 977 + round * 31) % 500) as u32).collect();
                     let (tx, rx) = mpsc::unbounded_channel();
-                    engine
-                        .submit(Request {
-                            prompt,
-                            max_tokens: NEW,
-                            sampling: Sampling { temperature: 1.0, top_p: 1.0, top_k: None, seed: i as u64 },
-                            stop_tokens: Vec::new(),
-                            events: tx,
-                            span: tracing::Span::none(),
-                            restored: None,
-                            constraint,
-                            logits: Default::default(),
-                        })
-                        .expect("submit");
+                    let request = Request {
+                        prompt,
+                        max_tokens: NEW,
+                        sampling: Sampling { temperature: 1.0, top_p: 1.0, top_k: None, seed: i as u64 },
+                        stop_tokens: Vec::new(),
+                        events: tx,
+                        span: tracing::Span::none(),
+                        constraint,
+                        logits: Default::default(),
+                    };
+                    futures::executor::block_on(engine.submit(vec![request])).expect("submit");
                     rx
                 })
                 .collect();

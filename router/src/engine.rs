@@ -17,7 +17,7 @@ use myriad_model::state::block_tokens;
 use myriad_model::{Logits, Model, Sampling, SequenceState};
 use tokio::sync::mpsc;
 
-pub use crate::kvcache::Save;
+use crate::kvcache::{Save, StateCache};
 use crate::logits::{LogitsParams, TokenLogprobs, logprobs};
 use crate::metrics;
 
@@ -66,9 +66,6 @@ pub struct Request {
     pub events: mpsc::UnboundedSender<Event>,
     /// The request's span (from admission): each step it joins links to it.
     pub span: tracing::Span,
-    /// The state of a prefix of the prompt, restored from the KV-cache: only
-    /// the tokens after it are prefilled.
-    pub restored: Option<SequenceState>,
     pub constraint: Option<Box<dyn Constraint>>,
     /// Penalties, bias, minimum length and log-probabilities.
     pub logits: LogitsParams,
@@ -93,12 +90,18 @@ impl Default for EngineConfig {
 /// The handle the HTTP layer submits through.
 #[derive(Clone)]
 pub struct Engine {
-    requests: mpsc::Sender<Request>,
+    requests: mpsc::Sender<Queued>,
+    /// Where conversation state is restored from and stored to.
+    cache: Option<StateCache>,
 }
 
-/// Where the engine hands states worth keeping: after a prompt, and after a
-/// finished turn (the KV-cache client in a router).
-pub type SaveState = Box<dyn Fn(Save) + Send>;
+/// A request on its way to the engine thread, with the state of the prefix
+/// of its prompt restored from the KV-cache: only the tokens after it are
+/// prefilled.
+struct Queued {
+    request: Request,
+    restored: Option<SequenceState>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -110,29 +113,47 @@ pub enum SubmitError {
 
 impl Engine {
     /// Starts the engine thread over `model` with routed experts on
-    /// `experts`, handing states to `save` when given.
+    /// `experts`. With `cache`, prompts continue from the longest prefix
+    /// stored there, and the states worth keeping (after a prompt, at its
+    /// last block boundary, after a finished turn) are stored there.
     pub fn start<E: ExpertExecutor + Send + 'static>(
         model: Arc<Model>,
         experts: E,
         config: EngineConfig,
-        save: Option<SaveState>,
+        cache: Option<StateCache>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let saver = cache.clone();
         std::thread::Builder::new()
             .name("myriad-engine".into())
-            .spawn(move || run(&model, &experts, rx, config, save.as_deref()))
+            .spawn(move || run(&model, &experts, rx, config, saver.as_ref()))
             .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"));
-        Engine { requests: tx }
+        Engine { requests: tx, cache }
     }
 
-    /// Queues a request; refuses at once when the queue is full.
-    pub fn submit(&self, request: Request) -> Result<(), SubmitError> {
-        self.requests.try_send(request).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
-        })?;
+    /// Queues the choices of one prompt (every request in `choices` has the
+    /// same prompt), each continuing from the state of the prompt's longest
+    /// prefix in the KV-cache when there is one. Returns the number of
+    /// prompt tokens restored. Refuses at once when the queue is full;
+    /// choices queued before that stop when their receivers drop.
+    pub async fn submit(&self, choices: Vec<Request>) -> Result<usize, SubmitError> {
+        let prompt: &[u32] = choices.first().map_or(&[], |c| &c.prompt);
+        debug_assert!(choices.iter().all(|c| c.prompt == prompt), "choices of different prompts");
+        let restored = match (&self.cache, prompt.split_last()) {
+            // The last prompt token always runs: its logits give the first token.
+            (Some(cache), Some((_, before_last))) => cache.lookup(before_last).await,
+            _ => None,
+        };
+        let cached = restored.as_ref().map_or(0, |s| s.position);
+        for request in choices {
+            let queued = Queued { request, restored: restored.clone() };
+            self.requests.try_send(queued).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+            })?;
+        }
         metrics::QUEUE_DEPTH.set((self.requests.max_capacity() - self.requests.capacity()) as i64);
-        Ok(())
+        Ok(cached)
     }
 }
 
@@ -151,9 +172,9 @@ struct Active {
 fn run(
     model: &Model,
     experts: &impl ExpertExecutor,
-    mut requests: mpsc::Receiver<Request>,
+    mut requests: mpsc::Receiver<Queued>,
     config: EngineConfig,
-    save: Option<&(dyn Fn(Save) + Send)>,
+    cache: Option<&StateCache>,
 ) {
     let mut active: Vec<Active> = Vec::new();
     loop {
@@ -175,15 +196,15 @@ fn run(
         if active.is_empty() {
             continue;
         }
-        step(model, experts, &mut active, config.step_tokens, save);
+        step(model, experts, &mut active, config.step_tokens, cache);
     }
 }
 
-fn admit(model: &Model, mut request: Request) -> Active {
+fn admit(model: &Model, Queued { request, restored }: Queued) -> Active {
     let rng = Rng::new(request.sampling.seed);
     // A restored state must leave at least one prompt token to run: its
     // logits give the first completion token.
-    let state = match request.restored.take() {
+    let state = match restored {
         Some(s) if s.position < request.prompt.len() => s,
         _ => model.new_state(),
     };
@@ -230,7 +251,7 @@ fn step(
     experts: &impl ExpertExecutor,
     active: &mut Vec<Active>,
     step_tokens: usize,
-    save: Option<&(dyn Fn(Save) + Send)>,
+    cache: Option<&StateCache>,
 ) {
     // Decode tokens first (one each), then prompt chunks with what is left.
     let mut budget = step_tokens.max(1);
@@ -252,7 +273,7 @@ fn step(
             // request for the same prompt must run that token for its logits.
             // A chunk also stops at the prompt's last block boundary, stored
             // too: what prompts sharing a prefix (a system prompt) restore.
-            let want = match (save.is_some(), save_point(model, a)) {
+            let want = match (cache.is_some(), save_point(model, a)) {
                 (true, Some(point)) if a.prefilled < point => point - a.prefilled,
                 (true, _) if left > 1 => left - 1,
                 _ => left,
@@ -329,8 +350,8 @@ fn step(
             a.prefilled += n;
             metrics::TOKENS.with_label_values(&["prompt"]).inc_by(n as u64);
             let stored = a.prefilled + 1 == a.request.prompt.len() || Some(a.prefilled) == save_point(model, a);
-            if stored && let Some(save) = save {
-                save(Save { tokens: a.request.prompt[..a.prefilled].to_vec(), state: a.state.clone() });
+            if stored && let Some(cache) = cache {
+                cache.save(Save { tokens: a.request.prompt[..a.prefilled].to_vec(), state: a.state.clone() });
             }
             if a.prefilled < a.request.prompt.len() {
                 continue; // more prompt to run
@@ -388,13 +409,13 @@ fn step(
         let a = active.remove(i);
         // The state has consumed the prompt and every sampled token but the
         // last; store it when the turn added to what the prompt stored.
-        if let Some(save) = save
+        if let Some(cache) = cache
             && a.generated.len() > 1
         {
             let mut tokens = a.request.prompt;
             tokens.extend(&a.generated[..a.generated.len() - 1]);
             debug_assert_eq!(tokens.len(), a.state.position);
-            save(Save { tokens, state: a.state });
+            cache.save(Save { tokens, state: a.state });
         }
     }
 }

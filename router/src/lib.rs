@@ -14,10 +14,13 @@
 //!   new current placement.
 //! - [`dispatch`]: [`RemoteExperts`], the model's `ExpertExecutor` over gRPC,
 //!   with replica retries.
-//! - [`engine`]: continuous batching over `Model::forward_batch`.
-//! - [`kvcache`]: restoring and storing sequence state in the KV-cache service.
+//! - [`engine`]: continuous batching over `Model::forward_batch`; prompts
+//!   continue from the state [`kvcache`] restores, and finished ones are stored there.
+//! - [`kvcache`]: the KV-cache service's client.
 //! - [`http`]: the OpenAI-compatible API; [`chat`]: chat template and reasoning modes.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`node`]: a running router, assembled from a typed config, with its
+//!   phased stop.
 
 pub mod chat;
 pub mod dispatch;
@@ -27,6 +30,7 @@ pub mod kvcache;
 pub mod logits;
 pub mod membership;
 pub mod metrics;
+pub mod node;
 pub mod pool;
 pub mod structured;
 

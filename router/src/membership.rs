@@ -9,7 +9,7 @@ use std::time::Duration;
 use myriad_model::ModelConfig;
 use myriad_store::lease::Registration;
 use myriad_store::mirror::Mirror;
-use myriad_store::schema::{self, DispatchHealth, Keys, NodeRecord, Placement, PlacementView};
+use myriad_store::schema::{self, DispatchHealth, Keys, NodeId, NodeRecord, Placement, PlacementView, Role};
 use myriad_store::{Store, StoreError};
 use tokio::sync::watch;
 
@@ -30,6 +30,31 @@ pub struct Membership {
     pub lease_ttl: Duration,
     /// TLS of its calls to workers (None: plaintext).
     pub tls: Option<myriad_tls::ClientTls>,
+}
+
+/// A router's record in the cluster store: serving no placement yet.
+pub fn record(id: NodeId, model_id: &str) -> NodeRecord {
+    NodeRecord {
+        id,
+        role: Role::Router,
+        addr: String::new(),
+        model_id: model_id.to_string(),
+        capacity_bytes: None,
+        placement_version: None,
+        dispatch: None,
+        host: None,
+        zone: None,
+    }
+}
+
+/// Waits until `experts` dispatches with a complete placement.
+pub async fn wait_serving(experts: &RemoteExperts, timeout: Duration) -> Result<(), String> {
+    let waited = tokio::time::timeout(timeout, async {
+        while !experts.pool().serving() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    waited.await.map_err(|_| format!("no placement was served within {timeout:?}"))
 }
 
 /// Registers the router and returns the loop that switches `experts` to

@@ -1,11 +1,17 @@
-//! The batching engine: concurrent requests get exactly their solo outputs.
+//! The batching engine: concurrent requests get exactly their solo
+//! outputs, and prompts continue from the states a KV-cache holds.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::time::{Duration, Instant};
+
+use futures::executor::block_on;
+use myriad_kvcache::{Cache, KvCacheService};
 use myriad_model::moe::SharedLocalExperts;
 use myriad_model::{Model, Sampling, generate};
 use myriad_router::engine::{Engine, EngineConfig, Event, FinishReason, Request};
+use myriad_router::kvcache::StateCache;
 use tokio::sync::mpsc;
 
 fn tiny() -> Arc<Model> {
@@ -50,11 +56,10 @@ fn concurrent_requests_equal_their_solo_runs() {
                 stop_tokens: vec![],
                 events: tx,
                 span: tracing::Span::none(),
-                restored: None,
                 constraint: None,
                 logits: Default::default(),
             };
-            engine.submit(request).unwrap();
+            block_on(engine.submit(vec![request])).unwrap();
             rx
         })
         .collect();
@@ -74,19 +79,17 @@ fn stop_tokens_end_a_sequence_and_a_full_queue_refuses() {
     let solo = generate(&model, &prompt, 6, &Sampling::greedy(), true).unwrap().generated;
     let (tx, rx) = mpsc::unbounded_channel();
     let stop = solo[3];
-    engine
-        .submit(Request {
-            prompt,
-            max_tokens: 6,
-            sampling: Sampling::greedy(),
-            stop_tokens: vec![stop],
-            events: tx,
-            span: tracing::Span::none(),
-            restored: None,
-            constraint: None,
-            logits: Default::default(),
-        })
-        .unwrap();
+    let request = Request {
+        prompt,
+        max_tokens: 6,
+        sampling: Sampling::greedy(),
+        stop_tokens: vec![stop],
+        events: tx,
+        span: tracing::Span::none(),
+        constraint: None,
+        logits: Default::default(),
+    };
+    block_on(engine.submit(vec![request])).unwrap();
     let (tokens, end) = collect(rx);
     let first_stop = solo.iter().position(|&t| t == stop).unwrap();
     assert_eq!(tokens, solo[..first_stop]);
@@ -111,31 +114,40 @@ fn stop_tokens_end_a_sequence_and_a_full_queue_refuses() {
             stop_tokens: vec![],
             events: tx,
             span: tracing::Span::none(),
-            restored: None,
             constraint: None,
             logits: Default::default(),
         };
-        if busy.submit(r).is_err() {
+        if block_on(busy.submit(vec![r])).is_err() {
             refused += 1;
         }
     }
     assert!(refused >= 1, "a full queue must refuse");
 }
 
-/// The engine hands out the state at the prompt's last block boundary,
-/// after the prompt and after the turn; a request restored from any of them
-/// continues exactly like one run from scratch, prefilling only what the
-/// restored state lacks.
+/// With a KV-cache, the engine stores the state at the prompt's last block
+/// boundary, after the prompt and after the turn; a later prompt extending
+/// any of them continues from it, prefilling only what it lacks, exactly
+/// like a run from scratch. The service is a real one on a loopback port.
 #[test]
-fn saved_states_restore_to_the_same_tokens() {
+fn prompts_continue_from_the_states_the_kvcache_holds() {
     let model = tiny();
-    let (saved_tx, saved_rx) = std::sync::mpsc::channel();
-    let save: myriad_router::engine::SaveState = Box::new(move |s| {
-        let _ = saved_tx.send(s);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let addr = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let service = KvCacheService::new(Cache::in_memory(64 << 20));
+        tokio::spawn(myriad_kvcache::serve(listener, service, None, std::future::pending()));
+        addr
     });
+    let cache = {
+        let _runtime = runtime.enter();
+        let (id, cfg) = (&model.fingerprint, model.config.clone());
+        StateCache::connect(&[addr], id, cfg, Duration::from_secs(5), 1, None).unwrap()
+    };
     let config = EngineConfig { max_batch: 4, step_tokens: 64, queue: 8 };
-    let engine = Engine::start(model.clone(), SharedLocalExperts(model.clone()), config, Some(save));
-    let run = |prompt: &[u32], restored: Option<myriad_model::SequenceState>| {
+    let engine = Engine::start(model.clone(), SharedLocalExperts(model.clone()), config, Some(cache.clone()));
+    // Prompt tokens restored, and the completion.
+    let run = |prompt: &[u32]| {
         let (tx, rx) = mpsc::unbounded_channel();
         let request = Request {
             prompt: prompt.to_vec(),
@@ -144,45 +156,43 @@ fn saved_states_restore_to_the_same_tokens() {
             stop_tokens: vec![],
             events: tx,
             span: tracing::Span::none(),
-            restored,
             constraint: None,
             logits: Default::default(),
         };
-        engine.submit(request).unwrap();
+        let cached = runtime.block_on(engine.submit(vec![request])).unwrap();
         let (tokens, end) = collect(rx);
         assert_eq!(end, Event::Done(FinishReason::Length));
-        tokens
+        (cached, tokens)
+    };
+    // Saves go out in the background: wait until the service has `tokens`.
+    let stored = |tokens: &[u32]| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while runtime.block_on(cache.lookup(tokens)).map(|s| s.position) != Some(tokens.len()) {
+            assert!(Instant::now() < deadline, "the state of {} tokens was never stored", tokens.len());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     };
     let prompt: Vec<u32> = (0..300).map(|j| (j * 37 % 500 + 2) as u32).collect();
-    let first = run(&prompt, None);
-    // First the state at the prompt's last block boundary (256 tokens).
-    let at_boundary = saved_rx.recv().unwrap();
-    assert_eq!(at_boundary.tokens, prompt[..256]);
-    assert_eq!(at_boundary.state.position, 256);
-    let after_prompt = saved_rx.recv().unwrap();
-    let after_turn = saved_rx.recv().unwrap();
-    assert_eq!(after_prompt.tokens, prompt[..299]);
-    assert_eq!(after_prompt.state.position, 299);
-    assert_eq!(after_turn.tokens, [&prompt[..], &first[..11]].concat());
-    assert_eq!(after_turn.state.position, prompt.len() + 11);
+    let (cached, first) = run(&prompt);
+    assert_eq!(cached, 0, "nothing stored yet");
+    // The prompt's last block boundary (256 tokens), the prompt but its
+    // last token, and the turn but its last sampled token.
+    let turn: Vec<u32> = [&prompt[..], &first[..11]].concat();
+    for tokens in [&prompt[..256], &prompt[..299], &turn[..]] {
+        stored(tokens);
+    }
 
-    // Turn 2 extends turn 1 (prompt + answer + more): restored from the end
-    // of turn 1 it equals the run from scratch.
-    let mut turn2 = after_turn.tokens.clone();
+    // Turn 2 extends turn 1 (prompt + answer + more).
+    let mut turn2 = turn.clone();
     turn2.extend([5, 6, 7, 8, 9]);
     let scratch = generate(&model, &turn2, 12, &Sampling::greedy(), true).unwrap().generated;
-    assert_eq!(run(&turn2, Some(after_turn.state)), scratch);
+    assert_eq!(run(&turn2), (turn.len(), scratch));
     // The same prompt again runs only its last token on the stored state.
-    assert_eq!(run(&prompt, Some(after_prompt.state)), first);
+    assert_eq!(run(&prompt), (299, first));
     // Another prompt sharing the first block (a system prompt) continues
-    // from the boundary state exactly like a run from scratch.
+    // from the boundary state.
     let mut sibling = prompt[..256].to_vec();
     sibling.extend((0..40).map(|j| (j * 11 % 500 + 2) as u32));
     let scratch = generate(&model, &sibling, 12, &Sampling::greedy(), true).unwrap().generated;
-    assert_eq!(run(&sibling, Some(at_boundary.state)), scratch);
-    // A state covering the whole prompt leaves no token to give logits: the
-    // engine drops it and computes everything.
-    let mut whole = model.new_state();
-    model.forward(&prompt, &mut whole, myriad_model::Logits::Last).unwrap();
-    assert_eq!(run(&prompt, Some(whole)), first);
+    assert_eq!(run(&sibling), (256, scratch));
 }

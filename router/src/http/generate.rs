@@ -196,33 +196,30 @@ async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kin
     let max_tokens = params.max_tokens.unwrap_or(0);
     let mut run = Run::new(state, kind, prompt.len(), params);
     let span = tracing::info_span!("request", request_id = %run.id, endpoint, prompt_tokens = prompt.len());
-    // The last prompt token always runs: its logits give the first token.
-    let restored = match &run.state().kvcache {
-        Some(cache) => cache.lookup(&prompt[..prompt.len() - 1]).instrument(span.clone()).await,
-        None => None,
-    };
-    run.cached_tokens = restored.as_ref().map_or(0, |s| s.position);
     let mut stop_tokens = if run.params.ignore_eos { Vec::new() } else { run.state().eos_token_ids.clone() };
     stop_tokens.extend(&run.params.stop_token_ids);
     let mut receivers = Vec::with_capacity(constraints.len());
+    let mut choices = Vec::with_capacity(constraints.len());
     for (i, constraint) in constraints.into_iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut sampling = run.params.sampling.clone();
         sampling.seed = sampling.seed.wrapping_add(i as u64);
-        let request = Request {
+        choices.push(Request {
             prompt: prompt.clone(),
             max_tokens,
             sampling,
             stop_tokens: stop_tokens.clone(),
             events: tx,
             span: span.clone(),
-            restored: restored.clone(),
             constraint,
             logits: run.params.logits.clone(),
-        };
-        // Choices already queued stop when their receivers drop with this
-        // early return.
-        if let Err(e) = run.state().engine.submit(request) {
+        });
+        receivers.push(rx);
+    }
+    // Choices already queued stop when their receivers drop with an early return.
+    match run.state().engine.submit(choices).instrument(span.clone()).await {
+        Ok(cached) => run.cached_tokens = cached,
+        Err(e) => {
             outcome("server_error");
             return match e {
                 SubmitError::QueueFull => ApiError::overloaded(),
@@ -230,7 +227,6 @@ async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kin
             }
             .into_response();
         }
-        receivers.push(rx);
     }
     if run.params.stream {
         let (events_tx, events_rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);

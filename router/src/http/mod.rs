@@ -59,9 +59,6 @@ pub struct AppState {
     pub eos_token_ids: Vec<u32>,
     /// The model's vocabulary size: token-id prompts must stay below it.
     pub vocab_size: usize,
-    /// The KV-cache service, when one is configured: prompts restore their
-    /// longest stored prefix.
-    pub kvcache: Option<crate::kvcache::StateCache>,
     /// Whether the data plane can serve (placement loaded, workers reachable).
     pub ready: Box<dyn Fn() -> bool + Send + Sync>,
     /// Whether `/metrics` is served on the API's port.

@@ -22,9 +22,9 @@ use myriad_model::{ModelConfig, SequenceState};
 use myriad_proto::MAX_MESSAGE_BYTES;
 use myriad_proto::kvcache::kv_cache_client::KvCacheClient;
 use myriad_proto::kvcache::{Block, Prefix, PutChunk, put_chunk, state_chunk};
+use myriad_store::Store;
 use myriad_store::mirror::Mirror;
 use myriad_store::schema::{self, Keys, Role};
-use myriad_store::{Store, StoreError};
 use myriad_tls::ClientTls;
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
@@ -86,8 +86,10 @@ impl StateCache {
     }
 
     /// The instances registered in the cluster store (`myriad kvcache
-    /// --etcd`), followed as they come and go.
-    pub async fn registered(
+    /// --etcd`), followed as they come and go from the current runtime.
+    /// None are known until the store answers: prompts are computed in
+    /// full meanwhile.
+    pub fn registered(
         store: Arc<dyn Store>,
         keys: &Keys,
         model_id: &str,
@@ -95,13 +97,16 @@ impl StateCache {
         timeout: Duration,
         replicas: usize,
         tls: Option<ClientTls>,
-    ) -> Result<Self, StoreError> {
-        let mirror = Mirror::follow(store, keys.nodes(Role::Kvcache)).await?;
+    ) -> Self {
         let cache = Self::start(Ring::default(), model_id, config, timeout, replicas);
         let ring = cache.ring.clone();
-        let mut changes = mirror.subscribe();
+        let prefix = keys.nodes(Role::Kvcache);
         tokio::spawn(async move {
-            let _mirror = mirror;
+            let mirror = myriad_store::retry::until_joined("follow the KV-cache instances", || {
+                Mirror::follow(store.clone(), prefix.clone())
+            })
+            .await;
+            let mut changes = mirror.subscribe();
             loop {
                 let records = schema::read_nodes(&changes.borrow_and_update());
                 let old = ring.read().unwrap_or_else(|p| p.into_inner()).clone();
@@ -129,7 +134,7 @@ impl StateCache {
                 }
             }
         });
-        Ok(cache)
+        cache
     }
 
     fn start(ring: Ring, model_id: &str, config: ModelConfig, timeout: Duration, replicas: usize) -> Self {
