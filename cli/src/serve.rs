@@ -178,25 +178,30 @@ pub fn router(args: RouterArgs) -> Result<()> {
         // Before anything slow: a SIGTERM during start-up must find the handler.
         let shutdown = crate::shutdown::signal();
         let tls = args.tls.client()?;
-        let caches = if args.kvcache_from_store {
-            Caches::Registered { store: args.cluster.store()?, keys: args.cluster.keys()?, replicas }
-        } else if args.kvcache.is_empty() {
-            Caches::None
-        } else {
-            Caches::Fixed { addrs: args.kvcache.clone(), replicas }
-        };
-        let (experts, what) = if args.cluster.enabled() {
+        let (experts, caches, what) = if args.cluster.enabled() {
+            // One etcd client for placement and the KV-cache instances.
             let cluster = &args.cluster;
             let (store, keys, id) = (cluster.store()?, cluster.keys()?, cluster.node_id(Role::Router)?);
+            let caches = if args.kvcache_from_store {
+                Caches::Registered { store: store.clone(), keys: keys.clone(), replicas }
+            } else {
+                fixed_caches(&args.kvcache, replicas)
+            };
             let experts = Experts::Cluster { store, keys, id, lease_ttl: *cluster.lease_ttl };
-            (experts, format!("placement from cluster {}", cluster.cluster))
+            (experts, caches, format!("placement from cluster {}", cluster.cluster))
         } else {
             let targets = args.worker_addrs.iter().map(Target::addr).collect();
-            (Experts::Static(targets), format!("{} expert workers", args.worker_addrs.len()))
+            let what = format!("{} expert workers", args.worker_addrs.len());
+            (Experts::Static(targets), fixed_caches(&args.kvcache, replicas), what)
         };
         let node = Node::start(args.http.config(experts, caches, tls)).await.map_err(anyhow::Error::msg)?;
         serve(node, &args.http, &what, None, shutdown).await
     })
+}
+
+/// The KV-cache instances given on the command line, if any.
+fn fixed_caches(addrs: &[String], replicas: usize) -> Caches {
+    if addrs.is_empty() { Caches::None } else { Caches::Fixed { addrs: addrs.to_vec(), replicas } }
 }
 
 /// What `myriad up` records for `myriad ctl` while it serves.

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use myriad_model::Model;
 use myriad_model::text::TextTokenizer;
+use myriad_model::{Model, ModelConfig};
 use myriad_store::Store;
 use myriad_store::schema::{Keys, NodeId};
 use myriad_tls::ClientTls;
@@ -109,18 +109,7 @@ impl Node {
         let tokenizer = Arc::new(
             TextTokenizer::load(&dir).map_err(|e| format!("load the tokenizer from {}: {e:#}", dir.display()))?,
         );
-        let pieces = tokenizer.token_bytes();
-        let grammars = (pieces.as_ref().map_err(ToString::to_string))
-            .and_then(|pieces| Grammars::new(tokenizer.clone(), pieces, cfg.vocab_size, &cfg.eos_token_ids))
-            .inspect_err(|e| tracing::warn!(error = %e, "structured outputs and forced tool calls are off"))
-            .ok();
-        let token_bytes = match pieces {
-            Ok(pieces) => pieces.into_iter().map(|(bytes, _)| bytes).collect(),
-            // Not byte-level: each token's own decoding.
-            Err(_) => (0..cfg.vocab_size as u32)
-                .map(|id| tokenizer.decode_all(&[id]).unwrap_or_default().into_bytes())
-                .collect(),
-        };
+        let (grammars, token_bytes) = vocabulary(&tokenizer, cfg);
         let chat = ChatEncoder::choose(&dir, config.chat_template.as_deref())?;
         let experts = RemoteExperts::new(
             Arc::new(WorkerPool::empty()),
@@ -245,6 +234,24 @@ fn connect_cache(
             Ok(Some(cache))
         }
     }
+}
+
+/// The grammars for structured outputs (none, with a warning, when the
+/// tokenizer cannot spell its tokens as bytes) and each token's bytes.
+fn vocabulary(tokenizer: &Arc<TextTokenizer>, cfg: &ModelConfig) -> (Option<Grammars>, Vec<Vec<u8>>) {
+    let pieces = tokenizer.token_bytes();
+    let grammars = (pieces.as_ref().map_err(ToString::to_string))
+        .and_then(|pieces| Grammars::new(tokenizer.clone(), pieces, cfg.vocab_size, &cfg.eos_token_ids))
+        .inspect_err(|e| tracing::warn!(error = %e, "structured outputs and forced tool calls are off"))
+        .ok();
+    let token_bytes = match pieces {
+        Ok(pieces) => pieces.into_iter().map(|(bytes, _)| bytes).collect(),
+        // Not byte-level: each token's own decoding.
+        Err(_) => {
+            (0..cfg.vocab_size as u32).map(|id| tokenizer.decode_all(&[id]).unwrap_or_default().into_bytes()).collect()
+        }
+    };
+    (grammars, token_bytes)
 }
 
 fn folder_name(dir: &Path) -> String {
