@@ -87,17 +87,7 @@ impl LocalCluster {
             let listener = TcpListener::bind("127.0.0.1:0").await.context("bind a loopback port")?;
             let addr = listener.local_addr().context("read the bound address")?.to_string();
             let worker = Arc::new(Worker::idle(shape.clone()));
-            let record = NodeRecord {
-                id: node_id(&format!("worker-{i}"))?,
-                role: Role::Worker,
-                addr,
-                model_id: shape.model_id.clone(),
-                capacity_bytes: None,
-                placement_version: None,
-                dispatch: None,
-                host: None,
-                zone: None,
-            };
+            let record = NodeRecord::new(node_id(&format!("worker-{i}"))?, Role::Worker, addr, &shape.model_id);
             let membership = myriad_worker::membership::Membership {
                 store: store.clone(),
                 keys: keys.clone(),

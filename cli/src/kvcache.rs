@@ -90,17 +90,12 @@ pub fn run(args: Args) -> Result<()> {
 
 /// This instance's registration, from its flags.
 fn presence(args: &Args, bound: &str) -> Result<Presence> {
+    let addr = args.advertise_addr.clone().unwrap_or_else(|| bound.to_string());
+    // One instance serves every model (its keys name the model): no model id.
     let record = NodeRecord {
-        id: args.cluster.node_id(Role::Kvcache)?,
-        role: Role::Kvcache,
-        addr: args.advertise_addr.clone().unwrap_or_else(|| bound.to_string()),
-        // One instance serves every model: its keys name the model.
-        model_id: String::new(),
         capacity_bytes: Some(args.cache.memory),
-        placement_version: None,
-        dispatch: None,
         host: hostname(),
-        zone: None,
+        ..NodeRecord::new(args.cluster.node_id(Role::Kvcache)?, Role::Kvcache, addr, "")
     };
     Ok(Presence {
         store: args.cluster.store()?,

@@ -200,7 +200,7 @@ pub fn router(args: RouterArgs) -> Result<()> {
 }
 
 /// The KV-cache instances given on the command line, if any.
-fn fixed_caches(addrs: &[String], replicas: usize) -> Caches {
+pub(crate) fn fixed_caches(addrs: &[String], replicas: usize) -> Caches {
     if addrs.is_empty() { Caches::None } else { Caches::Fixed { addrs: addrs.to_vec(), replicas } }
 }
 

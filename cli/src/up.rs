@@ -11,12 +11,12 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use myriad_router::node::{Caches, Node};
+use myriad_router::node::Node;
 
 use crate::cluster::{Admin, FIRST_PLACEMENT, LocalCluster};
 use crate::kvcache::CacheArgs;
 use crate::membership::parse_bytes;
-use crate::serve::{HttpArgs, UP_MAX_MODEL_LEN, UpAddresses, serve};
+use crate::serve::{HttpArgs, UP_MAX_MODEL_LEN, UpAddresses, fixed_caches, serve};
 
 /// The admin address `myriad up` takes when given none, and where `myriad
 /// ctl` looks when nothing else says where to.
@@ -86,10 +86,7 @@ pub fn up(mut args: UpArgs) -> Result<()> {
             args.workers,
             if kvcache.is_some() { " and a KV-cache" } else { "" }
         );
-        let caches = match &kvcache {
-            Some(addr) => Caches::Fixed { addrs: vec![addr.clone()], replicas: 1 },
-            None => Caches::None,
-        };
+        let caches = fixed_caches(kvcache.as_slice(), 1);
         let node = Node::start(args.http.config(cluster.router("router-0")?, caches, None))
             .await
             .map_err(anyhow::Error::msg)?;

@@ -91,16 +91,12 @@ pub fn run(args: Args) -> Result<()> {
                 let shape = myriad_worker::backend::model_shape(&args.model)
                     .with_context(|| format!("read the model in {}", args.model.display()))?;
                 let id = args.cluster.node_id(Role::Worker)?;
+                let addr = args.advertise_addr.clone().unwrap_or_else(|| bound.clone());
                 let record = NodeRecord {
-                    id: id.clone(),
-                    role: Role::Worker,
-                    addr: args.advertise_addr.clone().unwrap_or_else(|| bound.clone()),
-                    model_id: shape.model_id.clone(),
                     capacity_bytes: args.capacity,
-                    placement_version: None,
-                    dispatch: None,
                     host: args.node.clone().or_else(hostname),
                     zone: args.zone.clone(),
+                    ..NodeRecord::new(id.clone(), Role::Worker, addr, &shape.model_id)
                 };
                 let membership = Membership {
                     store: args.cluster.store()?,

@@ -34,17 +34,7 @@ pub struct Membership {
 
 /// A router's record in the cluster store: serving no placement yet.
 pub fn record(id: NodeId, model_id: &str) -> NodeRecord {
-    NodeRecord {
-        id,
-        role: Role::Router,
-        addr: String::new(),
-        model_id: model_id.to_string(),
-        capacity_bytes: None,
-        placement_version: None,
-        dispatch: None,
-        host: None,
-        zone: None,
-    }
+    NodeRecord::new(id, Role::Router, String::new(), model_id)
 }
 
 /// Waits until `experts` dispatches with a complete placement.

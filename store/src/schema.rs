@@ -124,6 +124,24 @@ pub struct NodeRecord {
     pub zone: Option<String>,
 }
 
+impl NodeRecord {
+    /// A node's first record: what it is and where, nothing applied yet,
+    /// no capacity, machine or zone (set those where the role has them).
+    pub fn new(id: NodeId, role: Role, addr: String, model_id: &str) -> Self {
+        NodeRecord {
+            id,
+            role,
+            addr,
+            model_id: model_id.to_string(),
+            capacity_bytes: None,
+            placement_version: None,
+            dispatch: None,
+            host: None,
+            zone: None,
+        }
+    }
+}
+
 /// What a router reports of the workers it dispatches to.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DispatchHealth {
