@@ -167,7 +167,15 @@ impl Checkpoint {
                             let k = codes.as_slice().iter().position(nan).unwrap_or_default();
                             return Err(ModelError::tensor(name, format!("code {k} is NaN")));
                         }
-                        Stored::Fp8 { codes, scales }
+                        if scales.iter().all(|s| s.abs() < quant::FP8_KERNEL_SCALE_LIMIT) {
+                            Stored::Fp8 { codes, scales }
+                        } else {
+                            tracing::warn!(tensor = name, "block-FP8 scales of 2^8 and up: kept as f32 weights");
+                            let mut weights = Vec::with_capacity(out * inp);
+                            quant::expand_fp8(codes.as_slice(), &scales, inp, 0, &mut weights);
+                            codes.release();
+                            Stored::F32(Tensor::owned(weights, vec![out, inp]))
+                        }
                     }
                 }
             }

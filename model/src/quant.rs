@@ -16,26 +16,35 @@
 
 /// Rows and columns of one block-FP8 scale.
 pub const FP8_BLOCK: usize = 128;
-/// Block-FP8 scales must be smaller than this in magnitude (`2^120`): the
-/// kernels hold a scale times `2^8`, and weights this large would not be
-/// finite in f32 anyway (`448 · 2^120 > f32::MAX`).
+/// Block-FP8 scales must be smaller than this in magnitude (`2^120`):
+/// weights this large would not be finite in f32 (`448 · 2^120 > f32::MAX`).
 pub const FP8_SCALE_LIMIT: f32 = f32::from_bits((120 + 127) << 23);
+/// The kernels read block-FP8 matrices whose scales are all smaller than
+/// this in magnitude (`2^8`): they hold a scale times `2^120`
+/// ([`E4M3_REBIAS`]), which must be finite. A matrix with a larger scale
+/// (none in DeepSeek's checkpoints: their weights are far below `2^8`) is
+/// kept expanded to f32 instead.
+pub const FP8_KERNEL_SCALE_LIMIT: f32 = 256.0;
 /// Inputs sharing one MXFP4 scale.
 pub const FP4_GROUP: usize = 32;
 
 /// `2^120` (E4M3's exponent bias 7 against f32's 127).
-const E4M3_REBIAS: f32 = f32::from_bits((120 + 127) << 23);
+pub(crate) const E4M3_REBIAS: f32 = f32::from_bits((120 + 127) << 23);
 
-/// The value of an `F8_E4M3` (OCP "fn") code. Its exponent and mantissa
-/// bits, moved to the top of an f32's, are the value times `2^-120` (the
-/// subnormals included), so one exact multiply rebiases them. (The SIMD
-/// kernels get the same values without going through f32 subnormals.)
+/// The value of an `F8_E4M3` (OCP "fn") code.
 pub const fn e4m3(code: u8) -> f32 {
     if code & 0x7F == 0x7F {
         return f32::NAN;
     }
-    let magnitude = f32::from_bits(((code & 0x7F) as u32) << 20) * E4M3_REBIAS;
-    if code & 0x80 != 0 { -magnitude } else { magnitude }
+    e4m3_low(code) * E4M3_REBIAS
+}
+
+/// The value of a (non-NaN) `F8_E4M3` code times `2^-120`: the code's
+/// exponent and mantissa bits moved onto an f32's, and its sign onto the
+/// f32's. Exact, the subnormal codes included (as f32 subnormals), and
+/// only bit moves, which is how the kernels read bare codes.
+pub(crate) const fn e4m3_low(code: u8) -> f32 {
+    f32::from_bits((((code & 0x80) as u32) << 24) | (((code & 0x7F) as u32) << 20))
 }
 
 /// The value of an `F8_E8M0` scale code, `None` for the NaN code 255.

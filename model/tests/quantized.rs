@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use common::{Tensors, read_tiny, tiny};
 use myriad_model::checkpoint::Checkpoint;
 use myriad_model::config::ModelConfig;
+use myriad_model::stored::Stored;
 use myriad_model::weights::load_expert;
 use myriad_model::{Logits, Model, quant};
 use safetensors::Dtype;
@@ -239,6 +240,12 @@ fn bad_quantized_tensors_are_named() {
     let fp4 = ("w.weight", Dtype::I8, vec![4, 24], vec![0u8; 96]);
     let e = err(&[fp4, ("w.scale", Dtype::F8_E8M0, vec![4, 1], vec![127; 4])], 4, 48);
     assert!(e.contains("w.weight") && e.contains("48 inputs") && e.contains("multiple of 32"), "{e}");
+    // Scales of 2^8 and up are past what the kernels take: the matrix is
+    // kept as f32, with the same values.
+    let dir = one_tensor(&[codes(), ("w.scale", Dtype::F8_E8M0, vec![1, 1], vec![127 + 8])]);
+    let w = Checkpoint::open(dir.path()).unwrap().linear("w.weight", 4, 8).unwrap();
+    assert!(matches!(w.stored, Stored::F32(_)), "{:?}", w.stored);
+    assert!(w.to_f32().iter().all(|&v| v == 256.0));
     // F32 scales (the -Base layout) are read as they are.
     let dir = one_tensor(&[codes(), ("w.scale", Dtype::F32, vec![1, 1], 0.25f32.to_le_bytes().to_vec())]);
     let w = Checkpoint::open(dir.path()).unwrap().linear("w.weight", 4, 8).unwrap();

@@ -17,7 +17,7 @@ pub enum Weights<'a> {
         bf16: bool,
     },
     /// Block-FP8 codes of these rows, the whole matrix's decoded block
-    /// scales (each of magnitude below [`quant::FP8_SCALE_LIMIT`]), and the
+    /// scales (each of magnitude below [`quant::FP8_KERNEL_SCALE_LIMIT`]), and the
     /// matrix row of this view's first row (it picks the block row of
     /// scales).
     Fp8 {
@@ -49,13 +49,15 @@ impl<'a> Weights<'a> {
     }
 
     /// Whether the view holds exactly an `[n, k]` matrix (with every scale
-    /// its rows need).
+    /// its rows need, each one the kernels can take).
     pub fn holds(self, n: usize, k: usize) -> bool {
         match self {
             Weights::F32(w) => w.len() == n * k,
             Weights::Half { bytes, .. } => bytes.len() == 2 * n * k,
             Weights::Fp8 { codes, scales, first } => {
-                codes.len() == n * k && scales.len() >= (first + n).div_ceil(FP8_BLOCK) * k.div_ceil(FP8_BLOCK)
+                codes.len() == n * k
+                    && scales.len() >= (first + n).div_ceil(FP8_BLOCK) * k.div_ceil(FP8_BLOCK)
+                    && scales.iter().all(|s| s.abs() < quant::FP8_KERNEL_SCALE_LIMIT)
             }
             Weights::Fp4 { packed, scales } => {
                 k.is_multiple_of(FP4_GROUP) && packed.len() == n * k / 2 && scales.len() == n * k / FP4_GROUP
@@ -189,8 +191,8 @@ impl Rows for Fp8Rows<'_> {
 }
 
 /// Block-FP8 codes without their scales, each read as its E4M3 value times
-/// `2^-8` (exact, subnormal codes included): what a task reads once it has
-/// moved each block's scale, times `2^8`, onto its inputs.
+/// `2^-120` ([`quant::e4m3_low`]): what a task reads once it has moved each
+/// block's scale, times `2^120`, onto its inputs.
 #[derive(Clone, Copy)]
 pub(crate) struct Fp8Codes<'a> {
     pub codes: &'a [u8],
@@ -199,7 +201,7 @@ pub(crate) struct Fp8Codes<'a> {
 
 impl Rows for Fp8Codes<'_> {
     fn value(&self, c: usize, j: usize) -> f32 {
-        E4M3[usize::from(self.codes[c * self.k + j])] / 256.0
+        quant::e4m3_low(self.codes[c * self.k + j])
     }
     fn row<'s>(&'s self, c: usize, k: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
         scratch.clear();

@@ -208,11 +208,11 @@ fn task<W: Source>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize,
 }
 
 /// [`task`] for few input rows against block-FP8 weights. Where a block
-/// row's scales are powers of two, each one, times `2^8`, moves onto the
+/// row's scales are powers of two, each one, times `2^120`, moves onto the
 /// inputs it multiplies, and the kernels read the bare codes ([`Fp8Codes`]):
-/// `(x·s·2^8)·(q·2^-8)` is the same real number as `x·(q·s)`, so every
+/// `(x·s·2^120)·(q·2^-120)` is the same real number as `x·(q·s)`, so every
 /// fused multiply-add, and the result, keeps its bits, and each weight
-/// costs no multiply by its scale. That holds while `x·s·2^8` and `q·s` are
+/// costs no multiply by its scale. That holds while `x·s·2^120` and `q·s` are
 /// exact in f32, which is checked (a block row where it fails reads its
 /// scaled weights as before).
 fn fp8_few_rows(x: &[f32], rows: usize, k: usize, w: Fp8Rows<'_>, c0: usize, c1: usize, block: &mut [f32]) {
@@ -245,7 +245,7 @@ fn fp8_few_rows(x: &[f32], rows: usize, k: usize, w: Fp8Rows<'_>, c0: usize, c1:
     }
 }
 
-/// `out = x · s · 2^8`, each input times the scale of its 128-block, when
+/// `out = x · s · 2^120`, each input times the scale of its 128-block, when
 /// every scale is a normal power of two (so every `q·s` is exact: E4M3
 /// values are multiples of `2^-9` with 4 significant bits) and every
 /// product is exact; false otherwise. A product by a power of two is exact
@@ -258,7 +258,7 @@ fn scale_inputs(x: &[f32], k: usize, scales: &[f32], out: &mut [f32]) -> bool {
     let mut exact = true;
     for (xr, outr) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
         for ((xb, ob), &s) in xr.chunks(quant::FP8_BLOCK).zip(outr.chunks_mut(quant::FP8_BLOCK)).zip(scales) {
-            let s = s * 256.0;
+            let s = s * quant::E4M3_REBIAS;
             for (&v, o) in xb.iter().zip(ob.iter_mut()) {
                 *o = v * s;
                 exact &= o.is_normal() || v == 0.0;

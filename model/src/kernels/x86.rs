@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 
 use super::formats::{Bf16Rows, F16Rows, F32Rows, Fp4Rows, Fp8Codes, Fp8Rows, Rows};
 use super::{LANES, dot_generic, reduce};
-use crate::quant::{E2M1_TWICE, E8M0, E8M0_HALF, FP4_GROUP, FP8_BLOCK};
+use crate::quant::{E2M1_TWICE, E4M3_REBIAS, E8M0, E8M0_HALF, FP4_GROUP, FP8_BLOCK};
 
 /// Loads weights `i..i + 16` of one weight row as f32 vectors. A kernel
 /// takes each of its rows once ([`Load::row_at`]: pointers to the row's
@@ -125,19 +125,30 @@ impl Load for F16Rows<'_> {
     }
 }
 
-/// Sixteen E4M3 codes as the F16 bits of their value times `2^-8`: each
-/// code, sign-extended to 16 bits and shifted left by 7, has its exponent
-/// and mantissa bits on an F16's (bias 15 against E4M3's 7: the `2^-8`,
-/// subnormal codes included, as F16 subnormals), its sign on the F16's, and
-/// a copy of the sign on the exponent's top bit, which is cleared. The
-/// conversion to f32 is then exact, and the kernels take the `2^8` back in
-/// the block scale ([`Fp8Row::scale`]). NaN codes never get here
-/// (refused at load).
+/// The f32 bits [`crate::quant::e4m3_low`] keeps of an E4M3 code
+/// sign-extended to 32 bits and shifted left by 20: the code's exponent and
+/// mantissa bits land on the f32's and its sign on the f32's sign, and the
+/// mask clears the copies of the sign on the top four exponent bits. Only
+/// integer operations: on a Zen 4 core they run 30% faster than a
+/// conversion from F16 (ADR 0008). NaN codes never get here (refused at
+/// load).
+const E4M3_LOW_BITS: i32 = 0x87F0_0000_u32 as i32;
+
+/// Sixteen E4M3 codes at `2^-120` of their value ([`E4M3_LOW_BITS`]).
 #[inline(always)]
-unsafe fn e4m3_f16(codes: __m128i) -> __m256i {
+unsafe fn e4m3_low512(codes: *const u8) -> __m512 {
     unsafe {
-        let words = _mm256_slli_epi16::<7>(_mm256_cvtepi8_epi16(codes));
-        _mm256_and_si256(words, _mm256_set1_epi16(!(1 << 14)))
+        let words = _mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes.cast())));
+        _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(E4M3_LOW_BITS)))
+    }
+}
+
+/// Eight E4M3 codes at `2^-120` of their value ([`E4M3_LOW_BITS`]).
+#[inline(always)]
+unsafe fn e4m3_low256(codes: *const u8) -> __m256 {
+    unsafe {
+        let words = _mm256_slli_epi32::<20>(_mm256_cvtepi8_epi32(_mm_loadl_epi64(codes.cast())));
+        _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(E4M3_LOW_BITS)))
     }
 }
 
@@ -150,23 +161,14 @@ pub(crate) struct Fp8Row {
 }
 
 impl Fp8Row {
-    /// The scale of the block holding input `i`, times `2^8` exactly: the
-    /// codes are expanded at `2^-8` of their value ([`e4m3_f16`]). The load
-    /// refuses scales of magnitude [`crate::quant::FP8_SCALE_LIMIT`] and up,
-    /// which this would overflow.
+    /// The scale of the block holding input `i`, times `2^120` exactly: the
+    /// codes are read at `2^-120` of their value ([`e4m3_low512`]), and
+    /// `(q·2^-120)·(s·2^120)` is the real number `q·s`, rounded once, as
+    /// the expanded weight is. The scales stay below
+    /// [`crate::quant::FP8_KERNEL_SCALE_LIMIT`], so this is finite.
     #[inline(always)]
     unsafe fn scale(self, i: usize) -> f32 {
-        unsafe { *self.scales.add(i / FP8_BLOCK) * 256.0 }
-    }
-}
-
-/// [`e4m3_f16`] for 32 codes at once (AVX-512BW), as two f32 vectors.
-#[inline(always)]
-unsafe fn e4m3_pair(codes: *const u8) -> (__m512, __m512) {
-    unsafe {
-        let words = _mm512_slli_epi16::<7>(_mm512_cvtepi8_epi16(_mm256_loadu_si256(codes.cast())));
-        let halves = _mm512_and_si512(words, _mm512_set1_epi16(!(1 << 14)));
-        (_mm512_cvtph_ps(_mm512_castsi512_si256(halves)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(halves)))
+        unsafe { *self.scales.add(i / FP8_BLOCK) * E4M3_REBIAS }
     }
 }
 
@@ -223,18 +225,11 @@ impl Load for Fp8Codes<'_> {
     }
     #[inline(always)]
     unsafe fn load512(row: *const u8, i: usize) -> __m512 {
-        unsafe { _mm512_cvtph_ps(e4m3_f16(_mm_loadu_si128(row.add(i).cast()))) }
-    }
-    #[inline(always)]
-    unsafe fn load512_pair(row: *const u8, i: usize) -> (__m512, __m512) {
-        unsafe { e4m3_pair(row.add(i)) }
+        unsafe { e4m3_low512(row.add(i)) }
     }
     #[inline(always)]
     unsafe fn load256(row: *const u8, i: usize) -> (__m256, __m256) {
-        unsafe {
-            let halves = e4m3_f16(_mm_loadu_si128(row.add(i).cast()));
-            (_mm256_cvtph_ps(_mm256_castsi256_si128(halves)), _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(halves)))
-        }
+        unsafe { (e4m3_low256(row.add(i)), e4m3_low256(row.add(i + 8))) }
     }
 }
 
