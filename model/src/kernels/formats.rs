@@ -4,6 +4,8 @@
 //! Every reader gives exactly the f32 values [`crate::quant`] and
 //! [`crate::tensor::widen_half`] define.
 
+use std::marker::PhantomData;
+
 use crate::quant::{self, E2M1_TWICE, E4M3, E8M0_HALF, FP4_GROUP, FP8_BLOCK};
 use crate::tensor::widen_half;
 
@@ -94,11 +96,6 @@ pub(crate) trait Rows: Copy + Send + Sync {
     fn value(&self, c: usize, j: usize) -> f32;
     /// Row `c` as f32: borrowed when stored so, else expanded into `scratch`.
     fn row<'s>(&'s self, c: usize, k: usize, scratch: &'s mut Vec<f32>) -> &'s [f32];
-    /// These rows as block-FP8, whose scales a task of few input rows may
-    /// move onto its inputs (`super::fp8_few_rows`).
-    fn as_fp8(&self) -> Option<Fp8Rows<'_>> {
-        None
-    }
 }
 
 /// Expands row `c` of `w` through [`Weights::expand`].
@@ -157,15 +154,43 @@ impl Rows for F16Rows<'_> {
     }
 }
 
+/// How the SIMD kernels expand E4M3 codes: two exact routes, each giving
+/// every code's value divided by its own power of two, [`Self::REBIAS`],
+/// which the kernels take back in the scale (`Fp8Rows`) or the inputs
+/// (`Fp8Codes`). Which is faster depends on the core (`super::fp8_route`).
+pub(crate) trait E4m3Route: Copy + Send + Sync {
+    const REBIAS: f32;
+}
+
+/// Through F16: the code's bits moved onto an F16's, then the F16
+/// conversion instruction. Values at `2^-8`, never an f32 subnormal.
 #[derive(Clone, Copy)]
-pub(crate) struct Fp8Rows<'a> {
+pub(crate) struct ViaHalf;
+
+/// Integer moves only ([`quant::e4m3_low`]): values at `2^-120`, the
+/// subnormal codes as f32 subnormals, which some cores multiply at full
+/// speed and others only through a microcode assist.
+#[derive(Clone, Copy)]
+pub(crate) struct ViaBits;
+
+impl E4m3Route for ViaHalf {
+    const REBIAS: f32 = 256.0;
+}
+
+impl E4m3Route for ViaBits {
+    const REBIAS: f32 = quant::E4M3_REBIAS;
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct Fp8Rows<'a, R> {
     pub codes: &'a [u8],
     pub scales: &'a [f32],
     pub first: usize,
     pub k: usize,
+    pub route: PhantomData<R>,
 }
 
-impl Fp8Rows<'_> {
+impl<R> Fp8Rows<'_, R> {
     /// The scale of the block holding weight `j` of row `c`.
     #[inline(always)]
     pub fn scale(&self, c: usize, j: usize) -> f32 {
@@ -177,7 +202,7 @@ impl Fp8Rows<'_> {
     }
 }
 
-impl Rows for Fp8Rows<'_> {
+impl<R: E4m3Route> Rows for Fp8Rows<'_, R> {
     fn value(&self, c: usize, j: usize) -> f32 {
         E4M3[usize::from(self.codes[c * self.k + j])] * self.scale(c, j)
     }
@@ -185,23 +210,21 @@ impl Rows for Fp8Rows<'_> {
         let w = Weights::Fp8 { codes: self.codes, scales: self.scales, first: self.first };
         expanded(w, c, k, scratch)
     }
-    fn as_fp8(&self) -> Option<Fp8Rows<'_>> {
-        Some(*self)
-    }
 }
 
-/// Block-FP8 codes without their scales, each read as its E4M3 value times
-/// `2^-120` ([`quant::e4m3_low`]): what a task reads once it has moved each
-/// block's scale, times `2^120`, onto its inputs.
+/// Block-FP8 codes without their scales, each read as its E4M3 value
+/// divided by the route's [`E4m3Route::REBIAS`]: what a task reads once it
+/// has moved each block's scale, times that, onto its inputs.
 #[derive(Clone, Copy)]
-pub(crate) struct Fp8Codes<'a> {
+pub(crate) struct Fp8Codes<'a, R> {
     pub codes: &'a [u8],
     pub k: usize,
+    pub route: PhantomData<R>,
 }
 
-impl Rows for Fp8Codes<'_> {
+impl<R: E4m3Route> Rows for Fp8Codes<'_, R> {
     fn value(&self, c: usize, j: usize) -> f32 {
-        quant::e4m3_low(self.codes[c * self.k + j])
+        E4M3[usize::from(self.codes[c * self.k + j])] / R::REBIAS
     }
     fn row<'s>(&'s self, c: usize, k: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
         scratch.clear();

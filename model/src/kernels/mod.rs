@@ -24,12 +24,19 @@ mod tests;
 mod x86;
 
 pub use formats::Weights;
-use formats::{Bf16Rows, F16Rows, F32Rows, Fp4Rows, Fp8Codes, Fp8Rows, Rows};
+use std::marker::PhantomData;
+
+use formats::{Bf16Rows, F16Rows, F32Rows, Fp4Rows, Fp8Codes, Fp8Rows, Rows, ViaBits, ViaHalf};
 pub use scores::{KeyBlocks, Span, mix, relu_weighted, scores};
 pub use sink::{exp, softmax_with_sink};
 
+/// What an E4M3 route must offer the kernels on this architecture.
+#[cfg(not(target_arch = "x86_64"))]
+use formats::E4m3Route as Fp8Source;
 #[cfg(not(target_arch = "x86_64"))]
 use formats::Rows as Source;
+#[cfg(target_arch = "x86_64")]
+use x86::E4m3Simd as Fp8Source;
 /// What a format's reader must offer the kernels on this architecture.
 #[cfg(target_arch = "x86_64")]
 use x86::Load as Source;
@@ -186,7 +193,14 @@ fn run(p: &Projection<'_>, x: &[f32], rows: usize, c0: usize, c1: usize, block: 
         Weights::F32(w) => task(x, rows, k, F32Rows { w, k }, c0, c1, block),
         Weights::Half { bytes, bf16: true } => task(x, rows, k, Bf16Rows { bytes, k }, c0, c1, block),
         Weights::Half { bytes, bf16: false } => task(x, rows, k, F16Rows { bytes, k }, c0, c1, block),
-        Weights::Fp8 { codes, scales, first } => task(x, rows, k, Fp8Rows { codes, scales, first, k }, c0, c1, block),
+        Weights::Fp8 { codes, scales, first } => match fp8_route() {
+            Fp8Route::Bits => {
+                fp8(x, rows, k, Fp8Rows { codes, scales, first, k, route: PhantomData::<ViaBits> }, c0, c1, block)
+            }
+            Fp8Route::Half => {
+                fp8(x, rows, k, Fp8Rows { codes, scales, first, k, route: PhantomData::<ViaHalf> }, c0, c1, block)
+            }
+        },
         Weights::Fp4 { packed, scales } => task(x, rows, k, Fp4Rows { packed, scales, k }, c0, c1, block),
     }
 }
@@ -197,9 +211,6 @@ fn run(p: &Projection<'_>, x: &[f32], rows: usize, c0: usize, c1: usize, block: 
 fn task<W: Source>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize, block: &mut [f32]) {
     let _span = profile::span(Part::Matmul);
     if W::F32 || rows < EXPAND_FROM_ROWS {
-        if let Some(fp8) = w.as_fp8() {
-            return fp8_few_rows(x, rows, k, fp8, c0, c1, block);
-        }
         return tile(x, rows, k, w, c0, c1, block);
     }
     let mut expanded = vec![0.0; (c1 - c0) * k];
@@ -207,17 +218,61 @@ fn task<W: Source>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize,
     tile(x, rows, k, F32Rows { w: &expanded, k }, 0, c1 - c0, block)
 }
 
+/// How this machine's kernels expand E4M3 codes ([`formats::E4m3Route`]).
+#[derive(Clone, Copy)]
+enum Fp8Route {
+    Half,
+    Bits,
+}
+
+/// Integer moves where the core multiplies f32 subnormals at full speed,
+/// the F16 conversion elsewhere. AMD's Zen 4 cores do, and convert F16
+/// slowly: the one-row FP8 kernel ran ~20 GB/s in L2 through integer moves
+/// against ~16 through F16. Intel's cores take a microcode assist for each
+/// instruction with a subnormal operand, and random FP8 weights (one code
+/// in 16 subnormal) ran 2.4× slower through integer moves (ADR 0008).
+fn fp8_route() -> Fp8Route {
+    static ROUTE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    #[cfg(target_arch = "x86_64")]
+    let bits = *ROUTE.get_or_init(|| {
+        let vendor = std::arch::x86_64::__cpuid(0);
+        let amd = [vendor.ebx, vendor.edx, vendor.ecx] == [0x6874_7541, 0x6974_6E65, 0x444D_4163]; // "AuthenticAMD"
+        amd && avx512()
+    });
+    #[cfg(not(target_arch = "x86_64"))]
+    let bits = *ROUTE.get_or_init(|| false);
+    if bits { Fp8Route::Bits } else { Fp8Route::Half }
+}
+
+/// [`run`] for block-FP8 weights read through route `R`.
+fn fp8<R: Fp8Source>(x: &[f32], rows: usize, k: usize, w: Fp8Rows<'_, R>, c0: usize, c1: usize, block: &mut [f32]) {
+    if rows < EXPAND_FROM_ROWS {
+        fp8_few_rows(x, rows, k, w, c0, c1, block)
+    } else {
+        task(x, rows, k, w, c0, c1, block)
+    }
+}
+
 /// [`task`] for few input rows against block-FP8 weights. Where a block
-/// row's scales are powers of two, each one, times `2^120`, moves onto the
-/// inputs it multiplies, and the kernels read the bare codes ([`Fp8Codes`]):
-/// `(x·s·2^120)·(q·2^-120)` is the same real number as `x·(q·s)`, so every
-/// fused multiply-add, and the result, keeps its bits, and each weight
-/// costs no multiply by its scale. That holds while `x·s·2^120` and `q·s` are
-/// exact in f32, which is checked (a block row where it fails reads its
-/// scaled weights as before).
-fn fp8_few_rows(x: &[f32], rows: usize, k: usize, w: Fp8Rows<'_>, c0: usize, c1: usize, block: &mut [f32]) {
+/// row's scales are powers of two, each one, times the route's `REBIAS`,
+/// moves onto the inputs it multiplies, and the kernels read the bare codes
+/// ([`Fp8Codes`], at `1 / REBIAS` of their values): `(x·s·REBIAS)·(q /
+/// REBIAS)` is the same real number as `x·(q·s)`, so every fused
+/// multiply-add, and the result, keeps its bits, and each weight costs no
+/// multiply by its scale. That holds while `x·s·REBIAS` and `q·s` are exact
+/// in f32, which is checked (a block row where it fails reads its scaled
+/// weights as before).
+fn fp8_few_rows<R: Fp8Source>(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: Fp8Rows<'_, R>,
+    c0: usize,
+    c1: usize,
+    block: &mut [f32],
+) {
     let blocks = k.div_ceil(quant::FP8_BLOCK);
-    let codes = Fp8Codes { codes: w.codes, k };
+    let codes = Fp8Codes { codes: w.codes, k, route: w.route };
     let mut scaled = vec![0.0; rows * k];
     let mut part = Vec::new();
     let mut c = c0;
@@ -231,7 +286,7 @@ fn fp8_few_rows(x: &[f32], rows: usize, k: usize, w: Fp8Rows<'_>, c0: usize, c1:
             part.resize(rows * (end - c), 0.0);
             &mut part[..]
         };
-        if scale_inputs(x, k, scales, &mut scaled) {
+        if scale_inputs(x, k, scales, R::REBIAS, &mut scaled) {
             tile(&scaled, rows, k, codes, c, end, out);
         } else {
             tile(x, rows, k, w, c, end, out);
@@ -245,20 +300,20 @@ fn fp8_few_rows(x: &[f32], rows: usize, k: usize, w: Fp8Rows<'_>, c0: usize, c1:
     }
 }
 
-/// `out = x · s · 2^120`, each input times the scale of its 128-block, when
+/// `out = x · s · rebias`, each input times the scale of its 128-block, when
 /// every scale is a normal power of two (so every `q·s` is exact: E4M3
 /// values are multiples of `2^-9` with 4 significant bits) and every
 /// product is exact; false otherwise. A product by a power of two is exact
 /// when it is a normal float (or the input is zero); a subnormal one may
 /// have lost bits and counts as inexact.
-fn scale_inputs(x: &[f32], k: usize, scales: &[f32], out: &mut [f32]) -> bool {
+fn scale_inputs(x: &[f32], k: usize, scales: &[f32], rebias: f32, out: &mut [f32]) -> bool {
     if !scales.iter().all(|&s| s.is_normal() && s.to_bits() & 0x007F_FFFF == 0) {
         return false;
     }
     let mut exact = true;
     for (xr, outr) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
         for ((xb, ob), &s) in xr.chunks(quant::FP8_BLOCK).zip(outr.chunks_mut(quant::FP8_BLOCK)).zip(scales) {
-            let s = s * quant::E4M3_REBIAS;
+            let s = s * rebias;
             for (&v, o) in xb.iter().zip(ob.iter_mut()) {
                 *o = v * s;
                 exact &= o.is_normal() || v == 0.0;

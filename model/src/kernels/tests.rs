@@ -134,10 +134,16 @@ fn stored_formats_agree_across_variants() {
         assert_variants_agree(&x, rows, k, Bf16Rows { bytes: &s.half, k }, cols, &what("bf16"));
         assert_variants_agree(&x, rows, k, F16Rows { bytes: &s.half, k }, cols, &what("f16"));
         for first in [0, 100] {
-            let fp8 = Fp8Rows { codes: &s.fp8, scales: &s.fp8_scales, first, k };
-            assert_variants_agree(&x, rows, k, fp8, cols, &what(&format!("fp8 from {first}")));
+            let (codes, scales) = (&s.fp8[..], &s.fp8_scales[..]);
+            let half = Fp8Rows { codes, scales, first, k, route: PhantomData::<ViaHalf> };
+            assert_variants_agree(&x, rows, k, half, cols, &what(&format!("fp8 via F16 from {first}")));
+            let bits = Fp8Rows { codes, scales, first, k, route: PhantomData::<ViaBits> };
+            assert_variants_agree(&x, rows, k, bits, cols, &what(&format!("fp8 via bits from {first}")));
         }
-        assert_variants_agree(&x, rows, k, Fp8Codes { codes: &s.fp8, k }, cols, &what("fp8 codes"));
+        let half = Fp8Codes { codes: &s.fp8, k, route: PhantomData::<ViaHalf> };
+        assert_variants_agree(&x, rows, k, half, cols, &what("fp8 codes via F16"));
+        let bits = Fp8Codes { codes: &s.fp8, k, route: PhantomData::<ViaBits> };
+        assert_variants_agree(&x, rows, k, bits, cols, &what("fp8 codes via bits"));
         if k % 32 == 0 {
             let fp4 = Fp4Rows { packed: &s.fp4, scales: &s.fp4_scales, k };
             assert_variants_agree(&x, rows, k, fp4, cols, &what("fp4"));
@@ -177,31 +183,40 @@ fn stored_formats_compute_their_expanded_values() {
 
 /// A task of few input rows moves block-FP8 scales onto its inputs where
 /// that is exact, and keeps them on the weights where it is not: either
-/// way each output is the bits the expanded weights give. The inputs are
-/// powers of two, so only these block rows need the scales kept on the
-/// weights: one whose scale pushes an input out of f32's range
-/// (`2^4 · 2^7 · 2^120`), and one of F32 scales `1 + 2^-23`, which make
-/// `q·s` inexact. (An input pushed into f32's subnormals would also count
-/// as inexact, but its products are then too small to change any sum.)
+/// way, through either E4M3 route, each output is the bits the expanded
+/// weights give. The inputs are powers of two, so only these block rows
+/// need the scales kept on the weights: one whose scale pushes an input
+/// out of f32's range (`2^121 / REBIAS · 2^7 · REBIAS`), and one of F32
+/// scales `1 + 2^-23`, which make `q·s` inexact. (An input pushed into
+/// f32's subnormals would also count as inexact, but its products are then
+/// too small to change any sum.)
 #[test]
 fn fp8_scales_move_onto_inputs_only_when_exact() {
-    let (k, n) = (300, 260);
-    let s = stored(n, k, 11);
-    let blocks = k.div_ceil(128);
-    let mut scales: Vec<f32> = (0..s.fp8_scales.len()).map(|b| 2f32.powi(b as i32 % 7 - 4)).collect();
-    scales[1] = 2f32.powi(7);
-    scales[blocks..2 * blocks].iter_mut().for_each(|s| *s = 1.0 + f32::EPSILON);
-    let w = Weights::Fp8 { codes: &s.fp8, scales: &scales, first: 0 };
-    let mut values = Vec::new();
-    w.expand(k, &mut values);
-    for rows in 1..=7 {
-        let mut x: Vec<f32> =
-            random_bits(rows * k, 12 + rows as u32).iter().map(|&b| (b as i32 % 9 - 4) as f32).map(f32::exp2).collect();
-        x.iter_mut().step_by(3).for_each(|v| *v = -*v);
-        x[130] = 2f32.powi(4); // row 0, block 1
-        let got = linear_with(&x, rows, w, n, k);
-        assert!(bits_equal(&got, &linear(&x, rows, &values, n)), "{rows} rows");
+    fn check<R: Fp8Source>(route: &str) {
+        let (k, n) = (300, 260);
+        let s = stored(n, k, 11);
+        let blocks = k.div_ceil(128);
+        let mut scales: Vec<f32> = (0..s.fp8_scales.len()).map(|b| 2f32.powi(b as i32 % 7 - 4)).collect();
+        scales[1] = 2f32.powi(7);
+        scales[blocks..2 * blocks].iter_mut().for_each(|s| *s = 1.0 + f32::EPSILON);
+        let mut values = Vec::new();
+        Weights::Fp8 { codes: &s.fp8, scales: &scales, first: 0 }.expand(k, &mut values);
+        let w = Fp8Rows { codes: &s.fp8, scales: &scales, first: 0, k, route: PhantomData::<R> };
+        for rows in 1..=7 {
+            let mut x: Vec<f32> = random_bits(rows * k, 12 + rows as u32)
+                .iter()
+                .map(|&b| (b as i32 % 9 - 4) as f32)
+                .map(f32::exp2)
+                .collect();
+            x.iter_mut().step_by(3).for_each(|v| *v = -*v);
+            x[130] = 2f32.powi(121) / R::REBIAS; // row 0, block 1
+            let mut got = vec![0.0; rows * n];
+            fp8(&x, rows, k, w, 0, n, &mut got);
+            assert!(bits_equal(&got, &linear(&x, rows, &values, n)), "{rows} rows via {route}");
+        }
     }
+    check::<ViaHalf>("F16");
+    check::<ViaBits>("bits");
 }
 
 /// Projections run as one group give each the bits it gives alone, in

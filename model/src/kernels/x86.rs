@@ -11,9 +11,9 @@
 
 use std::arch::x86_64::*;
 
-use super::formats::{Bf16Rows, F16Rows, F32Rows, Fp4Rows, Fp8Codes, Fp8Rows, Rows};
+use super::formats::{Bf16Rows, E4m3Route, F16Rows, F32Rows, Fp4Rows, Fp8Codes, Fp8Rows, Rows, ViaBits, ViaHalf};
 use super::{LANES, dot_generic, reduce};
-use crate::quant::{E2M1_TWICE, E4M3_REBIAS, E8M0, E8M0_HALF, FP4_GROUP, FP8_BLOCK};
+use crate::quant::{E2M1_TWICE, E8M0, E8M0_HALF, FP4_GROUP, FP8_BLOCK};
 
 /// Loads weights `i..i + 16` of one weight row as f32 vectors. A kernel
 /// takes each of its rows once ([`Load::row_at`]: pointers to the row's
@@ -125,30 +125,79 @@ impl Load for F16Rows<'_> {
     }
 }
 
-/// The f32 bits [`crate::quant::e4m3_low`] keeps of an E4M3 code
-/// sign-extended to 32 bits and shifted left by 20: the code's exponent and
-/// mantissa bits land on the f32's and its sign on the f32's sign, and the
-/// mask clears the copies of the sign on the top four exponent bits. Only
-/// integer operations: on a Zen 4 core they run 30% faster than a
-/// conversion from F16 (ADR 0008). NaN codes never get here (refused at
-/// load).
-const E4M3_LOW_BITS: i32 = 0x87F0_0000_u32 as i32;
-
-/// Sixteen E4M3 codes at `2^-120` of their value ([`E4M3_LOW_BITS`]).
-#[inline(always)]
-unsafe fn e4m3_low512(codes: *const u8) -> __m512 {
-    unsafe {
-        let words = _mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes.cast())));
-        _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(E4M3_LOW_BITS)))
+/// One [`E4m3Route`]'s SIMD expansion of E4M3 codes (never NaN codes:
+/// the load refuses them), at `1 / REBIAS` of their values.
+///
+/// # Safety
+/// As for [`Load`]: the loads read 16 (`load512`, `load256`) or 32
+/// (`load512_pair`) codes from `codes`.
+pub(crate) trait E4m3Simd: E4m3Route {
+    unsafe fn load512(codes: *const u8) -> __m512;
+    unsafe fn load256(codes: *const u8) -> (__m256, __m256);
+    #[inline(always)]
+    unsafe fn load512_pair(codes: *const u8) -> (__m512, __m512) {
+        unsafe { (Self::load512(codes), Self::load512(codes.add(LANES))) }
     }
 }
 
-/// Eight E4M3 codes at `2^-120` of their value ([`E4M3_LOW_BITS`]).
+/// Sixteen E4M3 codes as the F16 bits of their value times `2^-8`: each
+/// code, sign-extended to 16 bits and shifted left by 7, has its exponent
+/// and mantissa bits on an F16's (bias 15 against E4M3's 7: the `2^-8`,
+/// subnormal codes included, as F16 subnormals), its sign on the F16's, and
+/// a copy of the sign on the exponent's top bit, which is cleared. The
+/// conversion to f32 is then exact and never gives an f32 subnormal.
 #[inline(always)]
-unsafe fn e4m3_low256(codes: *const u8) -> __m256 {
+unsafe fn e4m3_f16(codes: __m128i) -> __m256i {
     unsafe {
-        let words = _mm256_slli_epi32::<20>(_mm256_cvtepi8_epi32(_mm_loadl_epi64(codes.cast())));
-        _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(E4M3_LOW_BITS)))
+        let words = _mm256_slli_epi16::<7>(_mm256_cvtepi8_epi16(codes));
+        _mm256_and_si256(words, _mm256_set1_epi16(!(1 << 14)))
+    }
+}
+
+impl E4m3Simd for ViaHalf {
+    #[inline(always)]
+    unsafe fn load512(codes: *const u8) -> __m512 {
+        unsafe { _mm512_cvtph_ps(e4m3_f16(_mm_loadu_si128(codes.cast()))) }
+    }
+    #[inline(always)]
+    unsafe fn load256(codes: *const u8) -> (__m256, __m256) {
+        unsafe {
+            let halves = e4m3_f16(_mm_loadu_si128(codes.cast()));
+            (_mm256_cvtph_ps(_mm256_castsi256_si128(halves)), _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(halves)))
+        }
+    }
+    /// [`e4m3_f16`] for 32 codes at once (AVX-512BW).
+    #[inline(always)]
+    unsafe fn load512_pair(codes: *const u8) -> (__m512, __m512) {
+        unsafe {
+            let words = _mm512_slli_epi16::<7>(_mm512_cvtepi8_epi16(_mm256_loadu_si256(codes.cast())));
+            let halves = _mm512_and_si512(words, _mm512_set1_epi16(!(1 << 14)));
+            (_mm512_cvtph_ps(_mm512_castsi512_si256(halves)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(halves)))
+        }
+    }
+}
+
+/// The f32 bits [`crate::quant::e4m3_low`] keeps of an E4M3 code
+/// sign-extended to 32 bits and shifted left by 20: the code's exponent and
+/// mantissa bits land on the f32's and its sign on the f32's sign, and the
+/// mask clears the copies of the sign on the top four exponent bits.
+const E4M3_LOW_BITS: i32 = 0x87F0_0000_u32 as i32;
+
+impl E4m3Simd for ViaBits {
+    #[inline(always)]
+    unsafe fn load512(codes: *const u8) -> __m512 {
+        unsafe {
+            let words = _mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes.cast())));
+            _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(E4M3_LOW_BITS)))
+        }
+    }
+    #[inline(always)]
+    unsafe fn load256(codes: *const u8) -> (__m256, __m256) {
+        let eight = |at: *const u8| unsafe {
+            let words = _mm256_slli_epi32::<20>(_mm256_cvtepi8_epi32(_mm_loadl_epi64(at.cast())));
+            _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(E4M3_LOW_BITS)))
+        };
+        unsafe { (eight(codes), eight(codes.add(8))) }
     }
 }
 
@@ -161,22 +210,22 @@ pub(crate) struct Fp8Row {
 }
 
 impl Fp8Row {
-    /// The scale of the block holding input `i`, times `2^120` exactly: the
-    /// codes are read at `2^-120` of their value ([`e4m3_low512`]), and
-    /// `(q·2^-120)·(s·2^120)` is the real number `q·s`, rounded once, as
-    /// the expanded weight is. The scales stay below
-    /// [`crate::quant::FP8_KERNEL_SCALE_LIMIT`], so this is finite.
+    /// The scale of the block holding input `i`, times `rebias` exactly
+    /// (the route's [`E4m3Route::REBIAS`]: its codes come at `1 / rebias`
+    /// of their value, and `(q / rebias)·(s·rebias)` is the real number
+    /// `q·s`, rounded once, as the expanded weight is). Finite: the scales
+    /// stay below [`crate::quant::FP8_KERNEL_SCALE_LIMIT`].
     #[inline(always)]
-    unsafe fn scale(self, i: usize) -> f32 {
-        unsafe { *self.scales.add(i / FP8_BLOCK) * E4M3_REBIAS }
+    unsafe fn scale(self, i: usize, rebias: f32) -> f32 {
+        unsafe { *self.scales.add(i / FP8_BLOCK) * rebias }
     }
 }
 
 /// Block-FP8 weights are their bare codes ([`Fp8Codes`]) times the block's
 /// scale.
-impl Load for Fp8Rows<'_> {
+impl<R: E4m3Simd> Load for Fp8Rows<'_, R> {
     type Row = Fp8Row;
-    const LINE_INPUTS: usize = Fp8Codes::LINE_INPUTS;
+    const LINE_INPUTS: usize = 64;
     #[inline(always)]
     fn row_at(&self, c: usize) -> Fp8Row {
         let block_row = (self.first + c) / FP8_BLOCK * self.k.div_ceil(FP8_BLOCK);
@@ -187,32 +236,32 @@ impl Load for Fp8Rows<'_> {
     }
     #[inline(always)]
     fn prefetch(row: Fp8Row, i: usize) {
-        Fp8Codes::prefetch(row.codes, i);
+        fetch(row.codes.wrapping_add(i));
     }
     #[inline(always)]
     unsafe fn load512(row: Fp8Row, i: usize) -> __m512 {
-        unsafe { _mm512_mul_ps(Fp8Codes::load512(row.codes, i), _mm512_set1_ps(row.scale(i))) }
+        unsafe { _mm512_mul_ps(R::load512(row.codes.add(i)), _mm512_set1_ps(row.scale(i, R::REBIAS))) }
     }
     #[inline(always)]
     unsafe fn load512_pair(row: Fp8Row, i: usize) -> (__m512, __m512) {
         unsafe {
             // Inputs i..i + 32 lie in one 128-block: i is a multiple of 32.
-            let scale = _mm512_set1_ps(row.scale(i));
-            let (first, second) = Fp8Codes::load512_pair(row.codes, i);
+            let scale = _mm512_set1_ps(row.scale(i, R::REBIAS));
+            let (first, second) = R::load512_pair(row.codes.add(i));
             (_mm512_mul_ps(first, scale), _mm512_mul_ps(second, scale))
         }
     }
     #[inline(always)]
     unsafe fn load256(row: Fp8Row, i: usize) -> (__m256, __m256) {
         unsafe {
-            let scale = _mm256_set1_ps(row.scale(i));
-            let (lo, hi) = Fp8Codes::load256(row.codes, i);
+            let scale = _mm256_set1_ps(row.scale(i, R::REBIAS));
+            let (lo, hi) = R::load256(row.codes.add(i));
             (_mm256_mul_ps(lo, scale), _mm256_mul_ps(hi, scale))
         }
     }
 }
 
-impl Load for Fp8Codes<'_> {
+impl<R: E4m3Simd> Load for Fp8Codes<'_, R> {
     type Row = *const u8;
     const LINE_INPUTS: usize = 64;
     #[inline(always)]
@@ -225,11 +274,15 @@ impl Load for Fp8Codes<'_> {
     }
     #[inline(always)]
     unsafe fn load512(row: *const u8, i: usize) -> __m512 {
-        unsafe { e4m3_low512(row.add(i)) }
+        unsafe { R::load512(row.add(i)) }
+    }
+    #[inline(always)]
+    unsafe fn load512_pair(row: *const u8, i: usize) -> (__m512, __m512) {
+        unsafe { R::load512_pair(row.add(i)) }
     }
     #[inline(always)]
     unsafe fn load256(row: *const u8, i: usize) -> (__m256, __m256) {
-        unsafe { (e4m3_low256(row.add(i)), e4m3_low256(row.add(i + 8))) }
+        unsafe { R::load256(row.add(i)) }
     }
 }
 
