@@ -20,10 +20,10 @@ pub const FP8_BLOCK: usize = 128;
 /// weights this large would not be finite in f32 (`448 · 2^120 > f32::MAX`).
 pub const FP8_SCALE_LIMIT: f32 = f32::from_bits((120 + 127) << 23);
 /// The kernels read block-FP8 matrices whose scales are all smaller than
-/// this in magnitude (`2^8`): they hold a scale times `2^120`
-/// ([`E4M3_REBIAS`]), which must be finite. A matrix with a larger scale
-/// (none in DeepSeek's checkpoints: their weights are far below `2^8`) is
-/// kept expanded to f32 instead.
+/// this in magnitude (`2^8`): one of their routes holds a scale times
+/// `2^120` (E4M3's exponent bias against f32's), which must be finite. A
+/// matrix with a larger scale (none in DeepSeek's checkpoints: their
+/// weights are far below `2^8`) is kept expanded to f32 instead.
 pub const FP8_KERNEL_SCALE_LIMIT: f32 = 256.0;
 /// Inputs sharing one MXFP4 scale.
 pub const FP4_GROUP: usize = 32;

@@ -10,6 +10,8 @@
 //! the portable path `f32::mul_add` (exactly fused, in software where the CPU
 //! lacks FMA), so all variants give identical bits.
 
+use std::marker::PhantomData;
+
 use rayon::prelude::*;
 
 use crate::profile::{self, Part};
@@ -24,22 +26,16 @@ mod tests;
 mod x86;
 
 pub use formats::Weights;
-use std::marker::PhantomData;
-
 use formats::{Bf16Rows, F16Rows, F32Rows, Fp4Rows, Fp8Codes, Fp8Rows, Rows, ViaBits, ViaHalf};
 pub use scores::{KeyBlocks, Span, mix, relu_weighted, scores};
 pub use sink::{exp, softmax_with_sink};
 
-/// What an E4M3 route must offer the kernels on this architecture.
 #[cfg(not(target_arch = "x86_64"))]
-use formats::E4m3Route as Fp8Source;
-#[cfg(not(target_arch = "x86_64"))]
-use formats::Rows as Source;
+use formats::{E4m3Route as Fp8Source, Rows as Source};
+/// What a format's reader, and an E4M3 route, must offer the kernels on
+/// this architecture.
 #[cfg(target_arch = "x86_64")]
-use x86::E4m3Simd as Fp8Source;
-/// What a format's reader must offer the kernels on this architecture.
-#[cfg(target_arch = "x86_64")]
-use x86::Load as Source;
+use x86::{E4m3Simd as Fp8Source, Load as Source};
 
 const LANES: usize = 16;
 /// Input rows per parallel task (a tile's inputs stay in L2).
@@ -225,23 +221,27 @@ enum Fp8Route {
     Bits,
 }
 
-/// Integer moves where the core multiplies f32 subnormals at full speed,
-/// the F16 conversion elsewhere. AMD's Zen 4 cores do, and convert F16
-/// slowly: the one-row FP8 kernel ran ~20 GB/s in L2 through integer moves
-/// against ~16 through F16. Intel's cores take a microcode assist for each
-/// instruction with a subnormal operand, and random FP8 weights (one code
-/// in 16 subnormal) ran 2.4× slower through integer moves (ADR 0008).
+/// Integer moves on AMD cores with AVX-512 (Zen 4, where it was measured),
+/// the F16 conversion elsewhere. Zen 4 multiplies f32 subnormals at full
+/// speed and converts F16 slowly: the one-row FP8 kernel ran ~20 GB/s in
+/// L2 through integer moves against ~16 through F16. The earlier (Intel)
+/// host took a microcode assist for each instruction with a subnormal
+/// operand, and random FP8 weights (one code in 16 subnormal) ran 2.4×
+/// slower through integer moves (ADR 0008).
 fn fp8_route() -> Fp8Route {
-    static ROUTE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     #[cfg(target_arch = "x86_64")]
-    let bits = *ROUTE.get_or_init(|| {
-        let vendor = std::arch::x86_64::__cpuid(0);
-        let amd = [vendor.ebx, vendor.edx, vendor.ecx] == [0x6874_7541, 0x6974_6E65, 0x444D_4163]; // "AuthenticAMD"
-        amd && avx512()
-    });
-    #[cfg(not(target_arch = "x86_64"))]
-    let bits = *ROUTE.get_or_init(|| false);
-    if bits { Fp8Route::Bits } else { Fp8Route::Half }
+    {
+        static BITS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let amd_avx512 = || {
+            let vendor = std::arch::x86_64::__cpuid(0);
+            // "AuthenticAMD", in the order CPUID gives it.
+            [vendor.ebx, vendor.edx, vendor.ecx] == [0x6874_7541, 0x6974_6E65, 0x444D_4163] && avx512()
+        };
+        if *BITS.get_or_init(amd_avx512) {
+            return Fp8Route::Bits;
+        }
+    }
+    Fp8Route::Half
 }
 
 /// [`run`] for block-FP8 weights read through route `R`.
