@@ -53,6 +53,24 @@ async fn a_coordinator_stopped_with_sigterm_hands_over_leadership_at_once() {
     eprintln!("SIGTERM of the leading coordinator -> the standby leads: {:?}", stopped.elapsed());
 }
 
+/// A router that never reached the store (etcd down since it started) has
+/// nothing to unregister: it stops at once on SIGTERM, without waiting the
+/// 2 s a registered router gives its departure.
+#[test]
+fn a_router_that_never_joined_stops_at_once() {
+    let etcd = format!("127.0.0.1:{}", common::free_port()); // nothing listens there
+    let mut router =
+        Proc::start(&["router", "--etcd", &etcd, "--cluster", "s", "--node-id", "r1", "--listen", "127.0.0.1:0"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(router.running(), "the router exited while etcd was down");
+    let stopped = Instant::now();
+    let status = router.terminate(EXIT_LIMIT);
+    let took = stopped.elapsed();
+    eprintln!("SIGTERM of a router that never joined -> it exited: {took:?}");
+    assert!(status.success(), "the router ended with {status} on SIGTERM");
+    assert!(took < Duration::from_millis(1500), "took {took:?}: it waited to unregister a record it never wrote");
+}
+
 /// A router lets the responses in flight finish within its drain timeout,
 /// and cuts the rest then: a generation far longer than that cannot hold
 /// the process past it (and so past the pod's grace period).

@@ -66,7 +66,8 @@ pub async fn join(
 /// answers, follows placement, and leaves when asked.
 pub struct Member {
     leave: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    /// Whether it had joined when it ended.
+    task: tokio::task::JoinHandle<bool>,
 }
 
 /// Starts `m`'s registration and placement-following on the current
@@ -76,11 +77,17 @@ pub fn start(m: Membership, experts: &RemoteExperts, config: &ModelConfig) -> Me
     let (leave, leaving) = watch::channel(false);
     let (experts, config) = (experts.clone(), config.clone());
     let task = tokio::spawn(async move {
-        let follow = myriad_store::retry::until_joined("register the router", || {
+        let mut stop = leaving.clone();
+        let joined = myriad_store::retry::until_joined("register the router", || {
             join(m.clone(), experts.clone(), config.clone(), leaving.clone())
-        })
-        .await;
-        follow.await
+        });
+        let follow = tokio::select! {
+            follow = joined => follow,
+            // Asked to leave before it ever joined: nothing to unregister.
+            _ = stop.wait_for(|leave| *leave) => return false,
+        };
+        follow.await;
+        true
     });
     Member { leave, task }
 }
@@ -93,7 +100,9 @@ impl Member {
         self.leave.send_replace(true);
         let Member { mut task, .. } = self;
         match tokio::time::timeout(limit, &mut task).await {
-            Ok(_) => tracing::info!("left the cluster"),
+            Ok(Ok(true)) => tracing::info!("left the cluster"),
+            Ok(Ok(false)) => tracing::info!("stopped before it had joined the cluster"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "membership failed; the record expires with its lease"),
             Err(_) => {
                 task.abort();
                 tracing::warn!("could not unregister; the record expires with its lease");
