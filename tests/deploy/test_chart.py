@@ -271,12 +271,24 @@ def test_the_schema_rejects_typos_and_bad_values(values, complaint):
         ({"kvcache": {"config": {"diskCapacity": "20GiB"}}}, "kvcache.config.diskCapacity (20GiB) exceeds kvcache.persistence.size (10Gi)"),
         ({"model": {"source": "pvc", "claimName": "m", "path": "/opt/models/x"}}, "model.path (/opt/models/x) is outside model.mountPath (/models)"),
         ({"router": {"resources": {"limits": {"memory": "4GiB"}}}}, "router.resources.limits.memory: `4GiB` is not a Kubernetes quantity"),
+        # 6s + 1m + 2s to leave > 60 s of grace; 30 s when unset.
+        ({"router": {"config": {"drainTimeout": "1m"}}}, "exceed router.terminationGracePeriodSeconds (60)"),
+        ({"router": {"terminationGracePeriodSeconds": None}}, "exceed router.terminationGracePeriodSeconds (30)"),
+        ({"router": {"config": {"shutdownDelay": "1m 500ms"}, "terminationGracePeriodSeconds": 100}}, "shutdownDelay (1m 500ms)"),
+        # 10 s + 75.5 s + 2 s = 87.5 s (renders with 88: below).
+        ({"router": {"config": {"shutdownDelay": "10s", "drainTimeout": "1m15.5s"}, "terminationGracePeriodSeconds": 87}}, "(87)"),
     ],
 )
 def test_mistakes_between_fields_fail_at_render_time(values, complaint):
     with pytest.raises(helm.HelmError) as error:
         render(values)
     assert complaint in str(error.value)
+
+
+def test_a_router_stop_that_fits_its_grace_period_renders():
+    # 6s + 50s + 2s = 58 s under the default 60 s; 10 s + 1m15.5s + 2s = 87.5 s under 88 s.
+    render()
+    render({"router": {"config": {"shutdownDelay": "10s", "drainTimeout": "1m15.5s"}, "terminationGracePeriodSeconds": 88}})
 
 
 def test_required_companions_are_demanded():

@@ -63,6 +63,13 @@ with what to change (included once, from coordinator.yaml).
 {{- fail (printf "kvcache.config.diskCapacity (%s) exceeds kvcache.persistence.size (%s)" $k.config.diskCapacity $k.persistence.size) -}}
 {{- end -}}
 {{- end -}}
+{{- $r := .Values.router -}}
+{{- $grace := 30 -}}{{/* Kubernetes' default when unset */}}
+{{- if not (kindIs "invalid" $r.terminationGracePeriodSeconds) -}}{{- $grace = $r.terminationGracePeriodSeconds -}}{{- end -}}
+{{- $stop := addf (include "myriad.durationSeconds" $r.config.shutdownDelay | float64) (include "myriad.durationSeconds" $r.config.drainTimeout | float64) 2.0 -}}
+{{- if gt $stop (float64 $grace) -}}
+{{- fail (printf "router.config.shutdownDelay (%s) + drainTimeout (%s) + 2s to leave the cluster exceed router.terminationGracePeriodSeconds (%v): Kubernetes would kill a stopping router before it finished its responses" $r.config.shutdownDelay $r.config.drainTimeout $grace) -}}
+{{- end -}}
 {{- $m := .Values.model -}}
 {{- if and $m.download.enabled (ne $m.source "pvc") -}}
 {{- fail (printf "model.download fills a claim: set model.source to pvc (it is %s)" $m.source) -}}
@@ -89,4 +96,15 @@ with what to change (included once, from coordinator.yaml).
 {{- $number := regexFind "^[0-9.]+" $s -}}
 {{- $units := dict "" 1.0 "b" 1.0 "kb" 1e3 "mb" 1e6 "gb" 1e9 "tb" 1e12 "kib" 1024.0 "mib" 1048576.0 "gib" 1073741824.0 "tib" 1099511627776.0 -}}
 {{- mulf (float64 $number) (get $units (lower (trimPrefix $number $s))) -}}
+{{- end -}}
+
+{{/* Seconds of a duration as the binary reads it (6s, 1m30s, 500ms, 1.5h), as a number. */}}
+{{- define "myriad.durationSeconds" -}}
+{{- $units := dict "ns" 1e-9 "us" 1e-6 "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0 "d" 86400.0 -}}
+{{- $total := 0.0 -}}
+{{- range regexFindAll "[0-9.]+[a-z]+" (toString .) -1 -}}
+{{- $number := regexFind "^[0-9.]+" . -}}
+{{- $total = addf $total (mulf (float64 $number) (get $units (trimPrefix $number .))) -}}
+{{- end -}}
+{{- $total -}}
 {{- end -}}
