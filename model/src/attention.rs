@@ -83,7 +83,7 @@ pub fn forward(
 
     // Keys: the cached window (oldest first) followed by this chunk's tokens.
     let cached = state.window.len() / hd;
-    let keys: Vec<f32> = state.window.iter().chain(&kv).copied().collect();
+    let keys = [&state.window[..], &kv[..]].concat();
     // Consecutive tokens' windows overlap: all keys laid out once.
     let key_blocks = KeyBlocks::from_rows(&keys, hd);
     let hca = state.compressor.as_ref().filter(|_| layer_type == LayerType::Hca).map(|c| c.laid_out());

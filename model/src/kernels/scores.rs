@@ -38,9 +38,29 @@ impl KeyBlocks {
         keys
     }
 
-    /// Appends the `d`-wide rows of `rows`.
+    /// Appends the `d`-wide rows of `rows`: key by key up to a block's
+    /// start, then 16 keys at a time (each dimension's 16 values written as
+    /// one run), then key by key again.
     pub fn extend(&mut self, rows: &[f32]) {
-        for key in rows.chunks_exact(self.d) {
+        let d = self.d;
+        let mut rest = &rows[..rows.len() / d * d];
+        while !self.len.is_multiple_of(LANES) && !rest.is_empty() {
+            let (key, tail) = rest.split_at(d);
+            self.push(key);
+            rest = tail;
+        }
+        let (blocks, tail) = rest.split_at(rest.len() / (LANES * d) * (LANES * d));
+        for block in blocks.chunks_exact(LANES * d) {
+            let at = self.data.len();
+            self.data.resize(at + LANES * d, 0.0);
+            for (i, run) in self.data[at..].chunks_exact_mut(LANES).enumerate() {
+                for (l, v) in run.iter_mut().enumerate() {
+                    *v = block[l * d + i];
+                }
+            }
+            self.len += LANES;
+        }
+        for key in tail.chunks_exact(d) {
             self.push(key);
         }
     }
@@ -461,6 +481,21 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Keys appended in pieces, whatever their sizes, lay out as when
+    /// pushed one by one.
+    #[test]
+    fn keys_extended_in_pieces_lay_out_as_pushed() {
+        let d = 24;
+        let rows = values(70 * d, 5);
+        let mut pushed = KeyBlocks::new(d);
+        rows.chunks_exact(d).for_each(|key| pushed.push(key));
+        for cuts in [&[0usize, 70][..], &[0, 3, 70], &[0, 16, 50, 70], &[0, 5, 37, 38, 70]] {
+            let mut pieces = KeyBlocks::new(d);
+            cuts.windows(2).for_each(|c| pieces.extend(&rows[c[0] * d..c[1] * d]));
+            assert_eq!((pieces.len, &pieces.data), (pushed.len, &pushed.data), "cut at {cuts:?}");
         }
     }
 
