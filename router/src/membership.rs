@@ -84,7 +84,8 @@ pub fn start(m: Membership, experts: &RemoteExperts, config: &ModelConfig) -> Me
         let follow = tokio::select! {
             follow = joined => follow,
             // Asked to leave before it ever joined: nothing to unregister.
-            _ = stop.wait_for(|leave| *leave) => return false,
+            // (A dropped sender never asks to leave.)
+            true = async { stop.wait_for(|leave| *leave).await.is_ok() } => return false,
         };
         follow.await;
         true
