@@ -77,16 +77,11 @@ pub fn start(m: Membership, experts: &RemoteExperts, config: &ModelConfig) -> Me
     let (leave, leaving) = watch::channel(false);
     let (experts, config) = (experts.clone(), config.clone());
     let task = tokio::spawn(async move {
-        let mut stop = leaving.clone();
-        let joined = myriad_store::retry::until_joined("register the router", || {
+        let joined = myriad_store::retry::until_joined_unless_leaving("register the router", &leaving, || {
             join(m.clone(), experts.clone(), config.clone(), leaving.clone())
         });
-        let follow = tokio::select! {
-            follow = joined => follow,
-            // Asked to leave before it ever joined: nothing to unregister.
-            // (A dropped sender never asks to leave.)
-            true = async { stop.wait_for(|leave| *leave).await.is_ok() } => return false,
-        };
+        // Asked to leave before it ever joined: nothing to unregister.
+        let Some(follow) = joined.await else { return false };
         follow.await;
         true
     });

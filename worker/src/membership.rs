@@ -50,13 +50,9 @@ async fn register(m: &Membership) -> Result<(Mirror, Registration), StoreError> 
 /// once instead of after the lease TTL) and returns once no placement
 /// version names it any more: from then on no router sends it work.
 pub async fn run(m: Membership, worker: Arc<Worker>, leave: watch::Receiver<bool>) {
-    let joined = myriad_store::retry::until_joined("register the worker", || register(&m));
-    let mut stop = leave.clone();
-    let (mirror, registration) = tokio::select! {
-        joined = joined => joined,
-        // Asked to leave before it ever joined: nothing to hand over.
-        _ = stop.wait_for(|leave| *leave) => return,
-    };
+    let joined = myriad_store::retry::until_joined_unless_leaving("register the worker", &leave, || register(&m));
+    // Asked to leave before it ever joined: nothing to hand over.
+    let Some((mirror, registration)) = joined.await else { return };
     apply_placements(m, worker, mirror, registration, Some(leave)).await
 }
 
