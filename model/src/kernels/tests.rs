@@ -153,7 +153,7 @@ fn stored_formats_agree_across_variants() {
 
 /// A stored matrix computes exactly what its values expanded to f32
 /// (`Weights::expand`, the reference expansion) compute, one row or many,
-/// in registers or expanded once per task.
+/// in registers or expanded once per task of one run of inputs or several.
 #[test]
 fn stored_formats_compute_their_expanded_values() {
     let (k, n) = (320, 200);
@@ -164,20 +164,27 @@ fn stored_formats_compute_their_expanded_values() {
         ("fp8", Weights::Fp8 { codes: &s.fp8, scales: &s.fp8_scales, first: 0 }),
         ("fp4", Weights::Fp4 { packed: &s.fp4, scales: &s.fp4_scales }),
     ];
-    let batch = pseudo_random(13 * k, 10);
+    let batch = pseudo_random(150 * k, 10);
     for (name, w) in formats {
         let mut values = Vec::new();
         w.expand(k, &mut values);
         assert!(values.iter().all(|v| v.is_finite()), "{name}");
-        let together = linear_with(&batch, 13, w, n, k);
-        assert_eq!(together, linear(&batch, 13, &values, n), "{name}");
-        for r in [0, 6, 12] {
-            let alone = linear_with(&batch[r * k..(r + 1) * k], 1, w, n, k);
-            assert_eq!(alone, together[r * n..(r + 1) * n], "{name} row {r}");
+        // 13 rows: one run of a task; 150: tasks of several runs that
+        // share one expansion (all of them on one thread).
+        for (rows, threads) in [(13, 2), (150, 1), (150, 2)] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let what = format!("{name}, {rows} rows on {threads} threads");
+            let batch = &batch[..rows * k];
+            let together = pool.install(|| linear_with(batch, rows, w, n, k));
+            assert_eq!(together, linear(batch, rows, &values, n), "{what}");
+            for r in [0, 6, 12] {
+                let alone = linear_with(&batch[r * k..(r + 1) * k], 1, w, n, k);
+                assert_eq!(alone, together[r * n..(r + 1) * n], "{what}: row {r}");
+            }
+            // A group of rows as a matrix of its own.
+            let group = pool.install(|| linear_with(batch, rows, w.rows(k, 130, 170), 40, k));
+            assert_eq!(group, linear(batch, rows, &values[130 * k..170 * k], 40), "{what}: rows 130..170");
         }
-        // A group of rows as a matrix of its own.
-        let group = linear_with(&batch, 13, w.rows(k, 130, 170), 40, k);
-        assert_eq!(group, linear(&batch, 13, &values[130 * k..170 * k], 40), "{name} rows 130..170");
     }
 }
 
