@@ -183,8 +183,9 @@ fn split(projections: &[Projection<'_>]) -> Vec<Task> {
 /// Input rows of one task of `p` that takes `cols` weight rows: one run of
 /// [`ROWS_PER_TASK`], or, where the weights are expanded to f32 per task,
 /// as many runs as still leave [`TASKS_PER_THREAD`] tasks per thread, since
-/// each task expands its weight rows once for all of its runs: a 512-token
-/// prefill expanded every weight row eight times, 4% of its time.
+/// each task expands its weight rows once for all of its runs: with one run
+/// per task a 2048-token prefill expanded each dense weight row 32 times,
+/// 3.3% of its time.
 fn task_rows(p: &Projection<'_>, cols: usize) -> usize {
     if matches!(p.w, Weights::F32(_)) || p.rows < EXPAND_FROM_ROWS {
         return ROWS_PER_TASK;
@@ -225,12 +226,12 @@ fn task<W: Source>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize,
     if W::F32 || rows < EXPAND_FROM_ROWS {
         return tile(x, rows, k, w, c0, c1, block);
     }
-    EXPANDED.with_borrow_mut(|expanded| {
+    EXPANDED.with_borrow_mut(|buffer| {
         let cols = c1 - c0;
-        if expanded.len() < cols * k {
-            expanded.resize(cols * k, 0.0);
+        if buffer.len() < cols * k {
+            buffer.resize(cols * k, 0.0);
         }
-        let expanded = &mut expanded[..cols * k];
+        let expanded = &mut buffer[..cols * k];
         expand(w, k, c0, c1, expanded);
         // Runs of ROWS_PER_TASK inputs, so that a run's inputs and the
         // expanded rows stay in L2 together.
@@ -239,16 +240,24 @@ fn task<W: Source>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize,
             let w = F32Rows { w: expanded, k };
             tile(&x[r * k..(r + n) * k], n, k, w, 0, cols, &mut block[r * cols..(r + n) * cols]);
         }
+        if buffer.len() > KEPT_EXPANDED {
+            *buffer = Vec::new();
+        }
     })
 }
 
 thread_local! {
-    /// The weight rows of this thread's current [`task`], expanded to f32,
-    /// kept between tasks (64 rows of the widest matrix at most, see
-    /// [`split`]): zeroing a fresh buffer per task was 2% of a 512-token
-    /// prefill's time on the larger random config.
+    /// The weight rows of this thread's last [`task`], expanded to f32 and
+    /// kept for the next: zeroing a fresh buffer per task was 2% of a
+    /// 512-token prefill's time on the larger random config.
     static EXPANDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
+
+/// The most floats [`EXPANDED`] keeps between tasks (4 MiB): a prefill
+/// task's 64 rows of the widest V4-Pro matrix. A task of a few input rows
+/// may expand far more rows at once (a share of a whole matrix); that
+/// buffer is freed after the task.
+const KEPT_EXPANDED: usize = 1 << 20;
 
 /// How this machine's kernels expand E4M3 codes ([`formats::E4m3Route`]).
 #[derive(Clone, Copy)]
