@@ -1,9 +1,11 @@
 //! Decode-shaped matmul speed per stored weight format: one input row
 //! against 256 MiB of weights (far larger than any cache), reported as
 //! weight bytes read per second next to this machine's read bandwidth,
-//! measured in the same run by summing a buffer of the same size; and the
+//! measured in the same run by summing a buffer of the same size; the
 //! kernel's own ceiling: one thread on 512 KiB of weights that stay in its
-//! L2 cache (steadier than the streamed figure on a shared machine).
+//! L2 cache (steadier than the streamed figure on a shared machine); and a
+//! batched decode step, 12 input rows against the 256 MiB, as billions of
+//! weights per second (each format's weights are f32 values to the tile).
 //!
 //! `cargo run --release -p myriad-model --example matvec [-- --cached-only]`
 
@@ -17,6 +19,8 @@ const K: usize = 1024;
 /// Weight bytes of the in-cache measurement, and how often it repeats.
 const CACHED: usize = 512 << 10;
 const REPEATS: usize = 20;
+/// Input rows of the batched decode step.
+const BATCH: usize = 12;
 
 /// Best of `runs` timings of `f`, in seconds.
 fn best(runs: usize, mut f: impl FnMut()) -> f64 {
@@ -45,7 +49,7 @@ fn main() {
     let f32s: Vec<f32> = half.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     let fp8_scales = vec![0.5f32; (BYTES / K).div_ceil(128) * K.div_ceil(128)];
     let fp4_scales = vec![120u8; BYTES * 2 / 32];
-    let x: Vec<f32> = (0..K).map(|i| (i as f32 * 0.37).sin()).collect();
+    let x: Vec<f32> = (0..BATCH * K).map(|i| (i as f32 * 0.37).sin()).collect();
 
     // Only the in-cache figure: quick, for comparing kernel builds.
     let cached_only = std::env::args().any(|a| a == "--cached-only");
@@ -63,8 +67,8 @@ fn main() {
         rayon::current_num_threads()
     );
     println!(
-        "{:8} {:>10} {:>12} {:>12} {:>22}",
-        "format", "ms/matvec", "GB/s read", "% of read", "1 thread, in L2: GB/s"
+        "{:8} {:>10} {:>12} {:>12} {:>22} {:>26}",
+        "format", "ms/matvec", "GB/s read", "% of read", "1 thread, in L2: GB/s", "12 rows: Gweights/s"
     );
     let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a thread pool");
     let formats: [(&str, Weights, usize); 5] = [
@@ -76,7 +80,10 @@ fn main() {
     ];
     for (name, w, n) in formats {
         let secs = best(if cached_only { 1 } else { 5 }, || {
-            std::hint::black_box(linear_with(&x, 1, w, n, K));
+            std::hint::black_box(linear_with(&x[..K], 1, w, n, K));
+        });
+        let batch_secs = best(if cached_only { 1 } else { 3 }, || {
+            std::hint::black_box(linear_with(&x, BATCH, w, n, K));
         });
         let gbs = BYTES as f64 / secs / 1e9;
         // The kernel's own speed: one core on weights that stay in its L2.
@@ -85,11 +92,16 @@ fn main() {
         let cached_secs = one_thread.install(|| {
             best(100, || {
                 for _ in 0..REPEATS {
-                    std::hint::black_box(linear_with(&x, 1, cached, cached_rows, K));
+                    std::hint::black_box(linear_with(&x[..K], 1, cached, cached_rows, K));
                 }
             })
         });
         let cached_gbs = (CACHED * REPEATS) as f64 / cached_secs / 1e9;
-        println!("{name:8} {:>10.2} {gbs:>12.1} {:>11.0}% {cached_gbs:>22.1}", secs * 1e3, 100.0 * gbs / bandwidth);
+        let batch_rate = (n * K) as f64 / batch_secs / 1e9;
+        println!(
+            "{name:8} {:>10.2} {gbs:>12.1} {:>11.0}% {cached_gbs:>22.1} {batch_rate:>26.2}",
+            secs * 1e3,
+            100.0 * gbs / bandwidth
+        );
     }
 }

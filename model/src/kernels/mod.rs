@@ -228,36 +228,48 @@ fn task<W: Source>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize,
     }
     EXPANDED.with_borrow_mut(|buffer| {
         let cols = c1 - c0;
-        if buffer.len() < cols * k {
-            buffer.resize(cols * k, 0.0);
-        }
-        let expanded = &mut buffer[..cols * k];
-        expand(w, k, c0, c1, expanded);
-        // Runs of ROWS_PER_TASK inputs, so that a run's inputs and the
-        // expanded rows stay in L2 together.
-        for r in (0..rows).step_by(ROWS_PER_TASK) {
-            let n = ROWS_PER_TASK.min(rows - r);
+        buffer.resize(buffer.len().max(EXPAND_COLS.min(cols) * k), 0.0);
+        let mut part = Vec::new();
+        for from in (c0..c1).step_by(EXPAND_COLS) {
+            let to = (from + EXPAND_COLS).min(c1);
+            let n = to - from;
+            let expanded = &mut buffer[..n * k];
+            expand(w, k, from, to, expanded);
             let w = F32Rows { w: expanded, k };
-            tile(&x[r * k..(r + n) * k], n, k, w, 0, cols, &mut block[r * cols..(r + n) * cols]);
-        }
-        if buffer.len() > KEPT_EXPANDED {
-            *buffer = Vec::new();
+            if n == cols {
+                return tile_runs(x, rows, k, w, n, block);
+            }
+            part.resize(rows * n, 0.0);
+            tile_runs(x, rows, k, w, n, &mut part);
+            for (out, row) in block.chunks_exact_mut(cols).zip(part.chunks_exact(n)) {
+                out[from - c0..to - c0].copy_from_slice(row);
+            }
         }
     })
 }
 
-thread_local! {
-    /// The weight rows of this thread's last [`task`], expanded to f32 and
-    /// kept for the next: zeroing a fresh buffer per task was 2% of a
-    /// 512-token prefill's time on the larger random config.
-    static EXPANDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+/// Weight rows expanded to f32 at a time: a task's runs of inputs take
+/// them while they sit in L2. A task of 8 to 16 input rows (a decode step
+/// of that many sequences) takes a share of a whole matrix; expanded at
+/// once, stored formats ran 12 rows at a fifth of f32's weights per second
+/// (`model/examples/matvec.rs`), and now at about the same.
+const EXPAND_COLS: usize = 64;
+
+/// [`tile`] over the `cols` rows of `w`, inputs in runs of [`ROWS_PER_TASK`],
+/// so that a run's inputs and the weight rows stay in L2 together.
+fn tile_runs(x: &[f32], rows: usize, k: usize, w: F32Rows<'_>, cols: usize, block: &mut [f32]) {
+    for r in (0..rows).step_by(ROWS_PER_TASK) {
+        let n = ROWS_PER_TASK.min(rows - r);
+        tile(&x[r * k..(r + n) * k], n, k, w, 0, cols, &mut block[r * cols..(r + n) * cols]);
+    }
 }
 
-/// The most floats [`EXPANDED`] keeps between tasks (4 MiB): a prefill
-/// task's 64 rows of the widest V4-Pro matrix. A task of a few input rows
-/// may expand far more rows at once (a share of a whole matrix); that
-/// buffer is freed after the task.
-const KEPT_EXPANDED: usize = 1 << 20;
+thread_local! {
+    /// [`EXPAND_COLS`] weight rows of this thread's current [`task`],
+    /// expanded to f32, kept between tasks: zeroing a fresh buffer per task
+    /// was 2% of a 512-token prefill's time on the larger random config.
+    static EXPANDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// How this machine's kernels expand E4M3 codes ([`formats::E4m3Route`]).
 #[derive(Clone, Copy)]

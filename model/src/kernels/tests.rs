@@ -156,7 +156,7 @@ fn stored_formats_agree_across_variants() {
 /// in registers or expanded once per task of one run of inputs or several.
 #[test]
 fn stored_formats_compute_their_expanded_values() {
-    let (k, n) = (320, 200);
+    let (k, n) = (320, 600);
     let s = stored(n, k, 9);
     let formats = [
         ("bf16", Weights::Half { bytes: &s.half, bf16: true }),
@@ -169,9 +169,10 @@ fn stored_formats_compute_their_expanded_values() {
         let mut values = Vec::new();
         w.expand(k, &mut values);
         assert!(values.iter().all(|v| v.is_finite()), "{name}");
-        // 13 rows: one run of a task; 150: tasks of several runs that
+        // 13 rows: tasks of one run and a share of the weight rows, more
+        // than are expanded at a time; 150: tasks of several runs that
         // share one expansion (all of them on one thread).
-        for (rows, threads) in [(13, 2), (150, 1), (150, 2)] {
+        for (rows, threads) in [(13, 1), (13, 2), (150, 1), (150, 2)] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let what = format!("{name}, {rows} rows on {threads} threads");
             let batch = &batch[..rows * k];
