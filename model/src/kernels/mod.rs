@@ -236,16 +236,33 @@ fn task<W: Source>(x: &[f32], rows: usize, k: usize, w: W, c0: usize, c1: usize,
             let expanded = &mut buffer[..n * k];
             expand(w, k, from, to, expanded);
             let w = F32Rows { w: expanded, k };
-            if n == cols {
-                return tile_runs(x, rows, k, w, n, block);
-            }
-            part.resize(rows * n, 0.0);
-            tile_runs(x, rows, k, w, n, &mut part);
-            for (out, row) in block.chunks_exact_mut(cols).zip(part.chunks_exact(n)) {
-                out[from - c0..to - c0].copy_from_slice(row);
-            }
+            fill_columns(block, rows, from - c0..to - c0, &mut part, |out| tile_runs(x, rows, k, w, n, out));
         }
     })
+}
+
+/// Fills columns `at` of `block: [rows, _]` with `fill`, which writes a
+/// `[rows, at.len()]` block: in place when that is all of `block` or one
+/// row of it, else through `part`, copied into place.
+fn fill_columns(
+    block: &mut [f32],
+    rows: usize,
+    at: std::ops::Range<usize>,
+    part: &mut Vec<f32>,
+    fill: impl FnOnce(&mut [f32]),
+) {
+    let (cols, n) = (block.len() / rows.max(1), at.len());
+    if n == cols {
+        return fill(block);
+    }
+    if rows == 1 {
+        return fill(&mut block[at]);
+    }
+    part.resize(rows * n, 0.0);
+    fill(part);
+    for (out, row) in block.chunks_exact_mut(cols).zip(part.chunks_exact(n)) {
+        out[at.clone()].copy_from_slice(row);
+    }
 }
 
 /// Weight rows expanded to f32 at a time: a task's runs of inputs take
@@ -337,22 +354,10 @@ fn fp8_few_rows<R: Fp8Source>(
         let block_row = (w.first + c) / quant::FP8_BLOCK;
         let end = ((block_row + 1) * quant::FP8_BLOCK - w.first).min(c1);
         let scales = &w.scales[block_row * blocks..(block_row + 1) * blocks];
-        let out = if rows == 1 {
-            &mut block[c - c0..end - c0]
-        } else {
-            part.resize(rows * (end - c), 0.0);
-            &mut part[..]
-        };
-        if scale_inputs(x, k, scales, R::REBIAS, &mut scaled) {
-            tile(&scaled, rows, k, codes, c, end, out);
-        } else {
-            tile(x, rows, k, w, c, end, out);
-        }
-        if rows > 1 {
-            for r in 0..rows {
-                block[r * (c1 - c0) + c - c0..][..end - c].copy_from_slice(&part[r * (end - c)..][..end - c]);
-            }
-        }
+        let exact = scale_inputs(x, k, scales, R::REBIAS, &mut scaled);
+        fill_columns(block, rows, c - c0..end - c0, &mut part, |out| {
+            if exact { tile(&scaled, rows, k, codes, c, end, out) } else { tile(x, rows, k, w, c, end, out) }
+        });
         c = end;
     }
 }
