@@ -28,7 +28,7 @@ mod x86;
 pub use formats::Weights;
 use formats::{Bf16Rows, F16Rows, F32Rows, Fp4Rows, Fp8Codes, Fp8Rows, Rows, ViaBits, ViaHalf};
 pub use scores::{KeyBlocks, Span, mix, relu_weighted, scores};
-pub use sink::{exp, softmax_with_sink};
+pub use sink::{EXP_CLAMP, EXP_LN2, EXP_TAYLOR, exp, softmax_with_sink};
 
 #[cfg(not(target_arch = "x86_64"))]
 use formats::{E4m3Route as Fp8Source, Rows as Source};
@@ -515,8 +515,10 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// `x · sigmoid(x)`, on [`exp`]: every operation exactly rounded IEEE
+/// arithmetic, so a GPU running the same steps gets the same bits.
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + exp(-x))
 }
 
 /// `log(1 + eˣ)` with torch's default threshold (linear above 20).

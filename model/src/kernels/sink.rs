@@ -73,23 +73,26 @@ fn softmax_generic(l: &mut [f32], scale: f32, sink: f32) {
     l.iter_mut().for_each(|v| *v /= denom);
 }
 
+/// [`exp`]'s constants, for copies of it elsewhere (the CUDA experts):
+/// ln 2 in two parts, the first with trailing zero bits so `n·ln2` is
+/// exact for every `n` used; the clamp of `x`, past which the result is 0
+/// or infinite anyway (it keeps `n` in range); the Taylor coefficients,
+/// highest degree (7) first.
+pub const EXP_LN2: [f32; 2] = [0.693_145_75, 1.428_606_8e-6];
+pub const EXP_CLAMP: [f32; 2] = [-104.0, 88.8];
+pub const EXP_TAYLOR: [f32; 8] = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
+
 /// `e^x`, within 2 ulp; NaN stays NaN, `x > 88.8` is infinite, very
 /// negative `x` gives 0 (through the subnormals, rounded once).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 in two parts, the first with trailing zero bits so `n·LN2_HI`
-    // is exact for every `n` used here.
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // Past these, the result is 0 or infinite anyway; clamping keeps `n`
-    // in range (NaN passes through).
-    let x = x.clamp(-104.0, 88.8);
+    let x = x.clamp(EXP_CLAMP[0], EXP_CLAMP[1]);
     let n = (x * LOG2_E).round_ties_even();
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let mut p: f32 = 1.0 / 5040.0;
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = p.mul_add(r, c);
+    let r = n.mul_add(-EXP_LN2[1], n.mul_add(-EXP_LN2[0], x));
+    let mut p = EXP_TAYLOR[0];
+    for c in &EXP_TAYLOR[1..] {
+        p = p.mul_add(r, *c);
     }
     // 2^n as two normal powers of two (n is in -150..=129): the first
     // product is exact, the second rounds once, into the subnormals or to
