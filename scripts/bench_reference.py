@@ -75,9 +75,9 @@ def reference(path: Path, prompt, new_tokens):
     return generated, len(prompt) / prefill, (new_tokens - 1) / decode
 
 
-def myriad(binary, path: Path, prompt, new_tokens):
+def myriad(binary, path: Path, prompt, new_tokens, extra=()):
     args = [binary, "generate", "--model", str(path), "--prompt-ids", ",".join(map(str, prompt)),
-            "--max-new-tokens", str(new_tokens), "--ignore-eos", "--json"]
+            "--max-new-tokens", str(new_tokens), "--ignore-eos", "--json", *extra]
     run = subprocess.run(args, capture_output=True, text=True, check=True)
     generated = json.loads(run.stdout)["generated"]
     m = re.search(r"prefill: \d+ tokens at ([\d.]+) tokens/s; decode: \d+ tokens at ([\d.]+) tokens/s", run.stderr)

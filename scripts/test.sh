@@ -37,6 +37,12 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The `cuda` feature loads CUDA at run time, so it builds and runs here
+# without a GPU; its GPU tests run on the device machine (scripts/gpu_check.sh).
+echo "== cargo clippy, with the cuda feature"
+cargo clippy --workspace --all-targets --locked --features myriad/cuda -- -D warnings
+echo "== cargo test, the worker with the cuda feature (no GPU: its clear errors)"
+cargo test -p myriad-worker --features cuda --lib --locked
 echo "== cargo test"
 cargo test --workspace --locked
 echo "== end-to-end: the OpenAI API of myriad up"

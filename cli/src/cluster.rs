@@ -18,7 +18,7 @@ use myriad_store::schema::{Keys, NodeRecord, Role};
 use myriad_router::membership::{Membership, record, wait_serving};
 use myriad_router::node::Experts;
 use myriad_store::{MemoryStore, Store};
-use myriad_worker::{Node, Worker};
+use myriad_worker::{Device, Node, Worker};
 use tokio::net::TcpListener;
 
 /// Node lease TTL inside one process: only a crash of the whole process
@@ -45,13 +45,20 @@ pub struct Admin {
 }
 
 impl LocalCluster {
-    /// Starts the store, the coordinator and `workers` workers on the
-    /// current runtime. The coordinator places every expert on `replicas`
+    /// Starts the store, the coordinator and `workers` workers computing on
+    /// `device` on the current runtime. The coordinator places every expert on `replicas`
     /// workers once all have registered.
-    pub async fn start(model: &Path, workers: usize, replicas: usize, admin: Option<Admin>) -> Result<Self> {
+    pub async fn start(
+        model: &Path,
+        workers: usize,
+        replicas: usize,
+        device: Device,
+        admin: Option<Admin>,
+    ) -> Result<Self> {
         if workers == 0 || replicas == 0 || replicas > workers {
             bail!("--replicas must be between 1 and --workers ({workers}), got {replicas}");
         }
+        device.check().with_context(|| format!("--device {device}"))?;
         let shape = myriad_worker::backend::model_shape(model)
             .with_context(|| format!("read the model in {}", model.display()))?;
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
@@ -93,6 +100,7 @@ impl LocalCluster {
                 keys: keys.clone(),
                 record,
                 model: model.to_path_buf(),
+                device,
                 lease_ttl: LEASE_TTL,
             };
             let node =

@@ -11,6 +11,7 @@ use myriad_model::text::TextTokenizer;
 use myriad_model::{Model, Sampling};
 use myriad_router::dispatch::DispatchStats;
 use myriad_router::{RemoteExperts, Target, WorkerPool};
+use myriad_worker::Device;
 
 use crate::cluster::LocalCluster;
 use crate::tls::TlsArgs;
@@ -71,6 +72,11 @@ pub struct Args {
     /// With --workers: how many workers host each expert.
     #[arg(long, default_value_t = 1, requires = "workers")]
     replicas: usize,
+
+    /// With --workers: where they compute their experts, `cpu` or `cuda` /
+    /// `cuda:N` (a build with the `cuda` feature, on an NVIDIA GPU).
+    #[arg(long, default_value = "cpu", requires = "workers")]
+    device: Device,
 
     /// Run the routed experts on already running workers (`myriad worker`);
     /// repeat for each. Placement is read from the workers.
@@ -133,7 +139,7 @@ pub fn run(args: Args) -> Result<()> {
         runtime.block_on(async {
             match args.workers {
                 Some(n) => {
-                    let cluster = LocalCluster::start(&args.model, n, args.replicas, None).await?;
+                    let cluster = LocalCluster::start(&args.model, n, args.replicas, args.device, None).await?;
                     cluster.attach_router("generate", &experts, cfg).await
                 }
                 None => {

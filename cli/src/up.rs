@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use myriad_router::node::Node;
+use myriad_worker::Device;
 
 use crate::cluster::{Admin, FIRST_PLACEMENT, LocalCluster};
 use crate::kvcache::CacheArgs;
@@ -34,6 +35,11 @@ pub struct UpArgs {
     /// How many workers host each expert.
     #[arg(long, env = "MYRIAD_REPLICAS", default_value_t = 1)]
     replicas: usize,
+
+    /// Where the workers compute their experts: `cpu`, or `cuda` / `cuda:N`
+    /// (a build with the `cuda` feature on a machine with an NVIDIA GPU).
+    #[arg(long, env = "MYRIAD_DEVICE", default_value = "cpu")]
+    device: Device,
 
     /// Run without the in-process KV-cache (every prompt is computed in full).
     #[arg(long)]
@@ -70,7 +76,8 @@ pub fn up(mut args: UpArgs) -> Result<()> {
         let shutdown = crate::shutdown::signal();
         let listener = bind_admin(args.admin_listen.as_deref()).await?;
         let admin = Admin { listener, token: args.admin_token.clone() };
-        let cluster = LocalCluster::start(&args.http.model, args.workers, args.replicas, Some(admin)).await?;
+        let cluster =
+            LocalCluster::start(&args.http.model, args.workers, args.replicas, args.device, Some(admin)).await?;
         let kvcache = if args.no_kvcache {
             None
         } else {

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use myriad_proto::spec::ExpertSpec;
 use myriad_store::schema::{NodeRecord, Role};
 use myriad_worker::membership::Membership;
-use myriad_worker::{CpuBackend, Node, Worker};
+use myriad_worker::{Device, Node, Worker};
 use tokio::net::TcpListener;
 
 use crate::membership::{ClusterArgs, hostname, parse_bytes, require_one};
@@ -52,6 +52,11 @@ pub struct Args {
     #[arg(long, env = "MYRIAD_DRAIN_TIMEOUT", default_value = "20s")]
     drain_timeout: humantime::Duration,
 
+    /// Where it computes its experts: `cpu`, or `cuda` / `cuda:N` (a build
+    /// with the `cuda` feature on a machine with an NVIDIA GPU).
+    #[arg(long, env = "MYRIAD_DEVICE", default_value = "cpu")]
+    device: Device,
+
     /// Memory for experts, published for placement (e.g. `24GiB`).
     #[arg(long, env = "MYRIAD_CAPACITY", value_parser = parse_bytes)]
     capacity: Option<u64>,
@@ -75,17 +80,20 @@ pub fn run(args: Args) -> Result<()> {
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
         let bound = listener.local_addr().context("read the bound address")?.to_string();
         let tls = args.tls.server()?;
+        let device = args.device;
+        device.check().with_context(|| format!("--device {device}"))?;
         let (worker, membership) = match &args.experts {
             Some(spec) => {
-                let backend = CpuBackend::load(&args.model, spec)
+                let backend = device
+                    .load(&args.model, spec, &[])
                     .with_context(|| format!("load experts `{spec}` from {}", args.model.display()))?;
                 // Tests and scripts read this line to find an ephemeral port.
                 println!(
-                    "worker listening on {bound} with {} experts ({} as stored)",
-                    backend.hosted_count(),
+                    "worker listening on {bound} with {} experts ({} as stored) on {device}",
+                    backend.hosted().experts.len(),
                     myriad_coordinator::placement::human(backend.bytes() as u64)
                 );
-                (Arc::new(Worker::new(Arc::new(backend))), None)
+                (Arc::new(Worker::new(backend)), None)
             }
             None => {
                 let shape = myriad_worker::backend::model_shape(&args.model)
@@ -103,6 +111,7 @@ pub fn run(args: Args) -> Result<()> {
                     keys: args.cluster.keys()?,
                     record,
                     model: args.model.clone(),
+                    device,
                     lease_ttl: *args.cluster.lease_ttl,
                 };
                 println!("worker listening on {bound} as node {id} of cluster {}", args.cluster.cluster);

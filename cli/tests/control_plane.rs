@@ -55,6 +55,7 @@ impl TestWorker {
             keys: keys.clone(),
             record: NodeRecord { host: host.map(String::from), ..record(id, Role::Worker, addr, &shape.model_id) },
             model: model.to_path_buf(),
+            device: myriad_worker::Device::Cpu,
             lease_ttl: TTL,
         };
         let follow = myriad_worker::membership::join(membership, worker.clone()).await.unwrap();

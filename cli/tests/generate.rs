@@ -105,6 +105,15 @@ fn bad_invocations_fail_with_a_message_not_a_panic() {
         (&["generate", "--prompt-ids", "5", "--model", "tests/fixtures/mixed-f32", "--prompt", "hi"], "cannot be used"),
         (&["generate", "--prompt", "hi", "--model", "tests/fixtures/mixed-f32"], "no tokenizer.json"),
         (&["generate"], "required"),
+        (&["generate", "--prompt-ids", "5", "--workers", "2", "--device", "tpu"], "expected `cpu`, `cuda` or `cuda:N`"),
+        (&["generate", "--prompt-ids", "5", "--device", "cuda"], "--workers"),
+        // Tests run the default build; one with the `cuda` feature says
+        // instead that this machine has no driver (worker/src/device.rs).
+        (&["generate", "--prompt-ids", "5", "--workers", "2", "--device", "cuda"], "built without CUDA support"),
+        (
+            &["worker", "--experts", "*:*", "--listen", "127.0.0.1:0", "--device", "cuda:1"],
+            "built without CUDA support",
+        ),
     ];
     for (args, want) in cases {
         let out = myriad(args);

@@ -29,6 +29,13 @@ pub struct Hosted {
 pub trait ExpertBackend: Send + Sync + 'static {
     fn hosted(&self) -> &Hosted;
 
+    /// Bytes its experts' weights hold on its device, in their stored formats.
+    fn bytes(&self) -> usize;
+
+    /// The backend itself, so that a later placement version on the same
+    /// device can take experts it has already loaded.
+    fn as_any(&self) -> &dyn std::any::Any;
+
     /// One weighted output row per `(token, expert)` pair of `batch`, in the
     /// batch's pair order. Fails with `InvalidArgument` on anything it cannot
     /// serve; never panics on a batch that passed `TryFrom`.
@@ -41,7 +48,7 @@ pub struct CpuBackend {
     config: ModelConfig,
     /// Shared with the backends of other placement versions that host the
     /// same expert, so a rollout does not hold two copies of it.
-    experts: HashMap<(LayerId, ExpertId), Arc<ExpertWeights>>,
+    experts: ExpertMap<ExpertWeights>,
     hosted: Hosted,
 }
 
@@ -66,51 +73,56 @@ impl CpuBackend {
 
     /// Like [`CpuBackend::load`], taking experts `loaded` already holds from
     /// there instead of loading them again.
-    pub fn load_reusing(dir: &Path, spec: &ExpertSpec, loaded: &[Arc<CpuBackend>]) -> Result<Self, WorkerError> {
-        let (config, config_bytes) = ModelConfig::read(dir)?;
-        let ckpt = Checkpoint::open(dir)?;
-        let mut experts = HashMap::new();
-        for layer in 0..config.num_hidden_layers {
-            for expert in 0..config.n_routed_experts {
-                if spec.contains(layer as u32, expert as u32) {
-                    let id = (LayerId(layer as u32), ExpertId(expert as u32));
-                    let weights = match loaded.iter().find_map(|b| b.experts.get(&id)) {
-                        Some(w) => w.clone(),
-                        None => Arc::new(load_expert(&ckpt, &config, layer, expert)?),
-                    };
-                    experts.insert(id, weights);
-                }
-            }
-        }
-        if experts.is_empty() {
-            return Err(WorkerError::InvalidArgument(format!(
-                "expert spec `{spec}` names none of the model's {} layers x {} experts",
-                config.num_hidden_layers, config.n_routed_experts
-            )));
-        }
-        let mut list: Vec<_> = experts.keys().copied().collect();
-        list.sort();
-        let hosted = Hosted {
-            model_id: ckpt.fingerprint(&config_bytes),
-            hidden_size: config.hidden_size,
-            num_layers: config.num_hidden_layers,
-            num_experts: config.n_routed_experts,
-            experts: list,
-        };
+    pub fn load_reusing(dir: &Path, spec: &ExpertSpec, loaded: &[&CpuBackend]) -> Result<Self, WorkerError> {
+        let (config, experts, hosted) = load_hosted(dir, spec, |ckpt, config, id| {
+            Ok(match loaded.iter().find_map(|b| b.experts.get(&id)) {
+                Some(w) => w.clone(),
+                None => Arc::new(load_expert(ckpt, config, id.0.0 as usize, id.1.0 as usize)?),
+            })
+        })?;
         Ok(CpuBackend { config, experts, hosted })
     }
 }
 
-impl CpuBackend {
-    /// How many (layer, expert) pairs this backend hosts.
-    pub fn hosted_count(&self) -> usize {
-        self.experts.len()
-    }
+/// The experts of one backend, by `(layer, expert)`.
+pub(crate) type ExpertMap<E> = HashMap<(LayerId, ExpertId), Arc<E>>;
 
-    /// Bytes the hosted experts' weights hold, in their stored formats.
-    pub fn bytes(&self) -> usize {
-        self.experts.values().map(|e| e.bytes()).sum()
+/// Reads the model in `dir` and gets each expert `spec` names from `get`
+/// (loaded from the checkpoint, or taken from an earlier backend): the
+/// model's config, the experts, and what the backend hosts. Fails on a spec
+/// that names none of the model's experts.
+pub(crate) fn load_hosted<E>(
+    dir: &Path,
+    spec: &ExpertSpec,
+    mut get: impl FnMut(&Checkpoint, &ModelConfig, (LayerId, ExpertId)) -> Result<Arc<E>, WorkerError>,
+) -> Result<(ModelConfig, ExpertMap<E>, Hosted), WorkerError> {
+    let (config, config_bytes) = ModelConfig::read(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let mut experts = HashMap::new();
+    for layer in 0..config.num_hidden_layers as u32 {
+        for expert in 0..config.n_routed_experts as u32 {
+            if spec.contains(layer, expert) {
+                let id = (LayerId(layer), ExpertId(expert));
+                experts.insert(id, get(&ckpt, &config, id)?);
+            }
+        }
     }
+    if experts.is_empty() {
+        return Err(WorkerError::InvalidArgument(format!(
+            "expert spec `{spec}` names none of the model's {} layers x {} experts",
+            config.num_hidden_layers, config.n_routed_experts
+        )));
+    }
+    let mut list: Vec<_> = experts.keys().copied().collect();
+    list.sort();
+    let hosted = Hosted {
+        model_id: ckpt.fingerprint(&config_bytes),
+        hidden_size: config.hidden_size,
+        num_layers: config.num_hidden_layers,
+        num_experts: config.n_routed_experts,
+        experts: list,
+    };
+    Ok((config, experts, hosted))
 }
 
 impl ExpertBackend for CpuBackend {
@@ -118,26 +130,17 @@ impl ExpertBackend for CpuBackend {
         &self.hosted
     }
 
+    fn bytes(&self) -> usize {
+        self.experts.values().map(|e| e.bytes()).sum()
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn run(&self, batch: &ExpertBatch) -> Result<Vec<f32>, WorkerError> {
         let layer = batch.layer;
-        if layer.0 as usize >= self.config.num_hidden_layers {
-            return Err(WorkerError::InvalidArgument(format!(
-                "layer {} does not exist (the model has {})",
-                layer.0, self.config.num_hidden_layers
-            )));
-        }
-        if batch.width != self.config.hidden_size {
-            return Err(WorkerError::InvalidArgument(format!(
-                "hidden states are {} wide, the model's are {}",
-                batch.width, self.config.hidden_size
-            )));
-        }
-        if let Some((e, _)) = batch.routes.iter().flatten().find(|(e, _)| !self.experts.contains_key(&(layer, *e))) {
-            return Err(WorkerError::InvalidArgument(format!(
-                "expert {} of layer {} is not hosted here",
-                e.0, layer.0
-            )));
-        }
+        check_batch(batch, &self.config, |e| self.experts.contains_key(&(layer, e)))?;
         let routes: Vec<moe::Route> =
             batch.routes.iter().map(|r| r.iter().map(|(e, w)| (e.0 as usize, *w)).collect()).collect();
         let experts = &self.experts;
@@ -149,4 +152,31 @@ impl ExpertBackend for CpuBackend {
         )
         .map_err(|e| WorkerError::Internal(e.to_string()))
     }
+}
+
+/// Refuses a batch a backend of `config` that hosts the experts `hosts`
+/// accepts cannot run: a layer the model lacks, another hidden width, an
+/// expert not hosted here.
+pub(crate) fn check_batch(
+    batch: &ExpertBatch,
+    config: &ModelConfig,
+    hosts: impl Fn(ExpertId) -> bool,
+) -> Result<(), WorkerError> {
+    let layer = batch.layer;
+    if layer.0 as usize >= config.num_hidden_layers {
+        return Err(WorkerError::InvalidArgument(format!(
+            "layer {} does not exist (the model has {})",
+            layer.0, config.num_hidden_layers
+        )));
+    }
+    if batch.width != config.hidden_size {
+        return Err(WorkerError::InvalidArgument(format!(
+            "hidden states are {} wide, the model's are {}",
+            batch.width, config.hidden_size
+        )));
+    }
+    if let Some((e, _)) = batch.routes.iter().flatten().find(|(e, _)| !hosts(*e)) {
+        return Err(WorkerError::InvalidArgument(format!("expert {} of layer {} is not hosted here", e.0, layer.0)));
+    }
+    Ok(())
 }

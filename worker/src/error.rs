@@ -23,6 +23,11 @@ pub enum WorkerError {
 
     #[error("compute task failed: {0}")]
     Internal(String),
+
+    /// The device asked for cannot run experts here (no CUDA support in
+    /// this build, no driver, no such GPU), or failed while running them.
+    #[error("{0}")]
+    Device(String),
 }
 
 impl WorkerError {
@@ -30,7 +35,7 @@ impl WorkerError {
         match self {
             WorkerError::Protocol(_) | WorkerError::InvalidArgument(_) => ErrorKind::InvalidArgument,
             WorkerError::NotHosted(_) => ErrorKind::Unavailable,
-            WorkerError::Load(_) | WorkerError::Internal(_) => ErrorKind::Internal,
+            WorkerError::Load(_) | WorkerError::Internal(_) | WorkerError::Device(_) => ErrorKind::Internal,
         }
     }
 }

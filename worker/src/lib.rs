@@ -8,6 +8,8 @@
 //!
 //! - [`backend`]: the compute seam ([`ExpertBackend`]) and the CPU backend,
 //!   which loads only the tensors of the experts it hosts.
+//! - [`device`]: where experts compute ([`Device`]: the CPU, or a CUDA GPU
+//!   with the `cuda` feature, in `cuda`).
 //! - [`worker`]: transport-independent state: backend plus the load window.
 //! - [`service`]: the thin tonic adapter and [`serve`].
 //! - [`membership`]: registering in the cluster store and following its
@@ -17,6 +19,9 @@
 //! - [`error`]: [`WorkerError`] and its kind.
 
 pub mod backend;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod error;
 pub mod membership;
 pub mod metrics;
@@ -25,6 +30,7 @@ pub mod service;
 pub mod worker;
 
 pub use backend::{CpuBackend, ExpertBackend};
+pub use device::Device;
 pub use error::WorkerError;
 pub use node::Node;
 pub use service::serve;

@@ -13,7 +13,8 @@ use myriad_store::schema::{self, Keys, NodeRecord, Placement, PlacementVersion, 
 use myriad_store::{Store, StoreError};
 use tokio::sync::watch;
 
-use crate::backend::CpuBackend;
+use crate::backend::ExpertBackend;
+use crate::device::Device;
 use crate::worker::Worker;
 
 /// How a worker joins the cluster.
@@ -25,6 +26,8 @@ pub struct Membership {
     pub record: NodeRecord,
     /// The model folder it loads experts from.
     pub model: PathBuf,
+    /// Where it runs them.
+    pub device: Device,
     /// Its registration's lease TTL: it leaves the placement this long after dying.
     pub lease_ttl: Duration,
 }
@@ -67,7 +70,7 @@ async fn apply_placements(
     let mut registration = Some(registration);
     let mut changes = mirror.subscribe();
     // Backends by version, for sharing experts between versions.
-    let mut loaded: Vec<(PlacementVersion, Arc<CpuBackend>)> = Vec::new();
+    let mut loaded: Vec<(PlacementVersion, Arc<dyn ExpertBackend>)> = Vec::new();
     loop {
         if leave.as_ref().is_some_and(|l| *l.borrow()) {
             if let Some(r) = registration.take() {
@@ -94,10 +97,10 @@ async fn apply_placements(
         if let Some((version, spec)) = mine.filter(|(v, _)| Some(*v) > record.placement_version) {
             let (dir, reuse) = (m.model.clone(), loaded.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>());
             tracing::info!(%version, experts = %spec, "loading the experts of a new placement");
-            let result = tokio::task::spawn_blocking(move || CpuBackend::load_reusing(&dir, &spec, &reuse)).await;
+            let device = m.device;
+            let result = tokio::task::spawn_blocking(move || device.load(&dir, &spec, &reuse)).await;
             match result {
                 Ok(Ok(backend)) => {
-                    let backend = Arc::new(backend);
                     worker.install(Some(version.0), backend.clone());
                     loaded.push((version, backend));
                     record.placement_version = Some(version);

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The GPU checks of the CUDA expert backend, in one run on a machine with an
+# NVIDIA GPU (the device machine): what issue 17 asks to see.
+#
+# 1. The worker's GPU tests: contributions of every stored format against
+#    the CPU backend (within 1e-4, and whether bit-identical) and
+#    independent of the batch (worker/tests/cuda.rs).
+# 2. The model fixtures through `myriad generate --workers N --device cuda`
+#    against the reference outputs, byte-identical across placements
+#    (scripts/gpu_fixtures.py).
+# 3. Expert GEMM throughput at V4-Flash's decode and prefill shapes in each
+#    format, next to cuBLAS BF16 (worker/examples/cuda_gemm.rs).
+# 4. End-to-end prefill and decode tokens/s with GPU workers next to CPU
+#    workers on the larger random config (scripts/bench_gpu.py), where the
+#    machine's transformers has DeepSeek-V4 to build it.
+#
+# It runs the binaries in target/gpu/ (scripts/gpu_build.sh makes them where
+# there is a Rust toolchain) and writes its logs under $OUT (default
+# /tmp/gpu-check). Exits non-zero if a check fails.
+#
+# Usage: scripts/gpu_check.sh [--skip-e2e]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/gpu-check}
+mkdir -p "$out"
+bin=target/gpu
+[ -x "$bin/myriad" ] || scripts/gpu_build.sh
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+# cudarc loads libnvrtc and libcublas by their unversioned names (or .12);
+# a CUDA 13 install may only have libnvrtc.so.13: link them under those names.
+libs=$(mktemp -d)
+for name in nvrtc nvrtc-builtins cublas cublasLt; do
+  found=$(ldconfig -p | awk -v n="lib$name.so" '$1 ~ "^"n {print $NF; exit}')
+  [ -n "$found" ] || found=$(find / -xdev -name "lib$name.so*" -type f 2>/dev/null | sort | tail -1)
+  if [ -n "$found" ]; then
+    ln -sf "$found" "$libs/lib$name.so"
+    export LD_LIBRARY_PATH="$libs:$(dirname "$found"):${LD_LIBRARY_PATH:-}"
+    echo "lib$name: $found"
+  else
+    echo "lib$name: not found"
+  fi
+done
+
+status=0
+step() { echo; echo "== $1"; }
+
+step "1. worker GPU tests"
+"$bin/cuda_tests" --ignored --test-threads 1 --nocapture 2>&1 | tee "$out/tests.log" || status=1
+
+step "2. fixtures through myriad generate --device cuda"
+python3 scripts/gpu_fixtures.py "$bin/myriad" 2>&1 | tee "$out/fixtures.log" || status=1
+
+step "3. expert GEMM throughput"
+"$bin/cuda_gemm" 2>&1 | tee "$out/gemm.log" || status=1
+
+if [ "${1:-}" != "--skip-e2e" ]; then
+  step "4. end to end, larger random config"
+  if python3 -c 'from transformers import DeepseekV4Config' 2>/dev/null; then
+    python3 scripts/bench_gpu.py --myriad "$bin/myriad" 2>&1 | tee "$out/e2e.log" || status=1
+  else
+    echo "skipped: this machine's transformers has no DeepSeek-V4 to build the checkpoint" | tee "$out/e2e.log"
+  fi
+fi
+echo
+echo "gpu_check: exit $status"
+exit $status
