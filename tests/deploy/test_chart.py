@@ -206,6 +206,9 @@ def test_config_values_become_flags():
     assert "--replicas=2" in container(render(), "Deployment", "prod-myriad-coordinator")["args"]
     worker = container(render(GPU), "StatefulSet", "prod-myriad-worker")["args"]
     assert "--capacity=70GiB" in worker and "--advertise-addr=$(POD_IP):7100" in worker
+    # GPU workers compute on their GPU; the default ones on the CPU.
+    assert "--device=cuda" in worker
+    assert "--device=cpu" in container(render(), "StatefulSet", "prod-myriad-worker")["args"]
 
 
 def test_kvcache_instances_register_and_routers_spread_conversations_over_them():

@@ -141,6 +141,9 @@ def test_the_runtime_stage_runs_the_built_binary_unprivileged():
     assert build["name"] == "build" and runtime["name"] == "runtime"
     runs = " ".join(rest for word, rest in build["steps"] if word == "RUN")
     assert "cargo build --release --locked -p myriad" in runs
+    # FEATURES=cuda builds the GPU workers' binary; its feature must exist.
+    assert '--features "${FEATURES}"' in runs
+    assert "cuda" in tomllib.loads((ROOT / "cli" / "Cargo.toml").read_text())["features"]
     # The binary that cargo writes for package myriad's [[bin]] is what is copied out.
     cli = tomllib.loads((ROOT / "cli" / "Cargo.toml").read_text())
     assert [b["name"] for b in cli["bin"]] == ["myriad"]
