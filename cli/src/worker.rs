@@ -57,7 +57,8 @@ pub struct Args {
     #[arg(long, env = "MYRIAD_DEVICE", default_value = "cpu")]
     device: Device,
 
-    /// Memory for experts, published for placement (e.g. `24GiB`).
+    /// Memory for experts, published for placement (e.g. `24GiB`). Default:
+    /// no bound on the CPU, 90% of the GPU's memory with `--device cuda`.
     #[arg(long, env = "MYRIAD_CAPACITY", value_parser = parse_bytes)]
     capacity: Option<u64>,
 
@@ -93,15 +94,20 @@ pub fn run(args: Args) -> Result<()> {
                     backend.hosted().experts.len(),
                     myriad_coordinator::placement::human(backend.bytes() as u64)
                 );
-                (Arc::new(Worker::new(backend)), None)
+                (Arc::new(Worker::new(backend)?), None)
             }
             None => {
                 let shape = myriad_worker::backend::model_shape(&args.model)
                     .with_context(|| format!("read the model in {}", args.model.display()))?;
                 let id = args.cluster.node_id(Role::Worker)?;
                 let addr = args.advertise_addr.clone().unwrap_or_else(|| bound.clone());
+                // On a GPU the placement budget defaults to most of its memory.
+                let capacity = match (args.capacity, device) {
+                    (None, Device::Cuda(_)) => Some(device.memory_bytes()? / 10 * 9),
+                    (capacity, _) => capacity,
+                };
                 let record = NodeRecord {
-                    capacity_bytes: args.capacity,
+                    capacity_bytes: capacity,
                     host: args.node.clone().or_else(hostname),
                     zone: args.zone.clone(),
                     ..NodeRecord::new(id.clone(), Role::Worker, addr, &shape.model_id)
@@ -115,7 +121,7 @@ pub fn run(args: Args) -> Result<()> {
                     lease_ttl: *args.cluster.lease_ttl,
                 };
                 println!("worker listening on {bound} as node {id} of cluster {}", args.cluster.cluster);
-                (Arc::new(Worker::idle(shape)), Some(membership))
+                (Arc::new(Worker::idle(shape, device)?), Some(membership))
             }
         };
         args.metrics.start(Some(worker.readiness())).await?;

@@ -11,6 +11,7 @@ use myriad_model::{ModelConfig, moe};
 use myriad_proto::expert::{ExpertBatch, ExpertId, LayerId};
 use myriad_proto::spec::ExpertSpec;
 
+use crate::device::Device;
 use crate::error::WorkerError;
 
 /// The model shape a backend serves and the experts it hosts.
@@ -31,6 +32,9 @@ pub trait ExpertBackend: Send + Sync + 'static {
 
     /// Bytes its experts' weights hold on its device, in their stored formats.
     fn bytes(&self) -> usize;
+
+    /// Where its experts live.
+    fn device(&self) -> Device;
 
     /// The backend itself, so that a later placement version on the same
     /// device can take experts it has already loaded.
@@ -132,6 +136,10 @@ impl ExpertBackend for CpuBackend {
 
     fn bytes(&self) -> usize {
         self.experts.values().map(|e| e.bytes()).sum()
+    }
+
+    fn device(&self) -> Device {
+        Device::Cpu
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

@@ -58,6 +58,15 @@ impl Device {
         }
     }
 
+    /// Bytes of memory the device has for experts: 0 for the CPU, whose
+    /// budget is the worker's `--capacity`.
+    pub fn memory_bytes(&self) -> Result<u64, WorkerError> {
+        match self {
+            Device::Cpu => Ok(0),
+            Device::Cuda(n) => cuda_memory(*n),
+        }
+    }
+
     /// Loads the experts `spec` names from the checkpoint in `dir` onto
     /// this device, taking the ones an earlier backend in `loaded` already
     /// holds there instead of loading them again.
@@ -83,6 +92,11 @@ fn cuda_check(ordinal: usize) -> Result<(), WorkerError> {
 }
 
 #[cfg(feature = "cuda")]
+fn cuda_memory(ordinal: usize) -> Result<u64, WorkerError> {
+    crate::cuda::memory_bytes(ordinal)
+}
+
+#[cfg(feature = "cuda")]
 fn cuda_load(
     ordinal: usize,
     dir: &Path,
@@ -98,6 +112,11 @@ const NO_CUDA: &str = "this myriad was built without CUDA support: build it with
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_check(_: usize) -> Result<(), WorkerError> {
+    Err(WorkerError::Device(NO_CUDA.into()))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_memory(_: usize) -> Result<u64, WorkerError> {
     Err(WorkerError::Device(NO_CUDA.into()))
 }
 

@@ -36,12 +36,16 @@ impl ExpertWorker for Service {
 
     async fn describe(&self, _: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
         let h = self.worker.hosted();
+        let (device, device_memory_bytes) = self.worker.device();
         Ok(Response::new(DescribeResponse {
             model_id: h.model_id.clone(),
             hidden_size: h.hidden_size as u32,
             num_layers: h.num_layers as u32,
             num_experts: h.num_experts as u32,
             experts: h.experts.iter().map(|(l, e)| ExpertRef { layer: l.0, expert: e.0 }).collect(),
+            device: device.to_string(),
+            device_memory_bytes,
+            expert_bytes: self.worker.expert_bytes() as u64,
         }))
     }
 

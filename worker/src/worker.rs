@@ -8,6 +8,7 @@ use myriad_proto::expert::{Contributions, ExpertBatch, ExpertId, LayerId};
 use tokio::sync::watch;
 
 use crate::backend::{ExpertBackend, Hosted};
+use crate::device::Device;
 use crate::error::WorkerError;
 use crate::metrics;
 
@@ -21,6 +22,9 @@ struct Installed {
 pub struct Worker {
     /// The model shape and fingerprint, known before any expert is loaded.
     shape: Hosted,
+    /// Where its experts live, and that device's memory (0 for the CPU).
+    device: Device,
+    device_memory: u64,
     /// Newest last. During a rollout a worker serves both the version
     /// routers use and the one they will switch to.
     installed: RwLock<Vec<Installed>>,
@@ -36,17 +40,35 @@ pub struct Worker {
 
 impl Worker {
     /// A worker serving exactly `backend`'s experts.
-    pub fn new(backend: Arc<dyn ExpertBackend>) -> Self {
-        let worker = Worker::idle(Hosted { experts: Vec::new(), ..backend.hosted().clone() });
+    pub fn new(backend: Arc<dyn ExpertBackend>) -> Result<Self, WorkerError> {
+        let worker = Worker::idle(Hosted { experts: Vec::new(), ..backend.hosted().clone() }, backend.device())?;
         worker.install(None, backend);
         worker.set_ready(true);
-        worker
+        Ok(worker)
     }
 
-    /// A worker of the model `shape` describes that hosts nothing yet (not ready).
-    pub fn idle(shape: Hosted) -> Self {
+    /// A worker of the model `shape` describes that hosts nothing yet (not
+    /// ready) and will load its experts on `device`.
+    pub fn idle(shape: Hosted, device: Device) -> Result<Self, WorkerError> {
         let (ready, _) = watch::channel(false);
-        Worker { shape, installed: RwLock::new(Vec::new()), load: Mutex::new(BTreeMap::new()), ready }
+        Ok(Worker {
+            shape,
+            device,
+            device_memory: device.memory_bytes()?,
+            installed: RwLock::new(Vec::new()),
+            load: Mutex::new(BTreeMap::new()),
+            ready,
+        })
+    }
+
+    /// Where its experts live and that device's memory in bytes (0 for the CPU).
+    pub fn device(&self) -> (Device, u64) {
+        (self.device, self.device_memory)
+    }
+
+    /// Bytes the experts of the newest version it serves hold on its device.
+    pub fn expert_bytes(&self) -> usize {
+        self.installed.read().unwrap_or_else(|p| p.into_inner()).last().map_or(0, |i| i.backend.bytes())
     }
 
     pub fn set_ready(&self, ready: bool) {

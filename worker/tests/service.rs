@@ -9,7 +9,7 @@ use myriad_proto::pb::expert_worker_client::ExpertWorkerClient;
 use myriad_proto::pb::{DescribeRequest, RunExpertsRequest, TakeLoadRequest};
 use myriad_proto::spec::ExpertSpec;
 use myriad_proto::{expert, tensor};
-use myriad_worker::{CpuBackend, Worker};
+use myriad_worker::{CpuBackend, Device, ExpertBackend, Worker};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -19,7 +19,7 @@ fn tiny() -> PathBuf {
 
 async fn start(dir: &std::path::Path, spec: &str) -> ExpertWorkerClient<Channel> {
     let backend = CpuBackend::load(dir, &spec.parse::<ExpertSpec>().unwrap()).unwrap();
-    let worker = Arc::new(Worker::new(Arc::new(backend)));
+    let worker = Arc::new(Worker::new(Arc::new(backend)).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(myriad_worker::serve(listener, worker, None, std::future::pending()));
@@ -46,6 +46,10 @@ async fn serves_hosted_experts_bit_identical_to_the_model() {
     let hosted: Vec<(u32, u32)> = described.experts.iter().map(|e| (e.layer, e.expert)).collect();
     assert_eq!(hosted, vec![(1, 0), (1, 1), (1, 2), (1, 3), (2, 5)]);
     assert_eq!(described.hidden_size as usize, hidden);
+    // Its device, and the bytes its five experts hold there.
+    let one = CpuBackend::load(&tiny(), &"1:0".parse::<ExpertSpec>().unwrap()).unwrap().bytes() as u64;
+    assert_eq!((described.device.as_str(), described.device_memory_bytes), ("cpu", 0));
+    assert_eq!(described.expert_bytes, 5 * one);
 
     let b = batch(hidden);
     let routes: Vec<moe::Route> =
@@ -142,8 +146,8 @@ async fn health(addr: std::net::SocketAddr) -> i32 {
 async fn the_health_service_reports_readiness() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let backend = CpuBackend::load(&tiny(), &"1:0-3".parse::<ExpertSpec>().unwrap()).unwrap();
-    let ready = Arc::new(Worker::new(Arc::new(backend)));
-    let idle = Arc::new(Worker::idle(myriad_worker::backend::model_shape(&tiny()).unwrap()));
+    let ready = Arc::new(Worker::new(Arc::new(backend)).unwrap());
+    let idle = Arc::new(Worker::idle(myriad_worker::backend::model_shape(&tiny()).unwrap(), Device::Cpu).unwrap());
     let mut addrs = Vec::new();
     for worker in [ready, idle.clone()] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

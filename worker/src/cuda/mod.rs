@@ -24,6 +24,7 @@ use myriad_proto::expert::{ExpertBatch, ExpertId};
 use myriad_proto::spec::ExpertSpec;
 
 use crate::backend::{ExpertBackend, ExpertMap, Hosted, load_hosted};
+use crate::device::Device;
 use crate::error::WorkerError;
 
 pub mod bench;
@@ -58,6 +59,13 @@ pub fn check(ordinal: usize) -> Result<(), WorkerError> {
         return Err(WorkerError::Device(format!("no CUDA device {ordinal} (this machine has {count})")));
     }
     Ok(())
+}
+
+/// Bytes of memory GPU `ordinal` has.
+pub fn memory_bytes(ordinal: usize) -> Result<u64, WorkerError> {
+    check(ordinal)?;
+    let ctx = CudaContext::new(ordinal).map_err(|e| device_error(&format!("open device {ordinal}"), e))?;
+    Ok(ctx.total_mem().map_err(|e| device_error("read the device's memory", e))? as u64)
 }
 
 fn device_error(what: &str, e: impl std::fmt::Display) -> WorkerError {
@@ -313,6 +321,10 @@ impl ExpertBackend for CudaBackend {
 
     fn bytes(&self) -> usize {
         self.experts.values().map(|e| e.w1.bytes() + e.w2.bytes() + e.w3.bytes()).sum()
+    }
+
+    fn device(&self) -> Device {
+        Device::Cuda(self.ctx.ordinal())
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
