@@ -41,8 +41,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # without a GPU; its GPU tests run on the device machine (scripts/gpu_check.sh).
 echo "== cargo clippy, with the cuda feature"
 cargo clippy --workspace --all-targets --locked --features myriad/cuda -- -D warnings
-echo "== cargo test, the worker with the cuda feature (no GPU: its clear errors)"
-cargo test -p myriad-worker --features cuda --lib --locked
+echo "== cargo test, the worker with the cuda feature (no GPU: its clear errors, the kernels compile)"
+nvrtc=$("$E2E_VENV/bin/python" -c 'import nvidia.cuda_nvrtc, os; print(os.path.join(nvidia.cuda_nvrtc.__path__[0], "lib"))')
+LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test -p myriad-worker --features cuda --lib --locked
 echo "== cargo test"
 cargo test --workspace --locked
 echo "== end-to-end: the OpenAI API of myriad up"

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError, LaunchConfig, PushKernelArg,
 };
-use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 use myriad_model::kernels::{EXP_CLAMP, EXP_LN2, EXP_TAYLOR, Weights};
 use myriad_model::weights::load_expert;
 use myriad_model::{ModelConfig, quant};
@@ -86,29 +86,35 @@ struct Kernels {
     e8m0: CudaSlice<f32>,
 }
 
+/// The kernels' source with the CPU's `exp` constants prepended (as bits),
+/// compiled to PTX so that no operation is contracted or flushed. Needs
+/// NVRTC, not a GPU.
+fn ptx() -> Result<Ptx, WorkerError> {
+    let bits = |v: f32| format!("__uint_as_float(0x{:08x}u)", v.to_bits());
+    let mut prelude = String::new();
+    let mut define = |name: &str, v: f32| prelude.push_str(&format!("#define {name} {}\n", bits(v)));
+    define("EXP_CLAMP_LO", EXP_CLAMP[0]);
+    define("EXP_CLAMP_HI", EXP_CLAMP[1]);
+    define("EXP_LOG2_E", std::f32::consts::LOG2_E);
+    define("EXP_LN2_HI", EXP_LN2[0]);
+    define("EXP_LN2_LO", EXP_LN2[1]);
+    for (i, c) in EXP_TAYLOR.iter().enumerate() {
+        define(&format!("EXP_TAYLOR_{i}"), *c);
+    }
+    let options = CompileOptions {
+        ftz: Some(false),
+        prec_div: Some(true),
+        prec_sqrt: Some(true),
+        fmad: Some(false),
+        name: Some("experts.cu".into()),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(prelude + SOURCE, options).map_err(|e| device_error("compile the kernels", e))
+}
+
 impl Kernels {
     fn compile(ctx: &Arc<CudaContext>) -> Result<Self, WorkerError> {
-        let bits = |v: f32| format!("__uint_as_float(0x{:08x}u)", v.to_bits());
-        let mut prelude = String::new();
-        let mut define = |name: &str, v: f32| prelude.push_str(&format!("#define {name} {}\n", bits(v)));
-        define("EXP_CLAMP_LO", EXP_CLAMP[0]);
-        define("EXP_CLAMP_HI", EXP_CLAMP[1]);
-        define("EXP_LOG2_E", std::f32::consts::LOG2_E);
-        define("EXP_LN2_HI", EXP_LN2[0]);
-        define("EXP_LN2_LO", EXP_LN2[1]);
-        for (i, c) in EXP_TAYLOR.iter().enumerate() {
-            define(&format!("EXP_TAYLOR_{i}"), *c);
-        }
-        let options = CompileOptions {
-            ftz: Some(false),
-            prec_div: Some(true),
-            prec_sqrt: Some(true),
-            fmad: Some(false),
-            name: Some("experts.cu".into()),
-            ..Default::default()
-        };
-        let ptx =
-            compile_ptx_with_opts(prelude + SOURCE, options).map_err(|e| device_error("compile the kernels", e))?;
+        let ptx = ptx()?;
         let module = ctx.load_module(ptx).map_err(|e| device_error("load the kernels", e))?;
         let function = |name: &str| module.load_function(name).map_err(|e| device_error(name, e));
         let stream = ctx.default_stream();
@@ -334,5 +340,27 @@ impl ExpertBackend for CudaBackend {
     fn run(&self, batch: &ExpertBatch) -> Result<Vec<f32>, WorkerError> {
         crate::backend::check_batch(batch, &self.config, |e| self.experts.contains_key(&(batch.layer, e)))?;
         self.contributions(batch).map_err(|e| device_error("run a batch", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernels compile (NVRTC needs no GPU: scripts/test.sh installs
+    /// it), and every entry point the backend loads is in the PTX.
+    #[test]
+    fn the_kernels_compile() {
+        // SAFETY: only looks for the shared library.
+        assert!(
+            unsafe { cudarc::nvrtc::sys::is_culib_present() },
+            "NVRTC (libnvrtc.so.12) is not on the library path: scripts/test.sh installs it with pip"
+        );
+        let ptx = ptx().unwrap().to_src();
+        for name in ["matmul_f32", "matmul_bf16", "matmul_f16", "matmul_fp8", "matmul_fp4", "swiglu", "weigh"] {
+            assert!(ptx.contains(&format!(".entry {name}(")), "{name} is not in the PTX");
+        }
+        // No contraction: every fused multiply-add is one the source asks for.
+        assert!(!ptx.contains("mad.f32"), "the PTX contracts a multiply and an add");
     }
 }
