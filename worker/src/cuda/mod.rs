@@ -248,7 +248,8 @@ impl CudaBackend {
         };
         let stream = ctx.new_stream().map_err(|e| device_error("create a stream", e))?;
         let (config, experts, hosted) = load_hosted(dir, spec, |ckpt, config, id| {
-            if let Some(w) = same_gpu.and_then(|b| b.experts.get(&id)) {
+            let earlier = loaded.iter().filter(|b| b.ctx.ordinal() == ordinal).find_map(|b| b.experts.get(&id));
+            if let Some(w) = earlier {
                 return Ok(w.clone());
             }
             let (layer, expert) = (id.0.0 as usize, id.1.0 as usize);
