@@ -46,7 +46,8 @@ status=0
 step() { echo; echo "== $1"; }
 
 step "1. worker GPU tests"
-"$bin/cuda_tests" --ignored --test-threads 1 --nocapture 2>&1 | tee "$out/tests.log" || status=1
+MYRIAD_FIXTURES="$PWD/tests/fixtures" "$bin/cuda_tests" --ignored --test-threads 1 --nocapture 2>&1 \
+  | tee "$out/tests.log" || status=1
 
 step "2. fixtures through myriad generate --device cuda"
 python3 scripts/gpu_fixtures.py "$bin/myriad" 2>&1 | tee "$out/fixtures.log" || status=1

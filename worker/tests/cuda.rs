@@ -10,8 +10,14 @@ use myriad_proto::expert::{ExpertBatch, ExpertId, LayerId};
 use myriad_proto::spec::ExpertSpec;
 use myriad_worker::{CpuBackend, Device, ExpertBackend};
 
+/// A fixture folder: under `MYRIAD_FIXTURES` where set (scripts/gpu_check.sh
+/// runs this binary on another machine than the one that built it), else
+/// in this checkout.
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    let root = std::env::var_os("MYRIAD_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"));
+    root.join(name)
 }
 
 /// Fixtures whose routed experts are F32, BF16, block-FP8 (F32 scales) and
