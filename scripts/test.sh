@@ -14,6 +14,12 @@ if ! command -v etcd >/dev/null; then
   apt_install etcd-server
 fi
 
+# The worker's CUDA kernels are also run on the CPU, compiled as C++20
+# (worker/src/cuda/emulate.rs).
+if ! command -v c++ >/dev/null; then
+  apt_install g++
+fi
+
 # The end-to-end tests drive `myriad up` with the official `openai` Python
 # client; the deploy tests render the Helm chart with Helm's engine. Both come
 # from PyPI into a virtualenv under target/ (tests/requirements.txt).
@@ -41,7 +47,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # without a GPU; its GPU tests run on the device machine (scripts/gpu_check.sh).
 echo "== cargo clippy, with the cuda feature"
 cargo clippy --workspace --all-targets --locked --features myriad/cuda -- -D warnings
-echo "== cargo test, the worker with the cuda feature (no GPU: its clear errors, the kernels compile)"
+echo "== cargo test, the worker with the cuda feature (no GPU: clear errors; the kernels compile, and run emulated)"
 nvrtc=$("$E2E_VENV/bin/python" -c 'import nvidia.cuda_nvrtc, os; print(os.path.join(nvidia.cuda_nvrtc.__path__[0], "lib"))')
 LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test -p myriad-worker --features cuda --lib --locked
 echo "== cargo test"

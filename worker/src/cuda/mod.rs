@@ -28,6 +28,8 @@ use crate::device::Device;
 use crate::error::WorkerError;
 
 pub mod bench;
+#[cfg(test)]
+mod emulate;
 
 const SOURCE: &str = include_str!("experts.cu");
 /// The kernels' block: 16 lanes by 16 weight rows, and tokens per block
@@ -86,10 +88,8 @@ struct Kernels {
     e8m0: CudaSlice<f32>,
 }
 
-/// The kernels' source with the CPU's `exp` constants prepended (as bits),
-/// compiled to PTX so that no operation is contracted or flushed. Needs
-/// NVRTC, not a GPU.
-fn ptx() -> Result<Ptx, WorkerError> {
+/// The kernels' source with the CPU's `exp` constants prepended, as bits.
+fn source() -> String {
     let bits = |v: f32| format!("__uint_as_float(0x{:08x}u)", v.to_bits());
     let mut prelude = String::new();
     let mut define = |name: &str, v: f32| prelude.push_str(&format!("#define {name} {}\n", bits(v)));
@@ -101,6 +101,12 @@ fn ptx() -> Result<Ptx, WorkerError> {
     for (i, c) in EXP_TAYLOR.iter().enumerate() {
         define(&format!("EXP_TAYLOR_{i}"), *c);
     }
+    prelude + SOURCE
+}
+
+/// [`source`] compiled to PTX so that no operation is contracted or
+/// flushed. Needs NVRTC, not a GPU.
+fn ptx() -> Result<Ptx, WorkerError> {
     let options = CompileOptions {
         ftz: Some(false),
         prec_div: Some(true),
@@ -109,7 +115,7 @@ fn ptx() -> Result<Ptx, WorkerError> {
         name: Some("experts.cu".into()),
         ..Default::default()
     };
-    compile_ptx_with_opts(prelude + SOURCE, options).map_err(|e| device_error("compile the kernels", e))
+    compile_ptx_with_opts(source(), options).map_err(|e| device_error("compile the kernels", e))
 }
 
 impl Kernels {
