@@ -101,9 +101,10 @@ pub fn run(args: Args) -> Result<()> {
                     .with_context(|| format!("read the model in {}", args.model.display()))?;
                 let id = args.cluster.node_id(Role::Worker)?;
                 let addr = args.advertise_addr.clone().unwrap_or_else(|| bound.clone());
+                let worker = Worker::idle(shape.clone(), device)?;
                 // On a GPU the placement budget defaults to most of its memory.
-                let capacity = match (args.capacity, device) {
-                    (None, Device::Cuda(_)) => Some(device.memory_bytes()? / 10 * 9),
+                let capacity = match (args.capacity, worker.device()) {
+                    (None, (Device::Cuda(_), memory)) => Some(memory / 10 * 9),
                     (capacity, _) => capacity,
                 };
                 let record = NodeRecord {
@@ -121,7 +122,7 @@ pub fn run(args: Args) -> Result<()> {
                     lease_ttl: *args.cluster.lease_ttl,
                 };
                 println!("worker listening on {bound} as node {id} of cluster {}", args.cluster.cluster);
-                (Arc::new(Worker::idle(shape, device)?), Some(membership))
+                (Arc::new(worker), Some(membership))
             }
         };
         args.metrics.start(Some(worker.readiness())).await?;
