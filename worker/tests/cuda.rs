@@ -119,3 +119,25 @@ fn cuda_contributions_do_not_depend_on_the_batch() {
         }
     }
 }
+
+/// Batches run at once, on queues of their own (one stream each), give the
+/// bits they give alone: the queues share nothing a batch writes.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run by scripts/gpu_check.sh"]
+fn concurrent_batches_give_the_bits_they_give_alone() {
+    let dir = fixture("release-flash");
+    let (config, _) = ModelConfig::read(&dir).unwrap();
+    let gpu = Device::Cuda(0).load(&dir, &ExpertSpec::all(), &[]).unwrap();
+    let batches: Vec<ExpertBatch> = (0..16)
+        .map(|i| batch(&config, i % config.num_hidden_layers as u32, 1 + 37 * i as usize, 100 + u64::from(i)))
+        .collect();
+    let alone: Vec<Vec<u32>> = batches.iter().map(|b| bits(&gpu.run(b).unwrap())).collect();
+    for round in 0..4 {
+        std::thread::scope(|s| {
+            let runs: Vec<_> = batches.iter().map(|b| s.spawn(|| bits(&gpu.run(b).unwrap()))).collect();
+            for (i, (run, want)) in runs.into_iter().zip(&alone).enumerate() {
+                assert_eq!(&run.join().unwrap(), want, "batch {i}, round {round}: run with 15 others");
+            }
+        });
+    }
+}

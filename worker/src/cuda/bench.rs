@@ -1,37 +1,20 @@
-//! How fast the expert matmul runs on a GPU, per stored format, next to
-//! cuBLAS's BF16 GEMM on the same shapes: what `worker/examples/cuda_gemm.rs`
-//! prints for `scripts/gpu_check.sh`. Weights are pseudo-random codes (no
-//! NaN); only the time is measured.
+//! How fast the grouped expert FFN runs on a GPU, per stored format, next
+//! to cuBLAS's BF16 GEMMs on the same shapes: what
+//! `worker/examples/cuda_gemm.rs` prints for `scripts/gpu_check.sh`. Weights
+//! are pseudo-random codes (no NaN); only the time is measured, of the
+//! kernels alone (the batch's inputs are already on the GPU).
 
 use std::sync::Arc;
 
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig, sys::cublasOperation_t};
 use cudarc::driver::{CudaContext, CudaStream, sys::CUevent_flags};
 use myriad_model::kernels::Weights;
+use myriad_proto::expert::{ExpertBatch, ExpertId, LayerId};
 
-use super::{Kernels, Matrix, device_error};
+use super::batch::{Format, Plan};
+use super::queue::{Queue, Shape};
+use super::{Expert, Kernels, Matrix, device_error};
 use crate::error::WorkerError;
-
-/// A stored format the benchmark can fill with random codes.
-#[derive(Debug, Clone, Copy)]
-pub enum Format {
-    F32,
-    Bf16,
-    Fp8,
-    Fp4,
-}
-
-impl Format {
-    /// Bytes a weight takes in memory, scales included.
-    pub fn bytes_per_weight(self) -> f64 {
-        match self {
-            Format::F32 => 4.0,
-            Format::Bf16 => 2.0,
-            Format::Fp8 => 1.0 + 4.0 / (128.0 * 128.0),
-            Format::Fp4 => 0.5 + 1.0 / 32.0,
-        }
-    }
-}
 
 /// What the GPU can do at most, from its attributes: FP32 lanes and dense
 /// BF16 tensor-core work per SM per clock as on Hopper (128 and 1024
@@ -45,20 +28,23 @@ pub struct Peaks {
     pub memory_tbs: f64,
 }
 
-/// One GPU with the kernels compiled, for timing.
+/// One GPU with the kernels compiled, for timing expert FFNs of one shape.
 pub struct Bench {
     ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
     kernels: Kernels,
+    shape: Shape,
 }
 
 impl Bench {
-    pub fn new(ordinal: usize) -> Result<Self, WorkerError> {
+    /// Experts `hidden` wide with `inter`-wide FFNs, on GPU `ordinal`.
+    pub fn new(ordinal: usize, hidden: usize, inter: usize) -> Result<Self, WorkerError> {
         super::check(ordinal)?;
         let ctx = CudaContext::new(ordinal).map_err(|e| device_error("open the device", e))?;
+        // SAFETY: as in `CudaBackend::load_reusing`: every use is ordered by
+        // hand (uploads are synchronized before the kernels read them).
+        unsafe { ctx.disable_event_tracking() };
         let kernels = Kernels::compile(&ctx)?;
-        let stream = ctx.new_stream().map_err(|e| device_error("create a stream", e))?;
-        Ok(Bench { ctx, stream, kernels })
+        Ok(Bench { ctx, kernels, shape: Shape { hidden, inter, limit: 7.0 } })
     }
 
     pub fn peaks(&self) -> Result<Peaks, WorkerError> {
@@ -79,78 +65,111 @@ impl Bench {
         })
     }
 
-    /// Seconds per `[tokens, k] · [n, k]ᵀ` product through our kernel, the
-    /// mean of `reps` after a warm-up.
-    pub fn matmul(&self, format: Format, n: usize, k: usize, tokens: usize, reps: usize) -> Result<f64, WorkerError> {
-        let codes = random_bytes(n * k * 2, 7);
-        match format {
-            Format::F32 => {
-                let w: Vec<f32> =
-                    codes.chunks_exact(2).map(|b| f32::from(b[0]) / 256.0 - f32::from(b[1]) / 256.0).collect();
-                self.time_weights(Weights::F32(&w), n, k, tokens, reps)
+    /// Seconds per grouped FFN (the gate/up and the down launches) of
+    /// `experts` experts in `format` with `tokens` tokens each, the mean of
+    /// `reps` after a warm-up.
+    pub fn experts(&self, format: Format, experts: usize, tokens: usize, reps: usize) -> Result<f64, WorkerError> {
+        let cuda = |e| device_error("time the expert FFN", e);
+        let (h, i) = (self.shape.hidden, self.shape.inter);
+        let mut queue = Queue::new(&self.ctx).map_err(cuda)?;
+        let stream = queue.stream().clone();
+        let matrix = |n: usize, k: usize, seed: u64| -> Result<Matrix, WorkerError> {
+            let codes = random_bytes(n * k * 2, seed);
+            let upload = |w: Weights<'_>| Matrix::upload(&stream, w).map_err(cuda);
+            match format {
+                Format::F32 => {
+                    let w: Vec<f32> =
+                        codes.chunks_exact(2).map(|b| f32::from(b[0]) / 256.0 - f32::from(b[1]) / 256.0).collect();
+                    upload(Weights::F32(&w))
+                }
+                Format::Bf16 | Format::F16 => upload(Weights::Half { bytes: &codes, bf16: format == Format::Bf16 }),
+                Format::Fp8 => {
+                    let scales = vec![1.0f32 / 256.0; n.div_ceil(128) * k.div_ceil(128)];
+                    upload(Weights::Fp8 { codes: &codes[..n * k], scales: &scales, first: 0 })
+                }
+                Format::Fp4 => upload(Weights::Fp4 { packed: &codes[..n * k / 2], scales: &vec![120u8; n * k / 32] }),
             }
-            Format::Bf16 => self.time_weights(Weights::Half { bytes: &codes, bf16: true }, n, k, tokens, reps),
-            Format::Fp8 => {
-                let scales = vec![1.0f32 / 256.0; n.div_ceil(128) * k.div_ceil(128)];
-                let w = Weights::Fp8 { codes: &codes[..n * k], scales: &scales, first: 0 };
-                self.time_weights(w, n, k, tokens, reps)
-            }
-            Format::Fp4 => {
-                let scales = vec![120u8; n * k / 32];
-                self.time_weights(Weights::Fp4 { packed: &codes[..n * k / 2], scales: &scales }, n, k, tokens, reps)
-            }
-        }
-    }
-
-    fn time_weights(&self, w: Weights<'_>, n: usize, k: usize, tokens: usize, reps: usize) -> Result<f64, WorkerError> {
-        let cuda = |e| device_error("time a matmul", e);
-        let matrix = Matrix::upload(&self.stream, w).map_err(cuda)?;
-        let x = self.stream.clone_htod(&vec![0.5f32; tokens * k]).map_err(cuda)?;
-        let mut y = self.stream.alloc_zeros::<f32>(tokens * n).map_err(cuda)?;
-        self.time(reps, || {
-            matrix.launch(&self.kernels, &self.stream, &x.as_view(), tokens, n, k, &mut y.as_view_mut()).map_err(cuda)
-        })
-    }
-
-    /// Seconds per the same product through cuBLAS in BF16 (BF16 inputs
-    /// and output, f32 accumulation), the mean of `reps` after a warm-up.
-    pub fn cublas_bf16(&self, n: usize, k: usize, tokens: usize, reps: usize) -> Result<f64, WorkerError> {
-        let cuda = |e| device_error("time cuBLAS", e);
-        let blas = CudaBlas::new(self.stream.clone()).map_err(|e| device_error("start cuBLAS", e))?;
-        let w = self.stream.clone_htod(&vec![half::bf16::from_f32(0.01); n * k]).map_err(cuda)?;
-        let x = self.stream.clone_htod(&vec![half::bf16::from_f32(0.5); tokens * k]).map_err(cuda)?;
-        let mut y = self.stream.alloc_zeros::<half::bf16>(tokens * n).map_err(cuda)?;
-        // Column-major: y (n × tokens) = wᵀ (w stored k × n) · x (k × tokens).
-        let config = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: n as i32,
-            n: tokens as i32,
-            k: k as i32,
-            alpha: half::bf16::ONE,
-            lda: k as i32,
-            ldb: k as i32,
-            beta: half::bf16::ZERO,
-            ldc: n as i32,
         };
-        self.time(reps, || {
-            // SAFETY: `w`, `x` and `y` hold the extents the config names.
-            unsafe { blas.gemm(config, &w, &x, &mut y) }.map_err(|e| device_error("cuBLAS GEMM", e))
+        let all: Vec<Expert> = (0..experts as u64)
+            .map(|e| {
+                Ok(Expert { w1: matrix(i, h, 3 * e)?, w2: matrix(h, i, 3 * e + 1)?, w3: matrix(i, h, 3 * e + 2)? })
+            })
+            .collect::<Result<_, WorkerError>>()?;
+        // Token t goes to expert t / tokens alone, with weight 1.
+        let batch = ExpertBatch {
+            layer: LayerId(0),
+            width: h,
+            hidden: vec![0.5; experts * tokens * h],
+            routes: (0..experts * tokens).map(|t| vec![(ExpertId((t / tokens) as u32), 1.0)]).collect(),
+        };
+        let plan = Plan::new(&batch, |e| all[e.0 as usize].place());
+        queue.stage(self.shape, &plan, &batch).map_err(cuda)?;
+        self.time(&stream, reps, || queue.launch(&self.kernels, self.shape, &plan).map_err(cuda))
+    }
+
+    /// Seconds per the same three GEMMs per expert through cuBLAS in BF16
+    /// (BF16 inputs and outputs, f32 accumulation; gate and up as one
+    /// GEMM), batched over the experts, the mean of `reps` after a warm-up.
+    pub fn cublas_bf16(&self, experts: usize, tokens: usize, reps: usize) -> Result<f64, WorkerError> {
+        let cuda = |e| device_error("time cuBLAS", e);
+        let stream = self.ctx.new_stream().map_err(cuda)?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| device_error("start cuBLAS", e))?;
+        let (h, i) = (self.shape.hidden, self.shape.inter);
+        let bf16 = |v: f32, len: usize| stream.clone_htod(&vec![half::bf16::from_f32(v); len]).map_err(cuda);
+        let (w13, w2) = (bf16(0.01, experts * 2 * i * h)?, bf16(0.01, experts * h * i)?);
+        let x = bf16(0.5, experts * tokens * h)?;
+        let (mut act, mut y) = (bf16(0.0, experts * tokens * 2 * i)?, bf16(0.0, experts * tokens * h)?);
+        // Column-major, per expert: y (n × tokens) = wᵀ (w stored k × n) · x (k × tokens).
+        let gemm = |n: usize, k: usize| StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_T,
+                transb: cublasOperation_t::CUBLAS_OP_N,
+                m: n as i32,
+                n: tokens as i32,
+                k: k as i32,
+                alpha: half::bf16::ONE,
+                lda: k as i32,
+                ldb: k as i32,
+                beta: half::bf16::ZERO,
+                ldc: n as i32,
+            },
+            batch_size: experts as i32,
+            stride_a: (n * k) as i64,
+            stride_b: (tokens * k) as i64,
+            stride_c: (tokens * n) as i64,
+        };
+        self.time(&stream, reps, || {
+            let failed = |e| device_error("cuBLAS GEMM", e);
+            // SAFETY: every buffer holds `experts` times the extent its
+            // config names (the down GEMM reads the first `i` of each
+            // token's `2 i` gate/up values: the same work as its product).
+            unsafe {
+                blas.gemm_strided_batched(gemm(2 * i, h), &w13, &x, &mut act).map_err(failed)?;
+                let mut down = gemm(h, i);
+                down.gemm.ldb = (2 * i) as i32;
+                down.stride_b = (tokens * 2 * i) as i64;
+                blas.gemm_strided_batched(down, &w2, &act, &mut y).map_err(failed)
+            }
         })
     }
 
     /// Mean seconds of `reps` calls of `once` after one warm-up call, by
     /// events on the stream.
-    fn time(&self, reps: usize, mut once: impl FnMut() -> Result<(), WorkerError>) -> Result<f64, WorkerError> {
+    fn time(
+        &self,
+        stream: &Arc<CudaStream>,
+        reps: usize,
+        mut once: impl FnMut() -> Result<(), WorkerError>,
+    ) -> Result<f64, WorkerError> {
         let cuda = |e| device_error("time on the stream", e);
         once()?;
         let start = self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda)?;
         let end = self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda)?;
-        start.record(&self.stream).map_err(cuda)?;
+        start.record(stream).map_err(cuda)?;
         for _ in 0..reps {
             once()?;
         }
-        end.record(&self.stream).map_err(cuda)?;
+        end.record(stream).map_err(cuda)?;
         end.synchronize().map_err(cuda)?;
         Ok(f64::from(start.elapsed_ms(&end).map_err(cuda)?) / 1e3 / reps as f64)
     }

@@ -1,24 +1,26 @@
 //! The CUDA kernels checked without a GPU: `emulate.cpp` runs the source
 //! the backend compiles (F16's one line of PTX swapped for a C++ conversion)
 //! on the CPU, each GPU thread an OS thread and each warp shuffle an
-//! exchange through a barrier, and its outputs must be the CPU backend's
-//! kernels' bits for every stored format, SwiGLU and the weighting. Needs a
-//! C++20 compiler (`c++`; scripts/test.sh installs g++).
+//! exchange through a barrier. Batches are laid out by the backend's own
+//! [`Plan`] and must come out as the bits of the CPU backend's
+//! `moe::contributions`: every stored format, formats mixed in one batch,
+//! experts with more tokens than a block takes, gates where `exp` over- and
+//! underflows. Needs a C++20 compiler (`c++`; scripts/test.sh installs g++).
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
-use myriad_model::kernels::{Weights, linear_with, silu};
-use myriad_model::quant;
+use myriad_model::kernels::Weights;
+use myriad_model::stored::{Stored, StoredMatrix};
+use myriad_model::tensor::{MappedBytes, Tensor};
+use myriad_model::weights::{ExpertWeights, Linear};
+use myriad_model::{ModelConfig, moe, quant};
+use myriad_proto::expert::{ExpertBatch, ExpertId, LayerId};
 
+use super::batch::{At, Format, Kind, Place, Plan};
 use super::source;
-
-/// Weight rows, inputs (not a multiple of 16 or 128: a tail and partial
-/// FP8 blocks), and inputs of the MXFP4 matrix (a multiple of 32).
-const N: usize = 40;
-const K: usize = 290;
-const K4: usize = 288;
-const LIMIT: f32 = 7.0;
 
 struct Random(u64);
 
@@ -34,82 +36,85 @@ impl Random {
     fn value(&mut self, scale: f32) -> f32 {
         (self.next() % 20001) as f32 / 10000.0 * scale - scale
     }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
 }
 
-fn put(dir: &Path, name: &str, bytes: impl IntoIterator<Item = u8>) {
-    std::fs::write(dir.join(name), bytes.into_iter().collect::<Vec<u8>>()).unwrap();
+/// `bytes` as a checkpoint holds them: read-only mapped memory.
+fn mapped(bytes: &[u8]) -> MappedBytes {
+    let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1)).unwrap();
+    map[..bytes.len()].copy_from_slice(bytes);
+    MappedBytes::new(Arc::new(map.make_read_only().unwrap()), 0, bytes.len()).unwrap()
 }
 
-fn floats(v: &[f32]) -> impl Iterator<Item = u8> + '_ {
-    v.iter().flat_map(|x| x.to_le_bytes())
+/// A random `[n, k]` matrix in `format`, its f32 values (or block scales)
+/// within `scale`.
+fn matrix(random: &mut Random, format: Format, n: usize, k: usize, scale: f32) -> Linear {
+    let stored = match format {
+        Format::F32 => Stored::F32(Tensor::owned((0..n * k).map(|_| random.value(scale)).collect(), vec![n, k])),
+        Format::Bf16 => {
+            let bytes = (0..n * k).flat_map(|_| ((random.value(scale).to_bits() >> 16) as u16).to_le_bytes());
+            Stored::Half { bytes: mapped(&bytes.collect::<Vec<u8>>()), bf16: true }
+        }
+        // Exponents up to 15 (no infinity or NaN), subnormals included.
+        Format::F16 => {
+            let bytes = (0..n * k).flat_map(|_| (random.next() as u16 & 0xBFFF).to_le_bytes());
+            Stored::Half { bytes: mapped(&bytes.collect::<Vec<u8>>()), bf16: false }
+        }
+        Format::Fp8 => {
+            let codes: Vec<u8> =
+                random.bytes(n * k).into_iter().map(|c| if c & 0x7F == 0x7F { c & 0xF0 } else { c }).collect();
+            // F32 block scales as in the Base layout: products of codes and scales round.
+            let scales = (0..n.div_ceil(128) * k.div_ceil(128)).map(|b| scale * 0.00123 * (b + 1) as f32).collect();
+            Stored::Fp8 { codes: mapped(&codes), scales }
+        }
+        Format::Fp4 => {
+            let scales: Vec<u8> = (0..n * k / 32).map(|_| 115 + (random.next() % 20) as u8).collect();
+            Stored::Fp4 { packed: random.bytes(n * k / 2), scales: mapped(&scales) }
+        }
+    };
+    Linear { w: StoredMatrix { stored, out: n, inp: k } }
 }
 
-#[test]
-fn the_kernels_compute_the_cpu_bits_under_emulation() {
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
+/// What the emulated GPU's memory holds: every expert's matrices, at the
+/// offsets their [`At`]s name (the harness adds the image's address).
+#[derive(Default)]
+struct Image(Vec<u8>);
+
+impl Image {
+    fn put(&mut self, bytes: &[u8]) -> u64 {
+        let at = self.0.len().div_ceil(16) * 16;
+        self.0.resize(at, 0);
+        self.0.extend_from_slice(bytes);
+        at as u64
+    }
+
+    fn place(&mut self, w: &Linear) -> At {
+        let floats = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (format, weights, scales) = match w.w.weights() {
+            Weights::F32(v) => (Format::F32, floats(v), None),
+            Weights::Half { bytes, bf16 } => (if bf16 { Format::Bf16 } else { Format::F16 }, bytes.to_vec(), None),
+            Weights::Fp8 { codes, scales, .. } => (Format::Fp8, codes.to_vec(), Some(floats(scales))),
+            Weights::Fp4 { packed, scales } => (Format::Fp4, packed.to_vec(), Some(scales.to_vec())),
+        };
+        let weights = self.put(&weights);
+        At { format, weights, scales: scales.map_or(0, |s| self.put(&s)) }
+    }
+}
+
+fn floats(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The harness, compiled once.
+fn harness(dir: &Path) -> PathBuf {
     let asm = r#"asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));"#;
     let kernels = source();
     assert!(kernels.contains(asm), "experts.cu converts F16 another way now: update the emulation");
     std::fs::write(dir.join("experts.cu"), kernels.replace(asm, "f = half_to_float(h);")).unwrap();
     std::fs::write(dir.join("emulate.cpp"), include_str!("emulate.cpp")).unwrap();
-
-    let mut random = Random(0x1234_5678_9ABC_DEF1);
-    let x: Vec<f32> = (0..13 * K).map(|_| random.value(1.0)).collect();
-    let x4: Vec<f32> = (0..13 * K4).map(|_| random.value(1.0)).collect();
-    let f32s: Vec<f32> = (0..N * K).map(|_| random.value(0.5)).collect();
-    let bf16: Vec<u8> = (0..N * K).flat_map(|_| ((random.value(0.5).to_bits() >> 16) as u16).to_le_bytes()).collect();
-    // Exponents up to 15 (no infinity or NaN), subnormals included.
-    let f16: Vec<u8> = (0..N * K).flat_map(|_| (random.next() as u16 & 0xBFFF).to_le_bytes()).collect();
-    let fp8: Vec<u8> =
-        (0..N * K).map(|_| random.next() as u8).map(|c| if c & 0x7F == 0x7F { c & 0xF0 } else { c }).collect();
-    // F32 block scales as in the Base layout: products of codes and scales round.
-    let fp8_scales: Vec<f32> = (0..N.div_ceil(128) * K.div_ceil(128)).map(|b| 0.00123 * (b + 1) as f32).collect();
-    let fp4: Vec<u8> = (0..N * K4 / 2).map(|_| random.next() as u8).collect();
-    let fp4_scales: Vec<u8> = (0..N * K4 / 32).map(|_| 115 + (random.next() % 20) as u8).collect();
-    for (name, v) in [("x", &x), ("x4", &x4), ("f32", &f32s), ("fp8_scales", &fp8_scales)] {
-        put(dir, name, floats(v));
-    }
-    for (name, v) in [("bf16", &bf16), ("f16", &f16), ("fp8", &fp8), ("fp4", &fp4), ("fp4_scales", &fp4_scales)] {
-        put(dir, name, v.iter().copied());
-    }
-    put(dir, "e4m3", floats(&(0..=255u8).map(quant::e4m3).collect::<Vec<_>>()));
-    put(dir, "e2m1", floats(&(0..16u8).map(quant::e2m1).collect::<Vec<_>>()));
-    put(dir, "e8m0", floats(&(0..=255u8).map(|c| quant::e8m0(c).unwrap_or(f32::NAN)).collect::<Vec<_>>()));
-    for rows in [1, 3, 13] {
-        let formats = [
-            ("f32", Weights::F32(&f32s)),
-            ("bf16", Weights::Half { bytes: &bf16, bf16: true }),
-            ("f16", Weights::Half { bytes: &f16, bf16: false }),
-            ("fp8", Weights::Fp8 { codes: &fp8, scales: &fp8_scales, first: 0 }),
-        ];
-        for (name, w) in formats {
-            put(dir, &format!("{name}_{rows}"), floats(&linear_with(&x[..rows * K], rows, w, N, K)));
-        }
-        let w = Weights::Fp4 { packed: &fp4, scales: &fp4_scales };
-        put(dir, &format!("fp4_{rows}"), floats(&linear_with(&x4[..rows * K4], rows, w, N, K4)));
-    }
-    // SwiGLU across the range where exp over- and underflows.
-    let gate: Vec<f32> = (0..5000).map(|i| (i as f32 - 2500.0) * 0.037 + random.value(0.01)).collect();
-    let up: Vec<f32> = (0..5000).map(|_| random.value(10.0)).collect();
-    let act: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| silu(g.min(LIMIT)) * u.clamp(-LIMIT, LIMIT)).collect();
-    put(dir, "gate", floats(&gate));
-    put(dir, "up", floats(&up));
-    put(dir, "swiglu", floats(&act));
-    // Three members' rows weighed into slots 2, 0 and 1.
-    let (slot, weight) = ([2i32, 0, 1], [0.75f32, 1.25, -0.5]);
-    let y: Vec<f32> = (0..3 * N).map(|_| random.value(3.0)).collect();
-    let mut weighed = vec![0.0f32; 3 * N];
-    for (r, (&s, &w)) in slot.iter().zip(&weight).enumerate() {
-        for c in 0..N {
-            weighed[s as usize * N + c] = y[r * N + c] * w;
-        }
-    }
-    put(dir, "y", floats(&y));
-    put(dir, "weight", floats(&weight));
-    put(dir, "slot", slot.iter().flat_map(|s| s.to_le_bytes()));
-    put(dir, "weighed", floats(&weighed));
-
     let binary = dir.join("emulate");
     let compiled = Command::new("c++")
         .args(["-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-o"])
@@ -118,8 +123,108 @@ fn the_kernels_compute_the_cpu_bits_under_emulation() {
         .output()
         .expect("run c++ (scripts/test.sh installs g++)");
     assert!(compiled.status.success(), "c++ failed:\n{}", String::from_utf8_lossy(&compiled.stderr));
-    let run = Command::new(&binary).arg(dir).args([N, K, K4].map(|v| v.to_string())).output().unwrap();
+    std::fs::write(dir.join("e4m3"), floats(&(0..=255u8).map(quant::e4m3).collect::<Vec<_>>())).unwrap();
+    std::fs::write(dir.join("e2m1"), floats(&(0..16u8).map(quant::e2m1).collect::<Vec<_>>())).unwrap();
+    let e8m0: Vec<f32> = (0..=255u8).map(|c| quant::e8m0(c).unwrap_or(f32::NAN)).collect();
+    std::fs::write(dir.join("e8m0"), floats(&e8m0)).unwrap();
+    binary
+}
+
+/// Experts `(gate/up format, down format, gate scale)` of one shape, and a
+/// batch of `tokens` over them: every token goes to expert 1 (more tokens
+/// than one block takes) and to one or two others.
+fn check(dir: &Path, binary: &Path, name: &str, experts: &[(Format, Format, f32)], hidden: usize, inter: usize) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mixed-f32");
+    let mut config = ModelConfig::read(&fixture).unwrap().0;
+    (config.hidden_size, config.moe_intermediate_size) = (hidden, inter);
+    let mut random = Random(0x1234_5678_9ABC_DEF1 ^ hidden as u64);
+    let weights: Vec<ExpertWeights> = experts
+        .iter()
+        .map(|&(up, down, scale)| ExpertWeights {
+            w1: matrix(&mut random, up, inter, hidden, scale),
+            w2: matrix(&mut random, down, hidden, inter, 0.5),
+            w3: matrix(&mut random, up, inter, hidden, 0.5),
+        })
+        .collect();
+    let tokens = 13;
+    let count = experts.len() as u64;
+    let routes: Vec<Vec<(usize, f32)>> = (0..tokens)
+        .map(|t| {
+            let mut route = vec![(1, random.value(2.0))];
+            for e in [(t * 3) as u64 % count, random.next() % count] {
+                if !route.iter().any(|r| r.0 == e as usize) {
+                    route.push((e as usize, random.value(2.0)));
+                }
+            }
+            route
+        })
+        .collect();
+    let x: Vec<f32> = (0..tokens * hidden).map(|_| random.value(1.0)).collect();
+    let want = moe::contributions(|e| weights.get(e), &config, &x, &routes).unwrap();
+
+    let mut image = Image::default();
+    let places: HashMap<ExpertId, Place> = weights
+        .iter()
+        .enumerate()
+        .map(|(e, w)| {
+            (ExpertId(e as u32), Place { w1: image.place(&w.w1), w2: image.place(&w.w2), w3: image.place(&w.w3) })
+        })
+        .collect();
+    let batch = ExpertBatch {
+        layer: LayerId(0),
+        width: hidden,
+        hidden: x,
+        routes: routes.iter().map(|r| r.iter().map(|&(e, w)| (ExpertId(e as u32), w)).collect()).collect(),
+    };
+    let plan = Plan::new(&batch, |e| places[&e]);
+    let mut upload = vec![0u8; plan.bytes];
+    plan.write(&mut upload, &batch);
+    let mut lines = vec![format!(
+        "{hidden} {inter} {} {} {} {} {} {}",
+        config.swiglu_limit.to_bits(),
+        plan.members(),
+        plan.slots,
+        plan.x_at,
+        plan.slot_at,
+        plan.weight_at
+    )];
+    for l in &plan.launches {
+        let kind = if l.kind == Kind::GateUp { "gate_up" } else { "down" };
+        lines.push(format!("{kind} {} {} {} {}", l.format.name(), l.first, l.count, l.rows));
+    }
+    let case = dir.join(name);
+    std::fs::create_dir_all(&case).unwrap();
+    std::fs::write(case.join("plan"), lines.join("\n") + "\n").unwrap();
+    std::fs::write(case.join("image"), &image.0).unwrap();
+    std::fs::write(case.join("upload"), &upload).unwrap();
+    std::fs::write(case.join("expected"), floats(&want)).unwrap();
+    let run = Command::new(binary).arg(dir).arg(name).output().unwrap();
     let report = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "the emulated kernels differ from the CPU's:\n{report}");
-    assert_eq!(report.lines().count(), 3 * 5 + 2, "{report}");
+    assert!(
+        run.status.success(),
+        "{name}: the emulated kernels differ from the CPU's:\n{report}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(report.contains(&format!("{} of {} bit-identical", want.len(), want.len())), "{name}: {report}");
+}
+
+#[test]
+fn the_kernels_compute_the_cpu_bits_under_emulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = harness(dir.path());
+    // Widths that leave a tail of 8 lanes and partial FP8 blocks; one batch
+    // holding four formats (so several launches of each kind, two experts
+    // in one of them, and a down projection in another format than its gate
+    // and up); the F32 expert's gates reach ±100, where exp saturates.
+    let mixed = [
+        (Format::F32, Format::F32, 20.0),
+        (Format::Bf16, Format::Bf16, 0.5),
+        (Format::F16, Format::F16, 0.5),
+        (Format::Fp8, Format::Fp8, 0.5),
+        (Format::Bf16, Format::F32, 0.5),
+    ];
+    check(dir.path(), &binary, "mixed", &mixed, 200, 72);
+    // MXFP4 needs widths in groups of 32.
+    let fp4 = [(Format::Fp4, Format::Fp4, 1.0); 4];
+    check(dir.path(), &binary, "fp4", &fp4, 192, 96);
 }

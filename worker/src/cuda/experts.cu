@@ -4,13 +4,20 @@
 // contracted or flushed, so each one is the exactly rounded IEEE operation
 // the CPU performs).
 //
-// Every output element is the canonical dot product of ADR 0001: lane l
+// A batch runs as two grouped launches per stored format, every expert of
+// the batch in one grid (blockIdx.z picks the expert's entry of the group
+// table, worker/src/cuda/batch.rs):
+//   gate_up_*: act = silu(min(x·w1ᵀ, limit)) * clamp(x·w3ᵀ, ±limit)
+//   down_*:    out[slot] = (act·w2ᵀ) * weight
+//
+// Every projection output is the canonical dot product of ADR 0001: lane l
 // (of 16) accumulates x[j]·w[j] for j ≡ l (mod 16) in increasing j with a
 // fused multiply-add, then the lanes are added as a fixed binary tree
 // (8, 4, 2, 1). Here the 16 lanes are 16 threads of a half-warp, and the
-// tree is four shuffles. Which outputs a block computes, and how many
-// tokens a launch carries, never change that order: a token's result does
-// not depend on its batch, and equals the CPU backend's bits.
+// tree is four shuffles. Which outputs a block computes, which experts share
+// the launch and how many tokens each carries never change that order: a
+// token's result does not depend on its batch, and equals the CPU backend's
+// bits.
 //
 // Weights stay in their stored format and are expanded per weight exactly as
 // `myriad_model::quant` defines (BF16, F16, block-FP8 with its decoded
@@ -20,24 +27,42 @@
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
+typedef unsigned long long u64;
 
 // Tokens one thread accumulates at once: each weight it loads serves them all.
 #define TOKENS 8
 // Weight rows of one block (blockDim.y); blockDim.x is the 16 lanes.
 #define ROWS 16
 
+// One expert's share of a launch: its tokens are rows first..first + rows of
+// the launch's input, and its weight matrices (with their scales, for the
+// quantized formats) are at a and b (b: the up projection; unused by down).
+struct Group {
+    u64 first, rows, a, a_scales, b, b_scales;
+};
+
+// Every code's value: myriad_model::quant's e4m3, e2m1 and e8m0.
+struct Tables {
+    const float* e4m3;
+    const float* e2m1;
+    const float* e8m0;
+};
+
 struct F32W {
     const float* w;
+    __device__ F32W(u64 w, u64, Tables) : w((const float*)w) {}
     __device__ float at(long row, long k, long j) const { return w[row * k + j]; }
 };
 
 struct Bf16W {
     const u16* w;
+    __device__ Bf16W(u64 w, u64, Tables) : w((const u16*)w) {}
     __device__ float at(long row, long k, long j) const { return __uint_as_float((u32)w[row * k + j] << 16); }
 };
 
 struct F16W {
     const u16* w;
+    __device__ F16W(u64 w, u64, Tables) : w((const u16*)w) {}
     __device__ float at(long row, long k, long j) const {
         float f;
         u16 h = w[row * k + j];
@@ -51,10 +76,10 @@ struct F16W {
 struct Fp8W {
     const u8* codes;
     const float* scales;
-    const float* e4m3;  // every code's value (myriad_model::quant::e4m3)
-    long blocks_per_row;
+    const float* e4m3;
+    __device__ Fp8W(u64 w, u64 s, Tables t) : codes((const u8*)w), scales((const float*)s), e4m3(t.e4m3) {}
     __device__ float at(long row, long k, long j) const {
-        float scale = scales[(row / 128) * blocks_per_row + j / 128];
+        float scale = scales[(row / 128) * ((k + 127) / 128) + j / 128];
         return e4m3[codes[row * k + j]] * scale;
     }
 };
@@ -64,8 +89,10 @@ struct Fp8W {
 struct Fp4W {
     const u8* packed;
     const u8* scales;
-    const float* e2m1;  // the 16 codes' values
-    const float* e8m0;  // every scale code's value
+    const float* e2m1;
+    const float* e8m0;
+    __device__ Fp4W(u64 w, u64 s, Tables t)
+        : packed((const u8*)w), scales((const u8*)s), e2m1(t.e2m1), e8m0(t.e8m0) {}
     __device__ float at(long row, long k, long j) const {
         long group = j / 32, within = j % 32;
         u8 byte = packed[row * (k / 2) + group * 16 + (within & 15)];
@@ -73,58 +100,6 @@ struct Fp4W {
         return e2m1[code] * e8m0[scales[row * (k / 32) + group]];
     }
 };
-
-// y[r][c] = dot(x[r], w[c]) for r < rows, c < n. Block (16 lanes, ROWS weight
-// rows); grid (ceil(n / ROWS), ceil(rows / TOKENS)).
-template <typename W>
-__device__ void matmul(const float* __restrict__ x, int rows, W w, int n, int k, float* __restrict__ y) {
-    int lane = threadIdx.x;
-    long row = (long)blockIdx.x * ROWS + threadIdx.y;
-    long token0 = (long)blockIdx.y * TOKENS;
-    bool live = row < n;
-    float acc[TOKENS];
-    for (int t = 0; t < TOKENS; t++) acc[t] = 0.0f;
-    if (live) {
-        // Full steps of 16, then the tail: lane l takes input full + l.
-        for (long j = lane; j < k; j += 16) {
-            float v = w.at(row, k, j);
-            for (int t = 0; t < TOKENS; t++) {
-                if (token0 + t < rows) acc[t] = fmaf(x[(token0 + t) * k + j], v, acc[t]);
-            }
-        }
-    }
-    // The fixed tree, every thread of the warp taking part.
-    for (int width = 8; width > 0; width >>= 1) {
-        for (int t = 0; t < TOKENS; t++) acc[t] += __shfl_down_sync(0xffffffffu, acc[t], width, 16);
-    }
-    if (live && lane == 0) {
-        for (int t = 0; t < TOKENS; t++) {
-            if (token0 + t < rows) y[(token0 + t) * n + row] = acc[t];
-        }
-    }
-}
-
-extern "C" __global__ void matmul_f32(const float* x, int rows, const float* w, int n, int k, float* y) {
-    matmul(x, rows, F32W{w}, n, k, y);
-}
-
-extern "C" __global__ void matmul_bf16(const float* x, int rows, const u16* w, int n, int k, float* y) {
-    matmul(x, rows, Bf16W{w}, n, k, y);
-}
-
-extern "C" __global__ void matmul_f16(const float* x, int rows, const u16* w, int n, int k, float* y) {
-    matmul(x, rows, F16W{w}, n, k, y);
-}
-
-extern "C" __global__ void matmul_fp8(const float* x, int rows, const u8* codes, const float* scales,
-                                      const float* e4m3, int n, int k, float* y) {
-    matmul(x, rows, Fp8W{codes, scales, e4m3, (k + 127) / 128}, n, k, y);
-}
-
-extern "C" __global__ void matmul_fp4(const float* x, int rows, const u8* packed, const u8* scales,
-                                      const float* e2m1, const float* e8m0, int n, int k, float* y) {
-    matmul(x, rows, Fp4W{packed, scales, e2m1, e8m0}, n, k, y);
-}
 
 // myriad_model::kernels::exp, step for step.
 __device__ float exp_(float x) {
@@ -144,24 +119,103 @@ __device__ float exp_(float x) {
     return p * __uint_as_float((u32)(a + 127) << 23) * __uint_as_float((u32)(b + 127) << 23);
 }
 
-// gate[i] <- silu(min(gate[i], limit)) * clamp(up[i], -limit, limit), as
+// silu(min(gate, limit)) * clamp(up, -limit, limit), as
 // myriad_model::moe::experts_ffn computes it (min returns the limit for a
 // NaN gate, the clamp keeps a NaN up).
-extern "C" __global__ void swiglu(float* gate, const float* up, long len, float limit) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= len) return;
-    float g = fminf(gate[i], limit);
-    float u = up[i];
-    u = u < -limit ? -limit : (u > limit ? limit : u);
-    gate[i] = g / (1.0f + exp_(-g)) * u;
+__device__ float swiglu(float gate, float up, float limit) {
+    float g = fminf(gate, limit);
+    float u = up < -limit ? -limit : (up > limit ? limit : up);
+    return g / (1.0f + exp_(-g)) * u;
 }
 
-// out[slot[r]] <- y[r] * weight[r] for each of `rows` rows `width` wide: the
-// weighted contributions, in the batch's pair order.
-extern "C" __global__ void weigh(const float* y, const int* slot, const float* weight, int rows, int width,
-                                 float* out) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)rows * width) return;
-    long r = i / width, c = i % width;
-    out[(long)slot[r] * width + c] = y[i] * weight[r];
+// The 16 lanes' partial sums added in the fixed tree, every thread of the
+// warp taking part; lane 0 ends with the sums.
+__device__ void tree(float* acc) {
+    for (int width = 8; width > 0; width >>= 1) {
+        for (int t = 0; t < TOKENS; t++) acc[t] += __shfl_down_sync(0xffffffffu, acc[t], width, 16);
+    }
 }
+
+// Block (16 lanes, ROWS weight rows); grid (ceil(n / ROWS), ceil(most
+// rows of a group / TOKENS), groups). A block past its group's tokens has
+// nothing to do: all its threads leave together, before any shuffle.
+template <typename W>
+__device__ void gate_up(const Group* groups, const float* __restrict__ x, int k, int n, float limit, Tables tables,
+                        float* __restrict__ act) {
+    Group g = groups[blockIdx.z];
+    long token0 = (long)blockIdx.y * TOKENS;
+    if (token0 >= (long)g.rows) return;
+    int count = g.rows - token0 < TOKENS ? (int)(g.rows - token0) : TOKENS;
+    W w1(g.a, g.a_scales, tables), w3(g.b, g.b_scales, tables);
+    const float* xs = x + ((long)g.first + token0) * k;
+    int lane = threadIdx.x;
+    long row = (long)blockIdx.x * ROWS + threadIdx.y;
+    bool live = row < n;
+    float gate[TOKENS], up[TOKENS];
+    for (int t = 0; t < TOKENS; t++) gate[t] = up[t] = 0.0f;
+    if (live) {
+        for (long j = lane; j < k; j += 16) {
+            float v1 = w1.at(row, k, j), v3 = w3.at(row, k, j);
+            for (int t = 0; t < TOKENS; t++) {
+                if (t < count) {
+                    gate[t] = fmaf(xs[t * k + j], v1, gate[t]);
+                    up[t] = fmaf(xs[t * k + j], v3, up[t]);
+                }
+            }
+        }
+    }
+    tree(gate);
+    tree(up);
+    if (live && lane == 0) {
+        for (int t = 0; t < count; t++) act[((long)g.first + token0 + t) * n + row] = swiglu(gate[t], up[t], limit);
+    }
+}
+
+// As gate_up, for w2: each token's output row goes, times its route weight,
+// to its contribution's slot.
+template <typename W>
+__device__ void down(const Group* groups, const float* __restrict__ act, int k, int n, const int* slot,
+                     const float* weight, Tables tables, float* __restrict__ out) {
+    Group g = groups[blockIdx.z];
+    long token0 = (long)blockIdx.y * TOKENS;
+    if (token0 >= (long)g.rows) return;
+    int count = g.rows - token0 < TOKENS ? (int)(g.rows - token0) : TOKENS;
+    W w2(g.a, g.a_scales, tables);
+    long member0 = (long)g.first + token0;
+    const float* xs = act + member0 * k;
+    int lane = threadIdx.x;
+    long row = (long)blockIdx.x * ROWS + threadIdx.y;
+    bool live = row < n;
+    float acc[TOKENS];
+    for (int t = 0; t < TOKENS; t++) acc[t] = 0.0f;
+    if (live) {
+        for (long j = lane; j < k; j += 16) {
+            float v = w2.at(row, k, j);
+            for (int t = 0; t < TOKENS; t++) {
+                if (t < count) acc[t] = fmaf(xs[t * k + j], v, acc[t]);
+            }
+        }
+    }
+    tree(acc);
+    if (live && lane == 0) {
+        for (int t = 0; t < count; t++) out[(long)slot[member0 + t] * n + row] = acc[t] * weight[member0 + t];
+    }
+}
+
+#define KERNELS(NAME, W)                                                                                      \
+    extern "C" __global__ void gate_up_##NAME(const Group* groups, const float* x, int k, int n, float limit, \
+                                              const float* e4m3, const float* e2m1, const float* e8m0,       \
+                                              float* act) {                                                   \
+        gate_up<W>(groups, x, k, n, limit, Tables{e4m3, e2m1, e8m0}, act);                                    \
+    }                                                                                                         \
+    extern "C" __global__ void down_##NAME(const Group* groups, const float* act, int k, int n, const int* slot, \
+                                           const float* weight, const float* e4m3, const float* e2m1,        \
+                                           const float* e8m0, float* out) {                                   \
+        down<W>(groups, act, k, n, slot, weight, Tables{e4m3, e2m1, e8m0}, out);                              \
+    }
+
+KERNELS(f32, F32W)
+KERNELS(bf16, Bf16W)
+KERNELS(f16, F16W)
+KERNELS(fp8, Fp8W)
+KERNELS(fp4, Fp4W)

@@ -4,32 +4,38 @@
 //! this builds everywhere and [`check`] says what is missing on a machine
 //! without them. Expert weights are uploaded once, in their stored format,
 //! and shared with later placement versions on the same GPU like the CPU
-//! backend shares its tensors. The kernels (`experts.cu`) compute every
-//! output in the canonical order of ADR 0001 with the CPU's exact weight
-//! expansion and its own `exp`, so a batch's contributions are the bits
-//! the CPU backend gives, whatever the batch or placement.
+//! backend shares its tensors. A batch is one upload from pinned memory, two
+//! grouped launches per stored format (every expert of the batch in each:
+//! gate/up with SwiGLU, then down with the route weights) and one download,
+//! on a queue of its own (`queue.rs`), so batches in flight overlap. The
+//! kernels (`experts.cu`) compute every output in the canonical order of
+//! ADR 0001 with the CPU's exact weight expansion and its own `exp`, so a
+//! batch's contributions are the bits the CPU backend gives, whatever the
+//! batch or placement.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError};
 use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 use myriad_model::kernels::{EXP_CLAMP, EXP_LN2, EXP_TAYLOR, Weights};
 use myriad_model::weights::load_expert;
 use myriad_model::{ModelConfig, quant};
-use myriad_proto::expert::{ExpertBatch, ExpertId};
+use myriad_proto::expert::ExpertBatch;
 use myriad_proto::spec::ExpertSpec;
 
 use crate::backend::{ExpertBackend, ExpertMap, Hosted, load_hosted};
 use crate::device::Device;
 use crate::error::WorkerError;
 
+pub mod batch;
 pub mod bench;
 #[cfg(test)]
 mod emulate;
+mod queue;
+
+use batch::{At, Format, Kind, Launch, Place, Plan};
+use queue::{Queue, Shape};
 
 const SOURCE: &str = include_str!("experts.cu");
 /// The kernels' block: 16 lanes by 16 weight rows, and tokens per block
@@ -76,16 +82,12 @@ fn device_error(what: &str, e: impl std::fmt::Display) -> WorkerError {
 
 /// The compiled kernels and the value tables they read, once per GPU.
 struct Kernels {
-    f32: CudaFunction,
-    bf16: CudaFunction,
-    f16: CudaFunction,
-    fp8: CudaFunction,
-    fp4: CudaFunction,
-    swiglu: CudaFunction,
-    weigh: CudaFunction,
-    e4m3: CudaSlice<f32>,
-    e2m1: CudaSlice<f32>,
-    e8m0: CudaSlice<f32>,
+    /// `gate_up_*` and `down_*` by [`Format`], in [`Format::ALL`]'s order.
+    gate_up: Vec<CudaFunction>,
+    down: Vec<CudaFunction>,
+    /// The tables' device addresses: e4m3, e2m1, e8m0.
+    tables: [u64; 3],
+    _tables: [CudaSlice<f32>; 3],
 }
 
 /// The kernels' source with the CPU's `exp` constants prepended, as bits.
@@ -118,102 +120,75 @@ fn ptx() -> Result<Ptx, WorkerError> {
     compile_ptx_with_opts(source(), options).map_err(|e| device_error("compile the kernels", e))
 }
 
+/// The device address of `slice`, for a group table or a kernel argument.
+/// Every use of it is ordered by hand (see [`CudaBackend::load_reusing`]).
+fn address<T>(slice: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    slice.device_ptr(stream).0
+}
+
 impl Kernels {
     fn compile(ctx: &Arc<CudaContext>) -> Result<Self, WorkerError> {
         let ptx = ptx()?;
         let module = ctx.load_module(ptx).map_err(|e| device_error("load the kernels", e))?;
-        let function = |name: &str| module.load_function(name).map_err(|e| device_error(name, e));
+        let function = |name: String| module.load_function(&name).map_err(|e| device_error(&name, e));
+        let functions = |kind: &str| -> Result<Vec<_>, _> {
+            Format::ALL.iter().map(|f| function(format!("{kind}_{}", f.name()))).collect()
+        };
         let stream = ctx.default_stream();
         let upload = |values: Vec<f32>| stream.clone_htod(&values).map_err(|e| device_error("upload a table", e));
-        let kernels = Kernels {
-            f32: function("matmul_f32")?,
-            bf16: function("matmul_bf16")?,
-            f16: function("matmul_f16")?,
-            fp8: function("matmul_fp8")?,
-            fp4: function("matmul_fp4")?,
-            swiglu: function("swiglu")?,
-            weigh: function("weigh")?,
-            e4m3: upload((0..=255u8).map(quant::e4m3).collect())?,
-            e2m1: upload((0..16u8).map(quant::e2m1).collect())?,
-            e8m0: upload((0..=255u8).map(|c| quant::e8m0(c).unwrap_or(f32::NAN)).collect())?,
-        };
+        let tables = [
+            upload((0..=255u8).map(quant::e4m3).collect())?,
+            upload((0..16u8).map(quant::e2m1).collect())?,
+            upload((0..=255u8).map(|c| quant::e8m0(c).unwrap_or(f32::NAN)).collect())?,
+        ];
         stream.synchronize().map_err(|e| device_error("upload the tables", e))?;
-        Ok(kernels)
+        Ok(Kernels {
+            gate_up: functions("gate_up")?,
+            down: functions("down")?,
+            tables: [0, 1, 2].map(|i| address(&tables[i], &stream)),
+            _tables: tables,
+        })
+    }
+
+    fn function(&self, launch: &Launch) -> &CudaFunction {
+        let i = Format::ALL.iter().position(|f| *f == launch.format).unwrap_or_default();
+        match launch.kind {
+            Kind::GateUp => &self.gate_up[i],
+            Kind::Down => &self.down[i],
+        }
     }
 }
 
-/// One weight matrix `[n, k]` on the GPU, in its stored format.
-enum Matrix {
-    F32(CudaSlice<f32>),
-    Half { bytes: CudaSlice<u16>, bf16: bool },
-    Fp8 { codes: CudaSlice<u8>, scales: CudaSlice<f32> },
-    Fp4 { packed: CudaSlice<u8>, scales: CudaSlice<u8> },
+/// One weight matrix `[n, k]` on the GPU, in its stored format: its
+/// buffers (held for as long as the matrix is) and where they are.
+struct Matrix {
+    at: At,
+    bytes: usize,
+    _buffers: (CudaSlice<u8>, Option<CudaSlice<u8>>),
 }
 
 impl Matrix {
     fn upload(stream: &Arc<CudaStream>, w: Weights<'_>) -> Result<Self, DriverError> {
-        Ok(match w {
-            Weights::F32(v) => Matrix::F32(stream.clone_htod(v)?),
+        let floats = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (format, weights, scales) = match w {
+            Weights::F32(v) => (Format::F32, stream.clone_htod(&floats(v))?, None),
             Weights::Half { bytes, bf16 } => {
-                let halves: Vec<u16> = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
-                Matrix::Half { bytes: stream.clone_htod(&halves)?, bf16 }
+                (if bf16 { Format::Bf16 } else { Format::F16 }, stream.clone_htod(bytes)?, None)
             }
             Weights::Fp8 { codes, scales, .. } => {
-                Matrix::Fp8 { codes: stream.clone_htod(codes)?, scales: stream.clone_htod(scales)? }
+                (Format::Fp8, stream.clone_htod(codes)?, Some(stream.clone_htod(&floats(scales))?))
             }
             Weights::Fp4 { packed, scales } => {
-                Matrix::Fp4 { packed: stream.clone_htod(packed)?, scales: stream.clone_htod(scales)? }
+                (Format::Fp4, stream.clone_htod(packed)?, Some(stream.clone_htod(scales)?))
             }
-        })
-    }
-
-    fn bytes(&self) -> usize {
-        match self {
-            Matrix::F32(w) => w.num_bytes(),
-            Matrix::Half { bytes, .. } => bytes.num_bytes(),
-            Matrix::Fp8 { codes, scales } => codes.num_bytes() + scales.num_bytes(),
-            Matrix::Fp4 { packed, scales } => packed.num_bytes() + scales.num_bytes(),
-        }
-    }
-
-    /// Launches `y[rows, n] = x[rows, k] · selfᵀ` on `stream`.
-    #[allow(clippy::too_many_arguments)]
-    fn launch(
-        &self,
-        kernels: &Kernels,
-        stream: &Arc<CudaStream>,
-        x: &CudaView<'_, f32>,
-        rows: usize,
-        n: usize,
-        k: usize,
-        y: &mut CudaViewMut<'_, f32>,
-    ) -> Result<(), DriverError> {
-        let (rows_i, n_i, k_i) = (rows as i32, n as i32, k as i32);
-        let config = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(ROWS), (rows as u32).div_ceil(TOKENS), 1),
-            block_dim: (LANES, ROWS, 1),
-            shared_mem_bytes: 0,
         };
-        let function = match self {
-            Matrix::F32(_) => &kernels.f32,
-            Matrix::Half { bf16: true, .. } => &kernels.bf16,
-            Matrix::Half { bf16: false, .. } => &kernels.f16,
-            Matrix::Fp8 { .. } => &kernels.fp8,
-            Matrix::Fp4 { .. } => &kernels.fp4,
+        let at = At {
+            format,
+            weights: address(&weights, stream),
+            scales: scales.as_ref().map_or(0, |s| address(s, stream)),
         };
-        let mut call = stream.launch_builder(function);
-        call.arg(x).arg(&rows_i);
-        match self {
-            Matrix::F32(w) => call.arg(w),
-            Matrix::Half { bytes, .. } => call.arg(bytes),
-            Matrix::Fp8 { codes, scales } => call.arg(codes).arg(scales).arg(&kernels.e4m3),
-            Matrix::Fp4 { packed, scales } => call.arg(packed).arg(scales).arg(&kernels.e2m1).arg(&kernels.e8m0),
-        };
-        call.arg(&n_i).arg(&k_i).arg(y);
-        // SAFETY: the arguments match the kernel's parameters in number,
-        // order and type, and every buffer holds the extent the grid reads
-        // or writes (checked by the caller's shapes).
-        unsafe { call.launch(config) }.map(drop)
+        let bytes = weights.num_bytes() + scales.as_ref().map_or(0, |s| s.num_bytes());
+        Ok(Matrix { at, bytes, _buffers: (weights, scales) })
     }
 }
 
@@ -224,6 +199,12 @@ struct Expert {
     w3: Matrix,
 }
 
+impl Expert {
+    fn place(&self) -> Place {
+        Place { w1: self.w1.at, w2: self.w2.at, w3: self.w3.at }
+    }
+}
+
 /// Experts in one GPU's memory.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -231,6 +212,8 @@ pub struct CudaBackend {
     config: ModelConfig,
     experts: ExpertMap<Expert>,
     hosted: Hosted,
+    /// Idle queues: one is taken by each batch in flight.
+    queues: Mutex<Vec<Queue>>,
 }
 
 impl CudaBackend {
@@ -248,6 +231,12 @@ impl CudaBackend {
             Some(b) => (b.ctx.clone(), b.kernels.clone()),
             None => {
                 let ctx = CudaContext::new(ordinal).map_err(|e| device_error(&format!("open device {ordinal}"), e))?;
+                // SAFETY: the backend orders every use of its buffers itself:
+                // weights and tables are read only after the stream that
+                // uploaded them is synchronized, and a queue's buffers are used
+                // by its own stream alone, one batch at a time, the host
+                // waiting for each batch before the queue takes another.
+                unsafe { ctx.disable_event_tracking() };
                 let kernels = Arc::new(Kernels::compile(&ctx)?);
                 (ctx, kernels)
             }
@@ -263,67 +252,35 @@ impl CudaBackend {
             let upload = |m: &myriad_model::weights::Linear| Matrix::upload(&stream, m.w.weights());
             let on_gpu = (|| Ok(Expert { w1: upload(&host.w1)?, w2: upload(&host.w2)?, w3: upload(&host.w3)? }))()
                 .map_err(|e: DriverError| device_error(&format!("upload expert {expert} of layer {layer}"), e))?;
+            if on_gpu.w1.at.format != on_gpu.w3.at.format {
+                return Err(WorkerError::InvalidArgument(format!(
+                    "expert {expert} of layer {layer}: its gate projection is {:?} and its up projection {:?}; \
+                     the CUDA backend needs them in one format",
+                    on_gpu.w1.at.format, on_gpu.w3.at.format
+                )));
+            }
             Ok(Arc::new(on_gpu))
         })?;
         stream.synchronize().map_err(|e| device_error("upload the experts", e))?;
-        Ok(CudaBackend { ctx, kernels, config, experts, hosted })
+        Ok(CudaBackend { ctx, kernels, config, experts, hosted, queues: Mutex::new(Vec::new()) })
     }
 
-    /// The batch's weighted contributions, computed on a stream of its own.
+    /// The batch's weighted contributions, on a queue of its own.
     fn contributions(&self, batch: &ExpertBatch) -> Result<Vec<f32>, DriverError> {
-        let (hidden, inter) = (self.config.hidden_size, self.config.moe_intermediate_size);
-        // Each expert's tokens, in the order the CPU backend gathers them.
-        let mut by_expert: BTreeMap<ExpertId, Vec<(usize, usize, f32)>> = BTreeMap::new();
-        let mut slots = 0;
-        for (r, route) in batch.routes.iter().enumerate() {
-            for &(e, weight) in route {
-                by_expert.entry(e).or_default().push((r, slots, weight));
-                slots += 1;
-            }
-        }
-        let members: usize = by_expert.values().map(Vec::len).sum();
-        if members == 0 {
+        let plan = Plan::new(batch, |e| self.experts[&(batch.layer, e)].place());
+        if plan.members() == 0 {
             return Ok(Vec::new());
         }
-        let mut x = Vec::with_capacity(members * hidden);
-        let (mut slot, mut weight) = (Vec::with_capacity(members), Vec::with_capacity(members));
-        for rows in by_expert.values() {
-            for &(r, s, w) in rows {
-                x.extend_from_slice(&batch.hidden[r * hidden..(r + 1) * hidden]);
-                slot.push(s as i32);
-                weight.push(w);
-            }
-        }
-        let stream = self.ctx.new_stream()?;
-        let x = stream.clone_htod(&x)?;
-        let mut y = stream.alloc_zeros::<f32>(members * hidden)?;
-        let mut offset = 0;
-        for (e, rows) in &by_expert {
-            let expert = &self.experts[&(batch.layer, *e)];
-            let m = rows.len();
-            let xe = x.slice(offset * hidden..(offset + m) * hidden);
-            let mut gate = stream.alloc_zeros::<f32>(m * inter)?;
-            let mut up = stream.alloc_zeros::<f32>(m * inter)?;
-            expert.w1.launch(&self.kernels, &stream, &xe, m, inter, hidden, &mut gate.as_view_mut())?;
-            expert.w3.launch(&self.kernels, &stream, &xe, m, inter, hidden, &mut up.as_view_mut())?;
-            let len = (m * inter) as i64;
-            let mut call = stream.launch_builder(&self.kernels.swiglu);
-            call.arg(&mut gate).arg(&up).arg(&len).arg(&self.config.swiglu_limit);
-            // SAFETY: `gate` and `up` hold `len` values; the grid covers them once.
-            unsafe { call.launch(LaunchConfig::for_num_elems(len as u32)) }?;
-            let mut ye = y.slice_mut(offset * hidden..(offset + m) * hidden);
-            expert.w2.launch(&self.kernels, &stream, &gate.as_view(), m, hidden, inter, &mut ye)?;
-            offset += m;
-        }
-        let (slot, weight) = (stream.clone_htod(&slot)?, stream.clone_htod(&weight)?);
-        let mut out = stream.alloc_zeros::<f32>(slots * hidden)?;
-        let (rows_i, width_i) = (members as i32, hidden as i32);
-        let mut call = stream.launch_builder(&self.kernels.weigh);
-        call.arg(&y).arg(&slot).arg(&weight).arg(&rows_i).arg(&width_i).arg(&mut out);
-        // SAFETY: `y` holds `members` rows, `slot` and `weight` one entry
-        // each, every slot is below `slots`, and `out` holds `slots` rows.
-        unsafe { call.launch(LaunchConfig::for_num_elems((members * hidden) as u32)) }?;
-        stream.clone_dtoh(&out)
+        let idle = self.queues.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut queue = match idle {
+            Some(queue) => queue,
+            None => Queue::new(&self.ctx)?,
+        };
+        let shape = Shape::of(&self.config);
+        let out = queue.run(&self.kernels, shape, &plan, batch)?;
+        // A queue whose batch failed is dropped: its stream may be broken.
+        self.queues.lock().unwrap_or_else(|e| e.into_inner()).push(queue);
+        Ok(out)
     }
 }
 
@@ -333,7 +290,7 @@ impl ExpertBackend for CudaBackend {
     }
 
     fn bytes(&self) -> usize {
-        self.experts.values().map(|e| e.w1.bytes() + e.w2.bytes() + e.w3.bytes()).sum()
+        self.experts.values().map(|e| e.w1.bytes + e.w2.bytes + e.w3.bytes).sum()
     }
 
     fn device(&self) -> Device {
@@ -364,8 +321,11 @@ mod tests {
             "NVRTC (libnvrtc.so.12) is not on the library path: scripts/test.sh installs it with pip"
         );
         let ptx = ptx().unwrap().to_src();
-        for name in ["matmul_f32", "matmul_bf16", "matmul_f16", "matmul_fp8", "matmul_fp4", "swiglu", "weigh"] {
-            assert!(ptx.contains(&format!(".entry {name}(")), "{name} is not in the PTX");
+        for kind in ["gate_up", "down"] {
+            for format in Format::ALL {
+                let name = format!("{kind}_{}", format.name());
+                assert!(ptx.contains(&format!(".entry {name}(")), "{name} is not in the PTX");
+            }
         }
         // No contraction: every fused multiply-add is one the source asks for.
         assert!(!ptx.contains("mad.f32"), "the PTX contracts a multiply and an add");
