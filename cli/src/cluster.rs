@@ -95,6 +95,7 @@ impl LocalCluster {
             let addr = listener.local_addr().context("read the bound address")?.to_string();
             let worker = Arc::new(Worker::idle(shape.clone(), device)?);
             let record = NodeRecord::new(node_id(&format!("worker-{i}"))?, Role::Worker, addr, &shape.model_id);
+            let record = myriad_worker::membership::describe(record, &worker, None);
             let membership = myriad_worker::membership::Membership {
                 store: store.clone(),
                 keys: keys.clone(),

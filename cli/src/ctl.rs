@@ -208,7 +208,7 @@ async fn run_async(args: Args) -> Result<()> {
             if args.json {
                 let nodes: Vec<_> = s.nodes.iter().map(|n| json!({"id": n.id, "role": n.role, "addr": n.addr,
                     "capacity_bytes": n.capacity_bytes, "placement_version": n.placement_version, "cordoned": n.cordoned,
-                    "host": n.host, "zone": n.zone})).collect();
+                    "host": n.host, "zone": n.zone, "device": n.device, "device_memory_bytes": n.device_memory_bytes})).collect();
                 let out = json!({"leader": s.leader, "placement_version": s.placement_version, "problems": s.problems, "nodes": nodes});
                 println!("{out}");
                 return Ok(());
@@ -227,8 +227,8 @@ async fn run_async(args: Args) -> Result<()> {
                 }
             }
             println!(
-                "{:<24} {:<12} {:<22} {:<16} {:>10} {:>8} CORDONED",
-                "NODE", "ROLE", "ADDR", "HOST/ZONE", "CAPACITY", "VERSION"
+                "{:<24} {:<12} {:<22} {:<16} {:<18} {:>10} {:>8} CORDONED",
+                "NODE", "ROLE", "ADDR", "HOST/ZONE", "DEVICE", "CAPACITY", "VERSION"
             );
             for n in &s.nodes {
                 let capacity = if n.capacity_bytes == 0 {
@@ -239,14 +239,19 @@ async fn run_async(args: Args) -> Result<()> {
                 let version =
                     if n.placement_version == 0 { "-".to_string() } else { format!("v{}", n.placement_version) };
                 let cordoned = if n.cordoned { "yes" } else { "" };
+                let device = match (n.device.as_str(), n.device_memory_bytes) {
+                    ("", _) => "-".to_string(),
+                    (device, 0) => device.to_string(),
+                    (device, memory) => format!("{device} {}", myriad_coordinator::placement::human(memory)),
+                };
                 let place = match (n.host.as_str(), n.zone.as_str()) {
                     ("", "") => "-".to_string(),
                     (host, "") => host.to_string(),
                     (host, zone) => format!("{host}/{zone}"),
                 };
                 println!(
-                    "{:<24} {:<12} {:<22} {:<16} {:>10} {:>8} {cordoned}",
-                    n.id, n.role, n.addr, place, capacity, version
+                    "{:<24} {:<12} {:<22} {:<16} {:<18} {:>10} {:>8} {cordoned}",
+                    n.id, n.role, n.addr, place, device, capacity, version
                 );
             }
         }

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use myriad_coordinator::placement::{self, Load, Problem, human};
 
+use myriad_worker::membership::gpu_capacity;
+
 use crate::membership::parse_bytes;
 
 /// How experts are held in worker memory: workers keep them in the format
@@ -48,8 +50,14 @@ pub struct Args {
     workers: usize,
 
     /// Memory for experts on each worker (e.g. `80GiB`).
-    #[arg(long, value_parser = parse_bytes)]
-    capacity: u64,
+    #[arg(long, value_parser = parse_bytes, required_unless_present = "gpu_memory")]
+    capacity: Option<u64>,
+
+    /// GPU workers (`--device cuda`) with this much GPU memory each (e.g.
+    /// `141GiB`): experts get the share a GPU worker offers placement by
+    /// default, and the plan says what the rest holds of batches in flight.
+    #[arg(long, value_parser = parse_bytes, conflicts_with = "capacity")]
+    gpu_memory: Option<u64>,
 
     /// Copies of every expert, on distinct workers.
     #[arg(long, default_value_t = 1)]
@@ -156,6 +164,13 @@ pub fn expert_bytes(hidden: usize, intermediate: usize, dtype: ExpertDtype) -> u
     }
 }
 
+/// GPU memory one `(token, expert)` pair of a batch in flight takes: its
+/// hidden state, its SwiGLU activations and its contribution (f32), and
+/// its slot and weight.
+fn pair_bytes(hidden: usize, intermediate: usize) -> u64 {
+    4 * (2 * hidden as u64 + intermediate as u64) + 8
+}
+
 /// Bytes one routed expert of the model in folder `model` holds in a
 /// worker, in the format its config.json names.
 pub fn model_expert_bytes(model: &Path) -> Result<u64> {
@@ -170,6 +185,11 @@ pub fn run(args: Args) -> Result<()> {
         None => ExpertDtype::of_config(&config)?,
     };
     let each = expert_bytes(shape.hidden_size, shape.moe_intermediate_size, dtype);
+    let capacity = match (args.capacity, args.gpu_memory) {
+        (Some(c), _) => c,
+        (None, Some(gpu)) => gpu_capacity(gpu),
+        (None, None) => bail!("give --capacity or --gpu-memory"),
+    };
     let load = match &args.load {
         Some(path) => Some(read_load(path, &shape)?),
         None => None,
@@ -178,7 +198,7 @@ pub fn run(args: Args) -> Result<()> {
         layers: shape.num_hidden_layers,
         experts: shape.n_routed_experts,
         expert_bytes: each,
-        capacities: vec![Some(args.capacity); args.workers],
+        capacities: vec![Some(capacity); args.workers],
         replicas: args.replicas,
         redundant: args.redundant,
         nodes: (0..args.workers).map(|w| w / args.workers_per_node.max(1)).collect(),
@@ -194,11 +214,19 @@ pub fn run(args: Args) -> Result<()> {
         human(each),
         dtype
     );
+    if let Some(gpu) = args.gpu_memory {
+        println!(
+            "GPU workers: {} each, {} of it for experts ({}%, as a worker offers without --capacity)",
+            human(gpu),
+            human(capacity),
+            (capacity as f64 / gpu as f64 * 100.0).round()
+        );
+    }
     println!(
         "workers: {} x {} = {}",
         args.workers,
-        human(args.capacity),
-        human(args.capacity.saturating_mul(args.workers as u64))
+        human(capacity),
+        human(capacity.saturating_mul(args.workers as u64))
     );
     let uniform = Load::uniform(problem.layers, problem.experts);
     let plan = match placement::eplb(&problem, load.as_ref().unwrap_or(&uniform)) {
@@ -220,8 +248,20 @@ pub fn run(args: Args) -> Result<()> {
     println!(
         "per worker: {min}-{max} experts, at most {} ({:.0}% of capacity)",
         human(max * each),
-        (max * each) as f64 / args.capacity as f64 * 100.0
+        (max * each) as f64 / capacity as f64 * 100.0
     );
+    if let Some(gpu) = args.gpu_memory {
+        let left = gpu.saturating_sub(max * each);
+        let pair = pair_bytes(shape.hidden_size, shape.moe_intermediate_size);
+        // Half of it: a batch queue's buffers grow in powers of two.
+        println!(
+            "left on the fullest GPU: {} for the CUDA context and batches in flight (a (token, expert) pair \
+             needs {} there): about {} pairs",
+            human(left),
+            human(pair),
+            left / (2 * pair)
+        );
+    }
     if args.workers_per_node > 1 {
         let nodes = args.workers.div_ceil(args.workers_per_node);
         let crowded = plan.crowded_experts(&problem);

@@ -102,17 +102,12 @@ pub fn run(args: Args) -> Result<()> {
                 let id = args.cluster.node_id(Role::Worker)?;
                 let addr = args.advertise_addr.clone().unwrap_or_else(|| bound.clone());
                 let worker = Worker::idle(shape.clone(), device)?;
-                // On a GPU the placement budget defaults to most of its memory.
-                let capacity = match (args.capacity, worker.device()) {
-                    (None, (Device::Cuda(_), memory)) => Some(memory / 10 * 9),
-                    (capacity, _) => capacity,
-                };
                 let record = NodeRecord {
-                    capacity_bytes: capacity,
                     host: args.node.clone().or_else(hostname),
                     zone: args.zone.clone(),
                     ..NodeRecord::new(id.clone(), Role::Worker, addr, &shape.model_id)
                 };
+                let record = myriad_worker::membership::describe(record, &worker, args.capacity);
                 let membership = Membership {
                     store: args.cluster.store()?,
                     keys: args.cluster.keys()?,

@@ -25,17 +25,7 @@ fn tiny() -> PathBuf {
 }
 
 fn record(id: &str, role: Role, addr: String, model_id: &str) -> NodeRecord {
-    NodeRecord {
-        id: id.parse().unwrap(),
-        role,
-        addr,
-        model_id: model_id.into(),
-        capacity_bytes: None,
-        placement_version: None,
-        dispatch: None,
-        host: None,
-        zone: None,
-    }
+    NodeRecord::new(id.parse().unwrap(), role, addr, model_id)
 }
 
 /// An in-process worker: its gRPC server and its membership loop.

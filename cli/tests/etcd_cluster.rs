@@ -187,6 +187,7 @@ async fn failures_of_workers_coordinators_and_etcd_cost_no_request() {
     assert_eq!(status["nodes"].as_array().unwrap().len(), 4, "{status}");
     let w4 = status["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "w4").expect("w4 listed");
     assert_eq!(w4["host"], "m2", "{status}");
+    assert_eq!(w4["device"], "cpu", "{status}");
     let top = until("load reports", Duration::from_secs(30), async || {
         let t = ctl_json(&e, &["top-experts", "--limit", "3"]);
         (t["experts"][0]["tokens"].as_f64().unwrap_or(0.0) > 0.0).then_some(t)

@@ -11,10 +11,18 @@ fn plan(extra: &[&str]) -> (bool, String) {
 }
 
 fn plan_config(json: &str, extra: &[&str]) -> (bool, String) {
+    let mut args = vec!["--workers", "64", "--capacity", "80GiB"];
+    args.extend(extra);
+    run(json, &args)
+}
+
+/// `myriad plan --config C ARGS` on the config `json`: whether it fit, and
+/// what it printed.
+fn run(json: &str, extra: &[&str]) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.json");
     std::fs::write(&config, json).unwrap();
-    let mut args = vec!["plan", "--config", config.to_str().unwrap(), "--workers", "64", "--capacity", "80GiB"];
+    let mut args = vec!["plan", "--config", config.to_str().unwrap()];
     args.extend(extra);
     let out = Command::new(env!("CARGO_BIN_EXE_myriad")).args(&args).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
@@ -37,6 +45,31 @@ fn a_v4_pro_shaped_plan_fits_in_fp4_and_not_in_f32() {
         text.contains("does not fit: 23424 expert copies of 252.0 MiB need 5.6 TiB, the workers have 5.0 TiB"),
         "{text}"
     );
+}
+
+/// GPU workers plan with the share of their memory a GPU worker offers
+/// placement, and the plan says what the rest holds of batches in flight.
+#[test]
+fn gpu_workers_plan_with_their_memory() {
+    let pro = format!(r#"{{{SHAPE}, "expert_dtype": "fp4"}}"#);
+    let (ok, text) = run(&pro, &["--workers", "8", "--gpu-memory", "141GiB"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("GPU workers: 141.0 GiB each, 126.9 GiB of it for experts (90%"), "{text}");
+    assert!(text.contains("per worker: 2928-2928 experts, at most 95.7 GiB (75% of capacity)"), "{text}");
+    // 45.3 GiB left; a pair takes 4 x (2 x 7168 + 3072) + 8 bytes, and queues
+    // grow in powers of two.
+    let left = 141u64 * (1 << 30) - 2928 * (3 * 7168 * 3072 / 2 + 3 * 7168 * 3072 / 32);
+    let pairs = left / (2 * (4 * (2 * 7168 + 3072) + 8));
+    assert!(
+        text.contains("left on the fullest GPU: 45.3 GiB") && text.contains(&format!("about {pairs} pairs")),
+        "{text}"
+    );
+    // 80 GB GPUs offer 72 GiB each: V4-Pro's experts do not fit on eight.
+    let (ok, text) = run(&pro, &["--workers", "8", "--gpu-memory", "80GiB"]);
+    assert!(!ok && text.contains("the workers have 576.0 GiB"), "{text}");
+    // One budget or the other.
+    let (ok, text) = run(&pro, &["--workers", "8", "--gpu-memory", "80GiB", "--capacity", "70GiB"]);
+    assert!(!ok && text.contains("cannot be used with"), "{text}");
 }
 
 /// A recorded load in `myriad ctl load`'s format: Zipf-skewed per layer,

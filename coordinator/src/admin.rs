@@ -152,6 +152,8 @@ impl Admin for AdminService {
                 placement_version: n.placement_version.map_or(0, |v| v.0),
                 host: n.host.unwrap_or_default(),
                 zone: n.zone.unwrap_or_default(),
+                device: n.device.unwrap_or_default(),
+                device_memory_bytes: n.device_memory_bytes.unwrap_or(0),
             })
             .collect();
         Ok(Response::new(StatusResponse {

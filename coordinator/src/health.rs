@@ -139,15 +139,8 @@ mod tests {
 
     fn node(id: &str, role: Role, version: Option<u64>) -> NodeRecord {
         NodeRecord {
-            id: id.parse().unwrap(),
-            role,
-            addr: format!("{id}:1"),
-            model_id: "m".into(),
-            capacity_bytes: None,
             placement_version: version.map(PlacementVersion),
-            dispatch: None,
-            host: None,
-            zone: None,
+            ..NodeRecord::new(id.parse().unwrap(), role, format!("{id}:1"), "m")
         }
     }
 

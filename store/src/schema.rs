@@ -122,6 +122,12 @@ pub struct NodeRecord {
     pub host: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// Workers: where their experts live (`cpu`, `cuda:0`) and that device's
+    /// memory in bytes (GPUs only). Absent in records of older builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_memory_bytes: Option<u64>,
 }
 
 impl NodeRecord {
@@ -138,6 +144,8 @@ impl NodeRecord {
             dispatch: None,
             host: None,
             zone: None,
+            device: None,
+            device_memory_bytes: None,
         }
     }
 }

@@ -33,6 +33,8 @@ fn record() -> NodeRecord {
         dispatch: None,
         host: Some("node-a".into()),
         zone: None,
+        device: Some("cuda:0".into()),
+        device_memory_bytes: Some(150_000_000_000),
     }
 }
 

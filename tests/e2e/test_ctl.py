@@ -47,7 +47,11 @@ def test_every_ctl_command_works_on_myriad_up():
         assert status["leader"] == "coordinator-0" and status["placement_version"] >= 1 and not status["problems"]
         ids = {n["id"] for n in status["nodes"]}
         assert {"worker-0", "worker-1", "router-0"} <= ids
-        assert "worker-1" in ok(s, "nodes")
+        # Workers say where their experts live; other roles have no device.
+        devices = {n["id"]: n["device"] for n in status["nodes"]}
+        assert devices["worker-0"] == devices["worker-1"] == "cpu" and devices["router-0"] == ""
+        table = ok(s, "nodes")
+        assert "DEVICE" in table and "worker-1" in table
         assert "worker-0" in ok(s, "placement")
         client = s.client()
         prompt = "The quick brown fox"

@@ -32,6 +32,30 @@ pub struct Membership {
     pub lease_ttl: Duration,
 }
 
+/// What a cluster worker publishes: `record` with where `worker`'s experts
+/// live and that device's memory, and its capacity for placement:
+/// `capacity` where given, else on a GPU [`gpu_capacity`] of its memory.
+pub fn describe(record: NodeRecord, worker: &Worker, capacity: Option<u64>) -> NodeRecord {
+    let (device, memory) = worker.device();
+    let capacity = match device {
+        Device::Cuda(_) => capacity.or(Some(gpu_capacity(memory))),
+        Device::Cpu => capacity,
+    };
+    NodeRecord {
+        capacity_bytes: capacity,
+        device: Some(device.to_string()),
+        device_memory_bytes: (memory > 0).then_some(memory),
+        ..record
+    }
+}
+
+/// Bytes of a GPU's memory a worker offers placement when it is given no
+/// capacity: 90%. The rest holds the CUDA context, the kernels and the
+/// buffers of the batches in flight.
+pub fn gpu_capacity(memory: u64) -> u64 {
+    memory / 10 * 9
+}
+
 /// Registers the worker (failing if the store is unreachable) and returns
 /// the loop that applies placements; it runs until dropped.
 pub async fn join(m: Membership, worker: Arc<Worker>) -> Result<impl Future<Output = ()>, StoreError> {
