@@ -78,7 +78,8 @@ pub enum Kind {
 }
 
 /// One grouped launch: `count` table entries from entry `first`, all of one
-/// format; its grid is `(ceil(n / ROWS), ceil(rows / TOKENS), count)`.
+/// format; its grid is `(ceil(n / ROWS), ceil(rows / TOKENS), count)`, at
+/// most 65535 along y.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Launch {
     pub kind: Kind,

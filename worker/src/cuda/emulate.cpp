@@ -6,13 +6,16 @@
 // against the CPU backend's, bit for bit: the kernels' indexing, expansion
 // and order, and the batch layout, are checked where there is no GPU.
 //
-// Usage: emulate DIR CASE, with DIR/CASE holding what emulate.rs writes:
+// Usage: emulate DIR CASE [BLOCKS_Y], with DIR/CASE holding what emulate.rs
+// writes (BLOCKS_Y: at most this many blocks along y, as the backend caps
+// them at 65535; then blocks take several runs of tokens):
 //   plan:     "hidden inter limit-bits members slots x_at slot_at weight_at", then a
 //             line "kind format first count rows" per launch;
 //   image:    the experts' weights (the tables' addresses are offsets in it);
 //   upload:   the batch's upload;
 //   expected: the CPU backend's contributions.
 // and DIR holding the value tables e4m3, e2m1 and e8m0.
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdio>
@@ -28,7 +31,7 @@ struct Dim {
     unsigned x = 1, y = 1, z = 1;
 };
 thread_local Dim threadIdx, blockIdx;
-static Dim blockDim;
+static Dim blockDim, gridDim;
 #define __global__
 #define __device__
 #define __restrict__
@@ -57,6 +60,7 @@ static float __shfl_down_sync(unsigned, float v, int delta, int width) {
 
 template <class F> static void launch(Dim grid, Dim block, F kernel) {
     blockDim = block;
+    gridDim = grid;
     for (unsigned bz = 0; bz < grid.z; bz++) {
         for (unsigned by = 0; by < grid.y; by++) {
             for (unsigned bx = 0; bx < grid.x; bx++) {
@@ -91,7 +95,8 @@ typedef void Down(const Group*, const float*, int, int, const int*, const float*
                   const float*, float*);
 
 int main(int argc, char** argv) {
-    if (argc != 3) return 2;
+    if (argc != 3 && argc != 4) return 2;
+    unsigned most_y = argc == 4 ? std::stoul(argv[3]) : 65535;
     std::string dir = argv[1], cases = dir + "/" + argv[2] + "/";
     std::map<std::string, GateUp*> gate_up = {{"f32", gate_up_f32}, {"bf16", gate_up_bf16}, {"f16", gate_up_f16},
                                               {"fp8", gate_up_fp8}, {"fp4", gate_up_fp4}};
@@ -120,7 +125,7 @@ int main(int argc, char** argv) {
             }
         }
         unsigned n = kind == "gate_up" ? inter : hidden;
-        Dim grid{(n + 15) / 16, (unsigned)(rows + 7) / 8, (unsigned)count};
+        Dim grid{(n + 15) / 16, std::min((unsigned)(rows + 7) / 8, most_y), (unsigned)count};
         if (kind == "gate_up") {
             launch(grid, block, [&] {
                 gate_up[format](groups, x, hidden, inter, limit, e4m3.data(), e2m1.data(), e8m0.data(), act.data());

@@ -136,38 +136,42 @@ __device__ void tree(float* acc) {
     }
 }
 
-// Block (16 lanes, ROWS weight rows); grid (ceil(n / ROWS), ceil(most
-// rows of a group / TOKENS), groups). A block past its group's tokens has
-// nothing to do: all its threads leave together, before any shuffle.
+// Block (16 lanes, ROWS weight rows); grid (ceil(n / ROWS), up to
+// ceil(most rows of a group / TOKENS), groups): a block takes every
+// gridDim.y-th run of TOKENS tokens of its group. Whether a block has a
+// run to do is the same for all its threads, so they reach the shuffles
+// together.
 template <typename W>
 __device__ void gate_up(const Group* groups, const float* __restrict__ x, int k, int n, float limit, Tables tables,
                         float* __restrict__ act) {
     Group g = groups[blockIdx.z];
-    long token0 = (long)blockIdx.y * TOKENS;
-    if (token0 >= (long)g.rows) return;
-    int count = g.rows - token0 < TOKENS ? (int)(g.rows - token0) : TOKENS;
     W w1(g.a, g.a_scales, tables), w3(g.b, g.b_scales, tables);
-    const float* xs = x + ((long)g.first + token0) * k;
     int lane = threadIdx.x;
     long row = (long)blockIdx.x * ROWS + threadIdx.y;
     bool live = row < n;
-    float gate[TOKENS], up[TOKENS];
-    for (int t = 0; t < TOKENS; t++) gate[t] = up[t] = 0.0f;
-    if (live) {
-        for (long j = lane; j < k; j += 16) {
-            float v1 = w1.at(row, k, j), v3 = w3.at(row, k, j);
-            for (int t = 0; t < TOKENS; t++) {
-                if (t < count) {
-                    gate[t] = fmaf(xs[t * k + j], v1, gate[t]);
-                    up[t] = fmaf(xs[t * k + j], v3, up[t]);
+    for (long token0 = (long)blockIdx.y * TOKENS; token0 < (long)g.rows; token0 += (long)gridDim.y * TOKENS) {
+        int count = (long)g.rows - token0 < TOKENS ? (int)((long)g.rows - token0) : TOKENS;
+        const float* xs = x + ((long)g.first + token0) * k;
+        float gate[TOKENS], up[TOKENS];
+        for (int t = 0; t < TOKENS; t++) gate[t] = up[t] = 0.0f;
+        if (live) {
+            for (long j = lane; j < k; j += 16) {
+                float v1 = w1.at(row, k, j), v3 = w3.at(row, k, j);
+                for (int t = 0; t < TOKENS; t++) {
+                    if (t < count) {
+                        gate[t] = fmaf(xs[t * k + j], v1, gate[t]);
+                        up[t] = fmaf(xs[t * k + j], v3, up[t]);
+                    }
                 }
             }
         }
-    }
-    tree(gate);
-    tree(up);
-    if (live && lane == 0) {
-        for (int t = 0; t < count; t++) act[((long)g.first + token0 + t) * n + row] = swiglu(gate[t], up[t], limit);
+        tree(gate);
+        tree(up);
+        if (live && lane == 0) {
+            for (int t = 0; t < count; t++) {
+                act[((long)g.first + token0 + t) * n + row] = swiglu(gate[t], up[t], limit);
+            }
+        }
     }
 }
 
@@ -177,28 +181,30 @@ template <typename W>
 __device__ void down(const Group* groups, const float* __restrict__ act, int k, int n, const int* slot,
                      const float* weight, Tables tables, float* __restrict__ out) {
     Group g = groups[blockIdx.z];
-    long token0 = (long)blockIdx.y * TOKENS;
-    if (token0 >= (long)g.rows) return;
-    int count = g.rows - token0 < TOKENS ? (int)(g.rows - token0) : TOKENS;
     W w2(g.a, g.a_scales, tables);
-    long member0 = (long)g.first + token0;
-    const float* xs = act + member0 * k;
     int lane = threadIdx.x;
     long row = (long)blockIdx.x * ROWS + threadIdx.y;
     bool live = row < n;
-    float acc[TOKENS];
-    for (int t = 0; t < TOKENS; t++) acc[t] = 0.0f;
-    if (live) {
-        for (long j = lane; j < k; j += 16) {
-            float v = w2.at(row, k, j);
-            for (int t = 0; t < TOKENS; t++) {
-                if (t < count) acc[t] = fmaf(xs[t * k + j], v, acc[t]);
+    for (long token0 = (long)blockIdx.y * TOKENS; token0 < (long)g.rows; token0 += (long)gridDim.y * TOKENS) {
+        int count = (long)g.rows - token0 < TOKENS ? (int)((long)g.rows - token0) : TOKENS;
+        long member0 = (long)g.first + token0;
+        const float* xs = act + member0 * k;
+        float acc[TOKENS];
+        for (int t = 0; t < TOKENS; t++) acc[t] = 0.0f;
+        if (live) {
+            for (long j = lane; j < k; j += 16) {
+                float v = w2.at(row, k, j);
+                for (int t = 0; t < TOKENS; t++) {
+                    if (t < count) acc[t] = fmaf(xs[t * k + j], v, acc[t]);
+                }
             }
         }
-    }
-    tree(acc);
-    if (live && lane == 0) {
-        for (int t = 0; t < count; t++) out[(long)slot[member0 + t] * n + row] = acc[t] * weight[member0 + t];
+        tree(acc);
+        if (live && lane == 0) {
+            for (int t = 0; t < count; t++) {
+                out[(long)slot[member0 + t] * n + row] = acc[t] * weight[member0 + t];
+            }
+        }
     }
 }
 

@@ -43,6 +43,9 @@ const SOURCE: &str = include_str!("experts.cu");
 const LANES: u32 = 16;
 const ROWS: u32 = 16;
 const TOKENS: u32 = 8;
+/// Blocks along the grid's y (runs of `TOKENS` tokens) at most, CUDA's
+/// limit: past it a block takes several runs.
+const MAX_BLOCKS_Y: u32 = 65535;
 
 /// Fails, saying what is missing, unless CUDA GPU `ordinal` can run experts
 /// here: the driver library, NVRTC (the kernels are compiled at start-up)

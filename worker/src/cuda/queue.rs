@@ -12,7 +12,7 @@ use myriad_model::ModelConfig;
 use myriad_proto::expert::ExpertBatch;
 
 use super::batch::{GROUP_BYTES, Kind, Plan};
-use super::{Kernels, LANES, ROWS, TOKENS, address};
+use super::{Kernels, LANES, MAX_BLOCKS_Y, ROWS, TOKENS, address};
 
 /// The expert shape the kernels run: hidden width, expert width, SwiGLU limit.
 #[derive(Debug, Clone, Copy)]
@@ -145,7 +145,11 @@ impl Queue {
                 Kind::Down => shape.hidden,
             };
             let grid = LaunchConfig {
-                grid_dim: ((n as u32).div_ceil(ROWS), (launch.rows as u32).div_ceil(TOKENS), launch.count as u32),
+                grid_dim: (
+                    (n as u32).div_ceil(ROWS),
+                    launch.rows.div_ceil(TOKENS as usize).min(MAX_BLOCKS_Y as usize) as u32,
+                    launch.count as u32,
+                ),
                 block_dim: (LANES, ROWS, 1),
                 shared_mem_bytes: 0,
             };
