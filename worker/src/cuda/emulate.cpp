@@ -6,16 +6,15 @@
 // against the CPU backend's, bit for bit: the kernels' indexing, expansion
 // and order, and the batch layout, are checked where there is no GPU.
 //
-// Usage: emulate DIR CASE [BLOCKS_Y], with DIR/CASE holding what emulate.rs
-// writes (BLOCKS_Y: at most this many blocks along y, as the backend caps
-// them at 65535; then blocks take several runs of tokens):
+// Usage: emulate DIR CASE, with DIR/CASE holding what emulate.rs writes:
 //   plan:     "hidden inter limit-bits members slots x_at slot_at weight_at", then a
-//             line "kind format first count rows" per launch;
+//             line "kind format first grid.x grid.y grid.z block.x block.y"
+//             per launch (its table's first entry, and its dimensions as
+//             the backend computes them);
 //   image:    the experts' weights (the tables' addresses are offsets in it);
 //   upload:   the batch's upload;
 //   expected: the CPU backend's contributions.
 // and DIR holding the value tables e4m3, e2m1 and e8m0.
-#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdio>
@@ -95,8 +94,7 @@ typedef void Down(const Group*, const float*, int, int, const int*, const float*
                   const float*, float*);
 
 int main(int argc, char** argv) {
-    if (argc != 3 && argc != 4) return 2;
-    unsigned most_y = argc == 4 ? std::stoul(argv[3]) : 65535;
+    if (argc != 3) return 2;
     std::string dir = argv[1], cases = dir + "/" + argv[2] + "/";
     std::map<std::string, GateUp*> gate_up = {{"f32", gate_up_f32}, {"bf16", gate_up_bf16}, {"f16", gate_up_f16},
                                               {"fp8", gate_up_fp8}, {"fp4", gate_up_fp4}};
@@ -115,17 +113,15 @@ int main(int argc, char** argv) {
     auto* x = (const float*)(input + x_at);
     std::vector<float> act((size_t)members * inter, NAN), out((size_t)slots * hidden, NAN);
     std::string kind, format;
-    long first, count, rows;
-    Dim block{16, 16, 1};
-    while (plan >> kind >> format >> first >> count >> rows) {
+    long first;
+    Dim grid, block;
+    while (plan >> kind >> format >> first >> grid.x >> grid.y >> grid.z >> block.x >> block.y) {
         auto* groups = (Group*)(input + first * sizeof(Group));
-        for (long g = 0; g < count; g++) {
+        for (unsigned g = 0; g < grid.z; g++) {
             for (u64* p : {&groups[g].a, &groups[g].a_scales, &groups[g].b, &groups[g].b_scales}) {
                 *p += (u64)image.data();
             }
         }
-        unsigned n = kind == "gate_up" ? inter : hidden;
-        Dim grid{(n + 15) / 16, std::min((unsigned)(rows + 7) / 8, most_y), (unsigned)count};
         if (kind == "gate_up") {
             launch(grid, block, [&] {
                 gate_up[format](groups, x, hidden, inter, limit, e4m3.data(), e2m1.data(), e8m0.data(), act.data());

@@ -20,7 +20,7 @@ use myriad_model::{ModelConfig, moe, quant};
 use myriad_proto::expert::{ExpertBatch, ExpertId, LayerId};
 
 use super::batch::{At, Format, Kind, Place, Plan};
-use super::{MAX_BLOCKS_Y, source};
+use super::{MAX_BLOCKS_Y, dims, source};
 
 struct Random(u64);
 
@@ -197,8 +197,9 @@ fn check(
         plan.weight_at
     )];
     for l in &plan.launches {
-        let kind = if l.kind == Kind::GateUp { "gate_up" } else { "down" };
-        lines.push(format!("{kind} {} {} {} {}", l.format.name(), l.first, l.count, l.rows));
+        let (kind, n) = if l.kind == Kind::GateUp { ("gate_up", inter) } else { ("down", hidden) };
+        let ((gx, gy, gz), (bx, by, _)) = dims(l, n, blocks_y);
+        lines.push(format!("{kind} {} {} {gx} {gy} {gz} {bx} {by}", l.format.name(), l.first));
     }
     let case = dir.join(name);
     std::fs::create_dir_all(&case).unwrap();
@@ -206,7 +207,7 @@ fn check(
     std::fs::write(case.join("image"), &image.0).unwrap();
     std::fs::write(case.join("upload"), &upload).unwrap();
     std::fs::write(case.join("expected"), floats(&want)).unwrap();
-    let run = Command::new(binary).arg(dir).arg(name).arg(blocks_y.to_string()).output().unwrap();
+    let run = Command::new(binary).arg(dir).arg(name).output().unwrap();
     let report = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success(),
@@ -220,7 +221,8 @@ fn check(
 fn the_kernels_compute_the_cpu_bits_under_emulation() {
     let dir = tempfile::tempdir().unwrap();
     let binary = harness(dir.path());
-    // Widths that leave a tail of 8 lanes and partial FP8 blocks; one batch
+    // Widths that leave a tail of lanes, partial FP8 blocks and threads with
+    // fewer than 4 rows of output; one batch
     // holding four formats (so several launches of each kind, two experts
     // in one of them, and a down projection in another format than its gate
     // and up); the F32 expert's gates reach ±100, where exp saturates.
@@ -231,7 +233,7 @@ fn the_kernels_compute_the_cpu_bits_under_emulation() {
         (Format::Fp8, Format::Fp8, 0.5),
         (Format::Bf16, Format::F32, 0.5),
     ];
-    check(dir.path(), &binary, "mixed", &mixed, (200, 72), MAX_BLOCKS_Y);
+    check(dir.path(), &binary, "mixed", &mixed, (202, 70), MAX_BLOCKS_Y);
     // MXFP4 needs widths in groups of 32. One block along y: each block
     // takes every run of 8 tokens of its expert, as when a batch has more
     // than the grid's 65535 blocks of them.

@@ -13,8 +13,9 @@
 // Every projection output is the canonical dot product of ADR 0001: lane l
 // (of 16) accumulates x[j]·w[j] for j ≡ l (mod 16) in increasing j with a
 // fused multiply-add, then the lanes are added as a fixed binary tree
-// (8, 4, 2, 1). Here the 16 lanes are 16 threads of a half-warp, and the
-// tree is four shuffles. Which outputs a block computes, which experts share
+// (8, 4, 2, 1). Here the 16 lanes are 16 threads of a half-warp, each
+// computing THREAD_ROWS outputs for TOKENS tokens at once (so that a load
+// serves several multiply-adds), and the tree is four shuffles. Which outputs a block computes, which experts share
 // the launch and how many tokens each carries never change that order: a
 // token's result does not depend on its batch, and equals the CPU backend's
 // bits.
@@ -31,7 +32,9 @@ typedef unsigned long long u64;
 
 // Tokens one thread accumulates at once: each weight it loads serves them all.
 #define TOKENS 8
-// Weight rows of one block (blockDim.y); blockDim.x is the 16 lanes.
+// Weight rows one thread accumulates at once: each input it loads serves them all.
+#define THREAD_ROWS 4
+// Weight rows of one block; blockDim is (16 lanes, ROWS / THREAD_ROWS).
 #define ROWS 16
 
 // One expert's share of a launch: its tokens are rows first..first + rows of
@@ -136,40 +139,47 @@ __device__ void tree(float* acc) {
     }
 }
 
-// Block (16 lanes, ROWS weight rows); grid (ceil(n / ROWS), up to
-// ceil(most rows of a group / TOKENS), groups): a block takes every
-// gridDim.y-th run of TOKENS tokens of its group. Whether a block has a
-// run to do is the same for all its threads, so they reach the shuffles
-// together.
+// Block (16 lanes, ROWS / THREAD_ROWS): thread (l, y) is lane l of weight
+// rows ROWS * blockIdx.x + THREAD_ROWS * y + r for r < THREAD_ROWS. Grid
+// (ceil(n / ROWS), up to ceil(most rows of a group / TOKENS), groups): a
+// block takes every gridDim.y-th run of TOKENS tokens of its group. Whether
+// a block has a run to do is the same for all its threads, so they reach
+// the shuffles together.
 template <typename W>
 __device__ void gate_up(const Group* groups, const float* __restrict__ x, int k, int n, float limit, Tables tables,
                         float* __restrict__ act) {
     Group g = groups[blockIdx.z];
     W w1(g.a, g.a_scales, tables), w3(g.b, g.b_scales, tables);
     int lane = threadIdx.x;
-    long row = (long)blockIdx.x * ROWS + threadIdx.y;
-    bool live = row < n;
+    long row0 = (long)blockIdx.x * ROWS + (long)threadIdx.y * THREAD_ROWS;
     for (long token0 = (long)blockIdx.y * TOKENS; token0 < (long)g.rows; token0 += (long)gridDim.y * TOKENS) {
         int count = (long)g.rows - token0 < TOKENS ? (int)((long)g.rows - token0) : TOKENS;
         const float* xs = x + ((long)g.first + token0) * k;
-        float gate[TOKENS], up[TOKENS];
-        for (int t = 0; t < TOKENS; t++) gate[t] = up[t] = 0.0f;
-        if (live) {
-            for (long j = lane; j < k; j += 16) {
-                float v1 = w1.at(row, k, j), v3 = w3.at(row, k, j);
+        float gate[THREAD_ROWS][TOKENS], up[THREAD_ROWS][TOKENS];
+        for (int r = 0; r < THREAD_ROWS; r++) {
+            for (int t = 0; t < TOKENS; t++) gate[r][t] = up[r][t] = 0.0f;
+        }
+        for (long j = lane; j < k; j += 16) {
+            float xj[TOKENS];
+            for (int t = 0; t < TOKENS; t++) xj[t] = t < count ? xs[t * k + j] : 0.0f;
+            for (int r = 0; r < THREAD_ROWS; r++) {
+                if (row0 + r >= n) break;
+                float v1 = w1.at(row0 + r, k, j), v3 = w3.at(row0 + r, k, j);
                 for (int t = 0; t < TOKENS; t++) {
-                    if (t < count) {
-                        gate[t] = fmaf(xs[t * k + j], v1, gate[t]);
-                        up[t] = fmaf(xs[t * k + j], v3, up[t]);
-                    }
+                    gate[r][t] = fmaf(xj[t], v1, gate[r][t]);
+                    up[r][t] = fmaf(xj[t], v3, up[r][t]);
                 }
             }
         }
-        tree(gate);
-        tree(up);
-        if (live && lane == 0) {
-            for (int t = 0; t < count; t++) {
-                act[((long)g.first + token0 + t) * n + row] = swiglu(gate[t], up[t], limit);
+        for (int r = 0; r < THREAD_ROWS; r++) {
+            tree(gate[r]);
+            tree(up[r]);
+        }
+        if (lane == 0) {
+            for (int r = 0; r < THREAD_ROWS && row0 + r < n; r++) {
+                for (int t = 0; t < count; t++) {
+                    act[((long)g.first + token0 + t) * n + row0 + r] = swiglu(gate[r][t], up[r][t], limit);
+                }
             }
         }
     }
@@ -183,26 +193,30 @@ __device__ void down(const Group* groups, const float* __restrict__ act, int k, 
     Group g = groups[blockIdx.z];
     W w2(g.a, g.a_scales, tables);
     int lane = threadIdx.x;
-    long row = (long)blockIdx.x * ROWS + threadIdx.y;
-    bool live = row < n;
+    long row0 = (long)blockIdx.x * ROWS + (long)threadIdx.y * THREAD_ROWS;
     for (long token0 = (long)blockIdx.y * TOKENS; token0 < (long)g.rows; token0 += (long)gridDim.y * TOKENS) {
         int count = (long)g.rows - token0 < TOKENS ? (int)((long)g.rows - token0) : TOKENS;
         long member0 = (long)g.first + token0;
         const float* xs = act + member0 * k;
-        float acc[TOKENS];
-        for (int t = 0; t < TOKENS; t++) acc[t] = 0.0f;
-        if (live) {
-            for (long j = lane; j < k; j += 16) {
-                float v = w2.at(row, k, j);
-                for (int t = 0; t < TOKENS; t++) {
-                    if (t < count) acc[t] = fmaf(xs[t * k + j], v, acc[t]);
-                }
+        float acc[THREAD_ROWS][TOKENS];
+        for (int r = 0; r < THREAD_ROWS; r++) {
+            for (int t = 0; t < TOKENS; t++) acc[r][t] = 0.0f;
+        }
+        for (long j = lane; j < k; j += 16) {
+            float xj[TOKENS];
+            for (int t = 0; t < TOKENS; t++) xj[t] = t < count ? xs[t * k + j] : 0.0f;
+            for (int r = 0; r < THREAD_ROWS; r++) {
+                if (row0 + r >= n) break;
+                float v = w2.at(row0 + r, k, j);
+                for (int t = 0; t < TOKENS; t++) acc[r][t] = fmaf(xj[t], v, acc[r][t]);
             }
         }
-        tree(acc);
-        if (live && lane == 0) {
-            for (int t = 0; t < count; t++) {
-                out[(long)slot[member0 + t] * n + row] = acc[t] * weight[member0 + t];
+        for (int r = 0; r < THREAD_ROWS; r++) tree(acc[r]);
+        if (lane == 0) {
+            for (int r = 0; r < THREAD_ROWS && row0 + r < n; r++) {
+                for (int t = 0; t < count; t++) {
+                    out[(long)slot[member0 + t] * n + row0 + r] = acc[r][t] * weight[member0 + t];
+                }
             }
         }
     }

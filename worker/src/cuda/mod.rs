@@ -38,14 +38,22 @@ use batch::{At, Format, Kind, Launch, Place, Plan};
 use queue::{Queue, Shape};
 
 const SOURCE: &str = include_str!("experts.cu");
-/// The kernels' block: 16 lanes by 16 weight rows, and tokens per block
-/// row of the grid (`ROWS` and `TOKENS` in `experts.cu`).
+/// Lanes of one output, weight rows of a block, rows and tokens of a thread:
+/// `ROWS`, `THREAD_ROWS` and `TOKENS` in `experts.cu`.
 const LANES: u32 = 16;
 const ROWS: u32 = 16;
+const THREAD_ROWS: u32 = 4;
 const TOKENS: u32 = 8;
 /// Blocks along the grid's y (runs of `TOKENS` tokens) at most, CUDA's
 /// limit: past it a block takes several runs.
 const MAX_BLOCKS_Y: u32 = 65535;
+
+/// The grid and block of `launch`, whose outputs are `n` wide, with at
+/// most `most_y` blocks along y (runs of tokens).
+fn dims(launch: &Launch, n: usize, most_y: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
+    let runs = launch.rows.div_ceil(TOKENS as usize).min(most_y as usize) as u32;
+    (((n as u32).div_ceil(ROWS), runs, launch.count as u32), (LANES, ROWS / THREAD_ROWS, 1))
+}
 
 /// Fails, saying what is missing, unless CUDA GPU `ordinal` can run experts
 /// here: the driver library, NVRTC (the kernels are compiled at start-up)

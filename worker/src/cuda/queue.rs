@@ -12,7 +12,7 @@ use myriad_model::ModelConfig;
 use myriad_proto::expert::ExpertBatch;
 
 use super::batch::{GROUP_BYTES, Kind, Plan};
-use super::{Kernels, LANES, MAX_BLOCKS_Y, ROWS, TOKENS, address};
+use super::{Kernels, MAX_BLOCKS_Y, address, dims};
 
 /// The expert shape the kernels run: hidden width, expert width, SwiGLU limit.
 #[derive(Debug, Clone, Copy)]
@@ -144,15 +144,8 @@ impl Queue {
                 Kind::GateUp => shape.inter,
                 Kind::Down => shape.hidden,
             };
-            let grid = LaunchConfig {
-                grid_dim: (
-                    (n as u32).div_ceil(ROWS),
-                    launch.rows.div_ceil(TOKENS as usize).min(MAX_BLOCKS_Y as usize) as u32,
-                    launch.count as u32,
-                ),
-                block_dim: (LANES, ROWS, 1),
-                shared_mem_bytes: 0,
-            };
+            let (grid_dim, block_dim) = dims(launch, n, MAX_BLOCKS_Y);
+            let grid = LaunchConfig { grid_dim, block_dim, shared_mem_bytes: 0 };
             let mut call = self.stream.launch_builder(kernels.function(launch));
             match launch.kind {
                 Kind::GateUp => {
