@@ -6,10 +6,11 @@
 #    the CPU backend (within 1e-4, and whether bit-identical) and
 #    independent of the batch (worker/tests/cuda.rs).
 # 2. The model fixtures through `myriad generate --workers N --device cuda`
-#    against the reference outputs, byte-identical across placements
-#    (scripts/gpu_fixtures.py).
-# 3. Expert GEMM throughput at V4-Flash's decode and prefill shapes in each
-#    format, next to cuBLAS BF16 (worker/examples/cuda_gemm.rs).
+#    against the reference outputs, byte-identical across placements, and
+#    concurrent requests to `myriad up --device cuda` equal to their solo
+#    runs (scripts/gpu_fixtures.py).
+# 3. Grouped expert FFN throughput at V4-Flash's decode and prefill shapes
+#    in each format, next to cuBLAS BF16 (worker/examples/cuda_gemm.rs).
 # 4. End-to-end prefill and decode tokens/s with GPU workers next to CPU
 #    workers on the larger random config (scripts/bench_gpu.py), where the
 #    machine's transformers has DeepSeek-V4 to build it.
