@@ -50,7 +50,7 @@ fn room(len: usize) -> usize {
     len.max(1 << 12).next_power_of_two()
 }
 
-fn device<T: cudarc::driver::DeviceRepr>(stream: &Arc<CudaStream>, len: usize) -> Result<Buffer<T>, DriverError> {
+fn buffer<T: cudarc::driver::DeviceRepr>(stream: &Arc<CudaStream>, len: usize) -> Result<Buffer<T>, DriverError> {
     // SAFETY: the kernels write every element they later read.
     let slice = unsafe { stream.alloc::<T>(len) }?;
     let at = address(&slice, stream);
@@ -67,9 +67,9 @@ impl Queue {
             (ctx.alloc_pinned_with_flags::<u8>(n, CU_MEMHOSTALLOC_WRITECOMBINED)?, ctx.alloc_pinned_with_flags(n, 0)?)
         };
         Ok(Queue {
-            input: device(&stream, n)?,
-            act: device(&stream, n)?,
-            out: device(&stream, n)?,
+            input: buffer(&stream, n)?,
+            act: buffer(&stream, n)?,
+            out: buffer(&stream, n)?,
             stream,
             upload,
             download,
@@ -83,15 +83,15 @@ impl Queue {
         if self.upload.len() < plan.bytes {
             // SAFETY: as in `new`.
             self.upload = unsafe { ctx.alloc_pinned_with_flags(room(plan.bytes), CU_MEMHOSTALLOC_WRITECOMBINED)? };
-            self.input = device(&self.stream, room(plan.bytes))?;
+            self.input = buffer(&self.stream, room(plan.bytes))?;
         }
         if self.act.slice.len() < act {
-            self.act = device(&self.stream, room(act))?;
+            self.act = buffer(&self.stream, room(act))?;
         }
         if self.download.len() < out {
             // SAFETY: as in `new`.
             self.download = unsafe { ctx.alloc_pinned_with_flags(room(out), 0)? };
-            self.out = device(&self.stream, room(out))?;
+            self.out = buffer(&self.stream, room(out))?;
         }
         Ok(())
     }
