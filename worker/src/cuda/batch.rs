@@ -98,8 +98,10 @@ const ALIGN: usize = 256;
 /// A batch's layout: its members (one per `(token, expert)` pair) ordered
 /// by expert as the CPU backend gathers them, the launches, and where each
 /// part of the upload lies. The upload holds, in order: the group tables
-/// (`struct Group`), the members' hidden states `[members, hidden]` (f32),
-/// their contribution slots (i32) and their route weights (f32).
+/// (`struct Group`), the batch's hidden states `[tokens, hidden]` (f32, as
+/// the batch carries them: a token routed to several experts goes up once),
+/// and per member its token, its contribution slot (both i32) and its route
+/// weight (f32).
 #[derive(Debug)]
 pub struct Plan {
     /// `(token, slot, weight)` of each member, by expert.
@@ -109,8 +111,8 @@ pub struct Plan {
     pub launches: Vec<Launch>,
     /// Contribution rows the batch returns: one per `(token, expert)` pair.
     pub slots: usize,
-    hidden: usize,
     pub x_at: usize,
+    pub token_at: usize,
     pub slot_at: usize,
     pub weight_at: usize,
     /// Bytes of the upload.
@@ -120,7 +122,6 @@ pub struct Plan {
 impl Plan {
     /// Lays out `batch`, whose experts' weights `place` finds.
     pub fn new(batch: &ExpertBatch, place: impl Fn(ExpertId) -> Place) -> Plan {
-        let hidden = batch.width;
         let mut by_expert: BTreeMap<ExpertId, Vec<(usize, usize, f32)>> = BTreeMap::new();
         let mut slots = 0;
         for (token, route) in batch.routes.iter().enumerate() {
@@ -151,10 +152,11 @@ impl Plan {
         }
         let align = |n: usize| n.div_ceil(ALIGN) * ALIGN;
         let x_at = align(entries * GROUP_BYTES);
-        let slot_at = align(x_at + members.len() * hidden * 4);
+        let token_at = align(x_at + batch.hidden.len() * 4);
+        let slot_at = align(token_at + members.len() * 4);
         let weight_at = align(slot_at + members.len() * 4);
         let bytes = weight_at + members.len() * 4;
-        Plan { members, groups, launches, slots, hidden, x_at, slot_at, weight_at, bytes }
+        Plan { members, groups, launches, slots, x_at, token_at, slot_at, weight_at, bytes }
     }
 
     /// `(token, expert)` pairs the batch carries.
@@ -181,15 +183,19 @@ impl Plan {
                 entry += 1;
             }
         }
-        let hidden = self.hidden;
-        let x = &mut out[self.x_at..self.x_at + self.members.len() * hidden * 4];
-        for (row, &(token, ..)) in x.chunks_exact_mut(hidden * 4).zip(&self.members) {
-            write_f32s(row, &batch.hidden[token * hidden..(token + 1) * hidden]);
-        }
-        for (i, &(_, slot, weight)) in self.members.iter().enumerate() {
-            out[self.slot_at + 4 * i..self.slot_at + 4 * i + 4].copy_from_slice(&(slot as i32).to_le_bytes());
-            out[self.weight_at + 4 * i..self.weight_at + 4 * i + 4].copy_from_slice(&weight.to_le_bytes());
-        }
+        write_f32s(&mut out[self.x_at..self.x_at + batch.hidden.len() * 4], &batch.hidden);
+        // Section by section: the upload is write-combined memory.
+        let members = &self.members;
+        write_words(out, self.token_at, members.iter().map(|m| (m.0 as i32).to_le_bytes()));
+        write_words(out, self.slot_at, members.iter().map(|m| (m.1 as i32).to_le_bytes()));
+        write_words(out, self.weight_at, members.iter().map(|m| m.2.to_le_bytes()));
+    }
+}
+
+/// `words` into `out` one after another, from `at`.
+fn write_words(out: &mut [u8], at: usize, words: impl Iterator<Item = [u8; 4]>) {
+    for (i, word) in words.enumerate() {
+        out[at + 4 * i..at + 4 * i + 4].copy_from_slice(&word);
     }
 }
 

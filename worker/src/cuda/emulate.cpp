@@ -7,7 +7,8 @@
 // and order, and the batch layout, are checked where there is no GPU.
 //
 // Usage: emulate DIR CASE, with DIR/CASE holding what emulate.rs writes:
-//   plan:     "hidden inter limit-bits members slots x_at slot_at weight_at", then a
+//   plan:     "hidden inter limit-bits members slots x_at token_at slot_at
+//             weight_at", then a
 //             line "kind format first grid.x grid.y grid.z block.x block.y"
 //             per launch (its table's first entry, and its dimensions as
 //             the backend computes them);
@@ -89,7 +90,8 @@ template <class T> static std::vector<T> load(const std::string& path) {
     return v;
 }
 
-typedef void GateUp(const Group*, const float*, int, int, float, const float*, const float*, const float*, float*);
+typedef void GateUp(const Group*, const float*, const int*, int, int, float, const float*, const float*, const float*,
+                    float*);
 typedef void Down(const Group*, const float*, int, int, const int*, const float*, const float*, const float*,
                   const float*, float*);
 
@@ -107,10 +109,11 @@ int main(int argc, char** argv) {
     std::ifstream plan(cases + "plan");
     int hidden, inter, members, slots;
     unsigned limit_bits;
-    long x_at, slot_at, weight_at;
-    plan >> hidden >> inter >> limit_bits >> members >> slots >> x_at >> slot_at >> weight_at;
+    long x_at, token_at, slot_at, weight_at;
+    plan >> hidden >> inter >> limit_bits >> members >> slots >> x_at >> token_at >> slot_at >> weight_at;
     float limit = __uint_as_float(limit_bits);
     auto* x = (const float*)(input + x_at);
+    auto* token = (const int*)(input + token_at);
     std::vector<float> act((size_t)members * inter, NAN), out((size_t)slots * hidden, NAN);
     std::string kind, format;
     long first;
@@ -124,7 +127,8 @@ int main(int argc, char** argv) {
         }
         if (kind == "gate_up") {
             launch(grid, block, [&] {
-                gate_up[format](groups, x, hidden, inter, limit, e4m3.data(), e2m1.data(), e8m0.data(), act.data());
+                gate_up[format](groups, x, token, hidden, inter, limit, e4m3.data(), e2m1.data(), e8m0.data(),
+                                act.data());
             });
         } else {
             auto* slot = (const int*)(input + slot_at);

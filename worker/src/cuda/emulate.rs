@@ -188,11 +188,12 @@ fn check(
     let mut upload = vec![0u8; plan.bytes];
     plan.write(&mut upload, &batch);
     let mut lines = vec![format!(
-        "{hidden} {inter} {} {} {} {} {} {}",
+        "{hidden} {inter} {} {} {} {} {} {} {}",
         config.swiglu_limit.to_bits(),
         plan.members(),
         plan.slots,
         plan.x_at,
+        plan.token_at,
         plan.slot_at,
         plan.weight_at
     )];

@@ -37,9 +37,10 @@ typedef unsigned long long u64;
 // Weight rows of one block; blockDim is (16 lanes, ROWS / THREAD_ROWS).
 #define ROWS 16
 
-// One expert's share of a launch: its tokens are rows first..first + rows of
-// the launch's input, and its weight matrices (with their scales, for the
-// quantized formats) are at a and b (b: the up projection; unused by down).
+// One expert's share of a launch: its tokens are members first..first + rows
+// of the batch (member m is row token[m] of x), and its weight matrices
+// (with their scales, for the quantized formats) are at a and b (b: the up
+// projection; unused by down).
 struct Group {
     u64 first, rows, a, a_scales, b, b_scales;
 };
@@ -146,22 +147,24 @@ __device__ void tree(float* acc) {
 // a block has a run to do is the same for all its threads, so they reach
 // the shuffles together.
 template <typename W>
-__device__ void gate_up(const Group* groups, const float* __restrict__ x, int k, int n, float limit, Tables tables,
-                        float* __restrict__ act) {
+__device__ void gate_up(const Group* groups, const float* __restrict__ x, const int* token, int k, int n, float limit,
+                        Tables tables, float* __restrict__ act) {
     Group g = groups[blockIdx.z];
     W w1(g.a, g.a_scales, tables), w3(g.b, g.b_scales, tables);
     int lane = threadIdx.x;
     long row0 = (long)blockIdx.x * ROWS + (long)threadIdx.y * THREAD_ROWS;
     for (long token0 = (long)blockIdx.y * TOKENS; token0 < (long)g.rows; token0 += (long)gridDim.y * TOKENS) {
         int count = (long)g.rows - token0 < TOKENS ? (int)((long)g.rows - token0) : TOKENS;
-        const float* xs = x + ((long)g.first + token0) * k;
+        long member0 = (long)g.first + token0;
+        const float* xs[TOKENS];
+        for (int t = 0; t < TOKENS; t++) xs[t] = x + (long)token[member0 + (t < count ? t : 0)] * k;
         float gate[THREAD_ROWS][TOKENS], up[THREAD_ROWS][TOKENS];
         for (int r = 0; r < THREAD_ROWS; r++) {
             for (int t = 0; t < TOKENS; t++) gate[r][t] = up[r][t] = 0.0f;
         }
         for (long j = lane; j < k; j += 16) {
             float xj[TOKENS];
-            for (int t = 0; t < TOKENS; t++) xj[t] = t < count ? xs[t * k + j] : 0.0f;
+            for (int t = 0; t < TOKENS; t++) xj[t] = t < count ? xs[t][j] : 0.0f;
             for (int r = 0; r < THREAD_ROWS; r++) {
                 if (row0 + r >= n) break;
                 float v1 = w1.at(row0 + r, k, j), v3 = w3.at(row0 + r, k, j);
@@ -178,7 +181,7 @@ __device__ void gate_up(const Group* groups, const float* __restrict__ x, int k,
         if (lane == 0) {
             for (int r = 0; r < THREAD_ROWS && row0 + r < n; r++) {
                 for (int t = 0; t < count; t++) {
-                    act[((long)g.first + token0 + t) * n + row0 + r] = swiglu(gate[r][t], up[r][t], limit);
+                    act[(member0 + t) * n + row0 + r] = swiglu(gate[r][t], up[r][t], limit);
                 }
             }
         }
@@ -223,10 +226,10 @@ __device__ void down(const Group* groups, const float* __restrict__ act, int k, 
 }
 
 #define KERNELS(NAME, W)                                                                                      \
-    extern "C" __global__ void gate_up_##NAME(const Group* groups, const float* x, int k, int n, float limit, \
-                                              const float* e4m3, const float* e2m1, const float* e8m0,       \
-                                              float* act) {                                                   \
-        gate_up<W>(groups, x, k, n, limit, Tables{e4m3, e2m1, e8m0}, act);                                    \
+    extern "C" __global__ void gate_up_##NAME(const Group* groups, const float* x, const int* token, int k, int n, \
+                                              float limit, const float* e4m3, const float* e2m1,             \
+                                              const float* e8m0, float* act) {                                \
+        gate_up<W>(groups, x, token, k, n, limit, Tables{e4m3, e2m1, e8m0}, act);                             \
     }                                                                                                         \
     extern "C" __global__ void down_##NAME(const Group* groups, const float* act, int k, int n, const int* slot, \
                                            const float* weight, const float* e4m3, const float* e2m1,        \

@@ -135,7 +135,8 @@ impl Queue {
     /// Queues the plan's launches on the staged upload.
     pub(super) fn launch(&self, kernels: &Kernels, shape: Shape, plan: &Plan) -> Result<(), DriverError> {
         let input = self.input.at;
-        let (x, slot, weight) = (input + plan.x_at as u64, input + plan.slot_at as u64, input + plan.weight_at as u64);
+        let at = |offset: usize| input + offset as u64;
+        let (x, token, slot, weight) = (at(plan.x_at), at(plan.token_at), at(plan.slot_at), at(plan.weight_at));
         let [e4m3, e2m1, e8m0] = &kernels.tables;
         let (hidden, inter) = (shape.hidden as i32, shape.inter as i32);
         for launch in &plan.launches {
@@ -149,7 +150,7 @@ impl Queue {
             let mut call = self.stream.launch_builder(kernels.function(launch));
             match launch.kind {
                 Kind::GateUp => {
-                    call.arg(&groups).arg(&x).arg(&hidden).arg(&inter).arg(&shape.limit);
+                    call.arg(&groups).arg(&x).arg(&token).arg(&hidden).arg(&inter).arg(&shape.limit);
                     call.arg(e4m3).arg(e2m1).arg(e8m0).arg(&self.act.at)
                 }
                 Kind::Down => {
