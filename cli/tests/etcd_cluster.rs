@@ -197,6 +197,8 @@ async fn failures_of_workers_coordinators_and_etcd_cost_no_request() {
     // Workers and the leader serve their own metrics.
     assert!(metric("w1", "myriad_worker_batches_total{result=\"ok\"}").await.unwrap() > 0.0);
     assert!(metric("w1", "myriad_worker_pairs_total").await.unwrap() > 0.0);
+    assert!(metric("w1", "myriad_worker_expert_bytes").await.unwrap() > 0.0);
+    assert_eq!(metric("w1", "myriad_worker_device_memory_bytes").await, Some(0.0));
     assert_eq!(metric("w1", "myriad_worker_ready").await, Some(1.0));
     assert_eq!(metric(other, "myriad_coordinator_leading").await, Some(1.0));
     assert!(metric(other, "myriad_coordinator_rollouts_total{outcome=\"current\"}").await.unwrap() >= 1.0);

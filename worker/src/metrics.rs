@@ -31,3 +31,11 @@ pub static PLACEMENT_VERSION: LazyLock<IntGauge> =
 /// 1 while the worker serves the current placement (its readiness).
 pub static READY: LazyLock<IntGauge> =
     LazyLock::new(|| registered(IntGauge::new("myriad_worker_ready", "1 while serving the current placement")));
+/// Bytes the newest loaded version's experts hold on the worker's device.
+pub static EXPERT_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    registered(IntGauge::new("myriad_worker_expert_bytes", "bytes the newest version's experts hold on the device"))
+});
+/// The memory of the worker's GPU in bytes (0 on the CPU).
+pub static DEVICE_MEMORY_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    registered(IntGauge::new("myriad_worker_device_memory_bytes", "memory of the worker's GPU (0: the CPU)"))
+});

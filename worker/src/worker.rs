@@ -51,10 +51,12 @@ impl Worker {
     /// ready) and will load its experts on `device`.
     pub fn idle(shape: Hosted, device: Device) -> Result<Self, WorkerError> {
         let (ready, _) = watch::channel(false);
+        let device_memory = device.memory_bytes()?;
+        metrics::DEVICE_MEMORY_BYTES.set(device_memory as i64);
         Ok(Worker {
             shape,
             device,
-            device_memory: device.memory_bytes()?,
+            device_memory,
             installed: RwLock::new(Vec::new()),
             load: Mutex::new(BTreeMap::new()),
             ready,
@@ -87,6 +89,7 @@ impl Worker {
         installed.push(Installed { version, backend });
         installed.sort_by_key(|i| i.version);
         metrics::PLACEMENT_VERSION.set(installed.last().and_then(|i| i.version).unwrap_or(0) as i64);
+        metrics::EXPERT_BYTES.set(installed.last().map_or(0, |i| i.backend.bytes()) as i64);
     }
 
     /// Releases the backends of versions `keep` rejects.
