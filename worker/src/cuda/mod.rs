@@ -14,7 +14,7 @@
 //! batch or placement.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError};
 use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
@@ -118,8 +118,14 @@ fn source() -> String {
 }
 
 /// [`source`] compiled to PTX so that no operation is contracted or
-/// flushed. Needs NVRTC, not a GPU.
+/// flushed, once per process (`myriad up` runs several workers in one).
+/// Needs NVRTC, not a GPU.
 fn ptx() -> Result<Ptx, WorkerError> {
+    static PTX: OnceLock<Result<Ptx, String>> = OnceLock::new();
+    PTX.get_or_init(|| compile().map_err(|e| e.to_string())).clone().map_err(WorkerError::Device)
+}
+
+fn compile() -> Result<Ptx, WorkerError> {
     let options = CompileOptions {
         ftz: Some(false),
         prec_div: Some(true),
