@@ -5,12 +5,12 @@
 # 1. The worker's GPU tests: contributions of every stored format against
 #    the CPU backend (within 1e-4, and whether bit-identical) and
 #    independent of the batch (worker/tests/cuda.rs).
-# 2. The model fixtures through `myriad generate --workers N --device cuda`
+# 2. Grouped expert FFN throughput at V4-Flash's decode and prefill shapes
+#    in each format, next to cuBLAS BF16 (worker/examples/cuda_gemm.rs).
+# 3. The model fixtures through `myriad generate --workers N --device cuda`
 #    against the reference outputs, byte-identical across placements, and
 #    concurrent requests to `myriad up --device cuda` equal to their solo
 #    runs (scripts/gpu_fixtures.py).
-# 3. Grouped expert FFN throughput at V4-Flash's decode and prefill shapes
-#    in each format, next to cuBLAS BF16 (worker/examples/cuda_gemm.rs).
 # 4. End-to-end prefill and decode tokens/s with GPU workers next to CPU
 #    workers on the larger random config (scripts/bench_gpu.py), where the
 #    machine's transformers has DeepSeek-V4 to build it.
@@ -45,25 +45,33 @@ done
 
 status=0
 step() { echo; echo "== $1"; }
+# Each step has a time limit, so that one that hangs leaves the others
+# their time within the device call.
+limited() { local seconds=$1; shift; timeout --kill-after=5 "$seconds" "$@"; }
 
 step "1. worker GPU tests"
-MYRIAD_FIXTURES="$PWD/tests/fixtures" "$bin/cuda_tests" --ignored --test-threads 1 --nocapture 2>&1 \
+MYRIAD_FIXTURES="$PWD/tests/fixtures" limited 150 "$bin/cuda_tests" --ignored --test-threads 1 --nocapture 2>&1 \
   | tee "$out/tests.log" || status=1
 
-step "2. fixtures through myriad generate --device cuda"
-python3 scripts/gpu_fixtures.py "$bin/myriad" 2>&1 | tee "$out/fixtures.log" || status=1
+step "2. grouped expert FFN throughput"
+limited 180 "$bin/cuda_gemm" 2>&1 | tee "$out/gemm.log" || status=1
 
-step "3. expert GEMM throughput"
-"$bin/cuda_gemm" 2>&1 | tee "$out/gemm.log" || status=1
+step "3. fixtures through myriad generate --device cuda, concurrent requests through myriad up"
+limited 200 python3 scripts/gpu_fixtures.py "$bin/myriad" 2>&1 | tee "$out/fixtures.log" || status=1
 
 if [ "${1:-}" != "--skip-e2e" ]; then
   step "4. end to end, larger random config"
   if python3 -c 'from transformers import DeepseekV4Config' 2>/dev/null; then
-    python3 scripts/bench_gpu.py --myriad "$bin/myriad" 2>&1 | tee "$out/e2e.log" || status=1
+    limited 200 python3 scripts/bench_gpu.py --myriad "$bin/myriad" 2>&1 | tee "$out/e2e.log" || status=1
   else
     echo "skipped: this machine's transformers has no DeepSeek-V4 to build the checkpoint" | tee "$out/e2e.log"
   fi
 fi
+
+step "summary (full logs in $out)"
+grep -hE "bit-identical|test result|panicked" "$out/tests.log" || true
+grep -hE "byte-identical|concurrent|FAILED" "$out/fixtures.log" | tail -4 || true
+grep -hE "tokens/s|identical|DIFFER" "$out/e2e.log" 2>/dev/null | tail -4 || true
 echo
 echo "gpu_check: exit $status"
 exit $status
