@@ -51,6 +51,13 @@ fn batch(config: &ModelConfig, layer: u32, tokens: usize, seed: u64) -> ExpertBa
     ExpertBatch { layer: LayerId(layer), width: hidden, hidden: values, routes }
 }
 
+/// A fixture's config, and all of its experts on GPU 0.
+fn on_gpu(name: &str) -> (ModelConfig, std::sync::Arc<dyn ExpertBackend>) {
+    let dir = fixture(name);
+    let (config, _) = ModelConfig::read(&dir).unwrap();
+    (config, Device::Cuda(0).load(&dir, &ExpertSpec::all(), &[]).unwrap())
+}
+
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
@@ -61,10 +68,8 @@ fn bits(v: &[f32]) -> Vec<u32> {
 #[ignore = "needs an NVIDIA GPU: run by scripts/gpu_check.sh"]
 fn cuda_contributions_match_the_cpu_backend() {
     for name in FIXTURES {
-        let dir = fixture(name);
-        let (config, _) = ModelConfig::read(&dir).unwrap();
-        let cpu = CpuBackend::load(&dir, &ExpertSpec::all()).unwrap();
-        let gpu = Device::Cuda(0).load(&dir, &ExpertSpec::all(), &[]).unwrap();
+        let (config, gpu) = on_gpu(name);
+        let cpu = CpuBackend::load(&fixture(name), &ExpertSpec::all()).unwrap();
         assert_eq!(gpu.hosted(), cpu.hosted(), "{name}");
         let (mut pairs, mut identical, mut worst) = (0, 0, 0.0f32);
         for layer in 0..config.num_hidden_layers as u32 {
@@ -94,9 +99,7 @@ fn cuda_contributions_match_the_cpu_backend() {
 #[ignore = "needs an NVIDIA GPU: run by scripts/gpu_check.sh"]
 fn cuda_contributions_do_not_depend_on_the_batch() {
     for name in FIXTURES {
-        let dir = fixture(name);
-        let (config, _) = ModelConfig::read(&dir).unwrap();
-        let gpu = Device::Cuda(0).load(&dir, &ExpertSpec::all(), &[]).unwrap();
+        let (config, gpu) = on_gpu(name);
         let hidden = config.hidden_size;
         let big = batch(&config, 1, 257, 7);
         let together = gpu.run(&big).unwrap();
@@ -125,9 +128,7 @@ fn cuda_contributions_do_not_depend_on_the_batch() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: run by scripts/gpu_check.sh"]
 fn concurrent_batches_give_the_bits_they_give_alone() {
-    let dir = fixture("release-flash");
-    let (config, _) = ModelConfig::read(&dir).unwrap();
-    let gpu = Device::Cuda(0).load(&dir, &ExpertSpec::all(), &[]).unwrap();
+    let (config, gpu) = on_gpu("release-flash");
     let batches: Vec<ExpertBatch> = (0..16)
         .map(|i| batch(&config, i % config.num_hidden_layers as u32, 1 + 37 * i as usize, 100 + u64::from(i)))
         .collect();

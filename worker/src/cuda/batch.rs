@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use myriad_model::kernels::Weights;
 use myriad_proto::expert::{ExpertBatch, ExpertId};
 
 /// A stored weight format, as the kernels' names spell it.
@@ -39,6 +40,17 @@ impl Format {
             Format::Fp8 => 1.0 + 4.0 / (128.0 * 128.0),
             Format::Fp4 => 0.5 + 1.0 / 32.0,
         }
+    }
+}
+
+/// A stored matrix as the kernels read it: its format, its weights' bytes
+/// and its scales' bytes (none for F32, BF16 and F16), borrowed as stored.
+pub fn stored(w: Weights<'_>) -> (Format, &[u8], Option<&[u8]>) {
+    match w {
+        Weights::F32(v) => (Format::F32, f32_bytes(v), None),
+        Weights::Half { bytes, bf16 } => (if bf16 { Format::Bf16 } else { Format::F16 }, bytes, None),
+        Weights::Fp8 { codes, scales, .. } => (Format::Fp8, codes, Some(f32_bytes(scales))),
+        Weights::Fp4 { packed, scales } => (Format::Fp4, packed, Some(scales)),
     }
 }
 
@@ -183,7 +195,7 @@ impl Plan {
                 entry += 1;
             }
         }
-        write_f32s(&mut out[self.x_at..self.x_at + batch.hidden.len() * 4], &batch.hidden);
+        out[self.x_at..self.x_at + batch.hidden.len() * 4].copy_from_slice(f32_bytes(&batch.hidden));
         // Section by section: the upload is write-combined memory.
         let members = &self.members;
         write_words(out, self.token_at, members.iter().map(|m| (m.0 as i32).to_le_bytes()));
@@ -199,10 +211,9 @@ fn write_words(out: &mut [u8], at: usize, words: impl Iterator<Item = [u8; 4]>) 
     }
 }
 
-/// `values` into `out` in this host's byte order: the GPU's, little-endian,
-/// as every CUDA host's is.
-fn write_f32s(out: &mut [u8], values: &[f32]) {
+/// `values` as bytes in this host's order: the GPU's, little-endian, as
+/// every CUDA host's is.
+pub fn f32_bytes(values: &[f32]) -> &[u8] {
     // SAFETY: any bytes are a valid `u8`; the view covers exactly `values`.
-    let bytes = unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) };
-    out.copy_from_slice(bytes);
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
 }

@@ -12,14 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use myriad_model::kernels::Weights;
 use myriad_model::stored::{Stored, StoredMatrix};
 use myriad_model::tensor::{MappedBytes, Tensor};
 use myriad_model::weights::{ExpertWeights, Linear};
 use myriad_model::{ModelConfig, moe, quant};
 use myriad_proto::expert::{ExpertBatch, ExpertId, LayerId};
 
-use super::batch::{At, Format, Kind, Place, Plan};
+use super::batch::{At, Format, Kind, Place, Plan, f32_bytes, stored};
 use super::{MAX_BLOCKS_Y, dims, source};
 
 struct Random(u64);
@@ -92,20 +91,10 @@ impl Image {
     }
 
     fn place(&mut self, w: &Linear) -> At {
-        let floats = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        let (format, weights, scales) = match w.w.weights() {
-            Weights::F32(v) => (Format::F32, floats(v), None),
-            Weights::Half { bytes, bf16 } => (if bf16 { Format::Bf16 } else { Format::F16 }, bytes.to_vec(), None),
-            Weights::Fp8 { codes, scales, .. } => (Format::Fp8, codes.to_vec(), Some(floats(scales))),
-            Weights::Fp4 { packed, scales } => (Format::Fp4, packed.to_vec(), Some(scales.to_vec())),
-        };
-        let weights = self.put(&weights);
-        At { format, weights, scales: scales.map_or(0, |s| self.put(&s)) }
+        let (format, weights, scales) = stored(w.w.weights());
+        let weights = self.put(weights);
+        At { format, weights, scales: scales.map_or(0, |s| self.put(s)) }
     }
-}
-
-fn floats(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 /// The harness, compiled once.
@@ -123,10 +112,10 @@ fn harness(dir: &Path) -> PathBuf {
         .output()
         .expect("run c++ (scripts/test.sh installs g++)");
     assert!(compiled.status.success(), "c++ failed:\n{}", String::from_utf8_lossy(&compiled.stderr));
-    std::fs::write(dir.join("e4m3"), floats(&(0..=255u8).map(quant::e4m3).collect::<Vec<_>>())).unwrap();
-    std::fs::write(dir.join("e2m1"), floats(&(0..16u8).map(quant::e2m1).collect::<Vec<_>>())).unwrap();
+    std::fs::write(dir.join("e4m3"), f32_bytes(&(0..=255u8).map(quant::e4m3).collect::<Vec<_>>())).unwrap();
+    std::fs::write(dir.join("e2m1"), f32_bytes(&(0..16u8).map(quant::e2m1).collect::<Vec<_>>())).unwrap();
     let e8m0: Vec<f32> = (0..=255u8).map(|c| quant::e8m0(c).unwrap_or(f32::NAN)).collect();
-    std::fs::write(dir.join("e8m0"), floats(&e8m0)).unwrap();
+    std::fs::write(dir.join("e8m0"), f32_bytes(&e8m0)).unwrap();
     binary
 }
 
@@ -207,7 +196,7 @@ fn check(
     std::fs::write(case.join("plan"), lines.join("\n") + "\n").unwrap();
     std::fs::write(case.join("image"), &image.0).unwrap();
     std::fs::write(case.join("upload"), &upload).unwrap();
-    std::fs::write(case.join("expected"), floats(&want)).unwrap();
+    std::fs::write(case.join("expected"), f32_bytes(&want)).unwrap();
     let run = Command::new(binary).arg(dir).arg(name).output().unwrap();
     let report = String::from_utf8_lossy(&run.stdout);
     assert!(

@@ -186,19 +186,9 @@ struct Matrix {
 
 impl Matrix {
     fn upload(stream: &Arc<CudaStream>, w: Weights<'_>) -> Result<Self, DriverError> {
-        let floats = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        let (format, weights, scales) = match w {
-            Weights::F32(v) => (Format::F32, stream.clone_htod(&floats(v))?, None),
-            Weights::Half { bytes, bf16 } => {
-                (if bf16 { Format::Bf16 } else { Format::F16 }, stream.clone_htod(bytes)?, None)
-            }
-            Weights::Fp8 { codes, scales, .. } => {
-                (Format::Fp8, stream.clone_htod(codes)?, Some(stream.clone_htod(&floats(scales))?))
-            }
-            Weights::Fp4 { packed, scales } => {
-                (Format::Fp4, stream.clone_htod(packed)?, Some(stream.clone_htod(scales)?))
-            }
-        };
+        let (format, weights, scales) = batch::stored(w);
+        let weights = stream.clone_htod(weights)?;
+        let scales = scales.map(|s| stream.clone_htod(s)).transpose()?;
         let at = At {
             format,
             weights: address(&weights, stream),
