@@ -12,8 +12,10 @@
 #    concurrent requests to `myriad up --device cuda` equal to their solo
 #    runs (scripts/gpu_fixtures.py).
 # 4. End-to-end prefill and decode tokens/s with GPU workers next to CPU
-#    workers on the larger random config (scripts/bench_gpu.py), where the
-#    machine's transformers has DeepSeek-V4 to build it.
+#    workers on the larger random config (scripts/bench_gpu.py).
+# 5. The GPU tests again under compute-sanitizer's memcheck.
+# 6. Nsight Compute's view of the kernels at a prefill and a decode shape,
+#    for the next change to them (not a check).
 #
 # It runs what scripts/gpu_build.sh packs into target/gpu/ where there is a
 # Rust toolchain and network (on the device tool: `carry=["target/gpu"]`)
@@ -89,10 +91,49 @@ if [ "${1:-}" != "--skip-e2e" ] && [ "${1:-}" != "--skip-rest" ]; then
   fi
 fi
 
+# A CUDA tool: on the PATH, else the newest under the usual folders.
+tool() {
+  command -v "$1" 2>/dev/null \
+    || find /usr/local/cuda*/bin /opt/nvidia -name "$1" -type f 2>/dev/null | sort | tail -1
+}
+
+if [ "${1:-}" != "--skip-rest" ]; then
+  step "5. memcheck of the worker GPU tests (out-of-bounds and misaligned accesses)"
+  sanitizer=$(tool compute-sanitizer)
+  if [ -n "$sanitizer" ]; then
+    MYRIAD_FIXTURES="$PWD/tests/fixtures" run memcheck.log 90 "$sanitizer" --tool memcheck --error-exitcode 3 \
+      "$bin/cuda_tests" --ignored --test-threads 1 > /dev/null
+    tail -3 "$out/memcheck.log"
+  else
+    echo "skipped: no compute-sanitizer on this machine"
+  fi
+
+  step "6. profile: one gate/up and one down launch per shape (Nsight Compute)"
+  ncu=$(tool ncu)
+  if [ -n "$ncu" ]; then
+    # A diagnosis for the next change to the kernels, not a check: a
+    # machine whose profiler cannot read the counters fails nothing.
+    kept=$status
+    for shape in "2048 bf16" "2048 fp4" "16 bf16"; do
+      read -r tokens format <<< "$shape"
+      echo "== $tokens tokens per expert, $format" >> "$out/ncu.log"
+      timeout --kill-after=5 45 "$ncu" -k 'regex:^(gate_up|down)_' -c 2 --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+        --section MemoryWorkloadAnalysis "$bin/cuda_gemm" --tokens "$tokens" --format "$format" >> "$out/ncu.log" 2>&1
+    done
+    grep -E "^==|gate_up_|down_|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|cuda_gemm:" \
+      "$out/ncu.log" | head -60
+    status=$kept
+  else
+    echo "skipped: no ncu on this machine"
+  fi
+fi
+
 step "summary (full logs in $out)"
 grep -hE "bit-identical|test result|panicked" "$out/tests.log" || true
 grep -hE "byte-identical|concurrent|FAILED" "$out/fixtures.log" 2>/dev/null | tail -4 || true
 grep -hE "tok/s|workers|DIFFER" "$out/e2e.log" 2>/dev/null | tail -4 || true
+grep -hE "ERROR SUMMARY" "$out/memcheck.log" 2>/dev/null || true
 echo
 echo "gpu_check: exit $status"
 exit $status
