@@ -38,12 +38,7 @@ pub struct Bench {
 impl Bench {
     /// Experts `hidden` wide with `inter`-wide FFNs, on GPU `ordinal`.
     pub fn new(ordinal: usize, hidden: usize, inter: usize) -> Result<Self, WorkerError> {
-        super::check(ordinal)?;
-        let ctx = CudaContext::new(ordinal).map_err(|e| device_error("open the device", e))?;
-        // SAFETY: as in `CudaBackend::load_reusing`: every use is ordered by
-        // hand (uploads are synchronized before the kernels read them).
-        unsafe { ctx.disable_event_tracking() };
-        let kernels = Kernels::compile(&ctx)?;
+        let (ctx, kernels) = super::open(ordinal)?;
         Ok(Bench { ctx, kernels, shape: Shape { hidden, inter, limit: 7.0 } })
     }
 

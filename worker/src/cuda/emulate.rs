@@ -212,10 +212,10 @@ fn the_kernels_compute_the_cpu_bits_under_emulation() {
     let dir = tempfile::tempdir().unwrap();
     let binary = harness(dir.path());
     // Widths that leave a tail of lanes, partial FP8 blocks and threads with
-    // fewer than 4 rows of output; one batch
-    // holding four formats (so several launches of each kind, two experts
-    // in one of them, and a down projection in another format than its gate
-    // and up); the F32 expert's gates reach ±100, where exp saturates.
+    // fewer than 4 rows of output; one batch holding four formats (so
+    // several launches of each kind, two experts in one of them, and a down
+    // projection in another format than its gate and up); the F32 expert's
+    // gates reach ±100, where exp saturates.
     let mixed = [
         (Format::F32, Format::F32, 20.0),
         (Format::Bf16, Format::Bf16, 0.5),

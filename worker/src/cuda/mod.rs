@@ -137,6 +137,20 @@ fn compile() -> Result<Ptx, WorkerError> {
     compile_ptx_with_opts(source(), options).map_err(|e| device_error("compile the kernels", e))
 }
 
+/// A context on GPU `ordinal` with the kernels loaded in it.
+fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Kernels), WorkerError> {
+    check(ordinal)?;
+    let ctx = CudaContext::new(ordinal).map_err(|e| device_error(&format!("open device {ordinal}"), e))?;
+    // SAFETY: every user of the context orders the uses of its buffers
+    // itself: weights and tables are read only after the stream that
+    // uploaded them is synchronized, and a queue's buffers are used by its
+    // own stream alone, one batch at a time, the host waiting for each batch
+    // before the queue takes another.
+    unsafe { ctx.disable_event_tracking() };
+    let kernels = Kernels::compile(&ctx)?;
+    Ok((ctx, kernels))
+}
+
 /// The device address of `slice`, for a group table or a kernel argument.
 /// Every use of it is ordered by hand (see [`CudaBackend::load_reusing`]).
 fn address<T>(slice: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -232,20 +246,12 @@ impl CudaBackend {
         spec: &ExpertSpec,
         loaded: &[&CudaBackend],
     ) -> Result<Self, WorkerError> {
-        check(ordinal)?;
         let same_gpu = loaded.iter().find(|b| b.ctx.ordinal() == ordinal);
         let (ctx, kernels) = match same_gpu {
             Some(b) => (b.ctx.clone(), b.kernels.clone()),
             None => {
-                let ctx = CudaContext::new(ordinal).map_err(|e| device_error(&format!("open device {ordinal}"), e))?;
-                // SAFETY: the backend orders every use of its buffers itself:
-                // weights and tables are read only after the stream that
-                // uploaded them is synchronized, and a queue's buffers are used
-                // by its own stream alone, one batch at a time, the host
-                // waiting for each batch before the queue takes another.
-                unsafe { ctx.disable_event_tracking() };
-                let kernels = Arc::new(Kernels::compile(&ctx)?);
-                (ctx, kernels)
+                let (ctx, kernels) = open(ordinal)?;
+                (ctx, Arc::new(kernels))
             }
         };
         let stream = ctx.new_stream().map_err(|e| device_error("create a stream", e))?;
