@@ -164,11 +164,12 @@ pub fn expert_bytes(hidden: usize, intermediate: usize, dtype: ExpertDtype) -> u
     }
 }
 
-/// GPU memory one `(token, expert)` pair of a batch in flight takes: its
-/// hidden state, its SwiGLU activations and its contribution (f32), and
-/// its slot and weight.
+/// GPU memory one `(token, expert)` pair of a batch in flight takes at
+/// most: its token's hidden state (shared by the token's other pairs on
+/// the worker), its SwiGLU activations and its contribution (f32), and its
+/// token, slot and weight (`worker/src/cuda/batch.rs`).
 fn pair_bytes(hidden: usize, intermediate: usize) -> u64 {
-    4 * (2 * hidden as u64 + intermediate as u64) + 8
+    4 * (2 * hidden as u64 + intermediate as u64) + 12
 }
 
 /// Bytes one routed expert of the model in folder `model` holds in a

@@ -56,10 +56,10 @@ fn gpu_workers_plan_with_their_memory() {
     assert!(ok, "{text}");
     assert!(text.contains("GPU workers: 141.0 GiB each, 126.9 GiB of it for experts (90%"), "{text}");
     assert!(text.contains("per worker: 2928-2928 experts, at most 95.7 GiB (75% of capacity)"), "{text}");
-    // 45.3 GiB left; a pair takes 4 x (2 x 7168 + 3072) + 8 bytes, and queues
-    // grow in powers of two.
+    // 45.3 GiB left; a pair takes 4 x (2 x 7168 + 3072) + 12 bytes, and
+    // queues grow in powers of two.
     let left = 141u64 * (1 << 30) - 2928 * (3 * 7168 * 3072 / 2 + 3 * 7168 * 3072 / 32);
-    let pairs = left / (2 * (4 * (2 * 7168 + 3072) + 8));
+    let pairs = left / (2 * (4 * (2 * 7168 + 3072) + 12));
     assert!(
         text.contains("left on the fullest GPU: 45.3 GiB") && text.contains(&format!("about {pairs} pairs")),
         "{text}"
