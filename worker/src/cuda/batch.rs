@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use myriad_model::kernels::Weights;
+use myriad_model::quant;
 use myriad_proto::expert::{ExpertBatch, ExpertId};
 
 /// A stored weight format, as the kernels' names spell it.
@@ -44,14 +45,27 @@ impl Format {
 }
 
 /// A stored matrix as the kernels read it: its format, its weights' bytes
-/// and its scales' bytes (none for F32, BF16 and F16), borrowed as stored.
+/// and its scales' bytes (none for F32, BF16 and F16), borrowed as stored:
+/// f32 values in this host's byte order, the GPU's (every CUDA host is
+/// little-endian).
 pub fn stored(w: Weights<'_>) -> (Format, &[u8], Option<&[u8]>) {
     match w {
-        Weights::F32(v) => (Format::F32, f32_bytes(v), None),
+        Weights::F32(v) => (Format::F32, bytemuck::cast_slice(v), None),
         Weights::Half { bytes, bf16 } => (if bf16 { Format::Bf16 } else { Format::F16 }, bytes, None),
-        Weights::Fp8 { codes, scales, .. } => (Format::Fp8, codes, Some(f32_bytes(scales))),
+        Weights::Fp8 { codes, scales, .. } => (Format::Fp8, codes, Some(bytemuck::cast_slice(scales))),
         Weights::Fp4 { packed, scales } => (Format::Fp4, packed, Some(scales)),
     }
+}
+
+/// The value tables the kernels read, in their arguments' order: every
+/// E4M3, E2M1 and E8M0 code's value as `myriad_model::quant` decodes it
+/// (NaN for E8M0's NaN code).
+pub fn tables() -> [Vec<f32>; 3] {
+    [
+        (0..=255u8).map(quant::e4m3).collect(),
+        (0..16u8).map(quant::e2m1).collect(),
+        (0..=255u8).map(|c| quant::e8m0(c).unwrap_or(f32::NAN)).collect(),
+    ]
 }
 
 /// Where a weight matrix is: its format, and the addresses of its weights
@@ -195,7 +209,7 @@ impl Plan {
                 entry += 1;
             }
         }
-        out[self.x_at..self.x_at + batch.hidden.len() * 4].copy_from_slice(f32_bytes(&batch.hidden));
+        out[self.x_at..self.x_at + batch.hidden.len() * 4].copy_from_slice(bytemuck::cast_slice(&batch.hidden));
         // Section by section: the upload is write-combined memory.
         let members = &self.members;
         write_words(out, self.token_at, members.iter().map(|m| (m.0 as i32).to_le_bytes()));
@@ -209,11 +223,4 @@ fn write_words(out: &mut [u8], at: usize, words: impl Iterator<Item = [u8; 4]>) 
     for (i, word) in words.enumerate() {
         out[at + 4 * i..at + 4 * i + 4].copy_from_slice(&word);
     }
-}
-
-/// `values` as bytes in this host's order: the GPU's, little-endian, as
-/// every CUDA host's is.
-pub fn f32_bytes(values: &[f32]) -> &[u8] {
-    // SAFETY: any bytes are a valid `u8`; the view covers exactly `values`.
-    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
 }

@@ -15,10 +15,10 @@ use std::sync::Arc;
 use myriad_model::stored::{Stored, StoredMatrix};
 use myriad_model::tensor::{MappedBytes, Tensor};
 use myriad_model::weights::{ExpertWeights, Linear};
-use myriad_model::{ModelConfig, moe, quant};
+use myriad_model::{ModelConfig, moe};
 use myriad_proto::expert::{ExpertBatch, ExpertId, LayerId};
 
-use super::batch::{At, Format, Kind, Place, Plan, f32_bytes, stored};
+use super::batch::{At, Format, Kind, Place, Plan, stored, tables};
 use super::{MAX_BLOCKS_Y, dims, source};
 
 struct Random(u64);
@@ -97,6 +97,11 @@ impl Image {
     }
 }
 
+/// `values` into `path`, as the harness reads them (this host's order).
+fn write_f32s(path: &Path, values: &[f32]) {
+    std::fs::write(path, bytemuck::cast_slice::<f32, u8>(values)).unwrap();
+}
+
 /// The harness, compiled once.
 fn harness(dir: &Path) -> PathBuf {
     let asm = r#"asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));"#;
@@ -112,10 +117,9 @@ fn harness(dir: &Path) -> PathBuf {
         .output()
         .expect("run c++ (scripts/test.sh installs g++)");
     assert!(compiled.status.success(), "c++ failed:\n{}", String::from_utf8_lossy(&compiled.stderr));
-    std::fs::write(dir.join("e4m3"), f32_bytes(&(0..=255u8).map(quant::e4m3).collect::<Vec<_>>())).unwrap();
-    std::fs::write(dir.join("e2m1"), f32_bytes(&(0..16u8).map(quant::e2m1).collect::<Vec<_>>())).unwrap();
-    let e8m0: Vec<f32> = (0..=255u8).map(|c| quant::e8m0(c).unwrap_or(f32::NAN)).collect();
-    std::fs::write(dir.join("e8m0"), f32_bytes(&e8m0)).unwrap();
+    for (name, table) in ["e4m3", "e2m1", "e8m0"].into_iter().zip(tables()) {
+        write_f32s(&dir.join(name), &table);
+    }
     binary
 }
 
@@ -196,7 +200,7 @@ fn check(
     std::fs::write(case.join("plan"), lines.join("\n") + "\n").unwrap();
     std::fs::write(case.join("image"), &image.0).unwrap();
     std::fs::write(case.join("upload"), &upload).unwrap();
-    std::fs::write(case.join("expected"), f32_bytes(&want)).unwrap();
+    write_f32s(&case.join("expected"), &want);
     let run = Command::new(binary).arg(dir).arg(name).output().unwrap();
     let report = String::from_utf8_lossy(&run.stdout);
     assert!(

@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError};
 use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
+use myriad_model::ModelConfig;
 use myriad_model::kernels::{EXP_CLAMP, EXP_LN2, EXP_TAYLOR, Weights};
 use myriad_model::weights::load_expert;
-use myriad_model::{ModelConfig, quant};
 use myriad_proto::expert::ExpertBatch;
 use myriad_proto::spec::ExpertSpec;
 
@@ -166,12 +166,9 @@ impl Kernels {
             Format::ALL.iter().map(|f| function(format!("{kind}_{}", f.name()))).collect()
         };
         let stream = ctx.default_stream();
-        let upload = |values: Vec<f32>| stream.clone_htod(&values).map_err(|e| device_error("upload a table", e));
-        let tables = [
-            upload((0..=255u8).map(quant::e4m3).collect())?,
-            upload((0..16u8).map(quant::e2m1).collect())?,
-            upload((0..=255u8).map(|c| quant::e8m0(c).unwrap_or(f32::NAN)).collect())?,
-        ];
+        let upload = |values: &Vec<f32>| stream.clone_htod(values).map_err(|e| device_error("upload a table", e));
+        let [e4m3, e2m1, e8m0] = batch::tables();
+        let tables = [upload(&e4m3)?, upload(&e2m1)?, upload(&e8m0)?];
         stream.synchronize().map_err(|e| device_error("upload the tables", e))?;
         Ok(Kernels {
             gate_up: functions("gate_up")?,
