@@ -96,9 +96,20 @@ else
   step "5. memcheck of the worker GPU tests (out-of-bounds and misaligned accesses)"
   sanitizer=$(tool compute-sanitizer)
   if [ -n "$sanitizer" ]; then
-    MYRIAD_FIXTURES="$PWD/tests/fixtures" run memcheck.log 90 "$sanitizer" --tool memcheck --error-exitcode 3 \
-      "$bin/cuda_tests" --ignored --test-threads 1 > /dev/null
+    MYRIAD_FIXTURES="$PWD/tests/fixtures" timeout --kill-after=5 90 "$sanitizer" --tool memcheck --error-exitcode 3 \
+      "$bin/cuda_tests" --ignored --test-threads 1 > "$out/memcheck.log" 2>&1
+    rc=$?
     tail -3 "$out/memcheck.log"
+    # Some sandboxes' GPUs are closed to the sanitizer ("Device not
+    # supported"): step 1 ran the same tests, so that says nothing of the
+    # kernels and fails nothing. Errors it found, or tests that fail under
+    # it, do.
+    if ! grep -q "ERROR SUMMARY: [1-9]" "$out/memcheck.log" \
+      && grep -qE "Device not supported|Failed to initialize|LibraryNotLoaded" "$out/memcheck.log"; then
+      echo "memcheck not done: compute-sanitizer cannot use this machine's GPU" | tee -a "$out/memcheck.log"
+    elif [ "$rc" != 0 ]; then
+      status=1
+    fi
   else
     echo "skipped: no compute-sanitizer on this machine"
   fi
@@ -126,7 +137,7 @@ step "summary (full logs in $out)"
 grep -hE "bit-identical|test result|panicked" "$out/tests.log" || true
 grep -hE "byte-identical|concurrent|FAILED" "$out/fixtures.log" 2>/dev/null | tail -4 || true
 grep -hE "tok/s|workers|DIFFER" "$out/e2e.log" 2>/dev/null | tail -4 || true
-grep -hE "ERROR SUMMARY" "$out/memcheck.log" 2>/dev/null || true
+grep -hE "ERROR SUMMARY|memcheck not done" "$out/memcheck.log" 2>/dev/null || true
 echo
 echo "gpu_check: exit $status"
 exit $status
