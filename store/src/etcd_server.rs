@@ -5,6 +5,7 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crate::etcd::pb::auth_client::AuthClient;
@@ -31,9 +32,50 @@ pub struct ServerTls {
     pub client_ca: PathBuf,
 }
 
-fn free_port() -> u16 {
+/// A loopback port that nothing listens on, for a server that a test
+/// starts next, or kills and starts again on the same address.
+///
+/// Not one the kernel picks (port 0): those come from the ephemeral range
+/// that outgoing connections take their local ports from, so between this
+/// check and the server's bind, or while the server is down for a restart,
+/// any connection could take the port, even one to itself (a TCP
+/// self-connect), and the server fail with "address in use". The port is
+/// from below that range (or above it), found free by binding it, and
+/// handed out once per process; processes start at different places.
+pub fn free_port() -> u16 {
+    static HANDED_OUT: AtomicU32 = AtomicU32::new(0);
+    if let Some((first, count)) = outside_ephemeral_range() {
+        let start = std::process::id().wrapping_mul(7919);
+        for _ in 0..count {
+            let n = HANDED_OUT.fetch_add(1, Ordering::Relaxed);
+            let port = (first + start.wrapping_add(n) % count) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
     listener.local_addr().expect("read the bound port").port()
+}
+
+/// The ports outside Linux's `ip_local_port_range` (32768-60999 unless
+/// configured) that [`free_port`] takes from: `(first, count)`, or `None`
+/// when that range leaves too few.
+fn outside_ephemeral_range() -> Option<(u32, u32)> {
+    const FLOOR: u32 = 10_000;
+    const ENOUGH: u32 = 1_000;
+    let configured = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|text| {
+        let mut bounds = text.split_whitespace().map(|v| v.parse::<u32>().ok());
+        Some((bounds.next()??, bounds.next()??))
+    });
+    let (low, high) = configured.unwrap_or((32_768, 60_999));
+    if low >= FLOOR + ENOUGH {
+        Some((FLOOR, low - FLOOR))
+    } else if high + ENOUGH < 65_536 {
+        Some((high + 1, 65_535 - high))
+    } else {
+        None
+    }
 }
 
 impl EtcdServer {
@@ -151,5 +193,21 @@ impl EtcdServer {
 impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_not_ephemeral() {
+        let (first, count) = outside_ephemeral_range().expect("this machine's ephemeral range leaves room");
+        let ports: Vec<u16> = (0..64).map(|_| free_port()).collect();
+        for (i, &port) in ports.iter().enumerate() {
+            assert!((first..first + count).contains(&u32::from(port)), "{port} is in the ephemeral range");
+            assert!(!ports[..i].contains(&port), "{port} handed out twice");
+            TcpListener::bind(("127.0.0.1", port)).unwrap_or_else(|e| panic!("bind {port}: {e}"));
+        }
     }
 }

@@ -182,8 +182,7 @@ pub async fn health(addr: &str) -> Option<i32> {
     Some(HealthClient::new(channel).check(request).await.ok()?.into_inner().status)
 }
 
-/// A free loopback port (for a process that must come back on the same address).
-pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-    listener.local_addr().expect("read the bound port").port()
-}
+/// A free loopback port for a process started next, or restarted on the
+/// same address: one no outgoing connection can take in between.
+#[allow(unused_imports)] // like the helpers above: not every test uses it
+pub use myriad_store::etcd_server::free_port;
