@@ -45,10 +45,12 @@ pub struct ServerTls {
 pub fn free_port() -> u16 {
     static HANDED_OUT: AtomicU32 = AtomicU32::new(0);
     if let Some((first, count)) = outside_ephemeral_range() {
-        let start = std::process::id().wrapping_mul(7919);
+        // Reduced first: a sum that wrapped past u32::MAX would jump back to
+        // ports already handed out.
+        let start = std::process::id().wrapping_mul(7919) % count;
         for _ in 0..count {
-            let n = HANDED_OUT.fetch_add(1, Ordering::Relaxed);
-            let port = (first + start.wrapping_add(n) % count) as u16;
+            let n = HANDED_OUT.fetch_add(1, Ordering::Relaxed) % count;
+            let port = (first + (start + n) % count) as u16;
             if TcpListener::bind(("127.0.0.1", port)).is_ok() {
                 return port;
             }
