@@ -276,3 +276,25 @@ async fn an_experts_copies_are_on_different_machines() {
         assert_ne!(on[0], on[1], "layer {l} expert {e}: both copies on {}", on[0]);
     }
 }
+
+/// An idle cluster's measured load is zero everywhere (no request since
+/// the leader started, or the load decayed away): a worker that joins it
+/// is still given experts, as it would be before any load was measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_joining_an_idle_cluster_is_placed() {
+    let model_dir = tiny();
+    let config = CoordinatorConfig {
+        replicas: 2,
+        min_workers: 2,
+        load_interval: Duration::from_millis(20),
+        ..coordinator_config(&model_dir)
+    };
+    let (store, keys, mut workers) = start(config, &[None; 2], &model_dir).await;
+    let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
+    wait_for_current(&placements, &keys, |v| v.current().is_some_and(|p| p.assignments.len() == 2)).await;
+    // Several load collections, all of them empty.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    workers.push(TestWorker::start("worker-2", None, &store, &keys, &model_dir).await);
+    let view = wait_for_current(&placements, &keys, |v| v.current().is_some_and(|p| p.assignments.len() == 3)).await;
+    assert!(view.current().unwrap().assignment(&"worker-2".parse().unwrap()).is_some());
+}

@@ -234,3 +234,46 @@ async fn failures_of_workers_coordinators_and_etcd_cost_no_request() {
     })
     .await;
 }
+
+/// With a move bound of zero, a worker that joins loads nothing: the
+/// leader decides that once, keeps the placement (no replanning every
+/// settle), `ctl status` shows the idle worker, and a rebalance with a
+/// bound gives it experts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_the_move_bound_leaves_idle_waits_for_a_rebalance() {
+    let etcd = EtcdServer::start().await;
+    let e = etcd.endpoint.clone();
+    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(etcd.store());
+    let keys = Keys::new("t");
+    let args = ["coordinator", "--etcd", &e, "--cluster", "t", "--node-id", "k1", "--lease-ttl", TTL];
+    let bounded = ["--max-move", "0", "--min-workers", "2", "--settle", "100ms", "--replicas", "2"];
+    let admin = ["--admin-listen", "127.0.0.1:0", "--admin-token", "secret", "--metrics-listen", &metrics_addr("k1")];
+    let _coordinator = Proc::start(&[&args[..], &bounded, &admin].concat());
+    let mut workers: Vec<Proc> = ["x1", "x2"].iter().map(|id| worker(&e, id)).collect();
+    let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
+    let current = || PlacementView::read(&keys, &placements.snapshot()).current().cloned();
+    let first = until("a placement of x1 and x2", Duration::from_secs(30), async || {
+        current().filter(|p| p.assignments.len() == 2)
+    })
+    .await;
+    workers.push(worker(&e, "x3"));
+    let kept = "myriad_coordinator_plans_kept_total";
+    until("the leader keeps the placement", Duration::from_secs(30), async || {
+        (metric("k1", kept).await? >= 1.0).then_some(())
+    })
+    .await;
+    // Ten settle periods: a leader that planned again for the same workers
+    // would have counted more.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(metric("k1", kept).await, Some(1.0), "the leader planned again for the same workers");
+    assert_eq!(current().map(|p| p.version), Some(first.version));
+    let status = ctl_json(&e, &["status"]);
+    let problems = status["problems"].to_string();
+    assert!(problems.contains("worker x3") && problems.contains("not in placement"), "{status}");
+
+    ctl_json(&e, &["rebalance", "--max-move", "1GiB"]);
+    until("x3 placed by the rebalance", Duration::from_secs(30), async || {
+        current()?.assignment(&"x3".parse().unwrap()).map(|_| ())
+    })
+    .await;
+}

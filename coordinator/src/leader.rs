@@ -64,6 +64,7 @@ pub(crate) fn current_load(config: &CoordinatorConfig, shared: &Shared) -> place
 
 /// The next placement for `workers`: moved as little as the config allows
 /// from `current` (see [`placement::rebalance`]), or fresh without one.
+/// Layers of `load` that saw no token count every expert equal.
 pub(crate) fn plan(
     config: &CoordinatorConfig,
     version: PlacementVersion,
@@ -73,6 +74,7 @@ pub(crate) fn plan(
     max_move: Option<u64>,
 ) -> Option<Placement> {
     let problem = problem(config, workers);
+    let load = &load.clone().idle_layers_uniform();
     let same_shape = |c: &&Placement| c.layers as usize == config.layers && c.experts as usize == config.experts;
     let planned = match current.filter(same_shape) {
         Some(current) => {
@@ -147,6 +149,15 @@ pub(crate) async fn lead(
             .collect();
         (live, PlacementView::read(keys, &placements.snapshot()))
     };
+    let membership = |live: &[NodeRecord]| -> Vec<(NodeId, String)> {
+        live.iter().map(|w| (w.id.clone(), w.addr.clone())).collect()
+    };
+    // The live workers the current placement was last kept for although it
+    // does not name them all (nothing worth moving to a worker that joined,
+    // or the move bound lets it load nothing): planning again for the same
+    // workers decides the same, so only a change of them, or a rebalance
+    // request, plans again.
+    let mut kept_for: Option<Vec<(NodeId, String)>> = None;
     loop {
         // After the settle pause, look again: the pause may have let the
         // mirrors catch up with what this leader wrote itself.
@@ -155,7 +166,8 @@ pub(crate) async fn lead(
             // survivors take over whatever is left.
             let enough = !live.is_empty() && (view.current.is_some() || live.len() >= config.min_workers);
             let forced = shared.lock().rebalance.is_some() && !live.is_empty();
-            forced || (enough && view.current().is_none_or(|p| !matches(p, live)))
+            let kept = kept_for.as_ref().is_some_and(|k| *k == membership(live));
+            forced || (enough && !kept && view.current().is_none_or(|p| !matches(p, live)))
         };
         let (live, view) = read();
         if stale(&live, &view) {
@@ -185,9 +197,15 @@ pub(crate) async fn lead(
                     continue;
                 };
                 if view.current().is_some_and(|c| c.assignments == next.assignments) {
-                    tracing::info!("rebalance requested; the current placement stays (nothing worth moving)");
+                    metrics::PLANS_KEPT.inc();
+                    let idle: Vec<&str> =
+                        live.iter().filter(|w| next.assignment(&w.id).is_none()).map(|w| w.id.as_str()).collect();
+                    let why = if forced.is_some() { "rebalance requested" } else { "membership changed" };
+                    tracing::info!(?idle, "{why}; the current placement stays (nothing worth moving)");
+                    kept_for = Some(membership(&live));
                     continue;
                 }
+                kept_for = None;
                 log_decision(&next, view.current(), &live, forced.is_some());
                 let proposed = next.version;
                 shared.lock().rollout = Some((proposed, std::time::Instant::now()));

@@ -3,7 +3,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 
 fn registered<C: prometheus::core::Collector + Clone + 'static>(built: prometheus::Result<C>) -> C {
     let c = built.unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
@@ -21,6 +21,10 @@ pub static PLACEMENT_VERSION: LazyLock<IntGauge> = LazyLock::new(|| {
 /// Rollouts, by `outcome` (`current`, `abandoned`).
 pub static ROLLOUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     registered(IntCounterVec::new(Opts::new("myriad_coordinator_rollouts_total", "placement rollouts"), &["outcome"]))
+});
+/// Plans that kept the current placement: nothing was worth moving.
+pub static PLANS_KEPT: LazyLock<IntCounter> = LazyLock::new(|| {
+    registered(IntCounter::new("myriad_coordinator_plans_kept_total", "plans that kept the current placement"))
 });
 /// Seconds from proposing a version to making it current.
 pub static ROLLOUT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {

@@ -36,6 +36,19 @@ impl Load {
         Load { layers, experts, tokens: vec![1.0; layers * experts] }
     }
 
+    /// `self` with each layer that saw no token at all counted as uniform.
+    /// Such a layer was not measured (an idle cluster, or a load that
+    /// decayed away); read as zero, every placement of it balances alike,
+    /// and a worker that joins is never given its experts.
+    pub fn idle_layers_uniform(mut self) -> Self {
+        for layer in self.tokens.chunks_mut(self.experts.max(1)) {
+            if layer.iter().all(|&t| t <= 0.0) {
+                layer.fill(1.0);
+            }
+        }
+        self
+    }
+
     fn get(&self, layer: usize, expert: usize) -> f64 {
         self.tokens[layer * self.experts + expert]
     }

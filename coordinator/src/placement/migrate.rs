@@ -253,6 +253,22 @@ mod tests {
         assert_eq!(next.moved(&current), vec![0; 8]);
     }
 
+    /// A worker joins a cluster whose measured load is zero in one layer:
+    /// that layer, counted as uniform, gives the new worker its share.
+    #[test]
+    fn a_joined_worker_gets_copies_of_unmeasured_layers() {
+        let two = problem(2, 8, 2, 2, 0);
+        let mut load = skewed(2, 8, 0);
+        load.tokens[8..].fill(0.0);
+        let current = eplb(&two, &load).unwrap();
+        let joined = Plan { workers: 3, holders: current.holders.clone() };
+        let p3 = problem(2, 8, 3, 2, 0);
+        let m = Migration { current: &joined, max_move: None, tolerance: 0.01 };
+        let next = rebalance(&p3, &load.idle_layers_uniform(), &m).unwrap();
+        check_valid(&next, &p3);
+        assert!(next.holders[1].iter().flatten().any(|&w| w == 2), "{:?}", next.holders[1]);
+    }
+
     #[test]
     fn a_departed_worker_costs_only_its_own_copies() {
         let (p, load) = (problem(4, 32, 8, 2, 0), skewed(4, 32, 0));
