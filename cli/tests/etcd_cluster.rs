@@ -34,12 +34,15 @@ fn metrics_addr(id: &str) -> String {
 }
 
 fn coordinator(etcd: &str, id: &str) -> Proc {
+    coordinator_with(etcd, id, &["--replicas", "2", "--min-workers", "3", "--settle", "300ms"])
+}
+
+/// A coordinator with an admin API and metrics, placing by `placing`.
+fn coordinator_with(etcd: &str, id: &str, placing: &[&str]) -> Proc {
     let args = ["coordinator", "--etcd", etcd, "--cluster", "t", "--node-id", id, "--lease-ttl", TTL];
     let admin = ["--admin-listen", "127.0.0.1:0", "--admin-token", "secret", "--load-interval", "300ms"];
     let metrics = ["--metrics-listen", &metrics_addr(id)];
-    Proc::start(
-        &[&args[..], &["--replicas", "2", "--min-workers", "3", "--settle", "300ms"], &admin[..], &metrics].concat(),
-    )
+    Proc::start(&[&args[..], placing, &admin[..], &metrics].concat())
 }
 
 /// A worker on machine `host(id)`, which `ctl status` reports.
@@ -245,10 +248,8 @@ async fn a_worker_the_move_bound_leaves_idle_waits_for_a_rebalance() {
     let e = etcd.endpoint.clone();
     let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(etcd.store());
     let keys = Keys::new("t");
-    let args = ["coordinator", "--etcd", &e, "--cluster", "t", "--node-id", "k1", "--lease-ttl", TTL];
     let bounded = ["--max-move", "0", "--min-workers", "2", "--settle", "100ms", "--replicas", "2"];
-    let admin = ["--admin-listen", "127.0.0.1:0", "--admin-token", "secret", "--metrics-listen", &metrics_addr("k1")];
-    let _coordinator = Proc::start(&[&args[..], &bounded, &admin].concat());
+    let _coordinator = coordinator_with(&e, "k1", &bounded);
     let mut workers: Vec<Proc> = ["x1", "x2"].iter().map(|id| worker(&e, id)).collect();
     let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
     let current = || PlacementView::read(&keys, &placements.snapshot()).current().cloned();
