@@ -47,9 +47,14 @@ fn coordinator_with(etcd: &str, id: &str, placing: &[&str]) -> Proc {
 
 /// A worker on machine `host(id)`, which `ctl status` reports.
 fn worker(etcd: &str, id: &str) -> Proc {
+    worker_with(etcd, id, &[])
+}
+
+/// [`worker`] with more flags.
+fn worker_with(etcd: &str, id: &str, more: &[&str]) -> Proc {
     let args = ["worker", "--etcd", etcd, "--cluster", "t", "--node-id", id, "--lease-ttl", TTL];
     let metrics = ["--metrics-listen", &metrics_addr(id)];
-    Proc::start(&[&args[..], &["--listen", "127.0.0.1:0", "--node", host(id)], &metrics].concat())
+    Proc::start(&[&args[..], &["--listen", "127.0.0.1:0", "--node", host(id)], &metrics, more].concat())
 }
 
 /// A sample's value from node `id`'s /metrics (`None`: not there).
@@ -271,10 +276,71 @@ async fn a_worker_the_move_bound_leaves_idle_waits_for_a_rebalance() {
     let status = ctl_json(&e, &["status"]);
     let problems = status["problems"].to_string();
     assert!(problems.contains("worker x3") && problems.contains("not in placement"), "{status}");
+    // A dry run predicts better balance but leaves the gauge of the kept
+    // placement alone: x1 and x2 hold every expert, x3 nothing.
+    let balancedness = "myriad_coordinator_balancedness";
+    let kept = metric("k1", balancedness).await.unwrap();
+    assert!((kept - 2.0 / 3.0).abs() < 1e-3, "{kept}");
+    let dry = ctl_json(&e, &["rebalance", "--dry-run", "--max-move", "1GiB"]);
+    assert!(dry["predicted_balancedness"].as_f64().unwrap() > kept + 0.1, "{dry}");
+    assert_eq!(metric("k1", balancedness).await, Some(kept));
 
     ctl_json(&e, &["rebalance", "--max-move", "1GiB"]);
     until("x3 placed by the rebalance", Duration::from_secs(30), async || {
         current()?.assignment(&"x3".parse().unwrap()).map(|_| ())
     })
     .await;
+}
+
+/// A worker dies and the survivors cannot hold every expert: `ctl status`
+/// says why the leader cannot place them, `ctl drain` refuses to take a
+/// worker the experts need, and uncordoning a spare lets the leader place
+/// them at once (not only when some worker's record next changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncordoning_a_spare_places_what_the_survivors_cannot_hold() {
+    let etcd = EtcdServer::start().await;
+    let e = etcd.endpoint.clone();
+    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(etcd.store());
+    let keys = Keys::new("t");
+    let _coordinator = coordinator_with(&e, "k1", &["--min-workers", "4", "--settle", "100ms"]);
+    // The tiny model's 40 experts of 24 KiB: three of these workers hold
+    // them (16 each), two do not.
+    let small = ["--capacity", "400KiB"];
+    let mut workers: Vec<Proc> = ["y1", "y2", "y3", "y4"].iter().map(|id| worker_with(&e, id, &small)).collect();
+    let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
+    let current = || PlacementView::read(&keys, &placements.snapshot()).current().cloned();
+    let placed = |p: &schema::Placement, id: &str| p.assignment(&id.parse().unwrap()).is_some();
+    until("a placement of four workers", Duration::from_secs(30), async || {
+        current().filter(|p| p.assignments.len() == 4)
+    })
+    .await;
+    ctl_json(&e, &["drain", "y4"]);
+    assert!(current().is_some_and(|p| !placed(&p, "y4") && p.assignments.len() == 3));
+
+    workers[2].kill();
+    let status = until("the leader says why it cannot place the experts", Duration::from_secs(30), async || {
+        let status = ctl_json(&e, &["status"]);
+        status["problems"].to_string().contains("cannot place").then_some(status)
+    })
+    .await;
+    assert!(status["problems"].to_string().contains("does not fit"), "{status}");
+    let refused = ctl(&e, &["--token", "secret", "drain", "y1"]).expect_err("draining a worker the experts need");
+    assert!(refused.contains("does not fit"), "{refused}");
+    let status = ctl_json(&e, &["status"]);
+    let y1 = status["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "y1").expect("y1 listed");
+    assert_eq!(y1["cordoned"], false, "a refused drain cordoned y1: {status}");
+
+    ctl_json(&e, &["uncordon", "y4"]);
+    until("a placement of y1, y2 and y4", Duration::from_secs(10), async || {
+        current().filter(|p| placed(p, "y4") && !placed(p, "y3"))
+    })
+    .await;
+
+    // A plain cordon is not checked; undoing it clears the problem, though
+    // the placement never changed.
+    let cannot_place = || ctl_json(&e, &["status"])["problems"].to_string().contains("cannot place");
+    ctl_json(&e, &["cordon", "y2"]);
+    until("no placement without y2", Duration::from_secs(10), async || cannot_place().then_some(())).await;
+    ctl_json(&e, &["uncordon", "y2"]);
+    until("the problem cleared", Duration::from_secs(10), async || (!cannot_place()).then_some(())).await;
 }

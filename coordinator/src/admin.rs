@@ -12,7 +12,7 @@ use myriad_proto::admin::{
     RebalanceRequest, RebalanceResponse, StatusRequest, StatusResponse, TopExpertsRequest, TopExpertsResponse,
 };
 use myriad_store::Store;
-use myriad_store::schema::{self, Keys, Leader, NodeId, Placement, PlacementView, Role};
+use myriad_store::schema::{self, Keys, Leader, NodeId, NodeRecord, Placement, PlacementView, Role};
 use tonic::{Request, Response, Status};
 
 use crate::health;
@@ -115,6 +115,14 @@ impl AdminService {
         let listing = self.store.list(&self.keys.cordons()).await.map_err(unavailable)?;
         let snapshot = Arc::new(listing.kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect());
         Ok(cordoned(&self.keys, &snapshot))
+    }
+
+    /// The live, uncordoned workers of this model.
+    async fn schedulable(&self) -> Result<Vec<NodeRecord>, Status> {
+        let listing = self.store.list(&self.keys.nodes(Role::Worker)).await.map_err(unavailable)?;
+        let snapshot = Arc::new(listing.kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect());
+        let cordons = self.cordons().await?;
+        Ok(live_workers(&snapshot, &self.config.model_id).into_iter().filter(|w| !cordons.contains(&w.id)).collect())
     }
 
     fn node_id(id: &str) -> Result<NodeId, Status> {
@@ -222,14 +230,10 @@ impl Admin for AdminService {
         let request = request.into_inner();
         let max_move = request.max_move_bytes.or(self.config.max_move);
         let view = self.view().await?;
-        let listing = self.store.list(&self.keys.nodes(Role::Worker)).await.map_err(unavailable)?;
-        let snapshot = Arc::new(listing.kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect());
-        let cordons = self.cordons().await?;
-        let live: Vec<_> =
-            live_workers(&snapshot, &self.config.model_id).into_iter().filter(|w| !cordons.contains(&w.id)).collect();
+        let live = self.schedulable().await?;
         let load = current_load(&self.config, &self.shared);
         let next = plan(&self.config, schema::PlacementVersion(0), &live, &load, view.current(), max_move)
-            .ok_or_else(|| Status::failed_precondition("the experts do not fit on the schedulable workers"))?;
+            .map_err(|e| Status::failed_precondition(format!("no placement for the schedulable workers: {e}")))?;
         let current_balance = view.current().map_or(0.0, |p| as_plan(p).balancedness(&load));
         let predicted = as_plan(&next).balancedness(&load);
         // What each live worker holds now and would load.
@@ -283,6 +287,13 @@ impl Admin for AdminService {
     async fn drain(&self, request: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
         self.leading().await?;
         let id = Self::node_id(&request.into_inner().node)?;
+        // Refuse, cordoning nothing, when the other workers cannot hold
+        // the experts: the leader could never place them without it.
+        let others: Vec<NodeRecord> = self.schedulable().await?.into_iter().filter(|w| w.id != id).collect();
+        let (view, load) = (self.view().await?, current_load(&self.config, &self.shared));
+        if let Err(e) = plan(&self.config, schema::PlacementVersion(0), &others, &load, view.current(), None) {
+            return Err(Status::failed_precondition(format!("{id} is left uncordoned: without it {e}")));
+        }
         self.store.put(&self.keys.cordon(&id), id.to_string().into_bytes(), None).await.map_err(unavailable)?;
         let deadline = tokio::time::Instant::now() + self.config.rollout_timeout;
         loop {

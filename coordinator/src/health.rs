@@ -21,6 +21,9 @@ pub struct Rollouts {
     /// Rollouts abandoned in a row since the last one that became current,
     /// with the last reason.
     pub abandoned: Option<(usize, String)>,
+    /// Why the leader cannot place the experts on the live, uncordoned
+    /// workers, while it cannot.
+    pub unplaceable: Option<String>,
 }
 
 /// Everything wrong with the cluster, one sentence each.
@@ -40,6 +43,9 @@ pub fn problems(
         .collect();
     if workers.is_empty() {
         problems.push("no live worker".to_string());
+    }
+    if let Some(why) = &rollouts.unplaceable {
+        problems.push(format!("the leader cannot place the experts on the live, uncordoned workers: {why}"));
     }
     let Some(p) = view.current() else {
         problems.push("no current placement".to_string());
@@ -204,8 +210,13 @@ mod tests {
         assert!(p[0].contains("1 live worker(s), fewer than the 2 copies"), "{p:?}");
 
         // A stuck rollout.
-        let rollouts = Rollouts { running: Some((PlacementVersion(4), Duration::from_secs(40))), abandoned: None };
+        let rollouts = Rollouts { running: Some((PlacementVersion(4), Duration::from_secs(40))), ..Default::default() };
         let p = problems("m", 2, &nodes, &HashSet::new(), &two_copies, &rollouts, Duration::from_secs(60));
         assert!(p.iter().any(|p| p.contains("rollout of v4 has waited 40.0s")), "{p:?}");
+
+        // No plan fits the live workers: why, before the placement's symptoms.
+        let rollouts = Rollouts { unplaceable: Some("it does not fit".into()), ..Default::default() };
+        let p = problems("m", 2, &gone, &HashSet::new(), &two_copies, &rollouts, Duration::from_secs(60));
+        assert_eq!(p[0], "the leader cannot place the experts on the live, uncordoned workers: it does not fit");
     }
 }

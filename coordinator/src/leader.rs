@@ -72,7 +72,7 @@ pub(crate) fn plan(
     load: &placement::Load,
     current: Option<&Placement>,
     max_move: Option<u64>,
-) -> Option<Placement> {
+) -> Result<Placement, placement::PlanError> {
     let problem = problem(config, workers);
     let load = &load.clone().idle_layers_uniform();
     let same_shape = |c: &&Placement| c.layers as usize == config.layers && c.experts as usize == config.experts;
@@ -84,23 +84,14 @@ pub(crate) fn plan(
         }
         None => placement::eplb(&problem, load),
     };
-    let plan = match planned {
-        Ok(plan) => {
-            metrics::BALANCEDNESS.set(plan.balancedness(load));
-            plan
-        }
-        Err(e) => {
-            tracing::error!(workers = workers.len(), error = %e, "cannot place the experts on the live workers");
-            return None;
-        }
-    };
+    let plan = planned?;
     let assignments = workers
         .iter()
         .zip(plan.specs())
         .filter(|(_, spec)| !spec.is_empty())
         .map(|(w, experts)| Assignment { node: w.id.clone(), addr: w.addr.clone(), experts })
         .collect();
-    Some(Placement {
+    Ok(Placement {
         version,
         model_id: config.model_id.clone(),
         layers: config.layers as u32,
@@ -158,6 +149,7 @@ pub(crate) async fn lead(
     // workers decides the same, so only a change of them, or a rebalance
     // request, plans again.
     let mut kept_for: Option<Vec<(NodeId, String)>> = None;
+    shared.lock().unplaceable = None;
     loop {
         // After the settle pause, look again: the pause may have let the
         // mirrors catch up with what this leader wrote itself.
@@ -191,10 +183,25 @@ pub(crate) async fn lead(
                 let load = current_load(config, shared);
                 let max_move = forced.map_or(config.max_move, |f| f.max_move);
                 let version = PlacementVersion(newest.0 + 1);
-                let Some(next) = plan(config, version, &live, &load, view.current(), max_move) else {
-                    // Wait for membership to change (more workers, more memory).
-                    worker_changes.changed().await.ok();
-                    continue;
+                let next = match plan(config, version, &live, &load, view.current(), max_move) {
+                    Ok(next) => {
+                        shared.lock().unplaceable = None;
+                        let load = load.clone().idle_layers_uniform();
+                        metrics::BALANCEDNESS.set(plan_over(&next, &live).balancedness(&load));
+                        next
+                    }
+                    Err(e) => {
+                        tracing::error!(workers = live.len(), error = %e, "cannot place the experts on the live workers");
+                        shared.lock().unplaceable = Some(e.to_string());
+                        // Wait for more workers or more memory: a worker
+                        // that joins or comes back, an uncordon, a rebalance.
+                        tokio::select! {
+                            _ = worker_changes.changed() => {}
+                            _ = cordon_changes.changed() => {}
+                            _ = shared.wake.notified() => {}
+                        }
+                        continue;
+                    }
                 };
                 if view.current().is_some_and(|c| c.assignments == next.assignments) {
                     metrics::PLANS_KEPT.inc();
@@ -242,6 +249,8 @@ pub(crate) async fn lead(
             }
             continue;
         }
+        // Nothing to place (any more): a failed plan no longer matters.
+        shared.lock().unplaceable = None;
         if let Some(current) = view.current {
             release_old(store, keys, &view, current, &routers.snapshot()).await?;
         }

@@ -64,6 +64,8 @@ struct SharedState {
     rollout: Option<(schema::PlacementVersion, std::time::Instant)>,
     /// Rollouts abandoned in a row, and why the last one was.
     abandoned: Option<(usize, String)>,
+    /// Why the last plan for the live workers failed, until one succeeds.
+    unplaceable: Option<String>,
 }
 
 /// A rebalance asked for through the admin API.
@@ -78,6 +80,7 @@ impl SharedState {
         health::Rollouts {
             running: self.rollout.map(|(v, since)| (v, since.elapsed())),
             abandoned: self.abandoned.clone(),
+            unplaceable: self.unplaceable.clone(),
         }
     }
 }

@@ -34,8 +34,12 @@ pub static ROLLOUT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
             .buckets(buckets),
     ))
 });
-/// Balancedness (mean / most loaded worker) of the last placement planned,
-/// on the measured load.
+/// Balancedness (mean / most loaded worker) of the placement the leader
+/// last decided on (rolled out or kept), on the measured load; what-if
+/// plans (`ctl rebalance --dry-run`, `ctl drain`'s check) leave it alone.
 pub static BALANCEDNESS: LazyLock<Gauge> = LazyLock::new(|| {
-    registered(Gauge::new("myriad_coordinator_balancedness", "balancedness of the last placement planned"))
+    registered(Gauge::new(
+        "myriad_coordinator_balancedness",
+        "balancedness of the placement the leader last decided on",
+    ))
 });
