@@ -367,14 +367,30 @@ async fn run_async(args: Args) -> Result<()> {
         }
         Ctl::Cordon { node } | Ctl::Uncordon { node } => {
             let cordon = matches!(args.command, Ctl::Cordon { .. });
-            client
+            let c = client
                 .cordon(request(&args, CordonRequest { node: node.clone(), cordon })?)
                 .await
-                .map_err(|s| peer.error(s))?;
+                .map_err(|s| peer.error(s))?
+                .into_inner();
             if args.json {
-                println!("{}", json!({"node": node, "cordoned": cordon}));
+                let answer =
+                    json!({"node": node, "cordoned": cordon, "changed": c.changed, "registered": c.registered});
+                println!("{answer}");
             } else {
-                println!("{node} {}", if cordon { "cordoned" } else { "uncordoned" });
+                let done = match (cordon, c.changed) {
+                    (true, true) => "cordoned",
+                    (true, false) => "was already cordoned",
+                    (false, true) => "uncordoned",
+                    (false, false) => "was not cordoned",
+                };
+                let unknown = if c.registered {
+                    ""
+                } else if cordon {
+                    " (no worker of that id is registered now; one that registers will not be placed)"
+                } else {
+                    " (no worker of that id is registered now)"
+                };
+                println!("{node} {done}{unknown}");
             }
         }
         Ctl::Kvcache { .. } => unreachable!("answered before connecting to a coordinator"),

@@ -276,12 +276,16 @@ impl Admin for AdminService {
         self.leading().await?;
         let request = request.into_inner();
         let id = Self::node_id(&request.node)?;
-        if request.cordon {
-            self.store.put(&self.keys.cordon(&id), id.to_string().into_bytes(), None).await.map_err(unavailable)?;
+        let key = self.keys.cordon(&id);
+        let changed = if request.cordon {
+            let was = self.store.get(&key).await.map_err(unavailable)?.is_some();
+            self.store.put(&key, id.to_string().into_bytes(), None).await.map_err(unavailable)?;
+            !was
         } else {
-            self.store.delete(&self.keys.cordon(&id)).await.map_err(unavailable)?;
-        }
-        Ok(Response::new(CordonResponse {}))
+            self.store.delete(&key).await.map_err(unavailable)?
+        };
+        let registered = self.store.get(&self.keys.node(Role::Worker, &id)).await.map_err(unavailable)?.is_some();
+        Ok(Response::new(CordonResponse { changed, registered }))
     }
 
     async fn drain(&self, request: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {

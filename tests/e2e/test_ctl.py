@@ -106,7 +106,12 @@ def test_every_ctl_command_works_on_myriad_up():
         ok(s, "uncordon", "worker-1")
         ok(s, "cordon", "worker-0")
         assert {n["id"]: n for n in json.loads(ok(s, "--json", "status"))["nodes"]}["worker-0"]["cordoned"]
-        ok(s, "uncordon", "worker-0")
+        assert ok(s, "uncordon", "worker-0").strip() == "worker-0 uncordoned"
+        assert ok(s, "uncordon", "worker-0").strip() == "worker-0 was not cordoned"
+        # A cordon of a node id nobody registered (a typo?) is said to be one.
+        assert "no worker of that id is registered" in ok(s, "cordon", "worker-9")
+        assert json.loads(ok(s, "--json", "cordon", "worker-9"))["changed"] is False
+        ok(s, "uncordon", "worker-9")
         assert "memory" in ok(s, "kvcache")
         # Errors name what was tried: the HTTP port, a worker's port, a dead one.
         http_port = s.root_url.removeprefix("http://")
