@@ -306,7 +306,12 @@ async fn uncordoning_a_spare_places_what_the_survivors_cannot_hold() {
     // The tiny model's 40 experts of 24 KiB: three of these workers hold
     // them (16 each), two do not.
     let small = ["--capacity", "400KiB"];
-    let mut workers: Vec<Proc> = ["y1", "y2", "y3", "y4"].iter().map(|id| worker_with(&e, id, &small)).collect();
+    let mut workers: Vec<Proc> = ["y1", "y2", "y3"].iter().map(|id| worker_with(&e, id, &small)).collect();
+    until("status says the first placement waits for a fourth worker", Duration::from_secs(30), async || {
+        ctl_json(&e, &["status"])["problems"].to_string().contains("(--min-workers); 3 are").then_some(())
+    })
+    .await;
+    workers.push(worker_with(&e, "y4", &small));
     let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
     let current = || PlacementView::read(&keys, &placements.snapshot()).current().cloned();
     let placed = |p: &schema::Placement, id: &str| p.assignment(&id.parse().unwrap()).is_some();

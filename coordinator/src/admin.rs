@@ -140,15 +140,13 @@ impl Admin for AdminService {
         let cordons = self.cordons().await?;
         let view = self.view().await?;
         let rollouts = self.shared.lock().rollouts();
-        let problems = health::problems(
-            &self.config.model_id,
-            self.config.replicas,
-            &nodes,
-            &cordons,
-            &view,
-            &rollouts,
-            self.config.rollout_timeout,
-        );
+        let asked = health::Asked {
+            model_id: &self.config.model_id,
+            replicas: self.config.replicas,
+            min_workers: self.config.min_workers,
+            rollout_timeout: self.config.rollout_timeout,
+        };
+        let problems = health::problems(&asked, &nodes, &cordons, &view, &rollouts);
         let nodes = nodes
             .into_iter()
             .map(|n| pb::Node {

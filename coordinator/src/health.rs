@@ -26,16 +26,27 @@ pub struct Rollouts {
     pub unplaceable: Option<String>,
 }
 
+/// What the coordinator was asked for, as far as health depends on it.
+#[derive(Debug, Clone)]
+pub struct Asked<'a> {
+    pub model_id: &'a str,
+    /// Copies of every expert, on distinct workers.
+    pub replicas: usize,
+    /// Live workers the first placement waits for.
+    pub min_workers: usize,
+    /// How long a rollout waits for workers before it is abandoned.
+    pub rollout_timeout: Duration,
+}
+
 /// Everything wrong with the cluster, one sentence each.
 pub fn problems(
-    model_id: &str,
-    replicas: usize,
+    asked: &Asked,
     nodes: &[NodeRecord],
     cordoned: &HashSet<NodeId>,
     view: &PlacementView,
     rollouts: &Rollouts,
-    rollout_timeout: Duration,
 ) -> Vec<String> {
+    let Asked { model_id, replicas, min_workers, rollout_timeout } = *asked;
     let mut problems = Vec::new();
     let workers: Vec<&NodeRecord> = nodes
         .iter()
@@ -48,7 +59,15 @@ pub fn problems(
         problems.push(format!("the leader cannot place the experts on the live, uncordoned workers: {why}"));
     }
     let Some(p) = view.current() else {
-        problems.push("no current placement".to_string());
+        problems.push(if workers.len() < min_workers {
+            format!(
+                "no current placement: the first waits for {min_workers} live, uncordoned workers \
+                 (--min-workers); {} are",
+                workers.len()
+            )
+        } else {
+            "no current placement".to_string()
+        });
         return problems;
     };
     // The placement against the live workers.
@@ -164,8 +183,12 @@ mod tests {
         PlacementView { versions: [(p.version, p)].into_iter().collect(), current: Some(PlacementVersion(3)) }
     }
 
+    fn asked(replicas: usize) -> Asked<'static> {
+        Asked { model_id: "m", replicas, min_workers: 3, rollout_timeout: Duration::from_secs(60) }
+    }
+
     fn check(nodes: &[NodeRecord], view: &PlacementView, replicas: usize) -> Vec<String> {
-        problems("m", replicas, nodes, &HashSet::new(), view, &Rollouts::default(), Duration::from_secs(60))
+        problems(&asked(replicas), nodes, &HashSet::new(), view, &Rollouts::default())
     }
 
     #[test]
@@ -211,12 +234,18 @@ mod tests {
 
         // A stuck rollout.
         let rollouts = Rollouts { running: Some((PlacementVersion(4), Duration::from_secs(40))), ..Default::default() };
-        let p = problems("m", 2, &nodes, &HashSet::new(), &two_copies, &rollouts, Duration::from_secs(60));
+        let p = problems(&asked(2), &nodes, &HashSet::new(), &two_copies, &rollouts);
         assert!(p.iter().any(|p| p.contains("rollout of v4 has waited 40.0s")), "{p:?}");
 
         // No plan fits the live workers: why, before the placement's symptoms.
         let rollouts = Rollouts { unplaceable: Some("it does not fit".into()), ..Default::default() };
-        let p = problems("m", 2, &gone, &HashSet::new(), &two_copies, &rollouts, Duration::from_secs(60));
+        let p = problems(&asked(2), &gone, &HashSet::new(), &two_copies, &rollouts);
         assert_eq!(p[0], "the leader cannot place the experts on the live, uncordoned workers: it does not fit");
+
+        // Before the first placement: how many workers it waits for.
+        let none = PlacementView::default();
+        let p = check(&nodes[..2], &none, 2);
+        assert_eq!(p, ["no current placement: the first waits for 3 live, uncordoned workers (--min-workers); 2 are"]);
+        assert_eq!(check(&nodes, &none, 2), ["no current placement"]);
     }
 }
