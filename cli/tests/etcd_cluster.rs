@@ -349,3 +349,49 @@ async fn uncordoning_a_spare_places_what_the_survivors_cannot_hold() {
     ctl_json(&e, &["uncordon", "y2"]);
     until("the problem cleared", Duration::from_secs(10), async || (!cannot_place()).then_some(())).await;
 }
+
+/// A worker that cannot load the experts it is given (its weights went
+/// away after it started) reports it: the leader abandons that version at
+/// once instead of after the rollout timeout, places the experts without
+/// it, and `ctl status` names it and why; restarted with its weights back,
+/// it is placed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_load_its_experts_is_left_out_until_it_restarts() {
+    let etcd = EtcdServer::start().await;
+    let e = etcd.endpoint.clone();
+    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(etcd.store());
+    let keys = Keys::new("t");
+    let _coordinator = coordinator_with(&e, "k1", &["--min-workers", "2", "--settle", "100ms"]);
+    let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v4");
+    let dir = tempfile::tempdir().unwrap();
+    for file in std::fs::read_dir(&tiny).unwrap() {
+        let file = file.unwrap().path();
+        std::fs::copy(&file, dir.path().join(file.file_name().unwrap())).unwrap();
+    }
+    let model = dir.path().to_str().unwrap().to_string();
+    let mut z3 = worker_with(&e, "z3", &["--model", &model]);
+    let weights = dir.path().join("model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    let _workers: Vec<Proc> = ["z1", "z2"].iter().map(|id| worker(&e, id)).collect();
+    let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
+    let current = || PlacementView::read(&keys, &placements.snapshot()).current().cloned();
+    let z3_placed = |p: &schema::Placement| p.assignment(&"z3".parse().unwrap()).is_some();
+    // Well inside the 5 minute rollout timeout.
+    let first =
+        until("a current placement without z3", Duration::from_secs(20), async || current().filter(|p| !z3_placed(p)))
+            .await;
+    assert!(first.version > schema::PlacementVersion(1), "v1 named z3 and was abandoned: {first:?}");
+    let problems = ctl_json(&e, &["status"])["problems"].to_string();
+    assert!(problems.contains("worker z3 could not load the experts of placement v1"), "{problems}");
+    assert!(problems.contains("model.safetensors"), "the reason names the missing file: {problems}");
+
+    std::fs::copy(tiny.join("model.safetensors"), &weights).unwrap();
+    z3.kill();
+    let _z3 = worker_with(&e, "z3", &["--model", &model]);
+    until("z3 placed again after its restart", Duration::from_secs(30), async || {
+        current().filter(|p| z3_placed(p)).map(|_| ())
+    })
+    .await;
+    let problems = ctl_json(&e, &["status"])["problems"].to_string();
+    assert!(!problems.contains("could not load"), "{problems}");
+}

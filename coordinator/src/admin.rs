@@ -16,7 +16,7 @@ use myriad_store::schema::{self, Keys, Leader, NodeId, NodeRecord, Placement, Pl
 use tonic::{Request, Response, Status};
 
 use crate::health;
-use crate::leader::{cordoned, current_load, live_workers, plan, plan_over};
+use crate::leader::{cordoned, current_load, live_workers, plan, plan_over, schedulable};
 use crate::placement::{Load, Plan};
 use crate::{CoordinatorConfig, Forced, Shared};
 
@@ -117,12 +117,11 @@ impl AdminService {
         Ok(cordoned(&self.keys, &snapshot))
     }
 
-    /// The live, uncordoned workers of this model.
+    /// The workers of this model placement may use (see [`schedulable`]).
     async fn schedulable(&self) -> Result<Vec<NodeRecord>, Status> {
         let listing = self.store.list(&self.keys.nodes(Role::Worker)).await.map_err(unavailable)?;
         let snapshot = Arc::new(listing.kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect());
-        let cordons = self.cordons().await?;
-        Ok(live_workers(&snapshot, &self.config.model_id).into_iter().filter(|w| !cordons.contains(&w.id)).collect())
+        Ok(schedulable(live_workers(&snapshot, &self.config.model_id), &self.cordons().await?))
     }
 
     fn node_id(id: &str) -> Result<NodeId, Status> {

@@ -48,10 +48,18 @@ pub fn problems(
 ) -> Vec<String> {
     let Asked { model_id, replicas, min_workers, rollout_timeout } = *asked;
     let mut problems = Vec::new();
-    let workers: Vec<&NodeRecord> = nodes
-        .iter()
-        .filter(|n| n.role == Role::Worker && n.model_id == model_id && !cordoned.contains(&n.id))
-        .collect();
+    let ours = |n: &&NodeRecord| n.role == Role::Worker && n.model_id == model_id;
+    for n in nodes.iter().filter(ours) {
+        if let Some(f) = &n.load_failure {
+            problems.push(format!(
+                "worker {} could not load the experts of placement {}: {}; placement leaves it out until it restarts",
+                n.id, f.version, f.error
+            ));
+        }
+    }
+    // The workers placement may use.
+    let workers: Vec<&NodeRecord> =
+        nodes.iter().filter(ours).filter(|n| !cordoned.contains(&n.id) && n.load_failure.is_none()).collect();
     if workers.is_empty() {
         problems.push("no live worker".to_string());
     }
@@ -80,6 +88,8 @@ pub fn problems(
             Some(_) if cordoned.contains(&a.node) => {
                 problems.push(format!("worker {} is cordoned but still placed in {}", a.node, p.version))
             }
+            // Said above.
+            Some(n) if n.load_failure.is_some() => {}
             // A worker restarted in place registers before it has loaded
             // its experts again.
             Some(n) if n.placement_version < Some(p.version) => {
@@ -241,6 +251,18 @@ mod tests {
         let rollouts = Rollouts { unplaceable: Some("it does not fit".into()), ..Default::default() };
         let p = problems(&asked(2), &gone, &HashSet::new(), &two_copies, &rollouts);
         assert_eq!(p[0], "the leader cannot place the experts on the live, uncordoned workers: it does not fit");
+
+        // A worker that failed to load: named with why, not counted as
+        // live, and not reported again as a placed worker behind.
+        let mut failed = nodes.clone();
+        failed[1].load_failure =
+            Some(myriad_store::schema::LoadFailure { version: PlacementVersion(4), error: "disk gone".into() });
+        let p = check(&failed, &two_copies, 2);
+        assert_eq!(
+            p[0],
+            "worker w2 could not load the experts of placement v4: disk gone; placement leaves it out until it restarts"
+        );
+        assert!(p.iter().all(|p| !p.contains("w2 has not loaded")), "{p:?}");
 
         // Before the first placement: how many workers it waits for.
         let none = PlacementView::default();

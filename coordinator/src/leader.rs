@@ -31,6 +31,12 @@ pub(crate) fn live_workers(snapshot: &Snapshot, model_id: &str) -> Vec<NodeRecor
     nodes
 }
 
+/// The workers placement may use: `live` less the cordoned ones and those
+/// that report failing to load their experts (until they restart).
+pub(crate) fn schedulable(live: Vec<NodeRecord>, cordoned: &HashSet<NodeId>) -> Vec<NodeRecord> {
+    live.into_iter().filter(|w| !cordoned.contains(&w.id) && w.load_failure.is_none()).collect()
+}
+
 /// Whether `placement` already places exactly these workers at these addresses.
 fn matches(placement: &Placement, workers: &[NodeRecord]) -> bool {
     let placed: BTreeSet<(&NodeId, &str)> = placement.assignments.iter().map(|a| (&a.node, a.addr.as_str())).collect();
@@ -134,10 +140,7 @@ pub(crate) async fn lead(
         (workers.subscribe(), routers.subscribe(), placements.subscribe(), cordons.subscribe());
     let read = || {
         let cordoned = cordoned(keys, &cordons.snapshot());
-        let live: Vec<NodeRecord> = live_workers(&workers.snapshot(), &config.model_id)
-            .into_iter()
-            .filter(|w| !cordoned.contains(&w.id))
-            .collect();
+        let live = schedulable(live_workers(&workers.snapshot(), &config.model_id), &cordoned);
         (live, PlacementView::read(keys, &placements.snapshot()))
     };
     let membership = |live: &[NodeRecord]| -> Vec<(NodeId, String)> {
@@ -348,6 +351,14 @@ async fn roll_out(
         let gone = next.assignments.iter().any(|a| !live.iter().any(|w| w.id == a.node && w.addr == a.addr));
         if pending.is_empty() {
             break;
+        }
+        let failed = next.assignments.iter().find_map(|a| {
+            let w = live.iter().find(|w| w.id == a.node && w.addr == a.addr)?;
+            w.load_failure.as_ref().filter(|f| f.version == version).map(|f| (&a.node, &f.error))
+        });
+        if let Some((node, error)) = failed {
+            tracing::warn!(%version, %node, %error, "a worker cannot load its experts; abandoning this version");
+            return Ok(Err(format!("worker {node} could not load its experts: {error}")));
         }
         // An abandoned version is never reused; it is deleted with the
         // other old ones once a newer version is current.

@@ -128,6 +128,18 @@ pub struct NodeRecord {
     pub device: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_memory_bytes: Option<u64>,
+    /// Workers: a placement version whose experts it could not load, and
+    /// why; cleared when it loads one. Placement leaves such a worker out.
+    /// Absent in records of older builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_failure: Option<LoadFailure>,
+}
+
+/// A worker's failure to load the experts a placement version gave it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadFailure {
+    pub version: PlacementVersion,
+    pub error: String,
 }
 
 impl NodeRecord {
@@ -146,6 +158,7 @@ impl NodeRecord {
             zone: None,
             device: None,
             device_memory_bytes: None,
+            load_failure: None,
         }
     }
 }

@@ -35,6 +35,7 @@ fn record() -> NodeRecord {
         zone: None,
         device: Some("cuda:0".into()),
         device_memory_bytes: Some(150_000_000_000),
+        load_failure: Some(schema::LoadFailure { version: PlacementVersion(3), error: "out of memory".into() }),
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use myriad_store::lease::Registration;
 use myriad_store::mirror::Mirror;
-use myriad_store::schema::{self, Keys, NodeRecord, Placement, PlacementVersion, PlacementView};
+use myriad_store::schema::{self, Keys, LoadFailure, NodeRecord, Placement, PlacementVersion, PlacementView};
 use myriad_store::{Store, StoreError};
 use tokio::sync::watch;
 
@@ -118,23 +118,33 @@ async fn apply_placements(
             let a = p.assignment(&record.id)?;
             (p.model_id == record.model_id && a.addr == record.addr).then(|| (p.version, a.experts.clone()))
         });
-        if let Some((version, spec)) = mine.filter(|(v, _)| Some(*v) > record.placement_version) {
+        // A version it failed to load is not tried again: the leader plans
+        // without this worker until it restarts.
+        let failed = |v: &PlacementVersion| record.load_failure.as_ref().is_some_and(|f| f.version == *v);
+        if let Some((version, spec)) = mine.filter(|(v, _)| Some(*v) > record.placement_version && !failed(v)) {
             let (dir, reuse) = (m.model.clone(), loaded.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>());
             tracing::info!(%version, experts = %spec, "loading the experts of a new placement");
             let device = m.device;
             let result = tokio::task::spawn_blocking(move || device.load(&dir, &spec, &reuse)).await;
-            match result {
+            let failure = match result {
                 Ok(Ok(backend)) => {
                     worker.install(Some(version.0), backend.clone());
                     loaded.push((version, backend));
                     record.placement_version = Some(version);
-                    if let Some(r) = &registration {
-                        r.update(schema::encode(&record));
-                    }
                     tracing::info!(%version, "placement loaded");
+                    None
                 }
-                Ok(Err(e)) => tracing::error!(%version, error = %e, "cannot load this placement's experts"),
-                Err(e) => tracing::error!(%version, error = %e, "the loading task failed"),
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(format!("the loading task failed: {e}")),
+            };
+            // Published, so the leader abandons the version at once and
+            // places the experts without this worker.
+            if let Some(error) = &failure {
+                tracing::error!(%version, %error, "cannot load this placement's experts; reporting it");
+            }
+            record.load_failure = failure.map(|error| LoadFailure { version, error });
+            if let Some(r) = &registration {
+                r.update(schema::encode(&record));
             }
         }
         // Keep what a live version still needs and the newest loaded one
