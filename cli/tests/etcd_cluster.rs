@@ -17,7 +17,8 @@ use common::{Proc, health, leader, until};
 
 const TTL: &str = "2s";
 
-/// Where node `id` serves its metrics: a port of its own.
+/// Where node `id` serves its metrics: a port of its own (so tests that
+/// run at once need distinct node ids).
 fn metrics_addr(id: &str) -> String {
     use std::sync::{LazyLock, Mutex};
     static PORTS: LazyLock<Mutex<Vec<(String, u16)>>> = LazyLock::new(|| Mutex::new(Vec::new()));
@@ -302,7 +303,7 @@ async fn uncordoning_a_spare_places_what_the_survivors_cannot_hold() {
     let e = etcd.endpoint.clone();
     let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(etcd.store());
     let keys = Keys::new("t");
-    let _coordinator = coordinator_with(&e, "k1", &["--min-workers", "4", "--settle", "100ms"]);
+    let _coordinator = coordinator_with(&e, "k2", &["--min-workers", "4", "--settle", "100ms"]);
     // The tiny model's 40 experts of 24 KiB: three of these workers hold
     // them (16 each), two do not.
     let small = ["--capacity", "400KiB"];
@@ -361,7 +362,7 @@ async fn a_worker_that_cannot_load_its_experts_is_left_out_until_it_restarts() {
     let e = etcd.endpoint.clone();
     let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(etcd.store());
     let keys = Keys::new("t");
-    let _coordinator = coordinator_with(&e, "k1", &["--min-workers", "2", "--settle", "100ms"]);
+    let _coordinator = coordinator_with(&e, "k3", &["--min-workers", "2", "--settle", "100ms"]);
     let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v4");
     let dir = tempfile::tempdir().unwrap();
     for file in std::fs::read_dir(&tiny).unwrap() {
