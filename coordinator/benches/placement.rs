@@ -152,6 +152,7 @@ fn main() {
     }
     migration(&mut rng);
     spread(&mut rng);
+    joins(&mut rng);
 }
 
 /// Workers eight to a machine: balance with and without the machine
@@ -222,6 +223,41 @@ fn migration(rng: &mut Rng) {
                 moved(&ours),
                 tight.balancedness(&after),
                 moved(&tight)
+            );
+        }
+    }
+}
+
+/// One worker joins a cluster of `workers - 1` (`workers` redundant
+/// copies per layer), idle (every expert's load equal) or serving a skewed
+/// trace: the copies [`rebalance`] (tolerance 0.01, no move bound) and a
+/// fresh plan load, against the joined worker's share (the least any
+/// switch to a plan that uses it loads).
+fn joins(rng: &mut Rng) {
+    println!(
+        "\n| layers | experts | workers | load | joined worker's copies | rebalance loads | / share | balance | fresh plan loads | / share | balance |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for (layers, experts, workers) in [(8, 256, 32), (61, 384, 64)] {
+        let skewed = trace(layers, experts, 1.0, rng);
+        for (name, load) in [("idle", Load::uniform(layers, experts)), ("skew 1", skewed)] {
+            let before = eplb(&problem(layers, experts, workers - 1, workers), &load).expect("eplb");
+            let current = Plan { workers, holders: before.holders };
+            let migration = Migration { current: &current, max_move: None, tolerance: 0.01 };
+            let p = problem(layers, experts, workers, workers);
+            let next = rebalance(&p, &load, &migration).expect("rebalance");
+            let fresh = eplb(&p, &load).expect("eplb");
+            let share = next.copies()[workers - 1];
+            let loaded = |plan: &Plan| plan.moved(&current).iter().sum::<usize>();
+            let per_share = |plan: &Plan| loaded(plan) as f64 / share.max(1) as f64;
+            println!(
+                "| {layers} | {experts} | {workers} | {name} | {share} | {} | {:.2} | {:.3} | {} | {:.2} | {:.3} |",
+                loaded(&next),
+                per_share(&next),
+                next.balancedness(&load),
+                loaded(&fresh),
+                per_share(&fresh),
+                fresh.balancedness(&load)
             );
         }
     }

@@ -5,10 +5,13 @@
 //! percent, or for none when a worker leaves and only its copies were lost.
 //! [`rebalance`] starts from the current placement instead, repaired (each
 //! copy that left with a worker placed again, on the least loaded worker
-//! with room), then adopts layers of the fresh plan, the most balance
-//! gained per copy moved first, while no worker has to load more than the
-//! move bound. Each adoption is a candidate; the one that moves least
-//! among those within `tolerance` of the best balance wins.
+//! with room), then improves the layers where the fresh plan balances
+//! better by more than `tolerance`, the largest gap first, while no worker
+//! has to load more than the move bound: by a local search that keeps each
+//! worker's copies in the layer; short of the target, after handing copies
+//! to workers below the fresh plan's count (one that joined); still short,
+//! by adopting the fresh plan's layer. Last, experts of equal load trade
+//! holders wherever that loads fewer copies.
 //!
 //! The fresh plan's workers are first renumbered to match the current
 //! placement where they can (equal memory only): which worker gets which
@@ -54,11 +57,36 @@ pub fn rebalance(p: &Problem, load: &Load, m: &Migration<'_>) -> Result<Plan, Pl
     for (l, _, best) in gaps {
         let (held, target) = (&m.current.holders[l], best - m.tolerance);
         let tokens = &load.tokens[l * p.experts..(l + 1) * p.experts];
-        let mut search = Layer::new(tokens, p.replicas, workers, &domains, plan.holders[l].clone())
-            .bounded(target, Budget { held, left: &mut left });
-        search.refine();
-        let mut refined = search.holders;
-        refined.iter_mut().for_each(|h| h.sort_unstable());
+        let search = |want: Option<&[usize]>, left: &mut [usize]| {
+            let start = plan.holders[l].clone();
+            let mut search =
+                Layer::new(tokens, p.replicas, workers, &domains, start).bounded(target, Budget { held, left });
+            if let Some(want) = want {
+                search.hand_over(want);
+            }
+            search.refine();
+            let mut holders = search.holders;
+            holders.iter_mut().for_each(|h| h.sort_unstable());
+            holders
+        };
+        let mut kept_left = left.clone();
+        let mut refined = search(None, &mut kept_left);
+        // Short of the target with every worker's copies kept (a worker
+        // that joined holds none): workers below the fresh plan's count of
+        // copies in this layer take copies from those above it, moving
+        // those copies only, then search again.
+        if balance(&refined, l) < target {
+            let want = per_worker(&fresh.holders[l], workers);
+            let mut handed_left = left.clone();
+            let handed = search(Some(&want), &mut handed_left);
+            let mut after = copies.clone();
+            per_worker(&plan.holders[l], workers).iter().enumerate().for_each(|(w, &n)| after[w] -= n);
+            per_worker(&handed, workers).iter().enumerate().for_each(|(w, &n)| after[w] += n);
+            if balance(&handed, l) > balance(&refined, l) && fits(p, &after) {
+                (refined, kept_left, copies) = (handed, handed_left, after);
+            }
+        }
+        left = kept_left;
         // Short of the target, the fresh plan's layer, if affordable.
         let ours = balance(&refined, l);
         let (spent, needs) = (layer_moves(&refined, held, workers), layer_moves(&fresh.holders[l], held, workers));
@@ -73,7 +101,43 @@ pub fn rebalance(p: &Problem, load: &Load, m: &Migration<'_>) -> Result<Plan, Pl
         }
         plan.holders[l] = refined;
     }
+    for (l, layer) in plan.holders.iter_mut().enumerate() {
+        fewer_moves(layer, &m.current.holders[l], &load.tokens[l * p.experts..(l + 1) * p.experts]);
+    }
     Ok(plan)
+}
+
+/// Swaps the holders of experts with exactly equal load in `layer` while
+/// that loads fewer copies than `held` has: every worker's load, copies
+/// and machines stay as they are. Adopted layers of the fresh plan number
+/// their copies by its packing order, so without this an idle (uniform)
+/// layer moves copies between workers that stay, not only to a new one.
+fn fewer_moves(layer: &mut [Vec<usize>], held: &[Vec<usize>], tokens: &[f64]) {
+    let cost =
+        |holders: &[usize], e: usize| holders.iter().filter(|w| held.get(e).is_none_or(|h| !h.contains(w))).count();
+    let mut improved = true;
+    while improved {
+        improved = false;
+        for a in 0..layer.len() {
+            for b in a + 1..layer.len() {
+                if tokens[a] != tokens[b] {
+                    continue;
+                }
+                let now = cost(&layer[a], a) + cost(&layer[b], b);
+                if cost(&layer[b], a) + cost(&layer[a], b) < now {
+                    layer.swap(a, b);
+                    improved = true;
+                }
+            }
+        }
+    }
+}
+
+/// Copies each worker holds in `layer`.
+fn per_worker(layer: &[Vec<usize>], workers: usize) -> Vec<usize> {
+    let mut count = vec![0; workers];
+    layer.iter().flatten().for_each(|&w| count[w] += 1);
+    count
 }
 
 /// Stands for no move bound: far more copies than any plan has.
@@ -267,6 +331,43 @@ mod tests {
         let next = rebalance(&p3, &load.idle_layers_uniform(), &m).unwrap();
         check_valid(&next, &p3);
         assert!(next.holders[1].iter().flatten().any(|&w| w == 2), "{:?}", next.holders[1]);
+    }
+
+    /// A worker joins an idle cluster (every expert's load equal): only
+    /// its share of copies moves, all to it, at the fresh plan's balance.
+    #[test]
+    fn a_worker_joining_an_idle_cluster_loads_only_its_share() {
+        let load = Load::uniform(5, 8);
+        let current = eplb(&problem(5, 8, 2, 1, 0), &load).unwrap();
+        let joined = Plan { workers: 3, holders: current.holders.clone() };
+        let p3 = problem(5, 8, 3, 1, 0);
+        let m = Migration { current: &joined, max_move: None, tolerance: 0.01 };
+        let next = rebalance(&p3, &load, &m).unwrap();
+        check_valid(&next, &p3);
+        assert_eq!(next.moved(&joined), vec![0, 0, next.copies()[2] as usize]);
+        assert_eq!(next.copies()[2], 13, "{:?}", next.copies());
+        assert!((next.balancedness(&load) - eplb(&p3, &load).unwrap().balancedness(&load)).abs() < 1e-9);
+    }
+
+    /// A worker joins a serving cluster: the layers short of balance hand
+    /// it copies from the others rather than adopting the fresh plan's
+    /// layers, which renumber most copies.
+    #[test]
+    fn a_worker_joining_a_serving_cluster_moves_far_less_than_a_fresh_plan() {
+        for seed in 0..4 {
+            let load = skewed(4, 64, seed);
+            let current = eplb(&problem(4, 64, 7, 1, 8), &load).unwrap();
+            let joined = Plan { workers: 8, holders: current.holders.clone() };
+            let p8 = problem(4, 64, 8, 1, 8);
+            let fresh = eplb(&p8, &load).unwrap();
+            let next = rebalance(&p8, &load, &Migration { current: &joined, max_move: None, tolerance: 0.01 }).unwrap();
+            check_valid(&next, &p8);
+            let (ours, theirs) =
+                (next.moved(&joined).iter().sum::<usize>(), fresh.moved(&joined).iter().sum::<usize>());
+            assert!(next.copies()[7] > 0, "the joined worker holds nothing");
+            assert!(next.balancedness(&load) >= fresh.balancedness(&load) - 0.01 - 1e-9);
+            assert!(2 * ours < theirs, "moved {ours}, a fresh plan {theirs}");
+        }
     }
 
     #[test]

@@ -17,6 +17,11 @@
 //!
 //! Only improvements are kept, so the result is never less balanced than
 //! the packing it starts from.
+//!
+//! Rebalancing a serving cluster may first **hand over** copies
+//! ([`Layer::hand_over`]): the one step that changes workers' numbers of
+//! copies, moving copies from workers above a count to those below it (a
+//! worker that joined), so that the search can then even the layer out.
 
 use super::Domains;
 
@@ -215,6 +220,55 @@ impl<'a> Layer<'a> {
         }
     }
 
+    /// Moves copies from workers holding more than `want[w]` copies of this
+    /// layer to those holding fewer (a worker that joined holds none), the
+    /// lightest short worker first taking the heaviest copy the most
+    /// loaded donor has that it can take (spread kept, within the budget)
+    /// without ending above that donor. Stops when no short worker can
+    /// take a copy. Expert copy counts, so copy weights, stay as they are.
+    pub fn hand_over(&mut self, want: &[usize]) {
+        let workers = self.worker_load.len();
+        let mut count = vec![0usize; workers];
+        self.holders.iter().flatten().for_each(|&w| count[w] += 1);
+        let mut stuck = vec![false; workers];
+        loop {
+            let short = (0..workers)
+                .filter(|&w| count[w] < want[w] && !stuck[w])
+                .min_by(|&x, &y| self.worker_load[x].total_cmp(&self.worker_load[y]).then(x.cmp(&y)));
+            let Some(r) = short else { return };
+            let mut donors: Vec<usize> = (0..workers).filter(|&w| count[w] > want[w]).collect();
+            donors.sort_by(|&x, &y| self.worker_load[y].total_cmp(&self.worker_load[x]).then(x.cmp(&y)));
+            let takes = |layer: &Self, e: usize, d: usize| {
+                !layer.holders[e].contains(&r)
+                    && layer.affords(&[layer.gain(r, e)])
+                    && layer.spread_kept(e, Some(d), Some(r))
+            };
+            let pick = donors.iter().find_map(|&d| {
+                let room = self.worker_load[d] - self.worker_load[r];
+                let copies = (0..self.holders.len()).filter(|&e| self.holders[e].contains(&d) && takes(self, e, d));
+                let fitting = copies.clone().filter(|&e| self.weight(e) <= room);
+                let e = fitting.max_by(|&x, &y| self.weight(x).total_cmp(&self.weight(y)).then(y.cmp(&x)));
+                let e = e.or_else(|| copies.min_by(|&x, &y| self.weight(x).total_cmp(&self.weight(y)).then(x.cmp(&y))));
+                e.map(|e| (e, d))
+            });
+            let Some((e, d)) = pick else {
+                stuck[r] = true;
+                continue;
+            };
+            self.spend(&[self.gain(r, e)]);
+            replace(&mut self.holders[e], d, r);
+            let w = self.weight(e);
+            (self.worker_load[d], self.worker_load[r]) = (self.worker_load[d] - w, self.worker_load[r] + w);
+            (count[d], count[r]) = (count[d] - 1, count[r] + 1);
+        }
+    }
+
+    /// The budget change of worker `w` taking a copy of `e` (nothing given up).
+    fn gain(&self, w: usize, e: usize) -> (usize, isize) {
+        let new = self.budget.as_ref().is_some_and(|b| !b.held.get(e).is_some_and(|h| h.contains(&w)));
+        (w, isize::from(new))
+    }
+
     /// Gives an expert on the most loaded worker one more copy, taken from
     /// a donor; true if the layer then (after swaps) balances better.
     fn move_a_copy(&mut self, workers: usize, tries: &mut usize) -> bool {
@@ -333,6 +387,54 @@ mod tests {
                 prop_assert_eq!(sorted.len(), h.len(), "an expert twice on one worker: {:?}", h);
             }
             prop_assert!(layer.heaviest().1 <= before.heaviest().1 * (1.0 + 1e-9));
+        }
+
+        /// Handing copies over to the workers short of `want` (here: a
+        /// worker with none, as one that joined) moves copies only from
+        /// workers above their count to workers below it, keeps every
+        /// expert's number of copies on distinct workers and its spread,
+        /// and fills the short workers when the copies allow it.
+        #[test]
+        fn handing_over_moves_copies_from_surplus_to_short_workers(
+            (workers, tokens, start) in (2usize..9, 2usize..40).prop_flat_map(|(workers, experts)| {
+                let tokens = prop::collection::vec(prop_oneof![Just(0.0), 0.0f64..10.0, 10.0f64..1000.0], experts);
+                let extra = prop::collection::vec((0..experts, 0..workers - 1), 0..2 * workers);
+                (Just(workers), tokens, extra)
+            }).prop_map(|(workers, tokens, extra)| {
+                // The last worker holds nothing yet.
+                let mut holders: Vec<Vec<usize>> = (0..tokens.len()).map(|e| vec![e % (workers - 1)]).collect();
+                for (e, w) in extra {
+                    if !holders[e].contains(&w) {
+                        holders[e].push(w);
+                    }
+                }
+                (workers, tokens, holders)
+            })
+        ) {
+            let domains = Domains(vec![((0..workers).map(|w| w / 2).collect(), workers.div_ceil(2))]);
+            let before = per_worker(&start, workers);
+            let total: usize = before.iter().sum();
+            let want: Vec<usize> = (0..workers).map(|w| total / workers + usize::from(w < total % workers)).collect();
+            let mut layer = Layer::new(&tokens, 1, workers, &domains, start.clone());
+            layer.hand_over(&want);
+            let after = per_worker(&layer.holders, workers);
+            for w in 0..workers {
+                prop_assert!(after[w] >= before[w].min(want[w]) && after[w] <= before[w].max(want[w]), "{before:?} -> {after:?}, want {want:?}");
+            }
+            for (now, was) in layer.holders.iter().zip(&start) {
+                prop_assert_eq!(now.len(), was.len());
+                prop_assert!(domains.crowding(now) <= domains.crowding(was), "{:?} crowded from {:?}", now, was);
+                let mut sorted = now.clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                prop_assert_eq!(sorted.len(), now.len(), "an expert twice on one worker: {:?}", now);
+            }
+            // Without machines to crowd, a worker holding nothing can take
+            // any copy: the one that joined reaches its count.
+            let flat = Domains(Vec::new());
+            let mut layer = Layer::new(&tokens, 1, workers, &flat, start.clone());
+            layer.hand_over(&want);
+            prop_assert_eq!(per_worker(&layer.holders, workers)[workers - 1], want[workers - 1]);
         }
     }
 }
