@@ -221,11 +221,12 @@ impl<'a> Layer<'a> {
     }
 
     /// Moves copies from workers holding more than `want[w]` copies of this
-    /// layer to those holding fewer (a worker that joined holds none), the
-    /// lightest short worker first taking the heaviest copy the most
-    /// loaded donor has that it can take (spread kept, within the budget)
-    /// without ending above that donor. Stops when no short worker can
-    /// take a copy. Expert copy counts, so copy weights, stay as they are.
+    /// layer to those holding fewer (a worker that joined holds none): the
+    /// lightest short worker takes, from the most loaded donor with a copy
+    /// it can take (spread kept, within the budget), the heaviest such copy
+    /// that leaves it no heavier than the donor, else the lightest. Stops
+    /// when no short worker can take a copy. Expert copy counts, so copy
+    /// weights, stay as they are.
     pub fn hand_over(&mut self, want: &[usize]) {
         let workers = self.worker_load.len();
         let mut count = vec![0usize; workers];
