@@ -17,7 +17,7 @@
 //! placement where they can (equal memory only): which worker gets which
 //! set of copies is arbitrary to the packing, but not to what moves.
 
-use super::refine::{Budget, Layer};
+use super::refine::{Budget, Layer, per_worker};
 use super::{Domains, Load, Plan, PlanError, Problem, eplb, layer_balance};
 
 /// What a new plan may change of the current one.
@@ -131,13 +131,6 @@ fn fewer_moves(layer: &mut [Vec<usize>], held: &[Vec<usize>], tokens: &[f64]) {
             }
         }
     }
-}
-
-/// Copies each worker holds in `layer`.
-fn per_worker(layer: &[Vec<usize>], workers: usize) -> Vec<usize> {
-    let mut count = vec![0; workers];
-    layer.iter().flatten().for_each(|&w| count[w] += 1);
-    count
 }
 
 /// Stands for no move bound: far more copies than any plan has.

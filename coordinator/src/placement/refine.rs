@@ -61,11 +61,16 @@ pub(super) struct Budget<'a> {
 }
 
 impl Budget<'_> {
+    /// Copies worker `w` loads to hold one of expert `e`: none if it holds
+    /// one now.
+    fn loads(&self, w: usize, e: usize) -> isize {
+        isize::from(!self.held.get(e).is_some_and(|h| h.contains(&w)))
+    }
+
     /// Copies worker `w` loads when it takes a copy of `gains` in place of
     /// one of `loses` (negative: a load it no longer needs).
     fn cost(&self, w: usize, gains: usize, loses: usize) -> isize {
-        let new = |e: usize| isize::from(!self.held.get(e).is_some_and(|h| h.contains(&w)));
-        new(gains) - new(loses)
+        self.loads(w, gains) - self.loads(w, loses)
     }
 
     fn affords(&self, changes: &[(usize, isize)]) -> bool {
@@ -229,8 +234,7 @@ impl<'a> Layer<'a> {
     /// weights, stay as they are.
     pub fn hand_over(&mut self, want: &[usize]) {
         let workers = self.worker_load.len();
-        let mut count = vec![0usize; workers];
-        self.holders.iter().flatten().for_each(|&w| count[w] += 1);
+        let mut count = per_worker(&self.holders, workers);
         let mut stuck = vec![false; workers];
         loop {
             let short = (0..workers)
@@ -266,8 +270,7 @@ impl<'a> Layer<'a> {
 
     /// The budget change of worker `w` taking a copy of `e` (nothing given up).
     fn gain(&self, w: usize, e: usize) -> (usize, isize) {
-        let new = self.budget.as_ref().is_some_and(|b| !b.held.get(e).is_some_and(|h| h.contains(&w)));
-        (w, isize::from(new))
+        (w, self.budget.as_ref().map_or(0, |b| b.loads(w, e)))
     }
 
     /// Gives an expert on the most loaded worker one more copy, taken from
@@ -325,6 +328,13 @@ impl<'a> Layer<'a> {
     }
 }
 
+/// Copies each of `workers` workers holds in `layer`.
+pub(super) fn per_worker(layer: &[Vec<usize>], workers: usize) -> Vec<usize> {
+    let mut count = vec![0; workers];
+    layer.iter().flatten().for_each(|&w| count[w] += 1);
+    count
+}
+
 fn replace(holders: &mut [usize], from: usize, to: usize) {
     if let Some(h) = holders.iter_mut().find(|h| **h == from) {
         *h = to;
@@ -339,12 +349,6 @@ fn lexically_less(a: (f64, f64), b: (f64, f64)) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    fn per_worker(holders: &[Vec<usize>], workers: usize) -> Vec<usize> {
-        let mut count = vec![0; workers];
-        holders.iter().flatten().for_each(|&w| count[w] += 1);
-        count
-    }
 
     proptest! {
         /// The search keeps what memory and correctness need (each
