@@ -79,6 +79,13 @@ async fn stream(base: &str, during: impl FnOnce()) -> String {
     common::stream(base, PROMPT, 4, during).await
 }
 
+/// The cluster's current placement as it stands in `etcd`, followed.
+async fn current_placement(etcd: &EtcdServer) -> impl Fn() -> Option<schema::Placement> {
+    let keys = Keys::new("t");
+    let placements = Mirror::follow(std::sync::Arc::new(etcd.store()), keys.placements()).await.unwrap();
+    move || PlacementView::read(&keys, &placements.snapshot()).current().cloned()
+}
+
 fn ctl(etcd: &str, args: &[&str]) -> Result<String, String> {
     common::ctl(etcd, "t", args)
 }
@@ -252,13 +259,10 @@ async fn failures_of_workers_coordinators_and_etcd_cost_no_request() {
 async fn a_worker_the_move_bound_leaves_idle_waits_for_a_rebalance() {
     let etcd = EtcdServer::start().await;
     let e = etcd.endpoint.clone();
-    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(etcd.store());
-    let keys = Keys::new("t");
     let bounded = ["--max-move", "0", "--min-workers", "2", "--settle", "100ms", "--replicas", "2"];
     let _coordinator = coordinator_with(&e, "k1", &bounded);
     let mut workers: Vec<Proc> = ["x1", "x2"].iter().map(|id| worker(&e, id)).collect();
-    let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
-    let current = || PlacementView::read(&keys, &placements.snapshot()).current().cloned();
+    let current = current_placement(&etcd).await;
     let first = until("a placement of x1 and x2", Duration::from_secs(30), async || {
         current().filter(|p| p.assignments.len() == 2)
     })
@@ -301,8 +305,6 @@ async fn a_worker_the_move_bound_leaves_idle_waits_for_a_rebalance() {
 async fn uncordoning_a_spare_places_what_the_survivors_cannot_hold() {
     let etcd = EtcdServer::start().await;
     let e = etcd.endpoint.clone();
-    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(etcd.store());
-    let keys = Keys::new("t");
     let _coordinator = coordinator_with(&e, "k2", &["--min-workers", "4", "--settle", "100ms"]);
     // The tiny model's 40 experts of 24 KiB: three of these workers hold
     // them (16 each), two do not.
@@ -313,8 +315,7 @@ async fn uncordoning_a_spare_places_what_the_survivors_cannot_hold() {
     })
     .await;
     workers.push(worker_with(&e, "y4", &small));
-    let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
-    let current = || PlacementView::read(&keys, &placements.snapshot()).current().cloned();
+    let current = current_placement(&etcd).await;
     let placed = |p: &schema::Placement, id: &str| p.assignment(&id.parse().unwrap()).is_some();
     until("a placement of four workers", Duration::from_secs(30), async || {
         current().filter(|p| p.assignments.len() == 4)
@@ -360,8 +361,6 @@ async fn uncordoning_a_spare_places_what_the_survivors_cannot_hold() {
 async fn a_worker_that_cannot_load_its_experts_is_left_out_until_it_restarts() {
     let etcd = EtcdServer::start().await;
     let e = etcd.endpoint.clone();
-    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(etcd.store());
-    let keys = Keys::new("t");
     let _coordinator = coordinator_with(&e, "k3", &["--min-workers", "2", "--settle", "100ms"]);
     let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v4");
     let dir = tempfile::tempdir().unwrap();
@@ -374,8 +373,7 @@ async fn a_worker_that_cannot_load_its_experts_is_left_out_until_it_restarts() {
     let weights = dir.path().join("model.safetensors");
     std::fs::remove_file(&weights).unwrap();
     let _workers: Vec<Proc> = ["z1", "z2"].iter().map(|id| worker(&e, id)).collect();
-    let placements = Mirror::follow(store.clone(), keys.placements()).await.unwrap();
-    let current = || PlacementView::read(&keys, &placements.snapshot()).current().cloned();
+    let current = current_placement(&etcd).await;
     let z3_placed = |p: &schema::Placement| p.assignment(&"z3".parse().unwrap()).is_some();
     // Well inside the 5 minute rollout timeout.
     let first =
