@@ -103,6 +103,7 @@ impl LocalCluster {
                 model: model.to_path_buf(),
                 device,
                 lease_ttl: LEASE_TTL,
+                load_retry: myriad_worker::membership::LOAD_RETRY,
             };
             let node =
                 Node { listener, tls: None, worker, membership: Some(membership), drain_timeout: Duration::ZERO };

@@ -62,6 +62,13 @@ pub struct Args {
     #[arg(long, env = "MYRIAD_CAPACITY", value_parser = parse_bytes)]
     capacity: Option<u64>,
 
+    /// After its experts fail to load (the weights unreadable, the GPU out
+    /// of memory), how long a worker in a cluster waits before trying them
+    /// again; the wait doubles with each failure, up to 5 minutes. Placement
+    /// leaves it out until they load.
+    #[arg(long, env = "MYRIAD_LOAD_RETRY", default_value = "10s")]
+    load_retry: humantime::Duration,
+
     #[command(flatten)]
     cluster: ClusterArgs,
 
@@ -74,6 +81,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     require_one(args.experts.is_some(), &args.cluster, "--experts")?;
+    // Zero would retry a failing load in a tight loop.
+    anyhow::ensure!(!args.load_retry.is_zero(), "--load-retry must be above zero (e.g. 10s)");
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     runtime.block_on(async move {
         // Before the banner: a SIGTERM right after it must find the handler.
@@ -115,6 +124,7 @@ pub fn run(args: Args) -> Result<()> {
                     model: args.model.clone(),
                     device,
                     lease_ttl: *args.cluster.lease_ttl,
+                    load_retry: *args.load_retry,
                 };
                 println!("worker listening on {bound} as node {id} of cluster {}", args.cluster.cluster);
                 (Arc::new(worker), Some(membership))

@@ -47,6 +47,7 @@ impl TestWorker {
             model: model.to_path_buf(),
             device: myriad_worker::Device::Cpu,
             lease_ttl: TTL,
+            load_retry: myriad_worker::membership::LOAD_RETRY,
         };
         let follow = myriad_worker::membership::join(membership, worker.clone()).await.unwrap();
         let served = worker.clone();

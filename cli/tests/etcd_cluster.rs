@@ -358,7 +358,7 @@ async fn uncordoning_a_spare_places_what_the_survivors_cannot_hold() {
 /// it, and `ctl status` names it and why; restarted with its weights back,
 /// it is placed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_that_cannot_load_its_experts_is_left_out_until_it_restarts() {
+async fn a_worker_that_cannot_load_its_experts_is_left_out_until_they_load() {
     let etcd = EtcdServer::start().await;
     let e = etcd.endpoint.clone();
     let _coordinator = coordinator_with(&e, "k3", &["--min-workers", "2", "--settle", "100ms"]);
@@ -369,7 +369,7 @@ async fn a_worker_that_cannot_load_its_experts_is_left_out_until_it_restarts() {
         std::fs::copy(&file, dir.path().join(file.file_name().unwrap())).unwrap();
     }
     let model = dir.path().to_str().unwrap().to_string();
-    let mut z3 = worker_with(&e, "z3", &["--model", &model]);
+    let _z3 = worker_with(&e, "z3", &["--model", &model, "--load-retry", "1s"]);
     let weights = dir.path().join("model.safetensors");
     std::fs::remove_file(&weights).unwrap();
     let _workers: Vec<Proc> = ["z1", "z2"].iter().map(|id| worker(&e, id)).collect();
@@ -384,10 +384,17 @@ async fn a_worker_that_cannot_load_its_experts_is_left_out_until_it_restarts() {
     assert!(problems.contains("worker z3 could not load the experts of placement v1"), "{problems}");
     assert!(problems.contains("model.safetensors"), "the reason names the missing file: {problems}");
 
+    // Its retries (after 1 s, then 2 s, 4 s, ...) fail while the file is
+    // missing: it stays out.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!z3_placed(&current().unwrap()), "placed although it still cannot load its experts");
+    let problems = ctl_json(&e, &["status"])["problems"].to_string();
+    assert!(problems.contains("worker z3 could not load"), "{problems}");
+
+    // The volume is back: a retry loads them and z3 is placed again, the
+    // same process.
     std::fs::copy(tiny.join("model.safetensors"), &weights).unwrap();
-    z3.kill();
-    let _z3 = worker_with(&e, "z3", &["--model", &model]);
-    until("z3 placed again after its restart", Duration::from_secs(30), async || {
+    until("z3 placed again without a restart", Duration::from_secs(30), async || {
         current().filter(|p| z3_placed(p)).map(|_| ())
     })
     .await;

@@ -52,7 +52,8 @@ pub fn problems(
     for n in nodes.iter().filter(ours) {
         if let Some(f) = &n.load_failure {
             problems.push(format!(
-                "worker {} could not load the experts of placement {}: {}; placement leaves it out until it restarts",
+                "worker {} could not load the experts of placement {}: {}; placement leaves it out until it loads \
+                 them (it tries again, backing off to every 5 min)",
                 n.id, f.version, f.error
             ));
         }
@@ -260,7 +261,8 @@ mod tests {
         let p = check(&failed, &two_copies, 2);
         assert_eq!(
             p[0],
-            "worker w2 could not load the experts of placement v4: disk gone; placement leaves it out until it restarts"
+            "worker w2 could not load the experts of placement v4: disk gone; placement leaves it out until it loads \
+             them (it tries again, backing off to every 5 min)"
         );
         assert!(p.iter().all(|p| !p.contains("w2 has not loaded")), "{p:?}");
 

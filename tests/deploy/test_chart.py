@@ -209,6 +209,8 @@ def test_config_values_become_flags():
     # GPU workers compute on their GPU; the default ones on the CPU.
     assert "--device=cuda" in worker
     assert "--device=cpu" in container(render(), "StatefulSet", "prod-myriad-worker")["args"]
+    # A worker whose experts fail to load tries again by itself: no restart.
+    assert "--load-retry=10s" in worker
 
 
 def test_kvcache_instances_register_and_routers_spread_conversations_over_them():

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use myriad_proto::spec::ExpertSpec;
 use myriad_store::lease::Registration;
 use myriad_store::mirror::Mirror;
 use myriad_store::schema::{self, Keys, LoadFailure, NodeRecord, Placement, PlacementVersion, PlacementView};
@@ -30,7 +31,16 @@ pub struct Membership {
     pub device: Device,
     /// Its registration's lease TTL: it leaves the placement this long after dying.
     pub lease_ttl: Duration,
+    /// After experts fail to load, how long before it tries them again;
+    /// doubling with each failure up to [`LOAD_RETRY_MAX`].
+    pub load_retry: Duration,
 }
+
+/// The first wait before a worker tries again experts it could not load.
+pub const LOAD_RETRY: Duration = Duration::from_secs(10);
+
+/// The longest wait between two tries.
+pub const LOAD_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// What a cluster worker publishes: `record` with where `worker`'s experts
 /// live and that device's memory, and its capacity for placement:
@@ -95,6 +105,10 @@ async fn apply_placements(
     let mut changes = mirror.subscribe();
     // Backends by version, for sharing experts between versions.
     let mut loaded: Vec<(PlacementVersion, Arc<dyn ExpertBackend>)> = Vec::new();
+    // The newest version it failed to load: never loaded again, the leader
+    // abandons it.
+    let mut failed: Option<PlacementVersion> = None;
+    let mut retry = Retry::new(m.load_retry);
     loop {
         if leave.as_ref().is_some_and(|l| *l.borrow()) {
             if let Some(r) = registration.take() {
@@ -113,36 +127,62 @@ async fn apply_placements(
             }
             continue;
         }
+        // Experts it could not load, tried again once due: the leader plans
+        // without this worker while its record reports the failure.
+        if let Some((version, spec)) = retry.due() {
+            let reuse = loaded.iter().map(|(_, b)| b.clone()).collect();
+            tracing::info!(%version, experts = %spec, "trying again to load the experts that failed");
+            // Dropped again once loaded: the next placement decides what
+            // this worker holds.
+            let failure = match load(&m.model, m.device, spec.clone(), reuse).await {
+                Ok(_) => {
+                    tracing::info!(%version, "the experts load now; offering the worker to placement again");
+                    None
+                }
+                Err(error) => {
+                    tracing::warn!(%version, %error, after = ?retry.delay, "cannot load them yet; trying again later");
+                    retry.schedule(version, spec);
+                    Some(LoadFailure { version, error })
+                }
+            };
+            // Unchanged (the same error again): nothing to tell.
+            if failure != record.load_failure {
+                record.load_failure = failure;
+                if let Some(r) = &registration {
+                    r.update(schema::encode(&record));
+                }
+            }
+            continue;
+        }
         let view = PlacementView::read(&m.keys, &changes.borrow_and_update());
         let mine = view.versions.values().rev().find_map(|p| {
             let a = p.assignment(&record.id)?;
             (p.model_id == record.model_id && a.addr == record.addr).then(|| (p.version, a.experts.clone()))
         });
-        // A version it failed to load is not tried again: the leader plans
-        // without this worker until it restarts.
-        let failed = |v: &PlacementVersion| record.load_failure.as_ref().is_some_and(|f| f.version == *v);
-        if let Some((version, spec)) = mine.filter(|(v, _)| Some(*v) > record.placement_version && !failed(v)) {
-            let (dir, reuse) = (m.model.clone(), loaded.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>());
+        let newest = record.placement_version.max(failed);
+        if let Some((version, spec)) = mine.filter(|(v, _)| Some(*v) > newest) {
             tracing::info!(%version, experts = %spec, "loading the experts of a new placement");
-            let device = m.device;
-            let result = tokio::task::spawn_blocking(move || device.load(&dir, &spec, &reuse)).await;
-            let failure = match result {
-                Ok(Ok(backend)) => {
+            let reuse = loaded.iter().map(|(_, b)| b.clone()).collect();
+            let failure = match load(&m.model, m.device, spec.clone(), reuse).await {
+                Ok(backend) => {
                     worker.install(Some(version.0), backend.clone());
                     loaded.push((version, backend));
                     record.placement_version = Some(version);
+                    retry = Retry::new(m.load_retry);
                     tracing::info!(%version, "placement loaded");
                     None
                 }
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(e) => Some(format!("the loading task failed: {e}")),
+                Err(error) => {
+                    // Published, so the leader abandons the version at once
+                    // and places the experts without this worker.
+                    let after = retry.delay;
+                    tracing::error!(%version, %error, ?after, "cannot load this placement's experts; reporting it");
+                    failed = Some(version);
+                    retry.schedule(version, spec);
+                    Some(LoadFailure { version, error })
+                }
             };
-            // Published, so the leader abandons the version at once and
-            // places the experts without this worker.
-            if let Some(error) = &failure {
-                tracing::error!(%version, %error, "cannot load this placement's experts; reporting it");
-            }
-            record.load_failure = failure.map(|error| LoadFailure { version, error });
+            record.load_failure = failure;
             if let Some(r) = &registration {
                 r.update(schema::encode(&record));
             }
@@ -163,9 +203,85 @@ async fn apply_placements(
                 None => std::future::pending().await,
             }
         };
+        let due = retry.at();
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
             _ = asked => {}
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {}
         }
+    }
+}
+
+/// Loads `spec` on the worker's device off the async threads.
+async fn load(
+    dir: &std::path::Path,
+    device: Device,
+    spec: ExpertSpec,
+    reuse: Vec<Arc<dyn ExpertBackend>>,
+) -> Result<Arc<dyn ExpertBackend>, String> {
+    let dir = dir.to_path_buf();
+    match tokio::task::spawn_blocking(move || device.load(&dir, &spec, &reuse)).await {
+        Ok(Ok(backend)) => Ok(backend),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(format!("the loading task failed: {e}")),
+    }
+}
+
+/// When to try again experts that failed to load: after `delay`, doubling
+/// with each failure up to [`LOAD_RETRY_MAX`], back to the first delay once
+/// a placement loads.
+struct Retry {
+    delay: Duration,
+    /// The version that failed, its experts and when to try them again.
+    wait: Option<(PlacementVersion, ExpertSpec, tokio::time::Instant)>,
+}
+
+impl Retry {
+    fn new(first: Duration) -> Self {
+        Retry { delay: first, wait: None }
+    }
+
+    fn schedule(&mut self, version: PlacementVersion, spec: ExpertSpec) {
+        self.wait = Some((version, spec, tokio::time::Instant::now() + self.delay));
+        self.delay = self.delay.saturating_mul(2).min(LOAD_RETRY_MAX);
+    }
+
+    fn at(&self) -> Option<tokio::time::Instant> {
+        self.wait.as_ref().map(|(_, _, at)| *at)
+    }
+
+    /// The experts to try now, if it is time.
+    fn due(&mut self) -> Option<(PlacementVersion, ExpertSpec)> {
+        let (_, _, at) = self.wait.as_ref()?;
+        if *at > tokio::time::Instant::now() {
+            return None;
+        }
+        self.wait.take().map(|(version, spec, _)| (version, spec))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn retries_back_off_doubling_up_to_the_cap() {
+        let spec: ExpertSpec = "0:1".parse().unwrap();
+        let mut retry = Retry::new(Duration::from_secs(10));
+        assert!(retry.due().is_none(), "nothing failed yet");
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            waits.push(retry.delay.as_secs());
+            retry.schedule(PlacementVersion(3), spec.clone());
+        }
+        assert_eq!(waits, [10, 20, 40, 80, 160, 300, 300]);
+        assert!(retry.at().is_some_and(|at| at > tokio::time::Instant::now()));
+        assert!(retry.due().is_none(), "not before its time");
+
+        // Due at once with no wait, and handed out once.
+        let mut now = Retry::new(Duration::ZERO);
+        now.schedule(PlacementVersion(5), spec.clone());
+        assert_eq!(now.due(), Some((PlacementVersion(5), spec)));
+        assert!(now.due().is_none() && now.at().is_none());
     }
 }
