@@ -280,7 +280,9 @@ async fn a_worker_the_move_bound_leaves_idle_waits_for_a_rebalance() {
     assert_eq!(current().map(|p| p.version), Some(first.version));
     let status = ctl_json(&e, &["status"]);
     let problems = status["problems"].to_string();
-    assert!(problems.contains("worker x3") && problems.contains("not in placement"), "{status}");
+    // Says why x3 holds nothing, and what gives it experts.
+    assert!(problems.contains("worker x3") && problems.contains("the leader kept placement"), "{status}");
+    assert!(problems.contains("ctl rebalance --max-move"), "{status}");
     // A dry run predicts better balance but leaves the gauge of the kept
     // placement alone: x1 and x2 hold every expert, x3 nothing.
     let balancedness = "myriad_coordinator_balancedness";

@@ -24,6 +24,9 @@ pub struct Rollouts {
     /// Why the leader cannot place the experts on the live, uncordoned
     /// workers, while it cannot.
     pub unplaceable: Option<String>,
+    /// The placement the leader kept although it leaves live workers
+    /// (id, address) out, and the workers it was kept for.
+    pub kept_for: Option<(PlacementVersion, Vec<(NodeId, String)>)>,
 }
 
 /// What the coordinator was asked for, as far as health depends on it.
@@ -100,9 +103,21 @@ pub fn problems(
         }
     }
     for (id, addr) in &live {
-        if !p.assignments.iter().any(|a| &a.node == *id && a.addr == *addr) {
-            problems.push(format!("worker {id} at {addr} is live but not in placement {}", p.version));
+        if p.assignments.iter().any(|a| &a.node == *id && a.addr == *addr) {
+            continue;
         }
+        let kept = rollouts.kept_for.as_ref().is_some_and(|(version, workers)| {
+            *version == p.version && workers.iter().any(|(i, a)| i == *id && a == addr)
+        });
+        problems.push(if kept {
+            format!(
+                "worker {id} at {addr} holds no experts: the leader kept placement {} as it is (nothing worth \
+                 moving to it within the move bound); `myriad ctl rebalance --max-move <bytes>` moves some to it",
+                p.version
+            )
+        } else {
+            format!("worker {id} at {addr} is live but not in placement {}", p.version)
+        });
     }
     // Copies of each expert on distinct live workers.
     if !live.is_empty() && live.len() < replicas {
@@ -215,6 +230,15 @@ mod tests {
         let p = check(&nodes, &one, 2);
         assert!(p.iter().any(|p| p.contains("8 expert(s) have 1 live copy") && p.contains("not 2")), "{p:?}");
         assert!(p.iter().any(|p| p.contains("w2") && p.contains("not in placement")), "{p:?}");
+        // The leader kept that placement for these workers: it says why w2
+        // and w3 hold nothing. Kept for another version: not this one.
+        let live = nodes[..3].iter().map(|n| (n.id.clone(), n.addr.clone())).collect::<Vec<_>>();
+        for (version, kept) in [(one.current.unwrap(), true), (PlacementVersion(9), false)] {
+            let rollouts = Rollouts { kept_for: Some((version, live.clone())), ..Default::default() };
+            let p = problems(&asked(2), &nodes, &HashSet::new(), &one, &rollouts);
+            let why = p.iter().filter(|p| p.contains("the leader kept placement") && p.contains("ctl rebalance"));
+            assert_eq!(why.count(), if kept { 2 } else { 0 }, "{p:?}");
+        }
 
         // A router that is not ready, or has a worker marked down.
         let mut sick = nodes.clone();

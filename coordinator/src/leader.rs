@@ -146,13 +146,13 @@ pub(crate) async fn lead(
     let membership = |live: &[NodeRecord]| -> Vec<(NodeId, String)> {
         live.iter().map(|w| (w.id.clone(), w.addr.clone())).collect()
     };
-    // The live workers the current placement was last kept for although it
-    // does not name them all (nothing worth moving to a worker that joined,
-    // or the move bound lets it load nothing): planning again for the same
-    // workers decides the same, so only a change of them, or a rebalance
-    // request, plans again.
-    let mut kept_for: Option<Vec<(NodeId, String)>> = None;
-    shared.lock().unplaceable = None;
+    // Planning again for the workers the current placement was kept for
+    // decides the same, so only a change of them, or a rebalance request,
+    // plans again.
+    {
+        let mut state = shared.lock();
+        (state.unplaceable, state.kept_for) = (None, None);
+    }
     loop {
         // After the settle pause, look again: the pause may have let the
         // mirrors catch up with what this leader wrote itself.
@@ -161,7 +161,7 @@ pub(crate) async fn lead(
             // survivors take over whatever is left.
             let enough = !live.is_empty() && (view.current.is_some() || live.len() >= config.min_workers);
             let forced = shared.lock().rebalance.is_some() && !live.is_empty();
-            let kept = kept_for.as_ref().is_some_and(|k| *k == membership(live));
+            let kept = shared.lock().kept_for.as_ref().is_some_and(|(_, k)| *k == membership(live));
             forced || (enough && !kept && view.current().is_none_or(|p| !matches(p, live)))
         };
         let (live, view) = read();
@@ -206,16 +206,16 @@ pub(crate) async fn lead(
                         continue;
                     }
                 };
-                if view.current().is_some_and(|c| c.assignments == next.assignments) {
+                if let Some(current) = view.current().filter(|c| c.assignments == next.assignments) {
                     metrics::PLANS_KEPT.inc();
                     let idle: Vec<&str> =
                         live.iter().filter(|w| next.assignment(&w.id).is_none()).map(|w| w.id.as_str()).collect();
                     let why = if forced.is_some() { "rebalance requested" } else { "membership changed" };
                     tracing::info!(?idle, "{why}; the current placement stays (nothing worth moving)");
-                    kept_for = Some(membership(&live));
+                    shared.lock().kept_for = Some((current.version, membership(&live)));
                     continue;
                 }
-                kept_for = None;
+                shared.lock().kept_for = None;
                 log_decision(&next, view.current(), &live, forced.is_some());
                 let proposed = next.version;
                 shared.lock().rollout = Some((proposed, std::time::Instant::now()));

@@ -66,6 +66,11 @@ struct SharedState {
     abandoned: Option<(usize, String)>,
     /// Why the last plan for the live workers failed, until one succeeds.
     unplaceable: Option<String>,
+    /// The live workers (id, address) the current placement was last kept
+    /// for although it does not name them all (nothing worth moving to a
+    /// worker that joined, or the move bound let it load nothing), and that
+    /// placement's version; until a placement is rolled out.
+    kept_for: Option<(schema::PlacementVersion, Vec<(NodeId, String)>)>,
 }
 
 /// A rebalance asked for through the admin API.
@@ -81,6 +86,7 @@ impl SharedState {
             running: self.rollout.map(|(v, since)| (v, since.elapsed())),
             abandoned: self.abandoned.clone(),
             unplaceable: self.unplaceable.clone(),
+            kept_for: self.kept_for.clone(),
         }
     }
 }
