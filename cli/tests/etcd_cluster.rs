@@ -290,6 +290,10 @@ async fn a_worker_the_move_bound_leaves_idle_waits_for_a_rebalance() {
     assert!((kept - 2.0 / 3.0).abs() < 1e-3, "{kept}");
     let dry = ctl_json(&e, &["rebalance", "--dry-run", "--max-move", "1GiB"]);
     assert!(dry["predicted_balancedness"].as_f64().unwrap() > kept + 0.1, "{dry}");
+    // The dry run and `ctl top-experts` measure today's balance as the gauge does
+    // (no traffic yet: every expert counts equal), not as a perfect 1.
+    assert_eq!(dry["current_balancedness"].as_f64(), Some(kept), "{dry}");
+    assert_eq!(ctl_json(&e, &["top-experts"])["balancedness"].as_f64(), Some(kept));
     assert_eq!(metric("k1", balancedness).await, Some(kept));
 
     ctl_json(&e, &["rebalance", "--max-move", "1GiB"]);

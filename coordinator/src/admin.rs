@@ -16,7 +16,7 @@ use myriad_store::schema::{self, Keys, Leader, NodeId, NodeRecord, Placement, Pl
 use tonic::{Request, Response, Status};
 
 use crate::health;
-use crate::leader::{cordoned, current_load, live_workers, plan, plan_over, schedulable};
+use crate::leader::{cordoned, live_workers, measured_load, plan, plan_over, planning_load, schedulable};
 use crate::placement::{Load, Plan};
 use crate::{CoordinatorConfig, Forced, Shared};
 
@@ -200,7 +200,7 @@ impl Admin for AdminService {
         };
         let view = self.view().await?;
         let Some(p) = view.current() else { return Err(Status::not_found("no current placement yet")) };
-        let load = current_load(&self.config, &self.shared);
+        let load = measured_load(&self.config, &self.shared);
         let plan = as_plan(p);
         let mut experts: Vec<pb::ExpertLoad> = (0..load.layers)
             .flat_map(|l| (0..load.experts).map(move |e| (l, e)))
@@ -219,7 +219,11 @@ impl Admin for AdminService {
             .zip(worker_loads(p, &load))
             .map(|(a, tokens)| pb::WorkerLoad { node: a.node.to_string(), tokens })
             .collect();
-        Ok(Response::new(TopExpertsResponse { experts, workers, balancedness: plan.balancedness(&load) }))
+        // As the gauge and `rebalance` measure it: over the workers placement
+        // may use (one left idle lowers it), on the load placement plans for.
+        let live = self.schedulable().await?;
+        let balancedness = plan_over(p, &live).balancedness(&load.idle_layers_uniform());
+        Ok(Response::new(TopExpertsResponse { experts, workers, balancedness }))
     }
 
     async fn rebalance(&self, request: Request<RebalanceRequest>) -> Result<Response<RebalanceResponse>, Status> {
@@ -228,15 +232,15 @@ impl Admin for AdminService {
         let max_move = request.max_move_bytes.or(self.config.max_move);
         let view = self.view().await?;
         let live = self.schedulable().await?;
-        let load = current_load(&self.config, &self.shared);
+        let load = planning_load(&self.config, &self.shared);
         let next = plan(&self.config, schema::PlacementVersion(0), &live, &load, view.current(), max_move)
             .map_err(|e| Status::failed_precondition(format!("no placement for the schedulable workers: {e}")))?;
-        let current_balance = view.current().map_or(0.0, |p| as_plan(p).balancedness(&load));
-        let predicted = as_plan(&next).balancedness(&load);
-        // What each live worker holds now and would load.
+        // What each live worker holds now and would hold.
         let before =
             view.current().map_or_else(|| Plan { workers: live.len(), holders: Vec::new() }, |c| plan_over(c, &live));
         let after = plan_over(&next, &live);
+        let current_balance = if view.current().is_some() { before.balancedness(&load) } else { 0.0 };
+        let predicted = after.balancedness(&load);
         let loads = after.moved(&before);
         let (held, will_hold) = (before.copies(), after.copies());
         let bytes = |copies: usize| copies as u64 * self.config.expert_bytes;
@@ -291,7 +295,7 @@ impl Admin for AdminService {
         // Refuse, cordoning nothing, when the other workers cannot hold
         // the experts: the leader could never place them without it.
         let others: Vec<NodeRecord> = self.schedulable().await?.into_iter().filter(|w| w.id != id).collect();
-        let (view, load) = (self.view().await?, current_load(&self.config, &self.shared));
+        let (view, load) = (self.view().await?, planning_load(&self.config, &self.shared));
         if let Err(e) = plan(&self.config, schema::PlacementVersion(0), &others, &load, view.current(), None) {
             return Err(Status::failed_precondition(format!("{id} is left uncordoned: without it {e}")));
         }

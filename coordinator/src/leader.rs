@@ -64,13 +64,20 @@ pub(crate) fn problem(config: &CoordinatorConfig, workers: &[NodeRecord]) -> pla
 }
 
 /// The measured load, or every expert equal before any report.
-pub(crate) fn current_load(config: &CoordinatorConfig, shared: &Shared) -> placement::Load {
+pub(crate) fn measured_load(config: &CoordinatorConfig, shared: &Shared) -> placement::Load {
     shared.lock().load.clone().unwrap_or_else(|| placement::Load::uniform(config.layers, config.experts))
 }
 
-/// The next placement for `workers`: moved as little as the config allows
-/// from `current` (see [`placement::rebalance`]), or fresh without one.
-/// Layers of `load` that saw no token count every expert equal.
+/// The load placement plans for and its balancedness is measured on: the
+/// measured load with each layer that saw no token counting every expert
+/// equal (see [`placement::Load::idle_layers_uniform`]).
+pub(crate) fn planning_load(config: &CoordinatorConfig, shared: &Shared) -> placement::Load {
+    measured_load(config, shared).idle_layers_uniform()
+}
+
+/// The next placement for `workers` on `load` (a [`planning_load`]):
+/// moved as little as the config allows from `current` (see
+/// [`placement::rebalance`]), or fresh without one.
 pub(crate) fn plan(
     config: &CoordinatorConfig,
     version: PlacementVersion,
@@ -80,7 +87,6 @@ pub(crate) fn plan(
     max_move: Option<u64>,
 ) -> Result<Placement, placement::PlanError> {
     let problem = problem(config, workers);
-    let load = &load.clone().idle_layers_uniform();
     let same_shape = |c: &&Placement| c.layers as usize == config.layers && c.experts as usize == config.experts;
     let planned = match current.filter(same_shape) {
         Some(current) => {
@@ -183,13 +189,12 @@ pub(crate) async fn lead(
             if stale(&live, &view) {
                 let forced = shared.lock().rebalance.take();
                 let newest = view.versions.keys().copied().chain(view.current).max().unwrap_or(PlacementVersion(0));
-                let load = current_load(config, shared);
+                let load = planning_load(config, shared);
                 let max_move = forced.map_or(config.max_move, |f| f.max_move);
                 let version = PlacementVersion(newest.0 + 1);
                 let next = match plan(config, version, &live, &load, view.current(), max_move) {
                     Ok(next) => {
                         shared.lock().unplaceable = None;
-                        let load = load.clone().idle_layers_uniform();
                         metrics::BALANCEDNESS.set(plan_over(&next, &live).balancedness(&load));
                         next
                     }
