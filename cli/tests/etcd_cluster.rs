@@ -358,13 +358,14 @@ async fn uncordoning_a_spare_places_what_the_survivors_cannot_hold() {
     until("the problem cleared", Duration::from_secs(10), async || (!cannot_place()).then_some(())).await;
 }
 
-/// A worker that cannot load the experts it is given (its weights went
-/// away after it started) reports it: the leader abandons that version at
-/// once instead of after the rollout timeout, places the experts without
-/// it, and `ctl status` names it and why; restarted with its weights back,
-/// it is placed again.
+/// Two workers that cannot load the experts they are given (their weights
+/// went away after they started) report it: the leader abandons that
+/// version at once instead of after the rollout timeout, places the experts
+/// without them, and `ctl status` names each and why. They try again,
+/// backing off, and once their weights are back they are placed again
+/// without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_that_cannot_load_its_experts_is_left_out_until_they_load() {
+async fn workers_that_cannot_load_their_experts_are_left_out_until_they_load() {
     let etcd = EtcdServer::start().await;
     let e = etcd.endpoint.clone();
     let _coordinator = coordinator_with(&e, "k3", &["--min-workers", "2", "--settle", "100ms"]);
@@ -375,33 +376,39 @@ async fn a_worker_that_cannot_load_its_experts_is_left_out_until_they_load() {
         std::fs::copy(&file, dir.path().join(file.file_name().unwrap())).unwrap();
     }
     let model = dir.path().to_str().unwrap().to_string();
-    let _z3 = worker_with(&e, "z3", &["--model", &model, "--load-retry", "1s"]);
+    let broken = ["z3", "z4"];
+    let _broken: Vec<Proc> =
+        broken.iter().map(|id| worker_with(&e, id, &["--model", &model, "--load-retry", "1s"])).collect();
     let weights = dir.path().join("model.safetensors");
     std::fs::remove_file(&weights).unwrap();
     let _workers: Vec<Proc> = ["z1", "z2"].iter().map(|id| worker(&e, id)).collect();
     let current = current_placement(&etcd).await;
-    let z3_placed = |p: &schema::Placement| p.assignment(&"z3".parse().unwrap()).is_some();
+    let placed =
+        |p: &schema::Placement| broken.iter().filter(|id| p.assignment(&id.parse().unwrap()).is_some()).count();
     // Well inside the 5 minute rollout timeout.
-    let first =
-        until("a current placement without z3", Duration::from_secs(20), async || current().filter(|p| !z3_placed(p)))
-            .await;
-    assert!(first.version > schema::PlacementVersion(1), "v1 named z3 and was abandoned: {first:?}");
+    let first = until("a current placement without z3 and z4", Duration::from_secs(20), async || {
+        current().filter(|p| placed(p) == 0)
+    })
+    .await;
+    assert!(first.version > schema::PlacementVersion(1), "v1 named them and was abandoned: {first:?}");
     let problems = ctl_json(&e, &["status"])["problems"].to_string();
-    assert!(problems.contains("worker z3 could not load the experts of placement v1"), "{problems}");
+    for id in broken {
+        assert!(problems.contains(&format!("worker {id} could not load the experts of placement v")), "{problems}");
+    }
     assert!(problems.contains("model.safetensors"), "the reason names the missing file: {problems}");
 
-    // Its retries (after 1 s, then 2 s, 4 s, ...) fail while the file is
-    // missing: it stays out.
+    // Their retries (after 1 s, then 2 s, 4 s, ...) fail while the file is
+    // missing: they stay out.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(!z3_placed(&current().unwrap()), "placed although it still cannot load its experts");
+    assert_eq!(placed(&current().unwrap()), 0, "placed although they still cannot load their experts");
     let problems = ctl_json(&e, &["status"])["problems"].to_string();
-    assert!(problems.contains("worker z3 could not load"), "{problems}");
+    assert!(problems.contains("worker z3 could not load") && problems.contains("worker z4 could not load"));
 
-    // The volume is back: a retry loads them and z3 is placed again, the
-    // same process.
+    // The volume is back: retries load them and both are placed again, the
+    // same processes.
     std::fs::copy(tiny.join("model.safetensors"), &weights).unwrap();
-    until("z3 placed again without a restart", Duration::from_secs(30), async || {
-        current().filter(|p| z3_placed(p)).map(|_| ())
+    until("z3 and z4 placed again without a restart", Duration::from_secs(30), async || {
+        current().filter(|p| placed(p) == 2).map(|_| ())
     })
     .await;
     let problems = ctl_json(&e, &["status"])["problems"].to_string();
