@@ -403,6 +403,12 @@ async fn workers_that_cannot_load_their_experts_are_left_out_until_they_load() {
     assert_eq!(placed(&current().unwrap()), 0, "placed although they still cannot load their experts");
     let problems = ctl_json(&e, &["status"])["problems"].to_string();
     assert!(problems.contains("worker z3 could not load") && problems.contains("worker z4 could not load"));
+    // Each says so on its /metrics, for alerting.
+    for id in broken {
+        assert_eq!(metric(id, "myriad_worker_load_failed").await, Some(1.0), "{id}");
+        let failures = metric(id, "myriad_worker_load_failures_total").await.unwrap();
+        assert!(failures >= 2.0, "{id}: its first load and a retry failed: {failures}");
+    }
 
     // The volume is back: retries load them and both are placed again, the
     // same processes.
@@ -413,4 +419,7 @@ async fn workers_that_cannot_load_their_experts_are_left_out_until_they_load() {
     .await;
     let problems = ctl_json(&e, &["status"])["problems"].to_string();
     assert!(!problems.contains("could not load"), "{problems}");
+    for id in broken {
+        assert_eq!(metric(id, "myriad_worker_load_failed").await, Some(0.0), "{id}");
+    }
 }

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::backend::ExpertBackend;
 use crate::device::Device;
+use crate::metrics;
 use crate::worker::Worker;
 
 /// How a worker joins the cluster.
@@ -109,6 +110,9 @@ async fn apply_placements(
     // abandons it.
     let mut failed: Option<PlacementVersion> = None;
     let mut retry = Retry::new(m.load_retry);
+    // Exported from the start, at zero.
+    metrics::LOAD_FAILED.set(0);
+    metrics::LOAD_FAILURES.inc_by(0);
     loop {
         if leave.as_ref().is_some_and(|l| *l.borrow()) {
             if let Some(r) = registration.take() {
@@ -148,6 +152,7 @@ async fn apply_placements(
             // Unchanged (the same error again): nothing to tell.
             if failure != record.load_failure {
                 record.load_failure = failure;
+                metrics::LOAD_FAILED.set(i64::from(record.load_failure.is_some()));
                 if let Some(r) = &registration {
                     r.update(schema::encode(&record));
                 }
@@ -183,6 +188,7 @@ async fn apply_placements(
                 }
             };
             record.load_failure = failure;
+            metrics::LOAD_FAILED.set(i64::from(record.load_failure.is_some()));
             if let Some(r) = &registration {
                 r.update(schema::encode(&record));
             }
@@ -220,11 +226,15 @@ async fn load(
     reuse: Vec<Arc<dyn ExpertBackend>>,
 ) -> Result<Arc<dyn ExpertBackend>, String> {
     let dir = dir.to_path_buf();
-    match tokio::task::spawn_blocking(move || device.load(&dir, &spec, &reuse)).await {
+    let loaded = match tokio::task::spawn_blocking(move || device.load(&dir, &spec, &reuse)).await {
         Ok(Ok(backend)) => Ok(backend),
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(format!("the loading task failed: {e}")),
+    };
+    if loaded.is_err() {
+        metrics::LOAD_FAILURES.inc();
     }
+    loaded
 }
 
 /// When to try again experts that failed to load: after `delay`, doubling

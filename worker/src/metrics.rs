@@ -39,3 +39,11 @@ pub static EXPERT_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
 pub static DEVICE_MEMORY_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
     registered(IntGauge::new("myriad_worker_device_memory_bytes", "memory of the worker's GPU (0: the CPU)"))
 });
+/// Failed attempts to load experts: a placement's, or a retry of them.
+pub static LOAD_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
+    registered(IntCounter::new("myriad_worker_load_failures_total", "failed attempts to load experts"))
+});
+/// 1 while the worker reports experts it cannot load: placement leaves it out.
+pub static LOAD_FAILED: LazyLock<IntGauge> = LazyLock::new(|| {
+    registered(IntGauge::new("myriad_worker_load_failed", "1 while placement leaves the worker out for a failed load"))
+});
