@@ -62,10 +62,21 @@ pub fn problems(
         }
     }
     // The workers placement may use.
-    let workers: Vec<&NodeRecord> =
-        nodes.iter().filter(ours).filter(|n| !cordoned.contains(&n.id) && n.load_failure.is_none()).collect();
+    let uncordoned: Vec<&NodeRecord> = nodes.iter().filter(ours).filter(|n| !cordoned.contains(&n.id)).collect();
+    let workers: Vec<&NodeRecord> = uncordoned.iter().copied().filter(|n| n.load_failure.is_none()).collect();
+    // Those left out only because their experts do not load (said above).
+    let failed = uncordoned.len() - workers.len();
+    let also_failed = match failed {
+        0 => String::new(),
+        1 => " (1 more cannot load its experts)".to_string(),
+        n => format!(" ({n} more cannot load their experts)"),
+    };
     if workers.is_empty() {
-        problems.push("no live worker".to_string());
+        let live = nodes.iter().filter(ours).count();
+        problems.push(match live {
+            0 => "no live worker".to_string(),
+            n => format!("no worker may be placed: the live ones ({n}) are cordoned or cannot load their experts"),
+        });
     }
     if let Some(why) = &rollouts.unplaceable {
         problems.push(format!("the leader cannot place the experts on the live, uncordoned workers: {why}"));
@@ -74,7 +85,7 @@ pub fn problems(
         problems.push(if workers.len() < min_workers {
             format!(
                 "no current placement: the first waits for {min_workers} live, uncordoned workers \
-                 (--min-workers); {} are",
+                 (--min-workers); {} are{also_failed}",
                 workers.len()
             )
         } else {
@@ -295,5 +306,20 @@ mod tests {
         let p = check(&nodes[..2], &none, 2);
         assert_eq!(p, ["no current placement: the first waits for 3 live, uncordoned workers (--min-workers); 2 are"]);
         assert_eq!(check(&nodes, &none, 2), ["no current placement"]);
+        // One of three cannot load its experts: it does not count, and it
+        // is said why.
+        let mut one_failed = nodes.clone();
+        one_failed[2].load_failure =
+            Some(myriad_store::schema::LoadFailure { version: PlacementVersion(1), error: "disk gone".into() });
+        let p = check(&one_failed, &none, 2);
+        assert_eq!(
+            p[1],
+            "no current placement: the first waits for 3 live, uncordoned workers (--min-workers); 2 are \
+             (1 more cannot load its experts)"
+        );
+        let p = check(&one_failed[2..], &none, 2);
+        assert!(
+            p.contains(&"no worker may be placed: the live ones (1) are cordoned or cannot load their experts".into())
+        );
     }
 }
