@@ -228,6 +228,14 @@ mod tests {
         problems(&asked(replicas), nodes, &HashSet::new(), view, &Rollouts::default())
     }
 
+    /// `nodes` with node `i` reporting that it could not load `version`.
+    fn failing(nodes: &[NodeRecord], i: usize, version: u64) -> Vec<NodeRecord> {
+        let mut nodes = nodes.to_vec();
+        let error = "disk gone".to_string();
+        nodes[i].load_failure = Some(myriad_store::schema::LoadFailure { version: PlacementVersion(version), error });
+        nodes
+    }
+
     #[test]
     fn a_fully_replicated_cluster_is_healthy_and_each_fault_is_named() {
         let two_copies = view(&[("w1", "0-1:0-3"), ("w2", "0-1:0-3"), ("w3", "0-1:0-3")]);
@@ -290,9 +298,7 @@ mod tests {
 
         // A worker that failed to load: named with why, not counted as
         // live, and not reported again as a placed worker behind.
-        let mut failed = nodes.clone();
-        failed[1].load_failure =
-            Some(myriad_store::schema::LoadFailure { version: PlacementVersion(4), error: "disk gone".into() });
+        let failed = failing(&nodes, 1, 4);
         let p = check(&failed, &two_copies, 2);
         assert_eq!(
             p[0],
@@ -308,9 +314,7 @@ mod tests {
         assert_eq!(check(&nodes, &none, 2), ["no current placement"]);
         // One of three cannot load its experts: it does not count, and it
         // is said why.
-        let mut one_failed = nodes.clone();
-        one_failed[2].load_failure =
-            Some(myriad_store::schema::LoadFailure { version: PlacementVersion(1), error: "disk gone".into() });
+        let one_failed = failing(&nodes, 2, 1);
         let p = check(&one_failed, &none, 2);
         assert_eq!(
             p[1],
