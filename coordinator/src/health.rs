@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use myriad_store::schema::{NodeId, NodeRecord, PlacementVersion, PlacementView, Role};
 
+use crate::leader::placeable;
+
 /// How far the leader's rollout has come, as the admin API sees it.
 #[derive(Debug, Clone, Default)]
 pub struct Rollouts {
@@ -62,10 +64,9 @@ pub fn problems(
         }
     }
     // The workers placement may use.
-    let uncordoned: Vec<&NodeRecord> = nodes.iter().filter(ours).filter(|n| !cordoned.contains(&n.id)).collect();
-    let workers: Vec<&NodeRecord> = uncordoned.iter().copied().filter(|n| n.load_failure.is_none()).collect();
+    let workers: Vec<&NodeRecord> = nodes.iter().filter(ours).filter(|n| placeable(n, cordoned)).collect();
     // Those left out only because their experts do not load (said above).
-    let failed = uncordoned.len() - workers.len();
+    let failed = nodes.iter().filter(ours).filter(|n| !cordoned.contains(&n.id)).count() - workers.len();
     let also_failed = match failed {
         0 => String::new(),
         1 => " (1 more cannot load its experts)".to_string(),

@@ -31,10 +31,15 @@ pub(crate) fn live_workers(snapshot: &Snapshot, model_id: &str) -> Vec<NodeRecor
     nodes
 }
 
-/// The workers placement may use: `live` less the cordoned ones and those
-/// that report failing to load their experts (until they restart).
+/// Whether placement may use worker `w`: it is not cordoned and does not
+/// report experts it cannot load (until they load).
+pub(crate) fn placeable(w: &NodeRecord, cordoned: &HashSet<NodeId>) -> bool {
+    !cordoned.contains(&w.id) && w.load_failure.is_none()
+}
+
+/// The workers of `live` placement may use (see [`placeable`]).
 pub(crate) fn schedulable(live: Vec<NodeRecord>, cordoned: &HashSet<NodeId>) -> Vec<NodeRecord> {
-    live.into_iter().filter(|w| !cordoned.contains(&w.id) && w.load_failure.is_none()).collect()
+    live.into_iter().filter(|w| placeable(w, cordoned)).collect()
 }
 
 /// Whether `placement` already places exactly these workers at these addresses.

@@ -129,7 +129,8 @@ pub struct NodeRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_memory_bytes: Option<u64>,
     /// Workers: a placement version whose experts it could not load, and
-    /// why; cleared when it loads one. Placement leaves such a worker out.
+    /// why; cleared once they load (a retry, or a later placement's).
+    /// Placement leaves such a worker out.
     /// Absent in records of older builds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_failure: Option<LoadFailure>,
