@@ -93,8 +93,9 @@ impl LocalCluster {
         for i in 0..workers {
             let listener = TcpListener::bind("127.0.0.1:0").await.context("bind a loopback port")?;
             let addr = listener.local_addr().context("read the bound address")?.to_string();
-            let worker = Arc::new(Worker::idle(shape.clone(), device)?);
-            let record = NodeRecord::new(node_id(&format!("worker-{i}"))?, Role::Worker, addr, &shape.model_id);
+            let id = node_id(&format!("worker-{i}"))?;
+            let worker = Arc::new(Worker::idle(id.as_str(), shape.clone(), device)?);
+            let record = NodeRecord::new(id, Role::Worker, addr, &shape.model_id);
             let record = myriad_worker::membership::describe(record, &worker, None);
             let membership = myriad_worker::membership::Membership {
                 store: store.clone(),

@@ -103,14 +103,15 @@ pub fn run(args: Args) -> Result<()> {
                     backend.hosted().experts.len(),
                     myriad_coordinator::placement::human(backend.bytes() as u64)
                 );
-                (Arc::new(Worker::new(backend)?), None)
+                // Routers name it by this address.
+                (Arc::new(Worker::new(&bound, backend)?), None)
             }
             None => {
                 let shape = myriad_worker::backend::model_shape(&args.model)
                     .with_context(|| format!("read the model in {}", args.model.display()))?;
                 let id = args.cluster.node_id(Role::Worker)?;
                 let addr = args.advertise_addr.clone().unwrap_or_else(|| bound.clone());
-                let worker = Worker::idle(shape.clone(), device)?;
+                let worker = Worker::idle(id.as_str(), shape.clone(), device)?;
                 let record = NodeRecord {
                     host: args.node.clone().or_else(hostname),
                     zone: args.zone.clone(),

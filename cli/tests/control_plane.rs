@@ -39,7 +39,7 @@ impl TestWorker {
         let shape = myriad_worker::backend::model_shape(model).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let worker = Arc::new(Worker::idle(shape.clone(), myriad_worker::Device::Cpu).unwrap());
+        let worker = Arc::new(Worker::idle(id, shape.clone(), myriad_worker::Device::Cpu).unwrap());
         let membership = myriad_worker::membership::Membership {
             store: store.clone(),
             keys: keys.clone(),

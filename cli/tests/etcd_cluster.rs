@@ -64,6 +64,11 @@ async fn metric(id: &str, sample: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
 }
 
+/// A `myriad_worker_*` sample of worker `id`: its series carry its id.
+async fn worker_metric(id: &str, name: &str) -> Option<f64> {
+    metric(id, &format!("{name}{{worker=\"{id}\"}}")).await
+}
+
 fn host(worker: &str) -> &'static str {
     if worker == "w1" || worker == "w2" { "m1" } else { "m2" }
 }
@@ -211,15 +216,15 @@ async fn failures_of_workers_coordinators_and_etcd_cost_no_request() {
     .await;
     let balance = top["balancedness"].as_f64().unwrap();
     // Workers and the leader serve their own metrics.
-    assert!(metric("w1", "myriad_worker_batches_total{result=\"ok\"}").await.unwrap() > 0.0);
-    assert!(metric("w1", "myriad_worker_pairs_total").await.unwrap() > 0.0);
-    assert!(metric("w1", "myriad_worker_expert_bytes").await.unwrap() > 0.0);
-    assert_eq!(metric("w1", "myriad_worker_device_memory_bytes").await, Some(0.0));
-    assert_eq!(metric("w1", "myriad_worker_ready").await, Some(1.0));
+    assert!(metric("w1", "myriad_worker_batches_total{result=\"ok\",worker=\"w1\"}").await.unwrap() > 0.0);
+    assert!(worker_metric("w1", "myriad_worker_pairs_total").await.unwrap() > 0.0);
+    assert!(worker_metric("w1", "myriad_worker_expert_bytes").await.unwrap() > 0.0);
+    assert_eq!(worker_metric("w1", "myriad_worker_device_memory_bytes").await, Some(0.0));
+    assert_eq!(worker_metric("w1", "myriad_worker_ready").await, Some(1.0));
     assert_eq!(metric(other, "myriad_coordinator_leading").await, Some(1.0));
     assert!(metric(other, "myriad_coordinator_rollouts_total{outcome=\"current\"}").await.unwrap() >= 1.0);
     let version = metric(other, "myriad_coordinator_placement_version").await.unwrap();
-    assert_eq!(metric("w1", "myriad_worker_placement_version").await, Some(version));
+    assert_eq!(worker_metric("w1", "myriad_worker_placement_version").await, Some(version));
     let router_metrics =
         reqwest::get(format!("{}/metrics", base.trim_end_matches("/v1"))).await.unwrap().text().await.unwrap();
     assert!(router_metrics.lines().any(|l| l == "myriad_router_serving 1"), "{router_metrics}");
@@ -405,8 +410,8 @@ async fn workers_that_cannot_load_their_experts_are_left_out_until_they_load() {
     assert!(problems.contains("worker z3 could not load") && problems.contains("worker z4 could not load"));
     // Each says so on its /metrics, for alerting.
     for id in broken {
-        assert_eq!(metric(id, "myriad_worker_load_failed").await, Some(1.0), "{id}");
-        let failures = metric(id, "myriad_worker_load_failures_total").await.unwrap();
+        assert_eq!(worker_metric(id, "myriad_worker_load_failed").await, Some(1.0), "{id}");
+        let failures = worker_metric(id, "myriad_worker_load_failures_total").await.unwrap();
         assert!(failures >= 2.0, "{id}: its first load and a retry failed: {failures}");
     }
 
@@ -420,6 +425,6 @@ async fn workers_that_cannot_load_their_experts_are_left_out_until_they_load() {
     let problems = ctl_json(&e, &["status"])["problems"].to_string();
     assert!(!problems.contains("could not load"), "{problems}");
     for id in broken {
-        assert_eq!(metric(id, "myriad_worker_load_failed").await, Some(0.0), "{id}");
+        assert_eq!(worker_metric(id, "myriad_worker_load_failed").await, Some(0.0), "{id}");
     }
 }

@@ -42,6 +42,14 @@ def test_models_health_ready_metrics(server, client):
                  "myriad_router_expert_tokens_total{expert=", "myriad_router_dispatch_latency_seconds_bucket",
                  "myriad_router_inter_token_latency_seconds", "myriad_router_queue_depth"]:
         assert name in text, name
+    # The two in-process workers export a series each, labelled with their node ids.
+    samples = dict(l.rsplit(" ", 1) for l in text.splitlines() if l.startswith("myriad_worker_"))
+    for worker in ["worker-0", "worker-1"]:
+        assert samples[f'myriad_worker_ready{{worker="{worker}"}}'] == "1", samples
+        assert float(samples[f'myriad_worker_placement_version{{worker="{worker}"}}']) >= 1, samples
+        assert float(samples[f'myriad_worker_expert_bytes{{worker="{worker}"}}']) > 0, samples
+    pairs = [float(v) for k, v in samples.items() if k.startswith("myriad_worker_pairs_total{")]
+    assert len(pairs) == 2 and sum(pairs) > 0, samples
 
 
 def test_greedy_completion_equals_myriad_generate(client):

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::backend::ExpertBackend;
 use crate::device::Device;
-use crate::metrics;
+use crate::metrics::Metrics;
 use crate::worker::Worker;
 
 /// How a worker joins the cluster.
@@ -110,9 +110,6 @@ async fn apply_placements(
     // abandons it.
     let mut failed: Option<PlacementVersion> = None;
     let mut retry = Retry::new(m.load_retry);
-    // Exported from the start, at zero.
-    metrics::LOAD_FAILED.set(0);
-    metrics::LOAD_FAILURES.inc_by(0);
     loop {
         if leave.as_ref().is_some_and(|l| *l.borrow()) {
             if let Some(r) = registration.take() {
@@ -138,7 +135,7 @@ async fn apply_placements(
             tracing::info!(%version, experts = %spec, "trying again to load the experts that failed");
             // Dropped again once loaded: the next placement decides what
             // this worker holds.
-            let failure = match load(&m.model, m.device, spec.clone(), reuse).await {
+            let failure = match load(&m.model, m.device, spec.clone(), reuse, worker.metrics()).await {
                 Ok(_) => {
                     tracing::info!(%version, "the experts load now; offering the worker to placement again");
                     None
@@ -152,7 +149,7 @@ async fn apply_placements(
             // Unchanged (the same error again): nothing to tell.
             if failure != record.load_failure {
                 record.load_failure = failure;
-                metrics::LOAD_FAILED.set(i64::from(record.load_failure.is_some()));
+                worker.metrics().load_failed.set(i64::from(record.load_failure.is_some()));
                 if let Some(r) = &registration {
                     r.update(schema::encode(&record));
                 }
@@ -168,7 +165,7 @@ async fn apply_placements(
         if let Some((version, spec)) = mine.filter(|(v, _)| Some(*v) > newest) {
             tracing::info!(%version, experts = %spec, "loading the experts of a new placement");
             let reuse = loaded.iter().map(|(_, b)| b.clone()).collect();
-            let failure = match load(&m.model, m.device, spec.clone(), reuse).await {
+            let failure = match load(&m.model, m.device, spec.clone(), reuse, worker.metrics()).await {
                 Ok(backend) => {
                     worker.install(Some(version.0), backend.clone());
                     loaded.push((version, backend));
@@ -188,7 +185,7 @@ async fn apply_placements(
                 }
             };
             record.load_failure = failure;
-            metrics::LOAD_FAILED.set(i64::from(record.load_failure.is_some()));
+            worker.metrics().load_failed.set(i64::from(record.load_failure.is_some()));
             if let Some(r) = &registration {
                 r.update(schema::encode(&record));
             }
@@ -224,6 +221,7 @@ async fn load(
     device: Device,
     spec: ExpertSpec,
     reuse: Vec<Arc<dyn ExpertBackend>>,
+    metrics: &Metrics,
 ) -> Result<Arc<dyn ExpertBackend>, String> {
     let dir = dir.to_path_buf();
     let loaded = match tokio::task::spawn_blocking(move || device.load(&dir, &spec, &reuse)).await {
@@ -232,7 +230,7 @@ async fn load(
         Err(e) => Err(format!("the loading task failed: {e}")),
     };
     if loaded.is_err() {
-        metrics::LOAD_FAILURES.inc();
+        metrics.load_failures.inc();
     }
     loaded
 }

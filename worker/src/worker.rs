@@ -36,23 +36,28 @@ pub struct Worker {
     /// current placement. The gRPC health service reports it, so that
     /// Kubernetes waits for it before stopping the next worker in a rollout.
     ready: watch::Sender<bool>,
+    metrics: metrics::Metrics,
 }
 
 impl Worker {
-    /// A worker serving exactly `backend`'s experts.
-    pub fn new(backend: Arc<dyn ExpertBackend>) -> Result<Self, WorkerError> {
-        let worker = Worker::idle(Hosted { experts: Vec::new(), ..backend.hosted().clone() }, backend.device())?;
+    /// A worker serving exactly `backend`'s experts; `name` labels its
+    /// metrics.
+    pub fn new(name: &str, backend: Arc<dyn ExpertBackend>) -> Result<Self, WorkerError> {
+        let shape = Hosted { experts: Vec::new(), ..backend.hosted().clone() };
+        let worker = Worker::idle(name, shape, backend.device())?;
         worker.install(None, backend);
         worker.set_ready(true);
         Ok(worker)
     }
 
     /// A worker of the model `shape` describes that hosts nothing yet (not
-    /// ready) and will load its experts on `device`.
-    pub fn idle(shape: Hosted, device: Device) -> Result<Self, WorkerError> {
+    /// ready) and will load its experts on `device`; `name` (its node id)
+    /// labels its metrics.
+    pub fn idle(name: &str, shape: Hosted, device: Device) -> Result<Self, WorkerError> {
         let (ready, _) = watch::channel(false);
         let device_memory = device.memory_bytes()?;
-        metrics::DEVICE_MEMORY_BYTES.set(device_memory as i64);
+        let metrics = metrics::Metrics::new(name);
+        metrics.device_memory_bytes.set(device_memory as i64);
         Ok(Worker {
             shape,
             device,
@@ -60,7 +65,13 @@ impl Worker {
             installed: RwLock::new(Vec::new()),
             load: Mutex::new(BTreeMap::new()),
             ready,
+            metrics,
         })
+    }
+
+    /// Its series of the `myriad_worker_*` metrics.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
     }
 
     /// Where its experts live and that device's memory in bytes (0 for the CPU).
@@ -74,7 +85,7 @@ impl Worker {
     }
 
     pub fn set_ready(&self, ready: bool) {
-        metrics::READY.set(i64::from(ready));
+        self.metrics.ready.set(i64::from(ready));
         self.ready.send_if_modified(|r| std::mem::replace(r, ready) != ready);
     }
 
@@ -88,8 +99,8 @@ impl Worker {
         let mut installed = self.installed.write().unwrap_or_else(|p| p.into_inner());
         installed.push(Installed { version, backend });
         installed.sort_by_key(|i| i.version);
-        metrics::PLACEMENT_VERSION.set(installed.last().and_then(|i| i.version).unwrap_or(0) as i64);
-        metrics::EXPERT_BYTES.set(installed.last().map_or(0, |i| i.backend.bytes()) as i64);
+        self.metrics.placement_version.set(installed.last().and_then(|i| i.version).unwrap_or(0) as i64);
+        self.metrics.expert_bytes.set(installed.last().map_or(0, |i| i.backend.bytes()) as i64);
     }
 
     /// Releases the backends of versions `keep` rejects.
@@ -137,7 +148,7 @@ impl Worker {
             }));
         };
         let (width, pairs) = (batch.width, batch.pairs());
-        let timer = metrics::BATCH_SECONDS.start_timer();
+        let timer = self.metrics.batch_seconds.start_timer();
         let (batch, data) = tokio::task::spawn_blocking(move || {
             let data = backend.run(&batch);
             (batch, data)
@@ -145,9 +156,9 @@ impl Worker {
         .await
         .map_err(|e| WorkerError::Internal(e.to_string()))?;
         timer.observe_duration();
-        metrics::BATCHES.with_label_values(&[if data.is_ok() { "ok" } else { "error" }]).inc();
+        if data.is_ok() { &self.metrics.batches_ok } else { &self.metrics.batches_failed }.inc();
         let data = data?;
-        metrics::PAIRS.inc_by(pairs as u64);
+        self.metrics.pairs.inc_by(pairs as u64);
         if let Ok(mut load) = self.load.lock() {
             for (e, _) in batch.routes.iter().flatten() {
                 *load.entry((batch.layer, *e)).or_default() += 1;

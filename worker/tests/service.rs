@@ -19,9 +19,9 @@ fn tiny() -> PathBuf {
 
 async fn start(dir: &std::path::Path, spec: &str) -> ExpertWorkerClient<Channel> {
     let backend = CpuBackend::load(dir, &spec.parse::<ExpertSpec>().unwrap()).unwrap();
-    let worker = Arc::new(Worker::new(Arc::new(backend)).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let worker = Arc::new(Worker::new(&addr.to_string(), Arc::new(backend)).unwrap());
     tokio::spawn(myriad_worker::serve(listener, worker, None, std::future::pending()));
     ExpertWorkerClient::connect(format!("http://{addr}")).await.unwrap()
 }
@@ -146,8 +146,9 @@ async fn health(addr: std::net::SocketAddr) -> i32 {
 async fn the_health_service_reports_readiness() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let backend = CpuBackend::load(&tiny(), &"1:0-3".parse::<ExpertSpec>().unwrap()).unwrap();
-    let ready = Arc::new(Worker::new(Arc::new(backend)).unwrap());
-    let idle = Arc::new(Worker::idle(myriad_worker::backend::model_shape(&tiny()).unwrap(), Device::Cpu).unwrap());
+    let ready = Arc::new(Worker::new("ready", Arc::new(backend)).unwrap());
+    let shape = myriad_worker::backend::model_shape(&tiny()).unwrap();
+    let idle = Arc::new(Worker::idle("idle", shape, Device::Cpu).unwrap());
     let mut addrs = Vec::new();
     for worker in [ready, idle.clone()] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
