@@ -208,7 +208,8 @@ async fn run_async(args: Args) -> Result<()> {
             if args.json {
                 let nodes: Vec<_> = s.nodes.iter().map(|n| json!({"id": n.id, "role": n.role, "addr": n.addr,
                     "capacity_bytes": n.capacity_bytes, "placement_version": n.placement_version, "cordoned": n.cordoned,
-                    "host": n.host, "zone": n.zone, "device": n.device, "device_memory_bytes": n.device_memory_bytes})).collect();
+                    "host": n.host, "zone": n.zone, "device": n.device, "device_memory_bytes": n.device_memory_bytes,
+                    "load_failure": n.load_failure.as_ref().map(|f| json!({"placement_version": f.placement_version, "error": f.error}))})).collect();
                 let out = json!({"leader": s.leader, "placement_version": s.placement_version, "problems": s.problems, "nodes": nodes});
                 println!("{out}");
                 return Ok(());
@@ -227,7 +228,7 @@ async fn run_async(args: Args) -> Result<()> {
                 }
             }
             println!(
-                "{:<24} {:<12} {:<22} {:<16} {:<18} {:>10} {:>8} CORDONED",
+                "{:<24} {:<12} {:<22} {:<16} {:<18} {:>10} {:>8} STATUS",
                 "NODE", "ROLE", "ADDR", "HOST/ZONE", "DEVICE", "CAPACITY", "VERSION"
             );
             for n in &s.nodes {
@@ -238,7 +239,14 @@ async fn run_async(args: Args) -> Result<()> {
                 };
                 let version =
                     if n.placement_version == 0 { "-".to_string() } else { format!("v{}", n.placement_version) };
-                let cordoned = if n.cordoned { "yes" } else { "" };
+                // What keeps it out of placement (the reasons: `ctl status`).
+                let status: Vec<String> = [
+                    n.cordoned.then(|| "cordoned".to_string()),
+                    n.load_failure.as_ref().map(|f| format!("load of v{} failed", f.placement_version)),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
                 let device = match (n.device.as_str(), n.device_memory_bytes) {
                     ("", _) => "-".to_string(),
                     (device, 0) => device.to_string(),
@@ -250,8 +258,15 @@ async fn run_async(args: Args) -> Result<()> {
                     (host, zone) => format!("{host}/{zone}"),
                 };
                 println!(
-                    "{:<24} {:<12} {:<22} {:<16} {:<18} {:>10} {:>8} {cordoned}",
-                    n.id, n.role, n.addr, place, device, capacity, version
+                    "{:<24} {:<12} {:<22} {:<16} {:<18} {:>10} {:>8} {}",
+                    n.id,
+                    n.role,
+                    n.addr,
+                    place,
+                    device,
+                    capacity,
+                    version,
+                    status.join(",")
                 );
             }
         }

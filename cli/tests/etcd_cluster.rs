@@ -64,6 +64,12 @@ async fn metric(id: &str, sample: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
 }
 
+/// Each node's `load_failure` in `ctl status --json`.
+fn load_failures(etcd: &str) -> std::collections::BTreeMap<String, Value> {
+    let nodes = ctl_json(etcd, &["status"])["nodes"].as_array().cloned().unwrap_or_default();
+    nodes.into_iter().map(|n| (n["id"].as_str().unwrap_or_default().to_string(), n["load_failure"].clone())).collect()
+}
+
 /// A `myriad_worker_*` sample of worker `id`: its series carry its id.
 async fn worker_metric(id: &str, name: &str) -> Option<f64> {
     metric(id, &format!("{name}{{worker=\"{id}\"}}")).await
@@ -408,6 +414,17 @@ async fn workers_that_cannot_load_their_experts_are_left_out_until_they_load() {
     assert_eq!(placed(&current().unwrap()), 0, "placed although they still cannot load their experts");
     let problems = ctl_json(&e, &["status"])["problems"].to_string();
     assert!(problems.contains("worker z3 could not load") && problems.contains("worker z4 could not load"));
+    // `ctl nodes` and its JSON mark them.
+    let failures = load_failures(&e);
+    for id in broken {
+        let failure = &failures[id];
+        assert!(failure["error"].as_str().unwrap().contains("model.safetensors"), "{id}: {failure}");
+        assert!(failure["placement_version"].as_u64().unwrap() >= 1, "{id}: {failure}");
+    }
+    let table = ctl(&e, &["--token", "secret", "nodes"]).unwrap();
+    let row = |id: &str| table.lines().find(|l| l.starts_with(&format!("{id} "))).unwrap().to_string();
+    assert!(row("z3").contains("load of v") && row("z3").ends_with(" failed"), "{table}");
+    assert!(!row("z1").contains("failed"), "{table}");
     // Each says so on its /metrics, for alerting.
     for id in broken {
         assert_eq!(worker_metric(id, "myriad_worker_load_failed").await, Some(1.0), "{id}");
@@ -424,6 +441,7 @@ async fn workers_that_cannot_load_their_experts_are_left_out_until_they_load() {
     .await;
     let problems = ctl_json(&e, &["status"])["problems"].to_string();
     assert!(!problems.contains("could not load"), "{problems}");
+    assert!(load_failures(&e).values().all(Value::is_null), "{:?}", load_failures(&e));
     for id in broken {
         assert_eq!(worker_metric(id, "myriad_worker_load_failed").await, Some(0.0), "{id}");
     }

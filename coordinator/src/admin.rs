@@ -159,6 +159,9 @@ impl Admin for AdminService {
                 zone: n.zone.unwrap_or_default(),
                 device: n.device.unwrap_or_default(),
                 device_memory_bytes: n.device_memory_bytes.unwrap_or(0),
+                load_failure: n
+                    .load_failure
+                    .map(|f| pb::LoadFailure { placement_version: f.version.0, error: f.error }),
             })
             .collect();
         Ok(Response::new(StatusResponse {

@@ -98,7 +98,8 @@ def test_every_ctl_command_works_on_myriad_up():
         # Drain an in-process worker, then bring it back.
         ok(s, "drain", "worker-1")
         nodes = {n["id"]: n for n in json.loads(ok(s, "--json", "status"))["nodes"]}
-        assert nodes["worker-1"]["cordoned"]
+        assert nodes["worker-1"]["cordoned"] and nodes["worker-1"]["load_failure"] is None
+        assert next(l for l in ok(s, "nodes").splitlines() if l.startswith("worker-1 ")).endswith(" cordoned")
         placement = json.loads(ok(s, "--json", "placement"))
         assert all(w["node"] != "worker-1" or not w["experts"] for w in placement["workers"]), placement
         assert client.completions.create(model=MODEL, prompt=prompt, max_tokens=48, temperature=0,
