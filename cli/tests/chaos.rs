@@ -440,14 +440,9 @@ async fn soak_random_worker_faults() {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
     });
     eprintln!("soak: {minutes} minutes, MYRIAD_CHAOS_SEED={seed}");
-    let mut rng = seed | 1;
-    let mut next = move |n: u64| {
-        // xorshift64: reproducible from the printed seed.
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    // Reproducible from the printed seed.
+    let mut rng = myriad_model::generate::Rng::new(seed);
+    let mut next = move |n: u64| rng.next_u64() % n;
     let mut c = Cluster::start().await;
     let expected = common::complete(&c.bases[0], LOAD).await.expect("a fault-free answer");
     let ids = ["w1", "w2", "w3"];

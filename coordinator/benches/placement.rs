@@ -11,22 +11,12 @@
 use std::time::Instant;
 
 use myriad_coordinator::placement::{Load, Migration, Plan, Problem, eplb, rebalance, round_robin};
+use myriad_model::generate::Rng;
 
-/// SplitMix64: a small deterministic generator, so every run sees the same traces.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
+/// Uniform in `[0, 1)`, from the model's deterministic generator (seeded,
+/// every run sees the same traces).
+fn unit(rng: &mut Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Zipf-like load: the expert of rank r gets tokens ∝ 1 / (r + 1)^skew,
@@ -36,10 +26,10 @@ fn trace(layers: usize, experts: usize, skew: f64, rng: &mut Rng) -> Load {
     for _ in 0..layers {
         let mut ranks: Vec<usize> = (0..experts).collect();
         for i in (1..experts).rev() {
-            ranks.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+            ranks.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
         }
         for &r in &ranks {
-            tokens.push(1e4 / ((r + 1) as f64).powf(skew) * (0.9 + 0.2 * rng.unit()));
+            tokens.push(1e4 / ((r + 1) as f64).powf(skew) * (0.9 + 0.2 * unit(rng)));
         }
     }
     Load { layers, experts, tokens }
@@ -52,7 +42,7 @@ fn drifted(load: &Load, sigma: f64, rng: &mut Rng) -> Load {
         .iter()
         .map(|t| {
             // Box-Muller: one standard normal from two uniforms.
-            let (u, v) = (rng.unit().max(1e-12), rng.unit());
+            let (u, v) = (unit(rng).max(1e-12), unit(rng));
             t * (sigma * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()).exp()
         })
         .collect();
@@ -108,7 +98,7 @@ fn problem(layers: usize, experts: usize, workers: usize, redundant: usize) -> P
 }
 
 fn main() {
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     println!(
         "| experts | workers | redundant/layer | skew | round robin | DeepSeek EPLB | Myriad eplb | Myriad / EPLB | Myriad ms |"
     );
