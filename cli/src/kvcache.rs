@@ -73,7 +73,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let service = KvCacheService::new(args.cache.open()?);
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
-    runtime.block_on(async move {
+    crate::shutdown::run(runtime, async move {
         // Before the banner: a SIGTERM right after it must find the handler.
         let shutdown = crate::shutdown::signal();
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;

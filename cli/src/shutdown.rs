@@ -2,8 +2,24 @@
 //! is how Kubernetes, systemd and `docker stop` ask a process to end.
 
 use std::future::Future;
+use std::time::Duration;
 
+use tokio::runtime::Runtime;
 use tokio::signal::unix::{Signal, SignalKind, signal as listen};
+
+/// How long a role that has stopped serving waits for work still on the
+/// blocking pool (a cache write, an expert load) before it exits without it.
+const BLOCKING_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs a role's `main` to its end on `runtime`, then stops the runtime,
+/// waiting at most [`BLOCKING_GRACE`] for blocking work. Dropping the
+/// runtime would wait for it forever, and an expert load stuck on a volume
+/// that hangs never ends: the process would outlive its SIGTERM.
+pub fn run<T>(runtime: Runtime, main: impl Future<Output = T>) -> T {
+    let out = runtime.block_on(main);
+    runtime.shutdown_timeout(BLOCKING_GRACE);
+    out
+}
 
 /// Installs handlers for SIGTERM and SIGINT now, and returns a future that
 /// resolves on the first of them. Call it inside the runtime and before the

@@ -71,7 +71,7 @@ pub struct UpArgs {
 pub fn up(mut args: UpArgs) -> Result<()> {
     args.http.max_model_len.get_or_insert(UP_MAX_MODEL_LEN);
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
-    runtime.block_on(async move {
+    crate::shutdown::run(runtime, async move {
         // Before anything slow: a SIGTERM during start-up must find the handler.
         let shutdown = crate::shutdown::signal();
         let listener = bind_admin(args.admin_listen.as_deref()).await?;

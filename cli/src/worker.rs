@@ -84,7 +84,7 @@ pub fn run(args: Args) -> Result<()> {
     // Zero would retry a failing load in a tight loop.
     anyhow::ensure!(!args.load_retry.is_zero(), "--load-retry must be above zero (e.g. 10s)");
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
-    runtime.block_on(async move {
+    crate::shutdown::run(runtime, async move {
         // Before the banner: a SIGTERM right after it must find the handler.
         let shutdown = crate::shutdown::signal();
         let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listen on {}", args.listen))?;

@@ -70,6 +70,20 @@ fn load_failures(etcd: &str) -> std::collections::BTreeMap<String, Value> {
     nodes.into_iter().map(|n| (n["id"].as_str().unwrap_or_default().to_string(), n["load_failure"].clone())).collect()
 }
 
+fn tiny() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v4")
+}
+
+/// A copy of the tiny model that a test may break.
+fn model_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for file in std::fs::read_dir(tiny()).unwrap() {
+        let file = file.unwrap().path();
+        std::fs::copy(&file, dir.path().join(file.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
 /// A `myriad_worker_*` sample of worker `id`: its series carry its id.
 async fn worker_metric(id: &str, name: &str) -> Option<f64> {
     metric(id, &format!("{name}{{worker=\"{id}\"}}")).await
@@ -380,12 +394,7 @@ async fn workers_that_cannot_load_their_experts_are_left_out_until_they_load() {
     let etcd = EtcdServer::start().await;
     let e = etcd.endpoint.clone();
     let _coordinator = coordinator_with(&e, "k3", &["--min-workers", "2", "--settle", "100ms"]);
-    let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v4");
-    let dir = tempfile::tempdir().unwrap();
-    for file in std::fs::read_dir(&tiny).unwrap() {
-        let file = file.unwrap().path();
-        std::fs::copy(&file, dir.path().join(file.file_name().unwrap())).unwrap();
-    }
+    let (tiny, dir) = (tiny(), model_copy());
     let model = dir.path().to_str().unwrap().to_string();
     let broken = ["z3", "z4"];
     let _broken: Vec<Proc> =
@@ -445,4 +454,44 @@ async fn workers_that_cannot_load_their_experts_are_left_out_until_they_load() {
     for id in broken {
         assert_eq!(worker_metric(id, "myriad_worker_load_failed").await, Some(0.0), "{id}");
     }
+}
+
+/// A worker whose weights volume hangs is stuck loading its experts; on
+/// SIGTERM it still leaves the cluster at once and exits well before its
+/// drain timeout, and the worker that replaces it is placed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_while_its_experts_load_leaves_at_once() {
+    let etcd = EtcdServer::start().await;
+    let e = etcd.endpoint.clone();
+    let _coordinator = coordinator_with(&e, "k4", &["--min-workers", "3", "--settle", "100ms"]);
+    let dir = model_copy();
+    let model = dir.path().to_str().unwrap().to_string();
+    let mut stuck = worker_with(&e, "h3", &["--model", &model, "--drain-timeout", "60s"]);
+    // Its weights now block on open, as a volume that stops answering does.
+    let weights = dir.path().join("model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(&weights).status().unwrap().success());
+    let _workers: Vec<Proc> = ["h1", "h2"].iter().map(|id| worker(&e, id)).collect();
+    let store = etcd.store();
+    let (keys, h3) = (Keys::new("t"), "h3".parse().unwrap());
+    let mirror = Mirror::follow(std::sync::Arc::new(store), keys.placements()).await.unwrap();
+    let names_h3 = |view: &PlacementView| view.versions.values().any(|p| p.assignment(&h3).is_some());
+    until("a placement naming h3", Duration::from_secs(20), async || {
+        names_h3(&PlacementView::read(&keys, &mirror.snapshot())).then_some(())
+    })
+    .await;
+    // It is loading (the open blocks), not serving.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(health(&stuck.word(3)).await, Some(ServingStatus::NotServing as i32));
+
+    let stopped = Instant::now();
+    let status = stuck.terminate(Duration::from_secs(30));
+    assert!(status.success(), "h3 ended with {status} on SIGTERM");
+    eprintln!("SIGTERM of a worker stuck loading -> exit: {:?}", stopped.elapsed());
+    // Its replacement (as Kubernetes starts one) completes the placement.
+    let _h4 = worker(&e, "h4");
+    let current = current_placement(&etcd).await;
+    let placed = until("a current placement of h1, h2 and h4", Duration::from_secs(20), async || current()).await;
+    assert!(placed.assignment(&h3).is_none(), "{placed:?}");
+    assert!(["h1", "h2", "h4"].iter().all(|id| placed.assignment(&id.parse().unwrap()).is_some()), "{placed:?}");
 }

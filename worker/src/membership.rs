@@ -84,9 +84,10 @@ async fn register(m: &Membership) -> Result<(Mirror, Registration), StoreError> 
 
 /// A worker's whole membership: registers once the store answers (the
 /// worker serves meanwhile, unready), applies placements, and when `leave`
-/// fires revokes its registration (so the coordinator moves its experts at
-/// once instead of after the lease TTL) and returns once no placement
-/// version names it any more: from then on no router sends it work.
+/// fires (a load in progress is given up) revokes its registration (so the
+/// coordinator moves its experts at once instead of after the lease TTL)
+/// and returns once no placement version it loaded names it: from then on
+/// no router sends it work.
 pub async fn run(m: Membership, worker: Arc<Worker>, leave: watch::Receiver<bool>) {
     let joined = myriad_store::retry::until_joined_unless_leaving("register the worker", &leave, || register(&m));
     // Asked to leave before it ever joined: nothing to hand over.
@@ -116,10 +117,13 @@ async fn apply_placements(
                 r.close().await;
                 tracing::info!(node = %record.id, "left the cluster; serving until the placement moves on");
             }
-            // Done once no version names it: the coordinator releases old
-            // versions only when every router dispatches with a newer one.
+            // Done once no version it loaded names it: the coordinator
+            // releases old versions only when every router dispatches with
+            // a newer one. One it never loaded cannot become current (that
+            // waits for its acknowledgement): nothing to hand over.
             let view = PlacementView::read(&m.keys, &changes.borrow_and_update());
-            let named = |p: &Placement| p.assignment(&record.id).is_some_and(|a| a.addr == record.addr);
+            let loaded = |p: &Placement| Some(p.version) <= record.placement_version;
+            let named = |p: &Placement| loaded(p) && p.assignment(&record.id).is_some_and(|a| a.addr == record.addr);
             if !view.versions.values().any(named) {
                 return;
             }
@@ -135,7 +139,9 @@ async fn apply_placements(
             tracing::info!(%version, experts = %spec, "trying again to load the experts that failed");
             // Dropped again once loaded: the next placement decides what
             // this worker holds.
-            let failure = match load(&m.model, m.device, spec.clone(), reuse, worker.metrics()).await {
+            let loading = load(&m.model, m.device, spec.clone(), reuse, worker.metrics());
+            let Some(outcome) = unless_leaving(&mut leave, loading).await else { continue };
+            let failure = match outcome {
                 Ok(_) => {
                     tracing::info!(%version, "the experts load now; offering the worker to placement again");
                     None
@@ -165,7 +171,11 @@ async fn apply_placements(
         if let Some((version, spec)) = mine.filter(|(v, _)| Some(*v) > newest) {
             tracing::info!(%version, experts = %spec, "loading the experts of a new placement");
             let reuse = loaded.iter().map(|(_, b)| b.clone()).collect();
-            let failure = match load(&m.model, m.device, spec.clone(), reuse, worker.metrics()).await {
+            let loading = load(&m.model, m.device, spec.clone(), reuse, worker.metrics());
+            // Asked to leave meanwhile: it leaves at once rather than when
+            // the load ends (a volume that hangs may never end it).
+            let Some(outcome) = unless_leaving(&mut leave, loading).await else { continue };
+            let failure = match outcome {
                 Ok(backend) => {
                     worker.install(Some(version.0), backend.clone());
                     loaded.push((version, backend));
@@ -200,18 +210,29 @@ async fn apply_placements(
         // (at this address) and it serves that version.
         let current = view.current().filter(|p| p.assignment(&record.id).is_some_and(|a| a.addr == record.addr));
         worker.set_ready(current.is_some_and(|p| worker.versions().contains(&Some(p.version.0))));
-        let asked = async {
-            match leave.as_mut() {
-                Some(l) => drop(l.wait_for(|leave| *leave).await),
-                None => std::future::pending().await,
-            }
-        };
         let due = retry.at();
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
-            _ = asked => {}
+            _ = asked(&mut leave) => {}
             _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {}
         }
+    }
+}
+
+/// Resolves once the worker is asked to leave (never when it cannot be).
+async fn asked(leave: &mut Option<watch::Receiver<bool>>) {
+    match leave.as_mut() {
+        Some(l) => drop(l.wait_for(|leave| *leave).await),
+        None => std::future::pending().await,
+    }
+}
+
+/// `work`'s result, or none when the worker is asked to leave first (the
+/// work is dropped: a load on the blocking pool runs on, unused).
+async fn unless_leaving<T>(leave: &mut Option<watch::Receiver<bool>>, work: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        done = work => Some(done),
+        _ = asked(leave) => None,
     }
 }
 
