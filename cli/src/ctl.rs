@@ -209,7 +209,8 @@ async fn run_async(args: Args) -> Result<()> {
                 let nodes: Vec<_> = s.nodes.iter().map(|n| json!({"id": n.id, "role": n.role, "addr": n.addr,
                     "capacity_bytes": n.capacity_bytes, "placement_version": n.placement_version, "cordoned": n.cordoned,
                     "host": n.host, "zone": n.zone, "device": n.device, "device_memory_bytes": n.device_memory_bytes,
-                    "load_failure": n.load_failure.as_ref().map(|f| json!({"placement_version": f.placement_version, "error": f.error}))})).collect();
+                    "load_failure": n.load_failure.as_ref().map(|f| json!({"placement_version": f.placement_version, "error": f.error})),
+                    "stalled_version": (n.stalled_version > 0).then_some(n.stalled_version)})).collect();
                 let out = json!({"leader": s.leader, "placement_version": s.placement_version, "problems": s.problems, "nodes": nodes});
                 println!("{out}");
                 return Ok(());
@@ -243,6 +244,7 @@ async fn run_async(args: Args) -> Result<()> {
                 let status: Vec<String> = [
                     n.cordoned.then(|| "cordoned".to_string()),
                     n.load_failure.as_ref().map(|f| format!("load of v{} failed", f.placement_version)),
+                    (n.stalled_version > 0).then(|| format!("load of v{} timed out", n.stalled_version)),
                 ]
                 .into_iter()
                 .flatten()

@@ -46,6 +46,20 @@ fn coordinator_with(etcd: &str, id: &str, placing: &[&str]) -> Proc {
     Proc::start(&[&args[..], placing, &admin[..], &metrics].concat())
 }
 
+/// Router `id` once ready, and its API's base URL.
+async fn router(etcd: &str, id: &str) -> (Proc, String) {
+    let args = ["router", "--etcd", etcd, "--cluster", "t", "--node-id", id, "--lease-ttl", TTL];
+    let router = Proc::start(&[&args[..], &["--listen", "127.0.0.1:0"]].concat());
+    let base = router.word(3);
+    let ready = format!("{}/ready", base.trim_end_matches("/v1"));
+    until("router ready", Duration::from_secs(60), async || {
+        let r = reqwest::get(&ready).await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    (router, base)
+}
+
 /// A worker on machine `host(id)`, which `ctl status` reports.
 fn worker(etcd: &str, id: &str) -> Proc {
     worker_with(etcd, id, &[])
@@ -127,26 +141,7 @@ async fn failures_of_workers_coordinators_and_etcd_cost_no_request() {
     let keys = Keys::new("t");
     let mut coordinators = [coordinator(&e, "c1"), coordinator(&e, "c2")];
     let mut workers: Vec<Proc> = ["w1", "w2", "w3"].iter().map(|id| worker(&e, id)).collect();
-    let router = Proc::start(&[
-        "router",
-        "--etcd",
-        &e,
-        "--cluster",
-        "t",
-        "--node-id",
-        "r1",
-        "--lease-ttl",
-        TTL,
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    let base = router.word(3);
-    let ready = format!("{}/ready", base.trim_end_matches("/v1"));
-    until("router ready", Duration::from_secs(60), async || {
-        let r = reqwest::get(&ready).await.ok()?;
-        r.status().is_success().then_some(())
-    })
-    .await;
+    let (_router, base) = router(&e, "r1").await;
     let expected = complete(&base).await;
     assert!(!expected.is_empty());
     // Each worker serves the current placement, so its gRPC health (the
@@ -494,4 +489,63 @@ async fn a_worker_stopped_while_its_experts_load_leaves_at_once() {
     let placed = until("a current placement of h1, h2 and h4", Duration::from_secs(20), async || current()).await;
     assert!(placed.assignment(&h3).is_none(), "{placed:?}");
     assert!(["h1", "h2", "h4"].iter().all(|id| placed.assignment(&id.parse().unwrap()).is_some()), "{placed:?}");
+}
+
+/// Two failures at once: a worker dies while another's weights volume
+/// hangs. The plan that gives the dead worker's experts to the hung one
+/// can never roll out; the leader leaves the hung worker out after the
+/// rollout timeout instead of planning it in again, so the experts are
+/// served (one copy each: nothing else would serve them) and no request
+/// fails. A restart of the hung worker places it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_load_hangs_is_left_out_after_the_rollout_timeout() {
+    let etcd = EtcdServer::start().await;
+    let e = etcd.endpoint.clone();
+    let placing = ["--min-workers", "3", "--settle", "100ms", "--rollout-timeout", "3s"];
+    let _coordinator = coordinator_with(&e, "k5", &placing);
+    let dir = model_copy();
+    let model = dir.path().to_str().unwrap().to_string();
+    let hung_args = ["--model", model.as_str()];
+    let mut hung = worker_with(&e, "g3", &hung_args);
+    let mut workers: Vec<Proc> = ["g1", "g2"].iter().map(|id| worker(&e, id)).collect();
+    let (_router, base) = router(&e, "r5").await;
+    let expected = complete(&base).await;
+    let current = current_placement(&etcd).await;
+    let first = current().unwrap();
+    let g3 = "g3".parse().unwrap();
+    assert!(first.assignment(&g3).is_some(), "{first:?}");
+
+    // g3's weights block on open from now on; g1 dies.
+    let weights = dir.path().join("model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(&weights).status().unwrap().success());
+    workers[0].kill();
+    let without = until("a current placement of g2 alone", Duration::from_secs(30), async || {
+        current().filter(|p| p.assignments.len() == 1 && p.assignment(&"g2".parse().unwrap()).is_some())
+    })
+    .await;
+    assert_eq!(complete(&base).await, expected, "served by g2 alone");
+    let status = ctl_json(&e, &["status"]);
+    let problems = status["problems"].to_string();
+    assert!(problems.contains("worker g3 did not load placement v"), "{problems}");
+    assert!(problems.contains("within the rollout timeout (3s)"), "{problems}");
+    let g3_node = status["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "g3").cloned().unwrap();
+    let stalled = g3_node["stalled_version"].as_u64().unwrap();
+    assert!(stalled > first.version.0 && stalled < without.version.0, "{g3_node} {without:?}");
+    let table = ctl(&e, &["--token", "secret", "nodes"]).unwrap();
+    let row = table.lines().find(|l| l.starts_with("g3 ")).unwrap();
+    assert!(row.ends_with(&format!("load of v{stalled} timed out")), "{table}");
+
+    // The volume is back and g3 restarts in place: placed again.
+    hung.kill();
+    std::fs::remove_file(&weights).unwrap();
+    std::fs::copy(tiny().join("model.safetensors"), &weights).unwrap();
+    let _g3 = worker_with(&e, "g3", &hung_args);
+    until("a current placement of g2 and g3", Duration::from_secs(30), async || {
+        current().filter(|p| p.assignments.len() == 2 && p.assignment(&g3).is_some())
+    })
+    .await;
+    assert_eq!(complete(&base).await, expected);
+    let problems = ctl_json(&e, &["status"])["problems"].to_string();
+    assert!(!problems.contains("did not load placement"), "{problems}");
 }

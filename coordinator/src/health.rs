@@ -29,6 +29,22 @@ pub struct Rollouts {
     /// The placement the leader kept although it leaves live workers
     /// (id, address) out, and the workers it was kept for.
     pub kept_for: Option<(PlacementVersion, Vec<(NodeId, String)>)>,
+    /// Workers placement leaves out because a rollout waited for them in vain.
+    pub stalled: Vec<Stalled>,
+}
+
+/// A worker that did not load a placement version within the rollout
+/// timeout (its load hangs, or is slower than the timeout allows). Every
+/// later plan that named it would wait for it in vain too, so placement
+/// leaves it out while its record stays as it was then: a load that ends,
+/// a failure it reports, or a restart rewrites it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stalled {
+    pub node: NodeId,
+    /// The version it did not load.
+    pub version: PlacementVersion,
+    /// Its record's revision when the rollout gave up on it.
+    pub revision: myriad_store::Revision,
 }
 
 /// What the coordinator was asked for, as far as health depends on it.
@@ -63,8 +79,19 @@ pub fn problems(
             ));
         }
     }
+    for s in &rollouts.stalled {
+        problems.push(format!(
+            "worker {} did not load placement {} within the rollout timeout ({:.0}s); placement leaves it out \
+             until that load ends, it reports a failure or it restarts",
+            s.node,
+            s.version,
+            rollout_timeout.as_secs_f64()
+        ));
+    }
     // The workers placement may use.
-    let workers: Vec<&NodeRecord> = nodes.iter().filter(ours).filter(|n| placeable(n, cordoned)).collect();
+    let stalled = |n: &&NodeRecord| rollouts.stalled.iter().any(|s| s.node == n.id);
+    let workers: Vec<&NodeRecord> =
+        nodes.iter().filter(ours).filter(|n| placeable(n, cordoned) && !stalled(n)).collect();
     // Those left out only because their experts do not load (said above).
     let failed = nodes.iter().filter(ours).filter(|n| !cordoned.contains(&n.id)).count() - workers.len();
     let also_failed = match failed {
@@ -307,6 +334,18 @@ mod tests {
              them (it tries again, backing off to every 5 min)"
         );
         assert!(p.iter().all(|p| !p.contains("w2 has not loaded")), "{p:?}");
+
+        // A worker a rollout waited for in vain: named with why, and not
+        // reported again as live but unplaced.
+        let without_w2 = view(&[("w1", "0-1:0-3"), ("w3", "0-1:0-3")]);
+        let stalled = Stalled { node: "w2".parse().unwrap(), version: PlacementVersion(4), revision: 7 };
+        let rollouts = Rollouts { stalled: vec![stalled], ..Default::default() };
+        let p = problems(&asked(2), &nodes, &HashSet::new(), &without_w2, &rollouts);
+        assert_eq!(
+            p,
+            ["worker w2 did not load placement v4 within the rollout timeout (60s); placement leaves it out until \
+              that load ends, it reports a failure or it restarts"]
+        );
 
         // Before the first placement: how many workers it waits for.
         let none = PlacementView::default();

@@ -13,6 +13,7 @@ use myriad_store::schema::{
 use myriad_store::{Store, StoreError};
 use tokio::sync::watch;
 
+use crate::health::Stalled;
 use crate::{CoordinatorConfig, Shared, load, metrics, placement};
 
 /// The live workers of this model, by id.
@@ -40,6 +41,18 @@ pub(crate) fn placeable(w: &NodeRecord, cordoned: &HashSet<NodeId>) -> bool {
 /// The workers of `live` placement may use (see [`placeable`]).
 pub(crate) fn schedulable(live: Vec<NodeRecord>, cordoned: &HashSet<NodeId>) -> Vec<NodeRecord> {
     live.into_iter().filter(|w| placeable(w, cordoned)).collect()
+}
+
+/// Whether placement still leaves out `stalled`: its record in `workers` (a
+/// snapshot of [`Keys::nodes`] of workers) is the one the rollout gave up on.
+pub(crate) fn still_stalled(stalled: &Stalled, workers: &Snapshot, keys: &Keys) -> bool {
+    workers.get(&keys.node(Role::Worker, &stalled.node)).is_some_and(|kv| kv.mod_revision == stalled.revision)
+}
+
+/// `live` without the workers of `stalled` (those still stalled: see
+/// [`still_stalled`]).
+pub(crate) fn without_stalled(live: Vec<NodeRecord>, stalled: &[Stalled]) -> Vec<NodeRecord> {
+    live.into_iter().filter(|w| !stalled.iter().any(|s| s.node == w.id)).collect()
 }
 
 /// Whether `placement` already places exactly these workers at these addresses.
@@ -151,7 +164,13 @@ pub(crate) async fn lead(
         (workers.subscribe(), routers.subscribe(), placements.subscribe(), cordons.subscribe());
     let read = || {
         let cordoned = cordoned(keys, &cordons.snapshot());
-        let live = schedulable(live_workers(&workers.snapshot(), &config.model_id), &cordoned);
+        let snapshot = workers.snapshot();
+        let live = schedulable(live_workers(&snapshot, &config.model_id), &cordoned);
+        // Stalled workers whose record changed are placed again.
+        let mut state = shared.lock();
+        state.stalled.retain(|s| still_stalled(s, &snapshot, keys));
+        let live = without_stalled(live, &state.stalled);
+        drop(state);
         (live, PlacementView::read(keys, &placements.snapshot()))
     };
     let membership = |live: &[NodeRecord]| -> Vec<(NodeId, String)> {
@@ -245,9 +264,10 @@ pub(crate) async fn lead(
                     state.rollout = None;
                     match &outcome {
                         Ok(Ok(_)) => state.abandoned = None,
-                        Ok(Err(why)) => {
+                        Ok(Err(abandoned)) => {
                             let count = state.abandoned.as_ref().map_or(0, |(n, _)| *n) + 1;
-                            state.abandoned = Some((count, why.clone()));
+                            state.abandoned = Some((count, abandoned.why.clone()));
+                            state.stalled.extend(abandoned.stalled.iter().cloned());
                         }
                         Err(_) => {}
                     }
@@ -332,6 +352,18 @@ async fn settled(changes: &mut watch::Receiver<Snapshot>, settle: Duration) -> b
     }
 }
 
+/// Why a rollout was abandoned, and the workers it waited for in vain.
+struct Abandoned {
+    why: String,
+    stalled: Vec<Stalled>,
+}
+
+impl Abandoned {
+    fn because(why: impl Into<String>) -> Self {
+        Abandoned { why: why.into(), stalled: Vec::new() }
+    }
+}
+
 /// Phase one (workers load `next`) and the switch of `current`; returns
 /// the new current version, or why `next` was abandoned.
 async fn roll_out(
@@ -340,7 +372,7 @@ async fn roll_out(
     config: &CoordinatorConfig,
     next: Placement,
     worker_changes: &mut watch::Receiver<Snapshot>,
-) -> Result<Result<PlacementVersion, String>, StoreError> {
+) -> Result<Result<PlacementVersion, Abandoned>, StoreError> {
     let version = next.version;
     // The switch below only happens if nobody moved `current` meanwhile (a
     // leader that stalled past its lease must not undo its successor's work).
@@ -368,26 +400,38 @@ async fn roll_out(
         });
         if let Some((node, error)) = failed {
             tracing::warn!(%version, %node, %error, "a worker cannot load its experts; abandoning this version");
-            return Ok(Err(format!("worker {node} could not load its experts: {error}")));
+            return Ok(Err(Abandoned::because(format!("worker {node} could not load its experts: {error}"))));
         }
         // An abandoned version is never reused; it is deleted with the
         // other old ones once a newer version is current.
         if gone {
             tracing::warn!(%version, "a worker left during the rollout; abandoning this version");
-            return Ok(Err("a worker it names left during the rollout".into()));
+            return Ok(Err(Abandoned::because("a worker it names left during the rollout")));
         }
         tokio::select! {
             _ = worker_changes.changed() => {}
             _ = tokio::time::sleep_until(deadline) => {
-                tracing::warn!(%version, ?pending, "workers did not load the placement in time; abandoning it");
+                tracing::warn!(
+                    %version, ?pending,
+                    "workers did not load the placement in time; abandoning it and leaving them out of placement"
+                );
+                let snapshot = worker_changes.borrow();
+                let stalled = pending
+                    .iter()
+                    .filter_map(|&node| {
+                        let kv = snapshot.get(&keys.node(Role::Worker, node))?;
+                        Some(Stalled { node: node.clone(), version, revision: kv.mod_revision })
+                    })
+                    .collect();
                 let pending: Vec<&str> = pending.iter().map(|n| n.as_str()).collect();
-                return Ok(Err(format!("worker(s) {} did not load it in time", pending.join(", "))));
+                let why = format!("worker(s) {} did not load it in time", pending.join(", "));
+                return Ok(Err(Abandoned { why, stalled }));
             }
         }
     }
     if !store.put_if(&keys.current(), schema::encode(&Current { version }), None, current_rev).await? {
         tracing::warn!(%version, "the current placement changed under this rollout; abandoning it");
-        return Ok(Err("the current placement changed under it".into()));
+        return Ok(Err(Abandoned::because("the current placement changed under it")));
     }
     tracing::info!(%version, "placement is current");
     Ok(Ok(version))

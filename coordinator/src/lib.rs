@@ -71,6 +71,9 @@ struct SharedState {
     /// worker that joined, or the move bound let it load nothing), and that
     /// placement's version; until a placement is rolled out.
     kept_for: Option<(schema::PlacementVersion, Vec<(NodeId, String)>)>,
+    /// Workers a rollout waited for in vain; left out of placement while
+    /// their records stay as they were.
+    stalled: Vec<health::Stalled>,
 }
 
 /// A rebalance asked for through the admin API.
@@ -87,6 +90,7 @@ impl SharedState {
             abandoned: self.abandoned.clone(),
             unplaceable: self.unplaceable.clone(),
             kept_for: self.kept_for.clone(),
+            stalled: self.stalled.clone(),
         }
     }
 }
