@@ -535,6 +535,7 @@ async fn a_worker_whose_load_hangs_is_left_out_after_the_rollout_timeout() {
     let table = ctl(&e, &["--token", "secret", "nodes"]).unwrap();
     let row = table.lines().find(|l| l.starts_with("g3 ")).unwrap();
     assert!(row.ends_with(&format!("load of v{stalled} timed out")), "{table}");
+    assert_eq!(metric("k5", "myriad_coordinator_stalled_workers").await, Some(1.0));
 
     // The volume is back and g3 restarts in place: placed again.
     hung.kill();
@@ -548,4 +549,5 @@ async fn a_worker_whose_load_hangs_is_left_out_after_the_rollout_timeout() {
     assert_eq!(complete(&base).await, expected);
     let problems = ctl_json(&e, &["status"])["problems"].to_string();
     assert!(!problems.contains("did not load placement"), "{problems}");
+    assert_eq!(metric("k5", "myriad_coordinator_stalled_workers").await, Some(0.0));
 }

@@ -169,6 +169,7 @@ pub(crate) async fn lead(
         // Stalled workers whose record changed are placed again.
         let mut state = shared.lock();
         state.stalled.retain(|s| still_stalled(s, &snapshot, keys));
+        metrics::STALLED_WORKERS.set(state.stalled.len() as i64);
         let live = without_stalled(live, &state.stalled);
         drop(state);
         (live, PlacementView::read(keys, &placements.snapshot()))
@@ -268,6 +269,7 @@ pub(crate) async fn lead(
                             let count = state.abandoned.as_ref().map_or(0, |(n, _)| *n) + 1;
                             state.abandoned = Some((count, abandoned.why.clone()));
                             state.stalled.extend(abandoned.stalled.iter().cloned());
+                            metrics::STALLED_WORKERS.set(state.stalled.len() as i64);
                         }
                         Err(_) => {}
                     }

@@ -169,12 +169,14 @@ pub async fn run(
             _ = &mut shutdown => {
                 shared.lock().leading = false;
                 metrics::LEADING.set(0);
+                metrics::STALLED_WORKERS.set(0);
                 leadership.resign().await;
                 return;
             }
         };
         shared.lock().leading = false;
         metrics::LEADING.set(0);
+        metrics::STALLED_WORKERS.set(0);
         if let Err(e) = result {
             tracing::warn!(error = %e, "leading failed; campaigning again");
         }

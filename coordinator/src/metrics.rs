@@ -22,6 +22,14 @@ pub static PLACEMENT_VERSION: LazyLock<IntGauge> = LazyLock::new(|| {
 pub static ROLLOUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     registered(IntCounterVec::new(Opts::new("myriad_coordinator_rollouts_total", "placement rollouts"), &["outcome"]))
 });
+/// Workers placement leaves out because a rollout timed out on them
+/// (see [`crate::health::Stalled`]); 0 on coordinators that do not lead.
+pub static STALLED_WORKERS: LazyLock<IntGauge> = LazyLock::new(|| {
+    registered(IntGauge::new(
+        "myriad_coordinator_stalled_workers",
+        "workers left out of placement because a rollout timed out on them",
+    ))
+});
 /// Plans that kept the current placement: nothing was worth moving.
 pub static PLANS_KEPT: LazyLock<IntCounter> = LazyLock::new(|| {
     registered(IntCounter::new("myriad_coordinator_plans_kept_total", "plans that kept the current placement"))

@@ -412,7 +412,7 @@ def test_alerts_and_dashboard_use_metrics_that_exist():
     rules = find(docs, "PrometheusRule", "prod-myriad")["spec"]["groups"][0]["rules"]
     assert {r["alert"] for r in rules} >= {"MyriadNoReadyRouter", "MyriadExpertWithoutLiveCopy", "MyriadRolloutStuck",
                                           "MyriadKvcacheCorruptReads", "MyriadLeaseRenewalFailures", "MyriadQueueNearlyFull",
-                                          "MyriadWorkerCannotLoadExperts"}
+                                          "MyriadWorkerCannotLoadExperts", "MyriadWorkerLoadTimedOut"}
     for rule in rules:
         assert used_metrics(rule["expr"]) <= defined, rule
         assert 'namespace="ml"' in rule["expr"], rule
