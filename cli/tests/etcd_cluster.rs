@@ -118,6 +118,13 @@ async fn stream(base: &str, during: impl FnOnce()) -> String {
     common::stream(base, PROMPT, 4, during).await
 }
 
+/// Every placement version in `etcd` now.
+async fn current_view(etcd: &EtcdServer) -> PlacementView {
+    let keys = Keys::new("t");
+    let listing = etcd.store().list(&keys.placements()).await.unwrap();
+    PlacementView::read(&keys, &std::sync::Arc::new(listing.kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect()))
+}
+
 /// The cluster's current placement as it stands in `etcd`, followed.
 async fn current_placement(etcd: &EtcdServer) -> impl Fn() -> Option<schema::Placement> {
     let keys = Keys::new("t");
@@ -502,7 +509,7 @@ async fn workers_whose_loads_hang_are_left_out_after_the_rollout_timeout() {
     let etcd = EtcdServer::start().await;
     let e = etcd.endpoint.clone();
     let placing = ["--min-workers", "4", "--settle", "100ms", "--rollout-timeout", "3s"];
-    let _coordinator = coordinator_with(&e, "k5", &placing);
+    let mut k5 = coordinator_with(&e, "k5", &placing);
     let dir = model_copy();
     let model = dir.path().to_str().unwrap().to_string();
     let hung_args = ["--model", model.as_str(), "--load-retry", "1s"];
@@ -539,6 +546,20 @@ async fn workers_whose_loads_hang_are_left_out_after_the_rollout_timeout() {
     assert!(row.ends_with(&format!("load of v{stalled} timed out")), "{table}");
     assert_eq!(metric("k5", "myriad_coordinator_stalled_workers").await, Some(2.0));
 
+    // The leader dies: its successor leaves them out too, rather than wait
+    // a rollout timeout for them again.
+    k5.kill();
+    let _k6 = coordinator_with(&e, "k6", &placing);
+    let store = etcd.store();
+    let keys = Keys::new("t");
+    until("k6 leads", Duration::from_secs(20), async || (leader(&store, &keys).await? == "k6").then_some(())).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let view = current_view(&etcd).await;
+    assert_eq!(view.versions.keys().max(), Some(&without.version), "k6 planned again: {view:?}");
+    let problems = ctl_json(&e, &["status"])["problems"].to_string();
+    assert!(problems.contains("worker g3 did not load") && problems.contains("worker g4 did not load"), "{problems}");
+    assert_eq!(metric("k6", "myriad_coordinator_stalled_workers").await, Some(2.0));
+
     // g3 is restarted in place; then the volume answers: g4's blocked read
     // ends (empty: its load fails) and the weights are back for its retry.
     hung[0].kill();
@@ -554,5 +575,5 @@ async fn workers_whose_loads_hang_are_left_out_after_the_rollout_timeout() {
     assert_eq!(complete(&base).await, expected);
     let problems = ctl_json(&e, &["status"])["problems"].to_string();
     assert!(!problems.contains("did not load placement"), "{problems}");
-    assert_eq!(metric("k5", "myriad_coordinator_stalled_workers").await, Some(0.0));
+    assert_eq!(metric("k6", "myriad_coordinator_stalled_workers").await, Some(0.0));
 }

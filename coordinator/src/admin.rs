@@ -121,7 +121,7 @@ impl AdminService {
     }
 
     /// The workers of this model placement may use (see [`schedulable`]
-    /// and [`health::Stalled`]).
+    /// and [`schema::Stalled`]).
     async fn schedulable(&self) -> Result<Vec<NodeRecord>, Status> {
         let listing = self.store.list(&self.keys.nodes(Role::Worker)).await.map_err(unavailable)?;
         let snapshot = Arc::new(listing.kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect());
@@ -131,7 +131,7 @@ impl AdminService {
 
     /// The workers a rollout gave up on that placement still leaves out,
     /// by `workers` (a snapshot that holds the worker records).
-    fn stalled(&self, workers: &Snapshot) -> Vec<health::Stalled> {
+    fn stalled(&self, workers: &Snapshot) -> Vec<schema::Stalled> {
         let all = self.shared.lock().stalled.clone();
         all.into_iter().filter(|s| still_stalled(s, workers, &self.keys)).collect()
     }

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
-use myriad_store::schema::{NodeId, NodeRecord, PlacementVersion, PlacementView, Role};
+use myriad_store::schema::{NodeId, NodeRecord, PlacementVersion, PlacementView, Role, Stalled};
 
 use crate::leader::placeable;
 
@@ -31,20 +31,6 @@ pub struct Rollouts {
     pub kept_for: Option<(PlacementVersion, Vec<(NodeId, String)>)>,
     /// Workers placement leaves out because a rollout waited for them in vain.
     pub stalled: Vec<Stalled>,
-}
-
-/// A worker that did not load a placement version within the rollout
-/// timeout (its load hangs, or is slower than the timeout allows). Every
-/// later plan that named it would wait for it in vain too, so placement
-/// leaves it out while its record stays as it was then: a load that ends,
-/// a failure it reports, or a restart rewrites it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stalled {
-    pub node: NodeId,
-    /// The version it did not load.
-    pub version: PlacementVersion,
-    /// Its record's revision when the rollout gave up on it.
-    pub revision: myriad_store::Revision,
 }
 
 /// What the coordinator was asked for, as far as health depends on it.

@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use myriad_store::mirror::{Mirror, Snapshot};
 use myriad_store::schema::{
-    self, Assignment, Current, Keys, NodeId, NodeRecord, Placement, PlacementVersion, PlacementView, Role,
+    self, Assignment, Current, Keys, NodeId, NodeRecord, Placement, PlacementVersion, PlacementView, Role, Stalled,
 };
 use myriad_store::{Store, StoreError};
 use tokio::sync::watch;
 
-use crate::health::Stalled;
 use crate::{CoordinatorConfig, Shared, load, metrics, placement};
 
 /// The live workers of this model, by id.
@@ -49,10 +48,19 @@ pub(crate) fn still_stalled(stalled: &Stalled, workers: &Snapshot, keys: &Keys) 
     workers.get(&keys.node(Role::Worker, &stalled.node)).is_some_and(|kv| kv.mod_revision == stalled.revision)
 }
 
-/// `live` without the workers of `stalled` (those still stalled: see
-/// [`still_stalled`]).
+/// `live` without the workers of `stalled` (give only those still
+/// stalled: see [`still_stalled`]).
 pub(crate) fn without_stalled(live: Vec<NodeRecord>, stalled: &[Stalled]) -> Vec<NodeRecord> {
     live.into_iter().filter(|w| !stalled.iter().any(|s| s.node == w.id)).collect()
+}
+
+/// The stalled workers an earlier leader recorded, for this one to leave out too.
+async fn recorded_stalled(store: &dyn Store, keys: &Keys) -> Result<Vec<Stalled>, StoreError> {
+    let listing = store.list(&keys.stalled()).await?;
+    let stalled = listing.kvs.iter().filter_map(|kv| {
+        schema::decode::<Stalled>(&kv.key, &kv.value).inspect_err(|e| tracing::warn!(error = %e, "ignoring it")).ok()
+    });
+    Ok(stalled.collect())
 }
 
 /// Whether `placement` already places exactly these workers at these addresses.
@@ -160,6 +168,7 @@ pub(crate) async fn lead(
     let cordons = Mirror::follow(store.clone(), keys.cordons()).await?;
     let _load = load::collect(workers.subscribe(), config, shared.clone());
     let store = &**store;
+    shared.lock().stalled = recorded_stalled(store, keys).await?;
     let (mut worker_changes, mut router_changes, mut placement_changes, mut cordon_changes) =
         (workers.subscribe(), routers.subscribe(), placements.subscribe(), cordons.subscribe());
     let read = || {
@@ -167,12 +176,10 @@ pub(crate) async fn lead(
         let snapshot = workers.snapshot();
         let live = schedulable(live_workers(&snapshot, &config.model_id), &cordoned);
         // Stalled workers whose record changed are placed again.
-        let mut state = shared.lock();
-        state.stalled.retain(|s| still_stalled(s, &snapshot, keys));
-        metrics::STALLED_WORKERS.set(state.stalled.len() as i64);
-        let live = without_stalled(live, &state.stalled);
-        drop(state);
-        (live, PlacementView::read(keys, &placements.snapshot()))
+        let mut stalled = shared.lock().stalled.clone();
+        stalled.retain(|s| still_stalled(s, &snapshot, keys));
+        metrics::STALLED_WORKERS.set(stalled.len() as i64);
+        (without_stalled(live, &stalled), PlacementView::read(keys, &placements.snapshot()))
     };
     let membership = |live: &[NodeRecord]| -> Vec<(NodeId, String)> {
         live.iter().map(|w| (w.id.clone(), w.addr.clone())).collect()
@@ -251,6 +258,12 @@ pub(crate) async fn lead(
                 shared.lock().rollout = Some((proposed, std::time::Instant::now()));
                 let timer = metrics::ROLLOUT_SECONDS.start_timer();
                 let outcome = roll_out(store, keys, config, next, &mut worker_changes).await;
+                // Recorded for the next leader before they take effect here.
+                if let Ok(Err(abandoned)) = &outcome {
+                    for s in &abandoned.stalled {
+                        store.put(&keys.stalled_worker(&s.node), schema::encode(s), None).await?;
+                    }
+                }
                 match &outcome {
                     Ok(Ok(version)) => {
                         timer.observe_duration();
@@ -268,8 +281,8 @@ pub(crate) async fn lead(
                         Ok(Err(abandoned)) => {
                             let count = state.abandoned.as_ref().map_or(0, |(n, _)| *n) + 1;
                             state.abandoned = Some((count, abandoned.why.clone()));
+                            state.stalled.retain(|s| !abandoned.stalled.iter().any(|new| new.node == s.node));
                             state.stalled.extend(abandoned.stalled.iter().cloned());
-                            metrics::STALLED_WORKERS.set(state.stalled.len() as i64);
                         }
                         Err(_) => {}
                     }
@@ -286,6 +299,7 @@ pub(crate) async fn lead(
         }
         // Nothing to place (any more): a failed plan no longer matters.
         shared.lock().unplaceable = None;
+        forget_unstalled(store, keys, shared, &workers.snapshot()).await?;
         if let Some(current) = view.current {
             release_old(store, keys, &view, current, &routers.snapshot()).await?;
         }
@@ -297,6 +311,23 @@ pub(crate) async fn lead(
             _ = shared.wake.notified() => {}
         }
     }
+}
+
+/// Forgets (here and in the store) the stalled workers whose record changed
+/// or that left.
+async fn forget_unstalled(
+    store: &dyn Store,
+    keys: &Keys,
+    shared: &Shared,
+    workers: &Snapshot,
+) -> Result<(), StoreError> {
+    let stalled = shared.lock().stalled.clone();
+    for s in stalled.iter().filter(|s| !still_stalled(s, workers, keys)) {
+        store.delete(&keys.stalled_worker(&s.node)).await?;
+        tracing::info!(node = %s.node, "a worker left out for a timed-out load loaded, failed or restarted; placement may use it again");
+        shared.lock().stalled.retain(|kept| kept != s);
+    }
+    Ok(())
 }
 
 /// Logs a placement decision at info: the version, why, and how much moved.

@@ -73,7 +73,7 @@ struct SharedState {
     kept_for: Option<(schema::PlacementVersion, Vec<(NodeId, String)>)>,
     /// Workers a rollout waited for in vain; left out of placement while
     /// their records stay as they were.
-    stalled: Vec<health::Stalled>,
+    stalled: Vec<schema::Stalled>,
 }
 
 /// A rebalance asked for through the admin API.

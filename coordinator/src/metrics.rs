@@ -23,7 +23,7 @@ pub static ROLLOUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     registered(IntCounterVec::new(Opts::new("myriad_coordinator_rollouts_total", "placement rollouts"), &["outcome"]))
 });
 /// Workers placement leaves out because a rollout timed out on them
-/// (see [`crate::health::Stalled`]); 0 on coordinators that do not lead.
+/// (see [`myriad_store::schema::Stalled`]); 0 on coordinators that do not lead.
 pub static STALLED_WORKERS: LazyLock<IntGauge> = LazyLock::new(|| {
     registered(IntGauge::new(
         "myriad_coordinator_stalled_workers",

@@ -6,6 +6,7 @@
 //! /myriad/<cluster>/placement/current     Current: the version routers serve
 //! /myriad/<cluster>/leader                Leader, under the leading coordinator's lease
 //! /myriad/<cluster>/cordoned/<id>         a worker placement must not use (no lease)
+//! /myriad/<cluster>/stalled/<id>          Stalled: a worker a rollout timed out on (no lease)
 //! ```
 //!
 //! Values are JSON with a `schema` number, checked on every read: a value
@@ -319,6 +320,30 @@ impl Keys {
     pub fn cordon(&self, id: &NodeId) -> String {
         format!("{}{id}", self.cordons())
     }
+
+    /// Prefix of the workers a rollout timed out on, written by the leader
+    /// so that its successor leaves them out too.
+    pub fn stalled(&self) -> String {
+        format!("{}stalled/", self.root)
+    }
+
+    pub fn stalled_worker(&self, id: &NodeId) -> String {
+        format!("{}{id}", self.stalled())
+    }
+}
+
+/// A worker that did not load a placement version within the rollout
+/// timeout (its load hangs, or is slower than the timeout allows). Every
+/// later plan that named it would wait for it in vain too, so placement
+/// leaves it out while its record stays as it was then: a load that ends,
+/// a failure it reports, or a restart rewrites it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stalled {
+    pub node: NodeId,
+    /// The version it did not load.
+    pub version: PlacementVersion,
+    /// Its record's `mod_revision` when the rollout gave up on it.
+    pub revision: crate::Revision,
 }
 
 /// The placement versions and the current pointer, read from a snapshot of
