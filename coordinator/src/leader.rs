@@ -48,8 +48,8 @@ pub(crate) fn still_stalled(stalled: &Stalled, workers: &Snapshot, keys: &Keys) 
     workers.get(&keys.node(Role::Worker, &stalled.node)).is_some_and(|kv| kv.mod_revision == stalled.revision)
 }
 
-/// `live` without the workers of `stalled` (give only those still
-/// stalled: see [`still_stalled`]).
+/// `live` without the workers of `stalled` (pass only those
+/// [`still_stalled`]).
 pub(crate) fn without_stalled(live: Vec<NodeRecord>, stalled: &[Stalled]) -> Vec<NodeRecord> {
     live.into_iter().filter(|w| !stalled.iter().any(|s| s.node == w.id)).collect()
 }
@@ -324,7 +324,7 @@ async fn forget_unstalled(
     let stalled = shared.lock().stalled.clone();
     for s in stalled.iter().filter(|s| !still_stalled(s, workers, keys)) {
         store.delete(&keys.stalled_worker(&s.node)).await?;
-        tracing::info!(node = %s.node, "a worker left out for a timed-out load loaded, failed or restarted; placement may use it again");
+        tracing::info!(node = %s.node, "a stalled worker's load ended, or it restarted: placement may use it again");
         shared.lock().stalled.retain(|kept| kept != s);
     }
     Ok(())
