@@ -532,6 +532,16 @@ async fn workers_whose_loads_hang_are_left_out_after_the_rollout_timeout() {
     })
     .await;
     assert_eq!(complete(&base).await, expected, "served by g2 alone");
+    // Their loads still hang, but they no longer report ready: the current
+    // version does not name them.
+    for (id, w) in ["g3", "g4"].iter().zip(&hung) {
+        let addr = w.word(3);
+        until("a hung worker left out reports NOT_SERVING", Duration::from_secs(10), async || {
+            (health(&addr).await == Some(ServingStatus::NotServing as i32)).then_some(())
+        })
+        .await;
+        assert_eq!(worker_metric(id, "myriad_worker_ready").await, Some(0.0), "{id}");
+    }
     let status = ctl_json(&e, &["status"]);
     let problems = status["problems"].to_string();
     for id in ["g3", "g4"] {

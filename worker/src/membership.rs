@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use myriad_proto::spec::ExpertSpec;
 use myriad_store::lease::Registration;
-use myriad_store::mirror::Mirror;
+use myriad_store::mirror::{Mirror, Snapshot};
 use myriad_store::schema::{self, Keys, LoadFailure, NodeRecord, Placement, PlacementVersion, PlacementView};
 use myriad_store::{Store, StoreError};
 use tokio::sync::watch;
@@ -140,7 +140,8 @@ async fn apply_placements(
             // Dropped again once loaded: the next placement decides what
             // this worker holds.
             let loading = load(&m.model, m.device, spec.clone(), reuse, worker.metrics());
-            let Some(outcome) = unless_leaving(&mut leave, loading).await else { continue };
+            let follow = Following { worker: &worker, record: &record, keys: &m.keys, changes: changes.clone() };
+            let Some(outcome) = follow.load_unless_leaving(&mut leave, loading).await else { continue };
             let failure = match outcome {
                 Ok(_) => {
                     tracing::info!(%version, "the experts load now; offering the worker to placement again");
@@ -174,7 +175,8 @@ async fn apply_placements(
             let loading = load(&m.model, m.device, spec.clone(), reuse, worker.metrics());
             // Asked to leave meanwhile: it leaves at once rather than when
             // the load ends (a volume that hangs may never end it).
-            let Some(outcome) = unless_leaving(&mut leave, loading).await else { continue };
+            let follow = Following { worker: &worker, record: &record, keys: &m.keys, changes: changes.clone() };
+            let Some(outcome) = follow.load_unless_leaving(&mut leave, loading).await else { continue };
             let failure = match outcome {
                 Ok(backend) => {
                     worker.install(Some(version.0), backend.clone());
@@ -208,8 +210,7 @@ async fn apply_placements(
         loaded.retain(|(v, _)| keep(*v));
         // Ready once routers dispatch to it: the current version names it
         // (at this address) and it serves that version.
-        let current = view.current().filter(|p| p.assignment(&record.id).is_some_and(|a| a.addr == record.addr));
-        worker.set_ready(current.is_some_and(|p| worker.versions().contains(&Some(p.version.0))));
+        set_readiness(&worker, &record, &view);
         let due = retry.at();
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
@@ -227,12 +228,47 @@ async fn asked(leave: &mut Option<watch::Receiver<bool>>) {
     }
 }
 
-/// `work`'s result, or none when the worker is asked to leave first (the
-/// work is dropped: a load on the blocking pool runs on, unused).
-async fn unless_leaving<T>(leave: &mut Option<watch::Receiver<bool>>, work: impl Future<Output = T>) -> Option<T> {
-    tokio::select! {
-        done = work => Some(done),
-        _ = asked(leave) => None,
+/// Ready once routers dispatch to it: the current version names it (at
+/// this address) and it serves that version.
+fn set_readiness(worker: &Worker, record: &NodeRecord, view: &PlacementView) {
+    let current = view.current().filter(|p| p.assignment(&record.id).is_some_and(|a| a.addr == record.addr));
+    worker.set_ready(current.is_some_and(|p| worker.versions().contains(&Some(p.version.0))));
+}
+
+/// What a worker follows while a load runs.
+struct Following<'a> {
+    worker: &'a Worker,
+    record: &'a NodeRecord,
+    keys: &'a Keys,
+    /// A clone: placements seen here are seen again once the load ends.
+    changes: watch::Receiver<Snapshot>,
+}
+
+impl Following<'_> {
+    /// `load`'s result, or none when the worker is asked to leave first (the
+    /// load is dropped: on the blocking pool it runs on, unused). Meanwhile
+    /// its readiness follows the placements, so a worker whose load hangs
+    /// is not reported ready once the current version leaves it out.
+    async fn load_unless_leaving<T>(
+        mut self,
+        leave: &mut Option<watch::Receiver<bool>>,
+        load: impl Future<Output = T>,
+    ) -> Option<T> {
+        tokio::pin!(load);
+        let mut following = true;
+        loop {
+            tokio::select! {
+                done = &mut load => return Some(done),
+                _ = asked(leave) => return None,
+                changed = self.changes.changed(), if following => match changed {
+                    Ok(()) => {
+                        let view = PlacementView::read(self.keys, &self.changes.borrow_and_update());
+                        set_readiness(self.worker, self.record, &view);
+                    }
+                    Err(_) => following = false,
+                },
+            }
+        }
     }
 }
 
