@@ -253,7 +253,8 @@ pub(crate) async fn lead(
                     continue;
                 }
                 shared.lock().kept_for = None;
-                log_decision(&next, view.current(), &live, forced.is_some());
+                let registered = live_workers(&workers.snapshot(), &config.model_id);
+                log_decision(&next, view.current(), &live, &registered, forced.is_some());
                 let proposed = next.version;
                 shared.lock().rollout = Some((proposed, std::time::Instant::now()));
                 let timer = metrics::ROLLOUT_SECONDS.start_timer();
@@ -330,8 +331,16 @@ async fn forget_unstalled(
     Ok(())
 }
 
-/// Logs a placement decision at info: the version, why, and how much moved.
-fn log_decision(next: &Placement, current: Option<&Placement>, live: &[NodeRecord], forced: bool) {
+/// Logs a placement decision at info: the version, why, and how much moved;
+/// `live` are the workers it places, `registered` every live one (the
+/// others are cordoned, failed to load or stalled).
+fn log_decision(
+    next: &Placement,
+    current: Option<&Placement>,
+    live: &[NodeRecord],
+    registered: &[NodeRecord],
+    forced: bool,
+) {
     let placed = |p: &Placement| -> BTreeSet<(NodeId, u32, u32)> {
         let mut copies = BTreeSet::new();
         for a in &p.assignments {
@@ -351,11 +360,12 @@ fn log_decision(next: &Placement, current: Option<&Placement>, live: &[NodeRecor
     let was: BTreeSet<&NodeId> = current.iter().flat_map(|p| p.assignments.iter().map(|a| &a.node)).collect();
     let now: BTreeSet<&NodeId> = live.iter().map(|w| &w.id).collect();
     let joined: Vec<&str> = now.difference(&was).map(|id| id.as_str()).collect();
-    let left: Vec<&str> = was.difference(&now).map(|id| id.as_str()).collect();
+    let (left, left_out): (Vec<&str>, Vec<&str>) =
+        was.difference(&now).map(|id| id.as_str()).partition(|id| !registered.iter().any(|w| w.id.as_str() == *id));
     let reason = match (forced, current) {
         (true, _) => "rebalance requested",
         (false, None) => "first placement",
-        (false, Some(_)) if !joined.is_empty() || !left.is_empty() => "membership changed",
+        (false, Some(_)) if !joined.is_empty() || !left.is_empty() || !left_out.is_empty() => "membership changed",
         (false, Some(_)) => "a worker moved",
     };
     tracing::info!(
@@ -364,6 +374,7 @@ fn log_decision(next: &Placement, current: Option<&Placement>, live: &[NodeRecor
         workers = live.len(),
         ?joined,
         ?left,
+        ?left_out,
         copies_loaded = loaded,
         copies_dropped = dropped,
         "placing the experts"
