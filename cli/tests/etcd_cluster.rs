@@ -98,6 +98,13 @@ fn model_copy() -> tempfile::TempDir {
     dir
 }
 
+/// Replaces the file at `path` by a FIFO: opening it blocks, as on a
+/// volume that hangs.
+fn hang(path: &std::path::Path) {
+    std::fs::remove_file(path).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(path).status().unwrap().success());
+}
+
 /// A `myriad_worker_*` sample of worker `id`: its series carry its id.
 async fn worker_metric(id: &str, name: &str) -> Option<f64> {
     metric(id, &format!("{name}{{worker=\"{id}\"}}")).await
@@ -471,8 +478,7 @@ async fn a_worker_stopped_while_its_experts_load_leaves_at_once() {
     let mut stuck = worker_with(&e, "h3", &["--model", &model, "--drain-timeout", "60s"]);
     // Its weights now block on open, as a volume that stops answering does.
     let weights = dir.path().join("model.safetensors");
-    std::fs::remove_file(&weights).unwrap();
-    assert!(std::process::Command::new("mkfifo").arg(&weights).status().unwrap().success());
+    hang(&weights);
     let _workers: Vec<Proc> = ["h1", "h2"].iter().map(|id| worker(&e, id)).collect();
     let store = etcd.store();
     let (keys, h3) = (Keys::new("t"), "h3".parse().unwrap());
@@ -524,8 +530,7 @@ async fn workers_whose_loads_hang_are_left_out_after_the_rollout_timeout() {
 
     // The weights of g3 and g4 block on open from now on; g1 dies.
     let weights = dir.path().join("model.safetensors");
-    std::fs::remove_file(&weights).unwrap();
-    assert!(std::process::Command::new("mkfifo").arg(&weights).status().unwrap().success());
+    hang(&weights);
     workers[0].kill();
     let without = until("a current placement of g2 alone", Duration::from_secs(30), async || {
         current().filter(|p| p.assignments.len() == 1 && p.assignment(&g2).is_some())

@@ -12,13 +12,12 @@ use myriad_proto::admin::{
     RebalanceRequest, RebalanceResponse, StatusRequest, StatusResponse, TopExpertsRequest, TopExpertsResponse,
 };
 use myriad_store::Store;
-use myriad_store::mirror::Snapshot;
 use myriad_store::schema::{self, Keys, Leader, NodeId, NodeRecord, Placement, PlacementView, Role};
 use tonic::{Request, Response, Status};
 
 use crate::health;
 use crate::leader::{
-    cordoned, live_workers, measured_load, plan, plan_over, planning_load, schedulable, still_stalled, without_stalled,
+    cordoned, live_workers, measured_load, plan, plan_over, planning_load, schedulable, stalled_now, without_stalled,
 };
 use crate::placement::{Load, Plan};
 use crate::{CoordinatorConfig, Forced, Shared};
@@ -126,14 +125,7 @@ impl AdminService {
         let listing = self.store.list(&self.keys.nodes(Role::Worker)).await.map_err(unavailable)?;
         let snapshot = Arc::new(listing.kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect());
         let live = schedulable(live_workers(&snapshot, &self.config.model_id), &self.cordons().await?);
-        Ok(without_stalled(live, &self.stalled(&snapshot)))
-    }
-
-    /// The workers a rollout gave up on that placement still leaves out,
-    /// by `workers` (a snapshot that holds the worker records).
-    fn stalled(&self, workers: &Snapshot) -> Vec<schema::Stalled> {
-        let all = self.shared.lock().stalled.clone();
-        all.into_iter().filter(|s| still_stalled(s, workers, &self.keys)).collect()
+        Ok(without_stalled(live, &stalled_now(&self.shared, &snapshot, &self.keys)))
     }
 
     fn node_id(id: &str) -> Result<NodeId, Status> {
@@ -150,8 +142,9 @@ impl Admin for AdminService {
         let nodes = schema::read_nodes(&snapshot);
         let cordons = self.cordons().await?;
         let view = self.view().await?;
-        let rollouts = health::Rollouts { stalled: self.stalled(&snapshot), ..self.shared.lock().rollouts() };
-        let stalled = |id: &NodeId| rollouts.stalled.iter().find(|s| &s.node == id).map_or(0, |s| s.version.0);
+        let stalled = stalled_now(&self.shared, &snapshot, &self.keys);
+        let rollouts = health::Rollouts { stalled, ..self.shared.lock().rollouts() };
+        let stalled_version = |id: &NodeId| rollouts.stalled.iter().find(|s| &s.node == id).map_or(0, |s| s.version.0);
         let asked = health::Asked {
             model_id: &self.config.model_id,
             replicas: self.config.replicas,
@@ -163,7 +156,7 @@ impl Admin for AdminService {
             .into_iter()
             .map(|n| pb::Node {
                 cordoned: cordons.contains(&n.id),
-                stalled_version: stalled(&n.id),
+                stalled_version: stalled_version(&n.id),
                 id: n.id.to_string(),
                 role: n.role.as_str().to_string(),
                 addr: n.addr,

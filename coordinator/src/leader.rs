@@ -48,8 +48,13 @@ pub(crate) fn still_stalled(stalled: &Stalled, workers: &Snapshot, keys: &Keys) 
     workers.get(&keys.node(Role::Worker, &stalled.node)).is_some_and(|kv| kv.mod_revision == stalled.revision)
 }
 
-/// `live` without the workers of `stalled` (pass only those
-/// [`still_stalled`]).
+/// The stalled workers placement still leaves out (see [`still_stalled`]).
+pub(crate) fn stalled_now(shared: &Shared, workers: &Snapshot, keys: &Keys) -> Vec<Stalled> {
+    let stalled = shared.lock().stalled.clone();
+    stalled.into_iter().filter(|s| still_stalled(s, workers, keys)).collect()
+}
+
+/// `live` without the workers of `stalled` (pass [`stalled_now`]).
 pub(crate) fn without_stalled(live: Vec<NodeRecord>, stalled: &[Stalled]) -> Vec<NodeRecord> {
     live.into_iter().filter(|w| !stalled.iter().any(|s| s.node == w.id)).collect()
 }
@@ -176,8 +181,7 @@ pub(crate) async fn lead(
         let snapshot = workers.snapshot();
         let live = schedulable(live_workers(&snapshot, &config.model_id), &cordoned);
         // Stalled workers whose record changed are placed again.
-        let mut stalled = shared.lock().stalled.clone();
-        stalled.retain(|s| still_stalled(s, &snapshot, keys));
+        let stalled = stalled_now(shared, &snapshot, keys);
         metrics::STALLED_WORKERS.set(stalled.len() as i64);
         (without_stalled(live, &stalled), PlacementView::read(keys, &placements.snapshot()))
     };

@@ -90,7 +90,9 @@ impl SharedState {
             abandoned: self.abandoned.clone(),
             unplaceable: self.unplaceable.clone(),
             kept_for: self.kept_for.clone(),
-            stalled: self.stalled.clone(),
+            // Only those whose records have not changed: the caller's
+            // `leader::stalled_now`.
+            stalled: Vec::new(),
         }
     }
 }
