@@ -462,6 +462,15 @@ async fn workers_that_cannot_load_their_experts_are_left_out_until_they_load() {
     assert!(load_failures(&e).values().all(Value::is_null), "{:?}", load_failures(&e));
     for id in broken {
         assert_eq!(worker_metric(id, "myriad_worker_load_failed").await, Some(0.0), "{id}");
+        // The retry that loaded v1's share of the 40 experts (10) is kept,
+        // and the placement that names the worker again (10 as well) takes
+        // what the two share from it instead of reading it again.
+        let loaded = async |source: &str| {
+            let sample = format!("myriad_worker_experts_loaded_total{{source=\"{source}\",worker=\"{id}\"}}");
+            metric(id, &sample).await.unwrap()
+        };
+        let (read, shared) = (loaded("checkpoint").await, loaded("shared").await);
+        assert!(read + shared == 20.0 && shared > 0.0, "{id}: read {read}, shared {shared}");
     }
 }
 

@@ -2,6 +2,7 @@
 //! the experts each placement version assigns it, acknowledging versions it
 //! has loaded and releasing those the coordinator has retired.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -111,6 +112,10 @@ async fn apply_placements(
     // abandons it.
     let mut failed: Option<PlacementVersion> = None;
     let mut retry = Retry::new(m.load_retry);
+    // What a retry loaded, shared by the next placement's load: once the
+    // worker loads again the leader places it, most likely with the
+    // experts that failed, which are then not read twice.
+    let mut retried: Option<Arc<dyn ExpertBackend>> = None;
     loop {
         if leave.as_ref().is_some_and(|l| *l.borrow()) {
             if let Some(r) = registration.take() {
@@ -135,16 +140,17 @@ async fn apply_placements(
         // Experts it could not load, tried again once due: the leader plans
         // without this worker while its record reports the failure.
         if let Some((version, spec)) = retry.due() {
-            let reuse = loaded.iter().map(|(_, b)| b.clone()).collect();
+            let reuse = loaded.iter().map(|(_, b)| b.clone()).chain(retried.clone()).collect();
             tracing::info!(%version, experts = %spec, "trying again to load the experts that failed");
-            // Dropped again once loaded: the next placement decides what
-            // this worker holds.
             let loading = load(&m.model, m.device, spec.clone(), reuse, worker.metrics());
             let follow = Following { worker: &worker, record: &record, keys: &m.keys, changes: changes.clone() };
             let Some(outcome) = follow.load_unless_leaving(&mut leave, loading).await else { continue };
             let failure = match outcome {
-                Ok(_) => {
+                Ok(backend) => {
                     tracing::info!(%version, "the experts load now; offering the worker to placement again");
+                    // Not served: the next placement decides what this
+                    // worker holds, and shares these.
+                    retried = Some(backend);
                     None
                 }
                 Err(error) => {
@@ -171,7 +177,7 @@ async fn apply_placements(
         let newest = record.placement_version.max(failed);
         if let Some((version, spec)) = mine.filter(|(v, _)| Some(*v) > newest) {
             tracing::info!(%version, experts = %spec, "loading the experts of a new placement");
-            let reuse = loaded.iter().map(|(_, b)| b.clone()).collect();
+            let reuse = loaded.iter().map(|(_, b)| b.clone()).chain(retried.clone()).collect();
             let loading = load(&m.model, m.device, spec.clone(), reuse, worker.metrics());
             // Asked to leave meanwhile: it leaves at once rather than when
             // the load ends (a volume that hangs may never end it).
@@ -181,6 +187,7 @@ async fn apply_placements(
                 Ok(backend) => {
                     worker.install(Some(version.0), backend.clone());
                     loaded.push((version, backend));
+                    retried = None;
                     record.placement_version = Some(version);
                     retry = Retry::new(m.load_retry);
                     tracing::info!(%version, "placement loaded");
@@ -281,13 +288,20 @@ async fn load(
     metrics: &Metrics,
 ) -> Result<Arc<dyn ExpertBackend>, String> {
     let dir = dir.to_path_buf();
+    let held: HashSet<_> = reuse.iter().flat_map(|b| b.hosted().experts.iter().copied()).collect();
     let loaded = match tokio::task::spawn_blocking(move || device.load(&dir, &spec, &reuse)).await {
         Ok(Ok(backend)) => Ok(backend),
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(format!("the loading task failed: {e}")),
     };
-    if loaded.is_err() {
-        metrics.load_failures.inc();
+    match &loaded {
+        Ok(backend) => {
+            let experts = &backend.hosted().experts;
+            let shared = experts.iter().filter(|id| held.contains(id)).count();
+            metrics.experts_shared.inc_by(shared as u64);
+            metrics.experts_read.inc_by((experts.len() - shared) as u64);
+        }
+        Err(_) => metrics.load_failures.inc(),
     }
     loaded
 }

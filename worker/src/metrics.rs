@@ -41,6 +41,10 @@ static DEVICE_MEMORY_BYTES: LazyLock<IntGaugeVec> =
     LazyLock::new(|| gauge("myriad_worker_device_memory_bytes", "memory of the worker's GPU (0: the CPU)"));
 static LOAD_FAILURES: LazyLock<IntCounterVec> =
     LazyLock::new(|| counter("myriad_worker_load_failures_total", "failed attempts to load experts", &["worker"]));
+static EXPERTS_LOADED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let help = "experts placement loads took from the checkpoint, or shared from experts already loaded";
+    counter("myriad_worker_experts_loaded_total", help, &["worker", "source"])
+});
 static LOAD_FAILED: LazyLock<IntGaugeVec> =
     LazyLock::new(|| gauge("myriad_worker_load_failed", "1 while placement leaves the worker out for a failed load"));
 
@@ -65,6 +69,10 @@ pub struct Metrics {
     pub load_failures: IntCounter,
     /// 1 while the worker reports experts it cannot load: placement leaves it out.
     pub load_failed: IntGauge,
+    /// Experts successful loads read from the checkpoint, and those they
+    /// shared from experts the worker already held (no read).
+    pub experts_read: IntCounter,
+    pub experts_shared: IntCounter,
 }
 
 impl Metrics {
@@ -82,6 +90,8 @@ impl Metrics {
             device_memory_bytes: DEVICE_MEMORY_BYTES.with_label_values(&one),
             load_failures: LOAD_FAILURES.with_label_values(&one),
             load_failed: LOAD_FAILED.with_label_values(&one),
+            experts_read: EXPERTS_LOADED.with_label_values(&[worker, "checkpoint"]),
+            experts_shared: EXPERTS_LOADED.with_label_values(&[worker, "shared"]),
         }
     }
 }
