@@ -52,6 +52,10 @@ pub struct Args {
     #[arg(long)]
     top_k: Option<usize>,
 
+    /// Drop tokens less likely than this fraction of the most likely one.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+
     /// Seed of the sampler: the same seed gives the same output.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -98,7 +102,8 @@ struct JsonOutput<'a> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let sampling = Sampling { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
+    let (temperature, top_p, top_k, min_p) = (args.temperature, args.top_p, args.top_k, args.min_p);
+    let sampling = Sampling { temperature, top_p, top_k, min_p, seed: args.seed };
     sampling.validate()?;
     let distributed = args.workers.is_some() || !args.worker_addr.is_empty();
     let model = if distributed { Model::load_dense(&args.model) } else { Model::load(&args.model) }

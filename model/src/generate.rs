@@ -14,12 +14,15 @@ pub struct Sampling {
     pub top_p: f32,
     /// Keep only the `top_k` most likely tokens (`None`: all).
     pub top_k: Option<usize>,
+    /// Drop the tokens less likely than `min_p` times the most likely one
+    /// (0: none), before the nucleus is taken.
+    pub min_p: f32,
     pub seed: u64,
 }
 
 impl Sampling {
     pub fn greedy() -> Self {
-        Sampling { temperature: 0.0, top_p: 1.0, top_k: None, seed: 0 }
+        Sampling { temperature: 0.0, top_p: 1.0, top_k: None, min_p: 0.0, seed: 0 }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -31,6 +34,9 @@ impl Sampling {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(ModelError::InvalidInput(format!("top_p {} must be in (0, 1]", self.top_p)));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(ModelError::InvalidInput(format!("min_p {} must be in [0, 1]", self.min_p)));
         }
         if self.top_k == Some(0) {
             return Err(ModelError::InvalidInput("top_k must be at least 1".into()));
@@ -75,6 +81,10 @@ pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
         ranked.truncate(k.max(1));
     }
     let max = ranked[0].0;
+    if sampling.min_p > 0.0 {
+        let likely = ranked.iter().take_while(|(l, _)| (l - max).exp() >= sampling.min_p).count();
+        ranked.truncate(likely.max(1));
+    }
     let mut probs: Vec<f32> = ranked.iter().map(|(l, _)| (l - max).exp()).collect();
     let total: f32 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
@@ -193,7 +203,7 @@ mod tests {
     #[test]
     fn same_seed_same_samples_and_top_k_one_is_greedy() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let s = Sampling { temperature: 0.9, top_p: 0.95, top_k: None, seed: 7 };
+        let s = Sampling { temperature: 0.9, top_p: 0.95, top_k: None, min_p: 0.0, seed: 7 };
         let draw = |seed| {
             let mut rng = Rng::new(seed);
             (0..20).map(|_| sample(&logits, &s, &mut rng)).collect::<Vec<_>>()
@@ -209,9 +219,29 @@ mod tests {
     fn top_p_keeps_only_the_nucleus() {
         // One token holds ~all the mass: with top_p 0.5 it is always chosen.
         let logits = [10.0, 0.0, 0.0, 0.0];
-        let s = Sampling { temperature: 1.0, top_p: 0.5, top_k: None, seed: 0 };
+        let s = Sampling { temperature: 1.0, top_p: 0.5, top_k: None, min_p: 0.0, seed: 0 };
         let mut rng = Rng::new(11);
         assert!((0..100).all(|_| sample(&logits, &s, &mut rng) == 0));
+    }
+
+    #[test]
+    fn min_p_drops_tokens_far_below_the_most_likely() {
+        // Relative to token 0, token 1 is e^-1 ≈ 0.37 as likely, token 2
+        // e^-3 ≈ 0.05, token 3 e^-6.
+        let logits = [6.0, 5.0, 3.0, 0.0];
+        let drawn = |min_p| {
+            let s = Sampling { temperature: 1.0, top_p: 1.0, top_k: None, min_p, seed: 0 };
+            let mut rng = Rng::new(5);
+            let mut seen = [0; 4];
+            (0..2000).for_each(|_| seen[sample(&logits, &s, &mut rng) as usize] += 1);
+            seen
+        };
+        assert!(drawn(0.0).iter().all(|&n| n > 0), "{:?}", drawn(0.0));
+        let [a, b, c, d] = drawn(0.1);
+        assert!(a > 0 && b > 0 && c == 0 && d == 0, "{:?}", drawn(0.1));
+        assert_eq!(drawn(0.5), [2000, 0, 0, 0]);
+        // The most likely token is always kept.
+        assert_eq!(drawn(1.0), [2000, 0, 0, 0]);
     }
 
     #[test]
@@ -220,6 +250,8 @@ mod tests {
             Sampling { temperature: -1.0, ..Sampling::greedy() },
             Sampling { top_p: 0.0, ..Sampling::greedy() },
             Sampling { top_k: Some(0), ..Sampling::greedy() },
+            Sampling { min_p: 1.5, ..Sampling::greedy() },
+            Sampling { min_p: -0.1, ..Sampling::greedy() },
         ] {
             assert!(s.validate().is_err(), "{s:?}");
         }

@@ -68,7 +68,7 @@ fn main() {
                     let request = Request {
                         prompt,
                         max_tokens: NEW,
-                        sampling: Sampling { temperature: 1.0, top_p: 1.0, top_k: None, seed: i as u64 },
+                        sampling: Sampling { temperature: 1.0, top_p: 1.0, top_k: None, min_p: 0.0, seed: i as u64 },
                         stop_tokens: Vec::new(),
                         events: tx,
                         span: tracing::Span::none(),

@@ -24,6 +24,9 @@ pub struct Grammars {
     factory: Arc<ParserFactory>,
     /// The `</think>` token: a thinking answer's grammar starts after it.
     think_end: Option<TokenId>,
+    /// What a thinking answer may sample before `</think>`: any token but
+    /// an end of sequence (the answer the grammar shapes must follow).
+    thinking: Arc<Vec<u32>>,
 }
 
 /// The tokenizer as llguidance sees it: each token's bytes in a trie.
@@ -76,6 +79,13 @@ impl Grammars {
             words.push(unnamed(words.len()));
         }
         let &first_eos = eos.first().ok_or("the model has no end-of-sequence token")?;
+        let mut thinking = vec![u32::MAX; vocab_size.div_ceil(32)];
+        if !vocab_size.is_multiple_of(32) {
+            thinking[vocab_size / 32] = (1 << (vocab_size % 32)) - 1;
+        }
+        for &e in eos.iter().filter(|&&e| (e as usize) < vocab_size) {
+            thinking[e as usize / 32] &= !(1 << (e % 32));
+        }
         let info = TokRxInfo::new(vocab_size as u32, first_eos);
         let mut trie = TokTrie::from(&info, &words);
         if eos.len() > 1 {
@@ -84,7 +94,7 @@ impl Grammars {
         let env: TokEnv = Arc::new(Vocabulary { trie, tokenizer });
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
         factory.quiet();
-        Ok(Grammars { factory: Arc::new(factory), think_end })
+        Ok(Grammars { factory: Arc::new(factory), think_end, thinking: Arc::new(thinking) })
     }
 
     /// A constraint for `grammar`; in thinking mode it starts after
@@ -104,7 +114,7 @@ impl Grammars {
     ) -> Result<Vec<Box<dyn Constraint>>, String> {
         let gate = match (thinking, self.think_end) {
             (false, _) => None,
-            (true, Some(t)) => Some(t),
+            (true, Some(t)) => Some((t, self.thinking.clone())),
             (true, None) => return Err("thinking mode needs a `</think>` token to start the grammar after".into()),
         };
         let parser = self.factory.create_parser(grammar).map_err(|e| e.to_string())?;
@@ -114,32 +124,33 @@ impl Grammars {
         }
         let mut all: Vec<Box<dyn Constraint>> = Vec::with_capacity(count.max(1));
         for _ in 1..count {
-            all.push(Box::new(Guided { matcher: matcher.deep_clone(), gate }));
+            all.push(Box::new(Guided { matcher: matcher.deep_clone(), gate: gate.clone() }));
         }
         all.push(Box::new(Guided { matcher, gate }));
         Ok(all)
     }
 }
 
-/// A grammar's matcher, closed until its gate token (if any) is sampled.
+/// A grammar's matcher, closed until its gate token (if any) is sampled;
+/// meanwhile the gate's mask applies.
 struct Guided {
     matcher: Matcher,
-    gate: Option<TokenId>,
+    gate: Option<(TokenId, Arc<Vec<u32>>)>,
 }
 
 impl Constraint for Guided {
     fn allowed(&mut self) -> Result<Option<Vec<u32>>, String> {
-        if self.gate.is_some() {
-            return Ok(None);
+        if let Some((_, before)) = &self.gate {
+            return Ok(Some(before.to_vec()));
         }
         let mask: SimpleVob = self.matcher.compute_mask_or_eos().map_err(|e| e.to_string())?;
         Ok(Some(mask.as_slice().to_vec()))
     }
 
     fn consume(&mut self, token: u32) -> Result<(), String> {
-        match self.gate {
-            Some(gate) => {
-                if token == gate {
+        match &self.gate {
+            Some((gate, _)) => {
+                if token == *gate {
                     self.gate = None;
                 }
                 Ok(())
@@ -176,13 +187,28 @@ pub fn response_format(format: &Value) -> Result<Option<TopLevelGrammar>, String
         Some("json_schema") => {
             let spec = format.get("json_schema").ok_or("response_format json_schema needs a `json_schema` object")?;
             let schema = spec.get("schema").cloned().unwrap_or(json!({}));
-            if !schema.is_object() && !schema.is_boolean() {
-                return Err("response_format.json_schema.schema must be a JSON schema object".into());
-            }
-            Ok(Some(TopLevelGrammar::from_json_schema(compact(&schema))))
+            json_schema(&schema).map(Some)
         }
         Some(other) => Err(format!("response_format type `{other}` is not one of text, json_object, json_schema")),
     }
+}
+
+/// Output that is JSON valid against `schema` (an object or a boolean),
+/// written compactly.
+pub fn json_schema(schema: &Value) -> Result<TopLevelGrammar, String> {
+    if !schema.is_object() && !schema.is_boolean() {
+        return Err("the schema must be a JSON schema object".into());
+    }
+    Ok(TopLevelGrammar::from_json_schema(compact(schema)))
+}
+
+/// Output that is exactly one of `options`.
+pub fn choice(options: &[String]) -> Result<TopLevelGrammar, String> {
+    if options.is_empty() || options.iter().any(String::is_empty) {
+        return Err("give at least one choice, none of them empty".into());
+    }
+    let literals: Vec<String> = options.iter().map(|o| Value::String(o.clone()).to_string()).collect();
+    Ok(TopLevelGrammar::from_lark(format!("start: {}", literals.join(" | "))))
 }
 
 /// A string parameter V4 writes as raw text (`string="true"`, as its
@@ -360,11 +386,31 @@ mod tests {
         let mut c = grammars.constraint(grammar, true).unwrap();
         let free = tokenizer.encode("no json here").unwrap();
         for &t in &free {
-            assert!(c.allowed().unwrap().is_none());
+            // Free, but for the end of sequence: the answer must follow.
+            assert!(allows(&mut c, t) && !allows(&mut c, 1) && allows(&mut c, 511));
             c.consume(t).unwrap();
         }
         c.consume(tokenizer.encode(THINK_END).unwrap()[0]).unwrap();
         assert!(!allows(&mut c, free[0]) && allows(&mut c, tokenizer.encode("{").unwrap()[0]));
+    }
+
+    #[test]
+    fn a_choice_allows_exactly_its_options() {
+        let (tokenizer, grammars) = tiny();
+        let options = ["positive".to_string(), "negative".to_string()];
+        for (text, fits) in [("positive", true), ("negative", true), ("neutral", false), ("positives", false)] {
+            let mut c = grammars.constraint(choice(&options).unwrap(), false).unwrap();
+            let mut all = true;
+            for t in tokenizer.encode(text).unwrap() {
+                all &= !c.finished() && allows(&mut c, t);
+                if !all {
+                    break;
+                }
+                c.consume(t).unwrap();
+            }
+            assert_eq!(all && (c.finished() || allows(&mut c, 1)), fits, "{text}");
+        }
+        assert!(choice(&[]).is_err() && choice(&[String::new()]).is_err());
     }
 
     #[test]

@@ -38,7 +38,7 @@ fn concurrent_requests_equal_their_solo_runs() {
         .map(|i| {
             let prompt: Vec<u32> = (0..(5 + 17 * i)).map(|j| ((j * 31 + i * 7) % 500 + 2) as u32).collect();
             let sampling = if i % 3 == 0 {
-                Sampling { temperature: 0.8, top_p: 0.9, top_k: Some(40), seed: i as u64 }
+                Sampling { temperature: 0.8, top_p: 0.9, top_k: Some(40), min_p: 0.05, seed: i as u64 }
             } else {
                 Sampling::greedy()
             };

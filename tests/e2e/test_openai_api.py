@@ -161,7 +161,10 @@ def test_unsupported_chat_fields_are_refused_not_ignored(client):
         {"prediction": {"type": "content", "content": "x"}},
         {"functions": [{"name": "f"}]},
         {"web_search_options": {}},
-        {"guided_regex": "a+"},
+        {"cache_salt": "tenant-a"},
+        {"include_stop_str_in_output": True},
+        {"skip_special_tokens": False},
+        {"use_beam_search": True},
     ]
     for ask in asks:
         field = next(iter(ask))
@@ -169,7 +172,8 @@ def test_unsupported_chat_fields_are_refused_not_ignored(client):
             client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, extra_body=ask)
     # Defaults that ask for nothing are accepted.
     ok = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, tools=[], presence_penalty=0,
-                                        logprobs=False, response_format={"type": "text"}, modalities=["text"])
+                                        logprobs=False, response_format={"type": "text"}, modalities=["text"],
+                                        extra_body={"skip_special_tokens": True, "priority": 0})
     assert ok.choices[0].message.content is not None
 
 

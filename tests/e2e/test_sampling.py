@@ -1,5 +1,5 @@
 """The sampling and output fields vLLM users send: logprobs, n, penalties,
-logit_bias, min_tokens, stop_token_ids; against `myriad up` on the tiny
+logit_bias, min_tokens, stop_token_ids, min_p, top_k; against `myriad up` on the tiny
 model, through the official client."""
 
 import json
@@ -165,3 +165,21 @@ def test_cached_tokens_over_a_three_turn_thinking_conversation(client):
     # model often samples a character's token where the tokenizer spells the
     # character in bytes, so here it mostly does not).
     assert chat[1][1] >= chat[0][0] - 1 and chat[2][1] >= chat[1][0] - 1
+
+
+def test_min_p_and_top_k_as_vllm_reads_them(server, client):
+    kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=12, seed=9, logprobs=0)
+    plain, _ = greedy(client)
+    # min_p 1 keeps only the most likely token: sampling at any temperature
+    # is then greedy; top_k -1 and 0 (vLLM's "every token") change nothing.
+    for extra in [{"min_p": 1.0}, {"min_p": 1.0, "top_k": -1}]:
+        choice = client.completions.create(temperature=1.5, extra_body=dict(
+            ignore_eos=True, return_tokens_as_token_ids=True, **extra), **kwargs).choices[0]
+        assert ids_of(choice) == plain, extra
+    sampled = [ids_of(client.completions.create(temperature=1.5, extra_body=dict(
+        ignore_eos=True, return_tokens_as_token_ids=True, **extra), **kwargs).choices[0])
+        for extra in [{}, {"top_k": 0}, {"top_k": -1}, {"min_p": 0.0}]]
+    assert sampled[0] != plain and all(s == sampled[0] for s in sampled), sampled
+    for extra, fragment in [({"min_p": 1.5}, "min_p"), ({"top_k": -3}, "top_k")]:
+        status, err = raw_post(server, "/v1/completions", json.dumps({"model": MODEL, "prompt": "x", **extra}).encode())
+        assert status == 400 and fragment in err["error"]["message"], err

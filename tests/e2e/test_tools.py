@@ -172,3 +172,62 @@ def test_bad_schemas_and_choices_are_400(client):
     for extra, fragment in bad:
         with pytest.raises(openai.BadRequestError, match=fragment):
             client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, extra_body=extra)
+
+
+def test_vllm_guided_fields_constrain_the_output(client):
+    """vLLM's `guided_*` fields and its `structured_outputs` object: each
+    answer of the random model still follows what was asked."""
+    import re
+    labels = ["positive", "negative", "neutral"]
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string", "maxLength": 6}},
+              "required": ["n", "s"], "additionalProperties": False}
+    asks = [
+        ({"guided_choice": labels}, lambda t: t in labels),
+        ({"structured_outputs": {"choice": labels, "disable_any_whitespace": True}}, lambda t: t in labels),
+        ({"guided_regex": r"[0-9]{3}-[a-z]{2,4}"}, lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", t)),
+        ({"structured_outputs": {"regex": r"(yes|no), [A-Z]"}}, lambda t: re.fullmatch(r"(yes|no), [A-Z]", t)),
+        ({"guided_grammar": 'start: item "+" item "=" item\nitem: "1" | "22" | "x"'},
+         lambda t: re.fullmatch(r"(1|22|x)\+(1|22|x)=(1|22|x)", t)),
+        ({"guided_json": schema}, lambda t: jsonschema.validate(json.loads(t), schema) is None),
+        ({"structured_outputs": {"json": json.dumps(schema)}}, lambda t: jsonschema.validate(json.loads(t), schema) is None),
+    ]
+    for extra, follows in asks:
+        for seed in range(3):
+            choice = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, seed=seed,
+                                                    temperature=1.0, extra_body=extra).choices[0]
+            assert choice.finish_reason == "stop" and follows(choice.message.content), (extra, choice)
+        text = client.completions.create(model=MODEL, prompt="Answer:", max_tokens=60, seed=1, temperature=1.0,
+                                         extra_body=extra).choices[0]
+        assert text.finish_reason == "stop" and follows(text.text), (extra, text)
+    # In thinking mode the reasoning is free but cannot end the answer: an
+    # answer that stops is one of the labels; one still thinking at
+    # max_tokens has none.
+    stopped = 0
+    for seed in range(4):
+        choice = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=400, seed=seed, temperature=1.0,
+                                                reasoning_effort="high", extra_body={"guided_choice": labels}).choices[0]
+        assert choice.message.reasoning_content, choice
+        if choice.finish_reason == "stop":
+            assert choice.message.content in labels, choice
+            stopped += 1
+        else:
+            assert choice.finish_reason == "length" and not choice.message.content, choice
+    assert stopped, "no thinking answer reached its label"
+
+
+def test_bad_guided_fields_are_400(client):
+    bad = [
+        ({"guided_choice": ["a"], "guided_regex": "b"}, "both constrain"),
+        ({"response_format": {"type": "json_object"}, "guided_json": {"type": "object"}}, "both constrain"),
+        ({"guided_grammar": 'root ::= "a"'}, "Lark syntax"),
+        ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),
+        ({"guided_regex": "(unclosed"}, "guided_regex"),
+        ({"guided_choice": []}, "at least one"),
+        ({"structured_outputs": {"structural_tag": "{}"}}, "structural_tag"),
+        ({"structured_outputs": {"regex": "a", "json_object": True}}, "give one"),
+        ({"guided_decoding_backend": "xgrammar"}, "`guided_decoding_backend` is not supported"),
+        ({"tools": TOOLS, "tool_choice": "required", "guided_regex": "a"}, "combined"),
+    ]
+    for extra, fragment in bad:
+        with pytest.raises(openai.BadRequestError, match=fragment):
+            client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, extra_body=extra)

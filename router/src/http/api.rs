@@ -38,7 +38,10 @@ pub struct Common {
     pub max_completion_tokens: Option<u64>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
-    pub top_k: Option<u32>,
+    /// 0 or -1 (vLLM's "disabled"): every token.
+    pub top_k: Option<i64>,
+    /// vLLM's: drop tokens less likely than this fraction of the most likely.
+    pub min_p: Option<f32>,
     pub seed: Option<u64>,
     pub stop: Option<StringOrList>,
     pub n: Option<u32>,
@@ -47,8 +50,14 @@ pub struct Common {
     /// vLLM's extension: keep generating past end-of-sequence tokens.
     pub ignore_eos: Option<bool>,
     /// `text`, `json_object` or `json_schema`: enforced by constrained
-    /// decoding ([`crate::structured`]).
+    /// decoding ([`crate::structured`]). It, vLLM's `guided_*` and its
+    /// `structured_outputs` are read by [`super::guided`].
     pub response_format: Option<serde_json::Value>,
+    pub guided_json: Option<serde_json::Value>,
+    pub guided_regex: Option<serde_json::Value>,
+    pub guided_choice: Option<serde_json::Value>,
+    pub guided_grammar: Option<serde_json::Value>,
+    pub structured_outputs: Option<serde_json::Value>,
     /// Chat: `true`/`false`; completions: how many alternatives (0–20).
     pub logprobs: Option<serde_json::Value>,
     /// Chat: alternatives per token (0–20), with `logprobs: true`.
@@ -227,6 +236,15 @@ const UNSUPPORTED: &[(&str, Neutral)] = {
     fn text_only(v: &Value) -> bool {
         v.as_array().is_some_and(|m| m.iter().all(|x| x.as_str() == Some("text")))
     }
+    fn yes(v: &Value) -> bool {
+        v == &Value::Bool(true)
+    }
+    fn zero(v: &Value) -> bool {
+        v.as_f64() == Some(0.0)
+    }
+    fn auto(v: &Value) -> bool {
+        matches!(v.as_str(), Some("auto" | "default"))
+    }
     fn never(_: &Value) -> bool {
         false
     }
@@ -240,10 +258,34 @@ const UNSUPPORTED: &[(&str, Neutral)] = {
         ("modalities", text_only),
         ("prediction", never),
         ("web_search_options", never),
-        ("guided_json", never),
-        ("guided_regex", never),
-        ("guided_choice", never),
-        ("guided_grammar", never),
+        ("guided_decoding_backend", never),
+        ("guided_whitespace_pattern", never),
+        ("structural_tag", never),
+        ("use_beam_search", no),
+        ("length_penalty", one),
+        ("prompt_logprobs", never),
+        ("allowed_token_ids", never),
+        ("bad_words", empty),
+        ("include_stop_str_in_output", no),
+        ("skip_special_tokens", yes),
+        ("spaces_between_special_tokens", yes),
+        ("truncate_prompt_tokens", never),
+        ("add_special_tokens", never),
+        ("add_generation_prompt", yes),
+        ("continue_final_message", no),
+        ("documents", empty),
+        ("chat_template", never),
+        ("mm_processor_kwargs", empty),
+        ("priority", zero),
+        ("cache_salt", never),
+        ("kv_transfer_params", never),
+        ("vllm_xargs", empty),
+        ("return_token_ids", no),
+        ("thinking_token_budget", never),
+        ("logits_processors", never),
+        ("store", no),
+        ("service_tier", auto),
+        ("verbosity", never),
     ]
 };
 
@@ -285,8 +327,19 @@ impl Common {
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(ApiError::bad_request(format!("top_p {top_p} is not in (0, 1]"), Some("top_p")));
         }
-        if self.top_k == Some(0) {
-            return Err(ApiError::bad_request("top_k must be at least 1", Some("top_k")));
+        let top_k = match self.top_k {
+            None | Some(0 | -1) => None,
+            Some(k) if k > 0 => Some(usize::try_from(k).unwrap_or(usize::MAX)),
+            Some(k) => {
+                return Err(ApiError::bad_request(
+                    format!("top_k {k} is not -1, 0 (every token) or above"),
+                    Some("top_k"),
+                ));
+            }
+        };
+        let min_p = self.min_p.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&min_p) {
+            return Err(ApiError::bad_request(format!("min_p {min_p} is not in [0, 1]"), Some("min_p")));
         }
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
         if max_tokens == Some(0) {
@@ -302,12 +355,7 @@ impl Common {
         }
         Ok(Params {
             max_tokens: max_tokens.map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
-            sampling: Sampling {
-                temperature,
-                top_p,
-                top_k: self.top_k.map(|k| k as usize),
-                seed: self.seed.unwrap_or_else(rand_seed),
-            },
+            sampling: Sampling { temperature, top_p, top_k, min_p, seed: self.seed.unwrap_or_else(rand_seed) },
             n: n as usize,
             logits,
             stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
@@ -395,7 +443,10 @@ mod tests {
             (json!({"modalities": ["text", "audio"]}), "modalities"),
             (json!({"echo": true}), "echo"),
             (json!({"best_of": 3}), "best_of"),
-            (json!({"guided_json": {}}), "guided_json"),
+            (json!({"min_p": 0.1, "cache_salt": "tenant-a"}), "cache_salt"),
+            (json!({"skip_special_tokens": false}), "skip_special_tokens"),
+            (json!({"include_stop_str_in_output": true}), "include_stop_str_in_output"),
+            (json!({"service_tier": "priority"}), "service_tier"),
         ] {
             let (message, param) = refused(body.clone()).unwrap_or_else(|| panic!("{body} was accepted"));
             assert!(message.contains(&format!("`{field}`")), "{message}");
@@ -407,7 +458,8 @@ mod tests {
     fn neutral_values_and_unknown_fields_pass() {
         let body = json!({
             "model": "m", "functions": [], "function_call": "none", "echo": false, "best_of": 1,
-            "modalities": ["text"], "audio": null, "user": "someone", "my_own_extension": 7
+            "modalities": ["text"], "audio": null, "user": "someone", "my_own_extension": 7,
+            "skip_special_tokens": true, "priority": 0, "service_tier": "auto", "store": false, "bad_words": []
         });
         assert_eq!(refused(body), None);
     }
@@ -441,6 +493,8 @@ mod tests {
             (json!({"repetition_penalty": 0}), true, "repetition_penalty"),
             (json!({"logit_bias": {"x": 1}}), true, "logit_bias"),
             (json!({"logit_bias": {"1": 101}}), true, "logit_bias"),
+            (json!({"min_p": 1.5}), true, "min_p"),
+            (json!({"top_k": -2}), true, "top_k"),
         ] {
             let e = common(fields.clone()).params(chat).unwrap_err();
             assert_eq!(e.param, Some(param), "{fields}: {}", e.message);

@@ -15,9 +15,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use super::answer::{Kind, Run};
-use super::api::{ChatInput, ChatRequest, CompletionRequest, Params, PromptInput, ToolUse, parse};
+use super::api::{ChatInput, ChatRequest, Common, CompletionRequest, Params, PromptInput, ToolUse, parse};
 use super::error::ApiError;
-use super::{AppState, Body, authorized, json_body};
+use super::{AppState, Body, authorized, guided, json_body};
 use crate::chat::v4::{self, Prompt};
 use crate::chat::{ChatEncoder, Message, Reasoning, content_spans, template_messages};
 use crate::engine::{Constraint, Request, SubmitError};
@@ -36,8 +36,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
             PromptInput::Texts(_) => return Err(ApiError::bad_request("send one prompt per request", Some("prompt"))),
             PromptInput::Tokens(ids) => ids,
         };
-        let format = request.common.response_format.as_ref();
-        let constraints = constrain(&state, params.n, format, None, false)?;
+        let constraints = constrain(&state, params.n, &request.common, None, false)?;
         Ok(Prepared { prompt, params, constraints })
     })();
     respond(state, prepared, Kind::Completion).await
@@ -56,8 +55,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             ToolUse::Forced { parallel } => Some((&forced_tools[..], parallel)),
             _ => None,
         };
-        let format = request.common.response_format.as_ref();
-        let constraints = constrain(&state, params.n, format, forced, thinking)?;
+        let constraints = constrain(&state, params.n, &request.common, forced, thinking)?;
         Ok((Prepared { prompt, params, constraints }, Kind::Chat { thinking, tools }))
     })();
     match prepared {
@@ -74,29 +72,25 @@ struct Prepared {
     constraints: Vec<Option<Box<dyn Constraint>>>,
 }
 
-/// The grammar each of a request's `n` choices must follow, if any: its
-/// `response_format`, or a forced call of `tools` (one or, `parallel`,
-/// several).
+/// The grammar each of a request's `n` choices must follow, if any: what
+/// `common` asks for ([`guided`]), or a forced call of `tools` (one or,
+/// `parallel`, several).
 fn constrain(
     state: &AppState,
     n: usize,
-    format: Option<&Value>,
+    common: &Common,
     forced: Option<(&[Value], bool)>,
     thinking: bool,
 ) -> Result<Vec<Option<Box<dyn Constraint>>>, ApiError> {
     let bad = |field: &'static str| move |e: String| ApiError::bad_request(format!("{field}: {e}"), Some(field));
-    let format = format.filter(|f| !f.is_null());
-    let (grammar, field) = match (
-        format.map(structured::response_format).transpose().map_err(bad("response_format"))?.flatten(),
-        forced,
-    ) {
-        (Some(_), Some(_)) => {
+    let (grammar, field) = match (guided::grammar(common)?, forced) {
+        (Some((_, field)), Some(_)) => {
             return Err(ApiError::bad_request(
-                "response_format cannot be combined with a required or named tool_choice",
-                Some("response_format"),
+                format!("{field} cannot be combined with a required or named tool_choice"),
+                Some(field),
             ));
         }
-        (Some(grammar), None) => (grammar, "response_format"),
+        (Some(asked), None) => asked,
         (None, Some((tools, parallel))) => (structured::tool_calls(tools, parallel).map_err(bad("tools"))?, "tools"),
         (None, None) => return Ok((0..n).map(|_| None).collect()),
     };

@@ -12,6 +12,7 @@ mod answer;
 mod api;
 mod error;
 mod generate;
+mod guided;
 mod text;
 mod tokenize;
 
