@@ -7,7 +7,8 @@
 //! repetition penalty (prompt and output tokens: positive logits divided by
 //! it, negative ones multiplied), then frequency and presence penalties
 //! (output tokens only: minus `frequency × count` and `presence` once), then
-//! the logit bias. Log-probabilities are those of the model's own
+//! the logit bias; last, every token not in `allowed_token_ids` (if given)
+//! is masked. Log-probabilities are those of the model's own
 //! distribution, before any of this and before temperature (vLLM's default,
 //! `raw_logprobs`).
 
@@ -16,6 +17,8 @@ use std::collections::HashMap;
 /// Per-request logit processing; the default changes nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogitsParams {
+    /// The only tokens that may be sampled (vLLM's `allowed_token_ids`).
+    pub allowed: Option<Vec<u32>>,
     /// Added to a token's logit (OpenAI's `logit_bias`, -100 to 100).
     pub bias: Vec<(u32, f32)>,
     pub presence_penalty: f32,
@@ -32,6 +35,7 @@ pub struct LogitsParams {
 impl Default for LogitsParams {
     fn default() -> Self {
         LogitsParams {
+            allowed: None,
             bias: Vec::new(),
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
@@ -93,6 +97,15 @@ impl LogitsParams {
                 *l += b;
             }
         }
+        if let Some(allowed) = &self.allowed {
+            let mut masked = vec![f32::NEG_INFINITY; logits.len()];
+            for &t in allowed {
+                if let (Some(m), Some(l)) = (masked.get_mut(t as usize), logits.get(t as usize)) {
+                    *m = *l;
+                }
+            }
+            logits.copy_from_slice(&masked);
+        }
     }
 }
 
@@ -123,6 +136,7 @@ mod tests {
     #[test]
     fn penalties_and_bias_change_the_logits_as_documented() {
         let p = LogitsParams {
+            allowed: None,
             bias: vec![(3, 5.0)],
             presence_penalty: 0.5,
             frequency_penalty: 0.25,
@@ -138,6 +152,13 @@ mod tests {
         p.apply(&mut logits, &[], &[2], &[4]);
         assert_eq!(logits[4], f32::NEG_INFINITY);
         assert!(LogitsParams::default().changes_nothing() && !p.changes_nothing());
+        // Allowed tokens keep their logits; the rest are masked.
+        let only = LogitsParams { allowed: Some(vec![2, 0, 9]), ..LogitsParams::default() };
+        let mut logits = vec![1.0, -1.0, 4.0, 0.0, 2.0];
+        only.apply(&mut logits, &[], &[], &[4]);
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(logits, vec![1.0, inf, 4.0, inf, inf]);
+        assert!(!only.changes_nothing());
     }
 
     #[test]

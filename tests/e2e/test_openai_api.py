@@ -115,6 +115,12 @@ def test_stop_strings(client):
     cut = client.completions.create(model=MODEL, prompt="The", max_tokens=16, temperature=0, stop=[stop])
     assert cut.choices[0].text == full[: full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
+    # vLLM's include_stop_str_in_output keeps it, streamed or not.
+    kept = dict(model=MODEL, prompt="The", max_tokens=16, temperature=0, stop=[stop],
+                extra_body={"include_stop_str_in_output": True})
+    whole = full[: full.index(stop) + len(stop)]
+    assert client.completions.create(**kept).choices[0].text == whole
+    assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **kept) if c.choices) == whole
 
 
 def raw_post(server, path, body, headers=None):
@@ -162,7 +168,7 @@ def test_unsupported_chat_fields_are_refused_not_ignored(client):
         {"functions": [{"name": "f"}]},
         {"web_search_options": {}},
         {"cache_salt": "tenant-a"},
-        {"include_stop_str_in_output": True},
+        {"prompt_logprobs": 1},
         {"skip_special_tokens": False},
         {"use_beam_search": True},
     ]

@@ -1,5 +1,6 @@
 """The sampling and output fields vLLM users send: logprobs, n, penalties,
-logit_bias, min_tokens, stop_token_ids, min_p, top_k; against `myriad up` on the tiny
+logit_bias, min_tokens, stop_token_ids, min_p, top_k, allowed_token_ids,
+truncate_prompt_tokens, request_id; against `myriad up` on the tiny
 model, through the official client."""
 
 import json
@@ -183,3 +184,34 @@ def test_min_p_and_top_k_as_vllm_reads_them(server, client):
     for extra, fragment in [({"min_p": 1.5}, "min_p"), ({"top_k": -3}, "top_k")]:
         status, err = raw_post(server, "/v1/completions", json.dumps({"model": MODEL, "prompt": "x", **extra}).encode())
         assert status == 400 and fragment in err["error"]["message"], err
+
+
+def test_allowed_tokens_truncation_and_request_ids(server, client):
+    allowed = [11, 77, 200]
+    ids, _ = greedy(client, allowed_token_ids=allowed)
+    assert set(ids) <= set(allowed), ids
+    sampled = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.5, seed=2, logprobs=0,
+                                        extra_body={"allowed_token_ids": allowed, "ignore_eos": True,
+                                                    "return_tokens_as_token_ids": True}).choices[0]
+    assert set(ids_of(sampled)) <= set(allowed) and len(set(ids_of(sampled))) > 1, ids_of(sampled)
+    # truncate_prompt_tokens keeps the prompt's end: the answer is the one
+    # to those last tokens alone.
+    tail, _ = greedy(client, truncate_prompt_tokens=3)
+    alone = client.completions.create(model=MODEL, prompt=PROMPT[-3:], max_tokens=12, temperature=0, logprobs=0,
+                                      extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    assert tail == ids_of(alone.choices[0]) and alone.usage.prompt_tokens == 3
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"truncate_prompt_tokens": -1})
+    assert whole.usage.prompt_tokens == len(PROMPT)
+    # request_id names the answer, streamed too.
+    named = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, extra_body={"request_id": "job-42.a"})
+    assert named.id == "chatcmpl-job-42.a"
+    chunks = list(client.completions.create(model=MODEL, prompt="x", max_tokens=2, stream=True,
+                                            extra_body={"request_id": "job-43"}))
+    assert chunks and all(c.id == "cmpl-job-43" for c in chunks)
+    for extra, fragment in [({"allowed_token_ids": []}, "at least one"),
+                            ({"allowed_token_ids": [10**6]}, "outside the vocabulary"),
+                            ({"allowed_token_ids": [1], "response_format": {"type": "json_object"}}, "combined"),
+                            ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+                            ({"request_id": "two words"}, "request_id")]:
+        status, err = raw_post(server, "/v1/completions", json.dumps({"model": MODEL, "prompt": "x", **extra}).encode())
+        assert status == 400 and fragment in err["error"]["message"], (extra, err)

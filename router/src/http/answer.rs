@@ -75,7 +75,10 @@ impl Run {
     pub(super) fn new(state: Arc<AppState>, kind: Kind, prompt_tokens: usize, params: Params) -> Self {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let prefix = if kind == Kind::Completion { "cmpl" } else { "chatcmpl" };
-        let id = format!("{prefix}-{created:x}{:06x}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let id = match &params.request_id {
+            Some(asked) => format!("{prefix}-{asked}"),
+            None => format!("{prefix}-{created:x}{:06x}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
+        };
         Run { state, kind, id, created, prompt_tokens, cached_tokens: 0, params, started: Instant::now() }
     }
 
@@ -111,7 +114,8 @@ impl Run {
 
     /// Call `call` of choice `choice`.
     fn call_id(&self, choice: usize, call: usize) -> String {
-        format!("call-{}-{choice}-{call}", self.id.rsplit('-').next().unwrap_or(""))
+        // The id after its `cmpl-`/`chatcmpl-`.
+        format!("call-{}-{choice}-{call}", self.id.split_once('-').map_or("", |(_, own)| own))
     }
 
     /// Collects every choice's whole answer.
@@ -383,7 +387,7 @@ impl<'a> Choice<'a> {
             run,
             index,
             text: Detokenizer::new(&run.state.tokenizer),
-            deltas: Deltas::new(thinking, calls, run.params.stop.clone()),
+            deltas: Deltas::new(thinking, calls, run.params.stop.clone()).keeping_stop(run.params.include_stop),
             logprobs: Vec::new(),
             offset: 0,
             last: Instant::now(),

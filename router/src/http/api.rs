@@ -73,6 +73,15 @@ pub struct Common {
     pub stop_token_ids: Option<Vec<u32>>,
     /// vLLM's: log-probability tokens as `token_id:ID` instead of text.
     pub return_tokens_as_token_ids: Option<bool>,
+    /// vLLM's: the only tokens that may be sampled.
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM's: the text keeps the stop string it ends at.
+    pub include_stop_str_in_output: Option<bool>,
+    /// vLLM's: keep the prompt's last this many tokens (-1: as many as the
+    /// context takes).
+    pub truncate_prompt_tokens: Option<i64>,
+    /// vLLM's: the id the answer carries.
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +200,13 @@ pub struct Params {
     pub stop_token_ids: Vec<u32>,
     pub tokens_as_ids: bool,
     pub stop: Vec<String>,
+    /// The text ends after the stop string, not before it.
+    pub include_stop: bool,
+    /// Keep only the prompt's last this many tokens (vLLM's
+    /// `truncate_prompt_tokens`; `usize::MAX`: as many as the context takes).
+    pub truncate_prompt: Option<usize>,
+    /// The response's id: `cmpl-`/`chatcmpl-` then this (vLLM's `request_id`).
+    pub request_id: Option<String>,
     pub stream: bool,
     pub include_usage: bool,
     pub ignore_eos: bool,
@@ -264,12 +280,9 @@ const UNSUPPORTED: &[(&str, Neutral)] = {
         ("use_beam_search", no),
         ("length_penalty", one),
         ("prompt_logprobs", never),
-        ("allowed_token_ids", never),
         ("bad_words", empty),
-        ("include_stop_str_in_output", no),
         ("skip_special_tokens", yes),
         ("spaces_between_special_tokens", yes),
-        ("truncate_prompt_tokens", never),
         ("add_special_tokens", never),
         ("add_generation_prompt", yes),
         ("continue_final_message", no),
@@ -361,6 +374,19 @@ impl Common {
             stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
             tokens_as_ids: self.return_tokens_as_token_ids.unwrap_or(false),
             stop,
+            include_stop: self.include_stop_str_in_output.unwrap_or(false),
+            truncate_prompt: match self.truncate_prompt_tokens {
+                None => None,
+                Some(-1) => Some(usize::MAX),
+                Some(k) if k >= 1 => Some(usize::try_from(k).unwrap_or(usize::MAX)),
+                Some(k) => {
+                    return Err(ApiError::bad_request(
+                        format!("truncate_prompt_tokens {k} is not -1 (as many as fit) or at least 1"),
+                        Some("truncate_prompt_tokens"),
+                    ));
+                }
+            },
+            request_id: self.request_id()?,
             stream: self.stream.unwrap_or(false),
             include_usage: self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
             ignore_eos: self.ignore_eos.unwrap_or(false),
@@ -369,6 +395,20 @@ impl Common {
 }
 
 impl Common {
+    /// `request_id`, checked: up to 128 visible ASCII characters, as it
+    /// goes into the response's id and the logs.
+    fn request_id(&self) -> Result<Option<String>, ApiError> {
+        match &self.request_id {
+            Some(id) if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) => {
+                Err(ApiError::bad_request(
+                    "request_id must be 1 to 128 visible ASCII characters (no spaces)",
+                    Some("request_id"),
+                ))
+            }
+            id => Ok(id.clone()),
+        }
+    }
+
     fn logits(&self, chat: bool) -> Result<LogitsParams, ApiError> {
         fn bad<T>(field: &'static str, what: String) -> Result<T, ApiError> {
             Err(ApiError::bad_request(what, Some(field)))
@@ -405,7 +445,11 @@ impl Common {
             }
             bias.push((id, b));
         }
+        if self.allowed_token_ids.as_ref().is_some_and(Vec::is_empty) {
+            return bad("allowed_token_ids", "allowed_token_ids must name at least one token".into());
+        }
         Ok(LogitsParams {
+            allowed: self.allowed_token_ids.clone(),
             bias,
             presence_penalty: penalty(self.presence_penalty, "presence_penalty")?,
             frequency_penalty: penalty(self.frequency_penalty, "frequency_penalty")?,
@@ -445,7 +489,7 @@ mod tests {
             (json!({"best_of": 3}), "best_of"),
             (json!({"min_p": 0.1, "cache_salt": "tenant-a"}), "cache_salt"),
             (json!({"skip_special_tokens": false}), "skip_special_tokens"),
-            (json!({"include_stop_str_in_output": true}), "include_stop_str_in_output"),
+            (json!({"prompt_logprobs": 1}), "prompt_logprobs"),
             (json!({"service_tier": "priority"}), "service_tier"),
         ] {
             let (message, param) = refused(body.clone()).unwrap_or_else(|| panic!("{body} was accepted"));
@@ -495,6 +539,10 @@ mod tests {
             (json!({"logit_bias": {"1": 101}}), true, "logit_bias"),
             (json!({"min_p": 1.5}), true, "min_p"),
             (json!({"top_k": -2}), true, "top_k"),
+            (json!({"truncate_prompt_tokens": 0}), false, "truncate_prompt_tokens"),
+            (json!({"request_id": "has a space"}), false, "request_id"),
+            (json!({"request_id": ""}), false, "request_id"),
+            (json!({"allowed_token_ids": []}), false, "allowed_token_ids"),
         ] {
             let e = common(fields.clone()).params(chat).unwrap_err();
             assert_eq!(e.param, Some(param), "{fields}: {}", e.message);

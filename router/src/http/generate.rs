@@ -83,7 +83,15 @@ fn constrain(
     thinking: bool,
 ) -> Result<Vec<Option<Box<dyn Constraint>>>, ApiError> {
     let bad = |field: &'static str| move |e: String| ApiError::bad_request(format!("{field}: {e}"), Some(field));
-    let (grammar, field) = match (guided::grammar(common)?, forced) {
+    let asked = guided::grammar(common)?;
+    let shaped = asked.as_ref().map(|(_, field)| *field).or(forced.map(|_| "tool_choice"));
+    if let (Some(field), Some(_)) = (shaped, &common.allowed_token_ids) {
+        return Err(ApiError::bad_request(
+            format!("allowed_token_ids cannot be combined with {field}: the grammar may need other tokens"),
+            Some("allowed_token_ids"),
+        ));
+    }
+    let (grammar, field) = match (asked, forced) {
         (Some((_, field)), Some(_)) => {
             return Err(ApiError::bad_request(
                 format!("{field} cannot be combined with a required or named tool_choice"),
@@ -232,9 +240,14 @@ async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kin
 }
 
 /// Checks the context limit and fills in the default `max_tokens`.
-fn admit(state: &AppState, prompt: Vec<u32>, mut params: Params) -> Result<(Vec<u32>, Params), ApiError> {
+fn admit(state: &AppState, mut prompt: Vec<u32>, mut params: Params) -> Result<(Vec<u32>, Params), ApiError> {
     if prompt.is_empty() {
         return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
+    }
+    if let Some(keep) = params.truncate_prompt {
+        // -1: what the context takes with room for one token.
+        let keep = keep.min(state.max_prompt).min(state.max_context.saturating_sub(1)).max(1);
+        prompt.drain(..prompt.len().saturating_sub(keep));
     }
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= state.vocab_size) {
         return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary"), Some("prompt")));
@@ -245,6 +258,21 @@ fn admit(state: &AppState, prompt: Vec<u32>, mut params: Params) -> Result<(Vec<
             format!("logit_bias token {bad} is outside the vocabulary"),
             Some("logit_bias"),
         ));
+    }
+    if let Some(allowed) = &params.logits.allowed {
+        if let Some(bad) = outside(allowed.clone()) {
+            return Err(ApiError::bad_request(
+                format!("allowed token {bad} is outside the vocabulary"),
+                Some("allowed_token_ids"),
+            ));
+        }
+        let stops = || state.eos_token_ids.iter().chain(&params.stop_token_ids);
+        if params.logits.min_tokens > 0 && allowed.iter().all(|t| stops().any(|s| s == t)) {
+            return Err(ApiError::bad_request(
+                "every allowed token ends the answer, which min_tokens forbids",
+                Some("allowed_token_ids"),
+            ));
+        }
     }
     if let Some(bad) = outside(params.stop_token_ids.clone()) {
         return Err(ApiError::bad_request(

@@ -71,6 +71,8 @@ pub struct Deltas {
     /// Whether a DSML tool-call block in the content is a call.
     calls: bool,
     stops: Vec<String>,
+    /// Whether the text keeps the stop string it ends at.
+    keep_stop: bool,
     sent_reasoning: usize,
     sent_content: usize,
     /// Where a stop string could still start (earlier ones were searched).
@@ -105,6 +107,7 @@ impl Deltas {
             thinking,
             calls,
             stops,
+            keep_stop: false,
             sent_reasoning: 0,
             sent_content: 0,
             stop_scan: 0,
@@ -116,14 +119,22 @@ impl Deltas {
         }
     }
 
+    /// The text then ends after the stop string it stops at, not before
+    /// (vLLM's `include_stop_str_in_output`).
+    pub fn keeping_stop(self, keep: bool) -> Self {
+        Deltas { keep_stop: keep, ..self }
+    }
+
     /// `text` is the decoding of every id so far (each call's text extends
     /// the previous one's); `last` marks the end.
     pub fn next(&mut self, text: &str, last: bool) -> Delta {
         let mut end = text.len();
         let mut stopped = false;
         let from = text.floor_char_boundary(self.stop_scan);
-        if let Some(i) = self.stops.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i)).min() {
-            end = i;
+        let found = self.stops.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| (from + i, s.len())));
+        // The first; of stops found at the same place, the longest.
+        if let Some((i, len)) = found.min_by_key(|&(i, len)| (i, std::cmp::Reverse(len))) {
+            end = if self.keep_stop { i + len } else { i };
             stopped = true;
         } else {
             let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
@@ -224,6 +235,14 @@ mod tests {
         assert_eq!(d.next("plan </th", false), Delta { reasoning: "plan ".into(), ..Delta::default() });
         assert_eq!(d.next("plan </think>ans", false), Delta { content: "ans".into(), ..Delta::default() });
         assert_eq!(d.next("plan </think>answer", true).content, "wer");
+    }
+
+    #[test]
+    fn a_kept_stop_string_ends_the_text() {
+        let mut d = Deltas::new(false, false, vec!["END".into(), "ENDING".into()]).keeping_stop(true);
+        assert_eq!(d.next("one EN", false).content, "one ");
+        let last = d.next("one ENDING and more", false);
+        assert_eq!((last.content.as_str(), last.stopped), ("ENDING", true));
     }
 
     #[test]
