@@ -83,6 +83,7 @@ fn main() {
             for mut rx in receivers {
                 while let Some(event) = rx.blocking_recv() {
                     match event {
+                        Event::PromptLogprobs(_) => {}
                         Event::Token(..) => tokens += 1,
                         Event::Done(_) => break,
                         Event::Error(e) => panic!("{e}"),

@@ -33,6 +33,10 @@ pub enum FinishReason {
 /// What the engine sends back for one request, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// The log-probabilities of prompt tokens, in order from the second
+    /// (the first has none), before any token; only when the request asked
+    /// for them ([`LogitsParams::prompt_logprobs`]), a chunk at a time.
+    PromptLogprobs(Vec<TokenLogprobs>),
     /// A token, with its log-probabilities when the request asked for them.
     Token(u32, Option<TokenLogprobs>),
     Done(FinishReason),
@@ -139,9 +143,11 @@ impl Engine {
     pub async fn submit(&self, choices: Vec<Request>) -> Result<usize, SubmitError> {
         let prompt: &[u32] = choices.first().map_or(&[], |c| &c.prompt);
         debug_assert!(choices.iter().all(|c| c.prompt == prompt), "choices of different prompts");
+        // Prompt log-probabilities need every prompt token run.
+        let whole = choices.iter().any(|c| c.logits.prompt_logprobs.is_some());
         let restored = match (&self.cache, prompt.split_last()) {
             // The last prompt token always runs: its logits give the first token.
-            (Some(cache), Some((_, before_last))) => cache.lookup(before_last).await,
+            (Some(cache), Some((_, before_last))) if !whole => cache.lookup(before_last).await,
             _ => None,
         };
         let cached = restored.as_ref().map_or(0, |s| s.position);
@@ -314,7 +320,8 @@ fn step(
             if let (true, Some(c)) = (samples, a.request.constraint.as_mut()) {
                 constrained.push((i, c));
             }
-            chunks.push(Chunk { tokens, state: &mut a.state, want: Logits::Last });
+            let scored = a.next.is_none() && a.request.logits.prompt_logprobs.is_some();
+            chunks.push(Chunk { tokens, state: &mut a.state, want: if scored { Logits::All } else { Logits::Last } });
         }
     }
     // Masks are computed beside the forward, not after it: as tasks of the
@@ -344,8 +351,22 @@ fn step(
         }
     };
     let mut finished = Vec::new();
-    for (&(i, n), logits) in plan.iter().zip(logits) {
+    let vocab = model.config.vocab_size;
+    for (&(i, n), mut logits) in plan.iter().zip(logits) {
         let a = &mut active[i];
+        if let (None, Some(k)) = (a.next, a.request.logits.prompt_logprobs) {
+            // Row j predicts the prompt token after position prefilled + j.
+            let prompt = &a.request.prompt;
+            let scored: Vec<TokenLogprobs> = (0..n)
+                .filter_map(|j| {
+                    prompt.get(a.prefilled + j + 1).map(|&t| logprobs(&logits[j * vocab..(j + 1) * vocab], t, k))
+                })
+                .collect();
+            if !scored.is_empty() {
+                let _ = a.request.events.send(Event::PromptLogprobs(scored));
+            }
+            logits.drain(..(n - 1) * vocab);
+        }
         if a.next.is_none() {
             a.prefilled += n;
             metrics::TOKENS.with_label_values(&["prompt"]).inc_by(n as u64);
@@ -356,8 +377,13 @@ fn step(
             if a.prefilled < a.request.prompt.len() {
                 continue; // more prompt to run
             }
+            if a.request.max_tokens == 0 {
+                // Scoring the prompt only (`echo` with `max_tokens` 0).
+                let _ = a.request.events.send(Event::Done(FinishReason::Length));
+                finished.push(i);
+                continue;
+            }
         }
-        let mut logits = logits;
         let params = &a.request.logits;
         let raw = params.logprobs.map(|k| (k, logits.clone()));
         if !params.changes_nothing() {

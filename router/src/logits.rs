@@ -30,6 +30,9 @@ pub struct LogitsParams {
     /// `Some(k)`: return each sampled token's log-probability and the `k`
     /// most likely tokens' at its position.
     pub logprobs: Option<usize>,
+    /// `Some(k)`: the same for every prompt token after the first (the
+    /// whole prompt then runs: none of it is restored from the KV-cache).
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Default for LogitsParams {
@@ -42,6 +45,7 @@ impl Default for LogitsParams {
             repetition_penalty: 1.0,
             min_tokens: 0,
             logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -57,7 +61,7 @@ pub struct TokenLogprobs {
 impl LogitsParams {
     /// Whether sampling uses the logits as the model gave them.
     pub fn changes_nothing(&self) -> bool {
-        LogitsParams { logprobs: None, ..self.clone() } == LogitsParams::default()
+        LogitsParams { logprobs: None, prompt_logprobs: None, ..self.clone() } == LogitsParams::default()
     }
 
     /// Applies everything but log-probabilities to `logits`, for a sequence
@@ -143,6 +147,7 @@ mod tests {
             repetition_penalty: 2.0,
             min_tokens: 2,
             logprobs: None,
+            prompt_logprobs: None,
         };
         let mut logits = vec![1.0, -1.0, 4.0, 0.0, 2.0];
         // Prompt [0], output [1, 1]: two tokens generated, so stop token 4 is free.

@@ -145,7 +145,7 @@ def raw_post(server, path, body, headers=None):
     (b'{"model": "tiny-v4", "prompt": "x", "logprobs": true}', 400, "logprobs must be a number"),
     (b'{"model": "tiny-v4", "prompt": "x", "presence_penalty": 2.5}', 400, "presence_penalty 2.5 is not in"),
     (b'{"model": "tiny-v4", "prompt": "x", "logit_bias": {"99999": 1}}', 400, "outside the vocabulary"),
-    (b'{"model": "tiny-v4", "prompt": "x", "echo": true}', 400, "`echo` is not supported"),
+    (b'{"model": "tiny-v4", "prompt": "x", "best_of": 2}', 400, "`best_of` is not supported"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, fragment):
     code, err = raw_post(server, "/v1/completions", body)

@@ -215,3 +215,60 @@ def test_allowed_tokens_truncation_and_request_ids(server, client):
                             ({"request_id": "two words"}, "request_id")]:
         status, err = raw_post(server, "/v1/completions", json.dumps({"model": MODEL, "prompt": "x", **extra}).encode())
         assert status == 400 and fragment in err["error"]["message"], (extra, err)
+
+
+def test_echo_scores_the_prompt(server, client):
+    """`echo` with `logprobs` (how evaluation harnesses score text): each
+    prompt token's log-probability is the one the model gives that token
+    after the tokens before it, the same bits as sampling it there."""
+    scored = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True,
+                                       extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True}).choices[0]
+    lp = scored.logprobs
+    assert ids_of(scored)[:len(PROMPT)] == PROMPT and len(lp.tokens) == len(PROMPT) + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for j in range(1, len(PROMPT)):
+        # The prompt's first j tokens, forced to continue with token j
+        # (bias moves sampling, not the reported log-probability).
+        forced = client.completions.create(model=MODEL, prompt=PROMPT[:j], max_tokens=1, temperature=0, logprobs=2,
+                                           extra_body={"logit_bias": {str(PROMPT[j]): 100},
+                                                       "return_tokens_as_token_ids": True}).choices[0]
+        assert ids_of(forced) == [PROMPT[j]]
+        assert lp.token_logprobs[j] == forced.logprobs.token_logprobs[0], j
+        assert lp.top_logprobs[j] == forced.logprobs.top_logprobs[0], j
+    # A prompt longer than a step's token budget (512) is scored over
+    # several chunks, each position as the forced request scores it.
+    long = [(7 * i + 3) % 400 + 5 for i in range(700)]
+    lps = client.completions.create(model=MODEL, prompt=long, max_tokens=0, echo=True, logprobs=0).choices[0]
+    assert len(lps.logprobs.token_logprobs) == 700
+    for j in [1, 511, 512, 513, 699]:
+        forced = client.completions.create(model=MODEL, prompt=long[:j], max_tokens=1, temperature=0, logprobs=0,
+                                           extra_body={"logit_bias": {str(long[j]): 100}}).choices[0]
+        assert lps.logprobs.token_logprobs[j] == forced.logprobs.token_logprobs[0], j
+    # The generated part is what a request without echo gets.
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2,
+                                      extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True}).choices[0]
+    assert ids_of(scored)[len(PROMPT):] == ids_of(plain)
+    assert lp.token_logprobs[len(PROMPT):] == plain.logprobs.token_logprobs
+    assert scored.text == client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True).choices[0].text + plain.text
+    # A text prompt comes back as sent; max_tokens 0 scores it only, and the
+    # prompt as a list of one token list (as lm-eval sends it) is the same.
+    text = "The expert-parallel cluster"
+    only = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=1).choices[0]
+    assert only.text == text and only.finish_reason == "length" and only.logprobs.token_logprobs[0] is None
+    ids = raw_post(server, "/tokenize", json.dumps({"prompt": text}).encode())[1]["tokens"]
+    nested = client.completions.create(model=MODEL, prompt=[ids], max_tokens=0, echo=True, logprobs=1).choices[0]
+    assert nested.logprobs.token_logprobs == only.logprobs.token_logprobs and len(ids) == len(only.logprobs.tokens)
+    # Streamed: the prompt and its log-probabilities arrive first.
+    chunks = [c.choices[0] for c in client.completions.create(
+        model=MODEL, prompt=text, max_tokens=4, echo=True, logprobs=1, temperature=0, stream=True) if c.choices]
+    assert chunks[0].text.startswith(text) and chunks[0].logprobs.token_logprobs[0] is None
+    streamed = [x for c in chunks if c.logprobs for x in c.logprobs.token_logprobs]
+    whole = client.completions.create(model=MODEL, prompt=text, max_tokens=4, echo=True, logprobs=1, temperature=0)
+    assert "".join(c.text for c in chunks) == whole.choices[0].text
+    assert streamed == whole.choices[0].logprobs.token_logprobs
+    for body, fragment in [({"messages": ASK, "echo": True}, "echo"),
+                           ({"prompt": [[1, 2], [3, 4]]}, "one prompt"),
+                           ({"prompt": "x", "max_tokens": 0}, "max_tokens")]:
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        status, err = raw_post(server, path, json.dumps({"model": MODEL, **body}).encode())
+        assert status == 400 and fragment in err["error"]["message"], (body, err)

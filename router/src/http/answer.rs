@@ -41,6 +41,13 @@ impl Kind {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
+/// The prompt a completion echoes: its text starts the answer, its tokens
+/// the log-probabilities (the first with none).
+pub(super) struct Echo {
+    pub(super) text: String,
+    pub(super) ids: Vec<u32>,
+}
+
 /// One request being answered.
 pub(super) struct Run {
     state: Arc<AppState>,
@@ -51,6 +58,7 @@ pub(super) struct Run {
     /// Prompt tokens restored from the KV-cache rather than computed.
     pub(super) cached_tokens: usize,
     pub(super) params: Params,
+    echo: Option<Echo>,
     started: Instant,
 }
 
@@ -72,14 +80,20 @@ impl End {
 }
 
 impl Run {
-    pub(super) fn new(state: Arc<AppState>, kind: Kind, prompt_tokens: usize, params: Params) -> Self {
+    pub(super) fn new(
+        state: Arc<AppState>,
+        kind: Kind,
+        prompt_tokens: usize,
+        params: Params,
+        echo: Option<Echo>,
+    ) -> Self {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let prefix = if kind == Kind::Completion { "cmpl" } else { "chatcmpl" };
         let id = match &params.request_id {
             Some(asked) => format!("{prefix}-{asked}"),
             None => format!("{prefix}-{created:x}{:06x}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
         };
-        Run { state, kind, id, created, prompt_tokens, cached_tokens: 0, params, started: Instant::now() }
+        Run { state, kind, id, created, prompt_tokens, cached_tokens: 0, params, echo, started: Instant::now() }
     }
 
     pub(super) fn state(&self) -> &Arc<AppState> {
@@ -159,6 +173,7 @@ impl Run {
         };
         let reason = loop {
             match rx.recv().await {
+                Some(Event::PromptLogprobs(scored)) => choice.prompt_scored(scored),
                 Some(Event::Token(t, logprobs)) => {
                     add(choice.push(t, logprobs), &mut answer);
                     if answer.stopped {
@@ -172,7 +187,7 @@ impl Run {
         };
         let tokens = choice.text.ids().len();
         if !answer.stopped {
-            add(choice.deltas.next(choice.text.finish(), true), &mut answer);
+            add(choice.tail(), &mut answer);
         }
         let calls = match answer.calls.as_deref().map(|b| self.calls(b)) {
             Some(Ok(calls)) => calls,
@@ -335,6 +350,7 @@ impl Run {
         let mut calls = Vec::new();
         let (reason, mut stopped) = loop {
             match rx.recv().await {
+                Some(Event::PromptLogprobs(scored)) => choice.prompt_scored(scored),
                 Some(Event::Token(t, logprobs)) => {
                     let delta = choice.push(t, logprobs);
                     let stopped = delta.stopped;
@@ -351,7 +367,7 @@ impl Run {
         };
         let tokens = choice.text.ids().len();
         if !stopped {
-            let tail = choice.deltas.next(choice.text.finish(), true);
+            let tail = choice.tail();
             stopped = tail.stopped;
             let chunks = self.delta_chunks(&mut choice, tail, &mut calls);
             send(chunks).await?;
@@ -370,10 +386,16 @@ struct Choice<'a> {
     index: usize,
     text: Detokenizer<'a>,
     deltas: Deltas,
-    logprobs: Vec<(u32, TokenLogprobs)>,
+    /// Tokens and their log-probabilities not yet sent (`None`: the first
+    /// token of an echoed prompt, which has none).
+    logprobs: Vec<(u32, Option<TokenLogprobs>)>,
     /// Where the next token's text starts in the completion (completions'
     /// `text_offset`).
     offset: usize,
+    /// The echoed prompt's text, until the first delta carries it.
+    echo: Option<&'a str>,
+    /// Prompt tokens whose log-probabilities were gathered.
+    scored: usize,
     last: Instant,
 }
 
@@ -390,8 +412,42 @@ impl<'a> Choice<'a> {
             deltas: Deltas::new(thinking, calls, run.params.stop.clone()).keeping_stop(run.params.include_stop),
             logprobs: Vec::new(),
             offset: 0,
+            echo: run.echo.as_ref().map(|e| e.text.as_str()),
+            scored: 0,
             last: Instant::now(),
         }
+    }
+
+    /// Log-probabilities of the echoed prompt's next tokens (from its
+    /// second: the first is listed without one).
+    fn prompt_scored(&mut self, scored: Vec<TokenLogprobs>) {
+        let Some(echo) = &self.run.echo else { return };
+        if self.scored == 0
+            && let Some(&first) = echo.ids.first()
+        {
+            self.logprobs.push((first, None));
+            self.scored = 1;
+        }
+        for l in scored {
+            if let Some(&t) = echo.ids.get(self.scored) {
+                self.logprobs.push((t, Some(l)));
+                self.scored += 1;
+            }
+        }
+    }
+
+    /// `delta` with the echoed prompt before it, if not sent yet.
+    fn echoed(&mut self, mut delta: Delta) -> Delta {
+        if let Some(prompt) = self.echo.take() {
+            delta.content.insert_str(0, prompt);
+        }
+        delta
+    }
+
+    /// What is left once the engine is done.
+    fn tail(&mut self) -> Delta {
+        let delta = self.deltas.next(self.text.finish(), true);
+        self.echoed(delta)
     }
 
     fn push(&mut self, token: u32, logprobs: Option<TokenLogprobs>) -> Delta {
@@ -405,9 +461,10 @@ impl<'a> Choice<'a> {
         }
         self.last = Instant::now();
         if let Some(l) = logprobs {
-            self.logprobs.push((token, l));
+            self.logprobs.push((token, Some(l)));
         }
-        self.deltas.next(self.text.push(token), false)
+        let delta = self.deltas.next(self.text.push(token), false);
+        self.echoed(delta)
     }
 
     /// The log-probabilities gathered since the last call, in the
@@ -427,12 +484,14 @@ impl<'a> Choice<'a> {
                     let (text, bytes) = piece(t);
                     json!({"token": text, "logprob": lp, "bytes": bytes})
                 };
+                // Chats echo nothing: every entry has its log-probability.
                 let content: Vec<Value> = entries
                     .iter()
-                    .map(|(t, l)| {
+                    .filter_map(|(t, l)| {
+                        let l = l.as_ref()?;
                         let mut e = entry(*t, l.logprob);
                         e["top_logprobs"] = l.top.iter().map(|&(t, lp)| entry(t, lp)).collect();
-                        e
+                        Some(e)
                     })
                     .collect();
                 json!({"content": content})
@@ -444,9 +503,10 @@ impl<'a> Choice<'a> {
                     offsets.push(self.offset);
                     self.offset += String::from_utf8_lossy(&bytes).len();
                     tokens.push(text);
-                    token_logprobs.push(l.logprob);
-                    let alternatives: Map<String, Value> =
-                        l.top.iter().map(|&(t, lp)| (piece(t).0, json!(lp))).collect();
+                    token_logprobs.push(l.as_ref().map(|l| l.logprob));
+                    let alternatives = l.as_ref().map(|l| -> Map<String, Value> {
+                        l.top.iter().map(|&(t, lp)| (piece(t).0, json!(lp))).collect()
+                    });
                     top.push(alternatives);
                 }
                 json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,

@@ -23,6 +23,8 @@ pub enum PromptInput {
     Text(String),
     Tokens(Vec<u32>),
     Texts(Vec<String>),
+    /// Lists of token ids (one prompt each), as evaluation harnesses send them.
+    TokenLists(Vec<Vec<u32>>),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -82,6 +84,9 @@ pub struct Common {
     pub truncate_prompt_tokens: Option<i64>,
     /// vLLM's: the id the answer carries.
     pub request_id: Option<String>,
+    /// Completions: the text starts with the prompt (and with `logprobs`,
+    /// so do the log-probabilities: the prompt's tokens are scored).
+    pub echo: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,6 +215,8 @@ pub struct Params {
     pub stream: bool,
     pub include_usage: bool,
     pub ignore_eos: bool,
+    /// Completions: the answer starts with the prompt.
+    pub echo: bool,
 }
 
 /// Parses a JSON body into `T`, with OpenAI-shaped 400s; a request that
@@ -267,7 +274,6 @@ const UNSUPPORTED: &[(&str, Neutral)] = {
     &[
         ("functions", empty),
         ("function_call", none_or_auto),
-        ("echo", no),
         ("best_of", one),
         ("suffix", never),
         ("audio", never),
@@ -354,9 +360,16 @@ impl Common {
         if !(0.0..=1.0).contains(&min_p) {
             return Err(ApiError::bad_request(format!("min_p {min_p} is not in [0, 1]"), Some("min_p")));
         }
+        let echo = self.echo.unwrap_or(false);
+        if chat && echo {
+            return Err(ApiError::bad_request(
+                "`echo` is not supported for chat completions; remove it or send false",
+                Some("echo"),
+            ));
+        }
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
-        if max_tokens == Some(0) {
-            return Err(ApiError::bad_request("max_tokens must be at least 1", Some("max_tokens")));
+        if max_tokens == Some(0) && !echo {
+            return Err(ApiError::bad_request("max_tokens must be at least 1 (0 only with echo)", Some("max_tokens")));
         }
         let stop = match &self.stop {
             None => Vec::new(),
@@ -390,6 +403,7 @@ impl Common {
             stream: self.stream.unwrap_or(false),
             include_usage: self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            echo,
         })
     }
 }
@@ -448,7 +462,10 @@ impl Common {
         if self.allowed_token_ids.as_ref().is_some_and(Vec::is_empty) {
             return bad("allowed_token_ids", "allowed_token_ids must name at least one token".into());
         }
+        // Echoed with log-probabilities: the prompt's are part of them.
+        let prompt_logprobs = if self.echo == Some(true) && !chat { logprobs } else { None };
         Ok(LogitsParams {
+            prompt_logprobs,
             allowed: self.allowed_token_ids.clone(),
             bias,
             presence_penalty: penalty(self.presence_penalty, "presence_penalty")?,
@@ -485,7 +502,6 @@ mod tests {
             (json!({"functions": [{"name": "f"}]}), "functions"),
             (json!({"audio": {"voice": "x"}}), "audio"),
             (json!({"modalities": ["text", "audio"]}), "modalities"),
-            (json!({"echo": true}), "echo"),
             (json!({"best_of": 3}), "best_of"),
             (json!({"min_p": 0.1, "cache_salt": "tenant-a"}), "cache_salt"),
             (json!({"skip_special_tokens": false}), "skip_special_tokens"),

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use super::answer::{Kind, Run};
+use super::answer::{Echo, Kind, Run};
 use super::api::{ChatInput, ChatRequest, Common, CompletionRequest, Params, PromptInput, ToolUse, parse};
 use super::error::ApiError;
 use super::{AppState, Body, authorized, guided, json_body};
@@ -30,14 +30,21 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
         let request: CompletionRequest = parse(&json_body(&headers, body)?)?;
         check_model(&state, &request.common.model)?;
         let params = request.common.params(false)?;
-        let prompt = match request.prompt {
-            PromptInput::Text(t) => encode(&state, &t)?,
-            PromptInput::Texts(mut v) if v.len() == 1 => encode(&state, &v.remove(0))?,
-            PromptInput::Texts(_) => return Err(ApiError::bad_request("send one prompt per request", Some("prompt"))),
-            PromptInput::Tokens(ids) => ids,
+        let one = || ApiError::bad_request("send one prompt per request", Some("prompt"));
+        // The prompt's ids, and its text as the client wrote it (if it did).
+        let (prompt, text) = match request.prompt {
+            PromptInput::Text(t) => (encode(&state, &t)?, Some(t)),
+            PromptInput::Texts(mut v) if v.len() == 1 => {
+                let t = v.remove(0);
+                (encode(&state, &t)?, Some(t))
+            }
+            PromptInput::Tokens(ids) => (ids, None),
+            PromptInput::TokenLists(mut v) if v.len() == 1 => (v.remove(0), None),
+            PromptInput::Texts(_) | PromptInput::TokenLists(_) => return Err(one()),
         };
         let constraints = constrain(&state, params.n, &request.common, None, false)?;
-        Ok(Prepared { prompt, params, constraints })
+        let echo = params.echo.then_some(text);
+        Ok(Prepared { prompt, params, constraints, echo })
     })();
     respond(state, prepared, Kind::Completion).await
 }
@@ -56,7 +63,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             _ => None,
         };
         let constraints = constrain(&state, params.n, &request.common, forced, thinking)?;
-        Ok((Prepared { prompt, params, constraints }, Kind::Chat { thinking, tools }))
+        Ok((Prepared { prompt, params, constraints, echo: None }, Kind::Chat { thinking, tools }))
     })();
     match prepared {
         Ok((prepared, kind)) => respond(state, Ok(prepared), kind).await,
@@ -70,6 +77,9 @@ struct Prepared {
     params: Params,
     /// One per choice.
     constraints: Vec<Option<Box<dyn Constraint>>>,
+    /// `Some` when the completion echoes its prompt: the prompt's text as
+    /// the client wrote it, if it did.
+    echo: Option<Option<String>>,
 }
 
 /// The grammar each of a request's `n` choices must follow, if any: what
@@ -187,8 +197,8 @@ fn template_prompt(state: &AppState, text: String, messages: &[Message]) -> Resu
 async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kind: Kind) -> Response {
     let endpoint = kind.endpoint();
     let outcome = |o: &str| metrics::REQUESTS.with_label_values(&[endpoint, o]).inc();
-    let admitted = prepared.and_then(|p| Ok((admit(&state, p.prompt, p.params)?, p.constraints)));
-    let ((prompt, params), constraints) = match admitted {
+    let admitted = prepared.and_then(|p| Ok((admit(&state, p.prompt, p.params)?, p.constraints, p.echo)));
+    let ((prompt, params), constraints, echo) = match admitted {
         Ok(p) => p,
         Err(e) => {
             outcome(if e.status.is_server_error() { "server_error" } else { "client_error" });
@@ -196,7 +206,14 @@ async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kin
         }
     };
     let max_tokens = params.max_tokens.unwrap_or(0);
-    let mut run = Run::new(state, kind, prompt.len(), params);
+    let echo = echo.map(|text| Echo {
+        // A truncated prompt is no longer the text sent: its ids tell.
+        text: text
+            .filter(|_| params.truncate_prompt.is_none())
+            .unwrap_or_else(|| state.tokenizer.decode(&prompt).unwrap_or_default()),
+        ids: prompt.clone(),
+    });
+    let mut run = Run::new(state, kind, prompt.len(), params, echo);
     let span = tracing::info_span!("request", request_id = %run.id, endpoint, prompt_tokens = prompt.len());
     let mut stop_tokens = if run.params.ignore_eos { Vec::new() } else { run.state().eos_token_ids.clone() };
     stop_tokens.extend(&run.params.stop_token_ids);
