@@ -76,6 +76,20 @@ def test_streaming_equals_non_streaming(client):
     assert text == whole.choices[0].message.content
     assert finish == whole.choices[0].finish_reason
     assert usage.completion_tokens == whole.usage.completion_tokens
+    # vLLM's continuous_usage_stats: every chunk says the usage so far.
+    stream = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=10, temperature=0, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    )
+    counts = []
+    for chunk in stream:
+        assert chunk.usage and chunk.usage.prompt_tokens == whole.usage.prompt_tokens, chunk
+        assert chunk.usage.total_tokens == chunk.usage.prompt_tokens + chunk.usage.completion_tokens
+        counts.append(chunk.usage.completion_tokens)
+    assert counts[0] == 0 and counts == sorted(counts) and counts[-1] == 10, counts
+    with pytest.raises(openai.BadRequestError, match="include_usage"):
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, stream=True,
+                                       stream_options={"continuous_usage_stats": True})
 
 
 def test_completion_stream_and_seeded_sampling(client):

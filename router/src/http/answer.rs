@@ -331,7 +331,10 @@ impl Run {
         mut rx: mpsc::UnboundedReceiver<Event>,
         out: mpsc::Sender<Result<SseEvent, Infallible>>,
     ) -> Result<usize, Option<ApiError>> {
-        let send = |chunks: Vec<Value>| {
+        let send = |mut chunks: Vec<Value>, tokens: usize| {
+            if self.params.continuous_usage {
+                chunks.iter_mut().for_each(|c| c["usage"] = self.usage(tokens));
+            }
             let out = out.clone();
             async move {
                 for chunk in chunks {
@@ -343,8 +346,8 @@ impl Run {
             }
         };
         if matches!(self.kind, Kind::Chat { .. }) {
-            send(vec![self.chunk(index, Map::from_iter([("role".into(), json!("assistant"))]), None, Value::Null)])
-                .await?;
+            let role = Map::from_iter([("role".into(), json!("assistant"))]);
+            send(vec![self.chunk(index, role, None, Value::Null)], 0).await?;
         }
         let mut choice = Choice::new(self, index);
         let mut calls = Vec::new();
@@ -355,7 +358,7 @@ impl Run {
                     let delta = choice.push(t, logprobs);
                     let stopped = delta.stopped;
                     let chunks = self.delta_chunks(&mut choice, delta, &mut calls);
-                    send(chunks).await?;
+                    send(chunks, choice.text.ids().len()).await?;
                     if stopped {
                         break (None, true);
                     }
@@ -370,11 +373,11 @@ impl Run {
             let tail = choice.tail();
             stopped = tail.stopped;
             let chunks = self.delta_chunks(&mut choice, tail, &mut calls);
-            send(chunks).await?;
+            send(chunks, tokens).await?;
         }
         let end = End { reason, stopped, calls };
         let logprobs = choice.take_logprobs();
-        send(vec![self.chunk(index, Map::new(), Some(end.finish_reason()), logprobs)]).await?;
+        send(vec![self.chunk(index, Map::new(), Some(end.finish_reason()), logprobs)], tokens).await?;
         Ok(tokens)
     }
 }

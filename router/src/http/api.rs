@@ -30,6 +30,8 @@ pub enum PromptInput {
 #[derive(Debug, Default, Deserialize)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
+    /// vLLM's: with `include_usage`, every chunk carries the usage so far.
+    pub continuous_usage_stats: Option<bool>,
 }
 
 /// Fields shared by both endpoints.
@@ -214,6 +216,8 @@ pub struct Params {
     pub request_id: Option<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Every streamed chunk carries its choice's usage so far.
+    pub continuous_usage: bool,
     pub ignore_eos: bool,
     /// Completions: the answer starts with the prompt.
     pub echo: bool,
@@ -360,6 +364,15 @@ impl Common {
         if !(0.0..=1.0).contains(&min_p) {
             return Err(ApiError::bad_request(format!("min_p {min_p} is not in [0, 1]"), Some("min_p")));
         }
+        let options = self.stream_options.as_ref();
+        let include_usage = options.and_then(|o| o.include_usage).unwrap_or(false);
+        let continuous_usage = options.and_then(|o| o.continuous_usage_stats).unwrap_or(false);
+        if continuous_usage && !include_usage {
+            return Err(ApiError::bad_request(
+                "stream_options.continuous_usage_stats needs include_usage: true",
+                Some("stream_options"),
+            ));
+        }
         let echo = self.echo.unwrap_or(false);
         if chat && echo {
             return Err(ApiError::bad_request(
@@ -401,7 +414,8 @@ impl Common {
             },
             request_id: self.request_id()?,
             stream: self.stream.unwrap_or(false),
-            include_usage: self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
+            include_usage,
+            continuous_usage,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             echo,
         })
