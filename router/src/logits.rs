@@ -55,6 +55,8 @@ impl Default for LogitsParams {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprobs {
     pub logprob: f32,
+    /// 1 for the most likely token; ties share the better rank.
+    pub rank: usize,
     pub top: Vec<(u32, f32)>,
 }
 
@@ -130,7 +132,8 @@ pub fn logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
         ids.sort_by(order);
         top = ids.into_iter().map(|t| (t, at(t))).collect();
     }
-    TokenLogprobs { logprob: at(token), top }
+    let rank = logits.get(token as usize).map_or(logits.len(), |&l| 1 + logits.iter().filter(|&&o| o > l).count());
+    TokenLogprobs { logprob: at(token), rank, top }
 }
 
 #[cfg(test)]
@@ -173,6 +176,8 @@ mod tests {
         let total: f32 = logits.iter().map(|l| l.exp()).sum();
         assert!((lp.logprob - (1.0f32.exp() / total).ln()).abs() < 1e-6);
         assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        // Token 2 is third; tokens 1 and 3 tie for first.
+        assert_eq!((lp.rank, logprobs(&logits, 3, 0).rank, logprobs(&logits, 0, 0).rank), (3, 1, 4));
         let mass: f32 = (0..4).map(|t| logprobs(&logits, t, 0).logprob.exp()).sum();
         assert!((mass - 1.0).abs() < 1e-6);
     }

@@ -182,7 +182,7 @@ def test_unsupported_chat_fields_are_refused_not_ignored(client):
         {"functions": [{"name": "f"}]},
         {"web_search_options": {}},
         {"cache_salt": "tenant-a"},
-        {"prompt_logprobs": 1},
+        {"bad_words": ["spam"]},
         {"skip_special_tokens": False},
         {"use_beam_search": True},
     ]

@@ -266,7 +266,24 @@ def test_echo_scores_the_prompt(server, client):
     whole = client.completions.create(model=MODEL, prompt=text, max_tokens=4, echo=True, logprobs=1, temperature=0)
     assert "".join(c.text for c in chunks) == whole.choices[0].text
     assert streamed == whole.choices[0].logprobs.token_logprobs
+    # vLLM's prompt_logprobs: the same numbers, by token id, with ranks.
+    vllm = raw_post(server, "/v1/completions", json.dumps(
+        {"model": MODEL, "prompt": PROMPT, "max_tokens": 1, "prompt_logprobs": 2}).encode())[1]["choices"][0]
+    entries = vllm["prompt_logprobs"]
+    assert len(entries) == len(PROMPT) and entries[0] is None and vllm["logprobs"] is None
+    for j in range(1, len(PROMPT)):
+        mine = entries[j][str(PROMPT[j])]
+        assert mine["logprob"] == lp.token_logprobs[j] and mine["rank"] >= 1, (j, entries[j])
+        # The two most likely, and the prompt's token when it is neither.
+        ranked = sorted((e["rank"], -e["logprob"]) for e in entries[j].values())
+        assert [r for r, _ in ranked] == sorted({1, 2, mine["rank"]}) and ranked == sorted(ranked, key=lambda e: e[1])
+    chat = raw_post(server, "/v1/chat/completions", json.dumps(
+        {"model": MODEL, "messages": ASK, "max_tokens": 1, "prompt_logprobs": 0}).encode())[1]
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and chat["prompt_logprobs"][0] is None
+    assert all(len(e) == 1 and next(iter(e.values()))["logprob"] <= 0 for e in chat["prompt_logprobs"][1:])
     for body, fragment in [({"messages": ASK, "echo": True}, "echo"),
+                           ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "streamed"),
+                           ({"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"),
                            ({"prompt": [[1, 2], [3, 4]]}, "one prompt"),
                            ({"prompt": "x", "max_tokens": 0}, "max_tokens")]:
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"

@@ -41,11 +41,13 @@ impl Kind {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
-/// The prompt a completion echoes: its text starts the answer, its tokens
-/// the log-probabilities (the first with none).
-pub(super) struct Echo {
-    pub(super) text: String,
+/// The prompt, when the answer shows it: echoed (its text starts a
+/// completion; with `logprobs` its tokens start them, the first with
+/// none), or scored (vLLM's `prompt_logprobs`).
+pub(super) struct ShownPrompt {
     pub(super) ids: Vec<u32>,
+    /// The text a completion echoes.
+    pub(super) echo: Option<String>,
 }
 
 /// One request being answered.
@@ -58,7 +60,7 @@ pub(super) struct Run {
     /// Prompt tokens restored from the KV-cache rather than computed.
     pub(super) cached_tokens: usize,
     pub(super) params: Params,
-    echo: Option<Echo>,
+    prompt: Option<ShownPrompt>,
     started: Instant,
 }
 
@@ -85,7 +87,7 @@ impl Run {
         kind: Kind,
         prompt_tokens: usize,
         params: Params,
-        echo: Option<Echo>,
+        prompt: Option<ShownPrompt>,
     ) -> Self {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let prefix = if kind == Kind::Completion { "cmpl" } else { "chatcmpl" };
@@ -93,7 +95,7 @@ impl Run {
             Some(asked) => format!("{prefix}-{asked}"),
             None => format!("{prefix}-{created:x}{:06x}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
         };
-        Run { state, kind, id, created, prompt_tokens, cached_tokens: 0, params, echo, started: Instant::now() }
+        Run { state, kind, id, created, prompt_tokens, cached_tokens: 0, params, prompt, started: Instant::now() }
     }
 
     pub(super) fn state(&self) -> &Arc<AppState> {
@@ -140,11 +142,13 @@ impl Run {
             futures::future::join_all(receivers.into_iter().enumerate().map(|(i, rx)| self.collect(i, rx))).await;
         let mut choices = Vec::with_capacity(answers.len());
         let mut tokens = 0;
+        let mut prompt_logprobs = None;
         for answer in answers {
             match answer {
-                Ok((choice, n)) => {
+                Ok((choice, n, scored)) => {
                     choices.push(choice);
                     tokens += n;
+                    prompt_logprobs = prompt_logprobs.or(scored);
                 }
                 Err(e) => {
                     outcome.set("server_error");
@@ -154,15 +158,24 @@ impl Run {
         }
         outcome.set("ok");
         let object = if self.kind == Kind::Completion { "text_completion" } else { "chat.completion" };
-        axum::Json(json!({
+        let mut body = json!({
             "id": self.id, "object": object, "created": self.created, "model": self.state.model_name,
             "choices": choices, "usage": self.usage(tokens),
-        }))
-        .into_response()
+        });
+        // vLLM's place for them: each choice of a completion, a chat's top.
+        if let (Kind::Chat { .. }, Some(scored)) = (self.kind, prompt_logprobs) {
+            body["prompt_logprobs"] = scored;
+        }
+        axum::Json(body).into_response()
     }
 
-    /// One choice's whole answer and its number of tokens.
-    async fn collect(&self, index: usize, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<(Value, usize), ApiError> {
+    /// One choice's whole answer, its number of tokens and its prompt's
+    /// log-probabilities (vLLM's `prompt_logprobs`, when asked for).
+    async fn collect(
+        &self,
+        index: usize,
+        mut rx: mpsc::UnboundedReceiver<Event>,
+    ) -> Result<(Value, usize, Option<Value>), ApiError> {
         let mut choice = Choice::new(self, index);
         let mut answer = Delta::default();
         let add = |delta: Delta, answer: &mut Delta| {
@@ -199,9 +212,16 @@ impl Run {
         };
         let end = End { reason, stopped: answer.stopped, calls };
         let logprobs = choice.take_logprobs();
+        let prompt_logprobs = choice.prompt_logprobs();
         let choice = match self.kind {
-            Kind::Completion => json!({"index": index, "text": answer.content,
-                                       "finish_reason": end.finish_reason(), "logprobs": logprobs}),
+            Kind::Completion => {
+                let mut c = json!({"index": index, "text": answer.content,
+                                   "finish_reason": end.finish_reason(), "logprobs": logprobs});
+                if let Some(scored) = &prompt_logprobs {
+                    c["prompt_logprobs"] = scored.clone();
+                }
+                c
+            }
             Kind::Chat { thinking, .. } => {
                 let content = if answer.content.is_empty() && !end.calls.is_empty() {
                     Value::Null
@@ -227,7 +247,7 @@ impl Run {
                 json!({"index": index, "message": message, "finish_reason": end.finish_reason(), "logprobs": logprobs})
             }
         };
-        Ok((choice, tokens))
+        Ok((choice, tokens, prompt_logprobs))
     }
 
     /// A chunk for choice `index`: for chat, `delta` holds the delta's
@@ -399,6 +419,8 @@ struct Choice<'a> {
     echo: Option<&'a str>,
     /// Prompt tokens whose log-probabilities were gathered.
     scored: usize,
+    /// vLLM's `prompt_logprobs`: the prompt tokens after the first, scored.
+    prompt_logprobs: Vec<(u32, TokenLogprobs)>,
     last: Instant,
 }
 
@@ -415,28 +437,53 @@ impl<'a> Choice<'a> {
             deltas: Deltas::new(thinking, calls, run.params.stop.clone()).keeping_stop(run.params.include_stop),
             logprobs: Vec::new(),
             offset: 0,
-            echo: run.echo.as_ref().map(|e| e.text.as_str()),
+            echo: run.prompt.as_ref().and_then(|p| p.echo.as_deref()),
             scored: 0,
+            prompt_logprobs: Vec::new(),
             last: Instant::now(),
         }
     }
 
-    /// Log-probabilities of the echoed prompt's next tokens (from its
-    /// second: the first is listed without one).
+    /// Log-probabilities of the prompt's next tokens (from its second),
+    /// with as many alternatives as the engine scored: the echo's (the
+    /// first token is listed without one) and `prompt_logprobs` keep theirs.
     fn prompt_scored(&mut self, scored: Vec<TokenLogprobs>) {
-        let Some(echo) = &self.run.echo else { return };
-        if self.scored == 0
-            && let Some(&first) = echo.ids.first()
-        {
-            self.logprobs.push((first, None));
+        let Some(prompt) = &self.run.prompt else { return };
+        let params = &self.run.params;
+        let echoed = prompt.echo.is_some().then_some(params.logits.logprobs).flatten();
+        if self.scored == 0 {
             self.scored = 1;
-        }
-        for l in scored {
-            if let Some(&t) = echo.ids.get(self.scored) {
-                self.logprobs.push((t, Some(l)));
-                self.scored += 1;
+            if let (Some(_), Some(&first)) = (echoed, prompt.ids.first()) {
+                self.logprobs.push((first, None));
             }
         }
+        let keep = |l: &TokenLogprobs, k: usize| TokenLogprobs { top: l.top[..k.min(l.top.len())].to_vec(), ..*l };
+        for l in scored {
+            let Some(&t) = prompt.ids.get(self.scored) else { break };
+            self.scored += 1;
+            if let Some(k) = echoed {
+                self.logprobs.push((t, Some(keep(&l, k))));
+            }
+            if let Some(k) = params.prompt_logprobs {
+                self.prompt_logprobs.push((t, keep(&l, k)));
+            }
+        }
+    }
+
+    /// vLLM's `prompt_logprobs`: `null` for the first token, then each
+    /// token's entry and its alternatives', by token id.
+    fn prompt_logprobs(&self) -> Option<Value> {
+        self.run.params.prompt_logprobs?;
+        let state = &self.run.state;
+        let entry = |lp: f32, rank: usize, t: u32| json!({"logprob": lp, "rank": rank, "decoded_token": state.token_piece(t).0});
+        let mut all = vec![Value::Null];
+        for (t, l) in &self.prompt_logprobs {
+            let mut by_id: Map<String, Value> =
+                l.top.iter().enumerate().map(|(r, &(a, lp))| (a.to_string(), entry(lp, r + 1, a))).collect();
+            by_id.insert(t.to_string(), entry(l.logprob, l.rank, *t));
+            all.push(Value::Object(by_id));
+        }
+        Some(Value::Array(all))
     }
 
     /// `delta` with the echoed prompt before it, if not sent yet.

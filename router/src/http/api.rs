@@ -89,6 +89,9 @@ pub struct Common {
     /// Completions: the text starts with the prompt (and with `logprobs`,
     /// so do the log-probabilities: the prompt's tokens are scored).
     pub echo: Option<bool>,
+    /// vLLM's: each prompt token's log-probability and this many
+    /// alternatives, in the answer's `prompt_logprobs`.
+    pub prompt_logprobs: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -221,6 +224,8 @@ pub struct Params {
     pub ignore_eos: bool,
     /// Completions: the answer starts with the prompt.
     pub echo: bool,
+    /// vLLM's `prompt_logprobs`: alternatives per prompt token.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// Parses a JSON body into `T`, with OpenAI-shaped 400s; a request that
@@ -289,7 +294,6 @@ const UNSUPPORTED: &[(&str, Neutral)] = {
         ("structural_tag", never),
         ("use_beam_search", no),
         ("length_penalty", one),
-        ("prompt_logprobs", never),
         ("bad_words", empty),
         ("skip_special_tokens", yes),
         ("spaces_between_special_tokens", yes),
@@ -418,11 +422,27 @@ impl Common {
             continuous_usage,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             echo,
+            prompt_logprobs: self.prompt_logprobs()?,
         })
     }
 }
 
 impl Common {
+    /// `prompt_logprobs`, checked: 0 to 20 alternatives, and not streamed.
+    fn prompt_logprobs(&self) -> Result<Option<usize>, ApiError> {
+        let bad = |what: String| Err(ApiError::bad_request(what, Some("prompt_logprobs")));
+        match self.prompt_logprobs {
+            None => Ok(None),
+            Some(_) if self.stream == Some(true) => {
+                bad("prompt_logprobs cannot be streamed; send stream: false".into())
+            }
+            Some(k) if (0..=MAX_TOP_LOGPROBS as i64).contains(&k) => Ok(Some(k as usize)),
+            Some(k) => {
+                bad(format!("prompt_logprobs {k} is not 0 to {MAX_TOP_LOGPROBS} (-1, every token, is not served)"))
+            }
+        }
+    }
+
     /// `request_id`, checked: up to 128 visible ASCII characters, as it
     /// goes into the response's id and the logs.
     fn request_id(&self) -> Result<Option<String>, ApiError> {
@@ -476,8 +496,11 @@ impl Common {
         if self.allowed_token_ids.as_ref().is_some_and(Vec::is_empty) {
             return bad("allowed_token_ids", "allowed_token_ids must name at least one token".into());
         }
-        // Echoed with log-probabilities: the prompt's are part of them.
-        let prompt_logprobs = if self.echo == Some(true) && !chat { logprobs } else { None };
+        // Echoed with log-probabilities, the prompt's are part of them; the
+        // engine scores the prompt with the most alternatives either asks.
+        let echoed = if self.echo == Some(true) && !chat { logprobs } else { None };
+        let asked = self.prompt_logprobs.and_then(|k| usize::try_from(k).ok());
+        let prompt_logprobs = echoed.max(asked);
         Ok(LogitsParams {
             prompt_logprobs,
             allowed: self.allowed_token_ids.clone(),
@@ -519,7 +542,7 @@ mod tests {
             (json!({"best_of": 3}), "best_of"),
             (json!({"min_p": 0.1, "cache_salt": "tenant-a"}), "cache_salt"),
             (json!({"skip_special_tokens": false}), "skip_special_tokens"),
-            (json!({"prompt_logprobs": 1}), "prompt_logprobs"),
+            (json!({"bad_words": ["x"]}), "bad_words"),
             (json!({"service_tier": "priority"}), "service_tier"),
         ] {
             let (message, param) = refused(body.clone()).unwrap_or_else(|| panic!("{body} was accepted"));
@@ -572,6 +595,8 @@ mod tests {
             (json!({"truncate_prompt_tokens": 0}), false, "truncate_prompt_tokens"),
             (json!({"request_id": "has a space"}), false, "request_id"),
             (json!({"request_id": ""}), false, "request_id"),
+            (json!({"prompt_logprobs": -1}), false, "prompt_logprobs"),
+            (json!({"prompt_logprobs": 1, "stream": true}), true, "prompt_logprobs"),
             (json!({"allowed_token_ids": []}), false, "allowed_token_ids"),
         ] {
             let e = common(fields.clone()).params(chat).unwrap_err();

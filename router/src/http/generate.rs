@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use super::answer::{Echo, Kind, Run};
+use super::answer::{Kind, Run, ShownPrompt};
 use super::api::{ChatInput, ChatRequest, Common, CompletionRequest, Params, PromptInput, ToolUse, parse};
 use super::error::ApiError;
 use super::{AppState, Body, authorized, guided, json_body};
@@ -206,14 +206,13 @@ async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kin
         }
     };
     let max_tokens = params.max_tokens.unwrap_or(0);
-    let echo = echo.map(|text| Echo {
+    let echo = echo.map(|text| {
         // A truncated prompt is no longer the text sent: its ids tell.
-        text: text
-            .filter(|_| params.truncate_prompt.is_none())
-            .unwrap_or_else(|| state.tokenizer.decode(&prompt).unwrap_or_default()),
-        ids: prompt.clone(),
+        let sent = text.filter(|_| params.truncate_prompt.is_none());
+        sent.unwrap_or_else(|| state.tokenizer.decode(&prompt).unwrap_or_default())
     });
-    let mut run = Run::new(state, kind, prompt.len(), params, echo);
+    let shown = (echo.is_some() || params.prompt_logprobs.is_some()).then(|| ShownPrompt { ids: prompt.clone(), echo });
+    let mut run = Run::new(state, kind, prompt.len(), params, shown);
     let span = tracing::info_span!("request", request_id = %run.id, endpoint, prompt_tokens = prompt.len());
     let mut stop_tokens = if run.params.ignore_eos { Vec::new() } else { run.state().eos_token_ids.clone() };
     stop_tokens.extend(&run.params.stop_token_ids);
