@@ -251,7 +251,7 @@ def test_echo_scores_the_prompt(server, client):
     assert lp.token_logprobs[len(PROMPT):] == plain.logprobs.token_logprobs
     assert scored.text == client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True).choices[0].text + plain.text
     # A text prompt comes back as sent; max_tokens 0 scores it only, and the
-    # prompt as a list of one token list (as lm-eval sends it) is the same.
+    # prompt as a list of token lists (as lm-eval sends it) is the same.
     text = "The expert-parallel cluster"
     only = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=1).choices[0]
     assert only.text == text and only.finish_reason == "length" and only.logprobs.token_logprobs[0] is None
@@ -284,8 +284,37 @@ def test_echo_scores_the_prompt(server, client):
     for body, fragment in [({"messages": ASK, "echo": True}, "echo"),
                            ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "streamed"),
                            ({"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"),
-                           ({"prompt": [[1, 2], [3, 4]]}, "one prompt"),
                            ({"prompt": "x", "max_tokens": 0}, "max_tokens")]:
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
         status, err = raw_post(server, path, json.dumps({"model": MODEL, **body}).encode())
         assert status == 400 and fragment in err["error"]["message"], (body, err)
+
+
+def test_several_prompts_in_one_completion(server, client):
+    """A list of prompts: choices in prompt order, `n` each, every one the
+    answer its prompt gets alone; usage sums them."""
+    texts = ["The cat", "A quiet dog walks"]
+    kwargs = dict(model=MODEL, max_tokens=6, temperature=1.0, seed=3, n=2)
+    both = client.completions.create(prompt=texts, **kwargs)
+    alone = [client.completions.create(prompt=t, **kwargs) for t in texts]
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == [c.text for a in alone for c in a.choices]
+    assert both.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert both.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    # Streamed, each choice's chunks carry its index.
+    texts_by_index = {}
+    for chunk in client.completions.create(prompt=texts, stream=True, **kwargs):
+        for c in chunk.choices:
+            texts_by_index[c.index] = texts_by_index.get(c.index, "") + c.text
+    assert [texts_by_index[i] for i in range(4)] == [c.text for c in both.choices]
+    # Token lists, echoed: each choice starts with its own prompt.
+    ids = [raw_post(server, "/tokenize", json.dumps({"prompt": t}).encode())[1]["tokens"] for t in texts]
+    echoed = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, echo=True, logprobs=0)
+    for c, t, i in zip(echoed.choices, texts, ids):
+        assert c.text.startswith(t) and len(c.logprobs.tokens) == len(i) + 2
+    for prompt, fragment in [(["fine", ""], "prompt[1]: the prompt is empty"),
+                             (["x"] * 65, "1 to 64 prompts"),
+                             ([[1, 2]] * 20, "sequences")]:
+        extra = {"n": 16} if fragment == "sequences" else {}
+        status, err = raw_post(server, "/v1/completions", json.dumps({"model": MODEL, "prompt": prompt, **extra}).encode())
+        assert status == 400 and fragment in err["error"]["message"], err

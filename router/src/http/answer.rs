@@ -60,7 +60,9 @@ pub(super) struct Run {
     /// Prompt tokens restored from the KV-cache rather than computed.
     pub(super) cached_tokens: usize,
     pub(super) params: Params,
-    prompt: Option<ShownPrompt>,
+    /// Each prompt's, when the answer shows it; choice `i` answers prompt
+    /// `i / n`.
+    prompts: Vec<Option<ShownPrompt>>,
     started: Instant,
 }
 
@@ -87,7 +89,7 @@ impl Run {
         kind: Kind,
         prompt_tokens: usize,
         params: Params,
-        prompt: Option<ShownPrompt>,
+        prompts: Vec<Option<ShownPrompt>>,
     ) -> Self {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let prefix = if kind == Kind::Completion { "cmpl" } else { "chatcmpl" };
@@ -95,11 +97,16 @@ impl Run {
             Some(asked) => format!("{prefix}-{asked}"),
             None => format!("{prefix}-{created:x}{:06x}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
         };
-        Run { state, kind, id, created, prompt_tokens, cached_tokens: 0, params, prompt, started: Instant::now() }
+        Run { state, kind, id, created, prompt_tokens, cached_tokens: 0, params, prompts, started: Instant::now() }
     }
 
     pub(super) fn state(&self) -> &Arc<AppState> {
         &self.state
+    }
+
+    /// The prompt choice `index` answers, when the answer shows it.
+    fn shown(&self, index: usize) -> Option<&ShownPrompt> {
+        self.prompts.get(index / self.params.n.max(1))?.as_ref()
     }
 
     fn usage(&self, completion: usize) -> Value {
@@ -437,7 +444,7 @@ impl<'a> Choice<'a> {
             deltas: Deltas::new(thinking, calls, run.params.stop.clone()).keeping_stop(run.params.include_stop),
             logprobs: Vec::new(),
             offset: 0,
-            echo: run.prompt.as_ref().and_then(|p| p.echo.as_deref()),
+            echo: run.shown(index).and_then(|p| p.echo.as_deref()),
             scored: 0,
             prompt_logprobs: Vec::new(),
             last: Instant::now(),
@@ -448,7 +455,7 @@ impl<'a> Choice<'a> {
     /// with as many alternatives as the engine scored: the echo's (the
     /// first token is listed without one) and `prompt_logprobs` keep theirs.
     fn prompt_scored(&mut self, scored: Vec<TokenLogprobs>) {
-        let Some(prompt) = &self.run.prompt else { return };
+        let Some(prompt) = self.run.shown(self.index) else { return };
         let params = &self.run.params;
         let echoed = prompt.echo.is_some().then_some(params.logits.logprobs).flatten();
         if self.scored == 0 {

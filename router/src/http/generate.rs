@@ -30,21 +30,32 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
         let request: CompletionRequest = parse(&json_body(&headers, body)?)?;
         check_model(&state, &request.common.model)?;
         let params = request.common.params(false)?;
-        let one = || ApiError::bad_request("send one prompt per request", Some("prompt"));
-        // The prompt's ids, and its text as the client wrote it (if it did).
-        let (prompt, text) = match request.prompt {
-            PromptInput::Text(t) => (encode(&state, &t)?, Some(t)),
-            PromptInput::Texts(mut v) if v.len() == 1 => {
-                let t = v.remove(0);
-                (encode(&state, &t)?, Some(t))
+        // Each prompt's ids, and its text as the client wrote it (if it did).
+        let prompts: Vec<(Vec<u32>, Option<String>)> = match request.prompt {
+            PromptInput::Text(t) => vec![(encode(&state, &t)?, Some(t))],
+            PromptInput::Texts(v) => {
+                v.into_iter().map(|t| Ok((encode(&state, &t)?, Some(t)))).collect::<Result<_, _>>()?
             }
-            PromptInput::Tokens(ids) => (ids, None),
-            PromptInput::TokenLists(mut v) if v.len() == 1 => (v.remove(0), None),
-            PromptInput::Texts(_) | PromptInput::TokenLists(_) => return Err(one()),
+            PromptInput::Tokens(ids) => vec![(ids, None)],
+            PromptInput::TokenLists(v) => v.into_iter().map(|ids| (ids, None)).collect(),
         };
-        let constraints = constrain(&state, params.n, &request.common, None, false)?;
-        let echo = params.echo.then_some(text);
-        Ok(Prepared { prompt, params, constraints, echo })
+        if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
+            return Err(ApiError::bad_request(format!("send 1 to {MAX_PROMPTS} prompts"), Some("prompt")));
+        }
+        let sequences = prompts.len() * params.n;
+        if sequences > MAX_SEQUENCES {
+            return Err(ApiError::bad_request(
+                format!(
+                    "{} prompts x n {} is {sequences} sequences; one request runs at most {MAX_SEQUENCES}",
+                    prompts.len(),
+                    params.n
+                ),
+                Some("n"),
+            ));
+        }
+        let constraints = constrain(&state, sequences, &request.common, None, false)?;
+        let prompts = prompts.into_iter().map(|(ids, text)| (ids, params.echo.then_some(text))).collect();
+        Ok(Prepared { prompts, params, constraints })
     })();
     respond(state, prepared, Kind::Completion).await
 }
@@ -63,7 +74,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             _ => None,
         };
         let constraints = constrain(&state, params.n, &request.common, forced, thinking)?;
-        Ok((Prepared { prompt, params, constraints, echo: None }, Kind::Chat { thinking, tools }))
+        Ok((Prepared { prompts: vec![(prompt, None)], params, constraints }, Kind::Chat { thinking, tools }))
     })();
     match prepared {
         Ok((prepared, kind)) => respond(state, Ok(prepared), kind).await,
@@ -71,15 +82,20 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
     }
 }
 
+/// Most prompts one completion request may send.
+const MAX_PROMPTS: usize = 64;
+
+/// Most sequences (prompts × `n`) one request may run.
+const MAX_SEQUENCES: usize = 256;
+
 /// What a generation request asks for, checked.
 struct Prepared {
-    prompt: Vec<u32>,
+    /// Each prompt (a chat has one), and `Some` when the completion echoes
+    /// it: the prompt's text as the client wrote it, if it did.
+    prompts: Vec<(Vec<u32>, Option<Option<String>>)>,
     params: Params,
-    /// One per choice.
+    /// One per choice: `n` for each prompt in turn.
     constraints: Vec<Option<Box<dyn Constraint>>>,
-    /// `Some` when the completion echoes its prompt: the prompt's text as
-    /// the client wrote it, if it did.
-    echo: Option<Option<String>>,
 }
 
 /// The grammar each of a request's `n` choices must follow, if any: what
@@ -197,53 +213,72 @@ fn template_prompt(state: &AppState, text: String, messages: &[Message]) -> Resu
 async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kind: Kind) -> Response {
     let endpoint = kind.endpoint();
     let outcome = |o: &str| metrics::REQUESTS.with_label_values(&[endpoint, o]).inc();
-    let admitted = prepared.and_then(|p| Ok((admit(&state, p.prompt, p.params)?, p.constraints, p.echo)));
-    let ((prompt, params), constraints, echo) = match admitted {
+    let admitted = prepared.and_then(|p| {
+        check_tokens(&state, &p.params)?;
+        let several = p.prompts.len() > 1;
+        let prompts = (p.prompts.into_iter().enumerate())
+            .map(|(i, (prompt, echo))| match admit(&state, prompt, &p.params) {
+                Ok((prompt, max_tokens)) => Ok((prompt, max_tokens, echo)),
+                Err(e) if several => Err(ApiError { message: format!("prompt[{i}]: {}", e.message), ..e }),
+                Err(e) => Err(e),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((prompts, p.params, p.constraints))
+    });
+    let (prompts, params, constraints) = match admitted {
         Ok(p) => p,
         Err(e) => {
             outcome(if e.status.is_server_error() { "server_error" } else { "client_error" });
             return e.into_response();
         }
     };
-    let max_tokens = params.max_tokens.unwrap_or(0);
-    let echo = echo.map(|text| {
-        // A truncated prompt is no longer the text sent: its ids tell.
-        let sent = text.filter(|_| params.truncate_prompt.is_none());
-        sent.unwrap_or_else(|| state.tokenizer.decode(&prompt).unwrap_or_default())
-    });
-    let shown = (echo.is_some() || params.prompt_logprobs.is_some()).then(|| ShownPrompt { ids: prompt.clone(), echo });
-    let mut run = Run::new(state, kind, prompt.len(), params, shown);
-    let span = tracing::info_span!("request", request_id = %run.id, endpoint, prompt_tokens = prompt.len());
+    let shown = prompts
+        .iter()
+        .map(|(prompt, _, echo)| {
+            let echo = echo.clone().map(|text| {
+                // A truncated prompt is no longer the text sent: its ids tell.
+                let sent = text.filter(|_| params.truncate_prompt.is_none());
+                sent.unwrap_or_else(|| state.tokenizer.decode(prompt).unwrap_or_default())
+            });
+            (echo.is_some() || params.prompt_logprobs.is_some()).then(|| ShownPrompt { ids: prompt.clone(), echo })
+        })
+        .collect();
+    let prompt_tokens = prompts.iter().map(|(p, _, _)| p.len()).sum();
+    let mut run = Run::new(state, kind, prompt_tokens, params, shown);
+    let span = tracing::info_span!("request", request_id = %run.id, endpoint, prompt_tokens);
     let mut stop_tokens = if run.params.ignore_eos { Vec::new() } else { run.state().eos_token_ids.clone() };
     stop_tokens.extend(&run.params.stop_token_ids);
     let mut receivers = Vec::with_capacity(constraints.len());
-    let mut choices = Vec::with_capacity(constraints.len());
-    for (i, constraint) in constraints.into_iter().enumerate() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut sampling = run.params.sampling.clone();
-        sampling.seed = sampling.seed.wrapping_add(i as u64);
-        choices.push(Request {
-            prompt: prompt.clone(),
-            max_tokens,
-            sampling,
-            stop_tokens: stop_tokens.clone(),
-            events: tx,
-            span: span.clone(),
-            constraint,
-            logits: run.params.logits.clone(),
-        });
-        receivers.push(rx);
-    }
-    // Choices already queued stop when their receivers drop with an early return.
-    match run.state().engine.submit(choices).instrument(span.clone()).await {
-        Ok(cached) => run.cached_tokens = cached,
-        Err(e) => {
-            outcome("server_error");
-            return match e {
-                SubmitError::QueueFull => ApiError::overloaded(),
-                SubmitError::Stopped => ApiError::unavailable("the engine has stopped"),
+    let mut constraints = constraints.into_iter();
+    for (prompt, max_tokens, _) in &prompts {
+        let mut choices = Vec::with_capacity(run.params.n);
+        for (i, constraint) in constraints.by_ref().take(run.params.n).enumerate() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let mut sampling = run.params.sampling.clone();
+            sampling.seed = sampling.seed.wrapping_add(i as u64);
+            choices.push(Request {
+                prompt: prompt.clone(),
+                max_tokens: *max_tokens,
+                sampling,
+                stop_tokens: stop_tokens.clone(),
+                events: tx,
+                span: span.clone(),
+                constraint,
+                logits: run.params.logits.clone(),
+            });
+            receivers.push(rx);
+        }
+        // Choices already queued stop when their receivers drop with an early return.
+        match run.state().engine.submit(choices).instrument(span.clone()).await {
+            Ok(cached) => run.cached_tokens += cached,
+            Err(e) => {
+                outcome("server_error");
+                return match e {
+                    SubmitError::QueueFull => ApiError::overloaded(),
+                    SubmitError::Stopped => ApiError::unavailable("the engine has stopped"),
+                }
+                .into_response();
             }
-            .into_response();
         }
     }
     if run.params.stream {
@@ -255,19 +290,8 @@ async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kin
     }
 }
 
-/// Checks the context limit and fills in the default `max_tokens`.
-fn admit(state: &AppState, mut prompt: Vec<u32>, mut params: Params) -> Result<(Vec<u32>, Params), ApiError> {
-    if prompt.is_empty() {
-        return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
-    }
-    if let Some(keep) = params.truncate_prompt {
-        // -1: what the context takes with room for one token.
-        let keep = keep.min(state.max_prompt).min(state.max_context.saturating_sub(1)).max(1);
-        prompt.drain(..prompt.len().saturating_sub(keep));
-    }
-    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= state.vocab_size) {
-        return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary"), Some("prompt")));
-    }
+/// Checks what the request's parameters name against the vocabulary.
+fn check_tokens(state: &AppState, params: &Params) -> Result<(), ApiError> {
     let outside = |ids: Vec<u32>| ids.into_iter().find(|&t| t as usize >= state.vocab_size);
     if let Some(bad) = outside(params.logits.bias.iter().map(|b| b.0).collect()) {
         return Err(ApiError::bad_request(
@@ -296,6 +320,23 @@ fn admit(state: &AppState, mut prompt: Vec<u32>, mut params: Params) -> Result<(
             Some("stop_token_ids"),
         ));
     }
+    Ok(())
+}
+
+/// Checks one prompt against the context limit (truncated first when
+/// asked): the prompt that runs and its `max_tokens` (the default filled in).
+fn admit(state: &AppState, mut prompt: Vec<u32>, params: &Params) -> Result<(Vec<u32>, usize), ApiError> {
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
+    }
+    if let Some(keep) = params.truncate_prompt {
+        // -1: what the context takes with room for one token.
+        let keep = keep.min(state.max_prompt).min(state.max_context.saturating_sub(1)).max(1);
+        prompt.drain(..prompt.len().saturating_sub(keep));
+    }
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= state.vocab_size) {
+        return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary"), Some("prompt")));
+    }
     if prompt.len() > state.max_prompt {
         return Err(ApiError::context_length(format!(
             "the prompt has {} tokens; this server takes at most {} (--max-prompt-tokens)",
@@ -319,6 +360,5 @@ fn admit(state: &AppState, mut prompt: Vec<u32>, mut params: Params) -> Result<(
             state.max_context
         )));
     }
-    params.max_tokens = Some(max_tokens);
-    Ok((prompt, params))
+    Ok((prompt, max_tokens))
 }
