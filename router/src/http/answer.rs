@@ -17,11 +17,11 @@ use tokio::sync::mpsc;
 
 use super::AppState;
 use super::api::{Params, ToolUse};
+use super::choice::Choice;
 use super::error::ApiError;
-use super::text::{Delta, Deltas, Detokenizer};
+use super::text::Delta;
 use crate::chat::v4_parse::{self, ToolCall};
 use crate::engine::{Event, FinishReason};
-use crate::logits::TokenLogprobs;
 use crate::metrics;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -52,8 +52,8 @@ pub(super) struct ShownPrompt {
 
 /// One request being answered.
 pub(super) struct Run {
-    state: Arc<AppState>,
-    kind: Kind,
+    pub(super) state: Arc<AppState>,
+    pub(super) kind: Kind,
     pub(super) id: String,
     created: u64,
     prompt_tokens: usize,
@@ -63,7 +63,7 @@ pub(super) struct Run {
     /// Each prompt's, when the answer shows it; choice `i` answers prompt
     /// `i / n`.
     prompts: Vec<Option<ShownPrompt>>,
-    started: Instant,
+    pub(super) started: Instant,
 }
 
 /// How the text ended and what it called.
@@ -105,7 +105,7 @@ impl Run {
     }
 
     /// The prompt choice `index` answers, when the answer shows it.
-    fn shown(&self, index: usize) -> Option<&ShownPrompt> {
+    pub(super) fn shown(&self, index: usize) -> Option<&ShownPrompt> {
         self.prompts.get(index / self.params.n.max(1))?.as_ref()
     }
 
@@ -406,170 +406,6 @@ impl Run {
         let logprobs = choice.take_logprobs();
         send(vec![self.chunk(index, Map::new(), Some(end.finish_reason()), logprobs)], tokens).await?;
         Ok(tokens)
-    }
-}
-
-/// One choice being answered: its text, its deltas, and the
-/// log-probabilities of its tokens not yet sent.
-struct Choice<'a> {
-    run: &'a Run,
-    index: usize,
-    text: Detokenizer<'a>,
-    deltas: Deltas,
-    /// Tokens and their log-probabilities not yet sent (`None`: the first
-    /// token of an echoed prompt, which has none).
-    logprobs: Vec<(u32, Option<TokenLogprobs>)>,
-    /// Where the next token's text starts in the completion (completions'
-    /// `text_offset`).
-    offset: usize,
-    /// The echoed prompt's text, until the first delta carries it.
-    echo: Option<&'a str>,
-    /// Prompt tokens whose log-probabilities were gathered.
-    scored: usize,
-    /// vLLM's `prompt_logprobs`: the prompt tokens after the first, scored.
-    prompt_logprobs: Vec<(u32, TokenLogprobs)>,
-    last: Instant,
-}
-
-impl<'a> Choice<'a> {
-    fn new(run: &'a Run, index: usize) -> Self {
-        let (thinking, calls) = match run.kind {
-            Kind::Completion => (false, false),
-            Kind::Chat { thinking, tools } => (thinking, tools != ToolUse::Off),
-        };
-        Choice {
-            run,
-            index,
-            text: Detokenizer::new(&run.state.tokenizer),
-            deltas: Deltas::new(thinking, calls, run.params.stop.clone()).keeping_stop(run.params.include_stop),
-            logprobs: Vec::new(),
-            offset: 0,
-            echo: run.shown(index).and_then(|p| p.echo.as_deref()),
-            scored: 0,
-            prompt_logprobs: Vec::new(),
-            last: Instant::now(),
-        }
-    }
-
-    /// Log-probabilities of the prompt's next tokens (from its second),
-    /// with as many alternatives as the engine scored: the echo's (the
-    /// first token is listed without one) and `prompt_logprobs` keep theirs.
-    fn prompt_scored(&mut self, scored: Vec<TokenLogprobs>) {
-        let Some(prompt) = self.run.shown(self.index) else { return };
-        let params = &self.run.params;
-        let echoed = prompt.echo.is_some().then_some(params.logits.logprobs).flatten();
-        if self.scored == 0 {
-            self.scored = 1;
-            if let (Some(_), Some(&first)) = (echoed, prompt.ids.first()) {
-                self.logprobs.push((first, None));
-            }
-        }
-        let keep = |l: &TokenLogprobs, k: usize| TokenLogprobs { top: l.top[..k.min(l.top.len())].to_vec(), ..*l };
-        for l in scored {
-            let Some(&t) = prompt.ids.get(self.scored) else { break };
-            self.scored += 1;
-            if let Some(k) = echoed {
-                self.logprobs.push((t, Some(keep(&l, k))));
-            }
-            if let Some(k) = params.prompt_logprobs {
-                self.prompt_logprobs.push((t, keep(&l, k)));
-            }
-        }
-    }
-
-    /// vLLM's `prompt_logprobs`: `null` for the first token, then each
-    /// token's entry and its alternatives', by token id.
-    fn prompt_logprobs(&self) -> Option<Value> {
-        self.run.params.prompt_logprobs?;
-        let state = &self.run.state;
-        let entry = |lp: f32, rank: usize, t: u32| json!({"logprob": lp, "rank": rank, "decoded_token": state.token_piece(t).0});
-        let mut all = vec![Value::Null];
-        for (t, l) in &self.prompt_logprobs {
-            let mut by_id: Map<String, Value> =
-                l.top.iter().enumerate().map(|(r, &(a, lp))| (a.to_string(), entry(lp, r + 1, a))).collect();
-            by_id.insert(t.to_string(), entry(l.logprob, l.rank, *t));
-            all.push(Value::Object(by_id));
-        }
-        Some(Value::Array(all))
-    }
-
-    /// `delta` with the echoed prompt before it, if not sent yet.
-    fn echoed(&mut self, mut delta: Delta) -> Delta {
-        if let Some(prompt) = self.echo.take() {
-            delta.content.insert_str(0, prompt);
-        }
-        delta
-    }
-
-    /// What is left once the engine is done.
-    fn tail(&mut self) -> Delta {
-        let delta = self.deltas.next(self.text.finish(), true);
-        self.echoed(delta)
-    }
-
-    fn push(&mut self, token: u32, logprobs: Option<TokenLogprobs>) -> Delta {
-        if self.text.ids().is_empty() {
-            // One first token per request: the first choice's.
-            if self.index == 0 {
-                metrics::TIME_TO_FIRST_TOKEN.observe(self.run.started.elapsed().as_secs_f64());
-            }
-        } else {
-            metrics::INTER_TOKEN_LATENCY.observe(self.last.elapsed().as_secs_f64());
-        }
-        self.last = Instant::now();
-        if let Some(l) = logprobs {
-            self.logprobs.push((token, Some(l)));
-        }
-        let delta = self.deltas.next(self.text.push(token), false);
-        self.echoed(delta)
-    }
-
-    /// The log-probabilities gathered since the last call, in the
-    /// endpoint's shape; `null` when the request asked for none.
-    fn take_logprobs(&mut self) -> Value {
-        if self.run.params.logits.logprobs.is_none() {
-            return Value::Null;
-        }
-        let entries = std::mem::take(&mut self.logprobs);
-        let state = &self.run.state;
-        let as_ids = self.run.params.tokens_as_ids;
-        let piece =
-            |t: u32| if as_ids { (format!("token_id:{t}"), state.token_piece(t).1) } else { state.token_piece(t) };
-        match self.run.kind {
-            Kind::Chat { .. } => {
-                let entry = |t: u32, lp: f32| {
-                    let (text, bytes) = piece(t);
-                    json!({"token": text, "logprob": lp, "bytes": bytes})
-                };
-                // Chats echo nothing: every entry has its log-probability.
-                let content: Vec<Value> = entries
-                    .iter()
-                    .filter_map(|(t, l)| {
-                        let l = l.as_ref()?;
-                        let mut e = entry(*t, l.logprob);
-                        e["top_logprobs"] = l.top.iter().map(|&(t, lp)| entry(t, lp)).collect();
-                        Some(e)
-                    })
-                    .collect();
-                json!({"content": content})
-            }
-            Kind::Completion => {
-                let (mut tokens, mut token_logprobs, mut top, mut offsets) = (vec![], vec![], vec![], vec![]);
-                for (t, l) in &entries {
-                    let (text, bytes) = piece(*t);
-                    offsets.push(self.offset);
-                    self.offset += String::from_utf8_lossy(&bytes).len();
-                    tokens.push(text);
-                    token_logprobs.push(l.as_ref().map(|l| l.logprob));
-                    let alternatives = l.as_ref().map(|l| -> Map<String, Value> {
-                        l.top.iter().map(|&(t, lp)| (piece(t).0, json!(lp))).collect()
-                    });
-                    top.push(alternatives);
-                }
-                json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
-                       "text_offset": offsets})
-            }
-        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! OpenAI request bodies, validated into [`Params`]. Fields nobody has
 //! defined are ignored (clients send extensions of their own); a known
 //! OpenAI or vLLM field this server does not support is a 400 naming it
-//! unless it holds its neutral value ([`refuse_unsupported`]); known
+//! unless it holds its neutral value ([`super::unsupported`]); known
 //! fields of the wrong type are a 400.
 
 use myriad_model::Sampling;
@@ -232,7 +232,7 @@ pub struct Params {
 /// asks for something this server does not do is refused, not half-served.
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let value: serde_json::Value = serde_json::from_slice(body).map_err(invalid_body)?;
-    refuse_unsupported(&value)?;
+    super::unsupported::refuse(&value)?;
     from_value(value)
 }
 
@@ -243,94 +243,6 @@ pub fn from_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> R
 
 fn invalid_body(e: serde_json::Error) -> ApiError {
     ApiError::bad_request(format!("invalid request body: {e}"), None)
-}
-
-/// Whether a field's value asks for nothing.
-type Neutral = fn(&serde_json::Value) -> bool;
-
-/// Known OpenAI and vLLM request fields this server does not support yet,
-/// each with the test for the value that asks for nothing (clients often
-/// send defaults such as `"presence_penalty": 0` or `"tools": []`).
-const UNSUPPORTED: &[(&str, Neutral)] = {
-    use serde_json::Value;
-    fn empty(v: &Value) -> bool {
-        v.as_array().is_some_and(Vec::is_empty) || v.as_object().is_some_and(|o| o.is_empty())
-    }
-    fn one(v: &Value) -> bool {
-        v.as_f64() == Some(1.0)
-    }
-    fn no(v: &Value) -> bool {
-        v == &Value::Bool(false)
-    }
-    fn none_or_auto(v: &Value) -> bool {
-        matches!(v.as_str(), Some("none" | "auto"))
-    }
-    fn text_only(v: &Value) -> bool {
-        v.as_array().is_some_and(|m| m.iter().all(|x| x.as_str() == Some("text")))
-    }
-    fn yes(v: &Value) -> bool {
-        v == &Value::Bool(true)
-    }
-    fn zero(v: &Value) -> bool {
-        v.as_f64() == Some(0.0)
-    }
-    fn auto(v: &Value) -> bool {
-        matches!(v.as_str(), Some("auto" | "default"))
-    }
-    fn never(_: &Value) -> bool {
-        false
-    }
-    &[
-        ("functions", empty),
-        ("function_call", none_or_auto),
-        ("best_of", one),
-        ("suffix", never),
-        ("audio", never),
-        ("modalities", text_only),
-        ("prediction", never),
-        ("web_search_options", never),
-        ("guided_decoding_backend", never),
-        ("guided_whitespace_pattern", never),
-        ("structural_tag", never),
-        ("use_beam_search", no),
-        ("length_penalty", one),
-        ("bad_words", empty),
-        ("skip_special_tokens", yes),
-        ("spaces_between_special_tokens", yes),
-        ("add_special_tokens", never),
-        ("add_generation_prompt", yes),
-        ("continue_final_message", no),
-        ("documents", empty),
-        ("chat_template", never),
-        ("mm_processor_kwargs", empty),
-        ("priority", zero),
-        ("cache_salt", never),
-        ("kv_transfer_params", never),
-        ("vllm_xargs", empty),
-        ("return_token_ids", no),
-        ("thinking_token_budget", never),
-        ("logits_processors", never),
-        ("store", no),
-        ("service_tier", auto),
-        ("verbosity", never),
-    ]
-};
-
-/// A 400 naming the first field of [`UNSUPPORTED`] that `request` sets to
-/// anything but null or its neutral value.
-pub fn refuse_unsupported(request: &serde_json::Value) -> Result<(), ApiError> {
-    for (field, neutral) in UNSUPPORTED {
-        match request.get(*field) {
-            Some(v) if !v.is_null() && !neutral(v) => {
-                return Err(ApiError::bad_request(
-                    format!("`{field}` is not supported by this server yet; remove it or send its default"),
-                    Some(field),
-                ));
-            }
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 impl Common {
@@ -527,39 +439,6 @@ fn rand_seed() -> u64 {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    fn refused(body: serde_json::Value) -> Option<(String, Option<&'static str>)> {
-        refuse_unsupported(&body).err().map(|e| (e.message, e.param))
-    }
-
-    #[test]
-    fn known_unsupported_fields_are_refused_by_name() {
-        for (body, field) in [
-            (json!({"function_call": "auto2"}), "function_call"),
-            (json!({"functions": [{"name": "f"}]}), "functions"),
-            (json!({"audio": {"voice": "x"}}), "audio"),
-            (json!({"modalities": ["text", "audio"]}), "modalities"),
-            (json!({"best_of": 3}), "best_of"),
-            (json!({"min_p": 0.1, "cache_salt": "tenant-a"}), "cache_salt"),
-            (json!({"skip_special_tokens": false}), "skip_special_tokens"),
-            (json!({"bad_words": ["x"]}), "bad_words"),
-            (json!({"service_tier": "priority"}), "service_tier"),
-        ] {
-            let (message, param) = refused(body.clone()).unwrap_or_else(|| panic!("{body} was accepted"));
-            assert!(message.contains(&format!("`{field}`")), "{message}");
-            assert_eq!(param, Some(field));
-        }
-    }
-
-    #[test]
-    fn neutral_values_and_unknown_fields_pass() {
-        let body = json!({
-            "model": "m", "functions": [], "function_call": "none", "echo": false, "best_of": 1,
-            "modalities": ["text"], "audio": null, "user": "someone", "my_own_extension": 7,
-            "skip_special_tokens": true, "priority": 0, "service_tier": "auto", "store": false, "bad_words": []
-        });
-        assert_eq!(refused(body), None);
-    }
 
     fn common(fields: serde_json::Value) -> Common {
         let mut body = json!({"model": "m"});

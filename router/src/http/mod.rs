@@ -10,11 +10,13 @@
 
 mod answer;
 mod api;
+mod choice;
 mod error;
 mod generate;
 mod guided;
 mod text;
 mod tokenize;
+mod unsupported;
 
 use std::future::Future;
 use std::sync::Arc;
