@@ -183,7 +183,7 @@ def test_unsupported_chat_fields_are_refused_not_ignored(client):
         {"web_search_options": {}},
         {"cache_salt": "tenant-a"},
         {"bad_words": ["spam"]},
-        {"skip_special_tokens": False},
+        {"spaces_between_special_tokens": False},
         {"use_beam_search": True},
     ]
     for ask in asks:

@@ -318,3 +318,36 @@ def test_several_prompts_in_one_completion(server, client):
         extra = {"n": 16} if fragment == "sequences" else {}
         status, err = raw_post(server, "/v1/completions", json.dumps({"model": MODEL, "prompt": prompt, **extra}).encode())
         assert status == 400 and fragment in err["error"]["message"], err
+
+
+def test_skip_special_tokens_false_spells_control_tokens(server, client):
+    eos = 1  # the tiny model's end of sequence, kept in the answer by ignore_eos and a bias
+    body = dict(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0)
+    forced = {"ignore_eos": True, "logit_bias": {str(eos): 100}}
+    spelled = raw_post(server, "/detokenize", json.dumps({"model": MODEL, "tokens": [eos] * 3}).encode())[1]["prompt"]
+    assert spelled
+    assert client.completions.create(extra_body=forced, **body).choices[0].text == ""
+    kept = client.completions.create(extra_body={**forced, "skip_special_tokens": False}, **body).choices[0].text
+    assert kept == spelled
+
+
+def test_return_token_ids(server, client):
+    """vLLM's return_token_ids: the prompt's ids and the answer's, whole
+    and streamed, the ids the text decodes from."""
+    extra = {"return_token_ids": True, "ignore_eos": True}
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0,
+                                      extra_body={**extra, "return_tokens_as_token_ids": True}).choices[0]
+    assert whole.prompt_token_ids == PROMPT and whole.token_ids == ids_of(whole)
+    chunks = [c.choices[0] for c in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6,
+                                                              temperature=0, stream=True, extra_body=extra)]
+    assert chunks[0].prompt_token_ids == PROMPT
+    assert [t for c in chunks for t in (c.token_ids or [])] == whole.token_ids
+    chat = raw_post(server, "/v1/chat/completions", json.dumps(
+        {"model": MODEL, "messages": ASK, "max_tokens": 5, "temperature": 0, **extra}).encode())[1]
+    tokenized = raw_post(server, "/tokenize", json.dumps({"messages": ASK}).encode())[1]["tokens"]
+    assert chat["prompt_token_ids"] == tokenized and len(chat["choices"][0]["token_ids"]) == 5
+    streamed = list(client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, temperature=0,
+                                                   stream=True, extra_body=extra))
+    assert streamed[0].prompt_token_ids == tokenized
+    ids = [t for c in streamed for ch in c.choices for t in (getattr(ch, "token_ids", None) or [])]
+    assert ids == chat["choices"][0]["token_ids"]

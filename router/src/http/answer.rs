@@ -43,7 +43,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// The prompt, when the answer shows it: echoed (its text starts a
 /// completion; with `logprobs` its tokens start them, the first with
-/// none), or scored (vLLM's `prompt_logprobs`).
+/// none), scored (vLLM's `prompt_logprobs`) or as ids (`return_token_ids`).
 pub(super) struct ShownPrompt {
     pub(super) ids: Vec<u32>,
     /// The text a completion echoes.
@@ -173,6 +173,7 @@ impl Run {
         if let (Kind::Chat { .. }, Some(scored)) = (self.kind, prompt_logprobs) {
             body["prompt_logprobs"] = scored;
         }
+        self.add_chat_prompt_ids(&mut body);
         axum::Json(body).into_response()
     }
 
@@ -220,7 +221,7 @@ impl Run {
         let end = End { reason, stopped: answer.stopped, calls };
         let logprobs = choice.take_logprobs();
         let prompt_logprobs = choice.prompt_logprobs();
-        let choice = match self.kind {
+        let mut body = match self.kind {
             Kind::Completion => {
                 let mut c = json!({"index": index, "text": answer.content,
                                    "finish_reason": end.finish_reason(), "logprobs": logprobs});
@@ -254,7 +255,16 @@ impl Run {
                 json!({"index": index, "message": message, "finish_reason": end.finish_reason(), "logprobs": logprobs})
             }
         };
-        Ok((choice, tokens, prompt_logprobs))
+        choice.add_token_ids(&mut body);
+        Ok((body, tokens, prompt_logprobs))
+    }
+
+    /// vLLM's `return_token_ids` puts a chat's prompt ids at the top of its
+    /// answer (of its first chunk, streamed).
+    fn add_chat_prompt_ids(&self, body: &mut Value) {
+        if let (Kind::Chat { .. }, true, Some(prompt)) = (self.kind, self.params.return_token_ids, self.shown(0)) {
+            body["prompt_token_ids"] = json!(prompt.ids);
+        }
     }
 
     /// A chunk for choice `index`: for chat, `delta` holds the delta's
@@ -306,11 +316,15 @@ impl Run {
             }
         }
         calls.extend(found);
-        deltas
+        let mut chunks: Vec<Value> = deltas
             .into_iter()
             .enumerate()
             .map(|(k, d)| self.chunk(index, d, None, if k == 0 { choice.take_logprobs() } else { Value::Null }))
-            .collect()
+            .collect();
+        if let Some(first) = chunks.first_mut() {
+            choice.add_token_ids(&mut first["choices"][0]);
+        }
+        chunks
     }
 
     /// Streams every choice as SSE; stops (and so cancels the sequences) as
@@ -374,7 +388,9 @@ impl Run {
         };
         if matches!(self.kind, Kind::Chat { .. }) {
             let role = Map::from_iter([("role".into(), json!("assistant"))]);
-            send(vec![self.chunk(index, role, None, Value::Null)], 0).await?;
+            let mut first = self.chunk(index, role, None, Value::Null);
+            self.add_chat_prompt_ids(&mut first);
+            send(vec![first], 0).await?;
         }
         let mut choice = Choice::new(self, index);
         let mut calls = Vec::new();
@@ -404,7 +420,9 @@ impl Run {
         }
         let end = End { reason, stopped, calls };
         let logprobs = choice.take_logprobs();
-        send(vec![self.chunk(index, Map::new(), Some(end.finish_reason()), logprobs)], tokens).await?;
+        let mut last = self.chunk(index, Map::new(), Some(end.finish_reason()), logprobs);
+        choice.add_token_ids(&mut last["choices"][0]);
+        send(vec![last], tokens).await?;
         Ok(tokens)
     }
 }

@@ -86,6 +86,10 @@ pub struct Common {
     pub truncate_prompt_tokens: Option<i64>,
     /// vLLM's: the id the answer carries.
     pub request_id: Option<String>,
+    /// vLLM's: `false` spells control tokens out in the text.
+    pub skip_special_tokens: Option<bool>,
+    /// vLLM's: the answer carries the prompt's and the output's token ids.
+    pub return_token_ids: Option<bool>,
     /// Completions: the text starts with the prompt (and with `logprobs`,
     /// so do the log-probabilities: the prompt's tokens are scored).
     pub echo: Option<bool>,
@@ -224,6 +228,10 @@ pub struct Params {
     pub ignore_eos: bool,
     /// Completions: the answer starts with the prompt.
     pub echo: bool,
+    /// The text leaves control tokens out (vLLM's default).
+    pub skip_special_tokens: bool,
+    /// The answer carries the prompt's and the output's token ids.
+    pub return_token_ids: bool,
     /// vLLM's `prompt_logprobs`: alternatives per prompt token.
     pub prompt_logprobs: Option<usize>,
 }
@@ -334,6 +342,8 @@ impl Common {
             continuous_usage,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             echo,
+            skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+            return_token_ids: self.return_token_ids.unwrap_or(false),
             prompt_logprobs: self.prompt_logprobs()?,
         })
     }

@@ -31,6 +31,10 @@ pub(super) struct Choice<'a> {
     scored: usize,
     /// vLLM's `prompt_logprobs`: the prompt tokens after the first, scored.
     prompt_logprobs: Vec<(u32, TokenLogprobs)>,
+    /// `return_token_ids`: the tokens whose ids were sent, and whether the
+    /// prompt's were.
+    ids_sent: usize,
+    prompt_ids_sent: bool,
     last: Instant,
 }
 
@@ -43,13 +47,15 @@ impl<'a> Choice<'a> {
         Choice {
             run,
             index,
-            text: Detokenizer::new(&run.state.tokenizer),
+            text: Detokenizer::new(&run.state.tokenizer).with_special_tokens(!run.params.skip_special_tokens),
             deltas: Deltas::new(thinking, calls, run.params.stop.clone()).keeping_stop(run.params.include_stop),
             logprobs: Vec::new(),
             offset: 0,
             echo: run.shown(index).and_then(|p| p.echo.as_deref()),
             scored: 0,
             prompt_logprobs: Vec::new(),
+            ids_sent: 0,
+            prompt_ids_sent: false,
             last: Instant::now(),
         }
     }
@@ -94,6 +100,22 @@ impl<'a> Choice<'a> {
             all.push(Value::Object(by_id));
         }
         Some(Value::Array(all))
+    }
+
+    /// What vLLM's `return_token_ids` asks for, added to `choice` (this
+    /// choice's JSON): the ids of the tokens not sent yet, and in a
+    /// completion's first, its prompt's (a chat's go at the top).
+    pub(super) fn add_token_ids(&mut self, choice: &mut Value) {
+        if !self.run.params.return_token_ids {
+            return;
+        }
+        let ids = self.text.ids();
+        choice["token_ids"] = json!(ids[self.ids_sent.min(ids.len())..]);
+        self.ids_sent = ids.len();
+        if self.run.kind == Kind::Completion && !self.prompt_ids_sent {
+            self.prompt_ids_sent = true;
+            choice["prompt_token_ids"] = json!(self.run.shown(self.index).map(|p| &p.ids));
+        }
     }
 
     /// `delta` with the echoed prompt before it, if not sent yet.

@@ -240,7 +240,8 @@ async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kin
                 let sent = text.filter(|_| params.truncate_prompt.is_none());
                 sent.unwrap_or_else(|| state.tokenizer.decode(prompt).unwrap_or_default())
             });
-            (echo.is_some() || params.prompt_logprobs.is_some()).then(|| ShownPrompt { ids: prompt.clone(), echo })
+            let shown = echo.is_some() || params.prompt_logprobs.is_some() || params.return_token_ids;
+            shown.then(|| ShownPrompt { ids: prompt.clone(), echo })
         })
         .collect();
     let prompt_tokens = prompts.iter().map(|(p, _, _)| p.len()).sum();

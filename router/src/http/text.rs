@@ -21,11 +21,19 @@ pub struct Detokenizer<'a> {
     /// Ids before this are in `text`.
     read: usize,
     text: String,
+    /// Control tokens are spelled out rather than skipped (vLLM's
+    /// `skip_special_tokens: false`).
+    special: bool,
 }
 
 impl<'a> Detokenizer<'a> {
     pub fn new(tokenizer: &'a TextTokenizer) -> Self {
-        Detokenizer { tokenizer, ids: Vec::new(), prefix: 0, read: 0, text: String::new() }
+        Detokenizer { tokenizer, ids: Vec::new(), prefix: 0, read: 0, text: String::new(), special: false }
+    }
+
+    /// The text then spells control tokens out instead of skipping them.
+    pub fn with_special_tokens(self, special: bool) -> Self {
+        Detokenizer { special, ..self }
     }
 
     pub fn ids(&self) -> &[u32] {
@@ -46,7 +54,10 @@ impl<'a> Detokenizer<'a> {
     }
 
     fn advance(&mut self, last: bool) {
-        let decode = |ids: &[u32]| self.tokenizer.decode(ids).unwrap_or_default();
+        let decode = |ids: &[u32]| {
+            let text = if self.special { self.tokenizer.decode_all(ids) } else { self.tokenizer.decode(ids) };
+            text.unwrap_or_default()
+        };
         let before = decode(&self.ids[self.prefix..self.read]);
         let now = decode(&self.ids[self.prefix..]);
         match now.strip_prefix(before.as_str()) {
