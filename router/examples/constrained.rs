@@ -74,6 +74,7 @@ fn main() {
                         span: tracing::Span::none(),
                         constraint,
                         logits: Default::default(),
+                        cache_salt: None,
                     };
                     futures::executor::block_on(engine.submit(vec![request])).expect("submit");
                     rx

@@ -73,6 +73,10 @@ pub struct Request {
     pub constraint: Option<Box<dyn Constraint>>,
     /// Penalties, bias, minimum length and log-probabilities.
     pub logits: LogitsParams,
+    /// Prefixes are shared through the KV-cache only with requests of the
+    /// same salt (vLLM's `cache_salt`: tenants that must not learn what
+    /// others sent from how fast their prompts run).
+    pub cache_salt: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -147,7 +151,9 @@ impl Engine {
         let whole = choices.iter().any(|c| c.logits.prompt_logprobs.is_some());
         let restored = match (&self.cache, prompt.split_last()) {
             // The last prompt token always runs: its logits give the first token.
-            (Some(cache), Some((_, before_last))) if !whole => cache.lookup(before_last).await,
+            (Some(cache), Some((_, before_last))) if !whole => {
+                cache.lookup(before_last, choices[0].cache_salt.as_deref()).await
+            }
             _ => None,
         };
         let cached = restored.as_ref().map_or(0, |s| s.position);
@@ -372,7 +378,8 @@ fn step(
             metrics::TOKENS.with_label_values(&["prompt"]).inc_by(n as u64);
             let stored = a.prefilled + 1 == a.request.prompt.len() || Some(a.prefilled) == save_point(model, a);
             if stored && let Some(cache) = cache {
-                cache.save(Save { tokens: a.request.prompt[..a.prefilled].to_vec(), state: a.state.clone() });
+                let (tokens, salt) = (a.request.prompt[..a.prefilled].to_vec(), a.request.cache_salt.clone());
+                cache.save(Save { tokens, state: a.state.clone(), salt });
             }
             if a.prefilled < a.request.prompt.len() {
                 continue; // more prompt to run
@@ -441,7 +448,7 @@ fn step(
             let mut tokens = a.request.prompt;
             tokens.extend(&a.generated[..a.generated.len() - 1]);
             debug_assert_eq!(tokens.len(), a.state.position);
-            cache.save(Save { tokens, state: a.state });
+            cache.save(Save { tokens, state: a.state, salt: a.request.cache_salt });
         }
     }
 }

@@ -58,6 +58,7 @@ fn concurrent_requests_equal_their_solo_runs() {
                 span: tracing::Span::none(),
                 constraint: None,
                 logits: Default::default(),
+                cache_salt: None,
             };
             block_on(engine.submit(vec![request])).unwrap();
             rx
@@ -88,6 +89,7 @@ fn stop_tokens_end_a_sequence_and_a_full_queue_refuses() {
         span: tracing::Span::none(),
         constraint: None,
         logits: Default::default(),
+        cache_salt: None,
     };
     block_on(engine.submit(vec![request])).unwrap();
     let (tokens, end) = collect(rx);
@@ -116,6 +118,7 @@ fn stop_tokens_end_a_sequence_and_a_full_queue_refuses() {
             span: tracing::Span::none(),
             constraint: None,
             logits: Default::default(),
+            cache_salt: None,
         };
         if block_on(busy.submit(vec![r])).is_err() {
             refused += 1;
@@ -146,8 +149,8 @@ fn prompts_continue_from_the_states_the_kvcache_holds() {
     };
     let config = EngineConfig { max_batch: 4, step_tokens: 64, queue: 8 };
     let engine = Engine::start(model.clone(), SharedLocalExperts(model.clone()), config, Some(cache.clone()));
-    // Prompt tokens restored, and the completion.
-    let run = |prompt: &[u32]| {
+    // Prompt tokens restored, and the completion; under `salt`, if any.
+    let run_salted = |prompt: &[u32], salt: Option<&str>| {
         let (tx, rx) = mpsc::unbounded_channel();
         let request = Request {
             prompt: prompt.to_vec(),
@@ -158,20 +161,23 @@ fn prompts_continue_from_the_states_the_kvcache_holds() {
             span: tracing::Span::none(),
             constraint: None,
             logits: Default::default(),
+            cache_salt: salt.map(Arc::from),
         };
         let cached = runtime.block_on(engine.submit(vec![request])).unwrap();
         let (tokens, end) = collect(rx);
         assert_eq!(end, Event::Done(FinishReason::Length));
         (cached, tokens)
     };
+    let run = |prompt: &[u32]| run_salted(prompt, None);
     // Saves go out in the background: wait until the service has `tokens`.
-    let stored = |tokens: &[u32]| {
+    let stored_salted = |tokens: &[u32], salt: Option<&str>| {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while runtime.block_on(cache.lookup(tokens)).map(|s| s.position) != Some(tokens.len()) {
+        while runtime.block_on(cache.lookup(tokens, salt)).map(|s| s.position) != Some(tokens.len()) {
             assert!(Instant::now() < deadline, "the state of {} tokens was never stored", tokens.len());
             std::thread::sleep(Duration::from_millis(20));
         }
     };
+    let stored = |tokens: &[u32]| stored_salted(tokens, None);
     let prompt: Vec<u32> = (0..300).map(|j| (j * 37 % 500 + 2) as u32).collect();
     let (cached, first) = run(&prompt);
     assert_eq!(cached, 0, "nothing stored yet");
@@ -188,11 +194,19 @@ fn prompts_continue_from_the_states_the_kvcache_holds() {
     let scratch = generate(&model, &turn2, 12, &Sampling::greedy(), true).unwrap().generated;
     assert_eq!(run(&turn2), (turn.len(), scratch));
     // The same prompt again runs only its last token on the stored state.
-    assert_eq!(run(&prompt), (299, first));
+    assert_eq!(run(&prompt), (299, first.clone()));
     // Another prompt sharing the first block (a system prompt) continues
     // from the boundary state.
     let mut sibling = prompt[..256].to_vec();
     sibling.extend((0..40).map(|j| (j * 11 % 500 + 2) as u32));
     let scratch = generate(&model, &sibling, 12, &Sampling::greedy(), true).unwrap().generated;
     assert_eq!(run(&sibling), (256, scratch));
+
+    // A salted request shares nothing with unsalted ones or other salts,
+    // and everything with its own: the same answer every time.
+    assert_eq!(run_salted(&prompt, Some("tenant-a")), (0, first.clone()));
+    stored_salted(&prompt[..299], Some("tenant-a"));
+    assert_eq!(run_salted(&prompt, Some("tenant-a")), (299, first.clone()));
+    assert_eq!(run_salted(&prompt, Some("tenant-b")), (0, first.clone()));
+    assert_eq!(run(&prompt), (299, first));
 }

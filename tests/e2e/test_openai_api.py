@@ -181,7 +181,7 @@ def test_unsupported_chat_fields_are_refused_not_ignored(client):
         {"prediction": {"type": "content", "content": "x"}},
         {"functions": [{"name": "f"}]},
         {"web_search_options": {}},
-        {"cache_salt": "tenant-a"},
+        {"kv_transfer_params": {"do_remote_prefill": True}},
         {"bad_words": ["spam"]},
         {"spaces_between_special_tokens": False},
         {"use_beam_search": True},

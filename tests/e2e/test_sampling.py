@@ -202,6 +202,9 @@ def test_allowed_tokens_truncation_and_request_ids(server, client):
     assert tail == ids_of(alone.choices[0]) and alone.usage.prompt_tokens == 3
     whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"truncate_prompt_tokens": -1})
     assert whole.usage.prompt_tokens == len(PROMPT)
+    # A cache_salt changes which stored prefixes are shared, not the answer.
+    salted, _ = greedy(client, truncate_prompt_tokens=3, cache_salt="tenant-a")
+    assert salted == tail
     # request_id names the answer, streamed too.
     named = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, extra_body={"request_id": "job-42.a"})
     assert named.id == "chatcmpl-job-42.a"
@@ -212,7 +215,8 @@ def test_allowed_tokens_truncation_and_request_ids(server, client):
                             ({"allowed_token_ids": [10**6]}, "outside the vocabulary"),
                             ({"allowed_token_ids": [1], "response_format": {"type": "json_object"}}, "combined"),
                             ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
-                            ({"request_id": "two words"}, "request_id")]:
+                            ({"request_id": "two words"}, "request_id"),
+                            ({"cache_salt": ""}, "cache_salt")]:
         status, err = raw_post(server, "/v1/completions", json.dumps({"model": MODEL, "prompt": "x", **extra}).encode())
         assert status == 400 and fragment in err["error"]["message"], (extra, err)
 

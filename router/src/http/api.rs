@@ -90,6 +90,9 @@ pub struct Common {
     pub skip_special_tokens: Option<bool>,
     /// vLLM's: the answer carries the prompt's and the output's token ids.
     pub return_token_ids: Option<bool>,
+    /// vLLM's: KV-cache prefixes are shared only between requests of the
+    /// same salt.
+    pub cache_salt: Option<String>,
     /// Completions: the text starts with the prompt (and with `logprobs`,
     /// so do the log-probabilities: the prompt's tokens are scored).
     pub echo: Option<bool>,
@@ -232,6 +235,8 @@ pub struct Params {
     pub skip_special_tokens: bool,
     /// The answer carries the prompt's and the output's token ids.
     pub return_token_ids: bool,
+    /// What KV-cache prefixes the request shares (`None`: unsalted ones).
+    pub cache_salt: Option<std::sync::Arc<str>>,
     /// vLLM's `prompt_logprobs`: alternatives per prompt token.
     pub prompt_logprobs: Option<usize>,
 }
@@ -344,6 +349,12 @@ impl Common {
             echo,
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
             return_token_ids: self.return_token_ids.unwrap_or(false),
+            cache_salt: match self.cache_salt.as_deref() {
+                Some(salt) if salt.is_empty() || salt.len() > 1024 => {
+                    return Err(ApiError::bad_request("cache_salt must be 1 to 1024 bytes", Some("cache_salt")));
+                }
+                salt => salt.map(std::sync::Arc::from),
+            },
             prompt_logprobs: self.prompt_logprobs()?,
         })
     }

@@ -266,6 +266,7 @@ async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kin
                 span: span.clone(),
                 constraint,
                 logits: run.params.logits.clone(),
+                cache_salt: run.params.cache_salt.clone(),
             });
             receivers.push(rx);
         }

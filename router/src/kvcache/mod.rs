@@ -38,10 +38,12 @@ use ring::{Instance, Ring, route_key};
 /// Saves waiting for the service; beyond this, new ones are dropped.
 const SAVE_QUEUE: usize = 64;
 
-/// A state to store: the tokens it has consumed and the state itself.
+/// A state to store: the tokens it has consumed and the state itself,
+/// under its request's `cache_salt` (if any).
 pub struct Save {
     pub tokens: Vec<u32>,
     pub state: SequenceState,
+    pub salt: Option<Arc<str>>,
 }
 
 /// A handle on the KV-cache instances for one model. Cheap to clone.
@@ -152,23 +154,40 @@ impl StateCache {
     }
 
     /// The instances holding a conversation of `tokens`, its home first.
-    fn holders(&self, tokens: &[u32]) -> Vec<Instance> {
+    /// The name states are stored under: the model's id, and for a request
+    /// with a `cache_salt` a digest of it, so that requests share stored
+    /// prefixes only with those of the same salt (vLLM's tenant isolation).
+    fn namespace(&self, salt: Option<&str>) -> String {
+        use sha2::Digest;
+        match salt {
+            None => self.model_id.clone(),
+            Some(salt) => {
+                let digest = sha2::Sha256::digest(salt.as_bytes());
+                let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+                format!("{}/salt-{hex}", self.model_id)
+            }
+        }
+    }
+
+    fn holders(&self, namespace: &str, tokens: &[u32]) -> Vec<Instance> {
         let ring = self.ring.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let key = route_key(&self.model_id, block_tokens(&self.config), tokens);
+        let key = route_key(namespace, block_tokens(&self.config), tokens);
         ring.pick(&key, self.replicas).into_iter().cloned().collect()
     }
 
-    fn prefix(&self, tokens: Vec<u32>) -> Prefix {
-        Prefix { model_id: self.model_id.clone(), block_tokens: block_tokens(&self.config) as u32, tokens }
+    fn prefix(&self, namespace: &str, tokens: Vec<u32>) -> Prefix {
+        Prefix { model_id: namespace.to_string(), block_tokens: block_tokens(&self.config) as u32, tokens }
     }
 
-    /// The state of the longest stored prefix of `tokens`, if any: from
-    /// its home, else from the next holder that has it.
-    pub async fn lookup(&self, tokens: &[u32]) -> Option<SequenceState> {
-        let holders = self.holders(tokens);
+    /// The state of the longest prefix of `tokens` stored under `salt`, if
+    /// any: from its home, else from the next holder that has it.
+    pub async fn lookup(&self, tokens: &[u32], salt: Option<&str>) -> Option<SequenceState> {
+        let namespace = self.namespace(salt);
+        let holders = self.holders(&namespace, tokens);
         let mut failed = 0;
         for instance in &holders {
-            let outcome = tokio::time::timeout(self.timeout, self.fetch(instance.client.clone(), tokens)).await;
+            let fetch = self.fetch(instance.client.clone(), &namespace, tokens);
+            let outcome = tokio::time::timeout(self.timeout, fetch).await;
             match outcome {
                 Ok(Ok(Some(state))) => {
                     metrics::KVCACHE_LOOKUPS.with_label_values(&["hit"]).inc();
@@ -191,9 +210,17 @@ impl StateCache {
         None
     }
 
-    async fn fetch(&self, mut client: KvCacheClient<Channel>, tokens: &[u32]) -> Result<Option<SequenceState>, String> {
-        let mut stream =
-            client.lookup(self.prefix(tokens.to_vec())).await.map_err(|s| s.message().to_string())?.into_inner();
+    async fn fetch(
+        &self,
+        mut client: KvCacheClient<Channel>,
+        namespace: &str,
+        tokens: &[u32],
+    ) -> Result<Option<SequenceState>, String> {
+        let mut stream = client
+            .lookup(self.prefix(namespace, tokens.to_vec()))
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
         let mut blocks = Vec::new();
         let mut head = None;
         while let Some(chunk) = stream.next().await {
@@ -231,8 +258,10 @@ impl StateCache {
 
     async fn saver(self, mut queue: mpsc::Receiver<Save>) {
         while let Some(save) = queue.recv().await {
-            for instance in self.holders(&save.tokens) {
-                let result = tokio::time::timeout(self.timeout * 4, self.store(instance.client, &save)).await;
+            let namespace = self.namespace(save.salt.as_deref());
+            for instance in self.holders(&namespace, &save.tokens) {
+                let result =
+                    tokio::time::timeout(self.timeout * 4, self.store(instance.client, &namespace, &save)).await;
                 let outcome = match result {
                     Ok(Ok(())) => "ok",
                     Ok(Err(e)) => {
@@ -248,14 +277,14 @@ impl StateCache {
 
     /// Sends the blocks the instance lacks and the tail; when a block went
     /// missing in between (evicted), sends everything once more.
-    async fn store(&self, mut client: KvCacheClient<Channel>, save: &Save) -> Result<(), String> {
-        let Save { tokens, state } = save;
-        let missing =
-            client.missing(self.prefix(tokens.clone())).await.map_err(|s| s.message().to_string())?.into_inner().blocks;
-        match self.put(&mut client, tokens, state, missing.iter().map(|&b| b as usize).collect()).await {
+    async fn store(&self, mut client: KvCacheClient<Channel>, namespace: &str, save: &Save) -> Result<(), String> {
+        let Save { tokens, state, .. } = save;
+        let prefix = self.prefix(namespace, tokens.clone());
+        let missing = client.missing(prefix.clone()).await.map_err(|s| s.message().to_string())?.into_inner().blocks;
+        match self.put(&mut client, prefix.clone(), state, missing.iter().map(|&b| b as usize).collect()).await {
             Err(s) if s.code() == tonic::Code::FailedPrecondition => {
                 let all = (0..state.full_blocks(&self.config)).collect();
-                self.put(&mut client, tokens, state, all).await.map_err(|s| s.message().to_string())
+                self.put(&mut client, prefix, state, all).await.map_err(|s| s.message().to_string())
             }
             other => other.map_err(|s| s.message().to_string()),
         }
@@ -264,13 +293,13 @@ impl StateCache {
     async fn put(
         &self,
         client: &mut KvCacheClient<Channel>,
-        tokens: &[u32],
+        prefix: Prefix,
         state: &SequenceState,
         blocks: Vec<usize>,
     ) -> Result<(), tonic::Status> {
         let cfg = &self.config;
         let full = state.full_blocks(cfg);
-        let head = PutChunk { part: Some(put_chunk::Part::Head(self.prefix(tokens.to_vec()))) };
+        let head = PutChunk { part: Some(put_chunk::Part::Head(prefix)) };
         let mut chunks = vec![head];
         let mut bytes = 0;
         for i in blocks.into_iter().filter(|&i| i < full) {
