@@ -149,3 +149,33 @@ fn the_block_alone_parses_to_the_same_calls() {
     }
     assert!(seen >= 3, "{seen}");
 }
+
+/// vLLM's `add_generation_prompt: false` and `continue_final_message` on
+/// every golden conversation: the prompt ends as the last message ends, or
+/// inside an assistant message left open (its EOS not written).
+#[test]
+fn prompts_end_as_asked() {
+    use myriad_router::chat::v4::{ASSISTANT, EOS, Ending, THINK_END, THINK_START, encode_ending};
+    for case in &golden("encode.json") {
+        let name = case["name"].as_str().unwrap();
+        let mut messages = case["messages"].as_array().unwrap().clone();
+        let tools = case["tools"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        let answer = encode(&messages, tools, mode(case)).unwrap().text;
+        let as_is = encode_ending(&messages, tools, mode(case), Ending::AsIs).unwrap().text;
+        // A last user or tool message is a user turn, which the answer opens.
+        if matches!(messages.last().unwrap()["role"].as_str(), Some("user" | "tool")) {
+            let opened = [format!("{ASSISTANT}{THINK_START}"), format!("{ASSISTANT}{THINK_END}")];
+            assert!(opened.iter().any(|o| answer == format!("{as_is}{o}")), "{name}: {as_is:?}");
+        } else {
+            assert_eq!(as_is, answer, "{name}");
+        }
+        messages.push(serde_json::json!({"role": "assistant", "content": "The answer starts"}));
+        let closed = encode(&messages, tools, mode(case)).unwrap().text;
+        let open = encode_ending(&messages, tools, mode(case), Ending::Continue).unwrap().text;
+        assert!(open.ends_with("The answer starts"), "{name}: {open:?}");
+        assert_eq!(format!("{open}{EOS}"), closed, "{name}");
+    }
+    let question = [serde_json::json!({"role": "user", "content": "hi"})];
+    let refused = encode_ending(&question, &[], Reasoning::None, Ending::Continue).unwrap_err();
+    assert!(refused.contains("assistant"), "{refused}");
+}

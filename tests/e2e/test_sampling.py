@@ -355,3 +355,32 @@ def test_return_token_ids(server, client):
     assert streamed[0].prompt_token_ids == tokenized
     ids = [t for c in streamed for ch in c.choices for t in (getattr(ch, "token_ids", None) or [])]
     assert ids == chat["choices"][0]["token_ids"]
+
+
+def test_continue_final_message_and_no_generation_prompt(server, client):
+    """vLLM's continue_final_message: the model goes on writing the last
+    (assistant) message, so the answer is what a completion of that very
+    prompt writes; add_generation_prompt false ends the prompt with the
+    last message."""
+    partial = [*ASK, {"role": "assistant", "content": "Once upon a time"}]
+    body = {"messages": partial, "continue_final_message": True, "add_generation_prompt": False}
+    ids = raw_post(server, "/tokenize", json.dumps(body).encode())[1]["tokens"]
+    closed = raw_post(server, "/tokenize", json.dumps({"messages": partial}).encode())[1]["tokens"]
+    assert closed[:len(ids)] == ids and len(closed) == len(ids) + 1, "the same prompt without the closing EOS"
+    chat = client.chat.completions.create(model=MODEL, messages=partial, max_tokens=8, temperature=0,
+                                          extra_body={"continue_final_message": True, "ignore_eos": True})
+    text = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    assert chat.choices[0].message.content == text and chat.usage.prompt_tokens == len(ids)
+    # In thinking mode too the continuation is content: the reasoning closed.
+    thought = client.chat.completions.create(model=MODEL, messages=partial, max_tokens=8, temperature=0,
+                                             reasoning_effort="high", extra_body={"continue_final_message": True})
+    assert not getattr(thought.choices[0].message, "reasoning_content", None)
+    answer = raw_post(server, "/tokenize", json.dumps({"messages": ASK}).encode())[1]["tokens"]
+    as_is = raw_post(server, "/tokenize", json.dumps({"messages": ASK, "add_generation_prompt": False}).encode())[1]
+    assert answer[:len(as_is["tokens"])] == as_is["tokens"] and len(answer) == len(as_is["tokens"]) + 2
+    for extra, fragment in [({"messages": ASK, "continue_final_message": True}, "assistant"),
+                            ({"messages": partial, "continue_final_message": True, "add_generation_prompt": True},
+                             "add_generation_prompt: false")]:
+        status, err = raw_post(server, "/v1/chat/completions", json.dumps({"model": MODEL, **extra}).encode())
+        assert status == 400 and fragment in err["error"]["message"], err

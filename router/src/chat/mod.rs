@@ -110,11 +110,13 @@ impl ChatTemplate {
         Ok(ChatTemplate { env, bos: token("bos_token"), eos: token("eos_token") })
     }
 
-    /// The prompt text for `messages`, ready for the assistant's turn.
+    /// The prompt text for `messages`, ready for the assistant's turn
+    /// when `generation` (the template's `add_generation_prompt`).
     pub fn render(
         &self,
         messages: &[Message],
         reasoning: Reasoning,
+        generation: bool,
         extra: &serde_json::Value,
     ) -> Result<String, String> {
         let template = self.env.get_template("chat").map_err(|e| e.to_string())?;
@@ -127,7 +129,7 @@ impl ChatTemplate {
             "messages": messages,
             "bos_token": self.bos,
             "eos_token": self.eos,
-            "add_generation_prompt": true,
+            "add_generation_prompt": generation,
             "thinking": reasoning.thinking(),
             "reasoning_effort": effort,
         });

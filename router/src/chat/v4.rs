@@ -120,11 +120,38 @@ impl Prompt {
     }
 }
 
+/// How a prompt ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// A last user turn is followed by `<｜Assistant｜>` and the thinking
+    /// tag: the model answers it (the default).
+    Answer,
+    /// As its last message ends (vLLM's `add_generation_prompt: false`).
+    AsIs,
+    /// Inside its last message, an assistant's without tool calls, left
+    /// open: the model goes on writing its content (vLLM's
+    /// `continue_final_message`).
+    Continue,
+}
+
 /// The prompt for an OpenAI-style chat: `messages` (system, developer,
 /// user, assistant with `reasoning_content` and `tool_calls`, tool) and the
 /// request's `tools`, in `reasoning` mode. Errors name what is wrong.
 pub fn encode(messages: &[Value], tools: &[Value], reasoning: Reasoning) -> Result<Prompt, String> {
+    encode_ending(messages, tools, reasoning, Ending::Answer)
+}
+
+/// [`encode`], ending as `ending` says.
+pub fn encode_ending(
+    messages: &[Value],
+    tools: &[Value],
+    reasoning: Reasoning,
+    ending: Ending,
+) -> Result<Prompt, String> {
     let mut turns = merge(messages)?;
+    if ending == Ending::Continue && !matches!(turns.last(), Some(Turn::Assistant { calls, .. }) if calls.is_empty()) {
+        return Err("continue_final_message needs the last message to be an assistant's, without tool_calls".into());
+    }
     if !tools.is_empty() {
         let functions = tools
             .iter()
@@ -146,15 +173,17 @@ pub fn encode(messages: &[Value], tools: &[Value], reasoning: Reasoning) -> Resu
         turns = drop_earlier_reasoning(turns);
     }
     let last_user = turns.iter().rposition(Turn::is_user);
+    let last = turns.len().saturating_sub(1);
     let mut prompt = Prompt::default();
     prompt.markup(BOS);
     for (i, turn) in turns.iter().enumerate() {
         if i == 0 && reasoning == Reasoning::Max {
             prompt.markup(MAX_EFFORT);
         }
-        render(turn, thinking && (!drop_thinking || Some(i) > last_user), &mut prompt);
+        let open = ending == Ending::Continue && i == last;
+        render(turn, thinking && (!drop_thinking || Some(i) > last_user), open, &mut prompt);
         let next_is_assistant = turns.get(i + 1).is_none_or(|t| matches!(t, Turn::Assistant { .. }));
-        if turn.is_user() && next_is_assistant {
+        if turn.is_user() && next_is_assistant && !(ending == Ending::AsIs && i == last) {
             prompt.markup(ASSISTANT);
             let open = thinking && (!drop_thinking || Some(i) >= last_user);
             prompt.markup(if open { THINK_START } else { THINK_END });
@@ -164,8 +193,9 @@ pub fn encode(messages: &[Value], tools: &[Value], reasoning: Reasoning) -> Resu
 }
 
 /// Appends one turn; `with_reasoning`: an assistant turn shows its
-/// reasoning (and the `</think>` that closes it).
-fn render(turn: &Turn, with_reasoning: bool, prompt: &mut Prompt) {
+/// reasoning (and the `</think>` that closes it); `open`: an assistant
+/// turn is left unclosed (no EOS), to be continued.
+fn render(turn: &Turn, with_reasoning: bool, open: bool, prompt: &mut Prompt) {
     match turn {
         Turn::System { content, tools } => {
             prompt.client(content);
@@ -208,7 +238,9 @@ fn render(turn: &Turn, with_reasoning: bool, prompt: &mut Prompt) {
                 }
                 prompt.markup(&format!("\n</{DSML}tool_calls>"));
             }
-            prompt.markup(EOS);
+            if !open {
+                prompt.markup(EOS);
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ use myriad_model::Sampling;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use crate::chat::v4::Ending;
 use crate::logits::LogitsParams;
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +119,10 @@ pub struct ChatInput {
     pub parallel_tool_calls: Option<bool>,
     pub reasoning_effort: Option<String>,
     pub chat_template_kwargs: Option<serde_json::Value>,
+    /// vLLM's: `false` ends the prompt with the last message.
+    pub add_generation_prompt: Option<bool>,
+    /// vLLM's: the model continues the last message, an assistant's.
+    pub continue_final_message: Option<bool>,
 }
 
 /// Whether and how the answer may call tools.
@@ -133,6 +138,20 @@ pub enum ToolUse {
     Forced { parallel: bool },
 }
 impl ChatInput {
+    /// How the prompt ends, from vLLM's `add_generation_prompt` and
+    /// `continue_final_message` (which cannot both be true).
+    pub fn ending(&self) -> Result<Ending, ApiError> {
+        match (self.add_generation_prompt, self.continue_final_message.unwrap_or(false)) {
+            (Some(true), true) => Err(ApiError::bad_request(
+                "continue_final_message needs add_generation_prompt: false (the model continues the last message)",
+                Some("continue_final_message"),
+            )),
+            (_, true) => Ok(Ending::Continue),
+            (Some(false), false) => Ok(Ending::AsIs),
+            (_, false) => Ok(Ending::Answer),
+        }
+    }
+
     /// The declared tools, each checked to be a function with a name.
     pub fn tools(&self) -> Result<&[serde_json::Value], ApiError> {
         let tools = self.tools.as_deref().unwrap_or_default();

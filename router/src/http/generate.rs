@@ -18,7 +18,7 @@ use super::answer::{Kind, Run, ShownPrompt};
 use super::api::{ChatInput, ChatRequest, Common, CompletionRequest, Params, PromptInput, ToolUse, parse};
 use super::error::ApiError;
 use super::{AppState, Body, authorized, guided, json_body};
-use crate::chat::v4::{self, Prompt};
+use crate::chat::v4::{self, Ending, Prompt};
 use crate::chat::{ChatEncoder, Message, Reasoning, content_spans, template_messages};
 use crate::engine::{Constraint, Request, SubmitError};
 use crate::metrics;
@@ -66,9 +66,8 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
         let request: ChatRequest = parse(&json_body(&headers, body)?)?;
         check_model(&state, &request.common.model)?;
         let params = request.common.params(true)?;
-        let (prompt, reasoning, tools) = chat_prompt(&state, &request.input)?;
+        let ChatPrompt { ids: prompt, thinking, tools } = chat_prompt(&state, &request.input)?;
         let (tools, forced_tools) = request.input.tool_use(tools)?;
-        let thinking = reasoning.thinking();
         let forced = match tools {
             ToolUse::Forced { parallel } => Some((&forced_tools[..], parallel)),
             _ => None,
@@ -140,10 +139,7 @@ fn constrain(
 
 /// The token ids of a chat's prompt, its reasoning mode and its tools
 /// (checked).
-pub(super) fn chat_prompt<'a>(
-    state: &AppState,
-    input: &'a ChatInput,
-) -> Result<(Vec<u32>, Reasoning, &'a [Value]), ApiError> {
+pub(super) fn chat_prompt<'a>(state: &AppState, input: &'a ChatInput) -> Result<ChatPrompt<'a>, ApiError> {
     let kwargs = input.chat_template_kwargs.clone().unwrap_or(Value::Null);
     let effort = input.reasoning_effort.as_deref().or_else(|| kwargs.get("reasoning_effort").and_then(Value::as_str));
     let reasoning = match (effort, kwargs.get("thinking").and_then(Value::as_bool)) {
@@ -160,9 +156,16 @@ pub(super) fn chat_prompt<'a>(
         return Err(ApiError::bad_request("messages must not be empty", Some("messages")));
     }
     let tools = input.tools()?;
+    let ending = input.ending()?;
     let bad = |e: String| ApiError::bad_request(e, Some("messages"));
     let prompt = match &state.chat {
-        ChatEncoder::V4 => v4::encode(&input.messages, tools, reasoning).map_err(bad)?,
+        ChatEncoder::V4 => v4::encode_ending(&input.messages, tools, reasoning, ending).map_err(bad)?,
+        ChatEncoder::Template(_) if ending == Ending::Continue => {
+            return Err(ApiError::bad_request(
+                "continue_final_message needs the V4 chat encoding; this server renders chats with a Jinja template",
+                Some("continue_final_message"),
+            ));
+        }
         ChatEncoder::Template(template) => {
             if !tools.is_empty() {
                 return Err(ApiError::bad_request(
@@ -171,7 +174,7 @@ pub(super) fn chat_prompt<'a>(
                 ));
             }
             let messages = template_messages(&input.messages).map_err(bad)?;
-            let text = template.render(&messages, reasoning, &kwargs).map_err(bad)?;
+            let text = template.render(&messages, reasoning, ending == Ending::Answer, &kwargs).map_err(bad)?;
             template_prompt(state, text, &messages)?
         }
     };
@@ -179,7 +182,17 @@ pub(super) fn chat_prompt<'a>(
         .tokenizer
         .encode_protected(&prompt.text, &prompt.client)
         .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}"), None))?;
-    Ok((ids, reasoning, tools))
+    // The answer starts in the reasoning only when the prompt opens it.
+    Ok(ChatPrompt { ids, thinking: reasoning.thinking() && ending == Ending::Answer, tools })
+}
+
+/// A chat's prompt as it runs.
+pub(super) struct ChatPrompt<'a> {
+    pub(super) ids: Vec<u32>,
+    /// The answer starts with reasoning (up to `</think>`).
+    pub(super) thinking: bool,
+    /// The request's tools, checked.
+    pub(super) tools: &'a [Value],
 }
 
 pub(super) fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {

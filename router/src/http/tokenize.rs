@@ -32,7 +32,7 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, headers: HeaderMap, bo
         let request: Value = parse(&json_body(&headers, body)?)?;
         check_optional_model(&state, &request)?;
         let tokens = if request.get("messages").is_some() {
-            chat_prompt(&state, &from_value::<ChatInput>(request)?)?.0
+            chat_prompt(&state, &from_value::<ChatInput>(request)?)?.ids
         } else {
             encode(&state, &from_value::<TextInput>(request)?.prompt)?
         };

@@ -57,8 +57,6 @@ const UNSUPPORTED: &[(&str, Neutral)] = {
         ("bad_words", empty),
         ("spaces_between_special_tokens", yes),
         ("add_special_tokens", never),
-        ("add_generation_prompt", yes),
-        ("continue_final_message", no),
         ("documents", empty),
         ("chat_template", never),
         ("mm_processor_kwargs", empty),
