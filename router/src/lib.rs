@@ -22,6 +22,7 @@
 //! - [`node`]: a running router, assembled from a typed config, with its
 //!   phased stop.
 
+pub mod budget;
 pub mod chat;
 pub mod dispatch;
 pub mod engine;

@@ -384,3 +384,20 @@ def test_continue_final_message_and_no_generation_prompt(server, client):
                              "add_generation_prompt: false")]:
         status, err = raw_post(server, "/v1/chat/completions", json.dumps({"model": MODEL, **extra}).encode())
         assert status == 400 and fragment in err["error"]["message"], err
+
+
+def test_thinking_token_budget_ends_the_reasoning(server, client):
+    think_end = raw_post(server, "/tokenize", json.dumps({"prompt": "</think>"}).encode())[1]["tokens"]
+    assert len(think_end) == 1
+    kwargs = dict(model=MODEL, messages=ASK, max_tokens=40, temperature=0, reasoning_effort="high")
+    free = client.chat.completions.create(extra_body={"return_token_ids": True}, **kwargs).choices[0]
+    assert think_end[0] not in free.token_ids[:6], "the budget below must cut the reasoning short"
+    for budget in [5, 0]:
+        cut = client.chat.completions.create(
+            extra_body={"return_token_ids": True, "thinking_token_budget": budget, "ignore_eos": True}, **kwargs).choices[0]
+        assert cut.token_ids[:budget] == free.token_ids[:budget] and cut.token_ids[budget] == think_end[0]
+        # The answer goes on past the reasoning; a budget of 0 has none.
+        assert cut.message.content and (budget > 0 or cut.message.reasoning_content == "")
+    status, err = raw_post(server, "/v1/completions", json.dumps(
+        {"model": MODEL, "prompt": "x", "thinking_token_budget": 3}).encode())
+    assert status == 400 and "chat" in err["error"]["message"], err

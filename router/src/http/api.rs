@@ -94,6 +94,8 @@ pub struct Common {
     /// vLLM's: KV-cache prefixes are shared only between requests of the
     /// same salt.
     pub cache_salt: Option<String>,
+    /// vLLM's: most reasoning tokens of a thinking answer (-1: no limit).
+    pub thinking_token_budget: Option<i64>,
     /// Completions: the text starts with the prompt (and with `logprobs`,
     /// so do the log-probabilities: the prompt's tokens are scored).
     pub echo: Option<bool>,
@@ -256,6 +258,8 @@ pub struct Params {
     pub return_token_ids: bool,
     /// What KV-cache prefixes the request shares (`None`: unsalted ones).
     pub cache_salt: Option<std::sync::Arc<str>>,
+    /// Most reasoning tokens of a thinking chat answer.
+    pub thinking_budget: Option<usize>,
     /// vLLM's `prompt_logprobs`: alternatives per prompt token.
     pub prompt_logprobs: Option<usize>,
 }
@@ -368,6 +372,22 @@ impl Common {
             echo,
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
             return_token_ids: self.return_token_ids.unwrap_or(false),
+            thinking_budget: match self.thinking_token_budget {
+                None | Some(-1) => None,
+                Some(_) if !chat => {
+                    return Err(ApiError::bad_request(
+                        "thinking_token_budget applies to chat completions (in thinking mode)",
+                        Some("thinking_token_budget"),
+                    ));
+                }
+                Some(b) if b >= 0 => Some(usize::try_from(b).unwrap_or(usize::MAX)),
+                Some(b) => {
+                    return Err(ApiError::bad_request(
+                        format!("thinking_token_budget {b} is not -1 (no limit) or at least 0"),
+                        Some("thinking_token_budget"),
+                    ));
+                }
+            },
             cache_salt: match self.cache_salt.as_deref() {
                 Some(salt) if salt.is_empty() || salt.len() > 1024 => {
                     return Err(ApiError::bad_request("cache_salt must be 1 to 1024 bytes", Some("cache_salt")));
@@ -515,6 +535,8 @@ mod tests {
             (json!({"request_id": "has a space"}), false, "request_id"),
             (json!({"request_id": ""}), false, "request_id"),
             (json!({"prompt_logprobs": -1}), false, "prompt_logprobs"),
+            (json!({"thinking_token_budget": -2}), true, "thinking_token_budget"),
+            (json!({"thinking_token_budget": 10}), false, "thinking_token_budget"),
             (json!({"prompt_logprobs": 1, "stream": true}), true, "prompt_logprobs"),
             (json!({"allowed_token_ids": []}), false, "allowed_token_ids"),
         ] {

@@ -63,7 +63,6 @@ const UNSUPPORTED: &[(&str, Neutral)] = {
         ("priority", zero),
         ("kv_transfer_params", never),
         ("vllm_xargs", empty),
-        ("thinking_token_budget", never),
         ("logits_processors", never),
         ("store", no),
         ("service_tier", auto),
