@@ -7,8 +7,8 @@
 //! repetition penalty (prompt and output tokens: positive logits divided by
 //! it, negative ones multiplied), then frequency and presence penalties
 //! (output tokens only: minus `frequency × count` and `presence` once), then
-//! the logit bias; last, every token not in `allowed_token_ids` (if given)
-//! is masked. Log-probabilities are those of the model's own
+//! the logit bias; then the token that would complete a bad word is masked,
+//! and last every token not in `allowed_token_ids` (if given). Log-probabilities are those of the model's own
 //! distribution, before any of this and before temperature (vLLM's default,
 //! `raw_logprobs`).
 
@@ -19,6 +19,10 @@ use std::collections::HashMap;
 pub struct LogitsParams {
     /// The only tokens that may be sampled (vLLM's `allowed_token_ids`).
     pub allowed: Option<Vec<u32>>,
+    /// Token sequences the output may not complete (vLLM's `bad_words`,
+    /// each word tokenized): the last token of one is masked when the
+    /// output ends with the rest of it.
+    pub bad_words: Vec<Vec<u32>>,
     /// Added to a token's logit (OpenAI's `logit_bias`, -100 to 100).
     pub bias: Vec<(u32, f32)>,
     pub presence_penalty: f32,
@@ -39,6 +43,7 @@ impl Default for LogitsParams {
     fn default() -> Self {
         LogitsParams {
             allowed: None,
+            bad_words: Vec::new(),
             bias: Vec::new(),
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
@@ -103,6 +108,14 @@ impl LogitsParams {
                 *l += b;
             }
         }
+        for word in &self.bad_words {
+            if let Some((&last, before)) = word.split_last()
+                && generated.ends_with(before)
+                && let Some(l) = logits.get_mut(last as usize)
+            {
+                *l = f32::NEG_INFINITY;
+            }
+        }
         if let Some(allowed) = &self.allowed {
             let mut masked = vec![f32::NEG_INFINITY; logits.len()];
             for &t in allowed {
@@ -144,6 +157,7 @@ mod tests {
     fn penalties_and_bias_change_the_logits_as_documented() {
         let p = LogitsParams {
             allowed: None,
+            bad_words: Vec::new(),
             bias: vec![(3, 5.0)],
             presence_penalty: 0.5,
             frequency_penalty: 0.25,
@@ -160,11 +174,20 @@ mod tests {
         p.apply(&mut logits, &[], &[2], &[4]);
         assert_eq!(logits[4], f32::NEG_INFINITY);
         assert!(LogitsParams::default().changes_nothing() && !p.changes_nothing());
+        // A bad word's last token is masked where the output ends with the
+        // rest of it; a one-token word everywhere.
+        let bad = LogitsParams { bad_words: vec![vec![1, 2], vec![4]], ..LogitsParams::default() };
+        let inf = f32::NEG_INFINITY;
+        for (generated, expected) in [(&[0, 1][..], [1.0, -1.0, inf, 0.0, inf]), (&[1, 0], [1.0, -1.0, 4.0, 0.0, inf])]
+        {
+            let mut logits = vec![1.0, -1.0, 4.0, 0.0, 2.0];
+            bad.apply(&mut logits, &[1], generated, &[]);
+            assert_eq!(logits, expected, "after {generated:?}");
+        }
         // Allowed tokens keep their logits; the rest are masked.
         let only = LogitsParams { allowed: Some(vec![2, 0, 9]), ..LogitsParams::default() };
         let mut logits = vec![1.0, -1.0, 4.0, 0.0, 2.0];
         only.apply(&mut logits, &[], &[], &[4]);
-        let inf = f32::NEG_INFINITY;
         assert_eq!(logits, vec![1.0, inf, 4.0, inf, inf]);
         assert!(!only.changes_nothing());
     }

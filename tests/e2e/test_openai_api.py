@@ -182,7 +182,7 @@ def test_unsupported_chat_fields_are_refused_not_ignored(client):
         {"functions": [{"name": "f"}]},
         {"web_search_options": {}},
         {"kv_transfer_params": {"do_remote_prefill": True}},
-        {"bad_words": ["spam"]},
+        {"length_penalty": 0.5},
         {"spaces_between_special_tokens": False},
         {"use_beam_search": True},
     ]

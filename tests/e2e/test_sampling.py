@@ -401,3 +401,20 @@ def test_thinking_token_budget_ends_the_reasoning(server, client):
     status, err = raw_post(server, "/v1/completions", json.dumps(
         {"model": MODEL, "prompt": "x", "thinking_token_budget": 3}).encode())
     assert status == 400 and "chat" in err["error"]["message"], err
+
+
+def test_bad_words_are_never_completed(server, client):
+    """vLLM's bad_words: the token that would complete a banned word is
+    masked, so the greedy answer follows the free one up to that word and
+    then turns away from it."""
+    plain, _ = greedy(client)
+    detok = lambda ids: raw_post(server, "/detokenize", json.dumps({"model": MODEL, "tokens": ids}).encode())[1]["prompt"]
+    tokenize = lambda text: raw_post(server, "/tokenize", json.dumps({"prompt": text}).encode())[1]["tokens"]
+    # A two-token word of the answer that tokenizes back to those tokens.
+    at, word = next((i, detok(plain[i:i + 2])) for i in range(len(plain) - 1)
+                    if detok(plain[i:i + 2]).strip() and tokenize(detok(plain[i:i + 2])) == plain[i:i + 2])
+    banned, _ = greedy(client, bad_words=[word])
+    assert banned[:at + 1] == plain[:at + 1] and banned[at + 1] != plain[at + 1], (at, word, plain, banned)
+    assert all(banned[i:i + 2] != plain[at:at + 2] for i in range(len(banned) - 1))
+    status, err = raw_post(server, "/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "bad_words": [" "]}).encode())
+    assert status == 400 and "bad_words" in err["error"]["message"], err

@@ -80,6 +80,8 @@ pub struct Common {
     pub return_tokens_as_token_ids: Option<bool>,
     /// vLLM's: the only tokens that may be sampled.
     pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM's: words the output may not contain (see [`Params::bad_words`]).
+    pub bad_words: Option<Vec<String>>,
     /// vLLM's: the text keeps the stop string it ends at.
     pub include_stop_str_in_output: Option<bool>,
     /// vLLM's: keep the prompt's last this many tokens (-1: as many as the
@@ -262,6 +264,9 @@ pub struct Params {
     pub thinking_budget: Option<usize>,
     /// vLLM's `prompt_logprobs`: alternatives per prompt token.
     pub prompt_logprobs: Option<usize>,
+    /// vLLM's `bad_words`, to tokenize into `logits.bad_words` (as written
+    /// and after a space, as they appear inside text).
+    pub bad_words: Vec<String>,
 }
 
 /// Parses a JSON body into `T`, with OpenAI-shaped 400s; a request that
@@ -353,17 +358,7 @@ impl Common {
             tokens_as_ids: self.return_tokens_as_token_ids.unwrap_or(false),
             stop,
             include_stop: self.include_stop_str_in_output.unwrap_or(false),
-            truncate_prompt: match self.truncate_prompt_tokens {
-                None => None,
-                Some(-1) => Some(usize::MAX),
-                Some(k) if k >= 1 => Some(usize::try_from(k).unwrap_or(usize::MAX)),
-                Some(k) => {
-                    return Err(ApiError::bad_request(
-                        format!("truncate_prompt_tokens {k} is not -1 (as many as fit) or at least 1"),
-                        Some("truncate_prompt_tokens"),
-                    ));
-                }
-            },
+            truncate_prompt: self.truncate_prompt()?,
             request_id: self.request_id()?,
             stream: self.stream.unwrap_or(false),
             include_usage,
@@ -372,34 +367,49 @@ impl Common {
             echo,
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
             return_token_ids: self.return_token_ids.unwrap_or(false),
-            thinking_budget: match self.thinking_token_budget {
-                None | Some(-1) => None,
-                Some(_) if !chat => {
-                    return Err(ApiError::bad_request(
-                        "thinking_token_budget applies to chat completions (in thinking mode)",
-                        Some("thinking_token_budget"),
-                    ));
-                }
-                Some(b) if b >= 0 => Some(usize::try_from(b).unwrap_or(usize::MAX)),
-                Some(b) => {
-                    return Err(ApiError::bad_request(
-                        format!("thinking_token_budget {b} is not -1 (no limit) or at least 0"),
-                        Some("thinking_token_budget"),
-                    ));
-                }
-            },
-            cache_salt: match self.cache_salt.as_deref() {
-                Some(salt) if salt.is_empty() || salt.len() > 1024 => {
-                    return Err(ApiError::bad_request("cache_salt must be 1 to 1024 bytes", Some("cache_salt")));
-                }
-                salt => salt.map(std::sync::Arc::from),
-            },
+            thinking_budget: self.thinking_budget(chat)?,
+            cache_salt: self.cache_salt()?,
             prompt_logprobs: self.prompt_logprobs()?,
+            bad_words: self.bad_words.clone().unwrap_or_default(),
         })
     }
 }
 
 impl Common {
+    /// `truncate_prompt_tokens`, checked: at least 1, or -1 (as many as fit).
+    fn truncate_prompt(&self) -> Result<Option<usize>, ApiError> {
+        match self.truncate_prompt_tokens {
+            None => Ok(None),
+            Some(-1) => Ok(Some(usize::MAX)),
+            Some(k) if k >= 1 => Ok(Some(usize::try_from(k).unwrap_or(usize::MAX))),
+            Some(k) => Err(ApiError::bad_request(
+                format!("truncate_prompt_tokens {k} is not -1 (as many as fit) or at least 1"),
+                Some("truncate_prompt_tokens"),
+            )),
+        }
+    }
+
+    /// `thinking_token_budget`, checked: -1 (none) or at least 0, on chats.
+    fn thinking_budget(&self, chat: bool) -> Result<Option<usize>, ApiError> {
+        let bad = |what: String| Err(ApiError::bad_request(what, Some("thinking_token_budget")));
+        match self.thinking_token_budget {
+            None | Some(-1) => Ok(None),
+            Some(_) if !chat => bad("thinking_token_budget applies to chat completions (in thinking mode)".into()),
+            Some(b) if b >= 0 => Ok(Some(usize::try_from(b).unwrap_or(usize::MAX))),
+            Some(b) => bad(format!("thinking_token_budget {b} is not -1 (no limit) or at least 0")),
+        }
+    }
+
+    /// `cache_salt`, checked: 1 to 1024 bytes.
+    fn cache_salt(&self) -> Result<Option<std::sync::Arc<str>>, ApiError> {
+        match self.cache_salt.as_deref() {
+            Some(salt) if salt.is_empty() || salt.len() > 1024 => {
+                Err(ApiError::bad_request("cache_salt must be 1 to 1024 bytes", Some("cache_salt")))
+            }
+            salt => Ok(salt.map(std::sync::Arc::from)),
+        }
+    }
+
     /// `prompt_logprobs`, checked: 0 to 20 alternatives, and not streamed.
     fn prompt_logprobs(&self) -> Result<Option<usize>, ApiError> {
         let bad = |what: String| Err(ApiError::bad_request(what, Some("prompt_logprobs")));
@@ -476,6 +486,8 @@ impl Common {
         Ok(LogitsParams {
             prompt_logprobs,
             allowed: self.allowed_token_ids.clone(),
+            // Tokenized once the request is admitted (`Params::bad_words`).
+            bad_words: Vec::new(),
             bias,
             presence_penalty: penalty(self.presence_penalty, "presence_penalty")?,
             frequency_penalty: penalty(self.frequency_penalty, "frequency_penalty")?,

@@ -151,8 +151,8 @@ fn constrain(
     Ok(all.into_iter().map(Some).collect())
 }
 
-/// The token ids of a chat's prompt, its reasoning mode and its tools
-/// (checked).
+/// A chat's prompt: its token ids, whether the answer starts in reasoning,
+/// and its tools (checked).
 pub(super) fn chat_prompt<'a>(state: &AppState, input: &'a ChatInput) -> Result<ChatPrompt<'a>, ApiError> {
     let kwargs = input.chat_template_kwargs.clone().unwrap_or(Value::Null);
     let effort = input.reasoning_effort.as_deref().or_else(|| kwargs.get("reasoning_effort").and_then(Value::as_str));
@@ -240,7 +240,8 @@ fn template_prompt(state: &AppState, text: String, messages: &[Message]) -> Resu
 async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kind: Kind) -> Response {
     let endpoint = kind.endpoint();
     let outcome = |o: &str| metrics::REQUESTS.with_label_values(&[endpoint, o]).inc();
-    let admitted = prepared.and_then(|p| {
+    let admitted = prepared.and_then(|mut p| {
+        p.params.logits.bad_words = bad_words(&state, &p.params.bad_words)?;
         check_tokens(&state, &p.params)?;
         let several = p.prompts.len() > 1;
         let prompts = (p.prompts.into_iter().enumerate())
@@ -317,6 +318,25 @@ async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kin
     } else {
         run.whole(receivers).instrument(span).await
     }
+}
+
+/// vLLM's `bad_words` as token sequences: each word as written and after
+/// a space (as it appears inside text), each sequence once.
+fn bad_words(state: &AppState, words: &[String]) -> Result<Vec<Vec<u32>>, ApiError> {
+    let bad = |what: String| ApiError::bad_request(what, Some("bad_words"));
+    let mut sequences: Vec<Vec<u32>> = Vec::new();
+    for word in words {
+        if word.trim().is_empty() {
+            return Err(bad("bad_words must be words, not empty or blank strings".into()));
+        }
+        for text in [word.clone(), format!(" {word}")] {
+            let ids = state.tokenizer.encode(&text).map_err(|e| bad(format!("cannot tokenize `{word}`: {e}")))?;
+            if !ids.is_empty() && !sequences.contains(&ids) {
+                sequences.push(ids);
+            }
+        }
+    }
+    Ok(sequences)
 }
 
 /// Checks what the request's parameters name against the vocabulary.

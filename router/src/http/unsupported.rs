@@ -54,7 +54,6 @@ const UNSUPPORTED: &[(&str, Neutral)] = {
         ("structural_tag", never),
         ("use_beam_search", no),
         ("length_penalty", one),
-        ("bad_words", empty),
         ("spaces_between_special_tokens", yes),
         ("add_special_tokens", never),
         ("documents", empty),
@@ -107,7 +106,7 @@ mod tests {
             (json!({"best_of": 3}), "best_of"),
             (json!({"min_p": 0.1, "kv_transfer_params": {}}), "kv_transfer_params"),
             (json!({"spaces_between_special_tokens": false}), "spaces_between_special_tokens"),
-            (json!({"bad_words": ["x"]}), "bad_words"),
+            (json!({"length_penalty": 0.5}), "length_penalty"),
             (json!({"service_tier": "priority"}), "service_tier"),
         ] {
             let (message, param) = refused(body.clone()).unwrap_or_else(|| panic!("{body} was accepted"));
