@@ -361,13 +361,12 @@ fn step(
     for (&(i, n), mut logits) in plan.iter().zip(logits) {
         let a = &mut active[i];
         if let (None, Some(k)) = (a.next, a.request.logits.prompt_logprobs) {
-            // Row j predicts the prompt token after position prefilled + j.
-            let prompt = &a.request.prompt;
-            let scored: Vec<TokenLogprobs> = (0..n)
-                .filter_map(|j| {
-                    prompt.get(a.prefilled + j + 1).map(|&t| logprobs(&logits[j * vocab..(j + 1) * vocab], t, k))
-                })
-                .collect();
+            // Row j predicts the prompt token after position prefilled + j;
+            // rows are scored in parallel (each passes over the vocabulary).
+            use rayon::prelude::*;
+            let next = a.request.prompt.get(a.prefilled + 1..).unwrap_or_default();
+            let scored: Vec<TokenLogprobs> =
+                (logits.par_chunks(vocab).zip(next)).map(|(row, &t)| logprobs(row, t, k)).collect();
             if !scored.is_empty() {
                 let _ = a.request.events.send(Event::PromptLogprobs(scored));
             }
