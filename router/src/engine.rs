@@ -224,6 +224,11 @@ fn admit(model: &Model, Queued { request, restored }: Queued) -> Active {
     Active { prefilled: state.position, state, generated: Vec::new(), next: None, rng, request }
 }
 
+/// Most prompt tokens of a scored prompt (one whose every position's
+/// logits are kept) one step runs: 128 rows of V4's 129k-token vocabulary
+/// are 66 MB of floats.
+const SCORED_CHUNK: usize = 128;
+
 /// The last block boundary strictly inside `a`'s prompt, before its last
 /// token: the state there is stored beside the whole prompt's, so that
 /// later prompts sharing the prefix up to it restore it. `None` when the
@@ -290,6 +295,9 @@ fn step(
                 (true, _) if left > 1 => left - 1,
                 _ => left,
             };
+            // A scored prompt's chunks keep every row's logits: bounded, so
+            // one step holds at most SCORED_CHUNK rows of the vocabulary.
+            let want = if a.request.logits.prompt_logprobs.is_some() { want.min(SCORED_CHUNK) } else { want };
             (i, want)
         })
         .filter(|&(_, want)| want > 0)

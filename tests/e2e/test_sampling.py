@@ -239,8 +239,9 @@ def test_echo_scores_the_prompt(server, client):
         assert ids_of(forced) == [PROMPT[j]]
         assert lp.token_logprobs[j] == forced.logprobs.token_logprobs[0], j
         assert lp.top_logprobs[j] == forced.logprobs.top_logprobs[0], j
-    # A prompt longer than a step's token budget (512) is scored over
-    # several chunks, each position as the forced request scores it.
+    # A long prompt is scored over several chunks (128 tokens each; the
+    # forced requests below run 512 a step), each position as the forced
+    # request scores it.
     long = [(7 * i + 3) % 400 + 5 for i in range(700)]
     lps = client.completions.create(model=MODEL, prompt=long, max_tokens=0, echo=True, logprobs=0).choices[0]
     assert len(lps.logprobs.token_logprobs) == 700
