@@ -104,8 +104,8 @@ pub enum Kind {
 }
 
 /// One grouped launch: `count` table entries from entry `first`, all of one
-/// format; its grid is `(ceil(n / ROWS), ceil(rows / TOKENS), count)`, at
-/// most 65535 along y.
+/// format; its grid is `(ceil(n / rows of a block), ceil(rows / TOKENS),
+/// count)`, at most 65535 along y.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Launch {
     pub kind: Kind,

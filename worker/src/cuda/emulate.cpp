@@ -1,6 +1,7 @@
 // The CUDA kernels of experts.cu run on the CPU: every thread of a block is
-// an OS thread, and warp shuffles exchange values through a barrier, as a
-// half-warp's do. worker/src/cuda/emulate.rs compiles this with the
+// an OS thread, warp shuffles exchange values through a barrier, and shared
+// memory is a static array the block's threads share (blocks run one after
+// another). worker/src/cuda/emulate.rs compiles this with the
 // kernels' source (as NVRTC gets it, the F16 conversion's PTX aside), lays
 // out a batch with the backend's own code and checks the contributions
 // against the CPU backend's, bit for bit: the kernels' indexing, expansion
@@ -35,6 +36,17 @@ static Dim blockDim, gridDim;
 #define __global__
 #define __device__
 #define __restrict__
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
 static inline float __uint_as_float(unsigned u) {
     float f;
     std::memcpy(&f, &u, 4);
@@ -47,13 +59,13 @@ static inline float half_to_float(unsigned short h) {
 }
 static std::barrier<>* block_barrier;
 static float exchange[1024];
-static float __shfl_down_sync(unsigned, float v, int delta, int width) {
+static void __syncthreads() { block_barrier->arrive_and_wait(); }
+static float __shfl_xor_sync(unsigned, float v, int mask) {
     unsigned id = threadIdx.x + threadIdx.y * blockDim.x;
     exchange[id] = v;
-    block_barrier->arrive_and_wait();
-    int lane = id % 32 % width;
-    float got = lane + delta < width ? exchange[id + delta] : v;
-    block_barrier->arrive_and_wait();
+    __syncthreads();
+    float got = exchange[id ^ mask];
+    __syncthreads();
     return got;
 }
 #include "experts.cu"

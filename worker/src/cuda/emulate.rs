@@ -215,11 +215,12 @@ fn check(
 fn the_kernels_compute_the_cpu_bits_under_emulation() {
     let dir = tempfile::tempdir().unwrap();
     let binary = harness(dir.path());
-    // Widths that leave a tail of lanes, partial FP8 blocks and threads with
-    // fewer than 4 rows of output; one batch holding four formats (so
-    // several launches of each kind, two experts in one of them, and a down
-    // projection in another format than its gate and up); the F32 expert's
-    // gates reach ±100, where exp saturates.
+    // Widths that leave a tail of lanes (each weight loaded alone), partial
+    // FP8 blocks and blocks with rows past the matrix; then widths in
+    // multiples of 16 (eight weights a load). Each is one batch holding
+    // four formats (so several launches of each kind, two experts in one of
+    // them, and a down projection in another format than its gate and up);
+    // the F32 expert's gates reach ±100, where exp saturates.
     let mixed = [
         (Format::F32, Format::F32, 20.0),
         (Format::Bf16, Format::Bf16, 0.5),
@@ -227,10 +228,11 @@ fn the_kernels_compute_the_cpu_bits_under_emulation() {
         (Format::Fp8, Format::Fp8, 0.5),
         (Format::Bf16, Format::F32, 0.5),
     ];
-    check(dir.path(), &binary, "mixed", &mixed, (202, 70), MAX_BLOCKS_Y);
+    check(dir.path(), &binary, "mixed", &mixed, (1030, 70), MAX_BLOCKS_Y);
+    check(dir.path(), &binary, "mixed-aligned", &mixed, (1040, 80), MAX_BLOCKS_Y);
     // MXFP4 needs widths in groups of 32. One block along y: each block
-    // takes every run of 8 tokens of its expert, as when a batch has more
+    // takes every run of 4 tokens of its expert, as when a batch has more
     // than the grid's 65535 blocks of them.
     let fp4 = [(Format::Fp4, Format::Fp4, 1.0); 4];
-    check(dir.path(), &binary, "fp4", &fp4, (192, 96), 1);
+    check(dir.path(), &binary, "fp4", &fp4, (1088, 96), 1);
 }

@@ -38,12 +38,11 @@ use batch::{At, Format, Kind, Launch, Place, Plan};
 use queue::{Queue, Shape};
 
 const SOURCE: &str = include_str!("experts.cu");
-/// Lanes of one output, weight rows of a block, rows and tokens of a thread:
-/// `ROWS`, `THREAD_ROWS` and `TOKENS` in `experts.cu`.
-const LANES: u32 = 16;
-const ROWS: u32 = 16;
-const THREAD_ROWS: u32 = 4;
-const TOKENS: u32 = 8;
+/// Thread pairs of a block, tokens of a run, rows a pair of `down_*` owns:
+/// `PAIRS`, `TOKENS` and `DOWN_ROWS` in `experts.cu`.
+const PAIRS: u32 = 64;
+const TOKENS: u32 = 4;
+const DOWN_ROWS: u32 = 2;
 /// Blocks along the grid's y (runs of `TOKENS` tokens) at most, CUDA's
 /// limit: past it a block takes several runs.
 const MAX_BLOCKS_Y: u32 = 65535;
@@ -51,8 +50,12 @@ const MAX_BLOCKS_Y: u32 = 65535;
 /// The grid and block of `launch`, whose outputs are `n` wide, with at
 /// most `most_y` blocks along y (runs of tokens).
 fn dims(launch: &Launch, n: usize, most_y: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
+    let rows = match launch.kind {
+        Kind::GateUp => PAIRS,
+        Kind::Down => PAIRS * DOWN_ROWS,
+    };
     let runs = launch.rows.div_ceil(TOKENS as usize).min(most_y as usize) as u32;
-    (((n as u32).div_ceil(ROWS), runs, launch.count as u32), (LANES, ROWS / THREAD_ROWS, 1))
+    (((n as u32).div_ceil(rows), runs, launch.count as u32), (2 * PAIRS, 1, 1))
 }
 
 /// Fails, saying what is missing, unless CUDA GPU `ordinal` can run experts
