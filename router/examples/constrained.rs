@@ -31,8 +31,9 @@ fn main() {
     let model = Arc::new(Model::load(&dir).expect("load the tiny model"));
     let tokenizer = Arc::new(TextTokenizer::load(&dir).expect("load its tokenizer"));
     let pieces = tokenizer.token_bytes().expect("a byte-level tokenizer");
-    let grammars =
-        Grammars::new(tokenizer, &pieces, model.config.vocab_size, &model.config.eos_token_ids).expect("grammars");
+    // No thinking mode here: the grammars need no `</think>`.
+    let grammars = Grammars::new(tokenizer, &pieces, model.config.vocab_size, &model.config.eos_token_ids, None)
+        .expect("grammars");
     let engine = Engine::start(
         model.clone(),
         SharedLocalExperts(model.clone()),

@@ -16,7 +16,7 @@ use myriad_store::schema::{Keys, NodeId};
 use myriad_tls::ClientTls;
 use tokio::net::TcpListener;
 
-use crate::chat::ChatEncoder;
+use crate::chat::{ChatEncoder, THINK_END};
 use crate::engine::{Engine, EngineConfig};
 use crate::http::{self, AppState};
 use crate::kvcache::StateCache;
@@ -109,7 +109,7 @@ impl Node {
         let tokenizer = Arc::new(
             TextTokenizer::load(&dir).map_err(|e| format!("load the tokenizer from {}: {e:#}", dir.display()))?,
         );
-        let (grammars, token_bytes) = vocabulary(&tokenizer, cfg);
+        let (grammars, token_bytes, think_end) = vocabulary(&tokenizer, cfg);
         let chat = ChatEncoder::choose(&dir, config.chat_template.as_deref())?;
         let experts = RemoteExperts::new(
             Arc::new(WorkerPool::empty()),
@@ -144,6 +144,7 @@ impl Node {
             tokenizer,
             grammars,
             token_bytes,
+            think_end,
             chat,
             model_name: config.served_model_name.unwrap_or_else(|| folder_name(&dir)),
             api_keys: config.api_keys,
@@ -237,21 +238,23 @@ fn connect_cache(
 }
 
 /// The grammars for structured outputs (none, with a warning, when the
-/// tokenizer cannot spell its tokens as bytes) and each token's bytes.
-fn vocabulary(tokenizer: &Arc<TextTokenizer>, cfg: &ModelConfig) -> (Option<Grammars>, Vec<Vec<u8>>) {
+/// tokenizer cannot spell its tokens as bytes), each token's bytes, and the
+/// `</think>` token if the vocabulary has one.
+fn vocabulary(tokenizer: &Arc<TextTokenizer>, cfg: &ModelConfig) -> (Option<Grammars>, Vec<Vec<u8>>, Option<u32>) {
     let pieces = tokenizer.token_bytes();
-    let grammars = (pieces.as_ref().map_err(ToString::to_string))
-        .and_then(|pieces| Grammars::new(tokenizer.clone(), pieces, cfg.vocab_size, &cfg.eos_token_ids))
-        .inspect_err(|e| tracing::warn!(error = %e, "structured outputs and forced tool calls are off"))
-        .ok();
-    let token_bytes = match pieces {
-        Ok(pieces) => pieces.into_iter().map(|(bytes, _)| bytes).collect(),
+    let token_bytes: Vec<Vec<u8>> = match &pieces {
+        Ok(pieces) => pieces.iter().map(|(bytes, _)| bytes.clone()).collect(),
         // Not byte-level: each token's own decoding.
         Err(_) => {
             (0..cfg.vocab_size as u32).map(|id| tokenizer.decode_all(&[id]).unwrap_or_default().into_bytes()).collect()
         }
     };
-    (grammars, token_bytes)
+    let think_end = token_bytes.iter().position(|b| b == THINK_END.as_bytes()).map(|id| id as u32);
+    let grammars = (pieces.map_err(|e| e.to_string()))
+        .and_then(|pieces| Grammars::new(tokenizer.clone(), &pieces, cfg.vocab_size, &cfg.eos_token_ids, think_end))
+        .inspect_err(|e| tracing::warn!(error = %e, "structured outputs and forced tool calls are off"))
+        .ok();
+    (grammars, token_bytes, think_end)
 }
 
 fn folder_name(dir: &Path) -> String {

@@ -16,7 +16,7 @@ use llguidance::{Matcher, ParserFactory};
 use myriad_model::text::TextTokenizer;
 use serde_json::{Map, Value, json};
 
-use crate::chat::v4::{DSML, THINK_END};
+use crate::chat::v4::DSML;
 use crate::engine::Constraint;
 
 /// Compiles grammars over one tokenizer; shared by every request.
@@ -49,23 +49,21 @@ impl Grammars {
     /// `pieces`: each token's bytes and whether it is a control token, as
     /// [`TextTokenizer::token_bytes`] gives them; `vocab_size`: the model's
     /// (at least the tokenizer's; ids past the tokenizer's are never
-    /// allowed); `eos`: the end-of-sequence ids.
+    /// allowed); `eos`: the end-of-sequence ids; `think_end`: the
+    /// `</think>` token, if there is one.
     pub fn new(
         tokenizer: Arc<TextTokenizer>,
         pieces: &[(Vec<u8>, bool)],
         vocab_size: usize,
         eos: &[u32],
+        think_end: Option<TokenId>,
     ) -> Result<Self, String> {
         let mut words: Vec<Vec<u8>> = Vec::with_capacity(vocab_size);
-        let mut think_end = None;
         // Control tokens are marked so no grammar text can match them; ids
         // without a spelling (gaps, the model's ids past the tokenizer's)
         // get a unique marked name, never sampled under a grammar.
         let unnamed = |id: usize| [&[TokTrie::SPECIAL_TOKEN_MARKER][..], format!("<[{id}]>").as_bytes()].concat();
         for (id, (bytes, special)) in pieces.iter().enumerate() {
-            if bytes == THINK_END.as_bytes() {
-                think_end = Some(id as TokenId);
-            }
             words.push(match (special, bytes.is_empty()) {
                 (_, true) => unnamed(id),
                 (true, false) => [&[TokTrie::SPECIAL_TOKEN_MARKER][..], bytes].concat(),
@@ -318,14 +316,23 @@ pub fn tool_calls(tools: &[Value], parallel: bool) -> Result<TopLevelGrammar, St
 mod tests {
     use super::*;
     use crate::chat::Reasoning;
+    use crate::chat::v4::THINK_END;
     use crate::chat::v4_parse::{CALLS_END, CALLS_START};
     use crate::engine::mask_allows;
 
     fn tiny() -> (Arc<TextTokenizer>, Grammars) {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v4");
         let tokenizer = Arc::new(TextTokenizer::load(&dir).unwrap());
-        let grammars = Grammars::new(tokenizer.clone(), &tokenizer.token_bytes().unwrap(), 512, &[1]).unwrap();
+        let grammars = over(&tokenizer, 512);
         (tokenizer, grammars)
+    }
+
+    /// Grammars over `tokenizer` for a model of `vocab_size` tokens.
+    fn over(tokenizer: &Arc<TextTokenizer>, vocab_size: usize) -> Grammars {
+        let pieces = tokenizer.token_bytes().unwrap();
+        let think_end = pieces.iter().position(|(b, _)| b == THINK_END.as_bytes()).map(|id| id as TokenId);
+        assert!(think_end.is_some(), "the tiny model has a `</think>` token");
+        Grammars::new(tokenizer.clone(), &pieces, vocab_size, &[1], think_end).unwrap()
     }
 
     fn allows(c: &mut Box<dyn Constraint>, token: u32) -> bool {
@@ -416,7 +423,7 @@ mod tests {
     #[test]
     fn ids_past_the_tokenizer_are_never_allowed() {
         let (tokenizer, _) = tiny();
-        let grammars = Grammars::new(tokenizer.clone(), &tokenizer.token_bytes().unwrap(), 600, &[1]).unwrap();
+        let grammars = over(&tokenizer, 600);
         let grammar = response_format(&json!({"type": "json_object"})).unwrap().unwrap();
         let mask = grammars.constraint(grammar, false).unwrap().allowed().unwrap().unwrap();
         assert!((0..512).any(|t| mask_allows(&mask, t)));

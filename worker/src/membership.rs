@@ -140,9 +140,8 @@ async fn apply_placements(
         // Experts it could not load, tried again once due: the leader plans
         // without this worker while its record reports the failure.
         if let Some((version, spec)) = retry.due() {
-            let reuse = loaded.iter().map(|(_, b)| b.clone()).chain(retried.clone()).collect();
             tracing::info!(%version, experts = %spec, "trying again to load the experts that failed");
-            let loading = load(&m.model, m.device, spec.clone(), reuse, worker.metrics());
+            let loading = load(&m.model, m.device, spec.clone(), reusable(&loaded, &retried), worker.metrics());
             let follow = Following { worker: &worker, record: &record, keys: &m.keys, changes: changes.clone() };
             let Some(outcome) = follow.load_unless_leaving(&mut leave, loading).await else { continue };
             let failure = match outcome {
@@ -177,8 +176,7 @@ async fn apply_placements(
         let newest = record.placement_version.max(failed);
         if let Some((version, spec)) = mine.filter(|(v, _)| Some(*v) > newest) {
             tracing::info!(%version, experts = %spec, "loading the experts of a new placement");
-            let reuse = loaded.iter().map(|(_, b)| b.clone()).chain(retried.clone()).collect();
-            let loading = load(&m.model, m.device, spec.clone(), reuse, worker.metrics());
+            let loading = load(&m.model, m.device, spec.clone(), reusable(&loaded, &retried), worker.metrics());
             // Asked to leave meanwhile: it leaves at once rather than when
             // the load ends (a volume that hangs may never end it).
             let follow = Following { worker: &worker, record: &record, keys: &m.keys, changes: changes.clone() };
@@ -277,6 +275,15 @@ impl Following<'_> {
             }
         }
     }
+}
+
+/// The backends a new load takes experts from: each version the worker
+/// still holds, and a successful retry's that no placement serves yet.
+fn reusable(
+    loaded: &[(PlacementVersion, Arc<dyn ExpertBackend>)],
+    retried: &Option<Arc<dyn ExpertBackend>>,
+) -> Vec<Arc<dyn ExpertBackend>> {
+    loaded.iter().map(|(_, b)| b.clone()).chain(retried.clone()).collect()
 }
 
 /// Loads `spec` on the worker's device off the async threads.

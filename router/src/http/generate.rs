@@ -19,7 +19,6 @@ use super::api::{ChatInput, ChatRequest, Common, CompletionRequest, Params, Prom
 use super::error::ApiError;
 use super::{AppState, Body, authorized, guided, json_body};
 use crate::budget::ThinkingBudget;
-use crate::chat::THINK_END;
 use crate::chat::v4::{self, Ending, Prompt};
 use crate::chat::{ChatEncoder, Message, Reasoning, content_spans, template_messages};
 use crate::engine::{Constraint, Request, SubmitError};
@@ -76,7 +75,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
         };
         let mut constraints = constrain(&state, params.n, &request.common, forced, thinking)?;
         if let (true, Some(budget)) = (thinking, params.thinking_budget) {
-            let think_end = state.token_bytes.iter().position(|b| b == THINK_END.as_bytes()).ok_or_else(|| {
+            let think_end = state.think_end.ok_or_else(|| {
                 ApiError::bad_request(
                     "this model has no `</think>` token to end thinking with",
                     Some("thinking_token_budget"),
@@ -84,7 +83,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             })?;
             let vocab = state.vocab_size;
             for c in &mut constraints {
-                *c = Some(Box::new(ThinkingBudget::new(budget, think_end as u32, vocab, c.take())));
+                *c = Some(Box::new(ThinkingBudget::new(budget, think_end, vocab, c.take())));
             }
         }
         Ok((Prepared { prompts: vec![(prompt, None)], params, constraints }, Kind::Chat { thinking, tools }))

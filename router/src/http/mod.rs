@@ -46,6 +46,8 @@ pub struct AppState {
     pub grammars: Option<crate::structured::Grammars>,
     /// Each token's bytes (as the model writes it), for log-probabilities.
     pub token_bytes: Vec<Vec<u8>>,
+    /// The `</think>` token, if the vocabulary has one.
+    pub think_end: Option<u32>,
     /// How chat requests become prompts.
     pub chat: ChatEncoder,
     /// The name clients use as `model`.
