@@ -22,8 +22,10 @@
 # and writes its logs under $OUT (default /tmp/gpu-check). Exits non-zero
 # if a check fails.
 #
-# Usage: scripts/gpu_check.sh [--skip-e2e]
+# Usage: scripts/gpu_check.sh [--skip-e2e] [--skip-profile] (a rerun of the
+# checks and the benchmark alone, when device time is short)
 set -uo pipefail
+skip=" $* "
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
@@ -85,7 +87,7 @@ else
   run fixtures.log 180 python3 scripts/gpu_fixtures.py "$bin/myriad"
 
   step "4. end to end, larger random config"
-  if [ "${1:-}" = "--skip-e2e" ]; then
+  if [[ $skip == *" --skip-e2e "* ]]; then
     echo "skipped (--skip-e2e)"
   elif python3 -c 'from transformers import DeepseekV4Config' 2>/dev/null; then
     run e2e.log 180 python3 scripts/bench_gpu.py --myriad "$bin/myriad"
@@ -116,7 +118,9 @@ else
 
   step "6. profile: one gate/up and one down launch per shape (Nsight Compute)"
   ncu=$(tool ncu)
-  if [ -n "$ncu" ]; then
+  if [[ $skip == *" --skip-profile "* ]]; then
+    echo "skipped (--skip-profile)"
+  elif [ -n "$ncu" ]; then
     # A diagnosis for the next change to the kernels, not a check: a
     # machine whose profiler cannot read the counters fails nothing.
     for shape in "2048 bf16" "2048 fp4" "16 bf16"; do

@@ -52,6 +52,11 @@ static inline float __uint_as_float(unsigned u) {
     std::memcpy(&f, &u, 4);
     return f;
 }
+static inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
 static inline float half_to_float(unsigned short h) {
     _Float16 v;
     std::memcpy(&v, &h, 2);

@@ -44,6 +44,9 @@ typedef unsigned long long u64;
 // Entries of the value tables: e4m3, e2m1, e8m0.
 #define TABLE_ENTRIES (256 + 16 + 256)
 #define ALL_LANES 0xffffffffu
+// 2^126, exactly: what an E2M1 code's magnitude bits read as an f32 are
+// multiplied by to give its magnitude.
+#define E2M1_UNIT __uint_as_float(0x7e800000u)
 
 // One expert's share of a launch: its tokens are members first..first + rows
 // of the batch (member m is row token[m] of x), and its weight matrices
@@ -169,10 +172,19 @@ struct Fp4W {
         return Raw{*(const uint2*)(packed + row * (k / 2) + group * 16 + (within & 15)),
                    scales[row * (k / 32) + group], within < 16 ? 0u : 4u};
     }
+    // Without the table: a code's magnitude bits (exponent, mantissa) put
+    // at the bottom of an f32's exponent and top of its mantissa read as
+    // the magnitude times 2^-126 (a subnormal for the exponent 0), which
+    // the multiplication by 2^126 makes exact; the sign goes on after the
+    // scale, as (-a)·s is -(a·s) bit for bit.
     __device__ void expand(Raw q, float* v) const {
         float s = e8m0[q.scale];
-        for (int i = 0; i < 4; i++) v[i] = e2m1[(q.packed.x >> (8 * i + q.shift)) & 15u] * s;
-        for (int i = 0; i < 4; i++) v[4 + i] = e2m1[(q.packed.y >> (8 * i + q.shift)) & 15u] * s;
+        u32 words[2] = {q.packed.x >> q.shift, q.packed.y >> q.shift};
+        for (int i = 0; i < 8; i++) {
+            u32 code = words[i / 4] >> (8 * (i % 4));
+            float magnitude = __uint_as_float((code & 7u) << 22) * E2M1_UNIT;
+            v[i] = __uint_as_float(__float_as_uint(magnitude * s) ^ ((code & 8u) << 28));
+        }
     }
 };
 
