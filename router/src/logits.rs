@@ -8,9 +8,9 @@
 //! it, negative ones multiplied), then frequency and presence penalties
 //! (output tokens only: minus `frequency × count` and `presence` once), then
 //! the logit bias; then the token that would complete a bad word is masked,
-//! and last every token not in `allowed_token_ids` (if given). Log-probabilities are those of the model's own
-//! distribution, before any of this and before temperature (vLLM's default,
-//! `raw_logprobs`).
+//! and last every token not in `allowed_token_ids` (if given).
+//! Log-probabilities are those of the model's own distribution, before any
+//! of this and before temperature (vLLM's default, `raw_logprobs`).
 
 use std::collections::HashMap;
 

@@ -100,10 +100,6 @@ impl Run {
         Run { state, kind, id, created, prompt_tokens, cached_tokens: 0, params, prompts, started: Instant::now() }
     }
 
-    pub(super) fn state(&self) -> &Arc<AppState> {
-        &self.state
-    }
-
     /// The prompt choice `index` answers, when the answer shows it.
     pub(super) fn shown(&self, index: usize) -> Option<&ShownPrompt> {
         self.prompts.get(index / self.params.n.max(1))?.as_ref()

@@ -274,7 +274,7 @@ async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kin
     let prompt_tokens = prompts.iter().map(|(p, _, _)| p.len()).sum();
     let mut run = Run::new(state, kind, prompt_tokens, params, shown);
     let span = tracing::info_span!("request", request_id = %run.id, endpoint, prompt_tokens);
-    let mut stop_tokens = if run.params.ignore_eos { Vec::new() } else { run.state().eos_token_ids.clone() };
+    let mut stop_tokens = if run.params.ignore_eos { Vec::new() } else { run.state.eos_token_ids.clone() };
     stop_tokens.extend(&run.params.stop_token_ids);
     let mut receivers = Vec::with_capacity(constraints.len());
     let mut constraints = constraints.into_iter();
@@ -298,7 +298,7 @@ async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, kin
             receivers.push(rx);
         }
         // Choices already queued stop when their receivers drop with an early return.
-        match run.state().engine.submit(choices).instrument(span.clone()).await {
+        match run.state.engine.submit(choices).instrument(span.clone()).await {
             Ok(cached) => run.cached_tokens += cached,
             Err(e) => {
                 outcome("server_error");

@@ -1,8 +1,8 @@
 // Routed experts on a CUDA GPU, compiled at run time with NVRTC
-// (worker/src/cuda/mod.rs prepends the EXP_* constants, as the bits of the
-// CPU's, and compiles with --fmad=false --ftz=false: no operation is
-// contracted or flushed, so each one is the exactly rounded IEEE operation
-// the CPU performs).
+// (worker/src/cuda/mod.rs prepends the launch geometry and the EXP_*
+// constants, as the bits of the CPU's, and compiles with --fmad=false
+// --ftz=false: no operation is contracted or flushed, so each one is the
+// exactly rounded IEEE operation the CPU performs).
 //
 // A batch runs as two grouped launches per stored format, every expert of
 // the batch in one grid (blockIdx.z picks the expert's entry of the group
@@ -33,14 +33,13 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-// Thread pairs of a block (blockDim.x is twice this), each owning a row.
-#define PAIRS 64
-// Tokens one thread accumulates at once: each weight it loads serves them all.
-#define TOKENS 4
+// Defined by mod.rs, which sizes the grids with them: PAIRS, thread pairs
+// of a block (blockDim.x is twice this), each owning a row; TOKENS, tokens
+// one thread accumulates at once (each weight it loads serves them all);
+// DOWN_ROWS, rows a pair of down_* owns (gate_up_* owns one row of w1 and
+// of w3).
 // Inputs of the block's tokens in shared memory at a time.
 #define CHUNK 512
-// Rows a pair of down_* owns (gate_up_* owns one row of w1 and of w3).
-#define DOWN_ROWS 2
 // Entries of the value tables: e4m3, e2m1, e8m0.
 #define TABLE_ENTRIES (256 + 16 + 256)
 #define ALL_LANES 0xffffffffu

@@ -39,7 +39,8 @@ use queue::{Queue, Shape};
 
 const SOURCE: &str = include_str!("experts.cu");
 /// Thread pairs of a block, tokens of a run, rows a pair of `down_*` owns:
-/// `PAIRS`, `TOKENS` and `DOWN_ROWS` in `experts.cu`.
+/// `PAIRS`, `TOKENS` and `DOWN_ROWS` in `experts.cu`, defined there from
+/// these ([`source`]).
 const PAIRS: u32 = 64;
 const TOKENS: u32 = 4;
 const DOWN_ROWS: u32 = 2;
@@ -104,7 +105,8 @@ struct Kernels {
     _tables: [CudaSlice<f32>; 3],
 }
 
-/// The kernels' source with the CPU's `exp` constants prepended, as bits.
+/// The kernels' source with the launch geometry and the CPU's `exp`
+/// constants (as bits) prepended.
 fn source() -> String {
     let bits = |v: f32| format!("__uint_as_float(0x{:08x}u)", v.to_bits());
     let mut prelude = String::new();
@@ -116,6 +118,9 @@ fn source() -> String {
     define("EXP_LN2_LO", EXP_LN2[1]);
     for (i, c) in EXP_TAYLOR.iter().enumerate() {
         define(&format!("EXP_TAYLOR_{i}"), *c);
+    }
+    for (name, v) in [("PAIRS", PAIRS), ("TOKENS", TOKENS), ("DOWN_ROWS", DOWN_ROWS)] {
+        prelude.push_str(&format!("#define {name} {v}\n"));
     }
     prelude + SOURCE
 }
